@@ -1,0 +1,97 @@
+"""
+Typed configuration for every script, nanoGPT style without the exec of globals.
+
+A script declares its settings as a dataclass with defaults. The command line is
+    python train_x.py [config/preset.py] [--key=value ...]
+A preset file is plain Python that assigns some of the keys (`batch_size = 32`); then each
+`--key=value` is parsed with the type of the dataclass field (so `--lr=3e-4` is a float and
+`--compile=False` is a bool). An unknown key, in a preset or on the command line, is an error that
+names the key and lists the valid ones: a typo must never train with the default silently.
+"""
+import ast
+import dataclasses
+import sys
+import typing
+
+
+def _parse_value(name, text, ftype):
+    """Turn the string `text` into a value of the dataclass field type `ftype`."""
+    origin = typing.get_origin(ftype)
+    args = typing.get_args(ftype)
+    if origin is typing.Union or (origin is not None and type(None) in args):  # Optional[T]
+        if text in ("None", "none", "null"):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse_value(name, text, inner[0])
+    if ftype is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{name}: expected a bool (True/False), got {text!r}")
+    if ftype is str:
+        return text
+    if ftype is int:
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"--{name}: expected int, got {text!r}")
+        return value
+    if ftype is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"--{name}: expected float, got {text!r}") from None
+    try:  # tuples, lists, dicts: a Python literal
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise ValueError(f"--{name}: expected a Python literal of type {ftype}, got {text!r}") from None
+    if origin in (tuple, list) and not isinstance(value, (tuple, list)):
+        raise ValueError(f"--{name}: expected a {origin.__name__}, got {text!r}")
+    return origin(value) if origin in (tuple, list) else value
+
+
+def _check_keys(cfg, keys, where):
+    valid = {f.name for f in dataclasses.fields(cfg)}
+    unknown = [k for k in keys if k not in valid]
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown} in {where}; valid keys: {sorted(valid)}")
+
+
+def apply_preset(cfg, path):
+    """Run the preset file and copy the names it assigns onto `cfg` (a dataclass instance)."""
+    scope = {}
+    with open(path) as f:
+        exec(compile(f.read(), path, "exec"), scope)
+    values = {k: v for k, v in scope.items() if not k.startswith("_") and not callable(v)
+              and not isinstance(v, type(sys))}
+    _check_keys(cfg, values, path)
+    for k, v in values.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def parse_config(cfg, argv=None):
+    """Apply presets (`*.py` positional arguments) then `--key=value` overrides to `cfg`, in order."""
+    argv = sys.argv[1:] if argv is None else argv
+    hints = typing.get_type_hints(type(cfg))
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not arg.endswith(".py"):
+                raise ValueError(f"expected a preset file (*.py) or --key=value, got {arg!r}")
+            apply_preset(cfg, arg)
+            continue
+        if "=" not in arg:
+            raise ValueError(f"expected --key=value, got {arg!r}")
+        key, text = arg[2:].split("=", 1)
+        key = key.replace("-", "_")
+        _check_keys(cfg, [key], "the command line")
+        setattr(cfg, key, _parse_value(key, text, hints[key]))
+    return cfg
+
+
+def config_dict(cfg):
+    """Plain dict of a config, for JSON logs and checkpoints."""
+    return dataclasses.asdict(cfg)

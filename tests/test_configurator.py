@@ -1,0 +1,38 @@
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+
+from configurator import parse_config
+
+
+@dataclass
+class Cfg:
+    lr: float = 1e-3
+    steps: int = 10
+    compile: bool = True
+    name: str = "x"
+    shape: tuple = (4, 4)
+    maybe: Optional[int] = None
+
+
+def test_overrides_are_typed(tmp_path):
+    preset = tmp_path / "p.py"
+    preset.write_text("steps = 20\nname = 'preset'\n")
+    cfg = parse_config(Cfg(), [str(preset), "--lr=3e-4", "--compile=False", "--shape=(8, 2)",
+                               "--maybe=3", "--steps=5"])
+    assert cfg == Cfg(lr=3e-4, steps=5, compile=False, name="preset", shape=(8, 2), maybe=3)
+    assert parse_config(Cfg(), ["--maybe=None"]).maybe is None
+
+
+def test_unknown_keys_fail_loudly(tmp_path):
+    with pytest.raises(ValueError, match="unknown config key.*'stpes'"):
+        parse_config(Cfg(), ["--stpes=3"])
+    preset = tmp_path / "p.py"
+    preset.write_text("learning_rate = 1.0\n")
+    with pytest.raises(ValueError, match="learning_rate"):
+        parse_config(Cfg(), [str(preset)])
+    with pytest.raises(ValueError, match="expected a bool"):
+        parse_config(Cfg(), ["--compile=maybe"])
+    with pytest.raises(ValueError, match="expected int"):
+        parse_config(Cfg(), ["--steps=1.5"])
