@@ -3,7 +3,11 @@ Typed configuration for every script, nanoGPT style without the exec of globals.
 
 A script declares its settings as a dataclass with defaults. The command line is
     python train_x.py [config/preset.py] [--key=value ...]
-A preset file is plain Python that assigns some of the keys (`batch_size = 32`); then each
+A preset file is plain Python that assigns some of the keys (`batch_size = 32`). One preset can
+describe a whole pipeline: a dict named `<section>_config` (e.g. `tokenizer_config = dict(...)`) applies
+only to the config class whose `SECTION` class attribute is `<section>`; other sections are ignored, so
+`python train_siglip.py config/shapes.py` and `python train_tokenizer.py config/shapes.py` share a file.
+Then each
 `--key=value` is parsed with the type of the dataclass field (so `--lr=3e-4` is a float and
 `--compile=False` is a bool). An unknown key, in a preset or on the command line, is an error that
 names the key and lists the valid ones: a typo must never train with the default silently.
@@ -66,7 +70,10 @@ def apply_preset(cfg, path):
     with open(path) as f:
         exec(compile(f.read(), path, "exec"), scope)
     values = {k: v for k, v in scope.items() if not k.startswith("_") and not callable(v)
-              and not isinstance(v, type(sys))}
+              and not isinstance(v, type(sys)) and not k.endswith("_config")}
+    section = getattr(cfg, "SECTION", None)
+    if section is not None and isinstance(scope.get(section + "_config"), dict):
+        values.update(scope[section + "_config"])
     _check_keys(cfg, values, path)
     for k, v in values.items():
         setattr(cfg, k, v)

@@ -36,3 +36,20 @@ def test_unknown_keys_fail_loudly(tmp_path):
         parse_config(Cfg(), ["--compile=maybe"])
     with pytest.raises(ValueError, match="expected int"):
         parse_config(Cfg(), ["--steps=1.5"])
+
+
+@dataclass
+class SectionCfg:
+    SECTION = "tok"  # a plain class attribute (no annotation), not a field
+    steps: int = 1
+    lr: float = 0.1
+
+
+def test_preset_sections(tmp_path):
+    preset = tmp_path / "p.py"
+    preset.write_text("lr = 0.5\ntok_config = dict(steps=7)\nother_config = dict(nonsense=1)\n")
+    cfg = parse_config(SectionCfg(), [str(preset)])
+    assert (cfg.steps, cfg.lr) == (7, 0.5)
+    preset.write_text("tok_config = dict(stepz=7)\n")
+    with pytest.raises(ValueError, match="stepz"):
+        parse_config(SectionCfg(), [str(preset)])
