@@ -1,0 +1,152 @@
+"""train_utils: crash-safe saves, exact RNG / data-position resume, DDP sharding, schedule and guards."""
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import train_utils as tu
+
+
+def test_atomic_save_survives_crash_mid_save(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    tu.atomic_save({"step": 1, "w": torch.arange(4.0)}, path)
+
+    def broken_save(obj, f):
+        f.write(b"PK\x03\x04partial bytes of a new checkpoint")
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="simulated"):
+        tu.atomic_save({"step": 2, "w": torch.zeros(4)}, path)
+    monkeypatch.undo()
+    old = torch.load(path, weights_only=True)
+    assert old["step"] == 1 and torch.equal(old["w"], torch.arange(4.0))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+
+
+def test_atomic_save_safetensors_roundtrip(tmp_path):
+    from safetensors import safe_open
+    path = str(tmp_path / "m.safetensors")
+    t = {"a": torch.randn(3, 4).t(), "b": torch.arange(5)}  # a non-contiguous view is fine
+    tu.atomic_save_safetensors(t, path, metadata={"format": "pt"})
+    with safe_open(path, "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert torch.equal(f.get_tensor("a"), t["a"]) and torch.equal(f.get_tensor("b"), t["b"])
+
+
+def test_rng_roundtrip_through_weights_only_load(tmp_path):
+    random.random(); np.random.rand(); torch.rand(1)
+    path = str(tmp_path / "rng.pt")
+    tu.atomic_save(tu.rng_state(), path)
+    first = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist())
+    tu.set_rng_state(torch.load(path, weights_only=True))
+    again = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist())
+    assert first == again
+
+
+def test_sampler_resume_gives_same_next_batches():
+    full = tu.ShardedSampler(n=10, seed=3, rank=0, world=1, batch_size=4)
+    batches = [next(full) for _ in range(8)]
+    s = tu.ShardedSampler(n=10, seed=3, rank=0, world=1, batch_size=4)
+    for _ in range(3):
+        next(s)
+    state = s.state_dict()
+    resumed = tu.ShardedSampler(n=10, seed=3, rank=0, world=1, batch_size=4)
+    resumed.load_state_dict(state)
+    assert [next(resumed) for _ in range(5)] == batches[3:]
+    with pytest.raises(ValueError, match="seed"):
+        tu.ShardedSampler(n=10, seed=4, rank=0, world=1, batch_size=4).load_state_dict(state)
+
+
+def test_sampler_epochs_are_permutations_and_differ():
+    s = tu.ShardedSampler(n=12, seed=0, rank=0, world=1, batch_size=4)
+    e0 = sum((next(s) for _ in range(3)), [])
+    e1 = sum((next(s) for _ in range(3)), [])
+    assert sorted(e0) == sorted(e1) == list(range(12)) and e0 != e1
+
+
+def test_shards_disjoint_and_covering():
+    n, world, B = 24, 3, 2
+    ranks = [tu.ShardedSampler(n, seed=1, rank=r, world=world, batch_size=B) for r in range(world)]
+    seen = []
+    for _ in range(n // (world * B)):  # one epoch of global batches
+        step = [next(s) for s in ranks]
+        assert all(len(b) == B for b in step)
+        seen += sum(step, [])
+    assert sorted(seen) == list(range(n))  # disjoint (no repeats) and covering
+
+
+def test_grad_accum_steps():
+    assert tu.grad_accum_steps(64, 8, 2) == 4
+    with pytest.raises(ValueError, match="micro batch 6"):
+        tu.grad_accum_steps(64, 6, 2)
+    with pytest.raises(ValueError):
+        tu.grad_accum_steps(8, 8, 2)
+
+
+def test_cosine_schedule_endpoints():
+    lr, lo = 1e-3, 1e-5
+    assert tu.cosine_lr(0, 10, 100, lr, lo) == pytest.approx(lr / 10)
+    assert tu.cosine_lr(9, 10, 100, lr, lo) == pytest.approx(lr)
+    assert tu.cosine_lr(10, 10, 100, lr, lo) == pytest.approx(lr)
+    assert tu.cosine_lr(55, 10, 100, lr, lo) == pytest.approx((lr + lo) / 2)
+    assert tu.cosine_lr(100, 10, 100, lr, lo) == pytest.approx(lo)
+    assert tu.cosine_lr(500, 10, 100, lr, lo) == pytest.approx(lo)
+
+
+def test_param_groups_decay_only_matrices():
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = tu.param_groups(m, 0.1)
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_check_finite_names_term():
+    tu.check_finite({"a": torch.tensor(1.0), "b": 2.0}, step=3)
+    with pytest.raises(FloatingPointError, match="'b'.*step 7"):
+        tu.check_finite({"a": 1.0, "b": torch.tensor(float("nan"))}, step=7)
+
+
+def test_unwrap_and_logger(tmp_path):
+    m = torch.nn.Linear(2, 2)
+
+    class Compiled(torch.nn.Module):  # stands in for torch.compile's wrapper
+        def __init__(self, inner):
+            super().__init__()
+            self._orig_mod = inner
+    assert tu.unwrap(Compiled(m)) is m
+    log = tu.JsonlLogger(str(tmp_path / "log" / "train.jsonl"))
+    log.log(step=1, loss=torch.tensor(0.5))
+    log.log(step=2, loss=0.25)
+    tu.JsonlLogger(str(tmp_path / "other.jsonl"), enabled=False).log(step=1)
+    rows = [json.loads(l) for l in open(tmp_path / "log" / "train.jsonl")]
+    assert rows == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}]
+    assert not (tmp_path / "other.jsonl").exists()
+
+
+def test_autocast_ctx_is_noop_on_cpu():
+    with tu.autocast_ctx("cpu", "bfloat16"):
+        y = torch.ones(2, 2) @ torch.ones(2, 2)
+    assert y.dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype"):
+        tu.autocast_ctx("cuda", "int8")
+
+
+def test_setup_ddp_single_process_and_env(monkeypatch):
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    ctx = tu.setup_ddp("cpu")
+    assert (ctx.rank, ctx.world, ctx.is_master, ctx.ddp, ctx.device) == (0, 1, True, False, "cpu")
+    # what torchrun would set for a one-process gloo group on CPU
+    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    ctx = tu.setup_ddp("cpu")
+    try:
+        assert ctx.ddp and ctx.is_master and torch.distributed.get_backend() == "gloo"
+    finally:
+        tu.cleanup_ddp()
+    assert not torch.distributed.is_initialized()
