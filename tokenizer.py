@@ -1,0 +1,718 @@
+"""
+The DualToken image tokenizer: one SigLIP vision tower, two residual-VQ vocabularies.
+
+    images (B,3,R,R) -> SigLIP blocks 1..layer_sem
+        h[layer_recon] (+ w * h[layer_shortcut]) -> PreQuantPix -> pixel RVQ -> pixel codes
+            -> PostQuantPix -> resize -> PostQuantResBlock -> conv decoder -> images
+        h[layer_sem] -> PreQuantSem -> semantic RVQ -> semantic codes
+            -> PostQuantSem -> (replaces the hidden state) blocks layer_sem+1.. -> post LN + MAP head -> pooled
+
+Faithful to the authors' released checkpoint (spec: /work/shared/spec/DUALTOKEN.md section 1); the module
+names below mirror their state_dict so the weight-loading table stays short and obvious.
+Run `python tokenizer.py convert CKPT OUT_DIR` to turn the released `.pt` into our safetensors layout.
+"""
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rvq import ResidualVQ
+from siglip import SigLIP, SigLIPConfig
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class QuantizerConfig:
+    codebook_size: int = 16384
+    code_dim: int = 32
+    depth: int = 8
+    shared_codebook: bool = True
+    decay: float = 0.99
+    restart_unused: bool = True
+    # released code: pixel book updated after every depth ("rq"), semantic once after all depths ("rq_ema")
+    ema_update: str = "per_depth"
+
+
+@dataclass
+class DecoderConfig:
+    """taming / RQ-VAE conv decoder; ch_mult is listed from high to low resolution, as in taming."""
+    ch: int = 128
+    ch_mult: tuple = (1, 1, 4, 4, 8)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple = (24,)
+    latent_channels: int = 1024  # authors' "decoder_in_channels": output width of the post-quant ResBlock
+    out_ch: int = 3
+    resolution: int = 384
+    dropout: float = 0.0
+
+
+@dataclass
+class DualTokenConfig:
+    siglip: SigLIPConfig = None
+    layer_recon: int = 6          # 1-based block index feeding the pixel branch
+    layer_shortcut: Optional[int] = 4  # None disables the shortcut (the paper does not mention it)
+    weight_shortcut: float = 0.6
+    layer_sem: int = 26           # 1-based block index feeding the semantic branch
+    vq_pix: QuantizerConfig = field(default_factory=lambda: QuantizerConfig(ema_update="per_depth"))
+    vq_sem: QuantizerConfig = field(default_factory=lambda: QuantizerConfig(ema_update="deferred"))
+    decoder_latent_shape: Optional[tuple] = (24, 24)  # pixel grid is resized to this before the decoder
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+    def __post_init__(self):
+        if self.siglip is None:
+            raise ValueError("DualTokenConfig.siglip is required (a SigLIPConfig)")
+        v = self.siglip.vision
+        L, D = v.num_hidden_layers, v.hidden_size
+        if not 1 <= self.layer_recon <= self.layer_sem <= L:
+            raise ValueError(f"need 1 <= layer_recon ({self.layer_recon}) <= layer_sem ({self.layer_sem}) "
+                             f"<= num_hidden_layers ({L})")
+        if self.layer_shortcut is not None and not 1 <= self.layer_shortcut <= self.layer_sem:
+            raise ValueError(f"layer_shortcut ({self.layer_shortcut}) must be in 1..layer_sem ({self.layer_sem})")
+        for name, q in (("vq_pix", self.vq_pix), ("vq_sem", self.vq_sem)):
+            if D % q.code_dim:
+                raise ValueError(f"{name}.code_dim ({q.code_dim}) must divide the SigLIP width ({D})")
+        d = self.decoder
+        if d.resolution != v.image_size:
+            raise ValueError(f"decoder.resolution ({d.resolution}) != SigLIP image_size ({v.image_size})")
+        lat = d.resolution // 2 ** (len(d.ch_mult) - 1)
+        if self.decoder_latent_shape is not None and tuple(self.decoder_latent_shape) != (lat, lat):
+            raise ValueError(f"decoder_latent_shape {tuple(self.decoder_latent_shape)} != decoder input grid "
+                             f"({lat}, {lat}) implied by resolution {d.resolution} and ch_mult {d.ch_mult}")
+
+    @property
+    def grid(self):
+        v = self.siglip.vision
+        return v.image_size // v.patch_size
+
+
+# bookkeeping keys of the authors' config.json that do not change the model (checked nowhere else)
+_AUTHOR_IGNORED = {"architectures", "model_type", "torch_dtype", "transformers_version", "_name_or_path",
+                   "checkpointing",  # gradient checkpointing switch
+                   "ignore_keys", "ckpt_path",  # init-from-checkpoint bookkeeping
+                   "latent_shape", "code_shape",  # cross-checked against the SigLIP grid below
+                   "hidden_size",  # cross-checked against the SigLIP width
+                   "double_z", "in_channels",  # taming encoder settings; no encoder here
+                   "pretrained_model", "bottleneck_type"}
+
+
+def _check_author_keys(d, known, where):
+    unknown = sorted(set(d) - set(known) - _AUTHOR_IGNORED)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; known: {sorted(known)}, "
+                         f"ignored bookkeeping: {sorted(_AUTHOR_IGNORED)}")
+
+
+def config_from_authors(raw, siglip_config):
+    """DualTokenConfig from the authors' config.json (dict, outer wrapper or the "rqvaesiglip" entry)."""
+    c = raw.get("rqvaesiglip", raw)
+    _check_author_keys({k: v for k, v in raw.items() if k != "rqvaesiglip"}, [], "config.json (outer)")
+    _check_author_keys(c, ["layer_recon", "layer_sem", "layer_shortcut", "weight_shortcut", "ddconfig",
+                           "decoder_latent_shape", "vq_sem", "vq_pix"], "config.json rqvaesiglip")
+    v = siglip_config.vision
+    grid = v.image_size // v.patch_size
+    if c.get("hidden_size", v.hidden_size) != v.hidden_size:
+        raise ValueError(f"config.json hidden_size {c['hidden_size']} != SigLIP width {v.hidden_size}")
+
+    def vq(q, name):
+        _check_author_keys(q, ["n_embed", "embed_dim", "decay", "shared_codebook", "restart_unused_codes"],
+                           f"config.json {name}")
+        *hw, depth = q["code_shape"]
+        if tuple(hw) != (grid, grid) or tuple(q.get("latent_shape", [grid, grid, q["embed_dim"]])) != \
+                (grid, grid, q["embed_dim"]):
+            raise ValueError(f"config.json {name}: code_shape {q['code_shape']} / latent_shape "
+                             f"{q.get('latent_shape')} do not match the SigLIP grid {grid}x{grid}")
+        kind = {"rq": "per_depth", "rq_ema": "deferred"}.get(q.get("bottleneck_type", "rq"))
+        if kind is None:
+            raise ValueError(f"config.json {name}: unknown bottleneck_type {q['bottleneck_type']!r}")
+        return QuantizerConfig(codebook_size=q["n_embed"], code_dim=q["embed_dim"], depth=depth,
+                               shared_codebook=q.get("shared_codebook", True), decay=q.get("decay", 0.99),
+                               restart_unused=q.get("restart_unused_codes", True), ema_update=kind)
+
+    dd = c["ddconfig"]
+    _check_author_keys(dd, ["ch", "ch_mult", "num_res_blocks", "attn_resolutions", "decoder_in_channels",
+                            "out_ch", "resolution", "dropout"], "config.json ddconfig")
+    dec = DecoderConfig(ch=dd["ch"], ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
+                        attn_resolutions=tuple(dd["attn_resolutions"]), latent_channels=dd["decoder_in_channels"],
+                        out_ch=dd.get("out_ch", 3), resolution=dd["resolution"], dropout=dd.get("dropout", 0.0))
+    lat = c.get("decoder_latent_shape")
+    return DualTokenConfig(siglip=siglip_config, layer_recon=c["layer_recon"], layer_sem=c["layer_sem"],
+                           layer_shortcut=c.get("layer_shortcut"), weight_shortcut=c.get("weight_shortcut", 0.6),
+                           vq_pix=vq(c["vq_pix"], "vq_pix"), vq_sem=vq(c["vq_sem"], "vq_sem"),
+                           decoder_latent_shape=tuple(lat) if lat is not None else None, decoder=dec)
+
+
+def config_to_dict(cfg):
+    """Our own config.json layout: the DualToken fields plus the SigLIP config in HF form."""
+    d = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "siglip"}
+    d = json.loads(json.dumps(d, default=lambda o: dataclasses.asdict(o)))
+    return {"format": "nano-dualtoken", "dualtoken": d, "siglip": cfg.siglip.to_hf()}
+
+
+def config_from_dict(d):
+    if d.get("format") != "nano-dualtoken":
+        raise ValueError(f"not a nano-dualtoken config (format={d.get('format')!r})")
+    t = dict(d["dualtoken"])
+    valid = {f.name for f in dataclasses.fields(DualTokenConfig)} - {"siglip"}
+    if set(t) - valid:
+        raise ValueError(f"unknown key(s) {sorted(set(t) - valid)} in config.json dualtoken; valid: {sorted(valid)}")
+    t["vq_pix"] = QuantizerConfig(**t["vq_pix"])
+    t["vq_sem"] = QuantizerConfig(**t["vq_sem"])
+    dec = dict(t["decoder"])
+    dec["ch_mult"], dec["attn_resolutions"] = tuple(dec["ch_mult"]), tuple(dec["attn_resolutions"])
+    t["decoder"] = DecoderConfig(**dec)
+    if t.get("decoder_latent_shape") is not None:
+        t["decoder_latent_shape"] = tuple(t["decoder_latent_shape"])
+    return DualTokenConfig(siglip=SigLIPConfig.from_hf(d["siglip"], where="config.json siglip"), **t)
+
+# -----------------------------------------------------------------------------
+# projections between the SigLIP width and the code width
+
+
+class ProjAttention(nn.Module):
+    """Attention whose output width differs from its input width (released AttentionBlock).
+
+    heads = max(in, out) / min(in, out), head dim = min(in, out). Going down (in > out) the head outputs
+    are AVERAGED into one code-width vector; going up (in < out) they are concatenated. One qkv matrix
+    without bias plus learned q and v biases; the k bias is fixed at zero (a BEiT/EVA habit: a k bias only
+    shifts every logit of a query equally, so softmax ignores it).
+    """
+
+    def __init__(self, d_in, d_out, causal=False):
+        super().__init__()
+        self.d_in, self.d_out, self.causal = d_in, d_out, causal
+        self.down = d_in > d_out
+        wide = max(d_in, d_out)
+        self.n_head = wide // min(d_in, d_out)
+        self.qkv = nn.Linear(d_in, 3 * wide, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(wide))
+        self.v_bias = nn.Parameter(torch.zeros(wide))
+        self.proj = nn.Linear(d_out, d_out)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        wide = self.q_bias.shape[0]
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, bias)  # (B, N, 3*wide)
+        q, k, v = qkv.view(B, N, 3, self.n_head, wide // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, N, hd)
+        if self.down:
+            y = y.mean(dim=1)  # (B, N, hd = d_out)
+        else:
+            y = y.transpose(1, 2).reshape(B, N, wide)  # (B, N, d_out)
+        return self.proj(y)
+
+
+class GeGLU(nn.Module):
+    """Gated MLP with its own LayerNorm (eps 1e-6, unlike the 1e-5 LayerNorms around it)."""
+
+    def __init__(self, d, hidden):
+        super().__init__()
+        self.norm = nn.LayerNorm(d, eps=1e-6)
+        self.w0 = nn.Linear(d, hidden)
+        self.w1 = nn.Linear(d, hidden)
+        self.w2 = nn.Linear(hidden, d)
+
+    def forward(self, x):
+        x = self.norm(x)
+        return self.w2(F.gelu(self.w0(x), approximate="tanh") * self.w1(x))
+
+
+class AttnProjection(nn.Module):
+    """y = Linear(LN3(x)) + Attn(LN1(x));  y = y + GeGLU(LN2(y)).  Used 5x (3 down, 2 up).
+
+    The linear path carries the per-token content, the attention path mixes context; the GeGLU is a
+    residual refinement at the output width. Note the GeGLU input is normalised twice (norm2, then its own
+    norm) exactly as in the released code. Post-quant projections (up) are causal over the raster order
+    so an autoregressive model's prefix of codes decodes to the same features.
+    """
+
+    def __init__(self, d_in, d_out, causal=False):
+        super().__init__()
+        if max(d_in, d_out) % min(d_in, d_out):
+            raise ValueError(f"AttnProjection: widths {d_in} and {d_out} must divide one another")
+        self.norm1 = nn.LayerNorm(d_in)
+        self.attn = ProjAttention(d_in, d_out, causal)
+        self.proj = nn.Linear(d_in, d_out)
+        self.norm3 = nn.LayerNorm(d_in)
+        self.norm2 = nn.LayerNorm(d_out)
+        self.mlp = GeGLU(d_out, 2 * d_out)
+
+    def forward(self, x):
+        x = self.proj(self.norm3(x)) + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+# -----------------------------------------------------------------------------
+# conv decoder (taming-transformers / RQ-VAE layout and names)
+
+
+def GroupNorm(c):
+    return nn.GroupNorm(32, c, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in, c_out, dropout=0.0, k1=3):
+        super().__init__()
+        self.norm1 = GroupNorm(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, k1, padding=k1 // 2)
+        self.norm2 = GroupNorm(c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.nin_shortcut(x) + h
+
+
+def PostQuantResBlock(c_in, c_out, dropout=0.0):
+    """The released bridge from the SigLIP width to the decoder width: a ResBlock whose first conv is 1x1."""
+    return ResBlock(c_in, c_out, dropout, k1=1)
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all h*w positions, 1x1-conv q/k/v/out, residual."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = GroupNorm(c)
+        self.q, self.k, self.v = (nn.Conv2d(c, c, 1) for _ in range(3))
+        self.proj_out = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (m(h).flatten(2).transpose(1, 2).unsqueeze(1) for m in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
+        h = h.squeeze(1).transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Upsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Decoder(nn.Module):
+    """conv_in -> mid (Res, Attn, Res) -> up levels from low to high resolution -> GN, SiLU, conv_out.
+
+    `up[i]` is level i counted from the HIGHEST resolution (taming's indexing, which the checkpoint keys
+    use), so the forward walks `up` backwards. Level i>0 ends with a x2 upsample. No tanh at the end.
+    """
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        n = len(cfg.ch_mult)
+        c = cfg.ch * cfg.ch_mult[-1]
+        res = cfg.resolution // 2 ** (n - 1)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, c, 3, padding=1)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResBlock(c, c, cfg.dropout)
+        self.mid.attn_1 = AttnBlock(c)
+        self.mid.block_2 = ResBlock(c, c, cfg.dropout)
+        up = []
+        for i in reversed(range(n)):
+            level = nn.Module()
+            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+            c_out = cfg.ch * cfg.ch_mult[i]
+            for _ in range(cfg.num_res_blocks + 1):
+                level.block.append(ResBlock(c, c_out, cfg.dropout))
+                c = c_out
+                if res in cfg.attn_resolutions:
+                    level.attn.append(AttnBlock(c))
+            if i != 0:
+                level.upsample = Upsample(c)
+                res *= 2
+            up.insert(0, level)
+        self.up = nn.ModuleList(up)
+        self.norm_out = GroupNorm(c)
+        self.conv_out = nn.Conv2d(c, cfg.out_ch, 3, padding=1)
+
+    def forward(self, z):
+        h = self.conv_in(z)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        for i in reversed(range(len(self.up))):
+            level = self.up[i]
+            for j, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[j](h)
+            if i != 0:
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+# -----------------------------------------------------------------------------
+# the tokenizer
+
+
+class DualTokenOutput(NamedTuple):
+    recon: torch.Tensor        # (B, 3, R, R) decoded pixel codes, about [-1, 1], unclamped
+    pooled: torch.Tensor       # (B, D) MAP-head embedding through the quantized semantic path
+    zq_sem: torch.Tensor       # (B, N, D) post-quant semantic features (replace block layer_sem's output)
+    h_sem: torch.Tensor        # (B, N, D) block layer_sem output (the semantic branch input)
+    zq_pix: torch.Tensor       # (B, N, c) quantized pixel latent (straight-through)
+    pix_codes: torch.Tensor    # (B, h, w, depth) int64
+    sem_codes: torch.Tensor    # (B, h, w, depth) int64
+    commit_pix: torch.Tensor   # () commitment loss of the pixel RVQ
+    commit_sem: torch.Tensor   # () commitment loss of the semantic RVQ
+    stats: dict                # {"pix": {...}, "sem": {...}} usage / perplexity per depth (ResidualVQ.code_stats)
+
+
+def _rvq(q: QuantizerConfig):
+    return ResidualVQ(dim=q.code_dim, codebook_size=q.codebook_size, depth=q.depth,
+                      shared_codebook=q.shared_codebook, decay=q.decay, restart_unused=q.restart_unused,
+                      ema_update=q.ema_update)
+
+
+class DualToken(nn.Module):
+
+    def __init__(self, config: DualTokenConfig):
+        super().__init__()
+        self.config = cfg = config
+        D = cfg.siglip.vision.hidden_size
+        self.siglip = SigLIP(cfg.siglip)  # both towers; the text tower is only used for zero-shot scoring
+        self.prequant_pix = AttnProjection(D, cfg.vq_pix.code_dim)
+        self.prequant_shortcut = AttnProjection(D, cfg.vq_pix.code_dim) if cfg.layer_shortcut is not None else None
+        self.prequant_sem = AttnProjection(D, cfg.vq_sem.code_dim)
+        self.quantizer_pix = _rvq(cfg.vq_pix)
+        self.quantizer_sem = _rvq(cfg.vq_sem)
+        self.postquant_pix = AttnProjection(cfg.vq_pix.code_dim, D, causal=True)
+        self.postquant_sem = AttnProjection(cfg.vq_sem.code_dim, D, causal=True)
+        self.post_quant_conv = PostQuantResBlock(D, cfg.decoder.latent_channels)
+        self.decoder = Decoder(cfg.decoder)
+
+    # ---------------------------------------------------------------- pieces
+
+    def check_images(self, images):
+        R = self.config.siglip.vision.image_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, R, R):
+            raise ValueError(f"images: expected (B, 3, {R}, {R}) in [-1, 1], got {tuple(images.shape)}")
+
+    def _grid(self, x):
+        """(B, N, C) -> (B, h, w, C) raster grid."""
+        B, N, C = x.shape
+        g = self.config.grid
+        if N != g * g:
+            raise ValueError(f"expected {g * g} tokens, got {tuple(x.shape)}")
+        return x.view(B, g, g, C)
+
+    def _encode_latents(self, images):
+        """Blocks 1..layer_sem -> (latent_pix, latent_sem, h_sem); latents are (B, h, w, c) quantizer inputs."""
+        self.check_images(images)
+        cfg, vis = self.config, self.siglip.vision
+        h = vis.embed(images)  # (B, N, D)
+        stops = sorted({cfg.layer_recon, cfg.layer_sem} | ({cfg.layer_shortcut} - {None}))
+        kept, start = {}, 0
+        for stop in stops:  # run the blocks in segments, keeping the outputs the branches need
+            h = vis.run_blocks(h, start, stop)
+            kept[stop], start = h, stop
+        p = self.prequant_pix(kept[cfg.layer_recon])  # (B, N, c)
+        if self.prequant_shortcut is not None:  # released code only: 0.6 x a projection of block 4
+            p = p + cfg.weight_shortcut * self.prequant_shortcut(kept[cfg.layer_shortcut])
+        h_sem = kept[cfg.layer_sem]
+        return self._grid(p), self._grid(self.prequant_sem(h_sem)), h_sem
+
+    def _semantic_tail(self, zq_sem32):
+        """(B, h, w, c) quantized semantic latent -> (zq_sem (B, N, D), pooled (B, D)): PostQuantSem, then
+        the remaining SigLIP blocks and the MAP head run on it instead of block layer_sem's output."""
+        B = zq_sem32.shape[0]
+        zq_sem = self.postquant_sem(zq_sem32.reshape(B, -1, zq_sem32.shape[-1]))  # (B, N, D)
+        vis = self.siglip.vision
+        h = vis.run_blocks(zq_sem, self.config.layer_sem, len(vis.blocks))
+        return zq_sem, vis.pool(h)
+
+    def decoder_input(self, zq_pix):
+        """(B, N, c) or (B, h, w, c) quantized pixel latent -> (B, latent_channels, H', W') decoder input."""
+        B, c = zq_pix.shape[0], zq_pix.shape[-1]
+        x = self.postquant_pix(zq_pix.reshape(B, -1, c))  # (B, N, D)
+        g = self.config.grid
+        x = x.view(B, g, g, -1).permute(0, 3, 1, 2)  # (B, D, h, w)
+        if self.config.decoder_latent_shape is not None:
+            # 27x27 -> 24x24 at 384 px: the decoder upsamples by 2^4 and 27 * 16 != 384
+            x = F.interpolate(x, size=tuple(self.config.decoder_latent_shape), mode="bilinear")
+        return self.post_quant_conv(x)
+
+    def decode_latent(self, zq_pix):
+        return self.decoder(self.decoder_input(zq_pix))
+
+    # ---------------------------------------------------------------- public API
+
+    def forward(self, images):
+        latent_pix, latent_sem, h_sem = self._encode_latents(images)
+        zq_pix, pix_codes, commit_pix = self.quantizer_pix(latent_pix)  # (B, h, w, c), (B, h, w, L), ()
+        zq_sem32, sem_codes, commit_sem = self.quantizer_sem(latent_sem)
+        zq_sem, pooled = self._semantic_tail(zq_sem32)
+        recon = self.decode_latent(zq_pix)
+        B = images.shape[0]
+        stats = {"pix": self.quantizer_pix.last_stats, "sem": self.quantizer_sem.last_stats}
+        return DualTokenOutput(recon, pooled, zq_sem, h_sem, zq_pix.reshape(B, -1, zq_pix.shape[-1]),
+                               pix_codes, sem_codes, commit_pix, commit_sem, stats)
+
+    @torch.no_grad()
+    def encode(self, images):
+        """images (B, 3, R, R) in [-1, 1] -> (pix_codes, sem_codes), each (B, h, w, depth) int64.
+        Only blocks 1..layer_sem run; the quantizers must be in eval mode to leave the codebooks alone."""
+        latent_pix, latent_sem, _ = self._encode_latents(images)
+        return self.quantizer_pix(latent_pix)[1], self.quantizer_sem(latent_sem)[1]
+
+    def decode(self, pix_codes):
+        """pix_codes (B, h, w, depth) -> images (B, 3, R, R), about [-1, 1], not clamped."""
+        g, L = self.config.grid, self.config.vq_pix.depth
+        if pix_codes.ndim != 4 or tuple(pix_codes.shape[1:]) != (g, g, L):
+            raise ValueError(f"pix_codes: expected (B, {g}, {g}, {L}), got {tuple(pix_codes.shape)}")
+        return self.decode_latent(self.quantizer_pix.embed(pix_codes))
+
+    def encode_image(self, images):
+        """Pooled semantic embedding (B, D) through the QUANTIZED path (what zero-shot scoring uses);
+        not normalised, like SigLIP's own image embedding."""
+        _, latent_sem, _ = self._encode_latents(images)
+        return self._semantic_tail(self.quantizer_sem(latent_sem)[0])[1]
+
+    def encode_text(self, input_ids):
+        return self.siglip.encode_text(input_ids)
+
+    def pix_code_embed(self, codes, per_depth=False):
+        """codes (..., depth) -> (..., c) sum of codebook vectors, or (..., depth, c) with per_depth."""
+        return self.quantizer_pix.embed_per_depth(codes) if per_depth else self.quantizer_pix.embed(codes)
+
+    def sem_code_embed(self, codes, per_depth=False):
+        return self.quantizer_sem.embed_per_depth(codes) if per_depth else self.quantizer_sem.embed(codes)
+
+    def new_parameters(self):
+        """Parameters beyond SigLIP (projections, decoder): what a from_siglip init starts from scratch."""
+        return [p for n, p in self.named_parameters() if not n.startswith("siglip.")]
+
+    # ---------------------------------------------------------------- weights
+
+    def authors_name_table(self):
+        """[(our state_dict name, [authors' names])] for every tensor except the quantizer buffers, which
+        change layout (see _load_authors). Several authors' names are concatenated on dim 0 (fused q/k/v)."""
+        t = [("siglip." + ours, ["siglip_model." + h for h in hfs]) for ours, hfs in self.siglip.hf_name_table()]
+        t += [(k, [k]) for k in self.state_dict() if not k.startswith(("siglip.", "quantizer_"))]
+        return t
+
+    @classmethod
+    def from_pretrained(cls, path, siglip_config=None, dtype=torch.float32):
+        """Load the authors' checkpoint (folder with config.json + model.pt or model.safetensors, or the
+        weights file itself with config.json beside it) or a folder written by save_pretrained.
+
+        siglip_config: folder or config.json giving the SigLIP shapes, for an authors' config whose
+        `pretrained_model` path does not exist here (the released one is an absolute path on their machine).
+
+        Memory: the model is built on the meta device (no allocation, no random init), `.pt` files are
+        opened with mmap and safetensors lazily, and every tensor is ASSIGNED into the module instead of
+        copied, so the weights live once: as file-backed pages, or (fused q/k/v, dtype casts) as the one
+        new tensor that replaces the three it was built from.
+        """
+        folder, weights = _resolve(path)
+        with open(os.path.join(folder, "config.json")) as f:
+            raw = json.load(f)
+        authors = "rqvaesiglip" in raw
+        if authors:
+            sp = siglip_config or raw["rqvaesiglip"].get("pretrained_model")
+            if sp is None:
+                raise ValueError(f"{folder}/config.json names no pretrained_model; pass siglip_config=")
+            sp = sp if os.path.isabs(sp) else os.path.join(folder, sp)
+            sp = os.path.join(sp, "config.json") if os.path.isdir(sp) else sp
+            if not os.path.isfile(sp):
+                raise ValueError(f"SigLIP config {sp!r} (pretrained_model in {folder}/config.json) not found; "
+                                 f"pass siglip_config= a SigLIP folder or config.json")
+            with open(sp) as f:
+                cfg = config_from_authors(raw, SigLIPConfig.from_hf(json.load(f), where=sp))
+        else:
+            cfg = config_from_dict(raw)
+        sd = _read_weights(weights)
+        sd = {k.split("_orig_mod.")[-1].removeprefix("module."): x for k, x in sd.items()}
+        if authors and not any(k.startswith("siglip_model.text_model.") for k in sd):
+            cfg.siglip = SigLIPConfig(vision=cfg.siglip.vision, text=None)  # vision-only release
+        with torch.device("meta"):
+            model = cls(cfg)
+        sd = model._from_authors(sd) if authors else sd
+        model.load_weights({k: x.to(dtype) if x.is_floating_point() else x for k, x in sd.items()})
+        return model.eval()
+
+    def _from_authors(self, sd):
+        """Authors' names -> ours (strict: every checkpoint key must be used, see load_weights for the rest)."""
+        sd = dict(sd)
+        out = {}
+        for ours, theirs in self.authors_name_table():
+            if all(k in sd for k in theirs):
+                xs = [sd.pop(k) for k in theirs]
+                out[ours] = xs[0] if len(xs) == 1 else torch.cat(xs, 0)
+        for name in ("prequant_pix", "prequant_shortcut", "prequant_sem", "postquant_pix", "postquant_sem"):
+            z = sd.pop(f"{name}.attn.zero_k_bias", None)  # a constant zero buffer in their code
+            if z is not None and z.count_nonzero():
+                raise ValueError(f"{name}.attn.zero_k_bias is not zero; this model has no k bias")
+        sd = {k: x for k, x in sd.items() if not k.endswith("embeddings.position_ids")}  # old HF constant buffer
+        for q in ("quantizer_pix", "quantizer_sem"):
+            rvq = getattr(self, q)
+            books = {}
+            for d in range(rvq.depth):
+                names = [f"{q}.codebooks.{d}.{n}" for n in ("weight", "cluster_size_ema", "embed_ema")]
+                if all(n in sd for n in names):
+                    w, cs, ema = (sd.pop(n) for n in names)
+                    K = rvq.codebook_size
+                    if w.shape[0] != K + 1:
+                        raise ValueError(f"{names[0]}: expected {K + 1} rows ({K} codes + 1 padding), "
+                                         f"got {tuple(w.shape)}")
+                    books[d] = (w[:-1], cs, ema)  # the last row is padding, never searched
+            if len(books) != rvq.depth:
+                missing = [f"{q}.codebooks.{d}.*" for d in range(rvq.depth) if d not in books]
+                raise ValueError(f"missing quantizer weights {missing}")
+            if rvq.shared_codebook:
+                for d in range(1, rvq.depth):
+                    for i, n in enumerate(("weight", "cluster_size_ema", "embed_ema")):
+                        if not torch.equal(books[d][i], books[0][i]):
+                            raise ValueError(f"{q}.codebooks.{d}.{n} differs from codebooks.0 but the config "
+                                             f"says shared_codebook=True")
+                books = {0: books[0]}
+            for i, n in enumerate(("codebook", "cluster_size_ema", "embed_ema")):
+                xs = [books[b][i] for b in sorted(books)]
+                out[f"{q}.{n}"] = xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)  # (n_books, ...)
+        if sd:
+            raise ValueError(f"unexpected key(s) in the authors' checkpoint: {sorted(sd)}")
+        return out
+
+    def load_weights(self, sd):
+        """Strict assign of a state_dict in our names into this (possibly meta) model."""
+        own = self.state_dict()
+        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+        bad = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+               for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+        if missing or unexpected or bad:
+            raise ValueError(f"DualToken weights do not match the model: missing {missing}, "
+                             f"unexpected {unexpected}, wrong shape {bad}")
+        self.load_state_dict(sd, strict=True, assign=True)
+
+    def save_pretrained(self, folder):
+        """config.json (our layout) + model.safetensors (our names; a shared codebook is one (1, K, c) tensor)."""
+        from safetensors.torch import save_file
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config_to_dict(self.config), f, indent=2)
+        sd = {k: x.detach().contiguous() for k, x in self.state_dict().items()}
+        save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+
+    @classmethod
+    def from_siglip(cls, path, **overrides):
+        """New tokenizer on any HF-format SigLIP folder, as the paper starts. Returns (tokenizer, teacher):
+        the teacher is a separate frozen SigLIP in eval mode (the distillation target of spec section 2),
+        kept out of the tokenizer so its state_dict, parameters and optimizer never see it.
+        overrides: DualTokenConfig fields (e.g. vq_pix=QuantizerConfig(depth=4), layer_sem=26)."""
+        teacher = SigLIP.from_pretrained(path).eval().requires_grad_(False)
+        model = cls(default_config(teacher.config, **overrides))
+        model.siglip.load_state_dict(teacher.state_dict())
+        return model, teacher
+
+
+def _resolve(path):
+    """-> (folder holding config.json, weights file)."""
+    if os.path.isdir(path):
+        for name in ("model.safetensors", "model.pt"):
+            if os.path.isfile(os.path.join(path, name)):
+                return path, os.path.join(path, name)
+        raise ValueError(f"{path!r} holds neither model.safetensors nor model.pt")
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path!r} does not exist")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ValueError(f"no config.json next to {path!r}")
+    return folder, path
+
+
+def _read_weights(path):
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+            aliases = json.loads((f.metadata() or {}).get("shared_codebook_aliases", "{}"))
+        for dropped, kept in aliases.items():  # safetensors cannot hold aliased tensors: restore them
+            if kept not in sd:
+                raise ValueError(f"{path}: alias {dropped!r} -> {kept!r}, but {kept!r} is not in the file")
+            sd[dropped] = sd[kept]
+        return sd
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"{path}: expected the authors' {{'state_dict': ...}} checkpoint, got "
+                         f"{sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__}")
+    return ckpt["state_dict"]
+
+# -----------------------------------------------------------------------------
+# presets
+
+
+def default_config(siglip_config, **overrides):
+    """DualTokenConfig for a SigLIP tower with the released choices, resolution-dependent parts derived:
+    decoder latent = R/16 (5 levels, attention at the latent grid), layers 6 / 4 (x0.6) / L-1."""
+    v = siglip_config.vision
+    lat = v.image_size // 16
+    kw = dict(siglip=siglip_config, layer_recon=6, layer_shortcut=4, weight_shortcut=0.6,
+              layer_sem=v.num_hidden_layers - 1, decoder_latent_shape=(lat, lat),
+              decoder=DecoderConfig(resolution=v.image_size, attn_resolutions=(lat,)))
+    kw.update(overrides)
+    return DualTokenConfig(**kw)
+
+
+def _so400m(image_size, patch_size):
+    from siglip import SigLIPTextConfig, SigLIPVisionConfig
+    v = SigLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=1152,
+                           intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16)
+    t = SigLIPTextConfig(vocab_size=256000, hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                         num_attention_heads=16, max_position_embeddings=64, projection_size=1152)
+    return SigLIPConfig(vision=v, text=t)
+
+
+def released_384_config():
+    """SigLIP2-So400m/14 at 384 px: 27x27 grid, depth 8 (the released 384-px tokenizer)."""
+    q = dict(codebook_size=16384, code_dim=32, depth=8, shared_codebook=True)
+    return default_config(_so400m(384, 14), vq_pix=QuantizerConfig(**q, ema_update="per_depth"),
+                          vq_sem=QuantizerConfig(**q, ema_update="deferred"))
+
+
+def released_256_config():
+    """SigLIP2-So400m/16 at 256 px: 16x16 grid, depth 4, decoder latent 16x16 (no resize needed)."""
+    q = dict(codebook_size=16384, code_dim=32, depth=4, shared_codebook=True)
+    return default_config(_so400m(256, 16), vq_pix=QuantizerConfig(**q, ema_update="per_depth"),
+                          vq_sem=QuantizerConfig(**q, ema_update="deferred"))
+
+
+def tiny_config():
+    """The reference fixture's shapes: 32 px, patch 8 (4x4 grid), width 64, 6 blocks, codes 16-d x depth 3."""
+    import siglip
+    s = siglip.tiny_config()
+    s.vision.num_hidden_layers = 6
+    q = dict(codebook_size=32, code_dim=16, depth=3, shared_codebook=True)
+    return DualTokenConfig(siglip=s, layer_recon=2, layer_shortcut=1, weight_shortcut=0.6, layer_sem=5,
+                           vq_pix=QuantizerConfig(**q, ema_update="per_depth"),
+                           vq_sem=QuantizerConfig(**q, ema_update="deferred"), decoder_latent_shape=(4, 4),
+                           decoder=DecoderConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1,
+                                                 attn_resolutions=(4,), latent_channels=32, resolution=32))
+
+
+PRESETS = {"384": released_384_config, "256": released_256_config, "tiny": tiny_config}
+
+# -----------------------------------------------------------------------------
+# command line: python tokenizer.py convert CKPT OUT_DIR
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1] != "convert":
+        sys.exit("usage: python tokenizer.py convert CKPT OUT_DIR   (CKPT: the authors' folder, .pt or .safetensors)")
+    model = DualToken.from_pretrained(sys.argv[2])
+    model.save_pretrained(sys.argv[3])
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {sys.argv[3]}/config.json and model.safetensors ({n / 1e6:.1f}M parameters)")
