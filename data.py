@@ -1,0 +1,457 @@
+"""
+Data for every stage: the built-in shapes world (our shakespeare_char for images + text), its checker,
+real-data loaders and the image transforms.
+
+Shapes world: procedurally rendered RGB images of 1..N flat-coloured objects on a light background.
+Every sample carries its attributes, a caption and question/answer pairs, so each stage has an
+objective score: reconstruction (PSNR), zero-shot semantics (18 "colour shape" classes), question
+answering (exact-match answers), generation from a caption (`describe` reads the generated image back
+and `objects_match` compares it with the caption's objects).
+
+Why it is built the way it is:
+- No anti-aliasing and no pixel noise: a tokenizer must be able to reconstruct it exactly, and the
+  checker can read it back with plain array code.
+- Every object stays inside its own 3x3 grid cell (jitter is limited so the bounding box never leaves
+  the cell), so objects never touch and the cell is well defined.
+- Splits are disjoint by construction, not by luck: a sample is fully determined by a discrete "key"
+  (objects in cell order, integer jitters, background), and a hash of that key decides whether the key
+  belongs to train or val. The same image can therefore never be in both. `holdout_pairs` never
+  enter train or val at all; the "holdout" split always contains at least one of them.
+- Images are in [-1, 1] everywhere (SigLIP convention: mean = std = 0.5).
+"""
+import hashlib
+import itertools
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------
+# the shapes world
+
+# Saturated object colours, far from each other and from every (light, near-grey) background.
+# The checker separates them by hue: red ~358, orange ~27, yellow ~53, green ~129, blue ~230,
+# purple ~281 degrees; blending with a near-grey background (blur) keeps the hue.
+COLORS = {
+    "red": (215, 30, 35),
+    "green": (30, 160, 50),
+    "blue": (40, 70, 220),
+    "yellow": (245, 220, 30),
+    "purple": (140, 50, 180),
+    "orange": (240, 120, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+ALL_SHAPES = SHAPES + ("diamond",)  # the optional 4th shape: ShapesConfig(shapes=ALL_SHAPES)
+SIZES = ("small", "large")
+CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+CELL_PHRASES = ("in the top left", "at the top", "in the top right", "on the left", "in the center",
+                "on the right", "in the bottom left", "at the bottom", "in the bottom right")
+# light backgrounds with chroma <= 25, so no blend of them can look like an object colour
+BACKGROUNDS = ((245, 245, 245), (225, 225, 225), (245, 238, 220), (220, 232, 245), (225, 240, 225))
+GRADIENT_DIRS = ((1, 0), (1, 1), (0, 1), (-1, 1))  # half-circle only: (a->b, d) == (b->a, -d)
+# half-extent of an object as a fraction of the image side; a cell is 1/3 of the side
+RADIUS = {"small": 0.075, "large": 0.13}
+FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5, "diamond": 0.5}  # area / bbox area
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+SPLITS = ("train", "val", "holdout")
+
+
+@dataclass
+class ShapesConfig:
+    image_size: int = 64
+    min_objects: int = 1
+    max_objects: int = 2
+    seed: int = 0
+    holdout_pairs: tuple = ()  # ((colour, shape), ...) never in train/val; only in the "holdout" split
+    shapes: tuple = SHAPES     # ALL_SHAPES adds "diamond"
+    val_fraction: float = 0.1  # share of the key space (by hash) that belongs to val
+
+
+def _shape_mask(shape, X, Y, cx, cy, rx, ry):
+    """Boolean mask of `shape` with centre (cx, cy) and half-extents (rx, ry), sampled at the pixel
+    centres X, Y. The same function renders and, in `describe`, fits templates to bounding boxes."""
+    u, v = (X - cx) / rx, (Y - cy) / ry
+    if shape == "circle":
+        return u * u + v * v <= 1.0
+    if shape == "square":
+        return (np.abs(u) <= 1.0) & (np.abs(v) <= 1.0)
+    if shape == "triangle":  # apex up, base on the bottom edge of the box
+        return (v <= 1.0) & (np.abs(u) <= (v + 1.0) / 2.0)
+    if shape == "diamond":
+        return np.abs(u) + np.abs(v) <= 1.0
+    raise ValueError(f"unknown shape {shape!r}; expected one of {ALL_SHAPES}")
+
+
+def _cell_center(cell, S):
+    r, c = divmod(cell, 3)
+    return (c + 0.5) * S / 3.0, (r + 0.5) * S / 3.0
+
+
+def _max_jitter(size, S):
+    """Largest integer shift that keeps the object's box inside its cell with a 1-pixel margin."""
+    return max(0, int(np.floor(S / 6.0 - RADIUS[size] * S - 1.0)))
+
+
+class ShapesWorld:
+    def __init__(self, cfg: ShapesConfig):
+        if not 1 <= cfg.min_objects <= cfg.max_objects <= 9:
+            raise ValueError(f"ShapesConfig: need 1 <= min_objects <= max_objects <= 9 (one object per "
+                             f"cell), got min_objects={cfg.min_objects}, max_objects={cfg.max_objects}")
+        if cfg.image_size < 24:
+            raise ValueError(f"ShapesConfig.image_size={cfg.image_size}: need >= 24 pixels")
+        bad = [s for s in cfg.shapes if s not in ALL_SHAPES]
+        if bad or not cfg.shapes:
+            raise ValueError(f"ShapesConfig.shapes: unknown {bad}; choose from {ALL_SHAPES}")
+        pairs = [(c, s) for c in COLORS for s in cfg.shapes]
+        holdout = [tuple(p) for p in cfg.holdout_pairs]
+        bad = [p for p in holdout if p not in pairs]
+        if bad:
+            raise ValueError(f"ShapesConfig.holdout_pairs: {bad} are not (colour, shape) pairs of this world")
+        if not 0.0 < cfg.val_fraction < 1.0:
+            raise ValueError(f"ShapesConfig.val_fraction={cfg.val_fraction}: need 0 < val_fraction < 1")
+        self.cfg = cfg
+        self.holdout = holdout
+        self.allowed = [p for p in pairs if p not in holdout]
+        if not self.allowed:
+            raise ValueError("ShapesConfig.holdout_pairs: every pair is held out, train would be empty")
+        S = cfg.image_size
+        ys, xs = np.mgrid[0:S, 0:S].astype(np.float32) + 0.5  # pixel centres, (S, S) each
+        self._X, self._Y = xs, ys
+        self._bg_cache = {}
+
+    def class_names(self):
+        """The zero-shot classes, "colour shape", colour-major: 18 with the default 3 shapes."""
+        return [f"{c} {s}" for c in COLORS for s in self.cfg.shapes]
+
+    # -- keys: the discrete description that fully determines an image -------------------------------
+
+    def _key_bucket(self, key):
+        """Deterministic (process-independent, unlike hash()) bucket in [0, 1) of a sample key."""
+        h = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+        return int.from_bytes(h, "little") / 2.0 ** 64
+
+    def _draw_key(self, rng, split, n):
+        """One candidate key: objects in distinct cells sorted by cell, integer jitter, background."""
+        cells = sorted(rng.permutation(9)[:n].tolist())
+        pairs = self.allowed
+        forced = rng.integers(n) if split == "holdout" else -1  # which object carries a held-out pair
+        objs = []
+        for i, cell in enumerate(cells):
+            src = self.holdout if i == forced else (pairs if split != "holdout" else pairs + self.holdout)
+            color, shape = src[rng.integers(len(src))]
+            size = SIZES[rng.integers(2)]
+            j = _max_jitter(size, self.cfg.image_size)
+            dx, dy = rng.integers(-j, j + 1, size=2).tolist()
+            objs.append((color, shape, size, CELLS[cell], dx, dy))
+        if rng.random() < 0.5:
+            bg = ("solid", int(rng.integers(len(BACKGROUNDS))))
+        else:
+            a, b = rng.permutation(len(BACKGROUNDS))[:2].tolist()
+            bg = ("gradient", a, b, int(rng.integers(len(GRADIENT_DIRS))))
+        return tuple(objs), bg
+
+    def sample(self, split, index, num_objects=None):
+        """Sample `index` of `split`, a pure function of (seed, split, index, num_objects)."""
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r}: expected one of {SPLITS}")
+        if split == "holdout" and not self.holdout:
+            raise ValueError("split 'holdout' needs ShapesConfig.holdout_pairs (it is empty)")
+        if index < 0:
+            raise ValueError(f"sample index must be >= 0, got {index}")
+        cfg = self.cfg
+        n_fixed = num_objects is not None
+        if n_fixed and not 1 <= num_objects <= 9:
+            raise ValueError(f"num_objects={num_objects}: need 1..9")
+        rng = np.random.default_rng([cfg.seed, SPLITS.index(split), index, num_objects or 0])
+        while True:  # rejection on the key hash: train and val own disjoint parts of the key space
+            n = num_objects if n_fixed else int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+            objs, bg = self._draw_key(rng, split, n)
+            if split == "holdout":
+                break
+            in_val = self._key_bucket((objs, bg)) < cfg.val_fraction
+            if in_val == (split == "val"):
+                break
+        objects = [dict(color=o[0], shape=o[1], size=o[2], cell=o[3]) for o in objs]
+        jitter = [(o[4], o[5]) for o in objs]
+        image = self.render(objects, jitter=jitter, background=bg)
+        return dict(image=image, objects=objects, caption=caption(objects), qa=self.questions(objects, rng),
+                    jitter=jitter, background=bg)
+
+    # -- rendering ------------------------------------------------------------------------------------
+
+    def _background(self, bg):
+        bg = tuple(bg)
+        if bg not in self._bg_cache:  # 5 solid + 80 gradient backgrounds; each is computed once
+            self._bg_cache[bg] = self._make_background(bg)
+        return self._bg_cache[bg].copy()
+
+    def _make_background(self, bg):
+        S = self.cfg.image_size
+        if bg[0] == "solid":
+            return np.broadcast_to(np.array(BACKGROUNDS[bg[1]], np.uint8), (S, S, 3))
+        _, a, b, d = bg
+        dx, dy = GRADIENT_DIRS[d]
+        t = dx * self._X + dy * self._Y  # (S, S) projection on the gradient direction
+        t = (t - t.min()) / (t.max() - t.min())
+        ca, cb = np.array(BACKGROUNDS[a], np.float32), np.array(BACKGROUNDS[b], np.float32)
+        img = ca + t[..., None] * (cb - ca)  # (S, S, 3)
+        return np.rint(img).astype(np.uint8)
+
+    def render(self, objects, rng=None, jitter=None, background=None):
+        """Render objects (dicts with color, shape, size, cell) to uint8 (H, W, 3).
+        jitter: list of integer (dx, dy) per object; background: ("solid", i) or ("gradient", a, b, d).
+        Whatever is not given is drawn from `rng` when there is one, else no jitter / plain white."""
+        S = self.cfg.image_size
+        if background is None:
+            background = ("solid", int(rng.integers(len(BACKGROUNDS)))) if rng is not None else ("solid", 0)
+        img = self._background(background)
+        for i, o in enumerate(objects):
+            for k, names in (("color", tuple(COLORS)), ("shape", ALL_SHAPES), ("size", SIZES), ("cell", CELLS)):
+                if o.get(k) not in names:
+                    raise ValueError(f"render: object {i} has {k}={o.get(k)!r}; expected one of {names}")
+            if jitter is not None:
+                dx, dy = jitter[i]
+            elif rng is not None:
+                j = _max_jitter(o["size"], S)
+                dx, dy = rng.integers(-j, j + 1, size=2).tolist()
+            else:
+                dx, dy = 0, 0
+            cx, cy = _cell_center(CELLS.index(o["cell"]), S)
+            r = RADIUS[o["size"]] * S
+            cx, cy = cx + dx, cy + dy
+            y0, y1 = max(int(cy - r) - 1, 0), min(int(cy + r) + 2, S)  # window around the object
+            x0, x1 = max(int(cx - r) - 1, 0), min(int(cx + r) + 2, S)
+            mask = _shape_mask(o["shape"], self._X[y0:y1, x0:x1], self._Y[y0:y1, x0:x1], cx, cy, r, r)
+            img[y0:y1, x0:x1][mask] = COLORS[o["color"]]
+        return img
+
+    # -- language -------------------------------------------------------------------------------------
+
+    def questions(self, objects, rng):
+        """Question/answer pairs with single-word or short answers. A question is asked only when its
+        answer is unique (e.g. "what color is the circle?" only with exactly one circle)."""
+        qa = [("how many objects are there?", NUMBERS[len(objects)])]
+        n_shape = {s: sum(o["shape"] == s for o in objects) for s in self.cfg.shapes}
+        n_color = {c: sum(o["color"] == c for o in objects) for c in COLORS}
+        n_pair = {}
+        for o in objects:
+            n_pair[o["color"], o["shape"]] = n_pair.get((o["color"], o["shape"]), 0) + 1
+        for o in objects:
+            c, s = o["color"], o["shape"]
+            if n_shape[s] == 1:
+                qa.append((f"what color is the {s}?", c))
+            if n_color[c] == 1:
+                qa.append((f"what shape is the {c} object?", s))
+            if n_pair[c, s] == 1:
+                qa.append((f"where is the {c} {s}?", o["cell"]))
+                qa.append((f"what size is the {c} {s}?", o["size"]))
+                qa.append((f"is there a {c} {s}?", "yes"))
+        # one "no" question about an absent pair; never a held-out pair, so train text says nothing
+        # about the pairs it never sees
+        absent = [p for p in self.allowed if p not in n_pair]
+        if absent:
+            c, s = absent[rng.integers(len(absent))]
+            qa.append((f"is there a {c} {s}?", "no"))
+        s = self.cfg.shapes[rng.integers(len(self.cfg.shapes))]
+        qa.append((f"how many {s}s are there?", NUMBERS[n_shape[s]]))
+        return qa
+
+
+def caption(objects):
+    """"a large red circle in the top left and a small blue square at the bottom"."""
+    parts = [f"a {o['size']} {o['color']} {o['shape']} {CELL_PHRASES[CELLS.index(o['cell'])]}" for o in objects]
+    if len(parts) <= 2:
+        return " and ".join(parts)
+    return ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+# -----------------------------------------------------------------------------
+# the checker: read an image back with plain array code
+
+_HUES = None
+
+
+def _hue_chroma(rgb):
+    """Hue in degrees [0, 360) and chroma (max - min channel) of float RGB (..., 3)."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    mx, mn = rgb.max(-1), rgb.min(-1)
+    c = mx - mn
+    cs = np.where(c > 0, c, 1.0)
+    h = np.where(mx == r, (g - b) / cs % 6.0, np.where(mx == g, (b - r) / cs + 2.0, (r - g) / cs + 4.0))
+    return h * 60.0 % 360.0, c
+
+
+def _components(cls):
+    """4-connected components of equal non-negative values of cls (H, W); returns labels (H, W) where
+    each pixel holds the flat index of its component's first pixel, background = H*W. Min-label
+    propagation with pointer jumping: plain numpy, a few dozen vectorised steps on a 64x64 image."""
+    H, W = cls.shape
+    N = H * W
+    lab = np.where(cls >= 0, np.arange(N).reshape(H, W), N)
+    sh = (cls[:, 1:] == cls[:, :-1]) & (cls[:, 1:] >= 0)  # (H, W-1) horizontal links
+    sv = (cls[1:, :] == cls[:-1, :]) & (cls[1:, :] >= 0)  # (H-1, W) vertical links
+    while True:
+        m = lab.copy()
+        m[:, 1:] = np.where(sh, np.minimum(m[:, 1:], lab[:, :-1]), m[:, 1:])
+        m[:, :-1] = np.where(sh, np.minimum(m[:, :-1], lab[:, 1:]), m[:, :-1])
+        m[1:, :] = np.where(sv, np.minimum(m[1:, :], lab[:-1, :]), m[1:, :])
+        m[:-1, :] = np.where(sv, np.minimum(m[:-1, :], lab[1:, :]), m[:-1, :])
+        flat = m.reshape(-1)
+        fg = flat < N
+        flat[fg] = flat[flat[fg]]  # pointer jumping: a label is a pixel of the same component
+        if np.array_equal(m, lab):
+            return lab
+        lab = m
+
+
+def describe(image, shapes=SHAPES, min_area=0.004, details=False):
+    """Read the objects back from an image: list of dict(color, shape, size, cell) in cell order.
+
+    image: uint8 (H, W, 3) (a float array in [0, 255] also works). Steps:
+    1. foreground = pixels whose hue is within 20 degrees of a palette colour and whose chroma is at
+       least half of that colour's chroma. Hue, not RGB distance, because a blurred edge is a blend
+       with a near-grey background: the blend keeps its hue, but in RGB a red/white blend lies closer
+       to orange than to red. Half the chroma is the 50 % blend point, so blur does not grow areas.
+    2. 4-connected components per colour; components under `min_area` * H * W pixels are dropped
+       (noise, stray edge pixels).
+    3. shape = the template (circle, square, triangle, ...) fitted to the component's bounding box with
+       the highest IoU. For crisp renders this is the bounding-box fill ratio test (circle ~0.785,
+       square 1, triangle 0.5) made robust: a blurred triangle's fill drifts towards a circle's, its
+       IoU with the triangle template does not.
+    4. size from the area: sqrt(area / fill of the shape) is the box side; threshold at the geometric
+       mean of the small and large sides.
+    5. cell from the centroid on the 3x3 grid.
+    details=True adds area, bbox (x0, y0, x1, y1), iou and centroid to each dict."""
+    img = np.asarray(image)
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"describe: image must be (H, W, 3), got shape {img.shape}")
+    H, W = img.shape[:2]
+    names = list(COLORS)
+    pal = np.array([COLORS[c] for c in names], np.float32)  # (6, 3)
+    pal_h, pal_c = _hue_chroma(pal)
+    h, c = _hue_chroma(img.astype(np.float32))  # (H, W) each
+    dh = np.abs(h[..., None] - pal_h)  # (H, W, 6)
+    dh = np.minimum(dh, 360.0 - dh)
+    k = dh.argmin(-1)  # (H, W) nearest palette hue
+    fg = (dh.min(-1) <= 20.0) & (c >= 0.5 * pal_c[k]) & (c >= 40.0)
+    cls = np.where(fg, k, -1)
+    lab = _components(cls)
+    ids, counts = np.unique(lab[lab < H * W], return_counts=True)
+    S = float(np.sqrt(H * W))
+    thr = 2.0 * S * np.sqrt(RADIUS["small"] * RADIUS["large"])
+    out = []
+    for i, area in zip(ids.tolist(), counts.tolist()):
+        if area < min_area * H * W:
+            continue
+        ys, xs = np.nonzero(lab == i)
+        y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
+        comp = lab[y0:y1 + 1, x0:x1 + 1] == i  # (h, w) mask in the box
+        gy, gx = np.mgrid[y0:y1 + 1, x0:x1 + 1].astype(np.float32) + 0.5
+        cx, cy, rx, ry = (x0 + x1 + 1) / 2.0, (y0 + y1 + 1) / 2.0, (x1 - x0 + 1) / 2.0, (y1 - y0 + 1) / 2.0
+        ious = []
+        for s in shapes:
+            t = _shape_mask(s, gx, gy, cx, cy, rx, ry)
+            ious.append((t & comp).sum() / max((t | comp).sum(), 1))
+        shape = shapes[int(np.argmax(ious))]
+        side = np.sqrt(area / FILL[shape])
+        mx, my = xs.mean() + 0.5, ys.mean() + 0.5
+        cell = 3 * min(int(my * 3 / H), 2) + min(int(mx * 3 / W), 2)
+        d = dict(color=names[cls[ys[0], xs[0]]], shape=shape, size="large" if side > thr else "small",
+                 cell=CELLS[cell])
+        if details:
+            d.update(area=area, bbox=(int(x0), int(y0), int(x1), int(y1)), iou=float(max(ious)),
+                     centroid=(float(mx), float(my)))
+        out.append(d)
+    out.sort(key=lambda d: (CELLS.index(d["cell"]), d["color"], d["shape"]))
+    return out
+
+
+ATTRS = ("color", "shape", "size", "cell")
+
+
+def objects_match(pred, truth):
+    """Order-free comparison of predicted and true objects (lists of dicts with ATTRS).
+    Truth objects are matched one-to-one to predictions maximising the number of agreeing attributes.
+    Returns dict: count (same number of objects), one bool per attribute (every true object's matched
+    prediction has it right; an unmatched true object counts as wrong), n_correct (true objects with
+    all four attributes right), all_correct (count and every attribute right)."""
+    def score(a, b):
+        return sum(a[k] == b[k] for k in ATTRS)
+
+    n = min(len(pred), len(truth))
+    best, best_perm = -1, ()
+    if len(pred) <= 8:
+        for perm in itertools.permutations(range(len(pred)), n):  # perm[i] = pred matched to truth i
+            s = sum(score(pred[p], truth[i]) for i, p in enumerate(perm))
+            if s > best:
+                best, best_perm = s, perm
+    else:  # many spurious components: greedy, still one-to-one
+        used, best_perm = set(), []
+        for t in truth[:n]:
+            p = max((j for j in range(len(pred)) if j not in used), key=lambda j: score(pred[j], t))
+            used.add(p)
+            best_perm.append(p)
+    pairs = [(truth[i], pred[p]) for i, p in enumerate(best_perm)]
+    full = len(pairs) == len(truth)
+    res = dict(count=len(pred) == len(truth))
+    for k in ATTRS:
+        res[k] = full and all(t[k] == p[k] for t, p in pairs)
+    res["n_correct"] = sum(all(t[k] == p[k] for k in ATTRS) for t, p in pairs)
+    res["all_correct"] = res["count"] and all(res[k] for k in ATTRS)
+    return res
+
+
+# -----------------------------------------------------------------------------
+# torch datasets
+
+def to_tensor(img):
+    """uint8 (H, W, 3) array or PIL RGB image -> FloatTensor (3, H, W) in [-1, 1]."""
+    x = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))  # (H, W, 3)
+    return x.permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, H, W)
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """Item i is world.sample(split, i): the image as a [-1, 1] tensor plus caption, qa and objects.
+    transform, when given, receives a PIL image (as for real data) and returns the tensor."""
+
+    def __init__(self, world, split, length, transform=None, num_objects=None):
+        if split not in SPLITS:
+            raise ValueError(f"ShapesDataset: split {split!r}, expected one of {SPLITS}")
+        self.world, self.split, self.length = world, split, int(length)
+        self.transform, self.num_objects = transform, num_objects
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.length:
+            raise IndexError(f"ShapesDataset index {i} out of range (length {self.length})")
+        s = self.world.sample(self.split, i, num_objects=self.num_objects)
+        if self.transform is None:
+            image = to_tensor(s["image"])
+        else:
+            from PIL import Image
+            image = self.transform(Image.fromarray(s["image"]))
+        return dict(image=image, caption=s["caption"], index=i, qa=s["qa"], objects=s["objects"])
+
+
+def collate(items):
+    """List of item dicts -> batch dict: tensors stacked (image (B, 3, H, W)), ints (index, label)
+    to a LongTensor, everything else (caption, qa, objects) kept as a list."""
+    if not items:
+        raise ValueError("collate: empty list of items")
+    out = {}
+    for k in items[0]:
+        vals = [it[k] for it in items]
+        if isinstance(vals[0], torch.Tensor):
+            shapes = {tuple(v.shape) for v in vals}
+            if len(shapes) != 1:
+                raise ValueError(f"collate: '{k}' tensors have different shapes {sorted(shapes)}")
+            out[k] = torch.stack(vals)
+        elif isinstance(vals[0], int) and not isinstance(vals[0], bool):
+            out[k] = torch.tensor(vals, dtype=torch.long)
+        else:
+            out[k] = vals
+    return out

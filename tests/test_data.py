@@ -1,0 +1,179 @@
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import (CELLS, COLORS, SHAPES, SIZES, ShapesConfig, ShapesDataset, ShapesWorld, describe,
+                  objects_match)
+
+HOLD = (("red", "triangle"), ("blue", "square"))
+
+
+@pytest.fixture(scope="module")
+def world():
+    return ShapesWorld(ShapesConfig(holdout_pairs=HOLD))
+
+
+def _digest(img):
+    return hashlib.sha1(np.ascontiguousarray(img).tobytes()).hexdigest()
+
+
+def _blur(img):
+    """Separable [1, 2, 1] / 4 blur: a mild stand-in for a tokenizer's reconstruction."""
+    im = img.astype(np.float32)
+    p = np.pad(im, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    H, W = im.shape[:2]
+    k = (0.25, 0.5, 0.25)
+    return sum(k[a] * k[b] * p[a:a + H, b:b + W] for a in range(3) for b in range(3))
+
+
+# -- generator -------------------------------------------------------------------------------------
+
+def test_interface_constants(world):
+    assert len(COLORS) == 6 and SHAPES == ("circle", "square", "triangle") and SIZES == ("small", "large")
+    assert len(CELLS) == 9 and CELLS[0] == "top left" and CELLS[-1] == "bottom right"
+    names = world.class_names()
+    assert len(names) == 18 and "red circle" in names and len(set(names)) == 18
+
+
+def test_sample_is_deterministic_and_well_formed(world):
+    a, b = world.sample("train", 7), world.sample("train", 7)
+    assert np.array_equal(a["image"], b["image"]) and a["objects"] == b["objects"] and a["qa"] == b["qa"]
+    again = ShapesWorld(ShapesConfig(holdout_pairs=HOLD)).sample("train", 7)  # fresh world, same seed
+    assert np.array_equal(a["image"], again["image"]) and a["caption"] == again["caption"]
+    other_seed = ShapesWorld(ShapesConfig(holdout_pairs=HOLD, seed=1))
+    assert not all(np.array_equal(world.sample("train", i)["image"], other_seed.sample("train", i)["image"])
+                   for i in range(5))
+    img = a["image"]
+    assert img.dtype == np.uint8 and img.shape == (64, 64, 3)
+    assert 1 <= len(a["objects"]) <= 2
+    cells = [o["cell"] for o in a["objects"]]
+    assert len(set(cells)) == len(cells)
+    # the image is exactly re-renderable from its attributes + layout
+    assert np.array_equal(world.render(a["objects"], jitter=a["jitter"], background=a["background"]), img)
+
+
+def test_caption_and_questions(world):
+    objs = [dict(color="red", shape="circle", size="large", cell="top left"),
+            dict(color="blue", shape="square", size="small", cell="bottom")]
+    assert data.caption(objs) == "a large red circle in the top left and a small blue square at the bottom"
+    qa = dict(world.questions(objs, np.random.default_rng(0)))
+    assert qa["how many objects are there?"] == "two"
+    assert qa["what color is the circle?"] == "red" and qa["what shape is the blue object?"] == "square"
+    assert qa["where is the red circle?"] == "top left" and qa["what size is the blue square?"] == "small"
+    # ambiguous questions are not asked: two circles -> no "what color is the circle?"
+    two = [dict(objs[0]), dict(objs[0], color="green", cell="center")]
+    qs = [q for q, _ in world.questions(two, np.random.default_rng(0))]
+    assert "what color is the circle?" not in qs and "what shape is the red object?" in qs
+    for i in range(50):  # every answer is a short phrase
+        for q, a in world.sample("train", i)["qa"]:
+            assert q.endswith("?") and 1 <= len(a.split()) <= 2
+
+
+def test_splits_are_disjoint(world):
+    """Train and val never share an image, nor a full attribute+layout key; also with one object,
+    where the attribute space is small (324 colour x shape x size x cell combinations)."""
+    for n in (None, 1):
+        tr = [world.sample("train", i, num_objects=n) for i in range(1200)]
+        va = [world.sample("val", i, num_objects=n) for i in range(300)]
+        key = lambda s: repr((s["objects"], s["jitter"], s["background"]))
+        assert not {_digest(s["image"]) for s in tr} & {_digest(s["image"]) for s in va}
+        assert not {key(s) for s in tr} & {key(s) for s in va}
+    assert len({_digest(s["image"]) for s in va}) > 250  # val is not a handful of repeats
+
+
+def test_holdout_pairs_never_in_train(world):
+    for split, n in (("train", 800), ("val", 200)):
+        for i in range(n):
+            s = world.sample(split, i)
+            for o in s["objects"]:
+                assert (o["color"], o["shape"]) not in HOLD, (split, i, o)
+            # train/val text never mentions a held-out pair either (no "is there a red triangle? no")
+            text = " ".join([s["caption"]] + [q for q, _ in s["qa"]])
+            assert "red triangle" not in text and "blue square" not in text
+    for i in range(200):
+        s = world.sample("holdout", i)
+        assert any((o["color"], o["shape"]) in HOLD for o in s["objects"]), (i, s["objects"])
+    with pytest.raises(ValueError, match="holdout"):
+        ShapesWorld(ShapesConfig()).sample("holdout", 0)
+    with pytest.raises(ValueError, match="holdout_pairs"):
+        ShapesWorld(ShapesConfig(holdout_pairs=(("pink", "circle"),)))
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="max_objects"):
+        ShapesWorld(ShapesConfig(min_objects=3, max_objects=2))
+    with pytest.raises(ValueError, match="shapes"):
+        ShapesWorld(ShapesConfig(shapes=("circle", "hexagon")))
+    with pytest.raises(ValueError, match="split"):
+        ShapesWorld(ShapesConfig()).sample("test", 0)
+
+
+def test_any_size_and_object_count():
+    w = ShapesWorld(ShapesConfig(image_size=96, min_objects=3, max_objects=4, shapes=data.ALL_SHAPES))
+    for i in range(30):
+        s = w.sample("train", i)
+        assert s["image"].shape == (96, 96, 3) and 3 <= len(s["objects"]) <= 4
+        assert objects_match(describe(s["image"], shapes=data.ALL_SHAPES), s["objects"])["all_correct"]
+    assert len(w.class_names()) == 24
+
+
+# -- checker ---------------------------------------------------------------------------------------
+
+def test_checker_recovers_clean_renders(world):
+    """The judge must be right: every attribute of >= 99 % of 500 held-out renders."""
+    ok = sum(objects_match(describe(s["image"]), s["objects"])["all_correct"]
+             for s in (world.sample("val", i) for i in range(500)))
+    assert ok / 500 >= 0.99, f"checker accuracy on clean val renders {ok / 500:.3f}"
+
+
+def test_checker_is_robust_to_blur_and_colour_noise(world):
+    rng = np.random.default_rng(0)
+    ok = 0
+    for i in range(200):
+        s = world.sample("val", i)
+        noisy = np.clip(_blur(s["image"]) + rng.normal(0, 8, s["image"].shape), 0, 255)
+        ok += objects_match(describe(noisy), s["objects"])["all_correct"]
+    print(f"checker accuracy, [1,2,1] blur + N(0, 8) colour noise: {ok / 200:.3f}")
+    assert ok / 200 >= 0.95
+
+
+def test_checker_ignores_background_and_specks(world):
+    assert describe(world.render([], background=("gradient", 0, 3, 1))) == []
+    img = world.render([dict(color="green", shape="square", size="small", cell="center")])
+    img[2:4, 2:4] = COLORS["red"]  # a 4-pixel speck is not an object
+    assert describe(img) == [dict(color="green", shape="square", size="small", cell="center")]
+    with pytest.raises(ValueError, match="describe"):
+        describe(np.zeros((8, 8), np.uint8))
+
+
+def test_objects_match_is_order_free():
+    a = dict(color="red", shape="circle", size="large", cell="top left")
+    b = dict(color="blue", shape="square", size="small", cell="bottom")
+    m = objects_match([b, a], [a, b])
+    assert m["all_correct"] and m["n_correct"] == 2
+    m = objects_match([dict(a, size="small"), b], [a, b])
+    assert not m["all_correct"] and not m["size"] and m["color"] and m["shape"] and m["cell"]
+    m = objects_match([a], [a, b])
+    assert not m["count"] and not m["all_correct"] and not m["color"] and m["n_correct"] == 1
+    assert objects_match([], [])["all_correct"]
+
+
+def test_shapes_dataset(world):
+    ds = ShapesDataset(world, "val", length=4)
+    assert len(ds) == 4
+    it = ds[1]
+    assert it["image"].shape == (3, 64, 64) and it["image"].dtype == torch.float32
+    assert it["image"].min() >= -1 and it["image"].max() <= 1 and it["index"] == 1
+    s = world.sample("val", 1)
+    assert it["caption"] == s["caption"] and it["objects"] == s["objects"] and it["qa"] == s["qa"]
+    back = ((it["image"].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()  # (H, W, 3)
+    assert np.array_equal(back, s["image"])
+    b = data.collate([ds[i] for i in range(4)])
+    assert b["image"].shape == (4, 3, 64, 64) and len(b["caption"]) == 4 and b["index"].tolist() == [0, 1, 2, 3]
+    one = ShapesDataset(world, "train", length=10, num_objects=1)
+    assert all(len(one[i]["objects"]) == 1 for i in range(10))
+    with pytest.raises(IndexError):
+        ds[4]
