@@ -65,6 +65,8 @@ class LPIPS(nn.Module):
         self.taps = taps
         self.chns = tuple(chns)
         self.lin = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in chns)
+        for lin in self.lin:  # the released heads are >= 0 (clamped in LPIPS training): keep random ones so
+            nn.init.uniform_(lin.weight, 0.0, 1.0)  # an unloaded model is still a distance (tests, tiny runs)
         # LPIPS's ScalingLayer: maps [-1, 1] onto ImageNet-normalised input, (x - shift) / scale
         self.register_buffer("shift", torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor([.458, .448, .450]).view(1, 3, 1, 1), persistent=False)
