@@ -53,12 +53,15 @@ def peak_memory(fn, device):
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # walk the allocation events in order, tracking live bytes
+    # walk the raw allocator events (+bytes alloc, -bytes free) in time order, tracking live bytes.
+    # prof.events() is not enough: it folds the allocations made inside an op into that op's net usage,
+    # so a temporary that lives and dies inside one op (most of them) never shows up there.
+    mem = [e for e in prof.profiler.kineto_results.events()
+           if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
     live = peak = 0
-    for ev in sorted(prof.events(), key=lambda e: e.time_range.start):
-        if ev.name == "[memory]":
-            live += ev.cpu_memory_usage
-            peak = max(peak, live)
+    for e in sorted(mem, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
     return peak
 
 
