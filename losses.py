@@ -243,7 +243,9 @@ class LossConfig:
 class TokenizerLoss(nn.Module):
     """Holds the frozen LPIPS (or None) and the weights. forward -> (total, {term: float}); the dict
     has the raw (unweighted) terms sem_tok, sem_pool, commit_pix, commit_sem, rec_mse, lpips (only with
-    LPIPS on), g and adaptive_w (only with the GAN on), and the weighted total."""
+    LPIPS on), g and adaptive_w (only with the GAN on), and the weighted total. Terms must be tensors.
+    With the GAN on, total.backward() also leaves G's gradient in D's parameters: zero D's grads before
+    its own step (the released trainer calls disc_optimizer.zero_grad() right before d_loss)."""
 
     def __init__(self, cfg=None, lpips=None):
         super().__init__()

@@ -253,6 +253,8 @@ def test_tokenizer_loss_total_is_weighted_sum():
     assert dec.conv_out.weight.grad.abs().sum() > 0 and a["zq_sem"].grad.abs().sum() > 0
     with pytest.raises(ValueError, match="last_layer"):
         crit(**a, disc=d)
+    with torch.no_grad(), pytest.raises(ValueError, match="needs autograd"):
+        crit(**a, disc=d, last_layer=dec.conv_out.weight)
 
 
 def test_tokenizer_loss_without_lpips_defaults():
