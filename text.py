@@ -1,0 +1,157 @@
+"""
+Text tokenizers behind one interface, for the SigLIP text tower and the MLLM:
+
+    tok.encode(text) -> list[int]          (no specials)
+    tok.decode(ids) -> str                 (specials skipped)
+    tok(texts, max_len) -> (B, max_len)    the SigLIP batch: truncate to max_len - 1, append eos, pad right
+    tok.vocab_size, tok.pad_id, tok.eos_id, tok.token_id(name)
+
+- ByteTokenizer: dependency-free, UTF-8 bytes 0..255 then named specials; used by the synthetic
+  shapes data (SigLIP pretraining here, and the MLLM).
+- SentencePieceTokenizer: Google's SigLIP (v1) `spiece.model`, reproducing transformers'
+  SiglipTokenizer: lowercase, strip ASCII punctuation, collapse whitespace, `</s>` = 1 appended, padded
+  with 1 (pad == eos, as big_vision's `tok(eos="sticky", pad_value=1)`). Needs `sentencepiece`.
+- GemmaTokenizer: SigLIP2's Gemma `tokenizer.json`, lowercased (SigLIP2 was trained on lowercased
+  text), no BOS, `<eos>` = 1 appended, padded with `<pad>` = 0. Needs `tokenizers`.
+"""
+import re
+import string
+
+import torch
+
+
+class _Batcher:
+    """The shared batch rule. SigLIP texts are always padded to the full length because the text tower
+    pools the LAST position and has no attention mask: the pad tokens are part of the input it saw."""
+    add_eos = True
+
+    def __call__(self, texts, max_len):
+        if isinstance(texts, str):
+            raise ValueError("texts: expected a list of strings, got one str (wrap it in a list)")
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        out = torch.full((len(texts), max_len), self.pad_id, dtype=torch.long)  # (B, max_len)
+        n_eos = int(self.add_eos)
+        for i, t in enumerate(texts):
+            ids = self.encode(t)[: max_len - n_eos] + [self.eos_id] * n_eos
+            out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+    def token_id(self, name):
+        if name not in self.specials:
+            raise ValueError(f"token_id: unknown special token {name!r}; known: {list(self.specials)}")
+        return self.specials[name]
+
+
+class ByteTokenizer(_Batcher):
+    """ids 0..255 are UTF-8 bytes; then "<pad>" (256), "<eos>" (257), then `extra` in the given order
+    (e.g. ("<im_start>", "<im_end>")). decode skips every special and replaces broken UTF-8."""
+
+    def __init__(self, extra=()):
+        names = ("<pad>", "<eos>") + tuple(extra)
+        if len(set(names)) != len(names):
+            raise ValueError(f"ByteTokenizer: duplicate special token names in {names}")
+        self.specials = {n: 256 + i for i, n in enumerate(names)}
+        self.pad_id, self.eos_id = self.specials["<pad>"], self.specials["<eos>"]
+        self.vocab_size = 256 + len(names)
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        ids = ids.tolist() if torch.is_tensor(ids) else ids
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"decode: ids {bad[:5]} outside [0, {self.vocab_size})")
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def canonicalize(text):
+    """SigLIP v1 text canonicalisation (transformers' SiglipTokenizer.canonicalize_text)."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class SentencePieceTokenizer(_Batcher):
+    """SigLIP v1: `spiece.model` (T5-style: <pad> 0, </s> 1, <unk> 2)."""
+
+    UNDERLINE = "\u2581"  # SentencePiece's word-boundary marker
+
+    def __init__(self, path, eos="</s>", pad="</s>", unk="<unk>"):
+        try:
+            import sentencepiece as spm
+        except ImportError:
+            raise ImportError("SentencePieceTokenizer needs the `sentencepiece` package "
+                              "(pip install sentencepiece); ByteTokenizer needs nothing") from None
+        self.sp = spm.SentencePieceProcessor()
+        self.sp.Load(path)
+        self.unk = unk
+        self.specials = {}
+        for name in (eos, pad, unk):
+            i = self.sp.piece_to_id(name)
+            if self.sp.id_to_piece(i) != name:
+                raise ValueError(f"{path}: special token {name!r} is not in the vocabulary")
+            self.specials[name] = i
+        self.eos_id, self.pad_id = self.specials[eos], self.specials[pad]
+        self.vocab_size = self.sp.get_piece_size()
+        self._n_unk = len(self.sp.encode(unk, out_type=str))
+
+    def encode(self, text):
+        # transformers' order: prefix "▁" (replacing any "▁" in the text by a space), canonicalise,
+        # then encode behind the "<unk>" string and cut its pieces off: this pins how the first word
+        # is segmented (with the "▁" boundary) regardless of SentencePiece's own dummy-prefix rule.
+        # Literal special tokens in the text are not honoured (canonicalisation strips their <, /, >).
+        t = canonicalize(self.UNDERLINE + text.replace(self.UNDERLINE, " "))
+        pieces = self.sp.encode(self.unk + t, out_type=str)
+        pieces = pieces[self._n_unk:] if len(pieces) >= self._n_unk else pieces
+        if len(pieces) > 1 and pieces[0] == self.UNDERLINE and pieces[1] in self.specials:
+            pieces = pieces[1:]
+        return [self.sp.piece_to_id(p) for p in pieces]
+
+    def decode(self, ids):
+        ids = ids.tolist() if torch.is_tensor(ids) else ids
+        skip = set(self.specials.values())
+        return self.sp.decode([i for i in ids if i not in skip])
+
+
+class GemmaTokenizer(_Batcher):
+    """SigLIP2: Gemma's `tokenizer.json` (<pad> 0, <eos> 1, <bos> 2), lowercased, no BOS.
+    add_eos=True follows big_vision's "sticky" EOS convention that SigLIP's last-position pooling assumes.
+    Note: transformers 5.24's Siglip2Tokenizer class instead pads on the LEFT and adds no EOS; which one
+    the released SigLIP2 weights were trained with could not be checked offline, so both stay possible
+    (add_eos=False gives HF's ids for the text part, but we always pad on the right)."""
+
+    def __init__(self, path, eos="<eos>", pad="<pad>", lowercase=True, add_eos=True):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ImportError("GemmaTokenizer needs the `tokenizers` package (pip install tokenizers); "
+                              "ByteTokenizer needs nothing") from None
+        self.tok = Tokenizer.from_file(path)
+        self.lowercase, self.add_eos = lowercase, add_eos
+        self.specials = {}
+        for name in (eos, pad):
+            i = self.tok.token_to_id(name)
+            if i is None:
+                raise ValueError(f"{path}: special token {name!r} is not in the vocabulary")
+            self.specials[name] = i
+        self.eos_id, self.pad_id = self.specials[eos], self.specials[pad]
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text):
+        return self.tok.encode(text.lower() if self.lowercase else text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        ids = ids.tolist() if torch.is_tensor(ids) else ids
+        skip = set(self.specials.values())
+        return self.tok.decode([i for i in ids if i not in skip], skip_special_tokens=True)
+
+
+def load_tokenizer(folder):
+    """The tokenizer file found in a SigLIP checkpoint folder: spiece.model (v1) or tokenizer.json (v2)."""
+    import os
+    if os.path.isfile(os.path.join(folder, "spiece.model")):
+        return SentencePieceTokenizer(os.path.join(folder, "spiece.model"))
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        return GemmaTokenizer(os.path.join(folder, "tokenizer.json"))
+    raise ValueError(f"load_tokenizer: neither spiece.model nor tokenizer.json in {folder!r}")
