@@ -548,11 +548,13 @@ class DualToken(nn.Module):
     def _from_authors(self, sd):
         """Authors' names -> ours (strict: every checkpoint key must be used, see load_weights for the rest)."""
         sd = dict(sd)
-        out = {}
+        out, missing = {}, []
         for ours, theirs in self.authors_name_table():
             if all(k in sd for k in theirs):
                 xs = [sd.pop(k) for k in theirs]
                 out[ours] = xs[0] if len(xs) == 1 else torch.cat(xs, 0)
+            else:
+                missing += [k for k in theirs if k not in sd]
         for name in ("prequant_pix", "prequant_shortcut", "prequant_sem", "postquant_pix", "postquant_sem"):
             z = sd.pop(f"{name}.attn.zero_k_bias", None)  # a constant zero buffer in their code
             if z is not None and z.count_nonzero():
@@ -583,8 +585,9 @@ class DualToken(nn.Module):
             for i, n in enumerate(("codebook", "cluster_size_ema", "embed_ema")):
                 xs = [books[b][i] for b in sorted(books)]
                 out[f"{q}.{n}"] = xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)  # (n_books, ...)
-        if sd:
-            raise ValueError(f"unexpected key(s) in the authors' checkpoint: {sorted(sd)}")
+        if sd or missing:
+            raise ValueError(f"the authors' checkpoint does not match the model: missing {missing}, "
+                             f"unexpected {sorted(sd)}")
         return out
 
     def load_weights(self, sd):
@@ -709,10 +712,14 @@ PRESETS = {"384": released_384_config, "256": released_256_config, "tiny": tiny_
 # command line: python tokenizer.py convert CKPT OUT_DIR
 
 
-if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[1] != "convert":
+def main(argv):
+    if len(argv) != 3 or argv[0] != "convert":
         sys.exit("usage: python tokenizer.py convert CKPT OUT_DIR   (CKPT: the authors' folder, .pt or .safetensors)")
-    model = DualToken.from_pretrained(sys.argv[2])
-    model.save_pretrained(sys.argv[3])
+    model = DualToken.from_pretrained(argv[1])
+    model.save_pretrained(argv[2])
     n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {sys.argv[3]}/config.json and model.safetensors ({n / 1e6:.1f}M parameters)")
+    print(f"wrote {argv[2]}/config.json and model.safetensors ({n / 1e6:.1f}M parameters)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,224 @@
+"""tokenizer.py: parity with the authors' reference outputs, loading/saving, presets, API contracts."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import FIXTURES
+import tokenizer as T
+
+REF = os.path.join(FIXTURES, "dualtoken_reference")
+
+
+@pytest.fixture(scope="module")
+def outputs():
+    return load_file(os.path.join(REF, "outputs.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def ref_model():
+    return T.DualToken.from_pretrained(os.path.join(REF, "model.pt"))
+
+
+def run_all(m, x):
+    """Every output the reference stored, computed by our model (eval, fp32)."""
+    with torch.no_grad():
+        latent_pix, latent_sem, _ = m._encode_latents(x)
+        o = m(x)
+        return dict(code_pix=o.pix_codes, code_sem=o.sem_codes, latent_pix=latent_pix, latent_sem=latent_sem,
+                    zq_pix=o.zq_pix, zq_sem=o.zq_sem, pooler_output=o.pooled,
+                    image_features=F.normalize(o.pooled, dim=-1), decoder_input=m.decoder_input(o.zq_pix),
+                    images_recon=o.recon, quant_loss_pix=o.commit_pix, quant_loss_sem=o.commit_sem)
+
+
+def assert_matches_reference(m, outputs):
+    got = run_all(m, outputs["input.images"])
+    assert len(got) == len([k for k in outputs if k.startswith("output.")])
+    for k, v in got.items():
+        ref = outputs["output." + k]
+        assert v.shape == ref.shape and v.dtype == ref.dtype, (k, v.shape, v.dtype, ref.shape, ref.dtype)
+        if k.startswith("code_"):
+            assert torch.equal(v, ref), k
+        else:
+            torch.testing.assert_close(v, ref, atol=1e-4, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("name", ["model.pt", "model.safetensors"])
+def test_reference_parity(name, outputs):
+    m = T.DualToken.from_pretrained(os.path.join(REF, name))
+    assert not m.training
+    assert_matches_reference(m, outputs)
+
+
+def test_folder_loads_and_api_agrees(ref_model, outputs):
+    m = T.DualToken.from_pretrained(REF)  # folder: config.json + model.safetensors
+    x = outputs["input.images"]
+    pix, sem = m.encode(x)
+    assert torch.equal(pix, outputs["output.code_pix"]) and torch.equal(sem, outputs["output.code_sem"])
+    with torch.no_grad():
+        torch.testing.assert_close(m.decode(pix), outputs["output.images_recon"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(m.encode_image(x), outputs["output.pooler_output"], atol=1e-4, rtol=0)
+        zq = m.pix_code_embed(pix).reshape(2, 16, 16)  # sum over depths == the quantized latent
+        torch.testing.assert_close(zq, outputs["output.zq_pix"], atol=1e-5, rtol=0)
+        per = m.sem_code_embed(sem, per_depth=True)
+        assert per.shape == (2, 4, 4, 3, 16)
+        torch.testing.assert_close(per.sum(-2), m.sem_code_embed(sem))
+
+
+def test_save_load_round_trip_and_convert(ref_model, outputs, tmp_path):
+    ref_model.save_pretrained(tmp_path / "ours")
+    cfg = json.load(open(tmp_path / "ours" / "config.json"))
+    assert cfg["format"] == "nano-dualtoken" and cfg["dualtoken"]["vq_sem"]["ema_update"] == "deferred"
+    sd = load_file(tmp_path / "ours" / "model.safetensors")
+    assert sd["quantizer_pix.codebook"].shape == (1, 32, 16)  # shared book stored once, padding row dropped
+    m = T.DualToken.from_pretrained(str(tmp_path / "ours"))
+    assert m.config == ref_model.config
+    for k, v in ref_model.state_dict().items():
+        assert torch.equal(v, m.state_dict()[k]), k
+    assert_matches_reference(m, outputs)
+    # the converter entry point writes the same thing
+    T.main(["convert", os.path.join(REF, "model.pt"), str(tmp_path / "conv")])
+    conv = load_file(tmp_path / "conv" / "model.safetensors")
+    assert sorted(conv) == sorted(sd) and all(torch.equal(conv[k], sd[k]) for k in sd)
+
+
+def _authors_copy(tmp_path, edit):
+    """Authors' layout checkpoint with an edited state_dict in tmp_path/ckpt (SigLIP config from the fixture)."""
+    ck = torch.load(os.path.join(REF, "model.pt"), map_location="cpu", weights_only=True)
+    edit(ck["state_dict"])
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    shutil.copy(os.path.join(REF, "config.json"), d / "config.json")
+    torch.save(ck, d / "model.pt")
+    return str(d / "model.pt")
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda sd: sd.pop("decoder.conv_out.bias"), "decoder.conv_out.bias"),
+    (lambda sd: sd.pop("siglip_model.vision_model.post_layernorm.weight"), "post_layernorm.weight"),
+    (lambda sd: sd.update({"decoder.extra.weight": torch.zeros(1)}), "decoder.extra.weight"),
+    (lambda sd: sd.update({"prequant_pix.proj.bias": torch.zeros(17)}), "prequant_pix.proj.bias"),
+    (lambda sd: sd.update({"quantizer_sem.codebooks.2.weight": torch.zeros(33, 16)}), "quantizer_sem.codebooks.2.weight"),
+    (lambda sd: sd.update({"quantizer_pix.codebooks.1.weight": torch.zeros(32, 16)}), "quantizer_pix.codebooks.1.weight"),
+])
+def test_strict_loading_names_the_key(tmp_path, edit, needle):
+    path = _authors_copy(tmp_path, edit)
+    with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
+        T.DualToken.from_pretrained(path, siglip_config=os.path.join(REF, "siglip"))
+
+
+def test_authors_config_errors(tmp_path):
+    raw = json.load(open(os.path.join(REF, "config.json")))
+    sig = T.SigLIPConfig.from_hf(json.load(open(os.path.join(REF, "siglip", "config.json"))))
+    a, tiny = T.config_from_authors(raw, sig), T.tiny_config()
+    assert a.siglip.vision == tiny.siglip.vision  # the tiny preset IS the fixture's shape
+    tiny.siglip = a.siglip
+    assert a == tiny
+    bad = json.loads(json.dumps(raw))
+    bad["rqvaesiglip"]["vq_pix"]["n_embeds"] = 3
+    with pytest.raises(ValueError, match="n_embeds"):
+        T.config_from_authors(bad, sig)
+    bad = json.loads(json.dumps(raw))
+    bad["rqvaesiglip"]["vq_sem"]["code_shape"] = [5, 5, 3]
+    with pytest.raises(ValueError, match="code_shape"):
+        T.config_from_authors(bad, sig)
+    d = tmp_path / "nosig"
+    d.mkdir()
+    shutil.copy(os.path.join(REF, "config.json"), d / "config.json")
+    shutil.copy(os.path.join(REF, "model.pt"), d / "model.pt")
+    with pytest.raises(ValueError, match="siglip_config"):  # relative "siglip" folder is not there
+        T.DualToken.from_pretrained(str(d))
+
+
+def test_wrong_image_size(ref_model):
+    with pytest.raises(ValueError, match=r"images: expected \(B, 3, 32, 32\)"):
+        ref_model.encode(torch.zeros(1, 3, 40, 40))
+    with pytest.raises(ValueError, match="images"):
+        ref_model(torch.zeros(3, 32, 32))
+    with pytest.raises(ValueError, match="pix_codes"):
+        ref_model.decode(torch.zeros(1, 4, 4, 2, dtype=torch.long))
+
+
+def test_postquant_is_causal(ref_model):
+    x = torch.randn(1, 16, 16)
+    y = x.clone()
+    y[:, 9:] = torch.randn(1, 7, 16)
+    with torch.no_grad():
+        a, b = ref_model.postquant_sem(x), ref_model.postquant_sem(y)
+    torch.testing.assert_close(a[:, :9], b[:, :9])
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+    with torch.no_grad():  # pre-quant attention is bidirectional
+        x = torch.randn(1, 16, 64)
+        y = x.clone()
+        y[:, 15] = torch.randn(1, 64)
+        assert not torch.allclose(ref_model.prequant_sem(x)[:, 0], ref_model.prequant_sem(y)[:, 0])
+
+
+def test_train_step_gradients():
+    m = T.DualToken(T.tiny_config()).train()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    cb = m.quantizer_pix.codebook.clone()
+    o = m(x)
+    assert o.recon.shape == (2, 3, 32, 32) and o.pooled.shape == (2, 64) and o.h_sem.shape == (2, 16, 64)
+    assert o.pix_codes.shape == o.sem_codes.shape == (2, 4, 4, 3) and o.pix_codes.dtype == torch.int64
+    assert set(o.stats) == {"pix", "sem"} and o.stats["pix"]["usage"].shape == (3,)
+    assert not torch.equal(cb, m.quantizer_pix.codebook)  # EMA moved in training mode
+    loss = o.recon.pow(2).mean() + o.pooled.pow(2).mean() + o.commit_pix + o.commit_sem
+    loss.backward()
+    for name in ("prequant_pix.proj.weight", "prequant_shortcut.attn.qkv.weight", "prequant_sem.mlp.w0.weight",
+                 "postquant_pix.attn.q_bias", "postquant_sem.norm2.weight", "decoder.conv_out.weight",
+                 "siglip.vision.blocks.0.attn.qkv.weight", "siglip.vision.blocks.5.attn.qkv.weight"):
+        g = m.get_parameter(name).grad
+        assert g is not None and g.abs().sum() > 0, name
+    m.eval()
+    cb = m.quantizer_sem.codebook.clone()
+    m.encode(x)
+    assert torch.equal(cb, m.quantizer_sem.codebook)  # eval leaves the books alone
+
+
+def test_no_shortcut_config():
+    cfg = T.tiny_config()
+    cfg.layer_shortcut = None
+    m = T.DualToken(cfg).eval()
+    assert m.prequant_shortcut is None and not any(k.startswith("prequant_shortcut") for k in m.state_dict())
+    assert m.encode(torch.zeros(1, 3, 32, 32))[0].shape == (1, 4, 4, 3)
+
+
+def test_from_siglip():
+    m, teacher = T.DualToken.from_siglip(os.path.join(REF, "siglip"), layer_recon=2, layer_shortcut=1, layer_sem=5,
+                                         vq_pix=T.QuantizerConfig(codebook_size=32, code_dim=16, depth=2),
+                                         decoder=T.DecoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                                                                 attn_resolutions=(), latent_channels=32,
+                                                                 resolution=32),
+                                         decoder_latent_shape=(16, 16))
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert not any("teacher" in k for k in m.state_dict())
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, m.siglip.state_dict()[k]), k
+    assert m.config.vq_sem.code_dim == 32 and m.config.layer_sem == 5
+    pix, sem = m.eval().encode(torch.zeros(1, 3, 32, 32))
+    assert pix.shape == (1, 4, 4, 2) and sem.shape == (1, 4, 4, 8)
+    assert m.decode(pix).shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name, grid, depth, res, lat", [("384", 27, 8, 384, 24), ("256", 16, 4, 256, 16)])
+def test_released_presets_on_meta(name, grid, depth, res, lat):
+    with torch.device("meta"):
+        m = T.DualToken(T.PRESETS[name]())
+    assert all(t.is_meta for t in m.state_dict().values())  # nothing allocated
+    n = sum(p.numel() for p in m.parameters())
+    new = sum(p.numel() for p in m.new_parameters())
+    assert 1.30e9 < n < 1.40e9, n  # spec: ~1.35 B with both towers
+    assert 200e6 < new < 220e6, new  # spec: ~211 M new modules
+    assert m.quantizer_pix.codebook.shape == m.quantizer_sem.codebook.shape == (1, 16384, 32)
+    x = torch.empty(2, 3, res, res, device="meta")
+    latent_pix, latent_sem, h_sem = m._encode_latents(x)
+    assert latent_pix.shape == latent_sem.shape == (2, grid, grid, 32) and h_sem.shape == (2, grid * grid, 1152)
+    z = m.decoder_input(torch.empty(2, grid * grid, 32, device="meta"))
+    assert z.shape == (2, 1024, lat, lat)
+    assert m.decoder(z).shape == (2, 3, res, res)
+    assert m.config.vq_pix.depth == m.config.vq_sem.depth == depth and m.config.grid == grid
