@@ -455,3 +455,220 @@ def collate(items):
         else:
             out[k] = vals
     return out
+
+
+# -----------------------------------------------------------------------------
+# transforms: PIL image -> FloatTensor (3, size, size) in [-1, 1]. Plain PIL, so nothing imports
+# torchvision (3 s); randomness from torch's generator, which DataLoader seeds per worker.
+
+class train_transform:
+    """RandomResizedCrop(size, scale=(0.9, 1.0), ratio=(3/4, 4/3)), no flip (DualToken's tokenizer
+    recipe: a flip would change what a caption's "left"/"right" means). Same sampling rule as
+    torchvision's RandomResizedCrop; the crop is resized with bicubic (PIL anti-aliases downscaling)."""
+
+    def __init__(self, size, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
+        self.size, self.scale, self.ratio = int(size), scale, ratio
+
+    def crop_box(self, W, H):
+        lr = (np.log(self.ratio[0]), np.log(self.ratio[1]))
+        for _ in range(10):
+            area = W * H * float(torch.empty(1).uniform_(*self.scale))
+            aspect = float(np.exp(float(torch.empty(1).uniform_(*lr))))
+            w, h = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+            if 0 < w <= W and 0 < h <= H:
+                i = int(torch.randint(0, H - h + 1, (1,)))
+                j = int(torch.randint(0, W - w + 1, (1,)))
+                return j, i, j + w, i + h
+        # fallback: the largest centred crop whose aspect is inside `ratio`
+        if W / H < self.ratio[0]:
+            w, h = W, int(round(W / self.ratio[0]))
+        elif W / H > self.ratio[1]:
+            w, h = int(round(H * self.ratio[1])), H
+        else:
+            w, h = W, H
+        i, j = (H - h) // 2, (W - w) // 2
+        return j, i, j + w, i + h
+
+    def __call__(self, img):
+        from PIL import Image
+        img = to_rgb(img)
+        box = self.crop_box(*img.size)
+        return to_tensor(img.resize((self.size, self.size), Image.BICUBIC, box=box))
+
+
+class eval_transform:
+    """Shortest side -> size (bicubic), then centre crop size x size: the reconstruction protocol."""
+
+    def __init__(self, size):
+        self.size = int(size)
+
+    def __call__(self, img):
+        from PIL import Image
+        img = to_rgb(img)
+        W, H = img.size
+        s = self.size
+        w, h = (s, max(s, int(s * H / W))) if W <= H else (max(s, int(s * W / H)), s)
+        img = img.resize((w, h), Image.BICUBIC)
+        top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
+        return to_tensor(img.crop((left, top, left + s, top + s)))
+
+
+# -----------------------------------------------------------------------------
+# real data
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def to_rgb(img):
+    """Any PIL mode -> RGB. Transparency is composited on white (a plain convert would show whatever
+    colour hides under alpha = 0); 16/32-bit and float grayscale are rescaled, not clipped."""
+    from PIL import Image
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float32)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(a.max()), 255.0)
+        img = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).round().astype(np.uint8), "L")
+    if img.mode == "P" or img.mode == "PA":
+        img = img.convert("RGBA")  # applies the palette and its transparency
+    if img.mode in ("RGBA", "LA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def load_image(path):
+    """Decode fully (so truncated files fail here, not later), apply EXIF rotation, convert to RGB."""
+    from PIL import Image, ImageOps
+    with Image.open(path) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        return to_rgb(im)
+
+
+def _list_images(root):
+    out = []
+    for d, dirs, files in os.walk(root):
+        dirs.sort()
+        out += [os.path.join(d, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTS)]
+    return out
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Shared logic: a list of (path, caption, label), a header check at construction (or a full
+    decode with verify=True), and at load time a file that still fails is replaced by the next good
+    one. Every skip is counted; the first is printed with the count, not one line per file."""
+
+    def _check(self, items, where, verify, dropped):
+        from PIL import Image
+        good, bad = [], []
+        for it in items:
+            try:
+                if verify:
+                    load_image(it[0])
+                else:
+                    with Image.open(it[0]):
+                        pass
+                good.append(it)
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on broken files
+                bad.append((it[0], e))
+        name = type(self).__name__
+        if bad or dropped:
+            p, e = bad[0] if bad else (None, None)
+            print(f"{name}: skipped {len(bad) + dropped} of {len(items) + dropped} files under {where}"
+                  + (f" ({len(bad)} do not decode, e.g. {p}: {e})" if bad else "")
+                  + (f" ({dropped} without caption or file)" if dropped else ""))
+        if not good:
+            raise ValueError(f"{name}: no usable images found in {where} (looked for files ending in "
+                             f"{', '.join(IMAGE_EXTS)}{self._looked_for}); {len(bad)} failed to decode")
+        self.items, self.n_skipped, self.where = good, len(bad) + dropped, where
+        self._bad = set()
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self.items):
+            raise IndexError(f"{type(self).__name__} index {i} out of range (length {len(self.items)})")
+        for k in range(len(self.items)):
+            j = (i + k) % len(self.items)
+            if j in self._bad:
+                continue
+            path, cap, label = self.items[j]
+            try:
+                img = load_image(path)
+            except Exception as e:
+                self._bad.add(j)
+                if len(self._bad) == 1:
+                    print(f"{type(self).__name__}: {path} failed to decode ({e}); replaced by the next "
+                          f"image, later failures only counted in .n_failed")
+                continue
+            x = self.transform(img) if self.transform is not None else to_tensor(img)
+            item = dict(image=x, caption=cap, index=i, qa=[], objects=[])
+            if label is not None:
+                item["label"] = label
+            return item
+        raise ValueError(f"{type(self).__name__}: no image under {self.where} decodes")
+
+    @property
+    def n_failed(self):
+        return len(self._bad)
+
+
+class ImageFolderDataset(_ImageFiles):
+    """root/<class>/**/<image>: label = index of the class folder in sorted order (like torchvision's
+    ImageFolder), caption = the class name with '_' as spaces. transform: PIL -> tensor; without one
+    the image is returned at its own size."""
+    _looked_for = " in class subfolders"
+
+    def __init__(self, root, transform=None, verify=False):
+        if not os.path.isdir(root):
+            raise ValueError(f"ImageFolderDataset: {root!r} is not a directory")
+        classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        items = []
+        for label, c in enumerate(classes):
+            items += [(p, c.replace("_", " "), label) for p in _list_images(os.path.join(root, c))]
+        self.classes, self.transform = classes, transform
+        self._check(items, root, verify, 0)
+
+
+class ImageCaptionDataset(_ImageFiles):
+    """Image-caption pairs from a folder (every image with a same-name .txt caption next to it,
+    searched recursively) or from a JSONL file of {"image": path, "caption": text} per line, image
+    paths relative to the JSONL's folder. Pairs without a caption or image file are skipped."""
+    _looked_for = " with same-name .txt captions, or a .jsonl of {image, caption}"
+
+    def __init__(self, source, transform=None, verify=False):
+        self.transform = transform
+        items, dropped = [], 0
+        if os.path.isdir(source):
+            for p in _list_images(source):
+                txt = os.path.splitext(p)[0] + ".txt"
+                cap = open(txt, encoding="utf-8").read().strip() if os.path.isfile(txt) else ""
+                if cap:
+                    items.append((p, cap, None))
+                else:
+                    dropped += 1
+        elif os.path.isfile(source) and source.endswith(".jsonl"):
+            base = os.path.dirname(os.path.abspath(source))
+            with open(source, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"ImageCaptionDataset: {source}:{n} is not JSON ({e})") from None
+                    if not isinstance(rec, dict) or "image" not in rec or "caption" not in rec:
+                        raise ValueError(f"ImageCaptionDataset: {source}:{n} needs keys 'image' and "
+                                         f"'caption', got {line.strip()[:80]!r}")
+                    p = os.path.join(base, rec["image"])
+                    cap = str(rec["caption"]).strip()
+                    if os.path.isfile(p) and cap:
+                        items.append((p, cap, None))
+                    else:
+                        dropped += 1
+        else:
+            raise ValueError(f"ImageCaptionDataset: {source!r} is neither a directory nor a .jsonl file")
+        self._check(items, source, verify, dropped)

@@ -1,4 +1,6 @@
 import hashlib
+import json
+import os
 
 import numpy as np
 import pytest
@@ -177,3 +179,117 @@ def test_shapes_dataset(world):
     assert all(len(one[i]["objects"]) == 1 for i in range(10))
     with pytest.raises(IndexError):
         ds[4]
+
+
+# -- transforms ------------------------------------------------------------------------------------
+
+def _photo(w, h, mode="RGB"):
+    from PIL import Image
+    rng = np.random.default_rng(w * 1000 + h)
+    arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return Image.fromarray(arr).convert(mode)
+
+
+def test_transforms_shape_and_range():
+    from PIL import Image
+    for tf in (data.train_transform(32), data.eval_transform(32)):
+        for w, h in ((40, 30), (30, 90), (32, 32), (500, 20)):
+            x = tf(_photo(w, h))
+            assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+            assert x.min() >= -1.0 and x.max() <= 1.0
+    # a constant white / black image maps to exactly +1 / -1
+    assert torch.all(data.eval_transform(16)(Image.new("RGB", (20, 24), (255, 255, 255))) == 1.0)
+    assert torch.all(data.train_transform(16)(Image.new("RGB", (20, 24), (0, 0, 0))) == -1.0)
+    # eval is deterministic and keeps the centre; train crops keep >= 90 % of the area and vary
+    img = _photo(64, 48)
+    assert torch.equal(data.eval_transform(24)(img), data.eval_transform(24)(img))
+    tf = data.train_transform(24)
+    for _ in range(50):
+        x0, y0, x1, y1 = tf.crop_box(64, 48)
+        assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 48
+        assert (x1 - x0) * (y1 - y0) >= 0.9 * 64 * 48 * 0.97  # rounding of w, h
+    assert len({tf.crop_box(64, 48) for _ in range(20)}) > 1
+    # identity size: the eval transform of a size x size image is the image itself
+    arr = world_img = ShapesWorld(ShapesConfig(image_size=32)).sample("train", 0)["image"]
+    assert torch.equal(data.eval_transform(32)(Image.fromarray(world_img)), data.to_tensor(arr))
+
+
+# -- real-data loaders -------------------------------------------------------------------------------
+
+def _odd_folder(d):
+    """Good RGB images and one of every awkward kind: L, CMYK, P, RGBA, LA, 16-bit, broken, truncated."""
+    from PIL import Image
+    d.mkdir(parents=True, exist_ok=True)
+    _photo(20, 16).save(d / "rgb.png")
+    _photo(20, 16, "L").save(d / "gray.png")
+    _photo(20, 16, "CMYK").save(d / "cmyk.jpg")
+    _photo(20, 16).convert("P", palette=Image.ADAPTIVE).save(d / "palette.png")
+    rgba = np.zeros((16, 20, 4), np.uint8)  # fully transparent black -> must come out white
+    Image.fromarray(rgba, "RGBA").save(d / "rgba.png")
+    _photo(20, 16, "LA").save(d / "la.png")
+    Image.fromarray((np.arange(320, dtype=np.uint16).reshape(16, 20) * 200)).save(d / "deep16.png")
+    (d / "broken.jpg").write_bytes(b"this is not a jpeg at all" * 10)
+    _photo(64, 64).save(d / "full.jpg", quality=95)
+    full = (d / "full.jpg").read_bytes()
+    (d / "truncated.jpg").write_bytes(full[:len(full) // 2])  # header intact, scan data cut
+    (d / "notes.md").write_text("ignored: not an image extension")
+
+
+def test_image_folder_survives_broken_and_odd_images(tmp_path, capsys):
+    _odd_folder(tmp_path / "cats")
+    _photo(30, 30).save((tmp_path / "dogs").mkdir() or tmp_path / "dogs" / "d.png")
+    ds = data.ImageFolderDataset(str(tmp_path), transform=data.eval_transform(16))
+    assert "skipped 1 of" in capsys.readouterr().out  # broken.jpg fails the header check
+    assert ds.classes == ["cats", "dogs"] and ds.n_skipped == 1
+    items = [ds[i] for i in range(len(ds))]
+    assert "truncated.jpg" in capsys.readouterr().out and ds.n_failed == 1  # found at decode time
+    for it in items:
+        assert it["image"].shape == (3, 16, 16) and -1 <= it["image"].min() and it["image"].max() <= 1
+    by_name = {os.path.basename(ds.items[i][0]): items[i] for i in range(len(ds))}
+    assert torch.all(by_name["rgba.png"]["image"] == 1.0)  # transparent -> white, not black
+    assert by_name["d.png"]["label"] == 1 and by_name["d.png"]["caption"] == "dogs"
+    b = data.collate(items)
+    assert b["image"].shape == (len(ds), 3, 16, 16) and b["label"].dtype == torch.long
+    # verify=True decodes everything up front: the truncated file is skipped at construction
+    full = data.ImageFolderDataset(str(tmp_path), transform=data.eval_transform(16), verify=True)
+    assert full.n_skipped == 2 and len(full) == len(ds) - 1
+
+
+def test_empty_or_unusable_folders_are_errors(tmp_path):
+    with pytest.raises(ValueError, match="no usable images found in .*empty"):
+        data.ImageFolderDataset(str((tmp_path / "empty").mkdir() or tmp_path / "empty"))
+    bad = tmp_path / "bad" / "c"
+    bad.mkdir(parents=True)
+    (bad / "x.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(ValueError, match="bad"):
+        data.ImageFolderDataset(str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="not a directory"):
+        data.ImageFolderDataset(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="neither a directory nor a .jsonl"):
+        data.ImageCaptionDataset(str(tmp_path / "missing.txt"))
+
+
+def test_image_caption_folder_and_jsonl(tmp_path, capsys):
+    d = tmp_path / "pairs"
+    _odd_folder(d)
+    for name in ("rgb", "gray", "cmyk", "broken"):
+        (d / f"{name}.txt").write_text(f"  a photo called {name}\n")
+    ds = data.ImageCaptionDataset(str(d), transform=data.train_transform(8))
+    assert len(ds) == 3 and ds.n_skipped == 7  # broken + 6 images without a caption
+    assert "skipped 7 of 10" in capsys.readouterr().out
+    caps = sorted(ds[i]["caption"] for i in range(3))
+    assert caps == ["a photo called cmyk", "a photo called gray", "a photo called rgb"]
+    assert ds[0]["image"].shape == (3, 8, 8) and "label" not in ds[0]
+
+    jl = tmp_path / "pairs.jsonl"
+    recs = [{"image": "pairs/rgb.png", "caption": "one"}, {"image": "pairs/missing.png", "caption": "x"},
+            {"image": "pairs/rgba.png", "caption": "two"}]
+    jl.write_text("\n".join(json.dumps(r) for r in recs) + "\n\n")
+    ds = data.ImageCaptionDataset(str(jl), transform=data.eval_transform(8))
+    assert [ds[i]["caption"] for i in range(len(ds))] == ["one", "two"] and ds.n_skipped == 1
+    jl.write_text('{"image": "pairs/rgb.png", "text": "wrong key"}\n')
+    with pytest.raises(ValueError, match=r"pairs.jsonl:1 needs keys 'image' and 'caption'"):
+        data.ImageCaptionDataset(str(jl))
+    jl.write_text('{"image": "nothing.png", "caption": "gone"}\n')
+    with pytest.raises(ValueError, match="no usable images found in .*pairs.jsonl"):
+        data.ImageCaptionDataset(str(jl))
