@@ -1,0 +1,765 @@
+"""
+The unified DualToken MLLM (paper section 3.3; spec section 3): a decoder-only LLM (Qwen2 / Qwen2.5 /
+LLaMA compatible) that reads images as dual code stacks and writes them back through two depth heads.
+
+Input format (one interleaved sequence; `build_sequence` + `collate` produce it)
+    idx            (B, T) long  token ids; at image positions any id (build_sequence writes pad_id)
+    image_mask     (B, T) bool  True at image positions (one position per tokenizer grid cell)
+    pix_codes      (N, Dp) long pixel codes of the N = image_mask.sum() image positions, in the order
+                                of image_mask.nonzero(): row by row, left to right in each row
+    sem_codes      (N, Ds) long semantic codes, same order
+    attention_mask (B, T)       1 = real token, 0 = padding (left or right); RoPE positions are
+                                cumsum(attention_mask) - 1, so a left-padded row equals the unpadded one
+    gen_mask       (B, T) bool  image positions whose codes are trained (images being generated); default
+                                all image positions
+    targets        (B, T) long  text target of position t (normally idx[t+1]) or -1; `make_targets`
+                                masks image, padding and (optionally) prompt targets
+Images are delimited in the vocabulary: <im_start> ... <im_end> around an image the model reads,
+<image_gen_start> ... <image_gen_end> around an image it writes.
+
+Visual input: e_pix = sum over depths of the pixel codebook vectors of a position, e_sem likewise;
+[e_pix ; e_sem] -> Linear, GELU, Linear -> LLM width, written over the token embedding at that position.
+
+Visual output, next-token style: the hidden state at position t predicts the codes of image position
+t + 1 (so <image_gen_start> predicts the first image position, and the last image position predicts
+<image_gen_end> through the text head). Per head (pixel, semantic; they never see each other): a 2-layer
+MLP projects the hidden state to depth 1 of a small causal depth transformer; the input at depth d > 1 is
+the projected partial sum of the codebook vectors of depths < d (the residual quantizer's running
+reconstruction, as in RQ-Transformer), plus a learned depth embedding; one classifier per depth.
+Loss = w_text * text CE + w_pix * sum_d pixel CE_d + w_sem * sum_d semantic CE_d (weights 1 by default).
+
+The frozen tokenizer codebooks enter as tensors through `set_codebooks` (this file never imports the
+tokenizer); they are stored as buffers of shape (depth, K, d), a shared book repeated per depth.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SPECIAL_NAMES = ("pad", "bos", "eos", "im_start", "im_end", "image_gen_start", "image_gen_end")
+
+
+@dataclass
+class MLLMConfig:
+    SECTION = "mllm"  # configurator: `mllm_config = dict(...)` in a pipeline preset
+    # LLM trunk. The defaults are the shapes-world model: byte vocabulary 0..255 + the 7 special tokens
+    vocab_size: int = 263
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4
+    n_kv_head: int = 2
+    head_dim: Optional[int] = None  # None -> n_embd // n_head (LLaMA configs may say otherwise)
+    intermediate_size: int = 688
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # None or HF's llama3 dict (rope_type, factor, ...)
+    qkv_bias: bool = True  # Qwen2 always; LLaMA's attention_bias (which also sets o_bias)
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = True
+    max_seq_len: int = 2048
+    # special token ids (None = the vocabulary has no such token)
+    pad_id: Optional[int] = 256
+    bos_id: Optional[int] = 257
+    eos_id: Optional[int] = 258
+    im_start_id: Optional[int] = 259
+    im_end_id: Optional[int] = 260
+    image_gen_start_id: Optional[int] = 261
+    image_gen_end_id: Optional[int] = 262
+    # visual vocabularies: must match the tokenizer (set_codebooks checks)
+    pix_vocab: int = 512
+    pix_dim: int = 32
+    pix_depth: int = 4
+    sem_vocab: int = 512
+    sem_dim: int = 32
+    sem_depth: int = 4
+    # depth heads (paper: 3 layers each); None -> the LLM width / heads
+    head_n_layer: int = 3
+    head_n_embd: Optional[int] = None
+    head_n_head: Optional[int] = None
+    # loss weights (paper: unweighted sum)
+    text_loss_weight: float = 1.0
+    pix_loss_weight: float = 1.0
+    sem_loss_weight: float = 1.0
+
+
+def tiny_config(**kw):
+    """A model that builds in milliseconds: for tests."""
+    d = dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128, max_seq_len=256,
+             pix_vocab=32, pix_dim=8, pix_depth=3, sem_vocab=24, sem_dim=6, sem_depth=2,
+             head_n_layer=2, head_n_embd=32, head_n_head=2)
+    d.update(kw)
+    return MLLMConfig(**d)
+
+
+# Presets naming the released shapes (hub config.json of Qwen/Qwen2.5-*). Qwen2.5 has no bos token and
+# no image tokens: from_pretrained(new_tokens=...) appends them.
+_QWEN = dict(vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6, qkv_bias=True, tie_word_embeddings=True,
+             max_seq_len=32768, pad_id=None, bos_id=None, eos_id=151643, im_start_id=None, im_end_id=None,
+             image_gen_start_id=None, image_gen_end_id=None, pix_vocab=16384, sem_vocab=16384)
+PRESETS = {
+    "qwen2.5-0.5b": dict(_QWEN, n_layer=24, n_embd=896, n_head=14, n_kv_head=2, intermediate_size=4864),
+    "qwen2.5-3b": dict(_QWEN, n_layer=36, n_embd=2048, n_head=16, n_kv_head=2, intermediate_size=11008),
+}
+
+
+def preset_config(name, **kw):
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return MLLMConfig(**{**PRESETS[name], **kw})
+
+
+# ----------------------------------------------------------------------------------------------------
+# building blocks
+
+class RMSNorm(nn.Module):
+    """Normalised in fp32 and cast back before the weight, like the HF Qwen2 / LLaMA reference."""
+
+    def __init__(self, n, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        dt = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dt)
+
+
+def rope_inv_freq(cfg):
+    """Inverse RoPE frequencies; llama3 scaling divides the long wavelengths by `factor` and blends the
+    middle band (LLaMA 3.1's recipe; HF `_compute_llama3_parameters`)."""
+    hd = cfg.head_dim or cfg.n_embd // cfg.n_head
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    rs = cfg.rope_scaling
+    kind = None if rs is None else rs.get("rope_type", rs.get("type"))
+    if kind in (None, "default"):
+        return inv
+    if kind != "llama3":
+        raise ValueError(f"rope_scaling: unsupported rope type {kind!r} (supported: default, llama3)")
+    factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    out = torch.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    mid = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+    return torch.where(mid, (1 - smooth) * out / factor + smooth * out, out)
+
+
+def apply_rope(x, cos, sin):
+    """HF's half-split rotation (not interleaved pairs): the layout the released checkpoints expect."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys/values for all layers; `valid` remembers which slots are padding so that a
+    left-padded batch can keep decoding, `next_pos` is each row's next RoPE position."""
+
+    def __init__(self, n_layer, B, n_kv, max_len, hd, device, dtype):
+        self.k = torch.zeros(n_layer, B, n_kv, max_len, hd, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.valid = torch.zeros(B, max_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(B, dtype=torch.long, device=device)
+        self.len = 0
+
+    def update(self, layer, k, v):
+        L0, T = self.len, k.shape[2]
+        if L0 + T > self.k.shape[3]:
+            raise ValueError(f"KV cache full: {L0} + {T} > {self.k.shape[3]} slots")
+        self.k[layer, :, :, L0:L0 + T] = k
+        self.v[layer, :, :, L0:L0 + T] = v
+        return self.k[layer, :, :, :L0 + T], self.v[layer, :, :, :L0 + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, C, nh, nkv, hd, qkv_bias, o_bias):
+        super().__init__()
+        self.nh, self.nkv, self.hd = nh, nkv, hd
+        self.q_proj = nn.Linear(C, nh * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(C, nkv * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(C, nkv * hd, bias=qkv_bias)
+        self.o_proj = nn.Linear(nh * hd, C, bias=o_bias)
+
+    def forward(self, x, rope, mask, cache=None, layer=0):
+        """mask: "causal", None (attend to everything given) or a bool (B, 1, T, L) tensor."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nkv, L, hd)
+        causal = isinstance(mask, str)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
+                                           enable_gqa=self.nkv != self.nh)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, C, H, bias):
+        super().__init__()
+        self.gate_proj = nn.Linear(C, H, bias=bias)
+        self.up_proj = nn.Linear(C, H, bias=bias)
+        self.down_proj = nn.Linear(H, C, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, C, nh, nkv, hd, H, eps, qkv_bias=False, o_bias=False, mlp_bias=False):
+        super().__init__()
+        self.ln1 = RMSNorm(C, eps)
+        self.attn = Attention(C, nh, nkv, hd, qkv_bias, o_bias)
+        self.ln2 = RMSNorm(C, eps)
+        self.mlp = MLP(C, H, mlp_bias)
+
+    def forward(self, x, rope, mask, cache=None, layer=0):
+        x = x + self.attn(self.ln1(x), rope, mask, cache, layer)
+        return x + self.mlp(self.ln2(x))
+
+
+def mlp2(n_in, n_hidden, n_out):
+    """The paper's 2-layer projector (Linear, GELU, Linear)."""
+    return nn.Sequential(nn.Linear(n_in, n_hidden), nn.GELU(), nn.Linear(n_hidden, n_out))
+
+
+def code_vectors(book, codes):
+    """book (D, K, d), codes (N, D) -> the codebook vector of every depth (N, D, d)."""
+    return book[torch.arange(codes.shape[1], device=codes.device)[None], codes]
+
+
+class DepthHead(nn.Module):
+    """Causal transformer over the depth axis of one position (RQ-Transformer / VILA-U style)."""
+
+    def __init__(self, cfg, K, d, D):
+        super().__init__()
+        Ch = cfg.head_n_embd or cfg.n_embd
+        nh = cfg.head_n_head or cfg.n_head
+        if Ch % nh:
+            raise ValueError(f"head_n_embd {Ch} is not divisible by head_n_head {nh}")
+        self.proj = mlp2(cfg.n_embd, Ch, Ch)  # LLM hidden state -> depth 1
+        self.code_in = nn.Linear(d, Ch)  # partial sum of code vectors -> depth d > 1
+        self.pos = nn.Parameter(torch.randn(D, Ch) * 0.02)
+        self.blocks = nn.ModuleList(Block(Ch, nh, nh, Ch // nh, 4 * Ch, cfg.rms_norm_eps)
+                                    for _ in range(cfg.head_n_layer))
+        self.norm = RMSNorm(Ch, cfg.rms_norm_eps)
+        self.cls = nn.ModuleList(nn.Linear(Ch, K, bias=False) for _ in range(D))
+
+    def forward(self, h, cum, last_only=False):
+        """h (M, C) hidden states, cum (M, n, d) partial sums for depths 1..n -> logits of depths
+        1..n+1 (M, n+1, K), or only depth n+1 (M, K) when sampling."""
+        n = cum.shape[1]
+        x = torch.cat([self.proj(h)[:, None], self.code_in(cum)], 1) + self.pos[:n + 1]  # (M, n+1, Ch)
+        for blk in self.blocks:
+            x = blk(x, None, "causal" if n else None)
+        x = self.norm(x)
+        if last_only:
+            return self.cls[n](x[:, n])  # (M, K)
+        return torch.stack([self.cls[i](x[:, i]) for i in range(n + 1)], 1)  # (M, n+1, K)
+
+
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """(B, V) logits -> (B,) ids. temperature 0 = greedy; top_k / top_p as in VILA-U's sampler."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        srt, order = torch.sort(logits, descending=True)
+        p = F.softmax(srt, -1)
+        drop = p.cumsum(-1) - p > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# sequence helpers shared by training, sampling and evaluation
+
+def build_sequence(cfg, parts):
+    """parts: token-id lists and images ("und" | "gen", n_positions), in order -> (ids (T,), image_mask
+    (T,), gen_mask (T,)). Starts with bos when the vocabulary has one; images get their delimiters."""
+    ids = [cfg.bos_id] if cfg.bos_id is not None else []
+    img, gen = [False] * len(ids), [False] * len(ids)
+    for p in parts:
+        if isinstance(p, tuple):
+            kind, n = p
+            if kind not in ("und", "gen"):
+                raise ValueError(f"build_sequence: image kind must be 'und' or 'gen', got {kind!r}")
+            start, end = (cfg.im_start_id, cfg.im_end_id) if kind == "und" else \
+                (cfg.image_gen_start_id, cfg.image_gen_end_id)
+            if start is None or end is None:
+                raise ValueError(f"build_sequence: config has no {kind} image delimiter tokens")
+            pad = cfg.pad_id if cfg.pad_id is not None else 0
+            ids += [start] + [pad] * n + [end]
+            img += [False] + [True] * n + [False]
+            gen += [False] + [kind == "gen"] * n + [False]
+        else:
+            ids += list(p)
+            img += [False] * len(p)
+            gen += [False] * len(p)
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(img), torch.tensor(gen)
+
+
+def collate(cfg, seqs):
+    """List of build_sequence outputs -> dict(idx, image_mask, gen_mask, attention_mask), each (B, T),
+    LEFT-padded (what generation needs; training does not care, positions come from attention_mask)."""
+    T = max(s[0].numel() for s in seqs)
+    pad = cfg.pad_id if cfg.pad_id is not None else 0
+    out = dict(idx=torch.full((len(seqs), T), pad, dtype=torch.long),
+               image_mask=torch.zeros(len(seqs), T, dtype=torch.bool),
+               gen_mask=torch.zeros(len(seqs), T, dtype=torch.bool),
+               attention_mask=torch.zeros(len(seqs), T, dtype=torch.long))
+    for b, (ids, img, gen) in enumerate(seqs):
+        n = ids.numel()
+        out["idx"][b, T - n:] = ids
+        out["image_mask"][b, T - n:] = img
+        out["gen_mask"][b, T - n:] = gen
+        out["attention_mask"][b, T - n:] = 1
+    return out
+
+
+def make_targets(idx, image_mask=None, attention_mask=None, loss_mask=None):
+    """Next-token text targets (B, T): targets[:, t] = idx[:, t+1], or -1 where position t+1 is an image
+    position, padding, or outside loss_mask (e.g. the question in SFT), or where t itself is padding."""
+    keep = torch.ones_like(idx, dtype=torch.bool)
+    if image_mask is not None:
+        keep &= ~image_mask.bool()
+    if loss_mask is not None:
+        keep &= loss_mask.bool()
+    src = torch.ones_like(keep) if attention_mask is None else attention_mask.bool()
+    keep &= src
+    t = torch.full_like(idx, -1)
+    t[:, :-1] = torch.where(keep[:, 1:] & src[:, :-1], idx[:, 1:], -1)
+    return t
+
+
+# ----------------------------------------------------------------------------------------------------
+# the model
+
+class MLLM(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        C, hd = cfg.n_embd, cfg.head_dim or cfg.n_embd // cfg.n_head
+        if cfg.n_head % cfg.n_kv_head:
+            raise ValueError(f"n_head {cfg.n_head} is not a multiple of n_kv_head {cfg.n_kv_head}")
+        self.embed = nn.Embedding(cfg.vocab_size, C)
+        self.layers = nn.ModuleList(Block(C, cfg.n_head, cfg.n_kv_head, hd, cfg.intermediate_size,
+                                          cfg.rms_norm_eps, cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias)
+                                    for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(C, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(C, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        # visual side: frozen codebooks (set_codebooks), input projector, two depth heads
+        self.register_buffer("pix_book", torch.zeros(cfg.pix_depth, cfg.pix_vocab, cfg.pix_dim))
+        self.register_buffer("sem_book", torch.zeros(cfg.sem_depth, cfg.sem_vocab, cfg.sem_dim))
+        self.vis_in = mlp2(cfg.pix_dim + cfg.sem_dim, C, C)
+        self.pix_head = DepthHead(cfg, cfg.pix_vocab, cfg.pix_dim, cfg.pix_depth)
+        self.sem_head = DepthHead(cfg, cfg.sem_vocab, cfg.sem_dim, cfg.sem_depth)
+        self.apply(self._init_weights)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.loss_parts = {}
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def set_codebooks(self, pix_codebook, sem_codebook):
+        """(K, d) shared book, or (n_books, K, d) with n_books 1 (shared) or depth (one per depth)."""
+        cfg = self.config
+        for name, book, buf, K, d, D in (("pix_codebook", pix_codebook, self.pix_book, cfg.pix_vocab,
+                                          cfg.pix_dim, cfg.pix_depth),
+                                         ("sem_codebook", sem_codebook, self.sem_book, cfg.sem_vocab,
+                                          cfg.sem_dim, cfg.sem_depth)):
+            b = book.detach()[None] if book.dim() == 2 else book.detach()
+            if b.dim() != 3 or b.shape[0] not in (1, D) or tuple(b.shape[1:]) != (K, d):
+                raise ValueError(f"{name}: expected ({K}, {d}) or (1 or {D}, {K}, {d}), got "
+                                 f"{tuple(book.shape)}")
+            buf.copy_(b.expand(D, K, d))
+
+    # --- trunk -----------------------------------------------------------------------------------
+
+    def new_cache(self, B, max_len):
+        cfg, p = self.config, self.embed.weight
+        return KVCache(cfg.n_layer, B, cfg.n_kv_head, max_len, cfg.head_dim or cfg.n_embd // cfg.n_head,
+                       p.device, p.dtype)
+
+    def trunk(self, x, attention_mask=None, cache=None):
+        """Input embeddings x (B, T, C) -> final-norm hidden states (B, T, C). With a cache, x is appended
+        after the cached slots (prefill when the cache is empty, decode otherwise)."""
+        B, T, _ = x.shape
+        am = None if attention_mask is None else attention_mask.bool()
+        rel = torch.arange(T, device=x.device).expand(B, T) if am is None else (am.cumsum(1) - 1).clamp(min=0)
+        L0 = 0 if cache is None else cache.len
+        if cache is not None:
+            cache.valid[:, L0:L0 + T] = True if am is None else am
+            rel = rel + cache.next_pos[:, None]
+            cache.next_pos += T if am is None else am.sum(1)
+            valid = cache.valid[:, :L0 + T]
+        else:
+            valid = am
+        if valid is None or bool(valid.all()):
+            mask = None if T == 1 else ("causal" if L0 == 0 else self._mask(None, L0, T, x.device))
+        else:
+            mask = self._mask(valid, L0, T, x.device)
+        freqs = rel[..., None].float() * self.inv_freq  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), -1)[:, None]  # (B, 1, T, hd)
+        rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
+        for i, blk in enumerate(self.layers):
+            x = blk(x, rope, mask, cache, i)
+        if cache is not None:
+            cache.len += T
+        return self.norm(x)
+
+    @staticmethod
+    def _mask(valid, L0, T, device):
+        """(B or 1, 1, T, L) bool: causal over cache slots, padding keys hidden. Every query also sees
+        itself so that a padding query never has an all-masked row (NaN); its output is never used."""
+        q = L0 + torch.arange(T, device=device)[:, None]
+        k = torch.arange(L0 + T, device=device)[None]
+        m = (k <= q)[None] if valid is None else (k <= q)[None] & valid[:, None, :]  # (B, T, L)
+        return (m | (k == q)[None])[:, None]
+
+    # --- inputs ----------------------------------------------------------------------------------
+
+    def embed_images(self, pix_codes, sem_codes):
+        """(N, Dp), (N, Ds) codes -> (N, C) LLM inputs."""
+        e = torch.cat([code_vectors(self.pix_book, pix_codes).sum(1),
+                       code_vectors(self.sem_book, sem_codes).sum(1)], -1)  # (N, dp + ds)
+        return self.vis_in(e.to(self.embed.weight.dtype))
+
+    def embed_inputs(self, idx, image_mask=None, pix_codes=None, sem_codes=None):
+        cfg = self.config
+        if idx.dim() != 2:
+            raise ValueError(f"idx: expected (B, T), got {tuple(idx.shape)}")
+        if idx.numel() and (idx.min() < 0 or idx.max() >= cfg.vocab_size):
+            raise ValueError(f"idx: ids must lie in [0, {cfg.vocab_size}), got [{idx.min()}, {idx.max()}]")
+        x = self.embed(idx)  # (B, T, C)
+        if image_mask is None or not image_mask.any():
+            return x
+        if image_mask.shape != idx.shape:
+            raise ValueError(f"image_mask: expected {tuple(idx.shape)}, got {tuple(image_mask.shape)}")
+        N = int(image_mask.sum())
+        for name, c, D, K in (("pix_codes", pix_codes, cfg.pix_depth, cfg.pix_vocab),
+                              ("sem_codes", sem_codes, cfg.sem_depth, cfg.sem_vocab)):
+            if c is None or tuple(c.shape) != (N, D):
+                raise ValueError(f"{name}: expected ({N}, {D}) for {N} image positions, got "
+                                 f"{None if c is None else tuple(c.shape)}")
+            if c.min() < 0 or c.max() >= K:
+                raise ValueError(f"{name}: codes must lie in [0, {K}), got [{c.min()}, {c.max()}]")
+        x = x.clone()
+        x[image_mask.bool()] = self.embed_images(pix_codes, sem_codes)
+        return x
+
+    # --- training forward ------------------------------------------------------------------------
+
+    def forward(self, idx, targets=None, image_mask=None, pix_codes=None, sem_codes=None,
+                attention_mask=None, gen_mask=None):
+        """-> (logits (B, T, V), loss or None). The loss parts (detached) land in self.loss_parts."""
+        cfg = self.config
+        x = self.embed_inputs(idx, image_mask, pix_codes, sem_codes)
+        h = self.trunk(x, attention_mask)
+        logits = self.lm_head(h)  # (B, T, V)
+        if targets is None:
+            return logits, None
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets: expected {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        zero = h.new_zeros(())
+        text = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-1) \
+            if (targets != -1).any() else zero
+        pix = sem = zero
+        if image_mask is not None and image_mask.any():
+            img = image_mask.bool()
+            sel = img.clone() if gen_mask is None else img & gen_mask.bool()
+            if attention_mask is not None:
+                sel[:, 1:] &= attention_mask[:, :-1].bool()  # the predictor must be a real position
+            sel[:, 0] = False  # nothing predicts position 0
+            rows = (img.flatten().cumsum(0) - 1).view_as(img)[sel]  # code row of each target position
+            hs = h[:, :-1][sel[:, 1:]]  # (M, C): the state at t-1 predicts the codes at t
+            if hs.shape[0]:
+                pix = self._depth_loss(self.pix_head, self.pix_book, hs, pix_codes[rows])
+                sem = self._depth_loss(self.sem_head, self.sem_book, hs, sem_codes[rows])
+        loss = cfg.text_loss_weight * text + cfg.pix_loss_weight * pix + cfg.sem_loss_weight * sem
+        self.loss_parts = dict(text=text.detach(), pix=pix.detach(), sem=sem.detach())
+        return logits, loss
+
+    @staticmethod
+    def _depth_loss(head, book, hs, codes):
+        """Sum over depths of the mean CE of that depth."""
+        cum = code_vectors(book, codes).cumsum(1)[:, :-1].to(hs.dtype)  # (M, D-1, d)
+        logits = head(hs, cum)  # (M, D, K)
+        M, D, K = logits.shape
+        return F.cross_entropy(logits.float().reshape(M * D, K), codes.reshape(M * D)) * D
+
+    # --- generation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None):
+        """nanoGPT's text-only loop: (B, T) -> (B, T + max_new_tokens). use_cache=False recomputes the
+        whole sequence every step (the reference the KV cache is benchmarked against)."""
+        if not use_cache:
+            for _ in range(max_new_tokens):
+                logits, _ = self(idx[:, -self.config.max_seq_len:])
+                nxt = sample_logits(logits[:, -1], temperature, top_k, generator=generator)
+                idx = torch.cat([idx, nxt[:, None]], 1)
+            return idx
+        cache = self.new_cache(idx.shape[0], idx.shape[1] + max_new_tokens)
+        h = self.trunk(self.embed(idx), cache=cache)
+        for i in range(max_new_tokens):
+            nxt = sample_logits(self.lm_head(h[:, -1]), temperature, top_k, generator=generator)
+            idx = torch.cat([idx, nxt[:, None]], 1)
+            if i + 1 < max_new_tokens:
+                h = self.trunk(self.embed(nxt[:, None]), cache=cache)
+        return idx
+
+    @torch.no_grad()
+    def generate_text(self, prompt_ids, images=None, max_new_tokens=64, temperature=0.0, top_k=None,
+                      top_p=None, generator=None):
+        """Image + question -> answer. prompt_ids: list of B token lists (the question in the caller's
+        template); images: None or (pix (B, N, Dp), sem (B, N, Ds)) codes. Sequence per row:
+        [bos] [<im_start> image <im_end>] prompt. Returns B lists of new ids, each cut before eos."""
+        cfg = self.config
+        B = len(prompt_ids)
+        parts = [[list(p)] if images is None else [("und", images[0].shape[1]), list(p)] for p in prompt_ids]
+        batch = collate(cfg, [build_sequence(cfg, ps) for ps in parts])
+        pix = sem = None
+        if images is not None:
+            pix, sem = images
+            if pix.shape[0] != B or sem.shape[0] != B or pix.shape[1] != sem.shape[1]:
+                raise ValueError(f"images: expected pix (B={B}, N, Dp) and sem (B, N, Ds), got "
+                                 f"{tuple(pix.shape)} and {tuple(sem.shape)}")
+            pix, sem = pix.reshape(-1, pix.shape[-1]), sem.reshape(-1, sem.shape[-1])  # (B*N, D)
+        dev = self.embed.weight.device
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        cache = self.new_cache(B, batch["idx"].shape[1] + max_new_tokens)
+        x = self.embed_inputs(batch["idx"], batch["image_mask"], pix, sem)
+        h = self.trunk(x, batch["attention_mask"], cache)
+        out, done = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool, device=dev)
+        for i in range(max_new_tokens):
+            nxt = sample_logits(self.lm_head(h[:, -1]), temperature, top_k, top_p, generator)
+            for b in range(B):
+                if not done[b] and (cfg.eos_id is None or nxt[b].item() != cfg.eos_id):
+                    out[b].append(nxt[b].item())
+            if cfg.eos_id is not None:
+                done |= nxt == cfg.eos_id
+            if bool(done.all()) or i + 1 == max_new_tokens:
+                break
+            h = self.trunk(self.embed(nxt[:, None]), cache=cache)
+        return out
+
+    def _sample_depths(self, head, book, h, B, cfg_scale, temperature, top_k, top_p, generator):
+        """Sample all depths of one position. h (B or 2B, C); with CFG rows [cond; uncond] and the
+        guided logits u + s * (c - u) at every depth; the sampled code is written to both halves."""
+        D = book.shape[0]
+        codes = torch.zeros(h.shape[0], D, dtype=torch.long, device=h.device)
+        for d in range(D):
+            cum = code_vectors(book, codes[:, :d]).cumsum(1).to(h.dtype)  # (B', d, dim)
+            logits = head(h, cum, last_only=True).float()  # (B', K)
+            if cfg_scale is not None:
+                c, u = logits[:B], logits[B:]
+                logits = u + cfg_scale * (c - u)
+            s = sample_logits(logits, temperature, top_k, top_p, generator)
+            codes[:, d] = s.repeat(h.shape[0] // B)
+        return codes
+
+    @torch.no_grad()
+    def generate_image(self, prompt_ids, num_positions, cfg_scale=3.0, temperature=1.0, top_k=None,
+                       top_p=None, generator=None, use_cache=True):
+        """Caption -> (pix_codes (B, N, Dp), sem_codes (B, N, Ds)). prompt_ids: list of B caption token
+        lists; sequence per row: [bos] caption <image_gen_start>, then N positions. CFG doubles the batch
+        with the empty caption ([bos] <image_gen_start>); cfg_scale=None turns guidance (and the extra
+        half) off. Only the pixel codes go to the decoder; that is the caller's job."""
+        cfg, B = self.config, len(prompt_ids)
+        if cfg.image_gen_start_id is None:
+            raise ValueError("generate_image: config has no image_gen_start_id token")
+        caps = [list(p) for p in prompt_ids] + ([[]] * B if cfg_scale is not None else [])
+        batch = collate(cfg, [build_sequence(cfg, [c + [cfg.image_gen_start_id]]) for c in caps])
+        dev = self.embed.weight.device
+        am = batch["attention_mask"].to(dev)
+        x = self.embed(batch["idx"].to(dev))  # (B', T, C)
+        cache = self.new_cache(x.shape[0], x.shape[1] + num_positions) if use_cache else None
+        h = self.trunk(x, am, cache)[:, -1]
+        pix, sem = [], []
+        for n in range(num_positions):
+            p = self._sample_depths(self.pix_head, self.pix_book, h, B, cfg_scale, temperature, top_k, top_p,
+                                    generator)
+            s = self._sample_depths(self.sem_head, self.sem_book, h, B, cfg_scale, temperature, top_k, top_p,
+                                    generator)
+            pix.append(p[:B])
+            sem.append(s[:B])
+            if n + 1 == num_positions:
+                break
+            e = self.embed_images(p, s)[:, None]  # (B', 1, C)
+            if use_cache:
+                h = self.trunk(e, cache=cache)[:, -1]
+            else:
+                x = torch.cat([x, e], 1)
+                am = torch.cat([am, am.new_ones(am.shape[0], 1)], 1)
+                h = self.trunk(x, am)[:, -1]
+        return torch.stack(pix, 1), torch.stack(sem, 1)  # (B, N, Dp), (B, N, Ds)
+
+    # --- weights ---------------------------------------------------------------------------------
+
+    def grow_vocab(self, n):
+        """Append n rows (new special tokens) initialised to the mean of the old rows (VILA-U); the
+        output head grows the same way and a tie stays a tie."""
+        cfg, old = self.config, self.embed.weight.data
+        emb = nn.Embedding(cfg.vocab_size + n, cfg.n_embd, device=old.device, dtype=old.dtype)
+        emb.weight.data = torch.cat([old, old.mean(0, keepdim=True).expand(n, -1)])
+        head = nn.Linear(cfg.n_embd, cfg.vocab_size + n, bias=False, device=old.device, dtype=old.dtype)
+        if cfg.tie_word_embeddings:
+            head.weight = emb.weight
+        else:
+            w = self.lm_head.weight.data
+            head.weight.data = torch.cat([w, w.mean(0, keepdim=True).expand(n, -1)])
+        self.embed, self.lm_head = emb, head
+        cfg.vocab_size += n
+
+    @classmethod
+    def from_pretrained(cls, folder, new_tokens=(), dtype=torch.float32, **overrides):
+        """Load a HF Qwen2 / LLaMA folder (config.json + model.safetensors or a sharded index), strictly.
+        new_tokens: names appended to the vocabulary in order, e.g. ("<im_start>", "<im_end>",
+        "<image_gen_start>", "<image_gen_end>"); a name matching a config id field (im_start_id, ...)
+        sets it. overrides: MLLMConfig fields (the visual side). The visual modules are new, untrained."""
+        from safetensors.torch import load_file
+        path = os.path.join(folder, "config.json")
+        if not os.path.exists(path):
+            raise ValueError(f"from_pretrained: no config.json in {folder}")
+        with open(path) as f:
+            cfg = config_from_hf(json.load(f), **overrides)
+        model = cls(cfg).to(dtype)
+        index = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.exists(os.path.join(folder, "model.safetensors")):
+            files = ["model.safetensors"]
+        else:
+            raise ValueError(f"from_pretrained: neither model.safetensors nor its index in {folder}")
+        sd = {}
+        for fn in files:
+            sd.update(load_file(os.path.join(folder, fn)))
+        model.load_hf_state_dict(sd, where=folder)
+        for i, name in enumerate(new_tokens):
+            field = name.strip("<>|") + "_id"
+            if field in {f.name for f in fields(cfg)}:
+                setattr(cfg, field, cfg.vocab_size + i)
+        if new_tokens:
+            model.grow_vocab(len(new_tokens))
+        return model
+
+    def hf_name_table(self):
+        """HF checkpoint name -> our parameter name, for the LLM trunk only."""
+        cfg, t = self.config, {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}
+        if not cfg.tie_word_embeddings:
+            t["lm_head.weight"] = "lm_head.weight"
+        for i in range(cfg.n_layer):
+            hf, us = f"model.layers.{i}.", f"layers.{i}."
+            t[hf + "input_layernorm.weight"] = us + "ln1.weight"
+            t[hf + "post_attention_layernorm.weight"] = us + "ln2.weight"
+            for p, bias in (("q", cfg.qkv_bias), ("k", cfg.qkv_bias), ("v", cfg.qkv_bias), ("o", cfg.o_bias)):
+                for kind in ("weight", "bias") if bias else ("weight",):
+                    t[hf + f"self_attn.{p}_proj.{kind}"] = us + f"attn.{p}_proj.{kind}"
+            for p in ("gate", "up", "down"):
+                for kind in ("weight", "bias") if cfg.mlp_bias else ("weight",):
+                    t[hf + f"mlp.{p}_proj.{kind}"] = us + f"mlp.{p}_proj.{kind}"
+        return t
+
+    def load_hf_state_dict(self, sd, where="state_dict"):
+        table, ours = self.hf_name_table(), dict(self.named_parameters())
+        # documented ignore list: a tied head saved anyway, and old checkpoints' RoPE buffers
+        ignorable = lambda k: (k == "lm_head.weight" and self.config.tie_word_embeddings) or \
+            k.endswith("rotary_emb.inv_freq")
+        missing = [k for k in table if k not in sd]
+        unexpected = [k for k in sd if k not in table and not ignorable(k)]
+        if missing or unexpected:
+            raise ValueError(f"{where}: missing keys {missing}, unexpected keys {unexpected}")
+        bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(ours[v].shape)}" for k, v in table.items()
+               if sd[k].shape != ours[v].shape]
+        if bad:
+            raise ValueError(f"{where}: shape mismatch (checkpoint vs model): {bad}")
+        with torch.no_grad():
+            for k, v in table.items():
+                ours[v].copy_(sd[k])
+
+    def save(self, path):
+        """Our own checkpoint: one safetensors file with the config in its metadata (codebooks included)."""
+        from safetensors.torch import save_model
+        save_model(self, path, metadata={"mllm_config": json.dumps(asdict(self.config))})
+
+    @classmethod
+    def load(cls, path, device="cpu"):
+        from safetensors import safe_open
+        from safetensors.torch import load_model
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        if "mllm_config" not in meta:
+            raise ValueError(f"{path}: no mllm_config in the safetensors metadata (not saved by MLLM.save)")
+        model = cls(MLLMConfig(**json.loads(meta["mllm_config"])))
+        missing, unexpected = load_model(model, path, strict=True, device=device)
+        return model.to(device)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+
+_HF_DEFAULTS = {  # what transformers assumes when config.json omits a field
+    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+                  max_position_embeddings=32768, hidden_act="silu"),
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+                  max_position_embeddings=2048, hidden_act="silu", attention_bias=False, mlp_bias=False,
+                  bos_token_id=1, eos_token_id=2),
+}
+
+
+def config_from_hf(hf, **overrides):
+    """HF config.json dict -> MLLMConfig. Reads both the v4 (rope_theta + rope_scaling) and the v5
+    (rope_parameters) layouts. Special image tokens start as None (from_pretrained appends them)."""
+    mt = hf.get("model_type")
+    if mt not in _HF_DEFAULTS:
+        raise ValueError(f"config.json: model_type {mt!r} is not supported (qwen2, llama)")
+    c = {**_HF_DEFAULTS[mt], **{k: v for k, v in hf.items() if v is not None}}
+    if c["hidden_act"] != "silu":
+        raise ValueError(f"config.json: hidden_act {c['hidden_act']!r} is not supported (silu)")
+    if c.get("use_sliding_window"):
+        raise ValueError("config.json: use_sliding_window=true is not supported")
+    rope = dict(c.get("rope_parameters") or {})
+    if not rope:
+        rope = dict(c.get("rope_scaling") or {})
+        rope.setdefault("rope_theta", c["rope_theta"])
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise ValueError(f"config.json: rope type {kind!r} is not supported (default, llama3)")
+    eos = c.get("eos_token_id")
+    bias = True if mt == "qwen2" else c["attention_bias"]
+    kw = dict(vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_embd=c["hidden_size"],
+              n_head=c["num_attention_heads"], n_kv_head=c.get("num_key_value_heads") or c["num_attention_heads"],
+              head_dim=c.get("head_dim"), intermediate_size=c["intermediate_size"], rms_norm_eps=c["rms_norm_eps"],
+              rope_theta=float(rope.get("rope_theta", c["rope_theta"])),
+              rope_scaling=None if kind == "default" else {k: v for k, v in rope.items() if k != "rope_theta"},
+              qkv_bias=bias, o_bias=bias and mt == "llama", mlp_bias=c.get("mlp_bias", False),
+              tie_word_embeddings=c["tie_word_embeddings"], max_seq_len=c["max_position_embeddings"],
+              pad_id=c.get("pad_token_id"), bos_id=c.get("bos_token_id"),
+              eos_id=eos[0] if isinstance(eos, list) else eos,
+              im_start_id=None, im_end_id=None, image_gen_start_id=None, image_gen_end_id=None)
+    kw.update(overrides)
+    return MLLMConfig(**kw)

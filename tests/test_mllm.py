@@ -1,0 +1,403 @@
+"""Tests for mllm.py: HF parity (Qwen2, LLaMA incl. llama3 RoPE, tied / untied, sharded), strict loading,
+vocabulary growth, KV cache (prefill + step, token by token, left padding), depth heads, losses, CFG."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mllm
+from mllm import MLLM, build_sequence, collate, make_targets, tiny_config
+
+VIS = dict(pix_vocab=32, pix_dim=8, pix_depth=3, sem_vocab=24, sem_dim=6, sem_depth=2, head_n_layer=2,
+           head_n_embd=32, head_n_head=2)
+
+
+def tiny_model(**kw):
+    cfg = tiny_config(**kw)
+    m = MLLM(cfg).eval()
+    m.set_codebooks(torch.randn(cfg.pix_vocab, cfg.pix_dim), torch.randn(cfg.sem_depth, cfg.sem_vocab, cfg.sem_dim))
+    return m
+
+
+def random_codes(cfg, n):
+    return (torch.randint(0, cfg.pix_vocab, (n, cfg.pix_depth)), torch.randint(0, cfg.sem_vocab, (n, cfg.sem_depth)))
+
+
+# --- HF parity ---------------------------------------------------------------------------------------
+
+def hf_model(kind, tied, tmp_path, shard=None):
+    transformers = pytest.importorskip("transformers", reason="HF parity needs transformers")
+    common = dict(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=tied, max_position_embeddings=256, rms_norm_eps=1e-6)
+    if kind == "qwen2":
+        cfg = transformers.Qwen2Config(rope_parameters=dict(rope_type="default", rope_theta=1e6), **common)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    else:  # llama3 rope scaling with a short original context so all three frequency bands occur
+        rope = dict(rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=32)
+        cfg = transformers.LlamaConfig(rope_parameters=rope, attention_bias=not tied, **common)
+        model = transformers.LlamaForCausalLM(cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # HF init leaves norms at 1 and biases at 0: randomise so parity means something
+        for n, p in model.named_parameters():
+            p.copy_((1.0 if "norm" in n else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+    model.eval()
+    model.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+    return model
+
+
+@pytest.mark.parametrize("kind,tied,shard", [("qwen2", True, "40KB"), ("qwen2", False, None),
+                                             ("llama", False, "40KB"), ("llama", True, None)])
+def test_hf_parity_logits_and_greedy(kind, tied, shard, tmp_path):
+    ref = hf_model(kind, tied, tmp_path, shard)
+    if shard:
+        assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    ours = MLLM.from_pretrained(str(tmp_path), **VIS).eval()
+    assert (ours.lm_head.weight is ours.embed.weight) == tied
+    idx = torch.randint(0, 120, (2, 40))
+    with torch.no_grad():
+        a = ref(idx).logits
+        b, _ = ours(idx)
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    prompt = idx[:1, :10]
+    with torch.no_grad():
+        # explicit mask: HF would otherwise treat prompt tokens equal to pad_token_id as padding
+        g_ref = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    g_ours = ours.generate(prompt, 12, temperature=0)
+    assert torch.equal(g_ours, g_ref)
+
+
+def test_config_legacy_rope_layout_matches_v5():
+    new = dict(model_type="llama", hidden_size=64, num_attention_heads=4,
+               rope_parameters=dict(rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0,
+                                    high_freq_factor=4.0, original_max_position_embeddings=32))
+    old = dict(model_type="llama", hidden_size=64, num_attention_heads=4, rope_theta=5e5,
+               rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=32))
+    a, b = mllm.config_from_hf(new), mllm.config_from_hf(old)
+    assert a == b and a.rope_theta == 5e5 and a.rope_scaling["factor"] == 8.0
+    assert torch.equal(mllm.rope_inv_freq(a), mllm.rope_inv_freq(b))
+    assert not torch.equal(mllm.rope_inv_freq(a), mllm.rope_inv_freq(mllm.config_from_hf(dict(old, rope_scaling=None))))
+
+
+def test_unknown_rope_type_and_model_type_are_errors():
+    with pytest.raises(ValueError, match="yarn"):
+        mllm.config_from_hf(dict(model_type="llama", rope_scaling=dict(rope_type="yarn", factor=2.0)))
+    with pytest.raises(ValueError, match="model_type"):
+        mllm.config_from_hf(dict(model_type="gpt2"))
+    with pytest.raises(ValueError, match="dynamic"):
+        mllm.rope_inv_freq(tiny_config(rope_scaling=dict(rope_type="dynamic", factor=2.0)))
+
+
+def write_folder(path, cfg_json, sd):
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg_json, f)
+    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(path, "model.safetensors"))
+
+
+def test_strict_loading_names_the_bad_key(tmp_path):
+    cfg_json = dict(model_type="qwen2", vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = MLLM(mllm.config_from_hf(cfg_json, **VIS))
+    ours = dict(model.named_parameters())
+    sd = {hf: ours[us].detach().clone() for hf, us in model.hf_name_table().items()}
+    write_folder(tmp_path / "ok", cfg_json, sd)
+    MLLM.from_pretrained(str(tmp_path / "ok"), **VIS)
+    bad = dict(sd)
+    del bad["model.layers.0.self_attn.k_proj.bias"]
+    write_folder(tmp_path / "missing", cfg_json, bad)
+    with pytest.raises(ValueError, match="missing keys.*k_proj.bias"):
+        MLLM.from_pretrained(str(tmp_path / "missing"), **VIS)
+    write_folder(tmp_path / "extra", cfg_json, dict(sd, **{"model.layers.0.extra.weight": torch.zeros(2)}))
+    with pytest.raises(ValueError, match="unexpected keys.*extra.weight"):
+        MLLM.from_pretrained(str(tmp_path / "extra"), **VIS)
+    write_folder(tmp_path / "shape", cfg_json, dict(sd, **{"model.norm.weight": torch.ones(31)}))
+    with pytest.raises(ValueError, match=r"model.norm.weight \(31,\) vs \(32,\)"):
+        MLLM.from_pretrained(str(tmp_path / "shape"), **VIS)
+    with pytest.raises(ValueError, match="config.json"):
+        MLLM.from_pretrained(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_vocab_growth_mean_rows_and_tie(tied, tmp_path):
+    cfg_json = dict(model_type="qwen2", vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    model = MLLM(mllm.config_from_hf(cfg_json, **VIS))
+    ours = dict(model.named_parameters())
+    write_folder(tmp_path, cfg_json, {hf: ours[us].detach() for hf, us in model.hf_name_table().items()})
+    base = MLLM.from_pretrained(str(tmp_path), **VIS).eval()
+    names = ("<im_start>", "<im_end>", "<image_gen_start>", "<image_gen_end>")
+    grown = MLLM.from_pretrained(str(tmp_path), new_tokens=names, **VIS).eval()
+    c = grown.config
+    assert c.vocab_size == 54 and (c.im_start_id, c.im_end_id, c.image_gen_start_id, c.image_gen_end_id) == (50, 51, 52, 53)
+    assert (grown.lm_head.weight is grown.embed.weight) == tied
+    mean = base.embed.weight.mean(0)
+    torch.testing.assert_close(grown.embed.weight[50:], mean.expand(4, -1))
+    torch.testing.assert_close(grown.lm_head.weight[50:], base.lm_head.weight.mean(0).expand(4, -1))
+    idx = torch.randint(0, 50, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(grown(idx)[0][..., :50], base(idx)[0])
+
+
+# --- KV cache ----------------------------------------------------------------------------------------
+
+def test_kv_cache_prefill_step_and_token_by_token_match_full():
+    m = tiny_model()
+    idx = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        full = m.trunk(m.embed(idx))
+        cache = m.new_cache(2, 20)
+        pre = m.trunk(m.embed(idx[:, :19]), cache=cache)
+        step = m.trunk(m.embed(idx[:, 19:]), cache=cache)
+        torch.testing.assert_close(torch.cat([pre, step], 1), full, atol=1e-5, rtol=1e-5)
+        cache = m.new_cache(2, 20)
+        one = torch.cat([m.trunk(m.embed(idx[:, t:t + 1]), cache=cache) for t in range(20)], 1)
+        torch.testing.assert_close(one, full, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_batch_matches_rows_one_by_one():
+    m = tiny_model()
+    rows = [torch.randint(0, 256, (n,)) for n in (5, 12, 9)]
+    batch = collate(m.config, [(r, torch.zeros(len(r), dtype=torch.bool), torch.zeros(len(r), dtype=torch.bool))
+                               for r in rows])
+    with torch.no_grad():
+        cache = m.new_cache(3, 12 + 4)
+        h = m.trunk(m.embed(batch["idx"]), batch["attention_mask"], cache)
+        nxt = torch.randint(0, 256, (3, 4))
+        steps = [m.trunk(m.embed(nxt[:, i:i + 1]), cache=cache) for i in range(4)]
+        full_pad = m.trunk(m.embed(batch["idx"]), batch["attention_mask"])  # no cache, same padding
+        for b, r in enumerate(rows):
+            ref = m.trunk(m.embed(torch.cat([r, nxt[b]])[None]))[0]  # (n + 4, C)
+            n = len(r)
+            torch.testing.assert_close(h[b, 12 - n:], ref[:n], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(full_pad[b, 12 - n:], ref[:n], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(torch.cat(steps, 1)[b], ref[n:], atol=1e-5, rtol=1e-5)
+        assert torch.isfinite(h).all()
+
+
+def test_generate_cache_equals_no_cache_and_generate_text_matches():
+    m = tiny_model(eos_id=None)
+    idx = torch.randint(0, 256, (2, 7))
+    a = m.generate(idx, 10, temperature=0)
+    b = m.generate(idx, 10, temperature=0, use_cache=False)
+    assert torch.equal(a, b)
+    prompt = idx[0].tolist()
+    out = m.generate_text([prompt], max_new_tokens=10)[0]
+    ref = m.generate(build_sequence(m.config, [prompt])[0][None], 10, temperature=0)[0, -10:].tolist()
+    assert out == ref
+
+
+class EosAfter(torch.nn.Module):
+    """Wraps the output head: row b gets an overwhelming eos logit from call stops[b] on."""
+
+    def __init__(self, head, eos, stops):
+        super().__init__()
+        self.head, self.eos, self.stops, self.calls = head, eos, stops, 0
+
+    def forward(self, h):
+        logits = self.head(h).clone()
+        self.calls += 1
+        for b, s in enumerate(self.stops):
+            if self.calls >= s:
+                logits[b, self.eos] = 1e4
+        return logits
+
+
+def test_generate_text_stops_at_eos():
+    m = tiny_model()
+    m.lm_head = EosAfter(m.lm_head, m.config.eos_id, [3, 5])
+    out = m.generate_text([[65, 66], [67]], images=random_codes_b(m.config, 2, 4), max_new_tokens=8)
+    assert [len(o) for o in out] == [2, 4] and m.config.eos_id not in out[0] + out[1]
+    assert m.lm_head.calls == 5  # stopped once every row had its eos
+
+
+def random_codes_b(cfg, B, N):
+    p, s = random_codes(cfg, B * N)
+    return p.view(B, N, -1), s.view(B, N, -1)
+
+
+# --- visual in / out ---------------------------------------------------------------------------------
+
+def test_set_codebooks_shapes_and_image_embedding():
+    m = tiny_model()
+    cfg = m.config
+    book = torch.randn(cfg.pix_vocab, cfg.pix_dim)
+    for b in (book, book[None]):
+        m.set_codebooks(b, torch.randn(1, cfg.sem_vocab, cfg.sem_dim))
+        assert torch.equal(m.pix_book[2], book)
+    per = torch.randn(cfg.sem_depth, cfg.sem_vocab, cfg.sem_dim)
+    m.set_codebooks(book, per)
+    pix, sem = random_codes(cfg, 5)
+    e = torch.cat([book[pix].sum(1), per[torch.arange(cfg.sem_depth), sem].sum(1)], -1)
+    torch.testing.assert_close(m.embed_images(pix, sem), m.vis_in(e))
+    with pytest.raises(ValueError, match="pix_codebook"):
+        m.set_codebooks(torch.randn(cfg.pix_vocab, cfg.pix_dim + 1), per)
+    with pytest.raises(ValueError, match="sem_codebook"):
+        m.set_codebooks(book, torch.randn(cfg.sem_depth + 1, cfg.sem_vocab, cfg.sem_dim))
+    assert not any(p is m.pix_book for p in m.parameters())
+
+
+def test_bad_visual_inputs_are_named():
+    m = tiny_model()
+    s = collate(m.config, [build_sequence(m.config, [[1, 2], ("gen", 3)])])
+    pix, sem = random_codes(m.config, 2)
+    with pytest.raises(ValueError, match=r"pix_codes: expected \(3, 3\)"):
+        m(s["idx"], image_mask=s["image_mask"], pix_codes=pix, sem_codes=sem)
+    pix, sem = random_codes(m.config, 3)
+    with pytest.raises(ValueError, match="sem_codes: codes must lie"):
+        m(s["idx"], image_mask=s["image_mask"], pix_codes=pix, sem_codes=sem + 100)
+    with pytest.raises(ValueError, match="image_mask"):
+        m(s["idx"], image_mask=s["image_mask"][:, 1:], pix_codes=pix, sem_codes=sem)
+
+
+def test_depth_heads_only_see_earlier_depths():
+    m = tiny_model()
+    h = torch.randn(4, m.config.n_embd)
+    for head, book in ((m.pix_head, m.pix_book), (m.sem_head, m.sem_book)):
+        D, K = book.shape[0], book.shape[1]
+        codes = torch.randint(0, K, (4, D))
+        cum = mllm.code_vectors(book, codes).cumsum(1)[:, :-1]
+        base = head(h, cum)  # (4, D, K)
+        for d in range(D):  # change the code at depth d: logits at depths <= d (which predict 0..d) unchanged
+            c2 = codes.clone()
+            c2[:, d] = (c2[:, d] + 1) % K
+            out = head(h, mllm.code_vectors(book, c2).cumsum(1)[:, :-1])
+            torch.testing.assert_close(out[:, :d + 1], base[:, :d + 1])
+            if d + 1 < D:
+                assert not torch.allclose(out[:, d + 1:], base[:, d + 1:])
+        for d in range(D):  # sampling path (last_only) equals the training path
+            torch.testing.assert_close(head(h, cum[:, :d], last_only=True), base[:, d], atol=1e-5, rtol=1e-5)
+
+
+def training_batch(m):
+    cfg = m.config
+    seqs = [build_sequence(cfg, [[65, 66, 67], ("gen", 4), [cfg.eos_id]]),
+            build_sequence(cfg, [("und", 3), [70, 71], [cfg.eos_id]])]
+    b = collate(cfg, seqs)
+    pix, sem = random_codes(cfg, int(b["image_mask"].sum()))
+    return b, pix, sem
+
+
+def test_text_loss_ignores_image_and_padding_positions():
+    m = tiny_model()
+    b, pix, sem = training_batch(m)
+    t = make_targets(b["idx"], b["image_mask"], b["attention_mask"])
+    T = b["idx"].shape[1]
+    for r in range(2):
+        for i in range(T - 1):
+            expect_kept = not b["image_mask"][r, i + 1] and b["attention_mask"][r, i] and b["attention_mask"][r, i + 1]
+            assert (t[r, i] != -1) == bool(expect_kept)
+            if expect_kept:
+                assert t[r, i] == b["idx"][r, i + 1]
+    assert (t[:, -1] == -1).all()
+    logits, loss = m(b["idx"], t, b["image_mask"], pix, sem, b["attention_mask"], b["gen_mask"])
+    keep = t != -1
+    torch.testing.assert_close(m.loss_parts["text"], F.cross_entropy(logits[keep], t[keep]))
+    # the placeholder ids under image and padding positions never matter
+    idx2 = b["idx"].clone()
+    idx2[b["image_mask"] | (b["attention_mask"] == 0)] = 3
+    _, loss2 = m(idx2, t, b["image_mask"], pix, sem, b["attention_mask"], b["gen_mask"])
+    torch.testing.assert_close(loss2, loss)
+
+
+def test_visual_loss_covers_all_depths_of_both_heads():
+    m = tiny_model()
+    b, pix, sem = training_batch(m)
+    t = make_targets(b["idx"], b["image_mask"], b["attention_mask"])
+    _, loss = m(b["idx"], t, b["image_mask"], pix, sem, b["attention_mask"], b["gen_mask"])
+    parts = m.loss_parts
+    torch.testing.assert_close(loss, parts["text"] + parts["pix"] + parts["sem"])
+    loss.backward()
+    for head in (m.pix_head, m.sem_head):
+        for cls in head.cls:
+            assert cls.weight.grad is not None and cls.weight.grad.abs().sum() > 0
+    # by hand: only the generation image (row 0) is trained, predicted from the previous position
+    with torch.no_grad():
+        h = m.trunk(m.embed_inputs(b["idx"], b["image_mask"], pix, sem), b["attention_mask"])
+        pos = b["gen_mask"][0].nonzero().squeeze(1)
+        hs = h[0, pos - 1]
+        rows = torch.arange(len(pos))  # row 0's image comes first in image_mask order
+        for head, book, codes, key in ((m.pix_head, m.pix_book, pix, "pix"), (m.sem_head, m.sem_book, sem, "sem")):
+            c = codes[rows]
+            lg = head(hs, mllm.code_vectors(book, c).cumsum(1)[:, :-1])
+            ref = sum(F.cross_entropy(lg[:, d], c[:, d]) for d in range(c.shape[1]))
+            torch.testing.assert_close(parts[key], ref)
+
+
+def test_loss_weights_are_config_keys():
+    m = tiny_model(pix_loss_weight=0.0, sem_loss_weight=2.0)
+    b, pix, sem = training_batch(m)
+    t = make_targets(b["idx"], b["image_mask"], b["attention_mask"])
+    _, loss = m(b["idx"], t, b["image_mask"], pix, sem, b["attention_mask"], b["gen_mask"])
+    torch.testing.assert_close(loss, m.loss_parts["text"] + 2.0 * m.loss_parts["sem"])
+
+
+# --- image generation --------------------------------------------------------------------------------
+
+def test_cfg_scale_one_equals_unguided_and_cache_equals_no_cache():
+    m = tiny_model()
+    caps = [[65, 66, 67], [70]]
+    run = lambda **kw: m.generate_image(caps, 5, generator=torch.Generator().manual_seed(3), top_k=20, **kw)
+    p1, s1 = run(cfg_scale=1.0)
+    p0, s0 = run(cfg_scale=None)
+    assert p1.shape == (2, 5, m.config.pix_depth) and s1.shape == (2, 5, m.config.sem_depth)
+    assert torch.equal(p1, p0) and torch.equal(s1, s0)
+    p3, s3 = run(cfg_scale=3.0)
+    p3n, s3n = run(cfg_scale=3.0, use_cache=False)
+    assert torch.equal(p3, p3n) and torch.equal(s3, s3n)
+    assert not torch.equal(p3, p1)  # guidance changes the samples
+
+
+def test_cfg_guidance_formula_and_codes_written_to_both_halves():
+    m = tiny_model()
+    h = torch.randn(4, m.config.n_embd)  # rows [cond0, cond1, uncond0, uncond1]
+    seen = []
+    orig = mllm.sample_logits
+    mllm.sample_logits = lambda lg, *a: seen.append(lg) or orig(lg, *a)
+    try:
+        codes = m._sample_depths(m.pix_head, m.pix_book, h, 2, 3.0, 0.0, None, None, None)
+    finally:
+        mllm.sample_logits = orig
+    assert torch.equal(codes[:2], codes[2:])
+    c = m.pix_head(h[:2], torch.zeros(2, 0, m.config.pix_dim), last_only=True)
+    u = m.pix_head(h[2:], torch.zeros(2, 0, m.config.pix_dim), last_only=True)
+    torch.testing.assert_close(seen[0], u + 3.0 * (c - u))
+
+
+def test_sample_logits_top_k_top_p_and_greedy():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).log_softmax(-1)
+    assert sample_ids(logits, top_k=1).unique().tolist() == [3]
+    assert set(sample_ids(logits, top_k=2).unique().tolist()) == {2, 3}
+    p = logits.exp()[0]  # top_p just below the mass of the two largest keeps exactly those two
+    assert set(sample_ids(logits, top_p=float(p[3] + p[2]) - 1e-3).unique().tolist()) == {2, 3}
+    assert mllm.sample_logits(logits, temperature=0).item() == 3
+
+
+def sample_ids(logits, **kw):
+    g = torch.Generator().manual_seed(0)
+    return torch.stack([mllm.sample_logits(logits, generator=g, **kw) for _ in range(200)])
+
+
+def test_save_load_roundtrip(tmp_path):
+    m = tiny_model()
+    path = str(tmp_path / "m.safetensors")
+    m.save(path)
+    m2 = MLLM.load(path).eval()
+    assert m2.config == m.config and m2.lm_head.weight is m2.embed.weight
+    assert torch.equal(m2.pix_book, m.pix_book)
+    idx = torch.randint(0, 256, (1, 8))
+    torch.testing.assert_close(m2(idx)[0], m(idx)[0])
+
+
+def test_presets_name_released_shapes():
+    c = mllm.preset_config("qwen2.5-3b")
+    assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.intermediate_size) == (36, 2048, 16, 2, 11008)
+    c = mllm.preset_config("qwen2.5-0.5b")
+    assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.intermediate_size) == (24, 896, 14, 2, 4864)
+    with pytest.raises(ValueError, match="unknown preset"):
+        mllm.preset_config("gpt-5")
