@@ -74,6 +74,70 @@ def table(rows, header):
         print(line(r))
 
 
+# ------------------------------------------------------------------------------------------- siglip
+
+def bench_siglip(argv):
+    """Forward of siglip.SigLIPVision vs transformers' SiglipVisionModel (same weights, SDPA attention
+    in both, eval, no grad) at a So400m-like width: time and peak memory side by side."""
+    import dataclasses
+
+    import configurator
+    from siglip import SigLIP, SigLIPConfig, SigLIPVisionConfig
+
+    @dataclasses.dataclass
+    class SigLIPBench:
+        width: int = 1152  # So400m: 27 blocks of width 1152, 16 heads, MLP 4304
+        heads: int = 16
+        mlp: int = 4304
+        blocks: int = 3  # a few blocks keep it under ~2 min on a shared 2-core CPU
+        image_size: int = 224
+        patch_size: int = 14
+        batch: int = 1
+        warmup: int = 1
+        iters: int = 3
+        device: str = ""
+
+    cfg = configurator.parse_config(SigLIPBench(), argv)
+    dev = cfg.device or default_device()
+    try:
+        import transformers
+    except ImportError:
+        sys.exit("bench siglip compares against transformers: pip install -r requirements-dev.txt")
+    vc = SigLIPVisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.width,
+                            intermediate_size=cfg.mlp, num_hidden_layers=cfg.blocks,
+                            num_attention_heads=cfg.heads)
+    hf = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**dataclasses.asdict(vc)),
+                                        ).to(dev).eval()
+    ours = SigLIP(SigLIPConfig(vision=vc, text=None))
+    ours.load_hf_state_dict(hf.state_dict())  # same weights; checks the name table at this size too
+    ours = ours.vision.to(dev).eval()
+    x = torch.rand(cfg.batch, 3, cfg.image_size, cfg.image_size, device=dev) * 2 - 1
+
+    def run_ours():
+        with torch.no_grad():
+            return ours(x)["pooler_output"]
+
+    def run_hf():
+        with torch.no_grad():
+            return hf(pixel_values=x).pooler_output
+
+    diff = (run_ours() - run_hf()).abs().max().item()
+    grid = cfg.image_size // cfg.patch_size
+    print(f"device {dev}, torch {torch.__version__}, transformers {transformers.__version__} "
+          f"(attn_implementation={hf.config._attn_implementation}), threads {torch.get_num_threads()}")
+    print(f"vision tower: width {cfg.width}, {cfg.heads} heads, MLP {cfg.mlp}, {cfg.blocks} blocks, "
+          f"{cfg.image_size} px / {cfg.patch_size} -> {grid}x{grid} tokens, batch {cfg.batch}, fp32; "
+          f"max |pooled diff| {diff:.2e}")
+    rows = []
+    for name, fn in (("nano siglip.py", run_ours), ("transformers", run_hf)):
+        t = timeit(fn, dev, cfg.warmup, cfg.iters)
+        m = peak_memory(fn, dev)
+        rows.append([name, t, m])
+    t0, m0 = rows[0][1], rows[0][2]
+    table([[n, f"{t * 1e3:.0f}", f"{t / t0:.2f}x", f"{m / 2**20:.0f}", f"{m / max(m0, 1):.2f}x"]
+           for n, t, m in rows], ["implementation", "forward ms", "time vs ours", "peak MiB", "mem vs ours"])
+
+
 if __name__ == "__main__":
     names = sorted(k[len("bench_"):] for k in globals() if k.startswith("bench_"))
     if len(sys.argv) < 2 or sys.argv[1] not in names:
