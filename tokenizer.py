@@ -13,7 +13,6 @@ Run `python tokenizer.py convert CKPT OUT_DIR` to turn the released `.pt` into o
 """
 import dataclasses
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -157,21 +156,22 @@ def config_to_dict(cfg):
     return {"format": "nano-dualtoken", "dualtoken": d, "siglip": cfg.siglip.to_hf()}
 
 
+def _dataclass(klass, d, where, tuples=()):
+    valid = {f.name for f in dataclasses.fields(klass)}
+    if set(d) - valid:
+        raise ValueError(f"unknown key(s) {sorted(set(d) - valid)} in {where}; valid: {sorted(valid)}")
+    return klass(**{k: tuple(v) if k in tuples and v is not None else v for k, v in d.items()})
+
+
 def config_from_dict(d):
+    """Inverse of config_to_dict (our config.json)."""
     if d.get("format") != "nano-dualtoken":
         raise ValueError(f"not a nano-dualtoken config (format={d.get('format')!r})")
-    t = dict(d["dualtoken"])
-    valid = {f.name for f in dataclasses.fields(DualTokenConfig)} - {"siglip"}
-    if set(t) - valid:
-        raise ValueError(f"unknown key(s) {sorted(set(t) - valid)} in config.json dualtoken; valid: {sorted(valid)}")
-    t["vq_pix"] = QuantizerConfig(**t["vq_pix"])
-    t["vq_sem"] = QuantizerConfig(**t["vq_sem"])
-    dec = dict(t["decoder"])
-    dec["ch_mult"], dec["attn_resolutions"] = tuple(dec["ch_mult"]), tuple(dec["attn_resolutions"])
-    t["decoder"] = DecoderConfig(**dec)
-    if t.get("decoder_latent_shape") is not None:
-        t["decoder_latent_shape"] = tuple(t["decoder_latent_shape"])
-    return DualTokenConfig(siglip=SigLIPConfig.from_hf(d["siglip"], where="config.json siglip"), **t)
+    t = dict(d["dualtoken"], siglip=SigLIPConfig.from_hf(d["siglip"], where="config.json siglip"))
+    t["vq_pix"] = _dataclass(QuantizerConfig, t["vq_pix"], "config.json vq_pix")
+    t["vq_sem"] = _dataclass(QuantizerConfig, t["vq_sem"], "config.json vq_sem")
+    t["decoder"] = _dataclass(DecoderConfig, t["decoder"], "config.json decoder", ("ch_mult", "attn_resolutions"))
+    return _dataclass(DualTokenConfig, t, "config.json dualtoken", ("decoder_latent_shape",))
 
 # -----------------------------------------------------------------------------
 # projections between the SigLIP width and the code width
