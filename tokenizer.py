@@ -600,6 +600,9 @@ class DualToken(nn.Module):
             raise ValueError(f"DualToken weights do not match the model: missing {missing}, "
                              f"unexpected {unexpected}, wrong shape {bad}")
         self.load_state_dict(sd, strict=True, assign=True)
+        left = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
+        if left:  # a non-persistent buffer would stay on meta: it must be rebuilt, not loaded
+            raise ValueError(f"tensors not materialised by the checkpoint: {left}")
 
     def save_pretrained(self, folder):
         """config.json (our layout) + model.safetensors (our names; a shared codebook is one (1, K, c) tensor)."""
@@ -620,6 +623,15 @@ class DualToken(nn.Module):
         model = cls(default_config(teacher.config, **overrides))
         model.siglip.load_state_dict(teacher.state_dict())
         return model, teacher
+
+
+@torch.no_grad()
+def teacher_features(teacher, images, layer_sem):
+    """Distillation targets of spec section 2 from the frozen original SigLIP: (T_sem (B, N, D) = output
+    of block layer_sem, T_pool (B, D) = its pooled embedding after all blocks)."""
+    vis = teacher.vision
+    h = vis.run_blocks(vis.embed(images), 0, layer_sem)
+    return h, vis.pool(vis.run_blocks(h, layer_sem, None))
 
 
 def _resolve(path):

@@ -206,6 +206,11 @@ def test_from_siglip():
                                                                  resolution=32),
                                          decoder_latent_shape=(16, 16))
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    t_sem, t_pool = T.teacher_features(teacher, x, 5)
+    o = m.eval()(x)
+    torch.testing.assert_close(t_sem, o.h_sem)  # same weights: block-5 features agree before training
+    torch.testing.assert_close(t_pool, teacher.encode_image(x))
     assert not any("teacher" in k for k in m.state_dict())
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, m.siglip.state_dict()[k]), k
