@@ -479,6 +479,8 @@ def zero_shot_classifier(model, tokenizer, classnames, templates, batch_size=256
     """Class names x prompt templates ("a photo of a {}.") -> classifier (D, n_classes): per class the
     mean of the normalised text embeddings of all its prompts, renormalised (CLIP's prompt ensembling).
     `tokenizer(texts, max_len) -> (B, max_len)` is any tokenizer from text.py."""
+    if model.text is None:
+        raise ValueError("zero_shot_classifier: the model is vision-only (no text tower)")
     if not classnames or not templates:
         raise ValueError(f"zero_shot_classifier: need classnames and templates, got {len(classnames)} and {len(templates)}")
     T = model.config.text.max_position_embeddings

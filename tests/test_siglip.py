@@ -37,6 +37,13 @@ def _roundtrip_through_hf(hf, tmp_path):
     return siglip.SigLIP.from_pretrained(str(tmp_path)).eval()
 
 
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    """(transformers model, ours loaded from its save_pretrained folder), shared by several tests."""
+    hf = _hf_model(siglip.tiny_config())
+    return hf, _roundtrip_through_hf(hf, tmp_path_factory.mktemp("tiny"))
+
+
 def _wide_text_config():
     """Text width (96) differs from vision width (64) and has its own projection to 64."""
     cfg = siglip.tiny_config()
@@ -74,9 +81,8 @@ def test_parity_with_transformers(make_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("size", [48, 44, 24])  # 6x6 grid, 5x5 with 4 px dropped (valid padding), 3x3
-def test_position_interpolation_matches_transformers(size, tmp_path):
-    hf = _hf_model(siglip.tiny_config())
-    ours = _roundtrip_through_hf(hf, tmp_path)
+def test_position_interpolation_matches_transformers(size, tiny_pair):
+    hf, ours = tiny_pair
     x = torch.rand(2, 3, size, size) * 2 - 1
     with torch.no_grad():
         ref = hf.vision_model(pixel_values=x, interpolate_pos_encoding=True)
@@ -87,10 +93,9 @@ def test_position_interpolation_matches_transformers(size, tmp_path):
     torch.testing.assert_close(out["pooler_output"], ref.pooler_output, atol=ATOL, rtol=0)
 
 
-def test_sigmoid_loss_matches_transformers(tmp_path):
+def test_sigmoid_loss_matches_transformers(tiny_pair):
     cfg = siglip.tiny_config()
-    hf = _hf_model(cfg)
-    ours = _roundtrip_through_hf(hf, tmp_path)
+    hf, ours = tiny_pair
     x = torch.rand(4, 3, 32, 32) * 2 - 1
     ids = torch.randint(0, cfg.text.vocab_size, (4, 16))
     with torch.no_grad():
@@ -201,6 +206,10 @@ def test_vision_only_checkpoint(tmp_path):
         torch.testing.assert_close(ours.encode_image(x), hf(pixel_values=x).pooler_output, atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="vision-only"):
         ours.encode_text(torch.zeros(1, 4, dtype=torch.long))
+    ours.save_pretrained(str(tmp_path / "ours"))  # our vision-only layout loads back into transformers
+    again = type(hf).from_pretrained(str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(pixel_values=x).pooler_output, hf(pixel_values=x).pooler_output)
     # a full SiglipModel folder whose safetensors hold no text weights also loads vision-only
     full = siglip.SigLIP(siglip.tiny_config())
     full.save_pretrained(str(tmp_path / "full"))
@@ -210,8 +219,8 @@ def test_vision_only_checkpoint(tmp_path):
     assert siglip.SigLIP.from_pretrained(str(tmp_path / "full")).text is None
 
 
-def test_sharded_checkpoint(tmp_path):
-    hf = _hf_model(siglip.tiny_config())
+def test_sharded_checkpoint(tmp_path, tiny_pair):
+    hf = tiny_pair[0]
     hf.save_pretrained(tmp_path, max_shard_size="100KB")
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
     ours = siglip.SigLIP.from_pretrained(str(tmp_path)).eval()
