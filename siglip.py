@@ -348,7 +348,8 @@ class SigLIP(nn.Module):
         """SigLIP pairwise sigmoid loss: every (image, text) pair is a binary problem, positives on the
         diagonal; summed over pairs and divided by the number of images (big_vision's normalisation)."""
         if logits.dim() != 2 or logits.shape[0] != logits.shape[1]:
-            raise ValueError(f"logits: expected square (B, B) with positives on the diagonal, got {tuple(logits.shape)}")
+            raise ValueError(f"logits: expected square (B, B) with positives on the diagonal, "
+                             f"got {tuple(logits.shape)}")
         labels = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1  # +1 diag, -1 off
         return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
 
@@ -358,14 +359,15 @@ class SigLIP(nn.Module):
         """[(our parameter name, [HF names])]: several HF names are concatenated on dim 0 (fused q/k/v)."""
         t = []
 
-        def block(ours, hf):
-            t.extend([(f"{ours}.ln_1.{w}", [f"{hf}.layer_norm1.{w}"]) for w in ("weight", "bias")])
-            t.extend([(f"{ours}.attn.qkv.{w}", [f"{hf}.self_attn.{n}_proj.{w}" for n in "qkv"]) for w in ("weight", "bias")])
-            t.extend([(f"{ours}.attn.proj.{w}", [f"{hf}.self_attn.out_proj.{w}"]) for w in ("weight", "bias")])
-            t.extend([(f"{ours}.ln_2.{w}", [f"{hf}.layer_norm2.{w}"]) for w in ("weight", "bias")])
-            t.extend([(f"{ours}.mlp.{f}.{w}", [f"{hf}.mlp.{f}.{w}"]) for f in ("fc1", "fc2") for w in ("weight", "bias")])
-
         wb = ("weight", "bias")
+
+        def block(ours, hf):
+            t.extend([(f"{ours}.ln_1.{w}", [f"{hf}.layer_norm1.{w}"]) for w in wb])
+            t.extend([(f"{ours}.attn.qkv.{w}", [f"{hf}.self_attn.{n}_proj.{w}" for n in "qkv"]) for w in wb])
+            t.extend([(f"{ours}.attn.proj.{w}", [f"{hf}.self_attn.out_proj.{w}"]) for w in wb])
+            t.extend([(f"{ours}.ln_2.{w}", [f"{hf}.layer_norm2.{w}"]) for w in wb])
+            t.extend([(f"{ours}.mlp.{f}.{w}", [f"{hf}.mlp.{f}.{w}"]) for f in ("fc1", "fc2") for w in wb])
+
         v = "vision_model"
         t.extend([(f"vision.patch.{w}", [f"{v}.embeddings.patch_embedding.{w}"]) for w in wb])
         t.append(("vision.pos", [f"{v}.embeddings.position_embedding.weight"]))
@@ -454,7 +456,8 @@ class SigLIP(nn.Module):
             for s in shards:
                 sd.update(load_file(os.path.join(folder, s)))
         else:
-            raise ValueError(f"from_pretrained: neither model.safetensors nor model.safetensors.index.json in {folder!r}")
+            raise ValueError(f"from_pretrained: neither model.safetensors nor model.safetensors.index.json "
+                             f"in {folder!r}")
         if config.text is not None and not any(k.startswith("text_model.") for k in sd):
             config = SigLIPConfig(vision=config.vision, text=None)
         model = cls(config)
@@ -482,7 +485,8 @@ def zero_shot_classifier(model, tokenizer, classnames, templates, batch_size=256
     if model.text is None:
         raise ValueError("zero_shot_classifier: the model is vision-only (no text tower)")
     if not classnames or not templates:
-        raise ValueError(f"zero_shot_classifier: need classnames and templates, got {len(classnames)} and {len(templates)}")
+        raise ValueError(f"zero_shot_classifier: need classnames and templates, got {len(classnames)} "
+                         f"and {len(templates)}")
     T = model.config.text.max_position_embeddings
     dev = next(model.parameters()).device
     prompts = [t.format(c) for c in classnames for t in templates]
