@@ -1,0 +1,504 @@
+"""
+Train the DualToken tokenizer (spec section 2): a SigLIP vision tower with a pixel RVQ on a shallow block
+(decoded by a conv decoder) and a semantic RVQ on a deep block whose codes re-enter the remaining blocks
+and stay distilled to a frozen copy of the original SigLIP (the teacher).
+
+    python train_siglip.py config/shapes.py && python train_tokenizer.py config/shapes.py    # CPU
+    torchrun --standalone --nproc_per_node=8 train_tokenizer.py config/dualtoken_384.py \\
+        --init_from=/path/to/siglip2-so400m-patch14-384 --data=/path/to/cc12m.jsonl
+    python train_tokenizer.py config/shapes.py --resume=True         # continue exactly where it stopped
+
+out_dir holds the tokenizer (config.json + model.safetensors, `DualToken.from_pretrained(out_dir)`),
+`train_state.pt` (weights, both optimizers, step, RNG states, data position: what exact resume reads,
+torch.load(weights_only=True)), `log.jsonl` (every loss term, adaptive weight, per-depth codebook usage
+and perplexity, learning rates), `samples/step_*.png` (originals over reconstructions) and `eval.json`
+(held-out PSNR, zero-shot through the quantized semantic path vs the teacher, codebook usage).
+"""
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+import train_utils as tu
+from configurator import config_dict, parse_config
+from losses import Discriminator, LossConfig, TokenizerLoss, lpips_or_none
+from siglip import zero_shot_accuracy, zero_shot_classifier
+from tokenizer import DecoderConfig, DualToken, QuantizerConfig, config_to_dict, default_config
+
+
+@dataclass
+class TrainTokenizerConfig:
+    SECTION = "tokenizer"  # reads the `tokenizer_config = dict(...)` section of a pipeline preset
+    out_dir: str = "out-tokenizer"
+    init_from: str = ""              # HF-format SigLIP folder: the tokenizer's init AND the frozen teacher
+    # data: "shapes" (the built-in world), an ImageFolder root (class subfolders) or an image-caption
+    # source (folder of image + same-name .txt, or .jsonl); captions are not used by this stage
+    data: str = "shapes"
+    eval_data: str = ""              # real data: an ImageFolder root for held-out PSNR / zero-shot
+    max_objects: int = 2             # shapes: 1..max_objects objects per training image
+    train_size: int = 1_000_000      # shapes: length of the (procedural) train split
+    eval_size: int = 540             # held-out images for PSNR and zero-shot (single-object for shapes)
+    templates: tuple = ("a {}", "a photo of a {}", "a small {}", "a large {}")  # train_siglip's prompts
+    num_workers: int = 0             # real data: DataLoader workers (0 keeps random crops bit-exact on resume)
+    # tokenizer (tokenizer.DualTokenConfig); layer_sem 0 -> the tower's second-to-last block
+    layer_recon: int = 6
+    layer_shortcut: Optional[int] = 4   # None: no shortcut (the paper does not have it)
+    weight_shortcut: float = 0.6
+    layer_sem: int = 0
+    codebook_size: int = 16384
+    code_dim: int = 32
+    depth: int = 8
+    vq_decay: float = 0.99
+    dec_ch: int = 128
+    dec_ch_mult: tuple = (1, 1, 4, 4, 8)   # high -> low resolution; the latent grid is R / 2^(len-1)
+    dec_num_res_blocks: int = 2
+    dec_attn_resolutions: Optional[tuple] = None  # None -> attention at the latent grid only
+    dec_latent_channels: int = 1024
+    # which parameters train. "vision": the released stage 1, the whole vision tower + new modules.
+    # "after_sem": the cheap stage, patch/position embeddings and blocks 1..layer_sem frozen (the pixel
+    # branch then learns on fixed features, the semantic tail adapts to the quantized input).
+    # The text tower and logit scale / bias are always frozen (zero-shot needs the teacher's text space).
+    trainable: str = "vision"
+    # objective (losses.LossConfig; spec section 2 values)
+    w_sem_tok: float = 5.0
+    w_sem_pool: float = 1.0
+    w_commit: float = 5.0
+    w_rec: float = 5.0
+    w_lpips: float = 1.0
+    w_gan: float = 0.75
+    adaptive_lo: float = 0.3
+    adaptive_hi: float = 10.0
+    lpips_vgg_path: str = ""         # torchvision vgg16-397923af.pth
+    lpips_lin_path: str = ""         # lpips weights/v0.1/vgg.pth; both empty -> LPIPS off
+    gan_start: int = -1              # step at which the GAN term and D training start; -1 = GAN off
+    disc_width: int = 64
+    disc_lr: float = 7.2e-5
+    disc_min_lr: float = 0.0
+    disc_warmup: int = 0             # D schedule: warmup from gan_start, cosine to disc_min_lr at max_steps
+    # optimisation (released: AdamW 7.2e-5, betas (0.5, 0.9), wd 1e-4 on >=2-D weights, 10k warmup,
+    # cosine to 0, no clipping, global batch 256)
+    batch_size: int = 256            # global batch per optimizer step
+    micro_batch: int = 32            # per process per forward; accumulation = batch / (micro * world)
+    max_steps: int = 100_000
+    stop_step: int = 0               # stop (with a checkpoint) after this step; 0: run to max_steps
+    lr: float = 7.2e-5
+    min_lr: float = 0.0
+    warmup: int = 10_000
+    weight_decay: float = 1e-4
+    beta1: float = 0.5
+    beta2: float = 0.9
+    grad_clip: float = 0.0           # 0: no clipping (released)
+    grad_checkpointing: bool = False  # recompute each ViT block in backward: less memory, ~30% slower
+    # system
+    seed: int = 0
+    device: str = ""                 # "" -> cuda > mps > cpu
+    dtype: str = "bfloat16"          # autocast dtype on cuda; CPU always runs fp32
+    compile: Optional[bool] = None   # None -> on for cuda only
+    log_interval: int = 10
+    image_interval: int = 500        # PNG grid of originals vs reconstructions; 0: never
+    eval_interval: int = 2000
+    eval_batch: int = 64
+    ckpt_interval: int = 1000
+    resume: bool = False
+
+
+# -----------------------------------------------------------------------------
+# model, teacher, data
+
+
+def build(cfg):
+    """-> (tokenizer, frozen teacher) from the SigLIP folder `init_from` (DualToken.from_siglip)."""
+    if not cfg.init_from or not os.path.isdir(cfg.init_from):
+        raise ValueError(f"init_from={cfg.init_from!r}: need a SigLIP folder (config.json + model.safetensors); "
+                         f"for shapes run `python train_siglip.py config/shapes.py` first")
+    from siglip import SigLIP
+    teacher = SigLIP.from_pretrained(cfg.init_from)
+    v = teacher.config.vision
+    n_up = len(cfg.dec_ch_mult) - 1
+    lat = v.image_size // 2 ** n_up
+    attn = (lat,) if cfg.dec_attn_resolutions is None else tuple(cfg.dec_attn_resolutions)
+    q = dict(codebook_size=cfg.codebook_size, code_dim=cfg.code_dim, depth=cfg.depth, decay=cfg.vq_decay)
+    dcfg = default_config(
+        teacher.config, layer_recon=cfg.layer_recon, layer_shortcut=cfg.layer_shortcut,
+        weight_shortcut=cfg.weight_shortcut, layer_sem=cfg.layer_sem or v.num_hidden_layers - 1,
+        vq_pix=QuantizerConfig(**q, ema_update="per_depth"), vq_sem=QuantizerConfig(**q, ema_update="deferred"),
+        decoder_latent_shape=(lat, lat),
+        decoder=DecoderConfig(ch=cfg.dec_ch, ch_mult=tuple(cfg.dec_ch_mult), num_res_blocks=cfg.dec_num_res_blocks,
+                              attn_resolutions=attn, latent_channels=cfg.dec_latent_channels,
+                              resolution=v.image_size))
+    model = DualToken(dcfg)
+    model.siglip.load_state_dict(teacher.state_dict())  # strict: same config, same keys
+    teacher.eval().requires_grad_(False)
+    return model, teacher
+
+
+def set_trainable(model, mode):
+    if mode not in ("vision", "after_sem"):
+        raise ValueError(f"trainable={mode!r}: expected 'vision' or 'after_sem'")
+    model.requires_grad_(True)
+    s = model.siglip
+    if s.text is not None:
+        s.text.requires_grad_(False)
+        s.logit_scale.requires_grad_(False)
+        s.logit_bias.requires_grad_(False)
+    if mode == "after_sem":
+        vis = s.vision
+        vis.patch.requires_grad_(False)
+        vis.pos.requires_grad_(False)
+        for blk in vis.blocks[:model.config.layer_sem]:
+            blk.requires_grad_(False)
+
+
+def enable_grad_checkpointing(vision):
+    """Recompute every ViT block in backward. Done by wrapping each block's forward on the instance, so
+    module names (and so checkpoint keys) do not change."""
+    from torch.utils.checkpoint import checkpoint
+    for blk in vision.blocks:
+        f = blk.forward
+        blk.forward = lambda h, f=f: checkpoint(f, h, use_reentrant=False) if torch.is_grad_enabled() else f(h)
+
+
+@torch.no_grad()
+def teacher_targets(teacher, x, layer_sem):
+    """-> (T_sem (B, N, D) = block layer_sem output, T_pool (B, D)) of the frozen original tower."""
+    vis = teacher.vision
+    h = vis.run_blocks(vis.embed(x), 0, layer_sem)
+    return h, vis.pool(vis.run_blocks(h, layer_sem, None))
+
+
+def make_data(cfg, R):
+    """-> (train dataset, eval dict or None). Shapes eval: val-split images (keys disjoint from train by
+    construction); zero-shot on single-object images (the 18 "colour shape" classes are unambiguous, the
+    same set train_siglip scores the teacher on), PSNR on those and on 1..max_objects images."""
+    import data
+    if cfg.data != "shapes":
+        tf = data.train_transform(R)  # RandomResizedCrop scale (0.9, 1), no flip (released)
+        has_classes = os.path.isdir(cfg.data) and any(os.path.isdir(os.path.join(cfg.data, d))
+                                                      for d in os.listdir(cfg.data))
+        train = data.ImageFolderDataset(cfg.data, tf) if has_classes else data.ImageCaptionDataset(cfg.data, tf)
+        if not cfg.eval_data:
+            return train, None
+        ds = data.ImageFolderDataset(cfg.eval_data, data.eval_transform(R))
+        g = torch.Generator().manual_seed(1234)  # a fixed, class-mixed subset
+        idx = torch.randperm(len(ds), generator=g)[:cfg.eval_size].tolist()
+        items = [ds[i] for i in idx]
+        return train, dict(images=torch.stack([it["image"] for it in items]),
+                           labels=torch.tensor([it["label"] for it in items]),
+                           classes=[c.replace("_", " ") for c in ds.classes], multi=None)
+    world = data.ShapesWorld(data.ShapesConfig(image_size=R, max_objects=cfg.max_objects, seed=cfg.seed))
+    train = data.ShapesDataset(world, "train", cfg.train_size)
+    single = data.ShapesDataset(world, "val", cfg.eval_size, num_objects=1)
+    multi = data.ShapesDataset(world, "val", cfg.eval_size)
+    classes = world.class_names()
+    items = [single[i] for i in range(len(single))]
+    labels = [classes.index(f"{it['objects'][0]['color']} {it['objects'][0]['shape']}") for it in items]
+    return train, dict(images=torch.stack([it["image"] for it in items]), labels=torch.tensor(labels),
+                       classes=classes, multi=torch.stack([multi[i]["image"] for i in range(len(multi))]))
+
+
+def text_tokenizer(cfg):
+    if cfg.data == "shapes":
+        from text import ByteTokenizer
+        return ByteTokenizer()
+    from text import load_tokenizer
+    return load_tokenizer(cfg.init_from)
+
+# -----------------------------------------------------------------------------
+# evaluation and pictures
+
+
+def psnr(x, x_hat):
+    """Per-image PSNR (dB) on [0, 1] RGB after clamping (spec section 5) -> (B,)."""
+    a = ((x.float() + 1) / 2).clamp(0, 1)
+    b = ((x_hat.float() + 1) / 2).clamp(0, 1)
+    mse = (a - b).pow(2).flatten(1).mean(1).clamp(min=1e-10)
+    return 10 * torch.log10(1 / mse)
+
+
+def usage_stats(codes, K):
+    """codes (M, depth) -> per-depth usage fraction and perplexity, plus the share of the (shared) book
+    used at any depth."""
+    L = codes.shape[1]
+    hist = torch.stack([torch.bincount(codes[:, d], minlength=K) for d in range(L)]).float()  # (L, K)
+    p = hist / hist.sum(1, keepdim=True)
+    ppl = torch.exp(-(p * p.clamp(min=1e-30).log()).sum(1))
+    return {"usage": (hist > 0).float().mean(1).tolist(), "perplexity": ppl.tolist(),
+            "usage_any_depth": (hist.sum(0) > 0).float().mean().item()}
+
+
+@torch.no_grad()
+def evaluate(raw, teacher, tok, cfg, ev, device, teacher_acc=None):
+    """PSNR, zero-shot (quantized semantic path; and the teacher, computed once) and codebook usage."""
+    was = raw.training
+    raw.eval()  # the quantizers must not move their codebooks on held-out data
+
+    def run(images):
+        out = {"psnr": [], "pooled": [], "pix": [], "sem": []}
+        for x in images.split(cfg.eval_batch):
+            x = x.to(device)
+            o = raw(x)
+            out["psnr"].append(psnr(x, o.recon).cpu())
+            out["pooled"].append(o.pooled.float().cpu())
+            out["pix"].append(o.pix_codes.reshape(-1, o.pix_codes.shape[-1]).cpu())
+            out["sem"].append(o.sem_codes.reshape(-1, o.sem_codes.shape[-1]).cpu())
+        return {k: torch.cat(v) for k, v in out.items()}
+
+    a = run(ev["images"])
+    # the tokenizer's text tower is the teacher's, frozen: one classifier serves both image embeddings
+    clf = zero_shot_classifier(raw.siglip, tok, ev["classes"], list(cfg.templates))
+    k5 = (1, 5) if len(ev["classes"]) >= 5 else (1,)
+    acc = zero_shot_accuracy(a["pooled"], clf.cpu(), ev["labels"], topk=k5)
+    if teacher_acc is None:
+        t_emb = torch.cat([teacher.encode_image(x.to(device)).float().cpu() for x in ev["images"].split(cfg.eval_batch)])
+        teacher_acc = zero_shot_accuracy(t_emb, clf.cpu(), ev["labels"], topk=k5)
+    res = {"psnr": a["psnr"].mean().item(), "zero_shot_top1": acc[1], "teacher_zero_shot_top1": teacher_acc[1],
+           "zero_shot_gap": teacher_acc[1] - acc[1], "n_images": len(ev["labels"])}
+    codes_pix, codes_sem = a["pix"], a["sem"]
+    if ev.get("multi") is not None:
+        m = run(ev["multi"])
+        res["psnr_single_object"], res["psnr"] = res["psnr"], m["psnr"].mean().item()
+        codes_pix, codes_sem = torch.cat([codes_pix, m["pix"]]), torch.cat([codes_sem, m["sem"]])
+    res["codes_pix"] = usage_stats(codes_pix, raw.config.vq_pix.codebook_size)
+    res["codes_sem"] = usage_stats(codes_sem, raw.config.vq_sem.codebook_size)
+    raw.train(was)
+    return res, teacher_acc
+
+
+def save_grid(x, x_hat, path, n=8):
+    """Originals (top row) over reconstructions (bottom row) as one PNG, with PIL only."""
+    import numpy as np
+    from PIL import Image
+    x, x_hat = x[:n].detach().float().cpu(), x_hat[:n].detach().float().cpu()
+    rows = torch.cat([torch.cat(list(x), 2), torch.cat(list(x_hat), 2)], 1)  # (3, 2H, n*W)
+    img = ((rows.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()  # (2H, nW, 3)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(img)).save(path)
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def export(raw, folder):
+    """The product, written atomically: config.json + model.safetensors for DualToken.from_pretrained."""
+    tu._atomic_write(os.path.join(folder, "config.json"),
+                     lambda f: f.write(json.dumps(config_to_dict(raw.config), indent=2).encode()))
+    tu.atomic_save_safetensors(raw.state_dict(), os.path.join(folder, "model.safetensors"), {"format": "pt"})
+
+
+def train(cfg):
+    t_start = time.time()
+    ctx = tu.setup_ddp(cfg.device or None)
+    device, master = ctx.device, ctx.is_master
+    torch.manual_seed(cfg.seed + ctx.rank)
+    accum = tu.grad_accum_steps(cfg.batch_size, cfg.micro_batch, ctx.world)
+
+    # build -> load (resume) -> compile -> DDP; always save / evaluate the unwrapped `raw` model
+    raw, teacher = build(cfg)
+    set_trainable(raw, cfg.trainable)
+    raw, teacher = raw.to(device), teacher.to(device)
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(raw.siglip.vision)
+    R, layer_sem = raw.config.siglip.vision.image_size, raw.config.layer_sem
+    train_ds, ev = make_data(cfg, R)
+    tok = text_tokenizer(cfg) if ev is not None else None
+    lpips, lpips_msg = lpips_or_none(cfg.lpips_vgg_path, cfg.lpips_lin_path)
+    loss_fn = TokenizerLoss(LossConfig(w_sem_tok=cfg.w_sem_tok, w_sem_pool=cfg.w_sem_pool, w_commit=cfg.w_commit,
+                                       w_rec=cfg.w_rec, w_lpips=cfg.w_lpips, w_gan=cfg.w_gan,
+                                       adaptive_lo=cfg.adaptive_lo, adaptive_hi=cfg.adaptive_hi), lpips).to(device)
+    opt = torch.optim.AdamW(tu.param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    disc = d_opt = None
+    if cfg.gan_start >= 0:
+        disc = Discriminator(cfg.disc_width).to(device)
+        d_opt = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))  # released betas
+    # the data position is the number of micro-batches consumed: the sampler state follows from it, so a
+    # DataLoader may read ahead in workers without making the saved position wrong
+    consumed = 0
+    state_path = os.path.join(cfg.out_dir, "train_state.pt")
+    step = 0
+    if cfg.resume:
+        if not os.path.isfile(state_path):
+            raise ValueError(f"--resume=True but there is no {state_path}")
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        # strict copy INTO the existing tensors (load_weights would assign new ones, orphaning the optimizer's)
+        raw.load_state_dict(st["model"], strict=True)  # codebooks and EMA buffers included
+        opt.load_state_dict(st["optimizer"])
+        if (disc is None) != (st.get("disc") is None):
+            raise ValueError(f"{state_path} was written with gan_start={st['config']['gan_start']}, this run has "
+                             f"gan_start={cfg.gan_start}: the discriminator state does not match")
+        if disc is not None:
+            disc.load_state_dict(st["disc"])
+            d_opt.load_state_dict(st["disc_optimizer"])
+        if len(st["rng"]) != ctx.world:
+            raise ValueError(f"{state_path} has RNG states for {len(st['rng'])} processes, this run has "
+                             f"{ctx.world}: exact resume needs the same world size")
+        tu.set_rng_state(st["rng"][ctx.rank])
+        step, consumed = st["step"], st["consumed"]
+    batches = batch_stream(train_ds, cfg, ctx, consumed)
+
+    n_params = sum(p.numel() for p in raw.parameters())
+    n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+    use_compile = device.startswith("cuda") if cfg.compile is None else cfg.compile
+    model = torch.compile(raw) if use_compile else raw
+    d_model = disc
+    if ctx.ddp:
+        # codebooks are EMA buffers that rvq all-reduces itself; rebroadcasting them from rank 0 each
+        # forward (DDP's default) would only cost time
+        ids = [ctx.local_rank] if device.startswith("cuda") else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        if disc is not None:
+            d_model = torch.nn.parallel.DistributedDataParallel(disc, device_ids=ids)
+    autocast = tu.autocast_ctx(device, cfg.dtype)
+    logger = tu.JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=master)
+    if master:
+        print(f"DualToken {n_params / 1e6:.2f}M params ({n_train / 1e6:.2f}M trainable, {cfg.trainable}), "
+              f"device {device} x{ctx.world}, accum {accum}, from step {step}")
+        print(lpips_msg)  # once: says whether the perceptual term is in the loss
+        print("GAN off" if disc is None else f"GAN on from step {cfg.gan_start}")
+        logger.log(event="start", step=step, params=n_params, trainable=n_train, world=ctx.world,
+                   lpips=lpips_msg, config=config_dict(cfg))
+    last_layer = raw.decoder.conv_out.weight  # where the adaptive weight compares gradients
+    last_good = step if cfg.resume else None
+
+    def checkpoint():
+        """Ranks hold different RNG states; gather them so resume restores each one exactly."""
+        nonlocal last_good
+        rng = tu.rng_state()
+        if ctx.ddp:
+            rngs = [None] * ctx.world
+            torch.distributed.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        if master:
+            # train_state.pt (weights included) is what resume reads, written atomically in one file; the
+            # exported folder is the product, each of its files atomic too
+            tu.atomic_save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                            "consumed": consumed, "disc": disc.state_dict() if disc is not None else None,
+                            "disc_optimizer": d_opt.state_dict() if disc is not None else None,
+                            "rng": rngs, "config": config_dict(cfg)}, state_path)
+            export(raw, cfg.out_dir)
+        last_good = step
+
+    teacher_acc, result = None, None
+
+    def run_eval():
+        nonlocal teacher_acc
+        if ev is None or not master:
+            return None
+        res, teacher_acc = evaluate(raw, teacher, tok, cfg, ev, device, teacher_acc)
+        res = dict(step=step, **res)
+        print(f"step {step}: PSNR {res['psnr']:.2f} dB, zero-shot top-1 {res['zero_shot_top1']:.4f} "
+              f"(teacher {res['teacher_zero_shot_top1']:.4f}), codebook usage pix "
+              f"{res['codes_pix']['usage_any_depth']:.3f} sem {res['codes_sem']['usage_any_depth']:.3f}")
+        logger.log(event="eval", **res)
+        return res
+
+    last_step = cfg.stop_step or cfg.max_steps
+    from tqdm import tqdm
+    bar = tqdm(total=last_step, initial=step, disable=not master, desc="tokenizer", dynamic_ncols=True)
+    t0, seen = time.time(), 0
+    while step < last_step:
+        lr = tu.cosine_lr(step, cfg.warmup, cfg.max_steps, cfg.lr, cfg.min_lr)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        gan_on = disc is not None and step >= cfg.gan_start
+        sums, pairs = {}, []
+        for micro in range(accum):
+            x = next(batches).to(device, non_blocking=True)
+            consumed += 1
+            if ctx.ddp:  # all-reduce gradients only on the last micro-step
+                model.require_backward_grad_sync = micro == accum - 1
+            with autocast:
+                t_sem, t_pool = teacher_targets(teacher, x, layer_sem)
+                out = model(x)
+                if gan_on:
+                    disc.requires_grad_(False)  # G's term must not leave gradients in D
+                loss, terms = loss_fn(x, out.recon.float(), out.zq_sem.float(), t_sem.float(), out.pooled.float(),
+                                      t_pool.float(), out.commit_pix, out.commit_sem,
+                                      disc=disc if gan_on else None, last_layer=last_layer)
+            try:
+                tu.check_finite(terms, step)
+            except FloatingPointError as e:
+                where = f"step {last_good} in {cfg.out_dir}" if last_good is not None else "none written yet"
+                msg = f"{e}; stopped without saving, the last good checkpoint is {where}"
+                logger.log(event="nonfinite", step=step, message=msg, **terms)
+                tu.cleanup_ddp()
+                raise FloatingPointError(msg) from None
+            (loss / accum).backward()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v / accum
+            if gan_on:
+                pairs.append((x, out.recon.detach()))
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in raw.parameters() if p.requires_grad], cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        d_lr = None
+        if gan_on:
+            # D's own step on this step's (x, x_hat) pairs, its own optimizer and schedule
+            disc.requires_grad_(True)
+            d_lr = tu.cosine_lr(step - cfg.gan_start, cfg.disc_warmup, cfg.max_steps - cfg.gan_start,
+                                cfg.disc_lr, cfg.disc_min_lr)
+            for g in d_opt.param_groups:
+                g["lr"] = d_lr
+            for micro, (x, x_hat) in enumerate(pairs):
+                if ctx.ddp:
+                    d_model.require_backward_grad_sync = micro == accum - 1
+                with autocast:
+                    d_loss, d_terms = loss_fn.d_loss(d_model, x, x_hat)
+                tu.check_finite(d_terms, step)
+                (d_loss / accum).backward()
+                for k, v in d_terms.items():
+                    sums[k] = sums.get(k, 0.0) + v / accum
+            d_opt.step()
+            d_opt.zero_grad(set_to_none=True)
+        step += 1
+        seen += cfg.batch_size
+        bar.update(1)
+        if master and (step % cfg.log_interval == 0 or step == last_step):
+            dt = time.time() - t0
+            stats = {f"{q}_{s}": [round(v, 4) for v in out.stats[q][s].tolist()]
+                     for q in ("pix", "sem") for s in ("usage", "perplexity")}
+            row = dict(step=step, lr=lr, disc_lr=d_lr, img_per_s=seen / dt, elapsed_s=time.time() - t_start,
+                       **sums, **stats)  # loss terms: rank 0's share, averaged over micro-steps
+            bar.set_postfix(loss=f"{sums['total']:.3f}", rec=f"{sums['rec_mse']:.4f}", img_s=f"{seen / dt:.0f}")
+            logger.log(event="train", **row)
+        if master and cfg.image_interval and (step % cfg.image_interval == 0 or step == last_step):
+            save_grid(x, out.recon, os.path.join(cfg.out_dir, "samples", f"step_{step:06d}.png"))
+        if step % cfg.ckpt_interval == 0 or step == last_step:
+            checkpoint()
+        if step % cfg.eval_interval == 0 or step == last_step:
+            result = run_eval()
+    bar.close()
+    if master and result is not None:
+        result.update(wall_s=time.time() - t_start, templates=list(cfg.templates), classes=ev["classes"],
+                      lpips=lpips_msg, config=config_dict(cfg))
+        with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"done in {result['wall_s']:.0f} s; wrote {cfg.out_dir}/eval.json")
+    tu.cleanup_ddp()
+    return raw, result
+
+
+def batch_stream(ds, cfg, ctx, consumed):
+    """Infinite iterator of (B, 3, R, R) image batches for this rank, starting after `consumed`
+    micro-batches (ShardedSampler positions are a function of that count)."""
+    import data
+    sampler = tu.ShardedSampler(len(ds), cfg.seed, ctx.rank, ctx.world, cfg.micro_batch)
+    total = consumed * ctx.world * cfg.micro_batch
+    sampler.load_state_dict({"epoch": total // len(ds), "pos": total % len(ds), "n": len(ds), "seed": cfg.seed})
+    collate = lambda items: data.collate(items)["image"]
+    if cfg.num_workers == 0:  # main process: transforms draw from the checkpointed RNG, resume is exact
+        return (collate([ds[i] for i in idx]) for idx in sampler)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                         collate_fn=collate, pin_memory=ctx.device.startswith("cuda"),
+                                         persistent_workers=True)
+    return iter(loader)
+
+
+if __name__ == "__main__":
+    train(parse_config(TrainTokenizerConfig()))
