@@ -151,7 +151,9 @@ class ResidualVQ(nn.Module):
             psum = torch.zeros_like(r)                              # running partial sum
             train = self.training
             deferred = train and self.ema_update == "deferred"
-            codes, partials, residuals = [], [], []
+            codes, partials = [], []
+            if deferred:  # the residual each depth searched with, for the single update afterwards
+                res = r.new_empty(self.depth, *r.shape)             # (L, N, D)
             for d in range(self.depth):
                 b = self.book_of(d)
                 c = self.search(r, self.codebook[b])                 # (N,)
@@ -159,18 +161,17 @@ class ResidualVQ(nn.Module):
                 if train and not deferred:
                     self.ema_step(b, r, c)
                 elif deferred:
-                    residuals.append(r.clone())
+                    res[d] = r
                 r.sub_(q)
                 psum = psum + q
                 codes.append(c)
                 partials.append(psum)
             codes = torch.stack(codes, 1)                            # (N, L)
-            if deferred:
-                res = torch.stack(residuals, 0)                      # (L, N, D)
-                for b in range(self.codebook.shape[0]):
-                    rb = res if self.shared_codebook else res[b:b + 1]
-                    cb = codes.t() if self.shared_codebook else codes.t()[b:b + 1]
-                    self.ema_step(b, rb.reshape(-1, self.dim), cb.reshape(-1))  # (L*N, D), (L*N,)
+            if deferred and self.shared_codebook:
+                self.ema_step(0, res.reshape(-1, self.dim), codes.t().reshape(-1))  # (L*N, D), (L*N,)
+            elif deferred:
+                for d in range(self.depth):
+                    self.ema_step(d, res[d], codes[:, d])
             commit = torch.stack([(xf - p).pow(2).mean() for p in partials]).mean()
             # value exactly the sum of codewords, gradient the identity to x (x - sg(x) == 0)
             quantized = psum + (xf - xf.detach())

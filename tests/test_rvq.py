@@ -148,6 +148,23 @@ def test_commit_loss_by_hand():
     assert torch.allclose(loss, hand, rtol=1e-6, atol=0)
 
 
+def test_reference_fixture_codes():
+    """The authors' code on the fixture's quantizer inputs: codes exact, commitment loss and zq_pix equal.
+    The checkpoint's codebook has K+1 rows; the last (padding) row is never searched."""
+    from safetensors.torch import load_file
+    root = os.path.join(os.path.dirname(__file__), "fixtures", "dualtoken_reference")
+    sd = torch.load(os.path.join(root, "model.pt"), map_location="cpu", weights_only=True)["state_dict"]
+    out = load_file(os.path.join(root, "outputs.safetensors"))
+    for br in ("pix", "sem"):
+        m = make().eval()
+        m.codebook[0] = sd[f"quantizer_{br}.codebooks.0.weight"][:-1]
+        q, c, loss = m(out[f"output.latent_{br}"])
+        assert torch.equal(c, out[f"output.code_{br}"]), br
+        assert torch.allclose(loss, out[f"output.quant_loss_{br}"], rtol=1e-5, atol=1e-6), br
+        if br == "pix":
+            assert torch.allclose(q.reshape(2, 16, 16), out["output.zq_pix"], atol=1e-5)
+
+
 # ------------------------------------------------------------------ EMA
 
 @pytest.mark.parametrize("shared", [True, False])
