@@ -74,6 +74,123 @@ def table(rows, header):
         print(line(r))
 
 
+
+# ---------------------------------------------------------------------------------------------- rvq
+
+def _onehot_rvq(book, cse, ema, x, depth, schedule, train, decay=0.99, eps=1e-5):
+    """The straightforward quantizer rvq.py replaces, written the way RQ-VAE's VQEmbedding does it: the
+    full (N, K) distance matrix per depth and a dense (K, N) one-hot for the EMA counts and sums (matmul),
+    restart vectors from a full random permutation of the (tiled) batch. Same math and schedules as
+    rvq.ResidualVQ with a shared book, so the two are timed on the same work."""
+    K, D = book.shape
+    xf = x.reshape(-1, D).float()
+    N = xf.shape[0]
+
+    def update(v, c):
+        onehot = v.new_zeros(K, v.shape[0])                                # (K, M)
+        onehot.scatter_(0, c[None], 1.0)
+        cse.mul_(decay).add_(onehot.sum(1), alpha=1 - decay)
+        ema.mul_(decay).add_(onehot @ v, alpha=1 - decay)
+        if v.shape[0] < K:
+            n_rep = (K + v.shape[0] - 1) // v.shape[0]
+            v = v.repeat(n_rep, 1)
+            v = v + torch.rand_like(v) * (0.01 / D ** 0.5)
+        rand = v[torch.randperm(v.shape[0], device=v.device)][:K]         # (K, D)
+        used = (cse >= 1).float()
+        ema.mul_(used[:, None]).add_(rand * (1 - used[:, None]))
+        cse.mul_(used).add_(1 - used)
+        n = cse.sum()
+        book.copy_(ema / (n * (cse + eps) / (n + K * eps))[:, None])
+
+    r = xf.detach().clone()
+    agg, partials, codes, res = torch.zeros_like(r), [], [], []
+    with torch.no_grad():
+        for d in range(depth):
+            dist_ = torch.addmm(r.pow(2).sum(1, keepdim=True) + book.pow(2).sum(1), r, book.t(),
+                                alpha=-2.0)                                # (N, K)
+            c = dist_.argmin(1)
+            del dist_
+            q = book[c]
+            if train and schedule == "per_depth":
+                update(r, c)
+            elif train:
+                res.append(r.clone())
+            r -= q
+            agg = agg + q
+            partials.append(agg)
+            codes.append(c)
+        if train and schedule == "deferred":
+            update(torch.cat(res), torch.cat(codes))
+    loss = torch.stack([(xf - p).pow(2).mean() for p in partials]).mean()
+    return xf + (agg - xf).detach(), torch.stack(codes, 1), loss
+
+
+def bench_rvq(argv):
+    """Training and inference step of rvq.ResidualVQ vs the one-hot baseline above at the released
+    configuration (B=8 images x 729 positions, K=16384, D=32, depth 8, shared book)."""
+    import dataclasses
+
+    import configurator
+    from rvq import ResidualVQ
+
+    @dataclasses.dataclass
+    class RVQBench:
+        batch: int = 8
+        positions: int = 729
+        codebook_size: int = 16384
+        dim: int = 32
+        depth: int = 8
+        search_chunk: int = 1024
+        schedules: str = "per_depth,deferred"
+        warmup: int = 1
+        iters: int = 3
+        device: str = ""
+
+    cfg = configurator.parse_config(RVQBench(), argv)
+    dev = cfg.device or default_device()
+    torch.manual_seed(0)
+    N, K, D, L = cfg.batch * cfg.positions, cfg.codebook_size, cfg.dim, cfg.depth
+    x = torch.randn(cfg.batch, cfg.positions, D, device=dev, requires_grad=True)
+    print(f"rvq bench on {dev}: {cfg.batch}x{cfg.positions} = {N} vectors, K={K}, D={D}, depth={L}, "
+          f"shared book, search_chunk={cfg.search_chunk}, median of {cfg.iters} after {cfg.warmup} warmup")
+    rows = []
+    for schedule in cfg.schedules.split(","):
+        m = ResidualVQ(dim=D, codebook_size=K, depth=L, shared_codebook=True, ema_update=schedule,
+                       search_chunk=cfg.search_chunk).to(dev)
+        base = [t.clone() for t in (m.codebook[0], m.cluster_size_ema[0], m.embed_ema[0])]
+
+        def ours(train):
+            m.train(train)
+            if train:
+                q, c, loss = m(x)
+                (q.sum() + loss).backward()
+                x.grad = None
+            else:
+                with torch.no_grad():
+                    m(x)
+
+        def onehot(train):
+            if train:
+                q, c, loss = _onehot_rvq(*base, x, L, schedule, True)
+                (q.sum() + loss).backward()
+                x.grad = None
+            else:
+                with torch.no_grad():
+                    _onehot_rvq(*base, x, L, schedule, False)
+
+        for train in (True, False):
+            t_o = timeit(lambda: ours(train), dev, cfg.warmup, cfg.iters)
+            t_b = timeit(lambda: onehot(train), dev, cfg.warmup, cfg.iters)
+            m_o = peak_memory(lambda: ours(train), dev)
+            m_b = peak_memory(lambda: onehot(train), dev)
+            mode = "train" if train else "infer"
+            rows.append([schedule, mode, f"{t_o * 1e3:.0f}", f"{t_b * 1e3:.0f}", f"{t_b / t_o:.2f}x",
+                         f"{m_o / 2**20:.0f}", f"{m_b / 2**20:.0f}", f"{m_b / max(m_o, 1):.1f}x"])
+            print("  done", schedule, mode, flush=True)
+    table(rows, ["schedule", "step", "ours ms", "one-hot ms", "speedup", "ours MiB", "one-hot MiB",
+                 "mem ratio"])
+
+
 # ------------------------------------------------------------------------------------------- siglip
 
 def bench_siglip(argv):
@@ -136,6 +253,102 @@ def bench_siglip(argv):
     t0, m0 = rows[0][1], rows[0][2]
     table([[n, f"{t * 1e3:.0f}", f"{t / t0:.2f}x", f"{m / 2**20:.0f}", f"{m / max(m0, 1):.2f}x"]
            for n, t, m in rows], ["implementation", "forward ms", "time vs ours", "peak MiB", "mem vs ours"])
+
+
+# ---------------------------------------------------------------------------------------------- llm
+
+def bench_llm(argv):
+    """mllm.MLLM decoding: KV-cache decode vs a no-cache loop (whole sequence every step) vs
+    transformers' Qwen2ForCausalLM.generate, same weights (loaded through from_pretrained), greedy;
+    then image generation (both depth heads, CFG doubled batch) with and without the LLM KV cache."""
+    import dataclasses
+    import tempfile
+
+    import configurator
+    import mllm
+
+    @dataclasses.dataclass
+    class LLMBench:
+        n_layer: int = 4  # a small Qwen2-shaped model: big enough that matmuls, not Python, dominate
+        n_embd: int = 512
+        n_head: int = 8
+        n_kv_head: int = 2
+        intermediate_size: int = 1408
+        vocab_size: int = 4096
+        batch: int = 1
+        prompt_len: int = 64
+        new_tokens: int = 64
+        positions: int = 64  # image positions generated (an 8x8 grid)
+        depth: int = 4  # pixel and semantic depth
+        codebook: int = 1024
+        cfg_scale: float = 3.0
+        warmup: int = 1
+        iters: int = 3
+        device: str = ""
+
+    cfg = configurator.parse_config(LLMBench(), argv)
+    dev = cfg.device or default_device()
+    vis = dict(pix_vocab=cfg.codebook, sem_vocab=cfg.codebook, pix_depth=cfg.depth, sem_depth=cfg.depth,
+               image_gen_start_id=cfg.vocab_size - 1, bos_id=None, eos_id=None, pad_id=0)
+    try:
+        import transformers
+    except ImportError:
+        transformers = None
+    print(f"device {dev}, torch {torch.__version__}, transformers "
+          f"{transformers.__version__ if transformers else 'absent'}, threads {torch.get_num_threads()}, fp32")
+    print(f"LLM: {cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} heads / {cfg.n_kv_head} kv, MLP "
+          f"{cfg.intermediate_size}, vocab {cfg.vocab_size}; batch {cfg.batch}, prompt {cfg.prompt_len}, "
+          f"{cfg.new_tokens} new tokens, greedy")
+    hf = None
+    if transformers is not None:
+        hcfg = transformers.Qwen2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd,
+                                        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.n_layer,
+                                        num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+                                        tie_word_embeddings=True, max_position_embeddings=4096)
+        hf = transformers.Qwen2ForCausalLM(hcfg).eval()
+        with tempfile.TemporaryDirectory() as d:
+            hf.save_pretrained(d)
+            ours = mllm.MLLM.from_pretrained(d, **vis)
+        hf = hf.to(dev)
+    else:
+        ours = mllm.MLLM(mllm.MLLMConfig(vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd,
+                                         n_head=cfg.n_head, n_kv_head=cfg.n_kv_head,
+                                         intermediate_size=cfg.intermediate_size, **vis))
+    ours = ours.to(dev).eval()
+    g = torch.Generator().manual_seed(0)
+    ours.set_codebooks(torch.randn(cfg.codebook, ours.config.pix_dim, generator=g),
+                       torch.randn(cfg.codebook, ours.config.sem_dim, generator=g))
+    idx = torch.randint(1, cfg.vocab_size - 1, (cfg.batch, cfg.prompt_len), generator=g).to(dev)
+    N = cfg.new_tokens
+    runs = [("nano mllm.py, KV cache", lambda: ours.generate(idx, N, temperature=0)),
+            ("nano mllm.py, no cache", lambda: ours.generate(idx, N, temperature=0, use_cache=False))]
+    if hf is not None:
+        kw = dict(attention_mask=torch.ones_like(idx), max_new_tokens=N, min_new_tokens=N, do_sample=False,
+                  eos_token_id=None, pad_token_id=0)
+        runs.append(("transformers generate", lambda: hf.generate(idx, **kw)))
+    outs = [fn() for _, fn in runs]
+    same = all(torch.equal(o, outs[0]) for o in outs)
+    print(f"all continuations identical: {same}")
+    rows = [[name, timeit(fn, dev, cfg.warmup, cfg.iters)] for name, fn in runs]
+    t0 = rows[0][1]
+    table([[n, f"{t * 1e3:.0f}", f"{cfg.batch * N / t:.1f}", f"{t / t0:.2f}x"] for n, t in rows],
+          ["decode", "ms", "tokens/s", "time vs cache"])
+
+    print(f"\nimage generation: {cfg.positions} positions, depth {cfg.depth} pixel + {cfg.depth} semantic, "
+          f"codebook {cfg.codebook}, CFG {cfg.cfg_scale} (batch x2), top-k 900, top-p 0.96")
+    caps = [list(range(1, 17))] * cfg.batch
+
+    def img(use_cache):
+        return ours.generate_image(caps, cfg.positions, cfg_scale=cfg.cfg_scale, top_k=900, top_p=0.96,
+                                   generator=torch.Generator(device=dev).manual_seed(0), use_cache=use_cache)
+
+    a, b = img(True), img(False)
+    print(f"cache and no-cache codes identical: {torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])}")
+    rows = [[name, timeit(lambda: img(c), dev, cfg.warmup, cfg.iters)] for name, c in
+            (("KV cache", True), ("no cache", False))]
+    t0 = rows[0][1]
+    table([[n, f"{t * 1e3:.0f}", f"{cfg.batch * cfg.positions / t:.1f}", f"{t / t0:.2f}x"] for n, t in rows],
+          ["image generation", "ms", "positions/s", "time vs cache"])
 
 
 if __name__ == "__main__":
