@@ -137,9 +137,11 @@ def test_checker_is_robust_to_blur_and_colour_noise(world):
     for i in range(200):
         s = world.sample("val", i)
         noisy = np.clip(_blur(s["image"]) + rng.normal(0, 8, s["image"].shape), 0, 255)
+        if i % 2:  # half of them blurred twice (sigma ~1): small triangles lose their apex
+            noisy = _blur(_blur(s["image"]))
         ok += objects_match(describe(noisy), s["objects"])["all_correct"]
-    print(f"checker accuracy, [1,2,1] blur + N(0, 8) colour noise: {ok / 200:.3f}")
-    assert ok / 200 >= 0.95
+    print(f"checker accuracy, half blur + N(0, 8) noise, half blurred twice: {ok / 200:.3f}")
+    assert ok / 200 >= 0.97  # measured 0.995 here; python data.py reports each case on 1000
 
 
 def test_checker_ignores_background_and_specks(world):
