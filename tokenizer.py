@@ -11,6 +11,7 @@ Faithful to the authors' released checkpoint (spec: /work/shared/spec/DUALTOKEN.
 names below mirror their state_dict so the weight-loading table stays short and obvious.
 Run `python tokenizer.py convert CKPT OUT_DIR` to turn the released `.pt` into our safetensors layout.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -410,7 +411,7 @@ class DualToken(nn.Module):
             raise ValueError(f"expected {g * g} tokens, got {tuple(x.shape)}")
         return x.view(B, g, g, C)
 
-    def _encode_latents(self, images):
+    def encode_latents(self, images):
         """Blocks 1..layer_sem -> (latent_pix, latent_sem, h_sem); latents are (B, h, w, c) quantizer inputs."""
         self.check_images(images)
         cfg, vis = self.config, self.siglip.vision
@@ -452,7 +453,7 @@ class DualToken(nn.Module):
     # ---------------------------------------------------------------- public API
 
     def forward(self, images):
-        latent_pix, latent_sem, h_sem = self._encode_latents(images)
+        latent_pix, latent_sem, h_sem = self.encode_latents(images)
         zq_pix, pix_codes, commit_pix = self.quantizer_pix(latent_pix)  # (B, h, w, c), (B, h, w, L), ()
         zq_sem32, sem_codes, commit_sem = self.quantizer_sem(latent_sem)
         zq_sem, pooled = self._semantic_tail(zq_sem32)
@@ -462,12 +463,24 @@ class DualToken(nn.Module):
         return DualTokenOutput(recon, pooled, zq_sem, h_sem, zq_pix.reshape(B, -1, zq_pix.shape[-1]),
                                pix_codes, sem_codes, commit_pix, commit_sem, stats)
 
+    @contextlib.contextmanager
+    def _books_frozen(self):
+        """Quantizers in eval mode for the duration: encoding must never move the EMA codebooks, even when
+        a training loop calls it on a model in train mode."""
+        modes = self.quantizer_pix.training, self.quantizer_sem.training
+        self.quantizer_pix.eval(), self.quantizer_sem.eval()
+        try:
+            yield
+        finally:
+            self.quantizer_pix.train(modes[0]), self.quantizer_sem.train(modes[1])
+
     @torch.no_grad()
     def encode(self, images):
         """images (B, 3, R, R) in [-1, 1] -> (pix_codes, sem_codes), each (B, h, w, depth) int64.
-        Only blocks 1..layer_sem run; the quantizers must be in eval mode to leave the codebooks alone."""
-        latent_pix, latent_sem, _ = self._encode_latents(images)
-        return self.quantizer_pix(latent_pix)[1], self.quantizer_sem(latent_sem)[1]
+        Only blocks 1..layer_sem run."""
+        latent_pix, latent_sem, _ = self.encode_latents(images)
+        with self._books_frozen():
+            return self.quantizer_pix(latent_pix)[1], self.quantizer_sem(latent_sem)[1]
 
     def decode(self, pix_codes):
         """pix_codes (B, h, w, depth) -> images (B, 3, R, R), about [-1, 1], not clamped."""
@@ -479,8 +492,10 @@ class DualToken(nn.Module):
     def encode_image(self, images):
         """Pooled semantic embedding (B, D) through the QUANTIZED path (what zero-shot scoring uses);
         not normalised, like SigLIP's own image embedding."""
-        _, latent_sem, _ = self._encode_latents(images)
-        return self._semantic_tail(self.quantizer_sem(latent_sem)[0])[1]
+        _, latent_sem, _ = self.encode_latents(images)
+        with self._books_frozen():
+            zq = self.quantizer_sem(latent_sem)[0]
+        return self._semantic_tail(zq)[1]
 
     def encode_text(self, input_ids):
         return self.siglip.encode_text(input_ids)

@@ -37,7 +37,7 @@ def ref_model():
 def run_all(m, x):
     """Every output the reference stored, computed by our model (eval, fp32)."""
     with torch.no_grad():
-        latent_pix, latent_sem, _ = m._encode_latents(x)
+        latent_pix, latent_sem, _ = m.encode_latents(x)
         o = m(x)
         return dict(code_pix=o.pix_codes, code_sem=o.sem_codes, latent_pix=latent_pix, latent_sem=latent_sem,
                     zq_pix=o.zq_pix, zq_sem=o.zq_sem, pooler_output=o.pooled,
@@ -184,10 +184,10 @@ def test_train_step_gradients():
                  "siglip.vision.blocks.0.attn.qkv.weight", "siglip.vision.blocks.5.attn.qkv.weight"):
         g = m.get_parameter(name).grad
         assert g is not None and g.abs().sum() > 0, name
-    m.eval()
     cb = m.quantizer_sem.codebook.clone()
-    m.encode(x)
-    assert torch.equal(cb, m.quantizer_sem.codebook)  # eval leaves the books alone
+    m.encode(x), m.encode_image(x)
+    assert torch.equal(cb, m.quantizer_sem.codebook)  # encoding never moves the books, even in train mode
+    assert m.quantizer_sem.training
 
 
 def test_no_shortcut_config():
@@ -231,7 +231,7 @@ def test_released_presets_on_meta(name, grid, depth, res, lat):
     assert 200e6 < new < 220e6, new  # spec: ~211 M new modules
     assert m.quantizer_pix.codebook.shape == m.quantizer_sem.codebook.shape == (1, 16384, 32)
     x = torch.empty(2, 3, res, res, device="meta")
-    latent_pix, latent_sem, h_sem = m._encode_latents(x)
+    latent_pix, latent_sem, h_sem = m.encode_latents(x)
     assert latent_pix.shape == latent_sem.shape == (2, grid, grid, 32) and h_sem.shape == (2, grid * grid, 1152)
     z = m.decoder_input(torch.empty(2, grid * grid, 32, device="meta"))
     assert z.shape == (2, 1024, lat, lat)
