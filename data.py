@@ -278,9 +278,6 @@ def caption(objects):
 # -----------------------------------------------------------------------------
 # the checker: read an image back with plain array code
 
-_HUES = None
-
-
 def _hue_chroma(rgb):
     """Hue in degrees [0, 360) and chroma (max - min channel) of float RGB (..., 3)."""
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
@@ -423,6 +420,13 @@ def to_tensor(img):
     """uint8 (H, W, 3) array or PIL RGB image -> FloatTensor (3, H, W) in [-1, 1]."""
     x = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))  # (H, W, 3)
     return x.permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, H, W)
+
+
+def to_image(x):
+    """The inverse of to_tensor: FloatTensor (3, H, W) or (B, 3, H, W) in [-1, 1] -> uint8 numpy
+    (H, W, 3) or (B, H, W, 3), clamped and rounded; e.g. a reconstruction or a generation for describe."""
+    x = ((x.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    return x.movedim(-3, -1).cpu().numpy()  # (..., H, W, 3)
 
 
 class ShapesDataset(torch.utils.data.Dataset):

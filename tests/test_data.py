@@ -173,10 +173,10 @@ def test_shapes_dataset(world):
     assert it["image"].min() >= -1 and it["image"].max() <= 1 and it["index"] == 1
     s = world.sample("val", 1)
     assert it["caption"] == s["caption"] and it["objects"] == s["objects"] and it["qa"] == s["qa"]
-    back = ((it["image"].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()  # (H, W, 3)
-    assert np.array_equal(back, s["image"])
+    assert np.array_equal(data.to_image(it["image"]), s["image"])  # exact round trip
     b = data.collate([ds[i] for i in range(4)])
     assert b["image"].shape == (4, 3, 64, 64) and len(b["caption"]) == 4 and b["index"].tolist() == [0, 1, 2, 3]
+    assert data.to_image(b["image"]).shape == (4, 64, 64, 3)
     one = ShapesDataset(world, "train", length=10, num_objects=1)
     assert all(len(one[i]["objects"]) == 1 for i in range(10))
     with pytest.raises(IndexError):
@@ -212,8 +212,8 @@ def test_transforms_shape_and_range():
         assert (x1 - x0) * (y1 - y0) >= 0.9 * 64 * 48 * 0.97  # rounding of w, h
     assert len({tf.crop_box(64, 48) for _ in range(20)}) > 1
     # identity size: the eval transform of a size x size image is the image itself
-    arr = world_img = ShapesWorld(ShapesConfig(image_size=32)).sample("train", 0)["image"]
-    assert torch.equal(data.eval_transform(32)(Image.fromarray(world_img)), data.to_tensor(arr))
+    arr = ShapesWorld(ShapesConfig(image_size=32)).sample("train", 0)["image"]
+    assert torch.equal(data.eval_transform(32)(Image.fromarray(arr)), data.to_tensor(arr))
 
 
 # -- real-data loaders -------------------------------------------------------------------------------
