@@ -587,11 +587,12 @@ class DualToken(nn.Module):
                         raise ValueError(f"{names[0]}: expected {K + 1} rows ({K} codes + 1 padding), "
                                          f"got {tuple(w.shape)}")
                     books[d] = (w[:-1], cs, ema)  # the last row is padding, never searched
-            if len(books) != rvq.depth:
+            dedup = rvq.shared_codebook and list(books) == [0]  # a shared book stored once is enough
+            if len(books) != rvq.depth and not dedup:
                 missing = [f"{q}.codebooks.{d}.*" for d in range(rvq.depth) if d not in books]
                 raise ValueError(f"missing quantizer weights {missing}")
             if rvq.shared_codebook:
-                for d in range(1, rvq.depth):
+                for d in range(1, len(books)):
                     for i, n in enumerate(("weight", "cluster_size_ema", "embed_ema")):
                         if not torch.equal(books[d][i], books[0][i]):
                             raise ValueError(f"{q}.codebooks.{d}.{n} differs from codebooks.0 but the config "

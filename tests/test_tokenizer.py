@@ -237,3 +237,16 @@ def test_released_presets_on_meta(name, grid, depth, res, lat):
     assert z.shape == (2, 1024, lat, lat)
     assert m.decoder(z).shape == (2, 3, res, res)
     assert m.config.vq_pix.depth == m.config.vq_sem.depth == depth and m.config.grid == grid
+
+
+def test_deduplicated_safetensors_without_aliases(tmp_path, outputs):
+    """Any de-duplicated form of the shared book loads: here only codebooks.0, no alias metadata."""
+    from safetensors.torch import save_file
+    sd = load_file(os.path.join(REF, "model.safetensors"))
+    assert not any(".codebooks.1." in k for k in sd)
+    d = tmp_path / "dedup"
+    d.mkdir()
+    shutil.copy(os.path.join(REF, "config.json"), d / "config.json")
+    save_file(sd, d / "model.safetensors")
+    m = T.DualToken.from_pretrained(str(d), siglip_config=os.path.join(REF, "siglip"))
+    assert torch.equal(m.encode(outputs["input.images"])[1], outputs["output.code_sem"])
