@@ -60,7 +60,7 @@ SPLITS = ("train", "val", "holdout")
 
 @dataclass
 class ShapesConfig:
-    image_size: int = 64
+    image_size: int = 64       # any size >= 24; the checker needs >= 48 (at 32 a small circle is 4x4 px)
     min_objects: int = 1
     max_objects: int = 2
     seed: int = 0
