@@ -515,7 +515,7 @@ class DualToken(nn.Module):
 
     def authors_name_table(self):
         """[(our state_dict name, [authors' names])] for every tensor except the quantizer buffers, which
-        change layout (see _load_authors). Several authors' names are concatenated on dim 0 (fused q/k/v)."""
+        change layout (see _from_authors). Several authors' names are concatenated on dim 0 (fused q/k/v)."""
         t = [("siglip." + ours, ["siglip_model." + h for h in hfs]) for ours, hfs in self.siglip.hf_name_table()]
         t += [(k, [k]) for k in self.state_dict() if not k.startswith(("siglip.", "quantizer_"))]
         return t
@@ -589,8 +589,8 @@ class DualToken(nn.Module):
                     books[d] = (w[:-1], cs, ema)  # the last row is padding, never searched
             dedup = rvq.shared_codebook and list(books) == [0]  # a shared book stored once is enough
             if len(books) != rvq.depth and not dedup:
-                missing = [f"{q}.codebooks.{d}.*" for d in range(rvq.depth) if d not in books]
-                raise ValueError(f"missing quantizer weights {missing}")
+                raise ValueError(f"missing quantizer weights "
+                                 f"{[f'{q}.codebooks.{d}.*' for d in range(rvq.depth) if d not in books]}")
             if rvq.shared_codebook:
                 for d in range(1, len(books)):
                     for i, n in enumerate(("weight", "cluster_size_ema", "embed_ema")):
@@ -707,18 +707,12 @@ def _so400m(image_size, patch_size):
     return SigLIPConfig(vision=v, text=t)
 
 
-def released_384_config():
-    """SigLIP2-So400m/14 at 384 px: 27x27 grid, depth 8 (the released 384-px tokenizer)."""
-    q = dict(codebook_size=16384, code_dim=32, depth=8, shared_codebook=True)
-    return default_config(_so400m(384, 14), vq_pix=QuantizerConfig(**q, ema_update="per_depth"),
-                          vq_sem=QuantizerConfig(**q, ema_update="deferred"))
-
-
-def released_256_config():
-    """SigLIP2-So400m/16 at 256 px: 16x16 grid, depth 4, decoder latent 16x16 (no resize needed)."""
-    q = dict(codebook_size=16384, code_dim=32, depth=4, shared_codebook=True)
-    return default_config(_so400m(256, 16), vq_pix=QuantizerConfig(**q, ema_update="per_depth"),
-                          vq_sem=QuantizerConfig(**q, ema_update="deferred"))
+def released_config(size):
+    """The two releases. 384: SigLIP2-So400m/14, 27x27 grid, depth 8, grid resized to 24x24 for the decoder.
+    256: SigLIP2-So400m/16-256, 16x16 grid, depth 4, no resize. Codebooks 16384 x 32, shared by depths."""
+    image_size, patch_size, depth = {384: (384, 14, 8), 256: (256, 16, 4)}[int(size)]
+    return default_config(_so400m(image_size, patch_size), vq_pix=QuantizerConfig(depth=depth),
+                          vq_sem=QuantizerConfig(depth=depth, ema_update="deferred"))
 
 
 def tiny_config():
@@ -734,7 +728,7 @@ def tiny_config():
                                                  attn_resolutions=(4,), latent_channels=32, resolution=32))
 
 
-PRESETS = {"384": released_384_config, "256": released_256_config, "tiny": tiny_config}
+PRESETS = {"384": lambda: released_config(384), "256": lambda: released_config(256), "tiny": tiny_config}
 
 # -----------------------------------------------------------------------------
 # command line: python tokenizer.py convert CKPT OUT_DIR
