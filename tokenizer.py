@@ -84,9 +84,10 @@ class DualTokenConfig:
         if d.resolution != v.image_size:
             raise ValueError(f"decoder.resolution ({d.resolution}) != SigLIP image_size ({v.image_size})")
         lat = d.resolution // 2 ** (len(d.ch_mult) - 1)
-        if self.decoder_latent_shape is not None and tuple(self.decoder_latent_shape) != (lat, lat):
-            raise ValueError(f"decoder_latent_shape {tuple(self.decoder_latent_shape)} != decoder input grid "
-                             f"({lat}, {lat}) implied by resolution {d.resolution} and ch_mult {d.ch_mult}")
+        shape = tuple(self.decoder_latent_shape or (self.grid, self.grid))  # None: the code grid, unresized
+        if shape != (lat, lat):
+            raise ValueError(f"decoder_latent_shape {self.decoder_latent_shape} (grid {self.grid}) != decoder "
+                             f"input grid ({lat}, {lat}) implied by resolution {d.resolution}, ch_mult {d.ch_mult}")
 
     @property
     def grid(self):
@@ -114,7 +115,8 @@ def _check_author_keys(d, known, where):
 def config_from_authors(raw, siglip_config):
     """DualTokenConfig from the authors' config.json (dict, outer wrapper or the "rqvaesiglip" entry)."""
     c = raw.get("rqvaesiglip", raw)
-    _check_author_keys({k: v for k, v in raw.items() if k != "rqvaesiglip"}, [], "config.json (outer)")
+    if c is not raw:
+        _check_author_keys({k: v for k, v in raw.items() if k != "rqvaesiglip"}, [], "config.json (outer)")
     _check_author_keys(c, ["layer_recon", "layer_sem", "layer_shortcut", "weight_shortcut", "ddconfig",
                            "decoder_latent_shape", "vq_sem", "vq_pix"], "config.json rqvaesiglip")
     v = siglip_config.vision

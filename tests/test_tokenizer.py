@@ -127,7 +127,7 @@ def test_authors_config_errors(tmp_path):
     a, tiny = T.config_from_authors(raw, sig), T.tiny_config()
     assert a.siglip.vision == tiny.siglip.vision  # the tiny preset IS the fixture's shape
     tiny.siglip = a.siglip
-    assert a == tiny
+    assert a == tiny and T.config_from_authors(raw["rqvaesiglip"], sig) == a  # wrapper optional
     bad = json.loads(json.dumps(raw))
     bad["rqvaesiglip"]["vq_pix"]["n_embeds"] = 3
     with pytest.raises(ValueError, match="n_embeds"):
