@@ -48,7 +48,7 @@ import torch.nn.functional as F
 class ResidualVQ(nn.Module):
 
     def __init__(self, *, dim, codebook_size, depth, shared_codebook=True, decay=0.99, eps=1e-5,
-                 restart_unused=True, ema_update="per_depth", sync_ddp=True, search_chunk=1024):
+                 restart_unused=True, ema_update="per_depth", sync_ddp=True, search_chunk=512):
         super().__init__()
         if ema_update not in ("per_depth", "deferred"):
             raise ValueError(f"ema_update must be 'per_depth' or 'deferred', got {ema_update!r}")
@@ -82,9 +82,12 @@ class ResidualVQ(nn.Module):
         e = book.float()
         e2 = e.pow(2).sum(1)                                        # (K,)
         codes = torch.empty(r.shape[0], dtype=torch.long, device=r.device)
+        # one block reused by every chunk (a fresh `dist = ...` per chunk keeps two alive at the rebind)
+        buf = r.new_empty(min(self.search_chunk, r.shape[0]), e.shape[0])  # (C, K)
         for i in range(0, r.shape[0], self.search_chunk):
-            rc = r[i:i + self.search_chunk]                         # (C, D)
-            dist_ = rc.pow(2).sum(1, keepdim=True) + e2             # (C, K)
+            rc = r[i:i + self.search_chunk]                         # (c, D), c <= C
+            dist_ = buf[:rc.shape[0]]                               # (c, K)
+            torch.add(rc.pow(2).sum(1, keepdim=True), e2, out=dist_)
             dist_.addmm_(rc, e.t(), alpha=-2.0)
             codes[i:i + self.search_chunk] = dist_.argmin(1)
         return codes
