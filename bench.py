@@ -140,7 +140,7 @@ def bench_rvq(argv):
         codebook_size: int = 16384
         dim: int = 32
         depth: int = 8
-        search_chunk: int = 1024
+        search_chunk: int = 512
         schedules: str = "per_depth,deferred"
         warmup: int = 1
         iters: int = 3
