@@ -95,14 +95,12 @@ class DualTokenConfig:
         return v.image_size // v.patch_size
 
 
-# bookkeeping keys of the authors' config.json that do not change the model (checked nowhere else)
+# authors' config.json keys read below in their own way (pretrained_model, bottleneck_type, hidden_size,
+# latent_shape, code_shape are cross-checked) or that do not change the model: HF bookkeeping, the
+# gradient-checkpointing switch, init-from-checkpoint paths, and taming encoder settings (no encoder here).
 _AUTHOR_IGNORED = {"architectures", "model_type", "torch_dtype", "transformers_version", "_name_or_path",
-                   "checkpointing",  # gradient checkpointing switch
-                   "ignore_keys", "ckpt_path",  # init-from-checkpoint bookkeeping
-                   "latent_shape", "code_shape",  # cross-checked against the SigLIP grid below
-                   "hidden_size",  # cross-checked against the SigLIP width
-                   "double_z", "in_channels",  # taming encoder settings; no encoder here
-                   "pretrained_model", "bottleneck_type"}
+                   "checkpointing", "ignore_keys", "ckpt_path", "latent_shape", "code_shape", "hidden_size",
+                   "double_z", "in_channels", "pretrained_model", "bottleneck_type"}
 
 
 def _check_author_keys(d, known, where):
@@ -525,15 +523,11 @@ class DualToken(nn.Module):
     @classmethod
     def from_pretrained(cls, path, siglip_config=None, dtype=torch.float32):
         """Load the authors' checkpoint (folder with config.json + model.pt or model.safetensors, or the
-        weights file itself with config.json beside it) or a folder written by save_pretrained.
-
-        siglip_config: folder or config.json giving the SigLIP shapes, for an authors' config whose
-        `pretrained_model` path does not exist here (the released one is an absolute path on their machine).
-
-        Memory: the model is built on the meta device (no allocation, no random init), `.pt` files are
-        opened with mmap and safetensors lazily, and every tensor is ASSIGNED into the module instead of
-        copied, so the weights live once: as file-backed pages, or (fused q/k/v, dtype casts) as the one
-        new tensor that replaces the three it was built from.
+        weights file with config.json beside it) or a folder written by save_pretrained. siglip_config: a
+        SigLIP folder or config.json when the authors' `pretrained_model` path (absolute, on their machine)
+        is not here. Memory: the model is built on the meta device (no allocation, no random init), `.pt`
+        is opened with mmap, safetensors lazily, and every tensor is ASSIGNED, not copied, so the weights
+        live once: as file-backed pages, or (fused q/k/v, dtype casts) as the one tensor built from them.
         """
         folder, weights = _resolve(path)
         with open(os.path.join(folder, "config.json")) as f:
@@ -577,32 +571,28 @@ class DualToken(nn.Module):
             if z is not None and z.count_nonzero():
                 raise ValueError(f"{name}.attn.zero_k_bias is not zero; this model has no k bias")
         sd = {k: x for k, x in sd.items() if not k.endswith("embeddings.position_ids")}  # old HF constant buffer
+        fields = ("weight", "cluster_size_ema", "embed_ema")
         for q in ("quantizer_pix", "quantizer_sem"):
             rvq = getattr(self, q)
-            books = {}
-            for d in range(rvq.depth):
-                names = [f"{q}.codebooks.{d}.{n}" for n in ("weight", "cluster_size_ema", "embed_ema")]
-                if all(n in sd for n in names):
-                    w, cs, ema = (sd.pop(n) for n in names)
-                    K = rvq.codebook_size
-                    if w.shape[0] != K + 1:
-                        raise ValueError(f"{names[0]}: expected {K + 1} rows ({K} codes + 1 padding), "
-                                         f"got {tuple(w.shape)}")
-                    books[d] = (w[:-1], cs, ema)  # the last row is padding, never searched
-            dedup = rvq.shared_codebook and list(books) == [0]  # a shared book stored once is enough
-            if len(books) != rvq.depth and not dedup:
-                raise ValueError(f"missing quantizer weights "
-                                 f"{[f'{q}.codebooks.{d}.*' for d in range(rvq.depth) if d not in books]}")
-            if rvq.shared_codebook:
-                for d in range(1, len(books)):
-                    for i, n in enumerate(("weight", "cluster_size_ema", "embed_ema")):
-                        if not torch.equal(books[d][i], books[0][i]):
+            found = [d for d in range(rvq.depth) if all(f"{q}.codebooks.{d}.{n}" in sd for n in fields)]
+            # every depth, or for a shared book depth 0 alone (any de-duplicated form)
+            if found != list(range(rvq.depth)) and not (rvq.shared_codebook and found[:1] == [0]):
+                raise ValueError(f"missing quantizer weights: {q}.codebooks.{{0..{rvq.depth - 1}}}."
+                                 f"{{{','.join(fields)}}}, found complete depths {found}")
+            books = [[sd.pop(f"{q}.codebooks.{d}.{n}") for n in fields] for d in found]
+            for d, book in zip(found, books):
+                if book[0].shape[0] != rvq.codebook_size + 1:  # the last row is padding, never searched
+                    raise ValueError(f"{q}.codebooks.{d}.weight: expected {rvq.codebook_size + 1} rows "
+                                     f"({rvq.codebook_size} codes + 1 padding), got {tuple(book[0].shape)}")
+                if rvq.shared_codebook:
+                    for n, x, x0 in zip(fields, book, books[0]):
+                        if not torch.equal(x, x0):
                             raise ValueError(f"{q}.codebooks.{d}.{n} differs from codebooks.0 but the config "
                                              f"says shared_codebook=True")
-                books = {0: books[0]}
-            for i, n in enumerate(("codebook", "cluster_size_ema", "embed_ema")):
-                xs = [books[b][i] for b in sorted(books)]
-                out[f"{q}.{n}"] = xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)  # (n_books, ...)
+            books = books[:1] if rvq.shared_codebook else books
+            for n, xs in zip(("codebook", "cluster_size_ema", "embed_ema"), zip(*books)):
+                out[f"{q}.{n}"] = torch.stack(xs) if len(xs) > 1 else xs[0].unsqueeze(0)  # (n_books, ...)
+            out[f"{q}.codebook"] = out[f"{q}.codebook"][:, :-1]  # drop the padding row (a view)
         if sd or missing:
             raise ValueError(f"the authors' checkpoint does not match the model: missing {missing}, "
                              f"unexpected {sorted(sd)}")
