@@ -269,24 +269,27 @@ def bench_llm(argv):
 
     @dataclasses.dataclass
     class LLMBench:
-        n_layer: int = 4  # a small Qwen2-shaped model: big enough that matmuls, not Python, dominate
-        n_embd: int = 512
-        n_head: int = 8
+        n_layer: int = 4  # a small Qwen2-shaped model; keeps the run under ~2 min on a shared 2-core CPU
+        n_embd: int = 256
+        n_head: int = 4
         n_kv_head: int = 2
-        intermediate_size: int = 1408
-        vocab_size: int = 4096
+        intermediate_size: int = 688
+        vocab_size: int = 2048
         batch: int = 1
-        prompt_len: int = 64
-        new_tokens: int = 64
-        positions: int = 64  # image positions generated (an 8x8 grid)
+        prompt_len: int = 32
+        new_tokens: int = 32
+        positions: int = 16  # image positions generated (a 4x4 grid)
         depth: int = 4  # pixel and semantic depth
-        codebook: int = 1024
+        codebook: int = 512
         cfg_scale: float = 3.0
         warmup: int = 1
         iters: int = 3
+        threads: int = 0  # 0 = torch's default
         device: str = ""
 
     cfg = configurator.parse_config(LLMBench(), argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     dev = cfg.device or default_device()
     vis = dict(pix_vocab=cfg.codebook, sem_vocab=cfg.codebook, pix_depth=cfg.depth, sem_depth=cfg.depth,
                image_gen_start_id=cfg.vocab_size - 1, bos_id=None, eos_id=None, pad_id=0)
