@@ -250,3 +250,30 @@ def test_deduplicated_safetensors_without_aliases(tmp_path, outputs):
     save_file(sd, d / "model.safetensors")
     m = T.DualToken.from_pretrained(str(d), siglip_config=os.path.join(REF, "siglip"))
     assert torch.equal(m.encode(outputs["input.images"])[1], outputs["output.code_sem"])
+
+
+def test_authors_layout_unshared_vision_only(tmp_path):
+    """Write a model in the authors' layout (one codebook per depth, no text tower) and load it back."""
+    cfg = T.tiny_config()
+    cfg.siglip.text = None
+    cfg.vq_sem.shared_codebook = False
+    m = T.DualToken(cfg).eval()
+    sd = {"siglip_model." + k: v for k, v in m.siglip.hf_state_dict().items()}
+    sd.update({k: v for k, v in m.state_dict().items() if not k.startswith(("siglip.", "quantizer_"))})
+    for n in ("prequant_pix", "prequant_shortcut", "prequant_sem", "postquant_pix", "postquant_sem"):
+        sd[n + ".attn.zero_k_bias"] = torch.zeros_like(sd[n + ".attn.q_bias"])
+    for q in ("quantizer_pix", "quantizer_sem"):
+        r = getattr(m, q)
+        for d in range(3):
+            b = r.book_of(d)
+            sd[f"{q}.codebooks.{d}.weight"] = torch.cat([r.codebook[b], torch.zeros(1, 16)])
+            sd[f"{q}.codebooks.{d}.cluster_size_ema"] = r.cluster_size_ema[b]
+            sd[f"{q}.codebooks.{d}.embed_ema"] = r.embed_ema[b]
+    torch.save({"state_dict": {k: v.clone() for k, v in sd.items()}}, tmp_path / "model.pt")
+    raw = json.load(open(os.path.join(REF, "config.json")))
+    raw["rqvaesiglip"]["vq_sem"]["shared_codebook"] = False
+    json.dump(raw, open(tmp_path / "config.json", "w"))
+    m2 = T.DualToken.from_pretrained(str(tmp_path), siglip_config=os.path.join(REF, "siglip"))
+    assert m2.siglip.text is None and m2.quantizer_sem.codebook.shape == (3, 32, 16)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k]), k
