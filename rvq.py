@@ -154,7 +154,7 @@ class ResidualVQ(nn.Module):
             psum = torch.zeros_like(r)                              # running partial sum
             train = self.training
             deferred = train and self.ema_update == "deferred"
-            codes, partials = [], []
+            codes, losses = [], []
             if deferred:  # the residual each depth searched with, for the single update afterwards
                 res = r.new_empty(self.depth, *r.shape)             # (L, N, D)
             for d in range(self.depth):
@@ -166,16 +166,16 @@ class ResidualVQ(nn.Module):
                 elif deferred:
                     res[d] = r
                 r.sub_(q)
-                psum = psum + q
+                psum.add_(q)  # in place: the subtraction below keeps no reference to it for backward
                 codes.append(c)
-                partials.append(psum)
+                losses.append((xf - psum).pow(2).mean())
             codes = torch.stack(codes, 1)                            # (N, L)
             if deferred and self.shared_codebook:
                 self.ema_step(0, res.reshape(-1, self.dim), codes.t().reshape(-1))  # (L*N, D), (L*N,)
             elif deferred:
                 for d in range(self.depth):
                     self.ema_step(d, res[d], codes[:, d])
-            commit = torch.stack([(xf - p).pow(2).mean() for p in partials]).mean()
+            commit = torch.stack(losses).mean()
             # value exactly the sum of codewords, gradient the identity to x (x - sg(x) == 0)
             quantized = psum + (xf - xf.detach())
         self.last_stats = self.code_stats(codes)
