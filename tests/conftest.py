@@ -15,6 +15,13 @@ if ROOT not in sys.path:
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 
 
+def pytest_configure(config):
+    # Tiny models spend their time in thread-pool hand-offs, not arithmetic: one thread is several
+    # times faster for them (and much faster on a shared, loaded CPU) and makes runs reproducible.
+    import torch
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     import torch
