@@ -41,9 +41,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SPECIAL_NAMES = ("pad", "bos", "eos", "im_start", "im_end", "image_gen_start", "image_gen_end")
-
-
 @dataclass
 class MLLMConfig:
     SECTION = "mllm"  # configurator: `mllm_config = dict(...)` in a pipeline preset
@@ -316,19 +313,13 @@ def build_sequence(cfg, parts):
 def collate(cfg, seqs):
     """List of build_sequence outputs -> dict(idx, image_mask, gen_mask, attention_mask), each (B, T),
     LEFT-padded (what generation needs; training does not care, positions come from attention_mask)."""
-    T = max(s[0].numel() for s in seqs)
-    pad = cfg.pad_id if cfg.pad_id is not None else 0
-    out = dict(idx=torch.full((len(seqs), T), pad, dtype=torch.long),
-               image_mask=torch.zeros(len(seqs), T, dtype=torch.bool),
-               gen_mask=torch.zeros(len(seqs), T, dtype=torch.bool),
-               attention_mask=torch.zeros(len(seqs), T, dtype=torch.long))
-    for b, (ids, img, gen) in enumerate(seqs):
-        n = ids.numel()
-        out["idx"][b, T - n:] = ids
-        out["image_mask"][b, T - n:] = img
-        out["gen_mask"][b, T - n:] = gen
-        out["attention_mask"][b, T - n:] = 1
-    return out
+    B, T = len(seqs), max(s[0].numel() for s in seqs)
+    idx = torch.full((B, T), cfg.pad_id if cfg.pad_id is not None else 0, dtype=torch.long)
+    img, gen, am = (torch.zeros(B, T, dtype=torch.bool) for _ in range(3))
+    for b, (i, m, g) in enumerate(seqs):
+        n = i.numel()
+        idx[b, T - n:], img[b, T - n:], gen[b, T - n:], am[b, T - n:] = i, m, g, True
+    return dict(idx=idx, image_mask=img, gen_mask=gen, attention_mask=am.long())
 
 
 def make_targets(idx, image_mask=None, attention_mask=None, loss_mask=None):
@@ -535,8 +526,7 @@ class MLLM(nn.Module):
         """Image + question -> answer. prompt_ids: list of B token lists (the question in the caller's
         template); images: None or (pix (B, N, Dp), sem (B, N, Ds)) codes. Sequence per row:
         [bos] [<im_start> image <im_end>] prompt. Returns B lists of new ids, each cut before eos."""
-        cfg = self.config
-        B = len(prompt_ids)
+        cfg, B = self.config, len(prompt_ids)
         parts = [[list(p)] if images is None else [("und", images[0].shape[1]), list(p)] for p in prompt_ids]
         batch = collate(cfg, [build_sequence(cfg, ps) for ps in parts])
         pix = sem = None
@@ -547,19 +537,19 @@ class MLLM(nn.Module):
                                  f"{tuple(pix.shape)} and {tuple(sem.shape)}")
             pix, sem = pix.reshape(-1, pix.shape[-1]), sem.reshape(-1, sem.shape[-1])  # (B*N, D)
         dev = self.embed.weight.device
+        pix, sem = (None, None) if pix is None else (pix.to(dev), sem.to(dev))
         batch = {k: v.to(dev) for k, v in batch.items()}
         cache = self.new_cache(B, batch["idx"].shape[1] + max_new_tokens)
         x = self.embed_inputs(batch["idx"], batch["image_mask"], pix, sem)
         h = self.trunk(x, batch["attention_mask"], cache)
-        out, done = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool, device=dev)
+        out, done = [[] for _ in range(B)], [False] * B
         for i in range(max_new_tokens):
             nxt = sample_logits(self.lm_head(h[:, -1]), temperature, top_k, top_p, generator)
-            for b in range(B):
-                if not done[b] and (cfg.eos_id is None or nxt[b].item() != cfg.eos_id):
-                    out[b].append(nxt[b].item())
-            if cfg.eos_id is not None:
-                done |= nxt == cfg.eos_id
-            if bool(done.all()) or i + 1 == max_new_tokens:
+            for b, t in enumerate(nxt.tolist()):
+                done[b] = done[b] or t == cfg.eos_id
+                if not done[b]:
+                    out[b].append(t)
+            if all(done) or i + 1 == max_new_tokens:
                 break
             h = self.trunk(self.embed(nxt[:, None]), cache=cache)
         return out
@@ -715,9 +705,6 @@ class MLLM(nn.Module):
         model = cls(MLLMConfig(**json.loads(meta["mllm_config"])))
         missing, unexpected = load_model(model, path, strict=True, device=device)
         return model.to(device)
-
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())
 
 
 _HF_DEFAULTS = {  # what transformers assumes when config.json omits a field
