@@ -284,8 +284,8 @@ def bench_llm(argv):
         cfg_scale: float = 3.0
         warmup: int = 1
         iters: int = 3
-        threads: int = 0  # 0 = torch's default
-        device: str = ""
+        threads: int = 1  # CPU: decoding is many small ops; on a shared CPU extra threads mostly wait
+        device: str = ""  # (measured here: 2 threads were ~6x slower than 1 under load); 0 = torch default
 
     cfg = configurator.parse_config(LLMBench(), argv)
     if cfg.threads:
