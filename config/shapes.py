@@ -26,3 +26,42 @@ siglip_config = dict(
     eval_interval=100,
     ckpt_interval=100,
 )
+
+# DualToken tokenizer (train_tokenizer.py), initialised from and distilled to the teacher above. The
+# teacher has 4 blocks: pixel codes from block 1 (the "first quarter" rule; no earlier block for the
+# released 0.6 shortcut), semantic codes from block 3 (second-to-last, as 26 of 27), re-entering block 4.
+# 8x8 grid x depth 4 from one 512-code book per branch (code width 32 = SigLIP width 96 / 3 heads).
+# The decoder is the released layout shrunk to the floor GroupNorm(32) allows: 32/64 channels, one
+# ResBlock per level, 8 -> 16 -> 32 -> 64 px; its full-resolution convs are most of the compute.
+# CPU choices (not the release): trainable="after_sem" (patch/pos embeddings and blocks 1-3 frozen, so the
+# pixel branch reads fixed features and only block 4 + the head adapt to the quantized input: about half
+# the backward), lr 2e-3 instead of 7.2e-5 for a few hundred steps, LPIPS and GAN off (flat-colour images
+# are scored by PSNR; LPIPS's VGG would cost more than the whole tokenizer here).
+tokenizer_config = dict(
+    out_dir="out-shapes/tokenizer",
+    init_from="out-shapes/siglip",
+    max_objects=2,
+    eval_size=540,
+    layer_recon=1,
+    layer_shortcut=None,
+    layer_sem=3,
+    codebook_size=512,
+    code_dim=32,
+    depth=4,
+    dec_ch=32,
+    dec_ch_mult=(1, 1, 2, 2),
+    dec_num_res_blocks=0,
+    dec_attn_resolutions=(),
+    dec_latent_channels=64,
+    trainable="after_sem",
+    batch_size=16,
+    micro_batch=16,
+    max_steps=240,
+    warmup=10,
+    lr=2e-3,
+    min_lr=1e-4,
+    log_interval=10,
+    image_interval=60,
+    eval_interval=240,
+    ckpt_interval=60,
+)
