@@ -353,7 +353,8 @@ class MLLM(nn.Module):
                                     for _ in range(cfg.n_layer))
         self.norm = RMSNorm(C, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(C, cfg.vocab_size, bias=False)
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        # a plain fp32 tensor, not a buffer: model.to(bfloat16) must not round the RoPE frequencies
+        self.inv_freq = rope_inv_freq(cfg)
         # visual side: frozen codebooks (set_codebooks), input projector, two depth heads
         self.register_buffer("pix_book", torch.zeros(cfg.pix_depth, cfg.pix_vocab, cfg.pix_dim))
         self.register_buffer("sem_book", torch.zeros(cfg.sem_depth, cfg.sem_vocab, cfg.sem_dim))
@@ -410,6 +411,8 @@ class MLLM(nn.Module):
             mask = None if T == 1 else ("causal" if L0 == 0 else self._mask(None, L0, T, x.device))
         else:
             mask = self._mask(valid, L0, T, x.device)
+        if self.inv_freq.device != x.device:
+            self.inv_freq = self.inv_freq.to(x.device)
         freqs = rel[..., None].float() * self.inv_freq  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), -1)[:, None]  # (B, 1, T, hd)
         rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))

@@ -411,3 +411,13 @@ def test_presets_name_released_shapes():
     assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.intermediate_size) == (24, 896, 14, 2, 4864)
     with pytest.raises(ValueError, match="unknown preset"):
         mllm.preset_config("gpt-5")
+
+
+def test_bf16_keeps_rope_frequencies_fp32():
+    m = tiny_model()
+    idx = torch.randint(0, 256, (1, 16))
+    ref, _ = m(idx)
+    m = m.to(torch.bfloat16)
+    assert m.inv_freq.dtype == torch.float32 and m.embed.weight.dtype == torch.bfloat16
+    out, _ = m(idx)
+    assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
