@@ -1,0 +1,356 @@
+"""
+Measure the tokenizer and the MLLM the way the paper does (spec section 5), on the shapes world or on
+real data. Every number is printed next to the settings that produced it and written to one JSON file.
+
+    python eval.py tokenizer --tokenizer=out-shapes/tokenizer --teacher=out-shapes/siglip --data=shapes
+    python eval.py tokenizer --tokenizer=DIR --teacher=SIGLIP_DIR --data=/path/to/imagenet/val \\
+        --lpips_vgg_path=vgg16-397923af.pth --lpips_lin_path=vgg.pth --inception_path=inception-2015-12-05.pt
+    python eval.py mllm --mllm=out-shapes/mllm --tokenizer=out-shapes/tokenizer
+
+Tokenizer: PSNR (on [0, 1] after clamping), SSIM (Gaussian 11x11, sigma 1.5, data range 1, own code),
+LPIPS (only when both weight files are given), rFID (only with the optional `clean-fid` package AND a
+local Inception file; otherwise "unavailable" with the reason, never a made-up number), zero-shot
+top-1 / top-5 through the quantized semantic path and through the teacher (the original SigLIP), and
+per-depth codebook usage / perplexity / entropy of both quantizers.
+MLLM (shapes world): QA accuracy by question type; generation judged by the checker `data.describe`
+(per attribute and all-correct) with and without CFG; the held-out colour-shape pairs separately.
+
+Order is deterministic (no shuffling; a subset of a folder is a fixed-seed permutation), batches run
+under bf16 autocast on cuda only (fp32 elsewhere).
+"""
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+import data
+import train_utils as tu
+from configurator import config_dict, parse_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHAPES_TEMPLATES = ("a {}", "a photo of a {}", "a small {}", "a large {}")  # train_siglip / train_tokenizer's
+
+# -----------------------------------------------------------------------------
+# image metrics (inputs in [-1, 1], the project's convention)
+
+
+def _unit(x):
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+def psnr(x, y):
+    """Per-image PSNR in dB on [0, 1] RGB after clamping (spec section 5) -> (B,). Identical images give
+    100 dB (MSE floored at 1e-10) instead of inf, so averages stay finite."""
+    if x.shape != y.shape or x.ndim != 4:
+        raise ValueError(f"psnr: expected two (B, C, H, W) tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    mse = (_unit(x) - _unit(y)).pow(2).flatten(1).mean(1).clamp(min=1e-10)
+    return 10 * torch.log10(1 / mse)
+
+
+def gaussian_window(size=11, sigma=1.5):
+    g = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-g ** 2 / (2 * sigma ** 2))
+    return g / g.sum()  # (size,)
+
+
+def ssim(x, y, size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.03):
+    """Per-image SSIM (Wang et al. 2004) on [0, 1] RGB after clamping -> (B,). Gaussian window size x size,
+    sigma 1.5, 'valid' filtering (no padding), C1 = (k1 L)^2, C2 = (k2 L)^2, mean over the SSIM map and
+    the channels: the convention of the paper's numbers (and of pytorch-msssim / skimage's
+    gaussian_weights=True). Computed in float64 so small images and near-identical pairs are exact."""
+    if x.shape != y.shape or x.ndim != 4:
+        raise ValueError(f"ssim: expected two (B, C, H, W) tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if min(x.shape[-2:]) < size:
+        raise ValueError(f"ssim: images {tuple(x.shape[-2:])} are smaller than the {size}x{size} window")
+    a, b = _unit(x).double(), _unit(y).double()
+    C = a.shape[1]
+    g = gaussian_window(size, sigma).to(a.device)
+    gh, gv = g.view(1, 1, 1, size).repeat(C, 1, 1, 1), g.view(1, 1, size, 1).repeat(C, 1, 1, 1)
+
+    def blur(t):  # separable depthwise filter, valid: (B, C, H, W) -> (B, C, H-size+1, W-size+1)
+        return F.conv2d(F.conv2d(t, gh, groups=C), gv, groups=C)
+
+    mu_a, mu_b = blur(a), blur(b)
+    saa = blur(a * a) - mu_a ** 2
+    sbb = blur(b * b) - mu_b ** 2
+    sab = blur(a * b) - mu_a * mu_b
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    m = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (saa + sbb + c2))
+    return m.flatten(1).mean(1).float()
+
+
+def code_stats(codes, K):
+    """codes (M, depth) int -> per-depth usage (share of the K codes used), perplexity exp(H), entropy H
+    in bits (max log2 K), and the share of the book used at any depth (one book is shared by all depths)."""
+    codes = codes.reshape(-1, codes.shape[-1]).long().cpu()
+    L = codes.shape[1]
+    hist = torch.stack([torch.bincount(codes[:, d], minlength=K) for d in range(L)]).double()  # (L, K)
+    p = hist / hist.sum(1, keepdim=True).clamp(min=1)
+    h_nats = -(p * p.clamp(min=1e-300).log()).sum(1)
+    return {"usage": (hist > 0).double().mean(1).tolist(), "perplexity": h_nats.exp().tolist(),
+            "entropy_bits": (h_nats / math.log(2)).tolist(), "max_entropy_bits": math.log2(K),
+            "usage_any_depth": (hist.sum(0) > 0).double().mean().item(), "n_vectors": codes.shape[0]}
+
+
+def fid_or_reason(real_dir, fake_dir, inception_path, device):
+    """rFID with clean-fid's protocol ("clean" resize, the torchscript Inception of StyleGAN2-ADA), from
+    a local Inception file only. -> (value or None, note)."""
+    if not inception_path:
+        return None, "unavailable: no --inception_path (clean-fid's inception-2015-12-05.pt) given"
+    if os.path.basename(inception_path) != "inception-2015-12-05.pt" or not os.path.isfile(inception_path):
+        return None, f"unavailable: {inception_path!r} is not an existing file named inception-2015-12-05.pt"
+    try:
+        from cleanfid import fid
+        from cleanfid.inception_torchscript import InceptionV3W
+    except ImportError as e:
+        return None, f"unavailable: the optional clean-fid package is not installed ({e})"
+    try:  # download=False: the file must be where we said; nothing is fetched
+        net = InceptionV3W(os.path.dirname(os.path.abspath(inception_path)), download=False,
+                           resize_inside=False).to(device).eval()
+        value = fid.compute_fid(real_dir, fake_dir, mode="clean", custom_feat_extractor=lambda x: net(x),
+                                device=torch.device(device), num_workers=0, verbose=False)
+    except Exception as e:  # an API change or a broken file: say so instead of guessing a number
+        return None, f"unavailable: clean-fid failed ({type(e).__name__}: {e})"
+    return float(value), "clean-fid mode=clean"
+
+# -----------------------------------------------------------------------------
+# loading
+
+
+def load_tokenizer(path, siglip_config="", device="cpu"):
+    from tokenizer import DualToken
+    if not path:
+        raise ValueError("--tokenizer is required: a folder from train_tokenizer.py / tokenizer.py convert, "
+                         "or the authors' release folder")
+    return DualToken.from_pretrained(path, siglip_config=siglip_config or None).to(device).eval()
+
+
+def text_tokenizer(spec, data_name, folders):
+    """'byte' (the shapes world's), a folder with spiece.model / tokenizer.json, or '' = byte for shapes,
+    else the first of `folders` that holds a tokenizer file."""
+    import text
+    if spec == "byte" or (not spec and data_name == "shapes"):
+        return text.ByteTokenizer(), "byte"
+    for f in ([spec] if spec else [f for f in folders if f]):
+        if os.path.isfile(os.path.join(f, "spiece.model")) or os.path.isfile(os.path.join(f, "tokenizer.json")):
+            return text.load_tokenizer(f), f
+    raise ValueError(f"no text tokenizer: --text_tokenizer={spec!r}; looked for spiece.model / tokenizer.json "
+                     f"in {[f for f in folders if f]}")
+
+
+def zero_shot(image_emb, labels, text_model, tok, classes, templates, batch_size=256):
+    """Prompt-ensembled zero-shot (CLIP / spec section 5): per class the mean normalised text embedding of
+    every template, top-k of the cosine with the image embedding. -> {"top1": .., "top5": ..}."""
+    from siglip import zero_shot_accuracy, zero_shot_classifier
+    clf = zero_shot_classifier(text_model, tok, list(classes), list(templates), batch_size=batch_size)
+    topk = (1, 5) if len(classes) >= 5 else (1,)
+    return {f"top{k}": v for k, v in zero_shot_accuracy(image_emb.float(), clf.float().cpu(), labels, topk).items()}
+
+
+def read_lines(path, what):
+    with open(path, encoding="utf-8") as f:
+        lines = [ln.rstrip("\n") for ln in f if ln.strip()]
+    if not lines:
+        raise ValueError(f"{what} file {path!r} is empty")
+    return lines
+
+# -----------------------------------------------------------------------------
+# python eval.py tokenizer
+
+
+@dataclass
+class EvalTokenizerConfig:
+    tokenizer: str = ""          # our folder (config.json + model.safetensors) or the authors' release
+    siglip_config: str = ""      # authors' release: SigLIP folder / config.json when pretrained_model is not here
+    teacher: str = ""            # HF SigLIP folder of the ORIGINAL tower (teacher zero-shot); "" -> skipped
+    data: str = "shapes"         # "shapes" or an ImageFolder root (one folder per class, e.g. ImageNet val)
+    num_images: int = 500        # 0 = the whole folder; shapes: this many val images per set
+    max_objects: int = 2         # shapes: reconstruction set has 1..max_objects objects; zero-shot set has 1
+    shapes_seed: int = 0
+    classnames: str = ""         # file, one name per line ('' -> data/imagenet_classes.txt for 1000 classes,
+                                 # else the folder names)
+    templates: str = ""          # file, one '{}' template per line ('' -> 80 OpenAI for folders, 4 for shapes)
+    text_tokenizer: str = ""     # 'byte', a folder with spiece.model / tokenizer.json; '' -> automatic
+    lpips_vgg_path: str = ""     # torchvision vgg16-397923af.pth
+    lpips_lin_path: str = ""     # lpips weights/v0.1/vgg.pth
+    inception_path: str = ""     # clean-fid's inception-2015-12-05.pt (rFID needs clean-fid installed)
+    save_images: bool = False    # keep the PNGs rFID reads (always written when rFID runs)
+    batch_size: int = 32
+    num_workers: int = 0
+    device: str = ""
+    dtype: str = "bfloat16"      # autocast dtype on cuda
+    out: str = ""                # JSON path; '' -> <tokenizer>/eval_tokenizer.json
+    seed: int = 1234             # the fixed permutation that picks a folder subset
+
+
+def tokenizer_sets(cfg, R):
+    """-> (recon dataset, zero-shot dataset, class names, description). Zero-shot items carry "label"
+    (folders) or one object (shapes: the class is its "colour shape")."""
+    if cfg.data == "shapes":
+        world = data.ShapesWorld(data.ShapesConfig(image_size=R, max_objects=cfg.max_objects, seed=cfg.shapes_seed))
+        recon = data.ShapesDataset(world, "val", cfg.num_images)
+        zs = data.ShapesDataset(world, "val", cfg.num_images, num_objects=1)
+        return recon, zs, world.class_names(), f"shapes val (seed {cfg.shapes_seed}, {R} px)"
+    ds = data.ImageFolderDataset(cfg.data, data.eval_transform(R))
+    n = len(ds) if cfg.num_images <= 0 else min(cfg.num_images, len(ds))
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:n].sort().values.tolist()
+    sub = torch.utils.data.Subset(ds, idx)
+    if cfg.classnames:
+        classes = read_lines(cfg.classnames, "classnames")
+    elif len(ds.classes) == 1000:  # ImageNet's sorted synset folders are OpenAI's class order
+        classes = read_lines(os.path.join(HERE, "data", "imagenet_classes.txt"), "classnames")
+    else:
+        classes = [c.replace("_", " ") for c in ds.classes]
+    if len(classes) != len(ds.classes):
+        raise ValueError(f"classnames: {len(classes)} names for {len(ds.classes)} class folders in {cfg.data}")
+    desc = f"ImageFolder {cfg.data} ({n} of {len(ds)} images, {len(classes)} classes, resize short side + crop {R})"
+    return sub, sub, classes, desc
+
+
+def _loader(ds, cfg):
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
+                                       collate_fn=data.collate)
+
+
+def _labels(batch, classes):
+    if "label" in batch:
+        return batch["label"]
+    return torch.tensor([classes.index(f"{objs[0]['color']} {objs[0]['shape']}") for objs in batch["objects"]])
+
+
+@torch.no_grad()
+def eval_tokenizer(cfg):
+    from tqdm import tqdm
+    t0 = time.time()
+    device = cfg.device or tu.default_device()
+    model = load_tokenizer(cfg.tokenizer, cfg.siglip_config, device)
+    R = model.config.siglip.vision.image_size
+    teacher = None
+    from siglip import SigLIP
+    if cfg.teacher:
+        teacher = SigLIP.from_pretrained(cfg.teacher).to(device).eval()
+    from losses import lpips_or_none
+    lpips, lpips_msg = lpips_or_none(cfg.lpips_vgg_path, cfg.lpips_lin_path)
+    lpips = lpips.to(device).eval() if lpips is not None else None
+    recon_ds, zs_ds, classes, desc = tokenizer_sets(cfg, R)
+    if cfg.templates:
+        templates = read_lines(cfg.templates, "templates")
+    elif cfg.data == "shapes":
+        templates = list(SHAPES_TEMPLATES)
+    else:
+        templates = read_lines(os.path.join(HERE, "data", "imagenet_templates.txt"), "templates")
+    if any("{}" not in t for t in templates):
+        raise ValueError(f"templates: every line needs a '{{}}' for the class name, got {templates}")
+    autocast = tu.autocast_ctx(device, cfg.dtype)
+    fid_on = bool(cfg.inception_path)
+    img_dir = os.path.join(os.path.dirname(cfg.out) if cfg.out else cfg.tokenizer, "eval_images")
+    if fid_on or cfg.save_images:
+        os.makedirs(os.path.join(img_dir, "real"), exist_ok=True)
+        os.makedirs(os.path.join(img_dir, "recon"), exist_ok=True)
+
+    # reconstruction and codes
+    ps, ss, lp, pix, sem, n = [], [], [], [], [], 0
+    for batch in tqdm(_loader(recon_ds, cfg), desc="reconstruct", dynamic_ncols=True):
+        x = batch["image"].to(device)
+        with autocast:
+            out = model(x)
+        rec = out.recon.float()
+        ps.append(psnr(x, rec).cpu())
+        ss.append(ssim(x, rec).cpu())
+        if lpips is not None:
+            lp.append(lpips(x.float(), rec.clamp(-1, 1), reduction="none").float().cpu())
+        pix.append(out.pix_codes.reshape(-1, out.pix_codes.shape[-1]).cpu())
+        sem.append(out.sem_codes.reshape(-1, out.sem_codes.shape[-1]).cpu())
+        if fid_on or cfg.save_images:
+            from PIL import Image
+            for a, b in zip(data.to_image(x), data.to_image(rec)):
+                Image.fromarray(a).save(os.path.join(img_dir, "real", f"{n:06d}.png"))
+                Image.fromarray(b).save(os.path.join(img_dir, "recon", f"{n:06d}.png"))
+                n += 1
+    res = {"psnr": torch.cat(ps).mean().item(), "ssim": torch.cat(ss).mean().item(),
+           "lpips": torch.cat(lp).mean().item() if lp else None, "lpips_note": lpips_msg}
+    res["rfid"], res["rfid_note"] = fid_or_reason(os.path.join(img_dir, "real"), os.path.join(img_dir, "recon"),
+                                                  cfg.inception_path, device)
+    if res["rfid"] is not None and n < 2048:
+        res["rfid_note"] += f" (only {n} images: FID is biased upward below ~10k and rank-deficient below 2048)"
+    codes_pix, codes_sem = torch.cat(pix), torch.cat(sem)
+
+    # zero-shot: one classifier from the tokenizer's (frozen) text tower, else the teacher's
+    tok, tok_name = text_tokenizer(cfg.text_tokenizer, cfg.data, [cfg.teacher, cfg.siglip_config, cfg.tokenizer])
+    zs = {"classes": len(classes), "templates": len(templates), "text_tokenizer": tok_name}
+    text_model = model.siglip if model.siglip.text is not None else (teacher if teacher is not None and
+                                                                     teacher.text is not None else None)
+    if text_model is None:
+        zs["note"] = "unavailable: the tokenizer has no text tower and no --teacher was given"
+    else:
+        q_emb, t_emb, labels = [], [], []
+        for batch in tqdm(_loader(zs_ds, cfg), desc="zero-shot", dynamic_ncols=True):
+            x = batch["image"].to(device)
+            labels.append(_labels(batch, classes))
+            with autocast:
+                q_emb.append(model.encode_image(x).float().cpu())
+                if teacher is not None:
+                    t_emb.append(teacher.encode_image(x).float().cpu())
+        labels = torch.cat(labels)
+        bs = max(cfg.batch_size, 64)
+        zs.update({f"quantized_{k}": v for k, v in
+                   zero_shot(torch.cat(q_emb), labels, text_model, tok, classes, templates, bs).items()})
+        if teacher is not None:
+            t_text = teacher if teacher.text is not None else text_model
+            zs.update({f"teacher_{k}": v for k, v in
+                       zero_shot(torch.cat(t_emb), labels, t_text, tok, classes, templates, bs).items()})
+        else:
+            zs["teacher_note"] = "skipped: no --teacher (the original SigLIP folder) given"
+        zs["n_images"] = len(labels)
+    res["zero_shot"] = zs
+    res["codes_pix"] = code_stats(codes_pix, model.config.vq_pix.codebook_size)
+    res["codes_sem"] = code_stats(codes_sem, model.config.vq_sem.codebook_size)
+    res.update(data=desc, n_images=len(recon_ds), resolution=R, device=device,
+               dtype=cfg.dtype if device.startswith("cuda") else "float32", wall_s=time.time() - t0,
+               template_list=templates, config=config_dict(cfg))
+    s = f"[{desc}, n={len(recon_ds)}]"
+    print(f"PSNR   {res['psnr']:.3f} dB   {s} on [0,1] after clamping")
+    print(f"SSIM   {res['ssim']:.4f}      {s} Gaussian 11x11 sigma 1.5, data range 1, valid")
+    print(f"LPIPS  {'%.4f' % res['lpips'] if res['lpips'] is not None else 'unavailable'}      {s} {lpips_msg}")
+    print(f"rFID   {'%.3f' % res['rfid'] if res['rfid'] is not None else 'unavailable'}      {s} {res['rfid_note']}")
+    zdesc = f"[{len(classes)} classes x {len(templates)} templates, text tokenizer {tok_name}, n={zs.get('n_images')}]"
+    for k in ("quantized_top1", "quantized_top5", "teacher_top1", "teacher_top5"):
+        if k in zs:
+            print(f"zero-shot {k:15s} {zs[k]:.4f}   {zdesc}")
+    for k in ("note", "teacher_note"):
+        if k in zs:
+            print(f"zero-shot: {zs[k]}")
+    for q in ("pix", "sem"):
+        c = res[f"codes_{q}"]
+        print(f"codes {q}: usage/depth {[round(v, 4) for v in c['usage']]}, perplexity/depth "
+              f"{[round(v, 1) for v in c['perplexity']]}, entropy bits/depth {[round(v, 2) for v in c['entropy_bits']]}"
+              f" (max {c['max_entropy_bits']:.2f}), any depth {c['usage_any_depth']:.4f}   [{c['n_vectors']} vectors, {s}]")
+    return _write(res, cfg.out or os.path.join(cfg.tokenizer, "eval_tokenizer.json"))
+
+
+def _write(res, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=2)
+    print(f"wrote {path}")
+    return res
+
+
+JOBS = {"tokenizer": (EvalTokenizerConfig, eval_tokenizer)}
+
+
+def main(argv):
+    if not argv or argv[0] not in JOBS:
+        sys.exit(f"usage: python eval.py {{{'|'.join(JOBS)}}} [config/preset.py] [--key=value ...]")
+    klass, fn = JOBS[argv[0]]
+    return fn(parse_config(klass(), argv[1:]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,207 @@
+"""sample.py and eval.py: the metrics against independent formulas (and pytorch-msssim), zero-shot on a
+case with a known answer, the data files, and every CLI end to end on tiny checkpoints saved with the
+project's own save functions."""
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import data
+import eval as ev
+import sample
+from conftest import ROOT
+
+# -----------------------------------------------------------------------------
+# metrics
+
+
+def _pair(B=3, H=24, W=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(B, 3, H, W, generator=g) * 2.4 - 1.2  # a little outside [-1, 1]: clamping matters
+    y = (x + 0.3 * torch.randn(B, 3, H, W, generator=g)).clamp(-1.3, 1.3)
+    return x, y
+
+
+def test_psnr_matches_formula():
+    x, y = _pair()
+    a = np.clip((x.numpy().astype(np.float64) + 1) / 2, 0, 1)
+    b = np.clip((y.numpy().astype(np.float64) + 1) / 2, 0, 1)
+    want = [10 * math.log10(1 / ((a[i] - b[i]) ** 2).mean()) for i in range(len(a))]
+    assert np.allclose(ev.psnr(x, y).numpy(), want, atol=1e-4)
+    assert torch.allclose(ev.psnr(x, x), torch.full((3,), 100.0))  # identical: MSE floor, not inf
+
+
+def _ssim_reference(a, b, size=11, sigma=1.5, L=1.0):
+    """Wang et al. written out: every valid window, weighted means / variances / covariance."""
+    g = np.exp(-((np.arange(size) - (size - 1) / 2) ** 2) / (2 * sigma ** 2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = (0.01 * L) ** 2, (0.03 * L) ** 2
+    vals = []
+    for c in range(a.shape[0]):
+        for i in range(a.shape[1] - size + 1):
+            for j in range(a.shape[2] - size + 1):
+                p, q = a[c, i:i + size, j:j + size], b[c, i:i + size, j:j + size]
+                mp, mq = (w * p).sum(), (w * q).sum()
+                vp, vq = (w * (p - mp) ** 2).sum(), (w * (q - mq) ** 2).sum()
+                cov = (w * (p - mp) * (q - mq)).sum()
+                vals.append((2 * mp * mq + c1) * (2 * cov + c2) / ((mp ** 2 + mq ** 2 + c1) * (vp + vq + c2)))
+    return float(np.mean(vals))
+
+
+def test_ssim_matches_formula():
+    x, y = _pair(B=2, H=15, W=14)
+    a = np.clip((x.numpy().astype(np.float64) + 1) / 2, 0, 1)
+    b = np.clip((y.numpy().astype(np.float64) + 1) / 2, 0, 1)
+    want = [_ssim_reference(a[i], b[i]) for i in range(2)]
+    assert np.allclose(ev.ssim(x, y).numpy(), want, atol=1e-6)
+    assert torch.allclose(ev.ssim(x, x), torch.ones(2), atol=1e-6)
+    with pytest.raises(ValueError, match="smaller than the 11x11 window"):
+        ev.ssim(x[..., :10], y[..., :10])
+
+
+def test_ssim_matches_pytorch_msssim():
+    pm = pytest.importorskip("pytorch_msssim", reason="pytorch-msssim (requirements-dev.txt) is the reference")
+    x, y = _pair(B=4, H=48, W=40, seed=1)
+    a, b = ((x + 1) / 2).clamp(0, 1), ((y + 1) / 2).clamp(0, 1)
+    want = pm.ssim(a.double(), b.double(), data_range=1.0, size_average=False, win_size=11, win_sigma=1.5)
+    assert torch.allclose(ev.ssim(x, y).double(), want, atol=1e-5)
+
+
+def test_code_stats():
+    K = 8
+    uniform = torch.arange(4 * K).remainder(K).view(-1, 1).repeat(1, 2)  # (32, 2): every code 4x per depth
+    uniform[:, 1] = 3  # depth 1 collapsed to one code
+    s = ev.code_stats(uniform, K)
+    assert s["usage"] == [1.0, 1 / K] and s["usage_any_depth"] == 1.0
+    assert math.isclose(s["perplexity"][0], K, rel_tol=1e-9) and math.isclose(s["perplexity"][1], 1.0)
+    assert math.isclose(s["entropy_bits"][0], 3.0) and s["max_entropy_bits"] == 3.0 and s["n_vectors"] == 32
+
+
+# -----------------------------------------------------------------------------
+# zero-shot with a known answer
+
+
+class _OneHotText(nn.Module):
+    """A 'text tower' that embeds a prompt as the one-hot of the class name it contains: the
+    classifier must then be the identity whatever the templates, and the answer is known."""
+
+    def __init__(self, classes):
+        super().__init__()
+        self.classes, self.text = classes, True
+        self.config = SimpleNamespace(text=SimpleNamespace(max_position_embeddings=64))
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def encode_text(self, ids):
+        out = torch.zeros(ids.shape[0], len(self.classes))
+        for i, row in enumerate(ids.tolist()):
+            prompt = bytes(t for t in row if t < 256).decode()
+            hits = [k for k, c in enumerate(self.classes) if f" {c}" in f" {prompt}."]  # names are distinct words
+            out[i, hits[0]] = 1.0
+        return out
+
+
+def test_zero_shot_known_answer():
+    from text import ByteTokenizer
+    classes = ["red circle", "blue square", "green triangle", "orange diamond", "purple star", "yellow moon"]
+    templates = ["a photo of a {}.", "a drawing of the {}.", "{}"]
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1])
+    emb = torch.eye(6)[labels] + 0.01 * torch.randn(8, 6)
+    model = _OneHotText(classes)
+    assert ev.zero_shot(emb, labels, model, ByteTokenizer(), classes, templates) == {"top1": 1.0, "top5": 1.0}
+    # every image looks like the NEXT class, second most like its own: top-1 0, top-2 .. top-5 all right
+    emb = torch.eye(6)[(labels + 1) % 6] + 0.5 * torch.eye(6)[labels]
+    assert ev.zero_shot(emb, labels, model, ByteTokenizer(), classes, templates) == {"top1": 0.0, "top5": 1.0}
+
+
+def test_imagenet_data_files():
+    classes = ev.read_lines(os.path.join(ROOT, "data", "imagenet_classes.txt"), "classnames")
+    templates = ev.read_lines(os.path.join(ROOT, "data", "imagenet_templates.txt"), "templates")
+    assert len(classes) == 1000 and classes[0] == "tench" and classes[-1] == "toilet paper"
+    assert len(templates) == 80 and len(set(templates)) == 80 and all("{}" in t for t in templates)
+    assert templates[0] == "a bad photo of a {}." and "a photo of a {}." in templates
+
+# -----------------------------------------------------------------------------
+# CLIs on tiny checkpoints
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tmp_path_factory):
+    import tokenizer
+    d = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    m = tokenizer.DualToken(tokenizer.tiny_config())
+    m.save_pretrained(str(d / "tok"))
+    m.siglip.save_pretrained(str(d / "siglip"))  # stands in for the original tower (teacher)
+    return d
+
+
+def test_cli_reconstruct(tiny_tok, tmp_path):
+    from PIL import Image
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / "a.png")  # not square
+    Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(folder / "sub" / "b.jpg")  # grayscale
+    out = tmp_path / "out"
+    info = sample.main(["reconstruct", f"--tokenizer={tiny_tok / 'tok'}", f"--images={folder}",
+                        f"--out_dir={out}", "--device=cpu", "--batch_size=1"])
+    assert len(info["images"]) == 2 and all(np.isfinite(r["psnr"]) for r in info["images"])
+    assert info["images"][0]["pix_codes_shape"] == [4, 4, 3]
+    grid = Image.open(out / "reconstruct.png")
+    assert grid.size == (2 * 34 + 2, 2 * 34 + 2)  # 2 columns (original | recon) x 2 rows of 32 px, 2 px pad
+    assert len(os.listdir(out / "recon")) == 2
+    assert json.load(open(out / "reconstruct.json"))["config"]["images"] == str(folder)
+    with pytest.raises(ValueError, match="neither a file nor a folder"):
+        sample.main(["reconstruct", f"--tokenizer={tiny_tok / 'tok'}", f"--images={tmp_path / 'nope'}"])
+    with pytest.raises(ValueError, match="unknown config key"):
+        sample.main(["reconstruct", f"--tokenizer={tiny_tok / 'tok'}", "--cfg_scale=3"])
+
+
+def test_cli_eval_tokenizer_shapes(tiny_tok, tmp_path, capsys):
+    out = tmp_path / "ev.json"
+    res = ev.main(["tokenizer", f"--tokenizer={tiny_tok / 'tok'}", f"--teacher={tiny_tok / 'siglip'}",
+                   "--num_images=6", "--batch_size=4", "--device=cpu", f"--out={out}"])
+    saved = json.load(open(out))
+    assert saved["n_images"] == 6 and saved["resolution"] == 32
+    assert 0 < saved["psnr"] < 100 and -1 <= saved["ssim"] <= 1
+    assert saved["lpips"] is None and saved["rfid"] is None and saved["rfid_note"].startswith("unavailable")
+    zs = saved["zero_shot"]
+    assert zs["classes"] == 18 and zs["templates"] == 4 and zs["n_images"] == 6
+    for k in ("quantized_top1", "quantized_top5", "teacher_top1", "teacher_top5"):
+        assert 0 <= zs[k] <= 1 and zs[k.replace("top1", "top5")] >= zs[k.replace("top5", "top1")]
+    for q in ("codes_pix", "codes_sem"):
+        assert len(saved[q]["usage"]) == 3 and saved[q]["n_vectors"] == 6 * 16
+        assert all(1 <= p <= 32 for p in saved[q]["perplexity"])
+    printed = capsys.readouterr().out
+    assert "PSNR" in printed and "n=6" in printed and "rFID   unavailable" in printed
+    # the same images through the same weights: deterministic
+    res2 = ev.main(["tokenizer", f"--tokenizer={tiny_tok / 'tok'}", "--num_images=6", "--batch_size=3",
+                    "--device=cpu", f"--out={tmp_path / 'ev2.json'}"])
+    assert res2["psnr"] == pytest.approx(res["psnr"], abs=1e-5) and res2["codes_pix"] == res["codes_pix"]
+    assert "teacher_top1" not in res2["zero_shot"] and "teacher_note" in res2["zero_shot"]
+
+
+def test_cli_eval_tokenizer_image_folder(tiny_tok, tmp_path):
+    from PIL import Image
+    root = tmp_path / "val"
+    world = data.ShapesWorld(data.ShapesConfig(image_size=48))
+    for i in range(4):  # 2 classes x 2 images, folder names are the class names
+        s = world.sample("val", i, num_objects=1)
+        name = ("red_circle", "blue_square")[i % 2]
+        (root / name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(s["image"]).save(root / name / f"{i}.png")
+    names = tmp_path / "names.txt"
+    names.write_text("a blue square\na red circle\n")
+    res = ev.main(["tokenizer", f"--tokenizer={tiny_tok / 'tok'}", f"--data={root}", "--num_images=0",
+                   "--text_tokenizer=byte", f"--classnames={names}", "--device=cpu", f"--out={tmp_path / 'e.json'}"])
+    assert res["n_images"] == 4 and res["zero_shot"]["classes"] == 2 and res["zero_shot"]["templates"] == 80
+    assert "quantized_top1" in res["zero_shot"]
+    names.write_text("only one\n")
+    with pytest.raises(ValueError, match="1 names for 2 class folders"):
+        ev.main(["tokenizer", f"--tokenizer={tiny_tok / 'tok'}", f"--data={root}", "--text_tokenizer=byte",
+                 f"--classnames={names}", "--device=cpu", f"--out={tmp_path / 'e.json'}"])
