@@ -1,0 +1,683 @@
+"""
+Teach the unified LLM to read and draw with dual tokens (paper section 3.4; spec section 3).
+
+    python train_tokenizer.py config/shapes.py && python train_mllm.py config/shapes.py     # CPU
+    python train_mllm.py config/shapes.py --prepare=True      # only (re)build the code cache
+    torchrun --standalone --nproc_per_node=8 train_mllm.py config/mllm_stage1.py \\
+        --tokenizer=/path/to/dualtoken --init_from=/path/to/Qwen2.5-3B --data=/path/to/train.jsonl
+    python train_mllm.py config/shapes.py --resume=True       # continue exactly where it stopped
+
+The frozen DualToken tokenizer runs ONCE over the data (the code cache: memory-mapped int16/int32 .npy
+stacks of both vocabularies + a JSON index of the texts, stamped with a hash of the tokenizer's config
+and weights); training reads codes only. Every micro-batch mixes three kinds of sample in fixed counts
+(so every trained module gets a gradient on every rank, which plain DDP needs):
+    und  [bos] <im_start> image <im_end> question-prompt  answer <eos>      loss: answer + eos
+    cap  [bos] <im_start> image <im_end> caption-prompt   caption <eos>     loss: caption + eos
+    gen  [bos] caption <image_gen_start> image <image_gen_end> <eos>        loss: every depth of both code
+                                                                            stacks, <image_gen_end>, eos
+A `caption_dropout` share of gen samples has the empty caption, [bos] <image_gen_start>: exactly the
+unconditional prompt that MLLM.generate_image uses for classifier-free guidance.
+
+Stages (paper 3.4) are presets: `trainable` = "input" (stage 1: LLM frozen, input projector only),
+"all" (stage 2 understanding, stage 4 mixed), "output" (stage 3: LLM frozen, depth heads incl. their
+output projectors, on generation). `lr` is the LLM's learning rate, `vis_lr` the visual modules'.
+
+out_dir holds config.json (MLLMConfig + the tokenizer path and hash + the text tokenizer and prompt
+format) and model.safetensors (codebooks included): `load_mllm(out_dir)` reads them strictly;
+train_state.pt (exact resume), log.jsonl, samples/step_*.png (decoded cached codes over generations),
+eval.json (held-out QA accuracy and checker-judged generation accuracy with CFG).
+"""
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+import train_utils as tu
+from configurator import config_dict, parse_config
+from mllm import MLLM, MLLMConfig, build_sequence, collate, make_targets
+
+KINDS = ("und", "cap", "gen")
+IMAGE_TOKENS = ("<im_start>", "<im_end>", "<image_gen_start>", "<image_gen_end>")
+
+
+@dataclass
+class TrainMLLMConfig:
+    SECTION = "mllm"  # reads the `mllm_config = dict(...)` section of a pipeline preset
+    out_dir: str = "out-mllm"
+    tokenizer: str = ""              # DualToken folder (DualToken.from_pretrained); frozen
+    # data: "shapes" or a .jsonl of {"image": path, "caption": text, "qa": [[question, answer], ...]}
+    # (caption and qa optional per line; image paths relative to the file)
+    data: str = "shapes"
+    eval_data: str = ""              # real data: a held-out .jsonl of the same form
+    cache_dir: str = ""              # "" -> out_dir/cache
+    prepare: bool = False            # build the code cache and exit (a missing cache is built anyway)
+    prepare_batch: int = 128
+    max_objects: int = 2             # shapes
+    train_size: int = 20_000         # shapes: images in the train cache
+    eval_size: int = 200             # held-out images (shapes: val split)
+    # LLM: from scratch (the fields below) or a local HF Qwen2 / LLaMA folder
+    init_from: str = ""
+    text_tokenizer: str = ""         # "" -> byte-level; else an HF tokenizer.json (needs `tokenizers`)
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4
+    n_kv_head: int = 2
+    intermediate_size: int = 688
+    head_n_layer: int = 3            # paper: 3-layer depth transformers
+    head_n_embd: Optional[int] = None
+    head_n_head: Optional[int] = None
+    # what trains: "all", "input" (vis_in only), "output" (pix/sem depth heads only)
+    trainable: str = "all"
+    mix: tuple = (0.4, 0.1, 0.5)     # und, cap, gen shares of each micro-batch (rounded to counts)
+    caption_dropout: float = 0.1     # gen samples with the empty caption (the CFG unconditional model)
+    # optimisation
+    batch_size: int = 64             # global batch per optimizer step
+    micro_batch: int = 64
+    max_steps: int = 2000
+    stop_step: int = 0               # stop (with a checkpoint) after this step; 0: run to max_steps
+    lr: float = 1e-4                 # LLM trunk (embeddings included)
+    vis_lr: Optional[float] = None   # vis_in + depth heads; None -> lr
+    min_lr_frac: float = 0.1         # cosine to lr * min_lr_frac
+    warmup: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # evaluation / sampling
+    cfg_scale: float = 3.0
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    eval_qa: int = 200               # held-out questions at the end (one per image)
+    eval_gen: int = 100              # held-out captions drawn at the end (shapes: checker-judged)
+    eval_batch: int = 50
+    # system
+    seed: int = 0
+    device: str = ""
+    dtype: str = "bfloat16"          # autocast on cuda; CPU runs fp32
+    compile: Optional[bool] = None   # None -> on for cuda only
+    log_interval: int = 10
+    sample_interval: int = 500       # a few held-out answers + a PNG of drawn captions; 0: never
+    ckpt_interval: int = 500
+    resume: bool = False
+
+
+# -----------------------------------------------------------------------------
+# tokenizers: the frozen image tokenizer and the text side
+
+
+def load_image_tokenizer(path, device="cpu"):
+    if not path or not os.path.isdir(path):
+        raise ValueError(f"tokenizer={path!r}: need a DualToken folder (config.json + weights); for shapes run "
+                         f"`python train_tokenizer.py config/shapes.py` first")
+    from tokenizer import DualToken
+    return DualToken.from_pretrained(path).to(device).eval().requires_grad_(False)
+
+
+def tokenizer_hash(dual):
+    """sha256 of the tokenizer's config and every tensor: what the code cache and checkpoints are stamped
+    with (file-format independent: an authors' .pt and its safetensors conversion hash the same)."""
+    from tokenizer import config_to_dict
+    h = hashlib.sha256(json.dumps(config_to_dict(dual.config), sort_keys=True).encode())
+    for k, v in sorted(dual.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class ChatTokenizer:
+    """An HF tokenizer.json LLM tokenizer (Qwen2.5) with its chat template, the interface train_mllm uses:
+    encode / decode / eos_id / pad_id / vocab_size. The image tokens are not in the file: the model
+    appends them (MLLM.from_pretrained new_tokens) and sequences get them as ids, never as text."""
+
+    def __init__(self, path, eos="<|im_end|>"):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ImportError("an HF text tokenizer needs the `tokenizers` package; shapes uses bytes") from None
+        self.tok = Tokenizer.from_file(path)
+        self.eos_id = self.tok.token_to_id(eos)
+        if self.eos_id is None:
+            raise ValueError(f"{path}: special token {eos!r} is not in the vocabulary")
+        self.pad_id = self.eos_id
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def user_prompt(self, text):
+        """Qwen2.5's template around one user turn, up to where the assistant's answer starts."""
+        return self.encode(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
+
+
+class BytePromptTokenizer:
+    """text.ByteTokenizer with the MLLM's specials: pad 256, eos 257, then bos and the image tokens."""
+
+    def __init__(self):
+        from text import ByteTokenizer
+        self.tok = ByteTokenizer(extra=("<bos>",) + IMAGE_TOKENS)
+        self.eos_id, self.pad_id, self.vocab_size = self.tok.eos_id, self.tok.pad_id, self.tok.vocab_size
+        self.encode, self.decode, self.token_id = self.tok.encode, self.tok.decode, self.tok.token_id
+
+    def user_prompt(self, text):
+        return self.encode(text + "\n")
+
+
+def text_tokenizer(cfg):
+    if not cfg.text_tokenizer:
+        if cfg.init_from:
+            raise ValueError("init_from (a pretrained LLM) needs its text_tokenizer (tokenizer.json)")
+        return BytePromptTokenizer()
+    return ChatTokenizer(cfg.text_tokenizer)
+
+
+CAPTION_PROMPT = "describe the image."
+
+
+def sample_parts(kind, rec, tok, rng, caption_dropout, P):
+    """One training sequence as build_sequence parts + the number of trailing tokens that carry loss."""
+    if kind == "und" and rec.get("qa"):
+        q, a = rec["qa"][int(rng.integers(len(rec["qa"])))]
+        ans = tok.encode(a) + [tok.eos_id]
+        return [("und", P), tok.user_prompt(q), ans], len(ans)
+    if kind in ("und", "cap"):  # an image without questions teaches captioning instead
+        ans = tok.encode(rec["caption"]) + [tok.eos_id]
+        return [("und", P), tok.user_prompt(CAPTION_PROMPT), ans], len(ans)
+    cap = [] if rng.random() < caption_dropout else tok.encode(rec["caption"])
+    return [cap, ("gen", P), [tok.eos_id]], 2  # loss on <image_gen_end> and eos (+ the codes)
+
+
+def make_batch(mc, items):
+    """items: (parts, n_loss, pix (P, Dp), sem (P, Ds)) -> the MLLM.forward keyword dict."""
+    seqs, masks = [], []
+    for parts, n_loss, _, _ in items:
+        ids, img, gen = build_sequence(mc, parts)
+        lm = torch.zeros_like(img)
+        lm[len(ids) - n_loss:] = True
+        seqs.append((ids, img, gen))
+        masks.append(lm)
+    b = collate(mc, seqs)
+    T = b["idx"].shape[1]
+    lm = torch.zeros(len(items), T, dtype=torch.bool)
+    for i, m in enumerate(masks):  # left padded like collate
+        lm[i, T - m.numel():] = m
+    b["targets"] = make_targets(b["idx"], b["image_mask"], b["attention_mask"], lm)
+    b["pix_codes"] = torch.cat([torch.from_numpy(np.array(it[2])).long() for it in items])  # (N, Dp)
+    b["sem_codes"] = torch.cat([torch.from_numpy(np.array(it[3])).long() for it in items])
+    return b
+
+
+def kind_counts(mix, micro_batch):
+    """Shares -> per-micro-batch counts summing to micro_batch (largest remainder); a kind with a positive
+    share gets at least one slot, so its modules see a gradient in every micro-batch."""
+    w = np.asarray(mix, dtype=np.float64)
+    if w.shape != (3,) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"mix: expected three non-negative shares (und, cap, gen), got {mix}")
+    if micro_batch < int((w > 0).sum()):
+        raise ValueError(f"micro_batch {micro_batch} is smaller than the number of mixed kinds in mix={mix}")
+    raw = w / w.sum() * micro_batch
+    n = np.floor(raw).astype(int)
+    n[(w > 0) & (n == 0)] = 1
+    while n.sum() > micro_batch:
+        n[np.argmax(n)] -= 1
+    for i in np.argsort(-(raw - n)):
+        if n.sum() == micro_batch:
+            break
+        n[i] += 1
+    return dict(zip(KINDS, n.tolist()))
+
+# -----------------------------------------------------------------------------
+# the code cache
+
+
+def source_split(cfg, split, R):
+    """-> (n, item(i) -> (record dict with caption / qa (/ objects for shapes), image (3, R, R) tensor))."""
+    import data
+    if cfg.data == "shapes":
+        world = data.ShapesWorld(data.ShapesConfig(image_size=R, max_objects=cfg.max_objects, seed=cfg.seed))
+
+        def item(i):
+            s = world.sample(split, i)
+            rec = dict(caption=s["caption"], qa=[list(p) for p in s["qa"]], objects=s["objects"])
+            return rec, data.to_tensor(s["image"])
+        return (cfg.train_size if split == "train" else cfg.eval_size), item
+    path = cfg.data if split == "train" else cfg.eval_data
+    if not path or not path.endswith(".jsonl") or not os.path.isfile(path):
+        raise ValueError(f"{'data' if split == 'train' else 'eval_data'}={path!r}: expected 'shapes' or a .jsonl")
+    root, recs = os.path.dirname(os.path.abspath(path)), []
+    with open(path) as f:
+        for ln, line in enumerate(f, 1):
+            if line.strip():
+                r = json.loads(line)
+                if "image" not in r or not ("caption" in r or "qa" in r):
+                    raise ValueError(f"{path}:{ln}: need 'image' and a 'caption' and/or 'qa' list")
+                recs.append(dict(image=os.path.join(root, r["image"]), caption=r.get("caption", ""),
+                                 qa=r.get("qa", [])))
+    tf = data.eval_transform(R)
+    return len(recs), lambda i: (recs[i], tf(data.load_image(recs[i]["image"])))
+
+
+def cache_meta(cfg, dual, thash):
+    q = dual.config
+    return dict(tokenizer_hash=thash, grid=q.grid, pix_depth=q.vq_pix.depth, sem_depth=q.vq_sem.depth,
+                pix_vocab=q.vq_pix.codebook_size, sem_vocab=q.vq_sem.codebook_size,
+                data=dict(data=cfg.data, eval_data=cfg.eval_data, max_objects=cfg.max_objects, seed=cfg.seed,
+                          train_size=cfg.train_size if cfg.data == "shapes" else None,
+                          eval_size=cfg.eval_size if cfg.data == "shapes" else None))
+
+
+@torch.no_grad()
+def prepare_cache(cfg, dual, thash, folder, device, verbose=True):
+    """Encode every image once; meta.json is written last, so its presence means a complete cache."""
+    os.makedirs(folder, exist_ok=True)
+    meta = cache_meta(cfg, dual, thash)
+    R = dual.config.siglip.vision.image_size
+    big = max(meta["pix_vocab"], meta["sem_vocab"]) > np.iinfo(np.int16).max
+    dt = np.int32 if big else np.int16
+    splits = ("train", "val") if cfg.data == "shapes" or cfg.eval_data else ("train",)
+    t0 = time.time()
+    for split in splits:
+        n, item = source_split(cfg, split, R)
+        P, recs = meta["grid"] ** 2, []
+        pix = np.lib.format.open_memmap(os.path.join(folder, f"{split}_pix.npy"), "w+", dt, (n, P, meta["pix_depth"]))
+        sem = np.lib.format.open_memmap(os.path.join(folder, f"{split}_sem.npy"), "w+", dt, (n, P, meta["sem_depth"]))
+        for s in range(0, n, cfg.prepare_batch):
+            idx = range(s, min(s + cfg.prepare_batch, n))
+            got = [item(i) for i in idx]
+            recs += [r for r, _ in got]
+            x = torch.stack([im for _, im in got]).to(device)
+            p, q = dual.encode(x)  # (B, h, w, D) each
+            pix[idx.start:idx.stop] = p.reshape(len(idx), P, -1).cpu().numpy().astype(dt)  # raster order
+            sem[idx.start:idx.stop] = q.reshape(len(idx), P, -1).cpu().numpy().astype(dt)
+        pix.flush(), sem.flush()
+        del pix, sem
+        tu._atomic_write(os.path.join(folder, f"{split}_index.json"), lambda f: f.write(json.dumps(recs).encode()))
+        meta[f"{split}_size"] = len(recs)
+        if verbose:
+            print(f"cache: {split} {len(recs)} images encoded ({time.time() - t0:.0f} s)")
+    tu._atomic_write(os.path.join(folder, "meta.json"), lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    return meta
+
+
+class CodeCache:
+    """Read side of the cache: pix / sem memory-mapped (N, P, D) arrays and the records of one split."""
+
+    def __init__(self, folder, split, expect):
+        path = os.path.join(folder, "meta.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"no code cache in {folder} (no meta.json): run with --prepare=True")
+        with open(path) as f:
+            meta = json.load(f)
+        if meta["tokenizer_hash"] != expect["tokenizer_hash"]:
+            raise ValueError(f"code cache {folder} was made by tokenizer {meta['tokenizer_hash']}, the configured "
+                             f"tokenizer is {expect['tokenizer_hash']}: delete the cache or run --prepare=True")
+        diff = {k: (meta.get(k), v) for k, v in expect.items() if meta.get(k) != v}
+        if diff:
+            raise ValueError(f"code cache {folder} does not match this run (cache, run): {diff}; "
+                             f"run --prepare=True to rebuild it")
+        if f"{split}_size" not in meta:
+            raise ValueError(f"code cache {folder} has no {split!r} split")
+        self.pix = np.load(os.path.join(folder, f"{split}_pix.npy"), mmap_mode="r")
+        self.sem = np.load(os.path.join(folder, f"{split}_sem.npy"), mmap_mode="r")
+        with open(os.path.join(folder, f"{split}_index.json")) as f:
+            self.records = json.load(f)
+        n = meta[f"{split}_size"]
+        if not (len(self.pix) == len(self.sem) == len(self.records) == n):
+            raise ValueError(f"code cache {folder}/{split}: {len(self.pix)} pix, {len(self.sem)} sem, "
+                             f"{len(self.records)} records, meta says {n}")
+
+    def __len__(self):
+        return len(self.records)
+
+# -----------------------------------------------------------------------------
+# model
+
+
+def build_model(cfg, tok, dual):
+    q = dual.config
+    vis = dict(pix_vocab=q.vq_pix.codebook_size, pix_dim=q.vq_pix.code_dim, pix_depth=q.vq_pix.depth,
+               sem_vocab=q.vq_sem.codebook_size, sem_dim=q.vq_sem.code_dim, sem_depth=q.vq_sem.depth,
+               head_n_layer=cfg.head_n_layer, head_n_embd=cfg.head_n_embd, head_n_head=cfg.head_n_head)
+    if cfg.init_from:
+        model = MLLM.from_pretrained(cfg.init_from, new_tokens=IMAGE_TOKENS, **vis)
+        mc = model.config
+        if tok.vocab_size > mc.vocab_size - len(IMAGE_TOKENS):
+            raise ValueError(f"text_tokenizer has {tok.vocab_size} ids, the LLM {mc.vocab_size - 4} before the "
+                             f"image tokens")
+        mc.eos_id = tok.eos_id  # the chat template's end of turn ends an answer
+    else:
+        # the one place where the special ids come from the tokenizer (MLLMConfig's defaults differ)
+        ids = {f.strip("<>") + "_id": tok.token_id(f) for f in ("<bos>",) + IMAGE_TOKENS}
+        mc = MLLMConfig(vocab_size=tok.vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
+                        n_kv_head=cfg.n_kv_head, intermediate_size=cfg.intermediate_size, pad_id=tok.pad_id,
+                        eos_id=tok.eos_id, **ids, **vis)
+        model = MLLM(mc)
+    model.set_codebooks(dual.quantizer_pix.codebook, dual.quantizer_sem.codebook)
+    return model
+
+
+def visual_modules(model):
+    return [model.vis_in, model.pix_head, model.sem_head]
+
+
+def set_trainable(model, mode):
+    if mode not in ("all", "input", "output"):
+        raise ValueError(f"trainable={mode!r}: expected 'all', 'input' or 'output'")
+    model.requires_grad_(mode == "all")
+    if mode == "input":
+        model.vis_in.requires_grad_(True)
+    elif mode == "output":
+        model.pix_head.requires_grad_(True)
+        model.sem_head.requires_grad_(True)
+
+
+def param_groups(model, cfg):
+    """AdamW groups: (LLM, visual) x (decay >= 2-D, no decay), each with its own base lr."""
+    vis = {id(p) for m in visual_modules(model) for p in m.parameters()}
+    groups = []
+    for name, lr, sel in (("llm", cfg.lr, lambda p: id(p) not in vis),
+                          ("vis", cfg.vis_lr or cfg.lr, lambda p: id(p) in vis)):
+        ps = [p for p in model.parameters() if p.requires_grad and sel(p)]
+        for decay in (True, False):
+            g = [p for p in ps if (p.dim() >= 2) == decay]
+            if g:
+                groups.append(dict(params=g, weight_decay=cfg.weight_decay if decay else 0.0, base_lr=lr,
+                                   name=f"{name}_{'decay' if decay else 'no_decay'}"))
+    if not groups:
+        raise ValueError(f"trainable={cfg.trainable!r} leaves nothing to train")
+    return groups
+
+
+def export(raw, folder, extra):
+    """config.json (the MLLM config + how to talk to it) and model.safetensors, both atomic. A tied output
+    head is stored once (as embed.weight); load_mllm re-ties it."""
+    conf = dict(mllm=asdict(raw.config), **extra)
+    tu._atomic_write(os.path.join(folder, "config.json"), lambda f: f.write(json.dumps(conf, indent=2).encode()))
+    sd = raw.state_dict()
+    if raw.config.tie_word_embeddings:
+        sd.pop("lm_head.weight")
+    tu.atomic_save_safetensors(sd, os.path.join(folder, "model.safetensors"), {"format": "pt"})
+
+
+def load_mllm(folder, device="cpu"):
+    """-> (MLLM, info dict: tokenizer, tokenizer_hash, text_tokenizer, caption_prompt, ...) from an out_dir.
+    Strict: every key used, every shape checked."""
+    from safetensors.torch import load_file
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"load_mllm: no config.json in {folder}")
+    with open(path) as f:
+        conf = json.load(f)
+    if "mllm" not in conf:
+        raise ValueError(f"{path}: no 'mllm' section (not written by train_mllm.py)")
+    model = MLLM(MLLMConfig(**conf.pop("mllm")))
+    sd = load_file(os.path.join(folder, "model.safetensors"))
+    if model.config.tie_word_embeddings and "embed.weight" in sd:
+        sd["lm_head.weight"] = sd["embed.weight"]
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    bad = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or bad:
+        raise ValueError(f"{folder}/model.safetensors does not match its config: missing {missing}, "
+                         f"unexpected {unexpected}, wrong shape {bad}")
+    model.load_state_dict(sd, strict=True)
+    return model.to(device).eval(), conf
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+def _codes(cache, i):
+    return torch.from_numpy(np.array(cache.pix[i])).long(), \
+        torch.from_numpy(np.array(cache.sem[i])).long()
+
+
+def qa_pairs(cache, n, seed=0):
+    """One held-out (index, question, answer) per image, fixed by the seed."""
+    rng, out = np.random.default_rng(seed), []
+    for i in range(len(cache)):
+        qa = cache.records[i].get("qa") or []
+        if qa:
+            q, a = qa[int(rng.integers(len(qa)))]
+            out.append((i, q, a))
+        if len(out) == n:
+            break
+    return out
+
+
+@torch.no_grad()
+def answer(raw, tok, cache, pairs, batch):
+    out = []
+    for s in range(0, len(pairs), batch):
+        chunk = pairs[s:s + batch]
+        codes = [_codes(cache, i) for i, _, _ in chunk]
+        pix, sem = torch.stack([c[0] for c in codes]), torch.stack([c[1] for c in codes])
+        res = raw.generate_text([tok.user_prompt(q) for _, q, _ in chunk], images=(pix, sem), max_new_tokens=24,
+                                temperature=0.0)
+        out += [tok.decode(r).strip() for r in res]
+    return out
+
+
+@torch.no_grad()
+def draw(raw, tok, dual, captions, cfg, seed, batch):
+    """Captions -> decoded images (B, 3, R, R), in [-1, 1] (not clamped)."""
+    g, ims = torch.Generator(device=raw.embed.weight.device).manual_seed(seed), []
+    n = dual.config.grid
+    for s in range(0, len(captions), batch):
+        pix, _ = raw.generate_image([tok.encode(c) for c in captions[s:s + batch]], n * n, cfg_scale=cfg.cfg_scale,
+                                    temperature=cfg.temperature, top_k=cfg.top_k, generator=g)
+        ims.append(dual.decode(pix.view(pix.shape[0], n, n, -1).to(next(dual.parameters()).device)).cpu())
+    return torch.cat(ims)
+
+
+def evaluate(raw, tok, dual, cache, cfg, n_qa, n_gen):
+    """Held-out QA exact-match accuracy and, where records carry objects (shapes), generation accuracy:
+    `describe` reads each drawn image back and `objects_match` must find every attribute of every object."""
+    import data
+    was = raw.training
+    raw.eval()
+    res = {}
+    pairs = qa_pairs(cache, n_qa)
+    if pairs:
+        pred = answer(raw, tok, cache, pairs, cfg.eval_batch)
+        res["qa_accuracy"] = float(np.mean([p == a for p, (_, _, a) in zip(pred, pairs)]))
+        res["n_qa"] = len(pairs)
+        res["qa_examples"] = [dict(q=q, truth=a, pred=p) for p, (_, q, a) in list(zip(pred, pairs))[:8]]
+    idx = list(range(min(n_gen, len(cache))))
+    if idx and "objects" in cache.records[0]:
+        ims = draw(raw, tok, dual, [cache.records[i]["caption"] for i in idx], cfg, cfg.seed, cfg.eval_batch)
+        m = [data.objects_match(data.describe(data.to_image(x)), cache.records[i]["objects"]) for x, i in zip(ims, idx)]
+        res["gen_accuracy"] = float(np.mean([r["all_correct"] for r in m]))
+        res["gen_objects_correct"] = float(sum(r["n_correct"] for r in m) /
+                                           sum(len(cache.records[i]["objects"]) for i in idx))
+        res.update({f"gen_{k}": float(np.mean([r[k] for r in m])) for k in ("count", "color", "shape", "size", "cell")})
+        res["n_gen"], res["cfg_scale"], res["temperature"] = len(idx), cfg.cfg_scale, cfg.temperature
+    raw.train(was)
+    return res
+
+
+def save_samples(raw, tok, dual, cache, cfg, path, n=8):
+    """Top: the tokenizer's decoding of the held-out image's cached codes; bottom: drawn from its caption."""
+    from train_tokenizer import save_grid
+    was = raw.training
+    raw.eval()
+    idx = list(range(min(n, len(cache))))
+    truth = torch.cat([dual.decode(_codes(cache, i)[0].view(1, dual.config.grid, dual.config.grid, -1)
+                                   .to(next(dual.parameters()).device)).cpu() for i in idx])
+    ims = draw(raw, tok, dual, [cache.records[i]["caption"] for i in idx], cfg, cfg.seed + 1, n)
+    save_grid(truth, ims, path, n=n)
+    pairs = qa_pairs(cache, 4, seed=1)
+    pred = answer(raw, tok, cache, pairs, 4)
+    raw.train(was)
+    return [dict(q=q, truth=a, pred=p) for p, (_, q, a) in zip(pred, pairs)]
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def train(cfg):
+    t_start = time.time()
+    ctx = tu.setup_ddp(cfg.device or None)
+    device, master = ctx.device, ctx.is_master
+    torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts it)
+    accum = tu.grad_accum_steps(cfg.batch_size, cfg.micro_batch, ctx.world)
+    counts = kind_counts(cfg.mix, cfg.micro_batch)
+
+    dual = load_image_tokenizer(cfg.tokenizer, device)
+    thash = tokenizer_hash(dual)
+    folder = cfg.cache_dir or os.path.join(cfg.out_dir, "cache")
+    expect = cache_meta(cfg, dual, thash)
+    if cfg.prepare or not os.path.isfile(os.path.join(folder, "meta.json")):
+        if master:
+            prepare_cache(cfg, dual, thash, folder, device)
+        if ctx.ddp:
+            torch.distributed.barrier()
+        if cfg.prepare:
+            tu.cleanup_ddp()
+            return None, None
+    train_c = CodeCache(folder, "train", expect)
+    val_c = CodeCache(folder, "val", expect) if (cfg.data == "shapes" or cfg.eval_data) else None
+    if counts["und"] and not any(r.get("qa") for r in train_c.records):
+        print("note: no record has questions; und samples train captioning")
+
+    tok = text_tokenizer(cfg)
+    raw = build_model(cfg, tok, dual)
+    mc = raw.config
+    set_trainable(raw, cfg.trainable)
+    raw = raw.to(device)
+    opt = torch.optim.AdamW(param_groups(raw, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    state_path = os.path.join(cfg.out_dir, "train_state.pt")
+    step, consumed = 0, 0
+    if cfg.resume:
+        if not os.path.isfile(state_path):
+            raise ValueError(f"--resume=True but there is no {state_path}")
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        if st["tokenizer_hash"] != thash:
+            raise ValueError(f"{state_path} was trained with tokenizer {st['tokenizer_hash']}, this run has {thash}")
+        raw.load_state_dict(st["model"], strict=True)
+        opt.load_state_dict(st["optimizer"])
+        step, consumed = st["step"], st["consumed"]
+    elif cfg.init_from == "" and os.path.isfile(state_path) and master:
+        print(f"note: {state_path} exists and will be overwritten (use --resume=True to continue)")
+    sampler = tu.ShardedSampler(len(train_c), cfg.seed, ctx.rank, ctx.world, cfg.micro_batch)
+    total = consumed * ctx.world * cfg.micro_batch
+    sampler.load_state_dict({"epoch": total // len(train_c), "pos": total % len(train_c), "n": len(train_c),
+                             "seed": cfg.seed})
+
+    P = dual.config.grid ** 2
+    kinds = [k for k in KINDS for _ in range(counts[k])]
+
+    def next_batch():
+        """The micro-batch after `consumed` ones: a pure function of (seed, rank, consumed) -> exact resume."""
+        idx = next(sampler)
+        rng = np.random.default_rng([cfg.seed, ctx.rank, consumed])
+        items = []
+        for kind, i in zip(kinds, idx):
+            parts, n_loss = sample_parts(kind, train_c.records[i], tok, rng, cfg.caption_dropout, P)
+            items.append((parts, n_loss, train_c.pix[i], train_c.sem[i]))
+        return {k: v.to(device) for k, v in make_batch(mc, items).items()}
+
+    use_compile = device.startswith("cuda") if cfg.compile is None else cfg.compile
+    model = torch.compile(raw, dynamic=True) if use_compile else raw
+    if ctx.ddp:
+        ids = [ctx.local_rank] if device.startswith("cuda") else None
+        heads_idle = counts["gen"] == 0 and any(p.requires_grad for p in raw.pix_head.parameters())
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False,
+                                                          find_unused_parameters=heads_idle)
+    autocast = tu.autocast_ctx(device, cfg.dtype)
+    logger = tu.JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=master)
+    extra = dict(tokenizer=os.path.abspath(cfg.tokenizer), tokenizer_hash=thash,
+                 text_tokenizer=cfg.text_tokenizer or "bytes", caption_prompt=CAPTION_PROMPT,
+                 prompt_format="und: [bos] <im_start> image <im_end> user_prompt(question); "
+                               "gen: [bos] encode(caption) <image_gen_start>",
+                 grid=dual.config.grid, image_size=dual.config.siglip.vision.image_size)
+    n_params = sum(p.numel() for p in raw.parameters())
+    n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+    if master:
+        print(f"MLLM {n_params / 1e6:.2f}M params ({n_train / 1e6:.2f}M trainable, {cfg.trainable}), device "
+              f"{device} x{ctx.world}, accum {accum}, micro-batch {counts}, {len(train_c)} cached images, "
+              f"tokenizer {thash}, from step {step}")
+        logger.log(event="start", step=step, params=n_params, trainable=n_train, world=ctx.world, counts=counts,
+                   config=config_dict(cfg))
+
+    def checkpoint():
+        if master:
+            tu.atomic_save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                            "consumed": consumed, "tokenizer_hash": thash, "config": config_dict(cfg)}, state_path)
+            export(raw, cfg.out_dir, extra)
+
+    last_step = cfg.stop_step or cfg.max_steps
+    from tqdm import tqdm
+    bar = tqdm(total=last_step, initial=step, disable=not master, desc="mllm", dynamic_ncols=True)
+    t0, seen, last_good = time.time(), 0, step if cfg.resume else None
+    while step < last_step:
+        f = tu.cosine_lr(step, cfg.warmup, cfg.max_steps, 1.0, cfg.min_lr_frac)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * f
+        sums = dict(loss=0.0, text=0.0, pix=0.0, sem=0.0)
+        for micro in range(accum):
+            b = next_batch()
+            consumed += 1
+            if ctx.ddp:
+                model.require_backward_grad_sync = micro == accum - 1
+            with autocast:
+                _, loss = model(**b)
+            terms = dict(loss=loss.detach(), **raw.loss_parts)
+            try:
+                tu.check_finite(terms, step)
+            except FloatingPointError as e:
+                where = f"step {last_good} in {cfg.out_dir}" if last_good is not None else "none written yet"
+                msg = f"{e}; stopped without saving, the last good checkpoint is {where}"
+                logger.log(event="nonfinite", step=step, message=msg)
+                tu.cleanup_ddp()
+                raise FloatingPointError(msg) from None
+            (loss / accum).backward()
+            for k, v in terms.items():
+                sums[k] += float(v) / accum
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in raw.parameters() if p.requires_grad], cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        seen += cfg.batch_size
+        bar.update(1)
+        if master and (step % cfg.log_interval == 0 or step == last_step):
+            dt = time.time() - t0
+            logger.log(event="train", step=step, lr=cfg.lr * f, samples_per_s=seen / dt,
+                       elapsed_s=time.time() - t_start, **sums)
+            bar.set_postfix(loss=f"{sums['loss']:.3f}", text=f"{sums['text']:.3f}", pix=f"{sums['pix']:.2f}",
+                            sem=f"{sums['sem']:.2f}")
+        if step % cfg.ckpt_interval == 0 or step == last_step:
+            checkpoint()
+            last_good = step
+        if master and val_c is not None and cfg.sample_interval and step % cfg.sample_interval == 0:
+            qa = save_samples(raw, tok, dual, val_c, cfg, os.path.join(cfg.out_dir, "samples", f"step_{step:06d}.png"))
+            logger.log(event="samples", step=step, qa=qa)
+            bar.write(f"step {step}: " + "; ".join(f"{r['q']} -> {r['pred']!r} ({r['truth']})" for r in qa))
+    bar.close()
+    result = None
+    if master and val_c is not None and step >= cfg.max_steps:
+        t_ev = time.time()
+        result = dict(step=step, **evaluate(raw, tok, dual, val_c, cfg, cfg.eval_qa, cfg.eval_gen))
+        result.update(eval_s=time.time() - t_ev, wall_s=time.time() - t_start, tokenizer_hash=thash,
+                      config=config_dict(cfg))
+        with open(os.path.join(cfg.out_dir, "eval.json"), "w") as fh:
+            json.dump(result, fh, indent=2)
+        logger.log(event="eval", **{k: v for k, v in result.items() if k != "config"})
+        print(f"held-out QA accuracy {result.get('qa_accuracy', float('nan')):.3f} ({result.get('n_qa', 0)} "
+              f"questions), generation accuracy {result.get('gen_accuracy', float('nan')):.3f} "
+              f"({result.get('n_gen', 0)} captions, CFG {cfg.cfg_scale}); done in {result['wall_s']:.0f} s; "
+              f"wrote {cfg.out_dir}/eval.json")
+    tu.cleanup_ddp()
+    return raw, result
+
+
+if __name__ == "__main__":
+    train(parse_config(TrainMLLMConfig()))
