@@ -24,18 +24,21 @@ before that depth's update (RQ-VAE looks the code up before `_update_embedding`)
 `embed(codes)` evaluated on the codebook(s) the search saw.
 
 Memory. Nothing of size (K x N) is ever built: counts use bincount, sums index_add_, and the search runs
-over chunks of `search_chunk` vectors, so the largest tensor is one (C, K) fp32 distance block. With
-N vectors, K codes, width D, depth L, chunk C, a training step needs about
-    4*C*K                    distance block
-  + 4*N*D*(L + 6)            x in fp32, residual, partial sum, quantized, straight-through, plus the L
-                             (x - partial_d) tensors autograd keeps for the commitment loss
+over chunks of `search_chunk` vectors through one reused (C, K) fp32 distance block, the largest tensor
+of the whole quantizer. With N vectors, K codes, width D, depth L, chunk C, a training step (forward and
+backward) needs about
+    4*C*K                    the distance block
+  + 4*N*D*(L + 5)            residual, partial sum, codeword, straight-through output and its gradient,
+                             plus the L (x - partial_d) tensors autograd keeps for the commitment loss
   + 4*N*D*L                  the residuals of all depths ("deferred" only, for its single update)
-  + 8*N*L                    codes
-  + 4*K*(D + 1)*3            counts/sums, random restart vectors, smoothed sizes
-bytes on top of the module's own buffers (3 * 4*K*D per book). At the released size (K=16384, D=32,
-L=8) with B=32 images x 729 = 23328 vectors and C=1024: 64 MiB + 12.5 MiB + 5.7 MiB + 1.4 MiB + 6 MiB,
-i.e. about 84 MiB "per_depth" and 90 MiB "deferred" (the one-hot RQ-VAE update alone needs two
-23328 x 16384 fp32 matrices, 2.8 GiB). Inference needs the distance block and a few N x D tensors.
+  + 16*N*L                   codes (int64, per depth and stacked)
+  + 4*K*(D + 1)*3            counts|sums, random restart vectors, the new codebook
+bytes on top of the module's own buffers (3 * 4*K*D bytes per book). At the released size (K=16384,
+D=32, L=8, C=512) with B=32 images x 729 = 23328 vectors: 32 + 37 + 2.8 + 6.2 = 78 MiB for "per_depth"
+and 101 MiB for "deferred" (the RQ-VAE one-hot update alone holds a 16384 x 23328 fp32 one-hot and an
+equal distance matrix, 2.8 GiB). Inference needs the distance block and a few N x D tensors. The formula
+is a slight overestimate: `python bench.py rvq` measured 40 / 45 MiB (per_depth / deferred) for a
+training step at B=8 (5832 vectors) where it predicts 48 / 54 MiB, and 35 MiB for inference.
 
 rvq.py imports only torch.
 """
