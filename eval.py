@@ -342,7 +342,138 @@ def _write(res, path):
     return res
 
 
-JOBS = {"tokenizer": (EvalTokenizerConfig, eval_tokenizer)}
+# -----------------------------------------------------------------------------
+# python eval.py mllm (shapes world)
+
+
+def question_type(q):
+    """The shapes world's question templates (data.ShapesWorld.questions) -> a type name."""
+    for prefix, name in (("how many objects", "count_all"), ("how many", "count_shape"), ("what color", "color"),
+                         ("what shape", "shape"), ("where is", "position"), ("what size", "size"),
+                         ("is there", "exists")):
+        if q.startswith(prefix):
+            return name
+    return "other"
+
+
+def score_generations(images, objects):
+    """Checker-judged generation: images uint8 (B, H, W, 3), objects: the captions' true objects.
+    -> share of images with every object right (all_correct), per attribute (count, color, shape, size,
+    cell: every true object's matched prediction right), and the share of true objects fully right."""
+    ms = [data.objects_match(data.describe(im), truth) for im, truth in zip(images, objects)]
+    n_obj = sum(len(t) for t in objects)
+    res = {k: sum(bool(m[k]) for m in ms) / len(ms) for k in ("all_correct", "count") + data.ATTRS}
+    res.update(objects_correct=sum(m["n_correct"] for m in ms) / max(n_obj, 1), n=len(ms))
+    return res
+
+
+@dataclass
+class EvalMLLMConfig:
+    mllm: str = ""               # out_dir of train_mllm.py
+    tokenizer: str = ""          # '' -> the tokenizer recorded in the MLLM's config.json (hash-checked)
+    siglip_config: str = ""
+    max_objects: int = 2         # the shapes world the MLLM was trained on (train_mllm's max_objects / seed)
+    shapes_seed: int = 0
+    holdout_pairs: tuple = ()    # e.g. (("red", "triangle"),): pairs kept out of training; () -> no holdout eval
+    qa_images: int = 100         # val images; every question of each is asked
+    gen_captions: int = 100      # val captions drawn, with and without CFG
+    holdout_images: int = 100    # holdout split: questions and captions (needs holdout_pairs)
+    cfg_scale: float = 3.0       # the guided run; the unguided run is always added
+    temperature: float = 1.0
+    top_k: int = 0               # <= 0: off
+    top_p: float = 0.0           # <= 0 or >= 1: off
+    max_new_tokens: int = 16     # answers are one or two words
+    batch_size: int = 32
+    seed: int = 0
+    device: str = ""
+    dtype: str = "bfloat16"
+    out: str = ""                # '' -> <mllm>/eval_mllm.json
+
+
+@torch.no_grad()
+def qa_eval(model, codec, tok, samples, cfg, device, autocast):
+    """Every question of every sample, greedy, exact match after strip -> accuracy overall and by type."""
+    from tqdm import tqdm
+    from sample import image_codes, qa_prompt
+    rows = [(i, q, a) for i, s in enumerate(samples) for q, a in s["qa"]]
+    codes = []
+    for k in range(0, len(samples), cfg.batch_size):
+        x = torch.stack([data.to_tensor(s["image"]) for s in samples[k:k + cfg.batch_size]]).to(device)
+        with autocast:
+            codes.append([c.cpu() for c in image_codes(tok, x)])
+    pix, sem = torch.cat([c[0] for c in codes]), torch.cat([c[1] for c in codes])  # (n, N, D)
+    pred = []
+    for k in tqdm(range(0, len(rows), cfg.batch_size), desc="qa", dynamic_ncols=True):
+        chunk = rows[k:k + cfg.batch_size]
+        idx = torch.tensor([i for i, _, _ in chunk])
+        with autocast:
+            out = model.generate_text([qa_prompt(codec, q) for _, q, _ in chunk], images=(pix[idx], sem[idx]),
+                                      max_new_tokens=cfg.max_new_tokens, temperature=0.0)
+        pred += [codec.decode(o).strip() for o in out]
+    hits = {}
+    for (_, q, a), p in zip(rows, pred):
+        hits.setdefault(question_type(q), []).append(p == a)
+    res = {"accuracy": sum(p == a for (_, _, a), p in zip(rows, pred)) / max(len(rows), 1), "n": len(rows),
+           "by_type": {t: dict(accuracy=sum(h) / len(h), n=len(h)) for t, h in sorted(hits.items())},
+           "examples": [dict(q=q, truth=a, pred=p) for (_, q, a), p in list(zip(rows, pred))[:6]]}
+    return res
+
+
+@torch.no_grad()
+def gen_eval(model, codec, tok, samples, cfg, device, autocast, cfg_scale):
+    from sample import generate_images
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    with autocast:
+        imgs, _ = generate_images(model, tok, codec, [s["caption"] for s in samples], cfg_scale, cfg.temperature,
+                                  cfg.top_k if cfg.top_k > 0 else None, cfg.top_p if 0 < cfg.top_p < 1 else None,
+                                  g, cfg.batch_size)
+    return score_generations(data.to_image(imgs), [s["objects"] for s in samples])
+
+
+def eval_mllm(cfg):
+    from sample import load_pair
+    t0 = time.time()
+    device = cfg.device or tu.default_device()
+    model, codec, tok, info = load_pair(cfg, device)
+    R = tok.config.siglip.vision.image_size
+    world = data.ShapesWorld(data.ShapesConfig(image_size=R, max_objects=cfg.max_objects, seed=cfg.shapes_seed,
+                                               holdout_pairs=tuple(tuple(p) for p in cfg.holdout_pairs)))
+    autocast = tu.autocast_ctx(device, cfg.dtype)
+    scales = [("cfg", cfg.cfg_scale if cfg.cfg_scale > 0 else None), ("no_cfg", None)]
+    sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k if cfg.top_k > 0 else None,
+                    top_p=cfg.top_p if 0 < cfg.top_p < 1 else None, seed=cfg.seed)
+    res = {"world": f"shapes (seed {cfg.shapes_seed}, {R} px, 1..{cfg.max_objects} objects)", "sampling": sampling}
+    splits = [("val", cfg.qa_images, cfg.gen_captions)]
+    if cfg.holdout_pairs:
+        splits.append(("holdout", cfg.holdout_images, cfg.holdout_images))
+    else:
+        res["holdout_note"] = "skipped: no --holdout_pairs (train the MLLM with held-out colour-shape pairs first)"
+    for split, n_qa, n_gen in splits:
+        r = {"qa": qa_eval(model, codec, tok, [world.sample(split, i) for i in range(n_qa)], cfg, device, autocast)}
+        gen_samples = [world.sample(split, i) for i in range(n_gen)]
+        for name, sc in scales:
+            r[f"gen_{name}"] = dict(gen_eval(model, codec, tok, gen_samples, cfg, device, autocast, sc), cfg_scale=sc)
+        res[split] = r
+    res.update(mllm=cfg.mllm, tokenizer=cfg.tokenizer, tokenizer_hash=info.get("tokenizer_hash"), device=device,
+               dtype=cfg.dtype if device.startswith("cuda") else "float32", wall_s=time.time() - t0,
+               config=config_dict(cfg))
+    for split, _, _ in splits:
+        r, where = res[split], f"[{res['world']}, split {split}]"
+        q = r["qa"]
+        print(f"QA {split}: accuracy {q['accuracy']:.4f} on {q['n']} questions (greedy, exact match)   {where}")
+        for t, v in q["by_type"].items():
+            print(f"   {t:12s} {v['accuracy']:.4f}  (n={v['n']})")
+        for name, _ in scales:
+            gr = r[f"gen_{name}"]
+            attrs = ", ".join(f"{k} {gr[k]:.3f}" for k in ("count",) + data.ATTRS)
+            print(f"generation {split} cfg_scale={gr['cfg_scale']}: all-correct {gr['all_correct']:.4f}, {attrs}, "
+                  f"objects {gr['objects_correct']:.3f} (n={gr['n']}, {sampling})   {where}")
+    if "holdout_note" in res:
+        print(f"holdout: {res['holdout_note']}")
+    return _write(res, cfg.out or os.path.join(cfg.mllm, "eval_mllm.json"))
+
+
+JOBS = {"tokenizer": (EvalTokenizerConfig, eval_tokenizer), "mllm": (EvalMLLMConfig, eval_mllm)}
 
 
 def main(argv):

@@ -30,7 +30,7 @@ from configurator import config_dict, parse_config
 
 @dataclass
 class Common:
-    tokenizer: str = ""        # tokenizer folder (ours) or the authors' release folder / weights file
+    tokenizer: str = ""        # tokenizer folder (ours) or the authors' release; MLLM jobs: '' -> the one it was trained with
     siglip_config: str = ""    # authors' release only: SigLIP folder / config.json if pretrained_model is absent
     out_dir: str = "out-samples"
     device: str = ""           # '' -> cuda > mps > cpu
@@ -89,6 +89,102 @@ def grid_png(rows, path, labels=None, pad=2):
     return path
 
 # -----------------------------------------------------------------------------
+# the MLLM side: loading, text <-> ids, prompts, codes <-> images
+
+
+def load_mllm(path, device):
+    """-> (MLLM, text tokenizer, info). `path`: an out_dir of train_mllm.py (config.json + model.safetensors,
+    read strictly by train_mllm.load_mllm; its config names the text tokenizer and the image tokenizer it
+    was trained with), or a bare file from MLLM.save (byte vocabulary assumed)."""
+    import train_mllm
+    if not path:
+        raise ValueError("--mllm is required (an out_dir of train_mllm.py)")
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        from mllm import MLLM
+        model, info = MLLM.load(path, device=device).eval(), {"text_tokenizer": "bytes"}
+    elif os.path.isdir(path):
+        model, info = train_mllm.load_mllm(path, device)
+    else:
+        raise ValueError(f"--mllm={path!r}: expected a train_mllm.py out_dir or a .safetensors file")
+    tt = info.get("text_tokenizer", "bytes")
+    codec = train_mllm.BytePromptTokenizer() if tt in ("", "bytes") else train_mllm.ChatTokenizer(tt)
+    if tt in ("", "bytes") and (codec.eos_id, codec.vocab_size) != (model.config.eos_id, model.config.vocab_size):
+        raise ValueError(f"{path}: byte text tokenizer (eos {codec.eos_id}, vocab {codec.vocab_size}) does not "
+                         f"match the model (eos {model.config.eos_id}, vocab {model.config.vocab_size})")
+    return model, codec, info
+
+
+def load_pair(cfg, device):
+    """MLLM + the image tokenizer it was trained with: --tokenizer, else the path in the MLLM's config;
+    a recorded tokenizer hash must match (other codes would be meaningless to the model)."""
+    model, codec, info = load_mllm(cfg.mllm, device)
+    if not cfg.tokenizer:
+        cfg.tokenizer = info.get("tokenizer", "")
+    tok = load_tokenizer(cfg, device)
+    check_pair(model, tok)
+    if info.get("tokenizer_hash"):
+        from train_mllm import tokenizer_hash
+        h = tokenizer_hash(tok)
+        if h != info["tokenizer_hash"]:
+            raise ValueError(f"--tokenizer={cfg.tokenizer!r} has hash {h}, the MLLM was trained with "
+                             f"{info['tokenizer_hash']} ({info.get('tokenizer')})")
+    return model, codec, tok, info
+
+
+def qa_prompt(codec, question):
+    """The question as train_mllm.py formats it (after <im_start> image <im_end>)."""
+    return codec.user_prompt(question)
+
+
+def gen_prompt(codec, caption):
+    """The caption as train_mllm.py formats it (before <image_gen_start>)."""
+    return codec.encode(caption)
+
+
+def check_pair(model, tok):
+    """The MLLM's code vocabularies and depths must be the tokenizer's."""
+    c, t = model.config, tok.config
+    want = dict(pix_vocab=t.vq_pix.codebook_size, pix_depth=t.vq_pix.depth, pix_dim=t.vq_pix.code_dim,
+                sem_vocab=t.vq_sem.codebook_size, sem_depth=t.vq_sem.depth, sem_dim=t.vq_sem.code_dim)
+    bad = {k: (getattr(c, k), v) for k, v in want.items() if getattr(c, k) != v}
+    if bad:
+        raise ValueError(f"MLLM and tokenizer do not match (mllm, tokenizer): {bad}")
+
+
+@torch.no_grad()
+def image_codes(tok, x):
+    """(B, 3, R, R) -> (pix (B, N, Dp), sem (B, N, Ds)) in raster order, what the MLLM reads."""
+    pix, sem = tok.encode(x)  # (B, h, w, D) each
+    return pix.flatten(1, 2), sem.flatten(1, 2)
+
+
+@torch.no_grad()
+def generate_images(model, tok, codec, captions, cfg_scale=3.0, temperature=1.0, top_k=None, top_p=None,
+                    generator=None, batch_size=16):
+    """Captions -> decoded images (B, 3, R, R) in about [-1, 1], one per caption, and the pixel codes
+    (B, h, w, Dp). Only the pixel codes are decoded (spec section 3); cfg_scale None = no guidance."""
+    g = tok.config.grid
+    images, codes = [], []
+    for i in range(0, len(captions), batch_size):
+        prompts = [gen_prompt(codec, c) for c in captions[i:i + batch_size]]
+        pix, _ = model.generate_image(prompts, g * g, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, generator=generator)
+        pix = pix.view(len(prompts), g, g, -1)  # (B, h, w, Dp)
+        images.append(tok.decode(pix.to(next(tok.parameters()).device)).float())
+        codes.append(pix)
+    return torch.cat(images), torch.cat(codes)
+
+
+def _generator(device, seed):
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _opt(v):
+    """0 / 1.0 / negative mean 'off' for top-k / top-p / cfg on the command line."""
+    return None if v is None or v <= 0 else v
+
+
+# -----------------------------------------------------------------------------
 # reconstruct
 
 
@@ -133,7 +229,94 @@ def reconstruct(cfg):
     return info
 
 
-JOBS = {"reconstruct": (ReconstructConfig, reconstruct)}
+# -----------------------------------------------------------------------------
+# generate
+
+
+@dataclass
+class GenerateConfig(Common):
+    mllm: str = ""             # out_dir of train_mllm.py
+    captions: str = ""         # one caption, or a file with one caption per line
+    num_per_caption: int = 4
+    cfg_scale: float = 3.0     # <= 0: no classifier-free guidance (and no unconditional half)
+    temperature: float = 1.0   # 0: greedy
+    top_k: int = 900           # <= 0: off (VILA-U default 900, clipped to the vocabulary)
+    top_p: float = 0.96        # <= 0 or >= 1: off
+
+
+@torch.no_grad()
+def generate(cfg):
+    device = _device(cfg)
+    model, codec, tok, _ = load_pair(cfg, device)
+    if not cfg.captions:
+        raise ValueError("--captions is required: a caption or a file with one caption per line")
+    caps = [c.strip() for c in open(cfg.captions, encoding="utf-8") if c.strip()] if os.path.isfile(cfg.captions) \
+        else [cfg.captions]
+    flat = [c for c in caps for _ in range(cfg.num_per_caption)]
+    settings = dict(cfg_scale=_opt(cfg.cfg_scale), temperature=cfg.temperature, top_k=_opt(cfg.top_k),
+                    top_p=cfg.top_p if 0 < cfg.top_p < 1 else None, seed=cfg.seed,
+                    num_per_caption=cfg.num_per_caption)
+    with tu.autocast_ctx(device, cfg.dtype):
+        imgs, _ = generate_images(model, tok, codec, flat, settings["cfg_scale"], cfg.temperature, settings["top_k"],
+                                  settings["top_p"], _generator(device, cfg.seed), cfg.batch_size)
+    from PIL import Image
+    arr = data.to_image(imgs)  # (B, H, W, 3) uint8
+    os.makedirs(os.path.join(cfg.out_dir, "images"), exist_ok=True)
+    files = []
+    for i, a in enumerate(arr):
+        files.append(os.path.join(cfg.out_dir, "images", f"{i // cfg.num_per_caption:03d}_{i % cfg.num_per_caption:02d}.png"))
+        Image.fromarray(a).save(files[-1])
+    n = cfg.num_per_caption
+    grid = grid_png([list(arr[i * n:(i + 1) * n]) for i in range(len(caps))], os.path.join(cfg.out_dir, "generate.png"),
+                    labels=caps)
+    info = dict(job="generate", grid=grid, captions=caps, images=files, sampling=settings,
+                mllm=cfg.mllm, tokenizer=cfg.tokenizer, device=device, config=config_dict(cfg))
+    with open(os.path.join(cfg.out_dir, "generate.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    print(f"{len(files)} images for {len(caps)} caption(s), sampling {settings}: {grid}")
+    return info
+
+# -----------------------------------------------------------------------------
+# answer
+
+
+@dataclass
+class AnswerConfig(Common):
+    mllm: str = ""
+    image: str = ""
+    question: str = ""
+    max_new_tokens: int = 32
+    temperature: float = 0.0   # 0: greedy
+    top_k: int = 0             # <= 0: off
+    top_p: float = 0.0         # <= 0 or >= 1: off
+
+
+@torch.no_grad()
+def answer(cfg):
+    device = _device(cfg)
+    model, codec, tok, _ = load_pair(cfg, device)
+    if not cfg.image or not os.path.isfile(cfg.image):
+        raise ValueError(f"--image={cfg.image!r}: need an existing image file")
+    if not cfg.question:
+        raise ValueError("--question is required")
+    R = tok.config.siglip.vision.image_size
+    x = data.eval_transform(R)(data.load_image(cfg.image))[None].to(device)  # (1, 3, R, R)
+    with tu.autocast_ctx(device, cfg.dtype):
+        ids = model.generate_text([qa_prompt(codec, cfg.question)], images=image_codes(tok, x),
+                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=_opt(cfg.top_k),
+                                  top_p=cfg.top_p if 0 < cfg.top_p < 1 else None,
+                                  generator=_generator(device, cfg.seed))[0]
+    text = codec.decode(ids).strip()
+    info = dict(job="answer", image=cfg.image, question=cfg.question, answer=text, config=config_dict(cfg))
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "answer.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    print(f"Q: {cfg.question}\nA: {text}")
+    return info
+
+
+JOBS = {"reconstruct": (ReconstructConfig, reconstruct), "generate": (GenerateConfig, generate),
+        "answer": (AnswerConfig, answer)}
 
 
 def main(argv):

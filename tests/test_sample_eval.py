@@ -205,3 +205,100 @@ def test_cli_eval_tokenizer_image_folder(tiny_tok, tmp_path):
     with pytest.raises(ValueError, match="1 names for 2 class folders"):
         ev.main(["tokenizer", f"--tokenizer={tiny_tok / 'tok'}", f"--data={root}", "--text_tokenizer=byte",
                  f"--classnames={names}", "--device=cpu", f"--out={tmp_path / 'e.json'}"])
+
+# -----------------------------------------------------------------------------
+# the MLLM side
+
+
+def test_checker_score_on_ground_truth_is_perfect():
+    world = data.ShapesWorld(data.ShapesConfig(image_size=64, max_objects=3))
+    samples = [world.sample("val", i) for i in range(40)]
+    res = ev.score_generations(np.stack([s["image"] for s in samples]), [s["objects"] for s in samples])
+    assert res == {"all_correct": 1.0, "count": 1.0, "color": 1.0, "shape": 1.0, "size": 1.0, "cell": 1.0,
+                   "objects_correct": 1.0, "n": 40}
+    # a blank image has every object missing
+    blank = np.full((1, 64, 64, 3), 245, np.uint8)
+    assert ev.score_generations(blank, [samples[0]["objects"]])["all_correct"] == 0.0
+
+
+def test_question_types_cover_the_world():
+    world = data.ShapesWorld(data.ShapesConfig(holdout_pairs=(("red", "triangle"),)))
+    types = {ev.question_type(q) for split in ("val", "holdout") for i in range(60)
+             for q, _ in world.sample(split, i)["qa"]}
+    assert types == {"count_all", "count_shape", "color", "shape", "position", "size", "exists"}
+
+
+@pytest.fixture(scope="module")
+def tiny_mllm(tiny_tok):
+    """A tiny MLLM written the way train_mllm.py writes its out_dir (build_model + export)."""
+    import train_mllm
+    from tokenizer import DualToken
+    torch.manual_seed(0)
+    dual = DualToken.from_pretrained(str(tiny_tok / "tok"))
+    cfg = train_mllm.TrainMLLMConfig(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, intermediate_size=64,
+                                     head_n_layer=1)
+    raw = train_mllm.build_model(cfg, train_mllm.BytePromptTokenizer(), dual)
+    out = tiny_tok / "mllm"
+    train_mllm.export(raw, str(out), dict(tokenizer=str(tiny_tok / "tok"), text_tokenizer="bytes",
+                                          tokenizer_hash=train_mllm.tokenizer_hash(dual)))
+    return out
+
+
+def test_cli_generate(tiny_mllm, tmp_path):
+    from PIL import Image
+    caps = tmp_path / "caps.txt"
+    caps.write_text("a large red circle in the center\n\na small blue square on the left\n")
+    args = ["generate", f"--mllm={tiny_mllm}", f"--captions={caps}", "--num_per_caption=2", "--device=cpu",
+            "--cfg_scale=2.0", "--top_k=5", "--top_p=0.9", "--seed=3"]
+    info = sample.main(args + [f"--out_dir={tmp_path / 'a'}"])  # tokenizer: the one recorded by the MLLM
+    assert info["captions"] == ["a large red circle in the center", "a small blue square on the left"]
+    assert len(info["images"]) == 4 and info["sampling"]["cfg_scale"] == 2.0 and info["sampling"]["top_k"] == 5
+    saved = json.load(open(tmp_path / "a" / "generate.json"))
+    assert saved["sampling"] == {"cfg_scale": 2.0, "temperature": 1.0, "top_k": 5, "top_p": 0.9, "seed": 3,
+                                 "num_per_caption": 2}
+    grid = Image.open(tmp_path / "a" / "generate.png")
+    assert grid.size[0] == 2 * 34 + 2 and grid.size[1] > 2 * 34  # 2 samples per row, captions under the rows
+    info2 = sample.main(args + [f"--out_dir={tmp_path / 'b'}"])  # same seed: same images
+    for f1, f2 in zip(info["images"], info2["images"]):
+        assert np.array_equal(np.asarray(Image.open(f1)), np.asarray(Image.open(f2)))
+    one = sample.main(["generate", f"--mllm={tiny_mllm}", "--captions=a small red circle at the top",
+                       "--num_per_caption=1", "--cfg_scale=0", "--temperature=0", "--device=cpu",
+                       f"--out_dir={tmp_path / 'c'}"])
+    assert one["captions"] == ["a small red circle at the top"] and one["sampling"]["cfg_scale"] is None
+
+
+def test_cli_answer(tiny_mllm, tmp_path):
+    from PIL import Image
+    world = data.ShapesWorld(data.ShapesConfig(image_size=64))
+    Image.fromarray(world.sample("val", 0)["image"]).save(tmp_path / "img.png")
+    args = ["answer", f"--mllm={tiny_mllm}", f"--image={tmp_path / 'img.png'}", "--question=what color is it?",
+            "--max_new_tokens=5", "--device=cpu", f"--out_dir={tmp_path}"]
+    a, b = sample.main(args), sample.main(args)
+    assert isinstance(a["answer"], str) and a["answer"] == b["answer"]  # greedy: deterministic
+    assert json.load(open(tmp_path / "answer.json"))["question"] == "what color is it?"
+    with pytest.raises(ValueError, match="need an existing image file"):
+        sample.main(args[:2] + ["--image=nope.png", "--question=q", "--device=cpu"])
+
+
+def test_cli_eval_mllm(tiny_mllm, tiny_tok, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    res = ev.main(["mllm", f"--mllm={tiny_mllm}", "--qa_images=3", "--gen_captions=2", "--max_new_tokens=3",
+                   "--holdout_pairs=(('red', 'triangle'),)", "--holdout_images=2", "--device=cpu", f"--out={out}"])
+    saved = json.load(open(out))
+    for split in ("val", "holdout"):
+        q = saved[split]["qa"]
+        assert q["n"] == sum(v["n"] for v in q["by_type"].values()) and 0 <= q["accuracy"] <= 1
+        assert saved[split]["gen_cfg"]["cfg_scale"] == 3.0 and saved[split]["gen_no_cfg"]["cfg_scale"] is None
+        for k in ("all_correct", "count", "color", "shape", "size", "cell"):
+            assert 0 <= saved[split]["gen_cfg"][k] <= 1
+    assert saved["val"]["gen_cfg"]["n"] == 2 and saved["holdout"]["gen_no_cfg"]["n"] == 2
+    assert "QA val: accuracy" in capsys.readouterr().out
+    res = ev.main(["mllm", f"--mllm={tiny_mllm}", "--qa_images=1", "--gen_captions=1", "--max_new_tokens=2",
+                   "--device=cpu", f"--out={out}"])
+    assert "holdout" not in res and res["holdout_note"].startswith("skipped")
+    # a different tokenizer than the one the MLLM was trained with is refused
+    import tokenizer
+    torch.manual_seed(1)
+    tokenizer.DualToken(tokenizer.tiny_config()).save_pretrained(str(tmp_path / "other"))
+    with pytest.raises(ValueError, match="the MLLM was trained with"):
+        ev.main(["mllm", f"--mllm={tiny_mllm}", f"--tokenizer={tmp_path / 'other'}", "--device=cpu"])
