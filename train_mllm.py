@@ -98,6 +98,7 @@ class TrainMLLMConfig:
     # system
     seed: int = 0
     device: str = ""
+    threads: int = 0                 # CPU intra-op threads; 0 = torch's default
     dtype: str = "bfloat16"          # autocast on cuda; CPU runs fp32
     compile: Optional[bool] = None   # None -> on for cuda only
     log_interval: int = 10
@@ -526,6 +527,8 @@ def train(cfg):
     t_start = time.time()
     ctx = tu.setup_ddp(cfg.device or None)
     device, master = ctx.device, ctx.is_master
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts it)
     accum = tu.grad_accum_steps(cfg.batch_size, cfg.micro_batch, ctx.world)
     counts = kind_counts(cfg.mix, cfg.micro_batch)

@@ -1,0 +1,230 @@
+"""train_mllm.py on a tiny random DualToken (32 px, 4x4 grid, depth 3, 32 codes) and a tiny LLM: loss goes
+down for each sample kind, loss masks, the code cache (exact round trip, refuses another tokenizer),
+exact resume, the exported checkpoint loads, 2-process gloo DDP keeps ranks identical."""
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import tokenizer as tkz
+import train_mllm as tm
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = str(tmp_path_factory.mktemp("dualtoken"))
+    tkz.DualToken(tkz.tiny_config()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tok_dir, tmp_path_factory):
+    """One cache for the module (made by train() itself, like a first run)."""
+    folder = str(tmp_path_factory.mktemp("cache"))
+    tm.train(make_cfg(tok_dir, folder + "/prep", folder, prepare=True))
+    return folder
+
+
+def make_cfg(tok_dir, out_dir, cache_dir="", **kw):
+    c = tm.TrainMLLMConfig(
+        out_dir=str(out_dir), tokenizer=tok_dir, cache_dir=cache_dir, train_size=48, eval_size=8, n_layer=2,
+        n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128, head_n_layer=1, head_n_embd=32, head_n_head=2,
+        batch_size=8, micro_batch=8, max_steps=4, warmup=1, lr=3e-3, eval_qa=4, eval_gen=2, eval_batch=4,
+        log_interval=1, sample_interval=0, ckpt_interval=1000, device="cpu")
+    for k, v in kw.items():
+        setattr(c, k, v)
+    return c
+
+
+def read_log(out_dir, event="train"):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["event"] == event]
+
+
+def load_state(out_dir):
+    return torch.load(os.path.join(out_dir, "train_state.pt"), weights_only=True)
+
+
+@pytest.mark.parametrize("kind,term", [("und", "text"), ("cap", "text"), ("gen", "pix"), ("gen", "sem")])
+def test_loss_drops_for_each_kind(tok_dir, cache_dir, tmp_path, kind, term):
+    mix = tuple(float(k == kind) for k in tm.KINDS)
+    out = tmp_path / kind
+    tm.train(make_cfg(tok_dir, out, cache_dir, mix=mix, max_steps=8, eval_qa=0, eval_gen=0))
+    rows = read_log(out)
+    assert len(rows) == 8
+    assert rows[-1][term] < 0.8 * rows[0][term], [r[term] for r in rows]
+    if kind != "gen":  # understanding and captioning never train the depth heads
+        assert all(r["pix"] == 0 and r["sem"] == 0 for r in rows)
+
+
+def _batch(tok_dir, cache_dir, kind, **kw):
+    cfg = make_cfg(tok_dir, "unused", cache_dir)
+    dual = tm.load_image_tokenizer(tok_dir)
+    cache = tm.CodeCache(cache_dir, "train", tm.cache_meta(cfg, dual, tm.tokenizer_hash(dual)))
+    tok = tm.text_tokenizer(cfg)
+    model = tm.build_model(cfg, tok, dual)
+    rec = cache.records[0]
+    parts, n_loss = tm.sample_parts(kind, rec, tok, np.random.default_rng(0), kw.get("drop", 0.0), 16)
+    b = tm.make_batch(model.config, [(parts, n_loss, cache.pix[0], cache.sem[0])])
+    return b, parts, tok, model, cache
+
+
+def test_understanding_mask_answer_only(tok_dir, cache_dir):
+    b, parts, tok, model, cache = _batch(tok_dir, cache_dir, "und")
+    _, prompt, ans = parts
+    ids, t = b["idx"][0], b["targets"][0]
+    T, n = len(ids), len(ans)
+    assert ans[-1] == tok.eos_id and tok.decode(ans[:-1]) in {a for _, a in cache.records[0]["qa"]}
+    # targets exist exactly for the predictions of the answer tokens (and eos): none on bos, the image,
+    # its delimiters or the question
+    trained = (t != -1).nonzero().flatten().tolist()
+    assert trained == list(range(T - n - 1, T - 1))
+    assert t[T - n - 1:T - 1].tolist() == ans
+    assert b["image_mask"][0].sum() == 16 and not b["gen_mask"][0].any()  # input image: no code loss
+    assert ids[0] == model.config.bos_id and ids[1] == model.config.im_start_id
+    _, loss = model(**b)
+    assert model.loss_parts["pix"] == 0 and model.loss_parts["sem"] == 0 and loss > 0
+
+
+def test_generation_mask_and_caption_dropout(tok_dir, cache_dir):
+    b, parts, tok, model, cache = _batch(tok_dir, cache_dir, "gen")
+    mc, ids, t = model.config, b["idx"][0], b["targets"][0]
+    assert parts[0] == tok.encode(cache.records[0]["caption"])
+    assert torch.equal(b["gen_mask"][0], b["image_mask"][0]) and b["gen_mask"][0].sum() == 16
+    # text loss only on <image_gen_end> (predicted by the last image position) and eos
+    assert t[t != -1].tolist() == [mc.image_gen_end_id, tok.eos_id]
+    assert (ids == mc.image_gen_start_id).nonzero().item() == 1 + len(parts[0])
+    model(**b)
+    assert model.loss_parts["pix"] > 0 and model.loss_parts["sem"] > 0 and model.loss_parts["text"] > 0
+    # dropped caption == MLLM.generate_image's unconditional prompt: [bos] <image_gen_start>
+    b, parts, *_ = _batch(tok_dir, cache_dir, "gen", drop=1.0)
+    assert b["idx"][0, :2].tolist() == [mc.bos_id, mc.image_gen_start_id]
+
+
+def test_special_ids_come_from_the_text_tokenizer(tok_dir, cache_dir):
+    _, _, tok, model, _ = _batch(tok_dir, cache_dir, "cap")
+    mc = model.config
+    assert (mc.pad_id, mc.eos_id, mc.vocab_size) == (tok.pad_id, tok.eos_id, tok.vocab_size)
+    assert mc.image_gen_start_id == tok.token_id("<image_gen_start>") and mc.bos_id == tok.token_id("<bos>")
+
+
+def test_kind_counts():
+    assert tm.kind_counts((0.4, 0.1, 0.5), 8) == {"und": 3, "cap": 1, "gen": 4}
+    assert tm.kind_counts((1, 0, 0), 5) == {"und": 5, "cap": 0, "gen": 0}
+    assert sum(tm.kind_counts((0.34, 0.01, 0.65), 3).values()) == 3
+    with pytest.raises(ValueError, match="mix"):
+        tm.kind_counts((1, -1, 0), 4)
+
+
+def test_cache_round_trip_and_refuses_other_tokenizer(tok_dir, cache_dir, tmp_path):
+    cfg = make_cfg(tok_dir, tmp_path, cache_dir)
+    dual = tm.load_image_tokenizer(tok_dir)
+    thash = tm.tokenizer_hash(dual)
+    cache = tm.CodeCache(cache_dir, "train", tm.cache_meta(cfg, dual, thash))
+    assert cache.pix.dtype == np.int16 and cache.pix.shape == (48, 16, 3) and len(cache) == 48
+    world = data.ShapesWorld(data.ShapesConfig(image_size=32, max_objects=2, seed=0))
+    for i in (0, 7, 47):
+        s = world.sample("train", i)
+        p, q = dual.encode(data.to_tensor(s["image"])[None])  # (1, 4, 4, 3)
+        assert torch.equal(torch.from_numpy(np.array(cache.pix[i])).long(), p.reshape(16, 3))
+        assert torch.equal(torch.from_numpy(np.array(cache.sem[i])).long(), q.reshape(16, 3))
+        assert cache.records[i]["caption"] == s["caption"] and cache.records[i]["objects"] == s["objects"]
+    # another tokenizer (one codebook entry moved) must not read these codes
+    other = str(tmp_path / "other")
+    sd = dual.state_dict()
+    sd["quantizer_pix.codebook"][0, 0] += 1
+    dual.load_state_dict(sd)
+    dual.save_pretrained(other)
+    with pytest.raises(ValueError, match="made by tokenizer"):
+        tm.train(make_cfg(other, tmp_path / "run", cache_dir))
+    with pytest.raises(ValueError, match="train_size"):  # same tokenizer, different data
+        tm.CodeCache(cache_dir, "train", tm.cache_meta(make_cfg(tok_dir, tmp_path, train_size=49), tm.load_image_tokenizer(tok_dir), thash))
+
+
+def test_train_exports_loadable_model_and_eval(tok_dir, cache_dir, tmp_path):
+    out = tmp_path / "run"
+    raw, res = tm.train(make_cfg(tok_dir, out, cache_dir, sample_interval=4))
+    for k in ("qa_accuracy", "gen_accuracy", "n_qa", "n_gen", "wall_s", "tokenizer_hash"):
+        assert k in res
+    assert res["n_qa"] == 4 and res["n_gen"] == 2 and res["cfg_scale"] == 3.0
+    assert json.load(open(out / "eval.json"))["qa_accuracy"] == res["qa_accuracy"]
+    assert os.path.isfile(out / "samples" / "step_000004.png") and read_log(out, "samples")
+    model, info = tm.load_mllm(str(out))
+    assert info["tokenizer_hash"] == res["tokenizer_hash"] and info["text_tokenizer"] == "bytes"
+    for k, v in raw.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert model.lm_head.weight is model.embed.weight  # tie restored
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(out / "model.safetensors"))
+    sd.pop("vis_in.0.bias")
+    save_file(sd, str(out / "model.safetensors"))
+    with pytest.raises(ValueError, match="missing.*vis_in.0.bias"):
+        tm.load_mllm(str(out))
+
+
+def test_stage_trainable_sets():
+    cfg = tm.TrainMLLMConfig(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, intermediate_size=64, head_n_layer=1,
+                             head_n_embd=16, head_n_head=2)
+    from mllm import MLLM, tiny_config
+    m = MLLM(tiny_config())
+    tm.set_trainable(m, "input")
+    assert {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad} == {"vis_in"}
+    tm.set_trainable(m, "output")
+    assert {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad} == {"pix_head", "sem_head"}
+    tm.set_trainable(m, "all")
+    cfg.vis_lr = 1e-3
+    groups = tm.param_groups(m, cfg)
+    lrs = {g["name"]: g["base_lr"] for g in groups}
+    assert lrs["llm_decay"] == cfg.lr and lrs["vis_decay"] == 1e-3
+    assert sum(len(g["params"]) for g in groups) == len(list(m.parameters()))
+
+
+def test_resume_is_bit_exact(tok_dir, cache_dir, tmp_path):
+    kw = dict(max_steps=4, ckpt_interval=2, eval_qa=0, eval_gen=0, caption_dropout=0.5)
+    tm.train(make_cfg(tok_dir, tmp_path / "a", cache_dir, **kw))
+    tm.train(make_cfg(tok_dir, tmp_path / "b", cache_dir, stop_step=2, **kw))
+    assert load_state(tmp_path / "b")["step"] == 2
+    tm.train(make_cfg(tok_dir, tmp_path / "b", cache_dir, resume=True, **kw))
+    a, b = load_state(tmp_path / "a"), load_state(tmp_path / "b")
+    assert a["step"] == b["step"] == 4 and a["consumed"] == b["consumed"]
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert [r["loss"] for r in read_log(tmp_path / "a")] == [r["loss"] for r in read_log(tmp_path / "b")]
+
+
+def _ddp_worker(rank, world, port, tok_dir, cache_dir, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    raw, _ = tm.train(make_cfg(tok_dir, out_dir, cache_dir, batch_size=8, micro_batch=4, max_steps=2, eval_qa=0,
+                               eval_gen=0))
+    torch.save({k: v.clone() for k, v in raw.state_dict().items()}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch
+def test_ddp_two_processes_stay_identical(tok_dir, cache_dir, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "ddp")
+    os.makedirs(out)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, tok_dir, cache_dir, out), nprocs=2, join=True)
+    a, b = (torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(2))
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), k
+    init = tm.load_mllm(out)[0]  # the exported model is rank 0's
+    assert torch.equal(init.state_dict()["vis_in.0.weight"], a["vis_in.0.weight"])
+    assert load_state(out)["step"] == 2
