@@ -177,6 +177,7 @@ class EvalTokenizerConfig:
                                  # else the folder names)
     templates: str = ""          # file, one '{}' template per line ('' -> 80 OpenAI for folders, 4 for shapes)
     text_tokenizer: str = ""     # 'byte', a folder with spiece.model / tokenizer.json; '' -> automatic
+    zero_shot: bool = True       # False: reconstruction and code statistics only
     lpips_vgg_path: str = ""     # torchvision vgg16-397923af.pth
     lpips_lin_path: str = ""     # lpips weights/v0.1/vgg.pth
     inception_path: str = ""     # clean-fid's inception-2015-12-05.pt (rFID needs clean-fid installed)
@@ -282,13 +283,21 @@ def eval_tokenizer(cfg):
     codes_pix, codes_sem = torch.cat(pix), torch.cat(sem)
 
     # zero-shot: one classifier from the tokenizer's (frozen) text tower, else the teacher's
-    tok, tok_name = text_tokenizer(cfg.text_tokenizer, cfg.data, [cfg.teacher, cfg.siglip_config, cfg.tokenizer])
-    zs = {"classes": len(classes), "templates": len(templates), "text_tokenizer": tok_name}
+    zs = {"classes": len(classes), "templates": len(templates)}
     text_model = model.siglip if model.siglip.text is not None else (teacher if teacher is not None and
                                                                      teacher.text is not None else None)
-    if text_model is None:
+    if not cfg.zero_shot:
+        zs["note"] = "skipped: --zero_shot=False"
+    elif text_model is None:
         zs["note"] = "unavailable: the tokenizer has no text tower and no --teacher was given"
     else:
+        tok, zs["text_tokenizer"] = text_tokenizer(cfg.text_tokenizer, cfg.data,
+                                                   [cfg.teacher, cfg.siglip_config, cfg.tokenizer])
+        for m in (text_model, teacher):
+            if m is not None and m.text is not None and tok.vocab_size > m.config.text.vocab_size:
+                raise ValueError(f"text tokenizer {zs['text_tokenizer']!r} has {tok.vocab_size} ids but the text "
+                                 f"tower's vocabulary has {m.config.text.vocab_size}: pass --text_tokenizer= the "
+                                 f"tokenizer the SigLIP was trained with")
         q_emb, t_emb, labels = [], [], []
         for batch in tqdm(_loader(zs_ds, cfg), desc="zero-shot", dynamic_ncols=True):
             x = batch["image"].to(device)
@@ -319,7 +328,8 @@ def eval_tokenizer(cfg):
     print(f"SSIM   {res['ssim']:.4f}      {s} Gaussian 11x11 sigma 1.5, data range 1, valid")
     print(f"LPIPS  {'%.4f' % res['lpips'] if res['lpips'] is not None else 'unavailable'}      {s} {lpips_msg}")
     print(f"rFID   {'%.3f' % res['rfid'] if res['rfid'] is not None else 'unavailable'}      {s} {res['rfid_note']}")
-    zdesc = f"[{len(classes)} classes x {len(templates)} templates, text tokenizer {tok_name}, n={zs.get('n_images')}]"
+    zdesc = f"[{len(classes)} classes x {len(templates)} templates, text tokenizer {zs.get('text_tokenizer')}, " \
+        f"n={zs.get('n_images')}]"
     for k in ("quantized_top1", "quantized_top5", "teacher_top1", "teacher_top5"):
         if k in zs:
             print(f"zero-shot {k:15s} {zs[k]:.4f}   {zdesc}")

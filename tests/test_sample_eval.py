@@ -302,3 +302,24 @@ def test_cli_eval_mllm(tiny_mllm, tiny_tok, tmp_path, capsys):
     tokenizer.DualToken(tokenizer.tiny_config()).save_pretrained(str(tmp_path / "other"))
     with pytest.raises(ValueError, match="the MLLM was trained with"):
         ev.main(["mllm", f"--mllm={tiny_mllm}", f"--tokenizer={tmp_path / 'other'}", "--device=cpu"])
+
+
+def test_authors_release_layout(tmp_path):
+    """The authors' checkpoint layout (the reference fixture: model.pt + config.json + a SigLIP folder)
+    works in both tokenizer CLIs; its SigLIP folder doubles as the teacher."""
+    from conftest import FIXTURES
+    from PIL import Image
+    ref = os.path.join(FIXTURES, "dualtoken_reference")
+    if not os.path.isdir(ref):
+        pytest.skip("reference fixture not copied into tests/fixtures")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    info = sample.main(["reconstruct", f"--tokenizer={os.path.join(ref, 'model.pt')}", f"--images={tmp_path / 'x.png'}",
+                        "--device=cpu", f"--out_dir={tmp_path / 'r'}"])
+    assert len(info["images"]) == 1 and info["resolution"] == 32
+    args = ["tokenizer", f"--tokenizer={ref}", f"--teacher={os.path.join(ref, 'siglip')}", "--num_images=4",
+            "--text_tokenizer=byte", "--device=cpu", f"--out={tmp_path / 'e.json'}"]
+    with pytest.raises(ValueError, match="has 258 ids but the text tower's vocabulary has 128"):
+        ev.main(args)  # the fixture's text tower (vocab 128) ships without its tokenizer
+    res = ev.main(args + ["--zero_shot=False"])
+    assert res["zero_shot"]["note"].startswith("skipped") and len(res["codes_pix"]["usage"]) == 3
+    assert 0 < res["psnr"] < 100 and res["resolution"] == 32
