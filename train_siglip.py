@@ -17,11 +17,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
+import data
 import train_utils as tu
 from configurator import config_dict, parse_config
 from siglip import SigLIP, SigLIPConfig, SigLIPTextConfig, SigLIPVisionConfig
 from siglip import zero_shot_accuracy, zero_shot_classifier
+from text import ByteTokenizer
 
 
 @dataclass
@@ -83,7 +86,6 @@ def make_data(cfg):
     """-> (train dataset, zero-shot eval set or None). Shapes eval images are from the val split (its
     keys are disjoint from train's by construction) and hold one object, so the 18 "colour shape"
     classes are unambiguous."""
-    import data
     if cfg.data != "shapes":
         return data.ImageCaptionDataset(cfg.data, transform=data.train_transform(cfg.image_size)), None
     world = data.ShapesWorld(data.ShapesConfig(image_size=cfg.image_size, max_objects=cfg.max_objects,
@@ -116,10 +118,8 @@ def train(cfg):
     device, master = ctx.device, ctx.is_master
     torch.manual_seed(cfg.seed + ctx.rank)
     accum = tu.grad_accum_steps(cfg.batch_size, cfg.micro_batch, ctx.world)
-    from text import ByteTokenizer
     tok = ByteTokenizer()
     train_ds, ev = make_data(cfg)
-    import data
     sampler = tu.ShardedSampler(len(train_ds), cfg.seed, ctx.rank, ctx.world, cfg.micro_batch)
 
     # build -> load (resume) -> compile -> DDP; always save / evaluate the unwrapped `raw` model
@@ -178,7 +178,6 @@ def train(cfg):
         return res
 
     last_step = cfg.stop_step or cfg.max_steps
-    from tqdm import tqdm
     bar = tqdm(total=last_step, initial=step, disable=not master, desc="siglip", dynamic_ncols=True)
     t0, seen, result = time.time(), 0, None
     while step < last_step:

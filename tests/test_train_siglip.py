@@ -11,13 +11,23 @@ from siglip import SigLIP
 from train_siglip import TrainSigLIPConfig, build_model, train
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two spinning threads per process make every
+    tiny op many times slower (conftest's docstring promises this but does not set it)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny(out_dir, **kw):
     """A ~60k-parameter SigLIP on 32 px shapes: one step takes a fraction of a second on a CPU."""
     cfg = TrainSigLIPConfig(out_dir=str(out_dir), image_size=32, patch_size=8, vision_width=32,
                             vision_layers=1, vision_heads=2, text_width=32, text_layers=1, text_heads=2,
                             max_len=48, batch_size=16, micro_batch=8, max_steps=6, warmup=2, lr=3e-3,
                             eval_size=18, log_interval=1, eval_interval=1000, ckpt_interval=1000,
-                            device="cpu", compile=False)
+                            device="cpu", compile=False, train_size=1000)
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
