@@ -186,6 +186,7 @@ class EvalTokenizerConfig:
     num_workers: int = 0
     device: str = ""
     dtype: str = "bfloat16"      # autocast dtype on cuda
+    threads: int = 0             # CPU intra-op threads; 0 = torch's default
     out: str = ""                # JSON path; '' -> <tokenizer>/eval_tokenizer.json
     seed: int = 1234             # the fixed permutation that picks a folder subset
 
@@ -397,6 +398,7 @@ class EvalMLLMConfig:
     seed: int = 0
     device: str = ""
     dtype: str = "bfloat16"
+    threads: int = 0             # CPU intra-op threads; 0 = torch's default (1 is faster for tiny models)
     out: str = ""                # '' -> <mllm>/eval_mllm.json
 
 
@@ -490,7 +492,10 @@ def main(argv):
     if not argv or argv[0] not in JOBS:
         sys.exit(f"usage: python eval.py {{{'|'.join(JOBS)}}} [config/preset.py] [--key=value ...]")
     klass, fn = JOBS[argv[0]]
-    return fn(parse_config(klass(), argv[1:]))
+    cfg = parse_config(klass(), argv[1:])
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return fn(cfg)
 
 
 if __name__ == "__main__":
