@@ -229,15 +229,13 @@ def _labels(batch, classes):
 @torch.no_grad()
 def eval_tokenizer(cfg):
     from tqdm import tqdm
+    from losses import lpips_or_none
+    from siglip import SigLIP
     t0 = time.time()
     device = cfg.device or tu.default_device()
     model = load_tokenizer(cfg.tokenizer, cfg.siglip_config, device)
     R = model.config.siglip.vision.image_size
-    teacher = None
-    from siglip import SigLIP
-    if cfg.teacher:
-        teacher = SigLIP.from_pretrained(cfg.teacher).to(device).eval()
-    from losses import lpips_or_none
+    teacher = SigLIP.from_pretrained(cfg.teacher).to(device).eval() if cfg.teacher else None
     lpips, lpips_msg = lpips_or_none(cfg.lpips_vgg_path, cfg.lpips_lin_path)
     lpips = lpips.to(device).eval() if lpips is not None else None
     recon_ds, zs_ds, classes, desc = tokenizer_sets(cfg, R)
@@ -251,7 +249,9 @@ def eval_tokenizer(cfg):
         raise ValueError(f"templates: every line needs a '{{}}' for the class name, got {templates}")
     autocast = tu.autocast_ctx(device, cfg.dtype)
     fid_on = bool(cfg.inception_path)
-    img_dir = os.path.join(os.path.dirname(cfg.out) if cfg.out else cfg.tokenizer, "eval_images")
+    home = cfg.tokenizer if os.path.isdir(cfg.tokenizer) else os.path.dirname(os.path.abspath(cfg.tokenizer))
+    out_path = cfg.out or os.path.join(home, "eval_tokenizer.json")
+    img_dir = os.path.join(os.path.dirname(os.path.abspath(out_path)), "eval_images")
     if fid_on or cfg.save_images:
         os.makedirs(os.path.join(img_dir, "real"), exist_ok=True)
         os.makedirs(os.path.join(img_dir, "recon"), exist_ok=True)
@@ -342,7 +342,7 @@ def eval_tokenizer(cfg):
         print(f"codes {q}: usage/depth {[round(v, 4) for v in c['usage']]}, perplexity/depth "
               f"{[round(v, 1) for v in c['perplexity']]}, entropy bits/depth {[round(v, 2) for v in c['entropy_bits']]}"
               f" (max {c['max_entropy_bits']:.2f}), any depth {c['usage_any_depth']:.4f}   [{c['n_vectors']} vectors, {s}]")
-    return _write(res, cfg.out or os.path.join(cfg.tokenizer, "eval_tokenizer.json"))
+    return _write(res, out_path)
 
 
 def _write(res, path):

@@ -197,10 +197,16 @@ def test_cli_eval_tokenizer_image_folder(tiny_tok, tmp_path):
         Image.fromarray(s["image"]).save(root / name / f"{i}.png")
     names = tmp_path / "names.txt"
     names.write_text("a blue square\na red circle\n")
+    fake = tmp_path / "inc" / "inception-2015-12-05.pt"  # not real weights: rFID must say unavailable
+    fake.parent.mkdir()
+    fake.write_bytes(b"not a torchscript file")
     res = ev.main(["tokenizer", f"--tokenizer={tiny_tok / 'tok'}", f"--data={root}", "--num_images=0",
-                   "--text_tokenizer=byte", f"--classnames={names}", "--device=cpu", f"--out={tmp_path / 'e.json'}"])
+                   "--text_tokenizer=byte", f"--classnames={names}", "--device=cpu", f"--inception_path={fake}",
+                   f"--out={tmp_path / 'e.json'}"])
     assert res["n_images"] == 4 and res["zero_shot"]["classes"] == 2 and res["zero_shot"]["templates"] == 80
     assert "quantized_top1" in res["zero_shot"]
+    assert res["rfid"] is None and res["rfid_note"].startswith("unavailable: ")  # no clean-fid, or a bad file
+    assert len(os.listdir(tmp_path / "eval_images" / "real")) == len(os.listdir(tmp_path / "eval_images" / "recon")) == 4
     names.write_text("only one\n")
     with pytest.raises(ValueError, match="1 names for 2 class folders"):
         ev.main(["tokenizer", f"--tokenizer={tiny_tok / 'tok'}", f"--data={root}", "--text_tokenizer=byte",
