@@ -24,7 +24,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
