@@ -11,7 +11,8 @@ The frozen DualToken tokenizer runs ONCE over the data (the code cache: memory-m
 stacks of both vocabularies + a JSON index of the texts, stamped with a hash of the tokenizer's config
 and weights); training reads codes only. Every micro-batch mixes three kinds of sample in fixed counts
 (so every trained module gets a gradient on every rank, which plain DDP needs):
-    und  [bos] <im_start> image <im_end> question-prompt  answer <eos>      loss: answer + eos
+    und  [bos] <im_start> image <im_end> question-prompt answer <eos> ...   loss: each answer + eos
+                                                                            (qa_per_image turns)
     cap  [bos] <im_start> image <im_end> caption-prompt   caption <eos>     loss: caption + eos
     gen  [bos] caption <image_gen_start> image <image_gen_end> <eos>        loss: every depth of both code
                                                                             stacks, <image_gen_end>, eos
@@ -74,6 +75,7 @@ class TrainMLLMConfig:
     # what trains: "all", "input" (vis_in only), "output" (pix/sem depth heads only)
     trainable: str = "all"
     mix: tuple = (0.4, 0.1, 0.5)     # und, cap, gen shares of each micro-batch (rounded to counts)
+    qa_per_image: int = 1            # und samples: questions asked in turn about one image
     caption_dropout: float = 0.1     # gen samples with the empty caption (the CFG unconditional model)
     # optimisation
     batch_size: int = 64             # global batch per optimizer step
@@ -182,32 +184,44 @@ def text_tokenizer(cfg):
 CAPTION_PROMPT = "describe the image."
 
 
-def sample_parts(kind, rec, tok, rng, caption_dropout, P):
-    """One training sequence as build_sequence parts + the number of trailing tokens that carry loss."""
+def sample_parts(kind, rec, tok, rng, caption_dropout, P, qa_per_image=1):
+    """One training sequence: build_sequence parts and one loss flag per part (an image part's flag trains
+    its end delimiter; its codes are trained by gen_mask). An und sample asks up to `qa_per_image` of the
+    image's questions in turn, each answer ended by eos: the image (most of the sequence) is paid once."""
     if kind == "und" and rec.get("qa"):
-        q, a = rec["qa"][int(rng.integers(len(rec["qa"])))]
-        ans = tok.encode(a) + [tok.eos_id]
-        return [("und", P), tok.user_prompt(q), ans], len(ans)
+        order = rng.permutation(len(rec["qa"]))[:qa_per_image]
+        parts, flags = [("und", P)], [False]
+        for j in order.tolist():
+            q, a = rec["qa"][j]
+            parts += [tok.user_prompt(q), tok.encode(a) + [tok.eos_id]]
+            flags += [False, True]
+        return parts, flags
     if kind in ("und", "cap"):  # an image without questions teaches captioning instead
-        ans = tok.encode(rec["caption"]) + [tok.eos_id]
-        return [("und", P), tok.user_prompt(CAPTION_PROMPT), ans], len(ans)
+        return [("und", P), tok.user_prompt(CAPTION_PROMPT), tok.encode(rec["caption"]) + [tok.eos_id]], \
+            [False, False, True]
     cap = [] if rng.random() < caption_dropout else tok.encode(rec["caption"])
-    return [cap, ("gen", P), [tok.eos_id]], 2  # loss on <image_gen_end> and eos (+ the codes)
+    return [cap, ("gen", P), [tok.eos_id]], [False, True, True]  # + <image_gen_end>, eos and the codes
+
+
+def loss_mask(mc, parts, flags):
+    """(T,) bool, True at the tokens that are text targets, aligned with build_sequence(mc, parts)."""
+    m = [False] if mc.bos_id is not None else []
+    for p, f in zip(parts, flags):
+        if isinstance(p, tuple):
+            m += [False] * (p[1] + 1) + [f]  # start delimiter, positions, end delimiter
+        else:
+            m += [f] * len(p)
+    return torch.tensor(m)
 
 
 def make_batch(mc, items):
-    """items: (parts, n_loss, pix (P, Dp), sem (P, Ds)) -> the MLLM.forward keyword dict."""
-    seqs, masks = [], []
-    for parts, n_loss, _, _ in items:
-        ids, img, gen = build_sequence(mc, parts)
-        lm = torch.zeros_like(img)
-        lm[len(ids) - n_loss:] = True
-        seqs.append((ids, img, gen))
-        masks.append(lm)
+    """items: (parts, flags, pix (P, Dp), sem (P, Ds)) -> the MLLM.forward keyword dict."""
+    seqs = [build_sequence(mc, parts) for parts, _, _, _ in items]
     b = collate(mc, seqs)
     T = b["idx"].shape[1]
     lm = torch.zeros(len(items), T, dtype=torch.bool)
-    for i, m in enumerate(masks):  # left padded like collate
+    for i, (parts, flags, _, _) in enumerate(items):  # left padded like collate
+        m = loss_mask(mc, parts, flags)
         lm[i, T - m.numel():] = m
     b["targets"] = make_targets(b["idx"], b["image_mask"], b["attention_mask"], lm)
     b["pix_codes"] = torch.cat([torch.from_numpy(np.array(it[2])).long() for it in items])  # (N, Dp)
@@ -583,8 +597,8 @@ def train(cfg):
         rng = np.random.default_rng([cfg.seed, ctx.rank, consumed])
         items = []
         for kind, i in zip(kinds, idx):
-            parts, n_loss = sample_parts(kind, train_c.records[i], tok, rng, cfg.caption_dropout, P)
-            items.append((parts, n_loss, train_c.pix[i], train_c.sem[i]))
+            parts, flags = sample_parts(kind, train_c.records[i], tok, rng, cfg.caption_dropout, P, cfg.qa_per_image)
+            items.append((parts, flags, train_c.pix[i], train_c.sem[i]))
         return {k: v.to(device) for k, v in make_batch(mc, items).items()}
 
     use_compile = device.startswith("cuda") if cfg.compile is None else cfg.compile

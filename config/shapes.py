@@ -65,3 +65,43 @@ tokenizer_config = dict(
     eval_interval=240,
     ckpt_interval=60,
 )
+
+# The unified MLLM (train_mllm.py) on the tokenizer above: a from-scratch tiny LLM trained on all three
+# sample kinds at once (paper stages 1-4 collapsed into one "all" stage: nothing is pretrained here, so
+# there is no LLM to protect by freezing). Byte-level text; the code cache holds 4000 train images (each
+# seen several times with different questions / caption dropout) + 200 held-out val images.
+# CPU choices (not the paper): width 128 x 4 layers, ONE-layer depth heads of width 96 (the paper has 3;
+# the heads run 64 positions x 4 depths x 2 stacks per generated image and dominate the cost), 4 questions
+# per understanding image (the 66 image tokens are paid once), lr 3e-3, 1 thread (3x faster than 2 on the
+# shared, loaded 2-core box, measured).
+mllm_config = dict(
+    out_dir="out-shapes/mllm",
+    tokenizer="out-shapes/tokenizer",
+    max_objects=2,
+    train_size=4000,
+    eval_size=200,
+    n_layer=4,
+    n_embd=128,
+    n_head=4,
+    n_kv_head=2,
+    intermediate_size=384,
+    head_n_layer=1,
+    head_n_embd=96,
+    head_n_head=2,
+    mix=(0.35, 0.1, 0.55),
+    qa_per_image=4,
+    caption_dropout=0.1,
+    batch_size=16,
+    micro_batch=16,
+    max_steps=500,
+    warmup=20,
+    lr=3e-3,
+    weight_decay=0.0,
+    eval_qa=200,
+    eval_gen=100,
+    eval_batch=50,
+    threads=1,
+    log_interval=10,
+    sample_interval=100,
+    ckpt_interval=100,
+)

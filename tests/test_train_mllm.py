@@ -77,22 +77,28 @@ def _batch(tok_dir, cache_dir, kind, **kw):
     tok = tm.text_tokenizer(cfg)
     model = tm.build_model(cfg, tok, dual)
     rec = cache.records[0]
-    parts, n_loss = tm.sample_parts(kind, rec, tok, np.random.default_rng(0), kw.get("drop", 0.0), 16)
-    b = tm.make_batch(model.config, [(parts, n_loss, cache.pix[0], cache.sem[0])])
+    parts, flags = tm.sample_parts(kind, rec, tok, np.random.default_rng(0), kw.get("drop", 0.0), 16, kw.get("n_qa", 1))
+    b = tm.make_batch(model.config, [(parts, flags, cache.pix[0], cache.sem[0])])
     return b, parts, tok, model, cache
 
 
-def test_understanding_mask_answer_only(tok_dir, cache_dir):
-    b, parts, tok, model, cache = _batch(tok_dir, cache_dir, "und")
-    _, prompt, ans = parts
+@pytest.mark.parametrize("n_qa", [1, 3])
+def test_understanding_mask_answers_only(tok_dir, cache_dir, n_qa):
+    b, parts, tok, model, cache = _batch(tok_dir, cache_dir, "und", n_qa=n_qa)
     ids, t = b["idx"][0], b["targets"][0]
-    T, n = len(ids), len(ans)
-    assert ans[-1] == tok.eos_id and tok.decode(ans[:-1]) in {a for _, a in cache.records[0]["qa"]}
-    # targets exist exactly for the predictions of the answer tokens (and eos): none on bos, the image,
-    # its delimiters or the question
-    trained = (t != -1).nonzero().flatten().tolist()
-    assert trained == list(range(T - n - 1, T - 1))
-    assert t[T - n - 1:T - 1].tolist() == ans
+    assert len(parts) == 1 + 2 * n_qa and parts[0] == ("und", 16)
+    truth = {tuple(p) for p in cache.records[0]["qa"]}
+    pos, want = 1 + 18, []  # bos, <im_start> 16 positions <im_end>
+    for q, a in zip(parts[1::2], parts[2::2]):
+        assert a[-1] == tok.eos_id and (tok.decode(q).strip(), tok.decode(a[:-1])) in truth
+        pos += len(q)
+        want += list(range(pos - 1, pos - 1 + len(a)))  # position t predicts token t + 1
+        pos += len(a)
+    assert pos == len(ids)
+    # targets exist exactly for the predictions of the answer tokens (and their eos): none on bos, the
+    # image, its delimiters or the questions
+    assert (t != -1).nonzero().flatten().tolist() == want
+    assert t[want].tolist() == [x for a in parts[2::2] for x in a]
     assert b["image_mask"][0].sum() == 16 and not b["gen_mask"][0].any()  # input image: no code loss
     assert ids[0] == model.config.bos_id and ids[1] == model.config.im_start_id
     _, loss = model(**b)
