@@ -94,6 +94,7 @@ class TrainMLLMConfig:
     cfg_scale: float = 3.0
     temperature: float = 1.0
     top_k: Optional[int] = None
+    top_p: Optional[float] = None
     eval_qa: int = 200               # held-out questions at the end (one per image)
     eval_gen: int = 100              # held-out captions drawn at the end (shapes: checker-judged)
     eval_batch: int = 50
@@ -173,12 +174,24 @@ class BytePromptTokenizer:
         return self.encode(text + "\n")
 
 
+def previous_stage(path):
+    """The config.json of a train_mllm out_dir, or None (an HF folder, or no folder)."""
+    p = os.path.join(path, "config.json") if path else ""
+    if not os.path.isfile(p):
+        return None
+    with open(p) as f:
+        conf = json.load(f)
+    return conf if "mllm" in conf else None
+
+
 def text_tokenizer(cfg):
-    if not cfg.text_tokenizer:
-        if cfg.init_from:
+    prev = previous_stage(cfg.init_from)
+    name = cfg.text_tokenizer or (prev["text_tokenizer"] if prev else "")
+    if name in ("", "bytes"):
+        if cfg.init_from and not prev:
             raise ValueError("init_from (a pretrained LLM) needs its text_tokenizer (tokenizer.json)")
         return BytePromptTokenizer()
-    return ChatTokenizer(cfg.text_tokenizer)
+    return ChatTokenizer(name)
 
 
 CAPTION_PROMPT = "describe the image."
@@ -355,7 +368,14 @@ class CodeCache:
 # model
 
 
-def build_model(cfg, tok, dual):
+def build_model(cfg, tok, dual, thash=None):
+    """A new MLLM (from scratch or on an HF LLM folder), or the previous stage's train_mllm out_dir."""
+    if previous_stage(cfg.init_from):
+        model, info = load_mllm(cfg.init_from)
+        if thash is not None and info["tokenizer_hash"] != thash:
+            raise ValueError(f"init_from={cfg.init_from!r} was trained on tokenizer {info['tokenizer_hash']}, "
+                             f"this run uses {thash}")
+        return model.train()
     q = dual.config
     vis = dict(pix_vocab=q.vq_pix.codebook_size, pix_dim=q.vq_pix.code_dim, pix_depth=q.vq_pix.depth,
                sem_vocab=q.vq_sem.codebook_size, sem_dim=q.vq_sem.code_dim, sem_depth=q.vq_sem.depth,
@@ -487,7 +507,7 @@ def draw(raw, tok, dual, captions, cfg, seed, batch):
     n = dual.config.grid
     for s in range(0, len(captions), batch):
         pix, _ = raw.generate_image([tok.encode(c) for c in captions[s:s + batch]], n * n, cfg_scale=cfg.cfg_scale,
-                                    temperature=cfg.temperature, top_k=cfg.top_k, generator=g)
+                                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=g)
         ims.append(dual.decode(pix.view(pix.shape[0], n, n, -1).to(next(dual.parameters()).device)).cpu())
     return torch.cat(ims)
 
@@ -565,7 +585,7 @@ def train(cfg):
         print("note: no record has questions; und samples train captioning")
 
     tok = text_tokenizer(cfg)
-    raw = build_model(cfg, tok, dual)
+    raw = build_model(cfg, tok, dual, thash)
     mc = raw.config
     set_trainable(raw, cfg.trainable)
     raw = raw.to(device)
@@ -611,7 +631,7 @@ def train(cfg):
     autocast = tu.autocast_ctx(device, cfg.dtype)
     logger = tu.JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=master)
     extra = dict(tokenizer=os.path.abspath(cfg.tokenizer), tokenizer_hash=thash,
-                 text_tokenizer=cfg.text_tokenizer or "bytes", caption_prompt=CAPTION_PROMPT,
+                 text_tokenizer=cfg.text_tokenizer or (previous_stage(cfg.init_from) or {}).get("text_tokenizer", "bytes"), caption_prompt=CAPTION_PROMPT,
                  prompt_format="und: [bos] <im_start> image <im_end> user_prompt(question); "
                                "gen: [bos] encode(caption) <image_gen_start>",
                  grid=dual.config.grid, image_size=dual.config.siglip.vision.image_size)

@@ -234,3 +234,15 @@ def test_ddp_two_processes_stay_identical(tok_dir, cache_dir, tmp_path):
     init = tm.load_mllm(out)[0]  # the exported model is rank 0's
     assert torch.equal(init.state_dict()["vis_in.0.weight"], a["vis_in.0.weight"])
     assert load_state(out)["step"] == 2
+
+
+def test_next_stage_starts_from_previous_out_dir(tok_dir, cache_dir, tmp_path):
+    """Stage chaining: init_from a train_mllm out_dir; trainable="output" (stage 3) moves only the heads."""
+    prev, _ = tm.train(make_cfg(tok_dir, tmp_path / "s1", cache_dir, max_steps=1, eval_qa=0, eval_gen=0))
+    nxt, res = tm.train(make_cfg(tok_dir, tmp_path / "s3", cache_dir, init_from=str(tmp_path / "s1"), trainable="output",
+                                 mix=(0, 0, 1), max_steps=2, eval_qa=0, eval_gen=2, top_k=8, top_p=0.9))
+    a, b = prev.state_dict(), nxt.state_dict()
+    for k in a:
+        same = torch.equal(a[k], b[k])
+        assert same != k.startswith(("pix_head.", "sem_head.")), k
+    assert res["n_gen"] == 2
