@@ -56,14 +56,14 @@ tokenizer_config = dict(
     trainable="after_sem",
     batch_size=16,
     micro_batch=16,
-    max_steps=240,
-    warmup=10,
+    max_steps=400,
+    warmup=20,
     lr=2e-3,
     min_lr=1e-4,
     log_interval=10,
-    image_interval=60,
-    eval_interval=240,
-    ckpt_interval=60,
+    image_interval=100,
+    eval_interval=400,
+    ckpt_interval=100,
 )
 
 # The unified MLLM (train_mllm.py) on the tokenizer above: a from-scratch tiny LLM trained on all three
