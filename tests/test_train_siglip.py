@@ -45,7 +45,10 @@ def fixed_batch(cfg, n=16):
 def test_preset_parses_and_sets_the_pipeline_grid():
     cfg = parse_config(TrainSigLIPConfig(), ["config/shapes.py"])
     assert (cfg.image_size, cfg.patch_size) == (64, 8)
-    assert cfg.max_len >= 92  # the longest two-object shapes caption + eos is not truncated
+    import data
+    longest = max(len(data.caption([dict(color=c, shape=s, size=z, cell=p)])) for c in data.COLORS
+                  for s in data.SHAPES for z in data.SIZES for p in data.CELLS)
+    assert cfg.max_objects == 1 and cfg.max_len >= longest + 1  # a caption + eos is never truncated
 
 
 def test_few_steps_lower_loss_and_checkpoint_loads(tmp_path):
