@@ -534,6 +534,12 @@ def evaluate(raw, tok, dual, cache, cfg, n_qa, n_gen):
                                            sum(len(cache.records[i]["objects"]) for i in idx))
         res.update({f"gen_{k}": float(np.mean([r[k] for r in m])) for k in ("count", "color", "shape", "size", "cell")})
         res["n_gen"], res["cfg_scale"], res["temperature"] = len(idx), cfg.cfg_scale, cfg.temperature
+        # the ceiling the tokenizer sets: the checker on the decoding of the same images' true codes
+        g, dev = dual.config.grid, next(dual.parameters()).device
+        rec = [dual.decode(_codes(cache, i)[0].view(1, g, g, -1).to(dev))[0].cpu() for i in idx]
+        res["tokenizer_recon_accuracy"] = float(np.mean([data.objects_match(data.describe(data.to_image(x)),
+                                                         cache.records[i]["objects"])["all_correct"]
+                                                         for x, i in zip(rec, idx)]))
     raw.train(was)
     return res
 
