@@ -66,6 +66,11 @@ class DualTokenConfig:
     vq_sem: QuantizerConfig = field(default_factory=lambda: QuantizerConfig(ema_update="deferred"))
     decoder_latent_shape: Optional[tuple] = (24, 24)  # pixel grid is resized to this before the decoder
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    # the paper's ablation (spec section 4, ablation.py); the defaults are the released model
+    semantic_branch: bool = True  # False: pixel branch only, no semantic modules (recon-only runs (b), (c))
+    tie_branches: bool = False    # True: ONE pixel quantizer at layer_recon == layer_sem whose output is both
+                                  # decoded and re-enters the tower (VILA-U-like run (a)): no prequant_sem /
+                                  # quantizer_sem; postquant_sem reads the pixel codes
 
     def __post_init__(self):
         if self.siglip is None:
@@ -75,6 +80,10 @@ class DualTokenConfig:
         if not 1 <= self.layer_recon <= self.layer_sem <= L:
             raise ValueError(f"need 1 <= layer_recon ({self.layer_recon}) <= layer_sem ({self.layer_sem}) "
                              f"<= num_hidden_layers ({L})")
+        if self.tie_branches and not (self.semantic_branch and self.layer_recon == self.layer_sem):
+            raise ValueError(f"tie_branches=True needs semantic_branch=True and layer_recon == layer_sem, got "
+                             f"semantic_branch={self.semantic_branch}, layer_recon={self.layer_recon}, "
+                             f"layer_sem={self.layer_sem}")
         if self.layer_shortcut is not None and not 1 <= self.layer_shortcut <= self.layer_sem:
             raise ValueError(f"layer_shortcut ({self.layer_shortcut}) must be in 1..layer_sem ({self.layer_sem})")
         for name, q in (("vq_pix", self.vq_pix), ("vq_sem", self.vq_sem)):
@@ -362,15 +371,16 @@ class Decoder(nn.Module):
 
 class DualTokenOutput(NamedTuple):
     recon: torch.Tensor        # (B, 3, R, R) decoded pixel codes, about [-1, 1], unclamped
-    pooled: torch.Tensor       # (B, D) MAP-head embedding through the quantized semantic path
-    zq_sem: torch.Tensor       # (B, N, D) post-quant semantic features (replace block layer_sem's output)
-    h_sem: torch.Tensor        # (B, N, D) block layer_sem output (the semantic branch input)
+    pooled: torch.Tensor       # (B, D) MAP-head embedding through the quantized semantic path (or None*)
+    zq_sem: torch.Tensor       # (B, N, D) post-quant semantic features (replace block layer_sem's output) (None*)
+    h_sem: torch.Tensor        # (B, N, D) block layer_sem output (the semantic branch input) (None*)
     zq_pix: torch.Tensor       # (B, N, c) quantized pixel latent (straight-through)
     pix_codes: torch.Tensor    # (B, h, w, depth) int64
-    sem_codes: torch.Tensor    # (B, h, w, depth) int64
+    sem_codes: torch.Tensor    # (B, h, w, depth) int64 (None*; the pixel codes when tie_branches)
     commit_pix: torch.Tensor   # () commitment loss of the pixel RVQ
     commit_sem: torch.Tensor   # () commitment loss of the semantic RVQ
     stats: dict                # {"pix": {...}, "sem": {...}} usage / perplexity per depth (ResidualVQ.code_stats)
+    # * None when config.semantic_branch is False (the recon-only ablations); commit_sem is then 0
 
 
 def _rvq(q: QuantizerConfig):
@@ -388,11 +398,13 @@ class DualToken(nn.Module):
         self.siglip = SigLIP(cfg.siglip)  # both towers; the text tower is only used for zero-shot scoring
         self.prequant_pix = AttnProjection(D, cfg.vq_pix.code_dim)
         self.prequant_shortcut = AttnProjection(D, cfg.vq_pix.code_dim) if cfg.layer_shortcut is not None else None
-        self.prequant_sem = AttnProjection(D, cfg.vq_sem.code_dim)
+        own_sem = cfg.semantic_branch and not cfg.tie_branches  # a semantic quantizer of its own (released)
+        self.prequant_sem = AttnProjection(D, cfg.vq_sem.code_dim) if own_sem else None
         self.quantizer_pix = _rvq(cfg.vq_pix)
-        self.quantizer_sem = _rvq(cfg.vq_sem)
+        self.quantizer_sem = _rvq(cfg.vq_sem) if own_sem else None
         self.postquant_pix = AttnProjection(cfg.vq_pix.code_dim, D, causal=True)
-        self.postquant_sem = AttnProjection(cfg.vq_sem.code_dim, D, causal=True)
+        c_sem = cfg.vq_pix.code_dim if cfg.tie_branches else cfg.vq_sem.code_dim
+        self.postquant_sem = AttnProjection(c_sem, D, causal=True) if cfg.semantic_branch else None
         self.post_quant_conv = PostQuantResBlock(D, cfg.decoder.latent_channels)
         self.decoder = Decoder(cfg.decoder)
 
@@ -412,11 +424,14 @@ class DualToken(nn.Module):
         return x.view(B, g, g, C)
 
     def encode_latents(self, images):
-        """Blocks 1..layer_sem -> (latent_pix, latent_sem, h_sem); latents are (B, h, w, c) quantizer inputs."""
+        """Blocks 1..layer_sem -> (latent_pix, latent_sem, h_sem); latents are (B, h, w, c) quantizer inputs.
+        Without a semantic quantizer of its own latent_sem is None (and h_sem too without a semantic branch:
+        then only the blocks the pixel branch reads run)."""
         self.check_images(images)
         cfg, vis = self.config, self.siglip.vision
         h = vis.embed(images)  # (B, N, D)
-        stops = sorted({cfg.layer_recon, cfg.layer_sem} | ({cfg.layer_shortcut} - {None}))
+        stops = {cfg.layer_recon} | ({cfg.layer_shortcut} - {None}) | ({cfg.layer_sem} if cfg.semantic_branch else set())
+        stops = sorted(stops)
         kept, start = {}, 0
         for stop in stops:  # run the blocks in segments, keeping the outputs the branches need
             h = vis.run_blocks(h, start, stop)
@@ -424,8 +439,20 @@ class DualToken(nn.Module):
         p = self.prequant_pix(kept[cfg.layer_recon])  # (B, N, c)
         if self.prequant_shortcut is not None:  # released code only: 0.6 x a projection of block 4
             p = p + cfg.weight_shortcut * self.prequant_shortcut(kept[cfg.layer_shortcut])
-        h_sem = kept[cfg.layer_sem]
-        return self._grid(p), self._grid(self.prequant_sem(h_sem)), h_sem
+        h_sem = kept.get(cfg.layer_sem)
+        latent_sem = self._grid(self.prequant_sem(h_sem)) if self.prequant_sem is not None else None
+        return self._grid(p), latent_sem, h_sem
+
+    def _quantize_sem(self, latent_pix, latent_sem, pix_out=None):
+        """-> (zq_sem32, sem_codes, commit_sem) of the semantic code stack. Tied (run (a)): the pixel
+        quantizer's output IS the semantic stack (pass pix_out to reuse a pass already made); its commitment
+        is counted once, as commit_pix, so commit_sem is 0."""
+        if self.quantizer_sem is not None:
+            return self.quantizer_sem(latent_sem)
+        if not self.config.tie_branches:
+            raise ValueError("this tokenizer has no semantic branch (semantic_branch=False): no semantic codes")
+        zq, codes, commit = pix_out if pix_out is not None else self.quantizer_pix(latent_pix)
+        return zq, codes, torch.zeros_like(commit)
 
     def _semantic_tail(self, zq_sem32):
         """(B, h, w, c) quantized semantic latent -> (zq_sem (B, N, D), pooled (B, D)): PostQuantSem, then
@@ -453,13 +480,21 @@ class DualToken(nn.Module):
     # ---------------------------------------------------------------- public API
 
     def forward(self, images):
+        """Without a semantic branch pooled / zq_sem / sem_codes are None and commit_sem is 0; tied, the
+        semantic codes are the pixel codes. stats has one entry per quantizer that exists."""
         latent_pix, latent_sem, h_sem = self.encode_latents(images)
-        zq_pix, pix_codes, commit_pix = self.quantizer_pix(latent_pix)  # (B, h, w, c), (B, h, w, L), ()
-        zq_sem32, sem_codes, commit_sem = self.quantizer_sem(latent_sem)
-        zq_sem, pooled = self._semantic_tail(zq_sem32)
+        pix_out = self.quantizer_pix(latent_pix)
+        zq_pix, pix_codes, commit_pix = pix_out  # (B, h, w, c), (B, h, w, L), ()
+        zq_sem = pooled = sem_codes = None
+        commit_sem = torch.zeros_like(commit_pix)
+        if self.config.semantic_branch:
+            zq_sem32, sem_codes, commit_sem = self._quantize_sem(latent_pix, latent_sem, pix_out)
+            zq_sem, pooled = self._semantic_tail(zq_sem32)
         recon = self.decode_latent(zq_pix)
         B = images.shape[0]
-        stats = {"pix": self.quantizer_pix.last_stats, "sem": self.quantizer_sem.last_stats}
+        stats = {"pix": self.quantizer_pix.last_stats}
+        if self.quantizer_sem is not None:
+            stats["sem"] = self.quantizer_sem.last_stats
         return DualTokenOutput(recon, pooled, zq_sem, h_sem, zq_pix.reshape(B, -1, zq_pix.shape[-1]),
                                pix_codes, sem_codes, commit_pix, commit_sem, stats)
 
@@ -467,20 +502,26 @@ class DualToken(nn.Module):
     def _books_frozen(self):
         """Quantizers in eval mode for the duration: encoding must never move the EMA codebooks, even when
         a training loop calls it on a model in train mode."""
-        modes = self.quantizer_pix.training, self.quantizer_sem.training
-        self.quantizer_pix.eval(), self.quantizer_sem.eval()
+        qs = [q for q in (self.quantizer_pix, self.quantizer_sem) if q is not None]
+        modes = [q.training for q in qs]
+        for q in qs:
+            q.eval()
         try:
             yield
         finally:
-            self.quantizer_pix.train(modes[0]), self.quantizer_sem.train(modes[1])
+            for q, m in zip(qs, modes):
+                q.train(m)
 
     @torch.no_grad()
     def encode(self, images):
         """images (B, 3, R, R) in [-1, 1] -> (pix_codes, sem_codes), each (B, h, w, depth) int64.
-        Only blocks 1..layer_sem run."""
+        Only blocks 1..layer_sem run. sem_codes is None without a semantic branch, pix_codes when tied."""
         latent_pix, latent_sem, _ = self.encode_latents(images)
         with self._books_frozen():
-            return self.quantizer_pix(latent_pix)[1], self.quantizer_sem(latent_sem)[1]
+            pix_out = self.quantizer_pix(latent_pix)
+            if not self.config.semantic_branch:
+                return pix_out[1], None
+            return pix_out[1], self._quantize_sem(latent_pix, latent_sem, pix_out)[1]
 
     def decode(self, pix_codes):
         """pix_codes (B, h, w, depth) -> images (B, 3, R, R), about [-1, 1], not clamped."""
@@ -492,9 +533,11 @@ class DualToken(nn.Module):
     def encode_image(self, images):
         """Pooled semantic embedding (B, D) through the QUANTIZED path (what zero-shot scoring uses);
         not normalised, like SigLIP's own image embedding."""
-        _, latent_sem, _ = self.encode_latents(images)
+        if not self.config.semantic_branch:
+            raise ValueError("encode_image: this tokenizer has no semantic branch (semantic_branch=False)")
+        latent_pix, latent_sem, _ = self.encode_latents(images)
         with self._books_frozen():
-            zq = self.quantizer_sem(latent_sem)[0]
+            zq = self._quantize_sem(latent_pix, latent_sem)[0]
         return self._semantic_tail(zq)[1]
 
     def encode_text(self, input_ids):
@@ -505,7 +548,10 @@ class DualToken(nn.Module):
         return self.quantizer_pix.embed_per_depth(codes) if per_depth else self.quantizer_pix.embed(codes)
 
     def sem_code_embed(self, codes, per_depth=False):
-        return self.quantizer_sem.embed_per_depth(codes) if per_depth else self.quantizer_sem.embed(codes)
+        q = self.quantizer_pix if self.config.tie_branches else self.quantizer_sem
+        if q is None:
+            raise ValueError("sem_code_embed: this tokenizer has no semantic branch (semantic_branch=False)")
+        return q.embed_per_depth(codes) if per_depth else q.embed(codes)
 
     def new_parameters(self):
         """Parameters beyond SigLIP (projections, decoder): what a from_siglip init starts from scratch."""

@@ -59,6 +59,10 @@ class TrainTokenizerConfig:
     dec_num_res_blocks: int = 2
     dec_attn_resolutions: Optional[tuple] = None  # None -> attention at the latent grid only
     dec_latent_channels: int = 1024
+    # ablation switches (ablation.py, spec section 4): False -> pixel branch only, recon loss only;
+    # tie_branches -> one quantizer at layer_recon == layer_sem, decoded AND distilled (VILA-U-like)
+    semantic_branch: bool = True
+    tie_branches: bool = False
     # which parameters train. "vision": the released stage 1, the whole vision tower + new modules.
     # "after_sem": the cheap stage, patch/position embeddings and blocks 1..layer_sem frozen (the pixel
     # branch then learns on fixed features, the semantic tail adapts to the quantized input).
@@ -127,7 +131,7 @@ def build(cfg):
         teacher.config, layer_recon=cfg.layer_recon, layer_shortcut=cfg.layer_shortcut,
         weight_shortcut=cfg.weight_shortcut, layer_sem=cfg.layer_sem or v.num_hidden_layers - 1,
         vq_pix=QuantizerConfig(**q, ema_update="per_depth"), vq_sem=QuantizerConfig(**q, ema_update="deferred"),
-        decoder_latent_shape=(lat, lat),
+        decoder_latent_shape=(lat, lat), semantic_branch=cfg.semantic_branch, tie_branches=cfg.tie_branches,
         decoder=DecoderConfig(ch=cfg.dec_ch, ch_mult=tuple(cfg.dec_ch_mult), num_res_blocks=cfg.dec_num_res_blocks,
                               attn_resolutions=attn, latent_channels=cfg.dec_latent_channels,
                               resolution=v.image_size))
@@ -152,6 +156,14 @@ def set_trainable(model, mode):
         vis.pos.requires_grad_(False)
         for blk in vis.blocks[:model.config.layer_sem]:
             blk.requires_grad_(False)
+    c = model.config
+    if not c.semantic_branch:
+        # recon-only: the blocks after the pixel branch's input, the post LN and the MAP head never get a
+        # gradient; frozen, DDP does not fail on them and the trainable count printed at start is honest
+        vis = s.vision
+        for m in [*vis.blocks[max(c.layer_recon, c.layer_shortcut or 0):], vis.post_ln, vis.head]:
+            if m is not None:
+                m.requires_grad_(False)
 
 
 def enable_grad_checkpointing(vision):
@@ -243,28 +255,34 @@ def evaluate(raw, teacher, tok, cfg, ev, device, teacher_acc=None):
             x = x.to(device)
             o = raw(x)
             out["psnr"].append(psnr(x, o.recon).cpu())
-            out["pooled"].append(o.pooled.float().cpu())
             out["pix"].append(o.pix_codes.reshape(-1, o.pix_codes.shape[-1]).cpu())
-            out["sem"].append(o.sem_codes.reshape(-1, o.sem_codes.shape[-1]).cpu())
-        return {k: torch.cat(v) for k, v in out.items()}
+            if sem_on:
+                out["pooled"].append(o.pooled.float().cpu())
+            if own_sem:
+                out["sem"].append(o.sem_codes.reshape(-1, o.sem_codes.shape[-1]).cpu())
+        return {k: torch.cat(v) for k, v in out.items() if v}
 
+    # no semantic branch (recon-only ablations): zero-shot is "n/a" (None), never a number from another path;
+    # tied (one quantizer): the semantic codes are the pixel codes, reported once under codes_pix
+    sem_on, own_sem = raw.config.semantic_branch, raw.quantizer_sem is not None
     a = run(ev["images"])
     # the tokenizer's text tower is the teacher's, frozen: one classifier serves both image embeddings
     clf = zero_shot_classifier(raw.siglip, tok, ev["classes"], list(cfg.templates))
     k5 = (1, 5) if len(ev["classes"]) >= 5 else (1,)
-    acc = zero_shot_accuracy(a["pooled"], clf.cpu(), ev["labels"], topk=k5)
+    acc = zero_shot_accuracy(a["pooled"], clf.cpu(), ev["labels"], topk=k5) if sem_on else {1: None}
     if teacher_acc is None:
         t_emb = torch.cat([teacher.encode_image(x.to(device)).float().cpu() for x in ev["images"].split(cfg.eval_batch)])
         teacher_acc = zero_shot_accuracy(t_emb, clf.cpu(), ev["labels"], topk=k5)
     res = {"psnr": a["psnr"].mean().item(), "zero_shot_top1": acc[1], "teacher_zero_shot_top1": teacher_acc[1],
-           "zero_shot_gap": teacher_acc[1] - acc[1], "n_images": len(ev["labels"])}
-    codes_pix, codes_sem = a["pix"], a["sem"]
+           "zero_shot_gap": teacher_acc[1] - acc[1] if sem_on else None, "n_images": len(ev["labels"])}
+    codes_pix, codes_sem = a["pix"], a.get("sem")
     if ev.get("multi") is not None:
         m = run(ev["multi"])
         res["psnr_single_object"], res["psnr"] = res["psnr"], m["psnr"].mean().item()
-        codes_pix, codes_sem = torch.cat([codes_pix, m["pix"]]), torch.cat([codes_sem, m["sem"]])
+        codes_pix = torch.cat([codes_pix, m["pix"]])
+        codes_sem = torch.cat([codes_sem, m["sem"]]) if own_sem else None
     res["codes_pix"] = usage_stats(codes_pix, raw.config.vq_pix.codebook_size)
-    res["codes_sem"] = usage_stats(codes_sem, raw.config.vq_sem.codebook_size)
+    res["codes_sem"] = usage_stats(codes_sem, raw.config.vq_sem.codebook_size) if own_sem else None
     raw.train(was)
     return res, teacher_acc
 
@@ -304,6 +322,10 @@ def train(cfg):
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(raw.siglip.vision)
     R, layer_sem = raw.config.siglip.vision.image_size, raw.config.layer_sem
+    sem_on = raw.config.semantic_branch
+    # loss terms a run without them must not log: recon-only has no semantic terms; without a semantic
+    # quantizer of its own (recon-only or tied) commit_sem is the constant 0 the model returns
+    absent = (() if sem_on else ("sem_tok", "sem_pool")) + (() if raw.quantizer_sem is not None else ("commit_sem",))
     train_ds, ev = make_data(cfg, R)
     tok = text_tokenizer(cfg) if ev is not None else None
     lpips, lpips_msg = lpips_or_none(cfg.lpips_vgg_path, cfg.lpips_lin_path)
@@ -391,9 +413,11 @@ def train(cfg):
             return None
         res, teacher_acc = evaluate(raw, teacher, tok, cfg, ev, device, teacher_acc)
         res = dict(step=step, **res)
-        print(f"step {step}: PSNR {res['psnr']:.2f} dB, zero-shot top-1 {res['zero_shot_top1']:.4f} "
-              f"(teacher {res['teacher_zero_shot_top1']:.4f}), codebook usage pix "
-              f"{res['codes_pix']['usage_any_depth']:.3f} sem {res['codes_sem']['usage_any_depth']:.3f}")
+        zs, cs = res["zero_shot_top1"], res["codes_sem"]
+        zs = "n/a" if zs is None else f"{zs:.4f}"
+        cs = "n/a" if cs is None else f"{cs['usage_any_depth']:.3f}"
+        print(f"step {step}: PSNR {res['psnr']:.2f} dB, zero-shot top-1 {zs} (teacher "
+              f"{res['teacher_zero_shot_top1']:.4f}), codebook usage pix {res['codes_pix']['usage_any_depth']:.3f} sem {cs}")
         logger.log(event="eval", **res)
         return res
 
@@ -413,13 +437,22 @@ def train(cfg):
             if ctx.ddp:  # all-reduce gradients only on the last micro-step
                 model.require_backward_grad_sync = micro == accum - 1
             with autocast:
-                t_sem, t_pool = teacher_targets(teacher, x, layer_sem)
+                if sem_on:
+                    t_sem, t_pool = teacher_targets(teacher, x, layer_sem)
                 out = model(x)
+                if sem_on:
+                    sem = (out.zq_sem.float(), t_sem.float(), out.pooled.float(), t_pool.float())
+                else:
+                    # recon-only: no teacher pass; TokenizerLoss always has the semantic terms, and zero
+                    # stand-ins make them exactly 0 (MSE 0, cosine of zero vectors 0); dropped below
+                    z = x.new_zeros(1, 1)
+                    sem = (z, z, z, z)
                 if gan_on:
                     disc.requires_grad_(False)  # G's term must not leave gradients in D
-                loss, terms = loss_fn(x, out.recon.float(), out.zq_sem.float(), t_sem.float(), out.pooled.float(),
-                                      t_pool.float(), out.commit_pix, out.commit_sem,
+                loss, terms = loss_fn(x, out.recon.float(), *sem, out.commit_pix, out.commit_sem,
                                       disc=disc if gan_on else None, last_layer=last_layer)
+                for k in absent:
+                    del terms[k]
             try:
                 tu.check_finite(terms, step)
             except FloatingPointError as e:
@@ -462,7 +495,7 @@ def train(cfg):
         if master and (step % cfg.log_interval == 0 or step == last_step):
             dt = time.time() - t0
             stats = {f"{q}_{s}": [round(v, 4) for v in out.stats[q][s].tolist()]
-                     for q in ("pix", "sem") for s in ("usage", "perplexity")}
+                     for q in out.stats for s in ("usage", "perplexity")}
             row = dict(step=step, lr=lr, disc_lr=d_lr, img_per_s=seen / dt, elapsed_s=time.time() - t_start,
                        **sums, **stats)  # loss terms: rank 0's share, averaged over micro-steps
             bar.set_postfix(loss=f"{sums['total']:.3f}", rec=f"{sums['rec_mse']:.4f}", img_s=f"{seen / dt:.0f}")
