@@ -381,6 +381,7 @@ def score_generations(images, objects):
 class EvalMLLMConfig:
     mllm: str = ""               # out_dir of train_mllm.py
     tokenizer: str = ""          # '' -> the tokenizer recorded in the MLLM's config.json (hash-checked)
+    check_hash: bool = True      # False: accept a tokenizer hash mismatch (same weights, changed hash recipe)
     siglip_config: str = ""
     max_objects: int = 2         # the shapes world the MLLM was trained on (train_mllm's max_objects / seed)
     shapes_seed: int = 0
@@ -465,7 +466,8 @@ def eval_mllm(cfg):
         for name, sc in scales:
             r[f"gen_{name}"] = dict(gen_eval(model, codec, tok, gen_samples, cfg, device, autocast, sc), cfg_scale=sc)
         res[split] = r
-    res.update(mllm=cfg.mllm, tokenizer=cfg.tokenizer, tokenizer_hash=info.get("tokenizer_hash"), device=device,
+    res.update(mllm=cfg.mllm, tokenizer=cfg.tokenizer, tokenizer_hash=info.get("tokenizer_hash"),
+               tokenizer_hash_mismatch=info.get("tokenizer_hash_mismatch"), device=device,
                dtype=cfg.dtype if device.startswith("cuda") else "float32", wall_s=time.time() - t0,
                config=config_dict(cfg))
     for split, _, _ in splits:

@@ -127,8 +127,13 @@ def load_pair(cfg, device):
         from train_mllm import tokenizer_hash
         h = tokenizer_hash(tok)
         if h != info["tokenizer_hash"]:
-            raise ValueError(f"--tokenizer={cfg.tokenizer!r} has hash {h}, the MLLM was trained with "
-                             f"{info['tokenizer_hash']} ({info.get('tokenizer')})")
+            msg = (f"--tokenizer={cfg.tokenizer!r} has hash {h}, the MLLM was trained with "
+                   f"{info['tokenizer_hash']} ({info.get('tokenizer')})")
+            if cfg.check_hash:
+                raise ValueError(msg + "; --check_hash=False only if the weights are the same and only the hash "
+                                       "recipe changed (it covers the config dict: a new config field changes it)")
+            print(f"warning: {msg}; continuing (--check_hash=False)")
+            info["tokenizer_hash_mismatch"] = h
     return model, codec, tok, info
 
 
@@ -237,6 +242,7 @@ def reconstruct(cfg):
 @dataclass
 class GenerateConfig(Common):
     mllm: str = ""             # out_dir of train_mllm.py
+    check_hash: bool = True    # refuse a tokenizer whose hash differs from the one the MLLM recorded
     captions: str = ""         # one caption, or a file with one caption per line
     num_per_caption: int = 4
     cfg_scale: float = 3.0     # <= 0: no classifier-free guidance (and no unconditional half)
@@ -284,6 +290,7 @@ def generate(cfg):
 @dataclass
 class AnswerConfig(Common):
     mllm: str = ""
+    check_hash: bool = True
     image: str = ""
     question: str = ""
     max_new_tokens: int = 32

@@ -308,6 +308,9 @@ def test_cli_eval_mllm(tiny_mllm, tiny_tok, tmp_path, capsys):
     tokenizer.DualToken(tokenizer.tiny_config()).save_pretrained(str(tmp_path / "other"))
     with pytest.raises(ValueError, match="the MLLM was trained with"):
         ev.main(["mllm", f"--mllm={tiny_mllm}", f"--tokenizer={tmp_path / 'other'}", "--device=cpu"])
+    res = ev.main(["mllm", f"--mllm={tiny_mllm}", f"--tokenizer={tmp_path / 'other'}", "--check_hash=False",
+                   "--qa_images=1", "--gen_captions=1", "--max_new_tokens=2", "--device=cpu", f"--out={out}"])
+    assert res["tokenizer_hash_mismatch"] and res["tokenizer_hash_mismatch"] != res["tokenizer_hash"]
 
 
 def test_authors_release_layout(tmp_path):
