@@ -14,9 +14,10 @@ codes come from, and what happens when one codebook must serve both?
 Every run starts from the same teacher with the same recipe (the preset's `tokenizer_config` section:
 batch, lr schedule, decoder, trainable blocks, seed, hence the same training images in the same order);
 only `steps` replaces the preset's max_steps, because the preset budgets one run and this trains four.
-All four are evaluated on the same held-out shapes images: PSNR and SSIM (eval.py's functions) on the
-1..max_objects images, zero-shot top-1 through the quantized semantic path (n/a without a semantic
-branch: no number is made up from another path) next to the teacher's, and codebook usage.
+All four are evaluated by train_tokenizer.evaluate on the same held-out shapes images: PSNR and SSIM
+(spec section 5; SSIM is eval.py's) on eval_size images with 1..max_objects objects, zero-shot top-1
+through the quantized semantic path on eval_size single-object images next to the teacher's (n/a
+without a semantic branch: no number is made up from another path), and codebook usage.
 Outputs: <ablation_dir>/<run>/ (a train_tokenizer out_dir each) and <ablation_dir>/ablation.json.
 """
 import dataclasses
@@ -67,20 +68,6 @@ def run_config(base, run, layer_sem):
     return tt.TrainTokenizerConfig(**kw)
 
 
-@torch.no_grad()
-def image_metrics(raw, images, batch, device):
-    """PSNR and SSIM (eval.py: [0, 1] after clamping, Gaussian 11x11 SSIM) of the pixel-code reconstructions."""
-    import eval as ev_mod
-    raw.eval()
-    p, s = [], []
-    for x in images.split(batch):
-        x = x.to(device)
-        r = raw(x).recon
-        p.append(ev_mod.psnr(x, r).cpu())
-        s.append(ev_mod.ssim(x, r).cpu())
-    return torch.cat(p).mean().item(), torch.cat(s).mean().item()
-
-
 def run_one(base, run, layer_sem):
     cfg = run_config(base, run, layer_sem)
     path = os.path.join(cfg.out_dir, "result.json")
@@ -95,21 +82,15 @@ def run_one(base, run, layer_sem):
           f"semantic_branch {cfg.semantic_branch}, tie_branches {cfg.tie_branches}), {cfg.max_steps} steps")
     t0 = time.time()
     raw, res = tt.train(cfg)
-    train_s = time.time() - t0
     if res is None:
         raise ValueError(f"run {run}: train_tokenizer returned no evaluation (data={cfg.data!r} needs eval_data)")
-    # SSIM on the same held-out images train_tokenizer scored PSNR on (the 1..max_objects set when there is
-    # one); PSNR recomputed with eval.py as a cross-check of the trainer's own number
-    _, ev = tt.make_data(cfg, raw.config.siglip.vision.image_size)
-    images = ev["multi"] if ev.get("multi") is not None else ev["images"]
-    device = next(raw.parameters()).device.type
-    psnr, ssim = image_metrics(raw, images, cfg.eval_batch, device)
     out = {"run": run, "name": RUNS[run], "layer_recon": cfg.layer_recon, "layer_sem": cfg.layer_sem,
            "semantic_branch": cfg.semantic_branch, "tie_branches": cfg.tie_branches, "steps": cfg.max_steps,
-           "psnr": psnr, "ssim": ssim, "psnr_trainer": res["psnr"], "psnr_single_object": res.get("psnr_single_object"),
+           "psnr": res["psnr"], "ssim": res["ssim"], "psnr_single_object": res.get("psnr_single_object"),
+           "ssim_single_object": res.get("ssim_single_object"),
            "zero_shot_top1": res["zero_shot_top1"], "teacher_zero_shot_top1": res["teacher_zero_shot_top1"],
-           "codes_pix": res["codes_pix"], "codes_sem": res["codes_sem"], "n_eval_images": len(images),
-           "n_zero_shot_images": res["n_images"], "train_s": train_s, "wall_s": time.time() - t0,
+           "codes_pix": res["codes_pix"], "codes_sem": res["codes_sem"],
+           "n_images": res["n_images"], "wall_s": time.time() - t0,
            "config": config_dict(cfg)}
     with open(path, "w") as f:
         json.dump(out, f, indent=2)

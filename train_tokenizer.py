@@ -245,16 +245,18 @@ def usage_stats(codes, K):
 
 @torch.no_grad()
 def evaluate(raw, teacher, tok, cfg, ev, device, teacher_acc=None):
-    """PSNR, zero-shot (quantized semantic path; and the teacher, computed once) and codebook usage."""
+    """PSNR, SSIM (eval.py's), zero-shot (quantized semantic path; and the teacher, computed once) and codebook usage."""
+    from eval import ssim
     was = raw.training
     raw.eval()  # the quantizers must not move their codebooks on held-out data
 
     def run(images):
-        out = {"psnr": [], "pooled": [], "pix": [], "sem": []}
+        out = {"psnr": [], "ssim": [], "pooled": [], "pix": [], "sem": []}
         for x in images.split(cfg.eval_batch):
             x = x.to(device)
             o = raw(x)
             out["psnr"].append(psnr(x, o.recon).cpu())
+            out["ssim"].append(ssim(x, o.recon).cpu())
             out["pix"].append(o.pix_codes.reshape(-1, o.pix_codes.shape[-1]).cpu())
             if sem_on:
                 out["pooled"].append(o.pooled.float().cpu())
@@ -273,12 +275,13 @@ def evaluate(raw, teacher, tok, cfg, ev, device, teacher_acc=None):
     if teacher_acc is None:
         t_emb = torch.cat([teacher.encode_image(x.to(device)).float().cpu() for x in ev["images"].split(cfg.eval_batch)])
         teacher_acc = zero_shot_accuracy(t_emb, clf.cpu(), ev["labels"], topk=k5)
-    res = {"psnr": a["psnr"].mean().item(), "zero_shot_top1": acc[1], "teacher_zero_shot_top1": teacher_acc[1],
+    res = {"psnr": a["psnr"].mean().item(), "ssim": a["ssim"].mean().item(), "zero_shot_top1": acc[1], "teacher_zero_shot_top1": teacher_acc[1],
            "zero_shot_gap": teacher_acc[1] - acc[1] if sem_on else None, "n_images": len(ev["labels"])}
     codes_pix, codes_sem = a["pix"], a.get("sem")
     if ev.get("multi") is not None:
         m = run(ev["multi"])
         res["psnr_single_object"], res["psnr"] = res["psnr"], m["psnr"].mean().item()
+        res["ssim_single_object"], res["ssim"] = res["ssim"], m["ssim"].mean().item()
         codes_pix = torch.cat([codes_pix, m["pix"]])
         codes_sem = torch.cat([codes_sem, m["sem"]]) if own_sem else None
     res["codes_pix"] = usage_stats(codes_pix, raw.config.vq_pix.codebook_size)
