@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -442,6 +443,18 @@ def gen_eval(model, codec, tok, samples, cfg, device, autocast, cfg_scale):
     return score_generations(data.to_image(imgs), [s["objects"] for s in samples])
 
 
+@torch.no_grad()
+def ceiling(tok, samples, cfg, device, autocast):
+    """The checker on the tokenizer's own decoding of the true images (encode -> decode pixel codes): no
+    generated image can score above what the decoder can draw."""
+    ims = []
+    for k in range(0, len(samples), cfg.batch_size):
+        x = torch.stack([data.to_tensor(s["image"]) for s in samples[k:k + cfg.batch_size]]).to(device)
+        with autocast:
+            ims.append(data.to_image(tok.decode(tok.encode(x)[0]).float()))
+    return score_generations(np.concatenate(ims), [s["objects"] for s in samples])
+
+
 def eval_mllm(cfg):
     from sample import load_pair
     t0 = time.time()
@@ -463,6 +476,7 @@ def eval_mllm(cfg):
     for split, n_qa, n_gen in splits:
         r = {"qa": qa_eval(model, codec, tok, [world.sample(split, i) for i in range(n_qa)], cfg, device, autocast)}
         gen_samples = [world.sample(split, i) for i in range(n_gen)]
+        r["tokenizer_ceiling"] = ceiling(tok, gen_samples, cfg, device, autocast)
         for name, sc in scales:
             r[f"gen_{name}"] = dict(gen_eval(model, codec, tok, gen_samples, cfg, device, autocast, sc), cfg_scale=sc)
         res[split] = r
@@ -476,6 +490,9 @@ def eval_mllm(cfg):
         print(f"QA {split}: accuracy {q['accuracy']:.4f} on {q['n']} questions (greedy, exact match)   {where}")
         for t, v in q["by_type"].items():
             print(f"   {t:12s} {v['accuracy']:.4f}  (n={v['n']})")
+        c = r["tokenizer_ceiling"]
+        print(f"generation {split} ceiling (tokenizer decodes the true images): all-correct {c['all_correct']:.4f}, "
+              f"objects {c['objects_correct']:.3f} (n={c['n']})   {where}")
         for name, _ in scales:
             gr = r[f"gen_{name}"]
             attrs = ", ".join(f"{k} {gr[k]:.3f}" for k in ("count",) + data.ATTRS)

@@ -298,6 +298,7 @@ def test_cli_eval_mllm(tiny_mllm, tiny_tok, tmp_path, capsys):
         for k in ("all_correct", "count", "color", "shape", "size", "cell"):
             assert 0 <= saved[split]["gen_cfg"][k] <= 1
     assert saved["val"]["gen_cfg"]["n"] == 2 and saved["holdout"]["gen_no_cfg"]["n"] == 2
+    assert saved["val"]["tokenizer_ceiling"]["n"] == 2 and 0 <= saved["val"]["tokenizer_ceiling"]["all_correct"] <= 1
     assert "QA val: accuracy" in capsys.readouterr().out
     res = ev.main(["mllm", f"--mllm={tiny_mllm}", "--qa_images=1", "--gen_captions=1", "--max_new_tokens=2",
                    "--device=cpu", f"--out={out}"])
