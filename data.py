@@ -696,6 +696,23 @@ if __name__ == "__main__":
     # speed, and the checker's accuracy on n val renders, clean and mildly degraded.
     import sys
     import time
+    if len(sys.argv) > 1 and sys.argv[1] == "export":
+        # python data.py export DIR [n]: n held-out val images as PNG + same-name .txt captions (an
+        # ImageCaptionDataset folder) + questions.jsonl, to look at or to feed sample.py
+        out, n = sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 16
+        from PIL import Image
+        os.makedirs(out, exist_ok=True)
+        world = ShapesWorld(ShapesConfig())
+        with open(os.path.join(out, "questions.jsonl"), "w") as f:
+            for i in range(n):
+                s = world.sample("val", i)
+                Image.fromarray(s["image"]).save(os.path.join(out, f"val_{i:04d}.png"))
+                with open(os.path.join(out, f"val_{i:04d}.txt"), "w") as g:
+                    g.write(s["caption"] + "\n")
+                for q, a in s["qa"]:
+                    f.write(json.dumps({"image": f"val_{i:04d}.png", "question": q, "answer": a}) + "\n")
+        print(f"wrote {n} held-out val images, captions and questions to {out}")
+        sys.exit(0)
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
     world = ShapesWorld(ShapesConfig())
     for i in range(3):
