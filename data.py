@@ -698,14 +698,16 @@ if __name__ == "__main__":
     import time
     if len(sys.argv) > 1 and sys.argv[1] == "export":
         # python data.py export DIR [n]: n held-out val images as PNG + same-name .txt captions (an
-        # ImageCaptionDataset folder) + questions.jsonl, to look at or to feed sample.py
+        # ImageCaptionDataset folder) + captions.txt (one per line) + questions.jsonl, to look at or to feed sample.py
         out, n = sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 16
         from PIL import Image
         os.makedirs(out, exist_ok=True)
         world = ShapesWorld(ShapesConfig())
-        with open(os.path.join(out, "questions.jsonl"), "w") as f:
+        with open(os.path.join(out, "questions.jsonl"), "w") as f, \
+                open(os.path.join(out, "captions.txt"), "w") as c:
             for i in range(n):
                 s = world.sample("val", i)
+                c.write(s["caption"] + "\n")
                 Image.fromarray(s["image"]).save(os.path.join(out, f"val_{i:04d}.png"))
                 with open(os.path.join(out, f"val_{i:04d}.txt"), "w") as g:
                     g.write(s["caption"] + "\n")
