@@ -122,11 +122,21 @@ def load_image_tokenizer(path, device="cpu"):
     return DualToken.from_pretrained(path).to(device).eval().requires_grad_(False)
 
 
-def tokenizer_hash(dual):
+def tokenizer_hash(dual, path=None):
     """sha256 of the tokenizer's config and every tensor: what the code cache and checkpoints are stamped
-    with (file-format independent: an authors' .pt and its safetensors conversion hash the same)."""
+    with. With `path` (the folder, or a weights file with config.json beside it) the config is the file's
+    JSON as written, so new code-side config fields with defaults do not change the hash of an unchanged
+    tokenizer; without it, the in-memory config (changes when tokenizer.py grows a field). Tensors are
+    hashed, not files: an authors' .pt and its safetensors conversion hash the same."""
     from tokenizer import config_to_dict
-    h = hashlib.sha256(json.dumps(config_to_dict(dual.config), sort_keys=True).encode())
+    folder = path if path and os.path.isdir(path) else os.path.dirname(path or "")
+    conf = os.path.join(folder, "config.json") if path else ""
+    if conf and os.path.isfile(conf):
+        with open(conf) as f:
+            c = json.load(f)
+    else:
+        c = config_to_dict(dual.config)
+    h = hashlib.sha256(json.dumps(c, sort_keys=True).encode())
     for k, v in sorted(dual.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -574,7 +584,7 @@ def train(cfg):
     counts = kind_counts(cfg.mix, cfg.micro_batch)
 
     dual = load_image_tokenizer(cfg.tokenizer, device)
-    thash = tokenizer_hash(dual)
+    thash = tokenizer_hash(dual, cfg.tokenizer)
     folder = cfg.cache_dir or os.path.join(cfg.out_dir, "cache")
     expect = cache_meta(cfg, dual, thash)
     if cfg.prepare or not os.path.isfile(os.path.join(folder, "meta.json")):

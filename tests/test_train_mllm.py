@@ -73,7 +73,7 @@ def test_loss_drops_for_each_kind(tok_dir, cache_dir, tmp_path, kind, term):
 def _batch(tok_dir, cache_dir, kind, **kw):
     cfg = make_cfg(tok_dir, "unused", cache_dir)
     dual = tm.load_image_tokenizer(tok_dir)
-    cache = tm.CodeCache(cache_dir, "train", tm.cache_meta(cfg, dual, tm.tokenizer_hash(dual)))
+    cache = tm.CodeCache(cache_dir, "train", tm.cache_meta(cfg, dual, tm.tokenizer_hash(dual, tok_dir)))
     tok = tm.text_tokenizer(cfg)
     model = tm.build_model(cfg, tok, dual)
     rec = cache.records[0]
@@ -138,7 +138,7 @@ def test_kind_counts():
 def test_cache_round_trip_and_refuses_other_tokenizer(tok_dir, cache_dir, tmp_path):
     cfg = make_cfg(tok_dir, tmp_path, cache_dir)
     dual = tm.load_image_tokenizer(tok_dir)
-    thash = tm.tokenizer_hash(dual)
+    thash = tm.tokenizer_hash(dual, tok_dir)
     cache = tm.CodeCache(cache_dir, "train", tm.cache_meta(cfg, dual, thash))
     assert cache.pix.dtype == np.int16 and cache.pix.shape == (48, 16, 3) and len(cache) == 48
     world = data.ShapesWorld(data.ShapesConfig(image_size=32, max_objects=2, seed=0))
