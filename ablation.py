@@ -87,7 +87,6 @@ def run_one(base, run, layer_sem):
     out = {"run": run, "name": RUNS[run], "layer_recon": cfg.layer_recon, "layer_sem": cfg.layer_sem,
            "semantic_branch": cfg.semantic_branch, "tie_branches": cfg.tie_branches, "steps": cfg.max_steps,
            "psnr": res["psnr"], "ssim": res["ssim"], "psnr_single_object": res.get("psnr_single_object"),
-           "ssim_single_object": res.get("ssim_single_object"),
            "zero_shot_top1": res["zero_shot_top1"], "teacher_zero_shot_top1": res["teacher_zero_shot_top1"],
            "codes_pix": res["codes_pix"], "codes_sem": res["codes_sem"],
            "n_images": res["n_images"], "wall_s": time.time() - t0,

@@ -216,7 +216,7 @@ def test_ablation_end_to_end(teacher_dir, tmp_path, capsys, monkeypatch):
     assert isinstance(by["a"]["zero_shot_top1"], float) and isinstance(by["d"]["zero_shot_top1"], float)
     assert by["d"]["codes_sem"] is not None and all(by[k]["codes_sem"] is None for k in "abc")
     for r in rows:
-        assert r["steps"] == 3 and 0 < r["ssim"] <= 1 and 0 < r["ssim_single_object"] <= 1 and r["n_images"] == 18
+        assert r["steps"] == 3 and 0 < r["ssim"] <= 1 and r["n_images"] == 18
         ev = json.load(open(tmp_path / r["run"] / "eval.json"))  # the trainer's own evaluation, reported as is
         assert (r["psnr"], r["ssim"], r["zero_shot_top1"]) == (ev["psnr"], ev["ssim"], ev["zero_shot_top1"])
         m = T.DualToken.from_pretrained(os.path.join(str(tmp_path), r["run"]))
