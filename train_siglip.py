@@ -12,6 +12,7 @@ out_dir holds a Hugging Face-format SigLIP (config.json + model.safetensors, `Si
 """
 import json
 import os
+import random
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -38,6 +39,10 @@ class TrainSigLIPConfig:
     train_size: int = 1_000_000      # shapes: length of the (procedural) train split
     eval_size: int = 540             # held-out single-object val images for zero-shot
     templates: tuple = ("a {}", "a photo of a {}", "a small {}", "a large {}")
+    # shapes: each object's size and position phrases are dropped from its caption with this
+    # probability, so the text tower also sees "a red circle" (the zero-shot prompts) and learns
+    # colour and shape as separate words rather than one long caption string
+    caption_drop: float = 0.5
     # model (SigLIP shapes; text projection = vision width, as SigLIP compares the two directly)
     patch_size: int = 8
     vision_width: int = 128
@@ -68,6 +73,7 @@ class TrainSigLIPConfig:
     eval_interval: int = 250
     ckpt_interval: int = 250
     resume: bool = False
+    threads: int = 0                 # CPU intra-op threads; 0: torch's default
 
 
 def build_model(cfg, vocab_size):
@@ -80,6 +86,16 @@ def build_model(cfg, vocab_size):
                          projection_size=cfg.vision_width, pad_token_id=None, bos_token_id=None,
                          eos_token_id=None)
     return SigLIP(SigLIPConfig(vision=v, text=t))
+
+
+def shapes_caption(objects, drop, rng):
+    """The shapes caption with each object's size and position phrase independently dropped."""
+    parts = []
+    for o in objects:
+        size = "" if rng.random() < drop else o["size"] + " "
+        where = "" if rng.random() < drop else " " + data.CELL_PHRASES[data.CELLS.index(o["cell"])]
+        parts.append(f"a {size}{o['color']} {o['shape']}{where}")
+    return " and ".join(parts)
 
 
 def make_data(cfg):
@@ -118,8 +134,11 @@ def train(cfg):
     device, master = ctx.device, ctx.is_master
     torch.manual_seed(cfg.seed + ctx.rank)
     accum = tu.grad_accum_steps(cfg.batch_size, cfg.micro_batch, ctx.world)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     tok = ByteTokenizer()
     train_ds, ev = make_data(cfg)
+    random.seed(cfg.seed * 1000 + ctx.rank)  # caption dropout; saved with the RNG state for resume
     sampler = tu.ShardedSampler(len(train_ds), cfg.seed, ctx.rank, ctx.world, cfg.micro_batch)
 
     # build -> load (resume) -> compile -> DDP; always save / evaluate the unwrapped `raw` model
@@ -188,7 +207,10 @@ def train(cfg):
         for micro in range(accum):
             batch = data.collate([train_ds[i] for i in next(sampler)])
             pixels = batch["image"].to(device, non_blocking=True)
-            ids = tok(batch["caption"], cfg.max_len).to(device, non_blocking=True)
+            captions = batch["caption"]
+            if cfg.data == "shapes" and cfg.caption_drop > 0:
+                captions = [shapes_caption(o, cfg.caption_drop, random) for o in batch["objects"]]
+            ids = tok(captions, cfg.max_len).to(device, non_blocking=True)
             if ctx.ddp:  # all-reduce gradients only on the last micro-step
                 model.require_backward_grad_sync = micro == accum - 1
             with autocast:
