@@ -68,16 +68,28 @@ def run_config(base, run, layer_sem):
     return tt.TrainTokenizerConfig(**kw)
 
 
-def run_one(base, run, layer_sem):
+def teacher_digest(folder):
+    """sha256 of the teacher's weights: the same init_from path may hold a retrained teacher."""
+    import hashlib
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            with open(os.path.join(folder, name), "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def run_one(base, run, layer_sem, digest):
     cfg = run_config(base, run, layer_sem)
     path = os.path.join(cfg.out_dir, "result.json")
     if base.reuse and os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
-        if old.get("config") == json.loads(json.dumps(config_dict(cfg))):
+        if old.get("config") == json.loads(json.dumps(config_dict(cfg))) and old.get("teacher_sha256") == digest:
             print(f"run {run}: reusing {path}")
             return old
-        print(f"run {run}: {path} was written with another config; training again")
+        print(f"run {run}: {path} was written with another config or teacher; training again")
     print(f"\n=== run {run}: {RUNS[run]} (layer_recon {cfg.layer_recon}, layer_sem {cfg.layer_sem}, "
           f"semantic_branch {cfg.semantic_branch}, tie_branches {cfg.tie_branches}), {cfg.max_steps} steps")
     t0 = time.time()
@@ -90,7 +102,7 @@ def run_one(base, run, layer_sem):
            "zero_shot_top1": res["zero_shot_top1"], "teacher_zero_shot_top1": res["teacher_zero_shot_top1"],
            "codes_pix": res["codes_pix"], "codes_sem": res["codes_sem"],
            "n_images": res["n_images"], "wall_s": time.time() - t0,
-           "config": config_dict(cfg)}
+           "teacher_sha256": digest, "config": config_dict(cfg)}
     with open(path, "w") as f:
         json.dump(out, f, indent=2)
     return out
@@ -131,13 +143,15 @@ def main(cfg):
         L = SigLIPConfig.from_hf(json.load(f), where=path).vision.num_hidden_layers
     layer_sem = cfg.layer_sem or L - 1
     if not cfg.layer_recon < layer_sem:
-        raise ValueError(f"the ablation needs a shallow layer_recon ({cfg.layer_recon}) below layer_sem ({layer_sem})")
+        raise ValueError(f"the ablation needs a shallow layer_recon ({cfg.layer_recon}) below "
+                         f"layer_sem ({layer_sem})")
     os.makedirs(cfg.ablation_dir, exist_ok=True)
-    rows = [run_one(cfg, r, layer_sem) for r in cfg.runs]
+    digest = teacher_digest(cfg.init_from)
+    rows = [run_one(cfg, r, layer_sem, digest) for r in cfg.runs]
     text = table(rows)
     print("\n" + text)
     summary = {"rows": rows, "table": text, "paper": PAPER, "wall_s": time.time() - t0, "threads": cfg.threads,
-               "teacher": cfg.init_from, "config": config_dict(cfg)}
+               "teacher": cfg.init_from, "teacher_sha256": digest, "config": config_dict(cfg)}
     with open(os.path.join(cfg.ablation_dir, "ablation.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"\n{len(rows)} runs in {summary['wall_s']:.0f} s; wrote {cfg.ablation_dir}/ablation.json")

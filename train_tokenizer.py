@@ -422,8 +422,9 @@ def train(cfg):
         zs, cs = res["zero_shot_top1"], res["codes_sem"]
         zs = "n/a" if zs is None else f"{zs:.4f}"
         cs = "n/a" if cs is None else f"{cs['usage_any_depth']:.3f}"
-        print(f"step {step}: PSNR {res['psnr']:.2f} dB, zero-shot top-1 {zs} (teacher "
-              f"{res['teacher_zero_shot_top1']:.4f}), codebook usage pix {res['codes_pix']['usage_any_depth']:.3f} sem {cs}")
+        print(f"step {step}: PSNR {res['psnr']:.2f} dB, SSIM {res['ssim']:.3f}, zero-shot top-1 {zs} (teacher "
+              f"{res['teacher_zero_shot_top1']:.4f}), codebook usage pix {res['codes_pix']['usage_any_depth']:.3f} "
+              f"sem {cs}")
         logger.log(event="eval", **res)
         return res
 

@@ -232,6 +232,21 @@ def test_ablation_end_to_end(teacher_dir, tmp_path, capsys, monkeypatch):
     assert [r["psnr"] for r in again["rows"]] == [by["b"]["psnr"], by["d"]["psnr"]]
 
 
+def test_reuse_retrains_for_another_teacher(teacher_dir, tmp_path, monkeypatch):
+    """Same init_from path and config, retrained weights: the stored result must not be reused."""
+    import shutil
+    t2 = str(tmp_path / "teacher")
+    shutil.copytree(teacher_dir, t2)
+    ablation.main(tiny_ablation(t2, tmp_path / "abl", runs="c", steps=1))
+    torch.manual_seed(1)
+    SigLIP(SigLIP.from_pretrained(t2).config).save_pretrained(t2)  # a retrained teacher, same path and config
+    calls = []
+    real = tt.train
+    monkeypatch.setattr(tt, "train", lambda cfg: calls.append(1) or real(cfg))
+    ablation.main(tiny_ablation(t2, tmp_path / "abl", runs="c", steps=1, reuse=True))
+    assert calls == [1]
+
+
 def test_ablation_config_errors(teacher_dir, tmp_path):
     with pytest.raises(ValueError, match="unknown run"):
         ablation.run_config(tiny_ablation(teacher_dir, tmp_path), "e", layer_sem=3)
