@@ -160,8 +160,8 @@ def test_strict_loading_names_the_key():
 
 def test_prefixed_checkpoint_loads_strictly():
     """The authors' DualToken checkpoint stores the fine-tuned SigLIP under `siglip_model.`."""
-    sd = torch.load(os.path.join(FIXTURES, "dualtoken_reference", "model.pt"), map_location="cpu",
-                    weights_only=True)["state_dict"]
+    path = os.path.join(FIXTURES, "dualtoken_reference", "model.pt")
+    sd = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     model = siglip.SigLIP.from_pretrained(FIXTURE_SIGLIP)
     model.load_hf_state_dict(sd, prefix="siglip_model.")
     torch.testing.assert_close(model.hf_state_dict()["vision_model.head.probe"], sd["siglip_model.vision_model.head.probe"])
