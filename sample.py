@@ -125,7 +125,7 @@ def load_pair(cfg, device):
     check_pair(model, tok)
     if info.get("tokenizer_hash"):
         from train_mllm import tokenizer_hash
-        h = tokenizer_hash(tok)
+        h = tokenizer_hash(tok, cfg.tokenizer)  # config.json as written + weights, as train_mllm stamps it
         if h != info["tokenizer_hash"]:
             msg = (f"--tokenizer={cfg.tokenizer!r} has hash {h}, the MLLM was trained with "
                    f"{info['tokenizer_hash']} ({info.get('tokenizer')})")
