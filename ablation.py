@@ -8,7 +8,7 @@ codes come from, and what happens when one codebook must serve both?
     (c) reconstruction only at the shallow layer (layer_recon), no semantic branch
     (d) DualToken: reconstruction shallow + semantics deep (the normal model)
 
-    python ablation.py config/shapes.py                 # ~20 min on 2 CPU cores (see README)
+    python ablation.py config/shapes.py                 # ~15 min on 2 shared CPU cores (see README)
     python ablation.py config/shapes.py --steps=60 --runs=ad --threads=1
 
 Every run starts from the same teacher with the same recipe (the preset's `tokenizer_config` section:
