@@ -172,13 +172,7 @@ def train(cfg):
         logger.log(event="start", step=step, params=n_params, world=ctx.world, config=config_dict(cfg))
 
     def checkpoint():
-        """Ranks hold different RNG states; gather them so resume restores each one exactly."""
-        rng = tu.rng_state()
-        if ctx.ddp:
-            rngs = [None] * ctx.world
-            torch.distributed.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
+        rngs = tu.all_rng_states(ctx)  # every rank's, so resume restores each exactly
         if master:
             # the HF folder is the product; train_state.pt (written atomically, with the weights) is
             # what resume reads, so a crash mid-export never breaks a resume

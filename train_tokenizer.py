@@ -393,14 +393,8 @@ def train(cfg):
     last_good = step if cfg.resume else None
 
     def checkpoint():
-        """Ranks hold different RNG states; gather them so resume restores each one exactly."""
         nonlocal last_good
-        rng = tu.rng_state()
-        if ctx.ddp:
-            rngs = [None] * ctx.world
-            torch.distributed.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
+        rngs = tu.all_rng_states(ctx)  # every rank's, so resume restores each exactly
         if master:
             # train_state.pt (weights included) is what resume reads, written atomically in one file; the
             # exported folder is the product, each of its files atomic too

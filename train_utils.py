@@ -114,6 +114,17 @@ def rng_state():
     return state
 
 
+def all_rng_states(ctx):
+    """rng_state() of every rank, gathered (a collective: call on all ranks). Ranks hold different RNG
+    states, and exact resume restores each one."""
+    rng = rng_state()
+    if not ctx.ddp:
+        return [rng]
+    rngs = [None] * ctx.world
+    torch.distributed.all_gather_object(rngs, rng)
+    return rngs
+
+
 def set_rng_state(state):
     version, mt, gauss = state["python"]
     random.setstate((version, tuple(mt), gauss))
