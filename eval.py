@@ -461,6 +461,8 @@ def eval_mllm(cfg):
     device = cfg.device or tu.default_device()
     model, codec, tok, info = load_pair(cfg, device)
     R = tok.config.siglip.vision.image_size
+    if not cfg.holdout_pairs and info.get("holdout_pairs"):  # the pairs the MLLM was trained without
+        cfg.holdout_pairs = tuple(tuple(p) for p in info["holdout_pairs"])
     world = data.ShapesWorld(data.ShapesConfig(image_size=R, max_objects=cfg.max_objects, seed=cfg.shapes_seed,
                                                holdout_pairs=tuple(tuple(p) for p in cfg.holdout_pairs)))
     autocast = tu.autocast_ctx(device, cfg.dtype)

@@ -59,6 +59,7 @@ class TrainMLLMConfig:
     prepare: bool = False            # build the code cache and exit (a missing cache is built anyway)
     prepare_batch: int = 128
     max_objects: int = 2             # shapes
+    holdout_pairs: tuple = ()        # shapes: ((colour, shape), ...) never in training (eval.py's holdout split)
     train_size: int = 20_000         # shapes: images in the train cache
     eval_size: int = 200             # held-out images (shapes: val split)
     # LLM: from scratch (the fields below) or a local HF Qwen2 / LLaMA folder
@@ -279,7 +280,8 @@ def source_split(cfg, split, R):
     """-> (n, item(i) -> (record dict with caption / qa (/ objects for shapes), image (3, R, R) tensor))."""
     import data
     if cfg.data == "shapes":
-        world = data.ShapesWorld(data.ShapesConfig(image_size=R, max_objects=cfg.max_objects, seed=cfg.seed))
+        world = data.ShapesWorld(data.ShapesConfig(image_size=R, max_objects=cfg.max_objects, seed=cfg.seed,
+                                                   holdout_pairs=tuple(tuple(p) for p in cfg.holdout_pairs)))
 
         def item(i):
             s = world.sample(split, i)
@@ -307,6 +309,7 @@ def cache_meta(cfg, dual, thash):
     return dict(tokenizer_hash=thash, grid=q.grid, pix_depth=q.vq_pix.depth, sem_depth=q.vq_sem.depth,
                 pix_vocab=q.vq_pix.codebook_size, sem_vocab=q.vq_sem.codebook_size,
                 data=dict(data=cfg.data, eval_data=cfg.eval_data, max_objects=cfg.max_objects, seed=cfg.seed,
+                          holdout_pairs=[list(p) for p in cfg.holdout_pairs],
                           train_size=cfg.train_size if cfg.data == "shapes" else None,
                           eval_size=cfg.eval_size if cfg.data == "shapes" else None))
 
@@ -650,7 +653,8 @@ def train(cfg):
                  text_tokenizer=cfg.text_tokenizer or (previous_stage(cfg.init_from) or {}).get("text_tokenizer", "bytes"), caption_prompt=CAPTION_PROMPT,
                  prompt_format="und: [bos] <im_start> image <im_end> user_prompt(question); "
                                "gen: [bos] encode(caption) <image_gen_start>",
-                 grid=dual.config.grid, image_size=dual.config.siglip.vision.image_size)
+                 grid=dual.config.grid, image_size=dual.config.siglip.vision.image_size,
+                 holdout_pairs=[list(p) for p in cfg.holdout_pairs])  # eval.py scores these separately
     n_params = sum(p.numel() for p in raw.parameters())
     n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     if master:

@@ -160,6 +160,24 @@ def test_cache_round_trip_and_refuses_other_tokenizer(tok_dir, cache_dir, tmp_pa
         tm.CodeCache(cache_dir, "train", tm.cache_meta(make_cfg(tok_dir, tmp_path, train_size=49), tm.load_image_tokenizer(tok_dir), thash))
 
 
+def test_holdout_pairs_never_reach_the_cache(tok_dir, tmp_path):
+    """Compositional generalisation: a held-out colour-shape pair is in no cached training image."""
+    cfg = make_cfg(tok_dir, tmp_path / "run", str(tmp_path / "cache"), holdout_pairs=(("red", "circle"),),
+                   prepare=True, train_size=64)
+    tm.train(cfg)
+    dual = tm.load_image_tokenizer(tok_dir)
+    cache = tm.CodeCache(str(tmp_path / "cache"), "train", tm.cache_meta(cfg, dual, tm.tokenizer_hash(dual, tok_dir)))
+    pairs = {(o["color"], o["shape"]) for r in cache.records for o in r["objects"]}
+    assert ("red", "circle") not in pairs and len(pairs) > 5
+    assert all("red circle" not in r["caption"] for r in cache.records)
+    cfg.prepare, cfg.max_steps, cfg.eval_qa, cfg.eval_gen = False, 1, 0, 0
+    tm.train(cfg)  # the export records the pairs, so eval.py scores them as the "holdout" split
+    assert tm.load_mllm(str(tmp_path / "run"))[1]["holdout_pairs"] == [["red", "circle"]]
+    with pytest.raises(ValueError, match="holdout_pairs"):  # a cache made without the holdout is refused
+        tm.CodeCache(str(tmp_path / "cache"), "train", tm.cache_meta(make_cfg(tok_dir, tmp_path, train_size=64), dual,
+                                                                     tm.tokenizer_hash(dual, tok_dir)))
+
+
 def test_train_exports_loadable_model_and_eval(tok_dir, cache_dir, tmp_path):
     out = tmp_path / "run"
     raw, res = tm.train(make_cfg(tok_dir, out, cache_dir, sample_interval=4))
