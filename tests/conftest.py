@@ -27,3 +27,20 @@ def _seed():
     import torch
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory):
+    """A random 32 px SigLIP (4x4 grid, 4 blocks) with a byte-vocabulary text tower, in HF layout: the
+    tiny teacher the tokenizer trainer and the ablation tests start from."""
+    import torch
+    from siglip import SigLIP, SigLIPConfig, SigLIPTextConfig, SigLIPVisionConfig
+    torch.manual_seed(0)
+    v = SigLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=4, num_attention_heads=2)
+    t = SigLIPTextConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=24, projection_size=32,
+                         pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    folder = str(tmp_path_factory.mktemp("teacher"))
+    SigLIP(SigLIPConfig(vision=v, text=t)).save_pretrained(folder)
+    return folder

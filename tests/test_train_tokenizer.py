@@ -9,7 +9,7 @@ import torch
 
 import losses
 import train_tokenizer as tt
-from siglip import SigLIP, SigLIPConfig, SigLIPTextConfig, SigLIPVisionConfig
+from siglip import SigLIP
 from tokenizer import DualToken
 
 
@@ -20,20 +20,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    """A random 32 px SigLIP (4x4 grid, 4 blocks) with a byte-vocabulary text tower, in HF layout."""
-    torch.manual_seed(0)
-    v = SigLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=4, num_attention_heads=2)
-    t = SigLIPTextConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=24, projection_size=32,
-                         pad_token_id=None, bos_token_id=None, eos_token_id=None)
-    folder = str(tmp_path_factory.mktemp("teacher"))
-    SigLIP(SigLIPConfig(vision=v, text=t)).save_pretrained(folder)
-    return folder
 
 
 def make_cfg(teacher_dir, out_dir, **kw):
