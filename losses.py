@@ -257,10 +257,20 @@ class TokenizerLoss(nn.Module):
         c = self.cfg
         if x.shape != x_hat.shape:
             raise ValueError(f"TokenizerLoss: x {tuple(x.shape)} and x_hat {tuple(x_hat.shape)} differ")
-        t = {"sem_tok": mse_cos(zq_sem, t_sem), "sem_pool": mse_cos(pooled, t_pool),
-             "commit_pix": commit_pix, "commit_sem": commit_sem, "rec_mse": F.mse_loss(x_hat, x)}
-        total = (c.w_sem_tok * t["sem_tok"] + c.w_sem_pool * t["sem_pool"]
-                 + c.w_commit * (commit_pix + commit_sem) + c.w_rec * t["rec_mse"])
+        # a term whose inputs are None is absent (recon-only ablations: no semantic branch; tied or
+        # recon-only: no semantic quantizer of its own): not computed, not logged
+        t = {}
+        if zq_sem is not None:
+            t["sem_tok"] = mse_cos(zq_sem, t_sem)
+        if pooled is not None:
+            t["sem_pool"] = mse_cos(pooled, t_pool)
+        t["commit_pix"] = commit_pix
+        if commit_sem is not None:
+            t["commit_sem"] = commit_sem
+        t["rec_mse"] = F.mse_loss(x_hat, x)
+        w = {"sem_tok": c.w_sem_tok, "sem_pool": c.w_sem_pool, "commit_pix": c.w_commit, "commit_sem": c.w_commit,
+             "rec_mse": c.w_rec}
+        total = sum(w[k] * v for k, v in t.items())
         rec = t["rec_mse"]  # what the adaptive weight balances: MSE + w_lpips * LPIPS, without w_rec (as released)
         if self.lpips is not None:
             t["lpips"] = self.lpips(x_hat, x)

@@ -15,14 +15,12 @@ and perplexity, learning rates), `samples/step_*.png` (originals over reconstruc
 (held-out PSNR and SSIM, zero-shot through the quantized semantic path vs the teacher, codebook usage).
 """
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 import train_utils as tu
 from configurator import config_dict, parse_config
@@ -329,9 +327,6 @@ def train(cfg):
         enable_grad_checkpointing(raw.siglip.vision)
     R, layer_sem = raw.config.siglip.vision.image_size, raw.config.layer_sem
     sem_on = raw.config.semantic_branch
-    # loss terms a run without them must not log: recon-only has no semantic terms; without a semantic
-    # quantizer of its own (recon-only or tied) commit_sem is the constant 0 the model returns
-    absent = (() if sem_on else ("sem_tok", "sem_pool")) + (() if raw.quantizer_sem is not None else ("commit_sem",))
     train_ds, ev = make_data(cfg, R)
     tok = text_tokenizer(cfg) if ev is not None else None
     lpips, lpips_msg = lpips_or_none(cfg.lpips_vgg_path, cfg.lpips_lin_path)
@@ -441,19 +436,15 @@ def train(cfg):
                 if sem_on:
                     t_sem, t_pool = teacher_targets(teacher, x, layer_sem)
                 out = model(x)
-                if sem_on:
-                    sem = (out.zq_sem.float(), t_sem.float(), out.pooled.float(), t_pool.float())
-                else:
-                    # recon-only: no teacher pass; TokenizerLoss always has the semantic terms, and zero
-                    # stand-ins make them exactly 0 (MSE 0, cosine of zero vectors 0); dropped below
-                    z = x.new_zeros(1, 1)
-                    sem = (z, z, z, z)
+                # recon-only runs have no teacher pass and no semantic terms; runs without a semantic
+                # quantizer of their own (recon-only, tied) have no commit_sem term
+                sem = ((out.zq_sem.float(), t_sem.float(), out.pooled.float(), t_pool.float()) if sem_on
+                       else (None, None, None, None))
+                commit_sem = out.commit_sem if raw.quantizer_sem is not None else None
                 if gan_on:
                     disc.requires_grad_(False)  # G's term must not leave gradients in D
-                loss, terms = loss_fn(x, out.recon.float(), *sem, out.commit_pix, out.commit_sem,
+                loss, terms = loss_fn(x, out.recon.float(), *sem, out.commit_pix, commit_sem,
                                       disc=disc if gan_on else None, last_layer=last_layer)
-                for k in absent:
-                    del terms[k]
             try:
                 tu.check_finite(terms, step)
             except FloatingPointError as e:

@@ -257,6 +257,15 @@ def test_tokenizer_loss_total_is_weighted_sum():
         crit(**a, disc=d, last_layer=dec.conv_out.weight)
 
 
+def test_tokenizer_loss_absent_terms():
+    """Recon-only ablation runs pass None: the semantic / commit_sem terms are neither computed nor logged."""
+    _, a = _batch()
+    a.update(zq_sem=None, t_sem=None, pooled=None, t_pool=None, commit_sem=None)
+    total, t = TokenizerLoss(LossConfig(w_commit=4.0, w_rec=6.0))(**a)
+    assert set(t) == {"commit_pix", "rec_mse", "total"}
+    assert t["total"] == pytest.approx(4 * 0.3 + 6 * t["rec_mse"], rel=1e-5)
+
+
 def test_tokenizer_loss_without_lpips_defaults():
     _, a = _batch()
     total, t = TokenizerLoss()(**a)
