@@ -23,9 +23,11 @@ def pytest_configure(config):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    """Every test starts seeded and single-threaded, even after a trainer set its own `threads`."""
     import torch
     torch.manual_seed(0)
+    torch.set_num_threads(1)
     yield
 
 

@@ -18,14 +18,6 @@ from siglip import SigLIP
 REF = os.path.join(FIXTURES, "dualtoken_reference")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def mode_config(mode):
     """tiny_config (6 blocks, recon @ 2 with shortcut @ 1, sem @ 5) switched to one of the four runs."""
     c = T.tiny_config()

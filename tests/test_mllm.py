@@ -10,16 +10,6 @@ import torch.nn.functional as F
 import mllm
 from mllm import MLLM, build_sequence, collate, make_targets, tiny_config
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Generation loops are many tiny ops: on a shared 2-core machine torch's thread pool spends most of
-    the time waiting for busy cores (19 s vs 1 s for one test here), so this module runs single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 VIS = dict(pix_vocab=32, pix_dim=8, pix_depth=3, sem_vocab=24, sem_dim=6, sem_depth=2, head_n_layer=2,
            head_n_embd=32, head_n_head=2)
 

@@ -14,16 +14,6 @@ import tokenizer as T
 REF = os.path.join(FIXTURES, "dualtoken_reference")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """conftest promises one thread per test process but does not set it; on a shared 2-core machine
-    two intra-op threads spinning against other processes make each tiny op ~30x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def outputs():
     return load_file(os.path.join(REF, "outputs.safetensors"))

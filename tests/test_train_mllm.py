@@ -14,14 +14,6 @@ import tokenizer as tkz
 import train_mllm as tm
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
     torch.manual_seed(0)

@@ -11,16 +11,6 @@ from siglip import SigLIP
 from train_siglip import TrainSigLIPConfig, build_model, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning threads per process make every
-    tiny op many times slower (conftest's docstring promises this but does not set it)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(out_dir, **kw):
     """A ~60k-parameter SigLIP on 32 px shapes: one step takes a fraction of a second on a CPU."""
     cfg = TrainSigLIPConfig(out_dir=str(out_dir), image_size=32, patch_size=8, vision_width=32,

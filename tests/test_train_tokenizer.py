@@ -13,15 +13,6 @@ from siglip import SigLIP
 from tokenizer import DualToken
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The machine is shared: one intra-op thread is faster than two contending ones for these sizes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_cfg(teacher_dir, out_dir, **kw):
     c = tt.TrainTokenizerConfig(
         out_dir=str(out_dir), init_from=teacher_dir, max_objects=1, train_size=64, eval_size=18,
