@@ -8,7 +8,7 @@ codes come from, and what happens when one codebook must serve both?
     (c) reconstruction only at the shallow layer (layer_recon), no semantic branch
     (d) DualToken: reconstruction shallow + semantics deep (the normal model)
 
-    python ablation.py config/shapes.py                 # ~15 min on 2 shared CPU cores (see README)
+    python ablation.py config/shapes.py                 # ~5 min on 2 idle CPU cores (see README)
     python ablation.py config/shapes.py --steps=60 --runs=ad --threads=1
 
 Every run starts from the same teacher with the same recipe (the preset's `tokenizer_config` section:
@@ -47,8 +47,8 @@ class AblationConfig(tt.TrainTokenizerConfig):
     # SECTION is inherited ("tokenizer"): a pipeline preset's tokenizer_config is the shared recipe
     ablation_dir: str = "out/ablation"  # run r trains into <ablation_dir>/<r>; the preset's out_dir is unused
     runs: str = "abcd"                  # which runs, in order
-    steps: int = 100                    # optimizer steps per run (replaces max_steps; 0 keeps max_steps)
-    threads: int = 1                    # torch intra-op threads (CPU); 0 leaves torch's default
+    steps: int = 150                    # optimizer steps per run (replaces max_steps; 0 keeps max_steps)
+    threads: int = 0                    # torch intra-op threads (CPU); 0 leaves torch's default
     reuse: bool = False                 # skip a run whose result.json was written with this same config
 
 

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 [ "${SKIP_INSTALL:-0}" = 1 ] || python -m pip install -q -r requirements.txt
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # tiny models: one thread per process is fastest on CPU
+# threads: torch uses every core; on a machine busy with other work OMP_NUM_THREADS=1 can be faster
 start=$(date +%s)
 python train_siglip.py config/shapes.py
 python train_tokenizer.py config/shapes.py

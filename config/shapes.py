@@ -1,15 +1,16 @@
 # The shapes pipeline: one preset for every stage (python train_<stage>.py config/shapes.py).
 # Each `<section>_config` dict applies only to the script whose config class has that SECTION.
 
-# SigLIP teacher (train_siglip.py). 64 px images with patch 8 -> an 8x8 grid of 64 tokens: the
-# DualToken tokenizer initialises from this tower and reconstructs from those 64 positions, so each
-# token covers 8x8 pixels; a coarser grid (32 px / patch 8 -> 4x4) would need 16x16 pixels per token and
-# blur the small (~10 px) objects, a finer one (patch 4 -> 256 tokens) costs 4x the attention and
-# sequence length downstream for the MLLM. Widths are sized for a few minutes on 2 free CPU cores
-# (measured only on a loaded shared CPU; the README has the numbers and how far from 95% it gets).
+# SigLIP teacher (train_siglip.py). 48 px images with patch 8 -> a 6x6 grid of 36 tokens, and each of the
+# world's 3x3 cells is exactly 2x2 patches: an object never straddles a patch boundary that cuts through its
+# cell, so the patch embedding sees each object in the same framing every time. Measured on 2 idle cores:
+# at 64 px / patch 8 (cells of 21.3 px cut across patches) the same tower reached 46-48 % zero-shot in
+# 300 steps (shape at chance, colour 100 %; a linear probe on its embedding read shape at 48 %), at 48 px
+# it reached 97 % at step 300 and 99-100 % from step 400. The DualToken tokenizer initialises from this
+# tower and reconstructs from those 36 positions (8x8 pixels per token).
 siglip_config = dict(
     out_dir="out-shapes/siglip",
-    image_size=64,
+    image_size=48,
     patch_size=8,
     vision_width=96,
     vision_layers=4,
@@ -23,22 +24,22 @@ siglip_config = dict(
     max_len=48,       # byte tokens: a one-object caption is at most 43 bytes + eos
     batch_size=64,
     micro_batch=64,
-    max_steps=300,
-    warmup=24,
-    lr=1e-3,          # measured at 300 steps: 1e-3 -> 48% top-1, 3e-3 -> 39% (colour is learned first,
-                      # shape is the slow part: top-5 is 100% from step 200 on)
+    max_steps=500,
+    warmup=40,
+    lr=1e-3,
     min_lr=1e-4,
     eval_interval=100,
     ckpt_interval=100,
-    threads=1,
+    threads=0,        # torch's default: both cores (on idle cores 2 threads ran 1.7x faster than 1)
 )
 
 # DualToken tokenizer (train_tokenizer.py), initialised from and distilled to the teacher above. The
 # teacher has 4 blocks: pixel codes from block 1 (the "first quarter" rule; no earlier block for the
 # released 0.6 shortcut), semantic codes from block 3 (second-to-last, as 26 of 27), re-entering block 4.
-# 8x8 grid x depth 4 from one 512-code book per branch (code width 32 = SigLIP width 96 / 3 heads).
+# 6x6 grid x depth 4 from one 512-code book per branch (code width 32 = SigLIP width 96 / 3 heads).
 # The decoder is the released layout shrunk to the floor GroupNorm(32) allows: 32/64 channels, one
-# ResBlock per level, 8 -> 16 -> 32 -> 64 px; its full-resolution convs are most of the compute.
+# ResBlock per level, 6 -> 12 -> 24 -> 48 px; its full-resolution convs are most of the compute (~75 % of
+# a step, profiled).
 # CPU choices (not the release): trainable="after_sem" (patch/pos embeddings and blocks 1-3 frozen, so the
 # pixel branch reads fixed features and only block 4 + the head adapt to the quantized input: about half
 # the backward), lr 2e-3 instead of 7.2e-5 for a few hundred steps, LPIPS and GAN off (flat-colour images
@@ -62,14 +63,14 @@ tokenizer_config = dict(
     trainable="after_sem",
     batch_size=16,
     micro_batch=16,
-    max_steps=400,
+    max_steps=450,
     warmup=20,
     lr=2e-3,
     min_lr=1e-4,
     log_interval=10,
-    image_interval=100,
-    eval_interval=400,
-    ckpt_interval=100,
+    image_interval=150,
+    eval_interval=450,
+    ckpt_interval=150,
 )
 
 # The unified MLLM (train_mllm.py) on the tokenizer above: a from-scratch tiny LLM trained on all three
@@ -78,8 +79,8 @@ tokenizer_config = dict(
 # seen several times with different questions / caption dropout) + 200 held-out val images.
 # CPU choices (not the paper): width 128 x 4 layers, ONE-layer depth heads of width 96 (the paper has 3;
 # the heads run 64 positions x 4 depths x 2 stacks per generated image and dominate the cost), 4 questions
-# per understanding image (the 66 image tokens are paid once), lr 3e-3, 1 thread (3x faster than 2 on the
-# shared, loaded 2-core box, measured).
+# per understanding image (the 38 image tokens are paid once), lr 3e-3, torch's default threads (on idle
+# cores 2 threads ran 1.6x faster than 1; on a loaded shared box 1 thread was faster: set threads=1 there).
 mllm_config = dict(
     out_dir="out-shapes/mllm",
     tokenizer="out-shapes/tokenizer",
@@ -106,7 +107,7 @@ mllm_config = dict(
     eval_qa=200,
     eval_gen=100,
     eval_batch=50,
-    threads=1,
+    threads=0,
     log_interval=10,
     sample_interval=100,
     ckpt_interval=100,

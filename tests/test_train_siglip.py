@@ -34,7 +34,7 @@ def fixed_batch(cfg, n=16):
 
 def test_preset_parses_and_sets_the_pipeline_grid():
     cfg = parse_config(TrainSigLIPConfig(), ["config/shapes.py"])
-    assert (cfg.image_size, cfg.patch_size) == (64, 8)
+    assert (cfg.image_size, cfg.patch_size) == (48, 8)  # 3x3 cells = 2x2 patches each
     import data
     longest = max(len(data.caption([dict(color=c, shape=s, size=z, cell=p)])) for c in data.COLORS
                   for s in data.SHAPES for z in data.SIZES for p in data.CELLS)
