@@ -77,6 +77,12 @@ class TrainMLLMConfig:
     trainable: str = "all"
     mix: tuple = (0.4, 0.1, 0.5)     # und, cap, gen shares of each micro-batch (rounded to counts)
     qa_per_image: int = 1            # und samples: questions asked in turn about one image
+    # loss = text_w * text CE + pix_w * pix CE + sem_w * sem CE, where each code CE is summed over its
+    # depths (spec: 1, 1, 1). With D = 4 depths per stack the code terms start ~12x the text term and
+    # dominate the shared trunk's gradient; a larger text weight gives understanding a bigger share
+    text_loss_weight: float = 1.0
+    pix_loss_weight: float = 1.0
+    sem_loss_weight: float = 1.0
     caption_dropout: float = 0.1     # gen samples with the empty caption (the CFG unconditional model)
     # optimisation
     batch_size: int = 64             # global batch per optimizer step
@@ -382,7 +388,15 @@ class CodeCache:
 
 
 def build_model(cfg, tok, dual, thash=None):
-    """A new MLLM (from scratch or on an HF LLM folder), or the previous stage's train_mllm out_dir."""
+    """A new MLLM (from scratch or on an HF LLM folder), or the previous stage's train_mllm out_dir,
+    with this run's loss weights."""
+    model = _build_model(cfg, tok, dual, thash)
+    for k in ("text_loss_weight", "pix_loss_weight", "sem_loss_weight"):
+        setattr(model.config, k, getattr(cfg, k))
+    return model
+
+
+def _build_model(cfg, tok, dual, thash=None):
     if previous_stage(cfg.init_from):
         model, info = load_mllm(cfg.init_from)
         if thash is not None and info["tokenizer_hash"] != thash:

@@ -112,6 +112,19 @@ def test_generation_mask_and_caption_dropout(tok_dir, cache_dir):
     assert b["idx"][0, :2].tolist() == [mc.bos_id, mc.image_gen_start_id]
 
 
+def test_loss_weights_reach_the_model(tok_dir, cache_dir):
+    b, _, tok, model, _ = _batch(tok_dir, cache_dir, "gen")
+    cfg = make_cfg(tok_dir, "unused", cache_dir, text_loss_weight=8.0, pix_loss_weight=0.5, sem_loss_weight=2.0)
+    weighted = tm.build_model(cfg, tok, tm.load_image_tokenizer(tok_dir))
+    weighted.load_state_dict(model.state_dict())
+    _, loss = weighted(**b)
+    p = weighted.loss_parts
+    assert p["text"] > 0 and p["pix"] > 0 and p["sem"] > 0
+    torch.testing.assert_close(loss, 8.0 * p["text"] + 0.5 * p["pix"] + 2.0 * p["sem"])
+    _, plain = model(**b)  # the default weights are the spec's 1, 1, 1
+    torch.testing.assert_close(plain, sum(model.loss_parts.values()))
+
+
 def test_special_ids_come_from_the_text_tokenizer(tok_dir, cache_dir):
     _, _, tok, model, _ = _batch(tok_dir, cache_dir, "cap")
     mc = model.config
