@@ -78,7 +78,7 @@ tokenizer_config = dict(
 # there is no LLM to protect by freezing). Byte-level text; the code cache holds 4000 train images (each
 # seen several times with different questions / caption dropout) + 200 held-out val images.
 # CPU choices (not the paper): width 128 x 4 layers, ONE-layer depth heads of width 96 (the paper has 3;
-# the heads run 64 positions x 4 depths x 2 stacks per generated image and dominate the cost), 4 questions
+# the heads run 36 positions x 4 depths x 2 stacks per generated image and dominate the cost), 4 questions
 # per understanding image (the 38 image tokens are paid once), lr 3e-3, torch's default threads (on idle
 # cores 2 threads ran 1.6x faster than 1; on a loaded shared box 1 thread was faster: set threads=1 there).
 mllm_config = dict(
