@@ -5,7 +5,7 @@
 # world's 3x3 cells is exactly 2x2 patches: an object never straddles a patch boundary that cuts through its
 # cell, so the patch embedding sees each object in the same framing every time. Measured on 2 idle cores:
 # at 64 px / patch 8 (cells of 21.3 px cut across patches) the same tower reached 46-48 % zero-shot in
-# 300 steps (shape at chance, colour 100 %; a linear probe on its embedding read shape at 48 %), at 48 px
+# 300 steps (shape near chance, colour 99.6 %; a linear probe on its embedding read shape at 48 %), at 48 px
 # it reached 97 % at step 300 and 99-100 % from step 400. The DualToken tokenizer initialises from this
 # tower and reconstructs from those 36 positions (8x8 pixels per token).
 siglip_config = dict(
@@ -18,8 +18,8 @@ siglip_config = dict(
     text_width=64,    # short, templated captions need little text capacity; projected to 96
     text_layers=2,
     text_heads=2,
-    max_objects=1,    # measured: one object per image learns ~4x faster than 1-2 (37% vs 9% zero-shot
-                      # at step 120)
+    max_objects=1,    # measured at 64 px: one object per image learned ~4x faster than 1-2 (37% vs 9%
+                      # zero-shot at step 120)
     caption_drop=0.5, # each object's size / position phrase dropped with p=0.5 ("a red circle" too)
     max_len=48,       # byte tokens: a one-object caption is at most 43 bytes + eos
     batch_size=64,
