@@ -296,10 +296,3 @@ class TokenizerLoss(nn.Module):
         vals = torch.stack([loss.detach(), lr.detach().mean(), lf.detach().mean()]).float().tolist()
         return loss, dict(zip(("d_loss", "logits_real", "logits_fake"), vals))
 
-
-def check_finite(terms, where=""):
-    """Raise FloatingPointError naming the first nan/inf term, e.g. "loss term 'lpips' is nan at step 12"."""
-    for k, v in terms.items():
-        v = float(v)
-        if not math.isfinite(v):
-            raise FloatingPointError(f"loss term '{k}' is {v} at {where or '(unknown)'}")
