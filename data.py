@@ -267,9 +267,16 @@ def _a(word):
     return "an" if word[0] in "aeiou" else "a"
 
 
-def caption(objects):
-    """"a large red circle in the top left and a small blue square at the bottom"."""
-    parts = [f"a {o['size']} {o['color']} {o['shape']} {CELL_PHRASES[CELLS.index(o['cell'])]}" for o in objects]
+def caption(objects, drop=0.0, rng=None):
+    """"a large red circle in the top left and a small blue square at the bottom". drop > 0: each object's
+    size and position phrase is left out with that probability (rng.random(), size then position), giving
+    "a red circle" and the like, as train_siglip's caption dropout uses."""
+    keep = lambda: drop <= 0 or rng.random() >= drop
+    parts = []
+    for o in objects:
+        size = o["size"] + " " if keep() else ""
+        where = " " + CELL_PHRASES[CELLS.index(o["cell"])] if keep() else ""
+        parts.append(f"a {size}{o['color']} {o['shape']}{where}")
     if len(parts) <= 2:
         return " and ".join(parts)
     return ", ".join(parts[:-1]) + " and " + parts[-1]
@@ -379,6 +386,16 @@ def describe(image, shapes=SHAPES, min_area=0.004, details=False):
 
 
 ATTRS = ("color", "shape", "size", "cell")
+
+
+def score_images(images, objects):
+    """The checker over a set: images uint8 (B, H, W, 3) (drawn or decoded), objects: each image's true
+    objects. -> share of images with every object right (all_correct), per attribute (count, color, shape,
+    size, cell: every true object's matched prediction right), share of true objects fully right, n."""
+    ms = [objects_match(describe(im), truth) for im, truth in zip(images, objects)]
+    res = {k: sum(bool(m[k]) for m in ms) / len(ms) for k in ("all_correct", "count") + ATTRS}
+    res.update(objects_correct=sum(m["n_correct"] for m in ms) / max(sum(len(t) for t in objects), 1), n=len(ms))
+    return res
 
 
 def objects_match(pred, truth):

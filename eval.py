@@ -367,17 +367,6 @@ def question_type(q):
     return "other"
 
 
-def score_generations(images, objects):
-    """Checker-judged generation: images uint8 (B, H, W, 3), objects: the captions' true objects.
-    -> share of images with every object right (all_correct), per attribute (count, color, shape, size,
-    cell: every true object's matched prediction right), and the share of true objects fully right."""
-    ms = [data.objects_match(data.describe(im), truth) for im, truth in zip(images, objects)]
-    n_obj = sum(len(t) for t in objects)
-    res = {k: sum(bool(m[k]) for m in ms) / len(ms) for k in ("all_correct", "count") + data.ATTRS}
-    res.update(objects_correct=sum(m["n_correct"] for m in ms) / max(n_obj, 1), n=len(ms))
-    return res
-
-
 @dataclass
 class EvalMLLMConfig:
     mllm: str = ""               # out_dir of train_mllm.py
@@ -440,7 +429,7 @@ def gen_eval(model, codec, tok, samples, cfg, device, autocast, cfg_scale):
         imgs, _ = generate_images(model, tok, codec, [s["caption"] for s in samples], cfg_scale, cfg.temperature,
                                   cfg.top_k if cfg.top_k > 0 else None, cfg.top_p if 0 < cfg.top_p < 1 else None,
                                   g, cfg.batch_size)
-    return score_generations(data.to_image(imgs), [s["objects"] for s in samples])
+    return data.score_images(data.to_image(imgs), [s["objects"] for s in samples])
 
 
 @torch.no_grad()
@@ -452,7 +441,7 @@ def ceiling(tok, samples, cfg, device, autocast):
         x = torch.stack([data.to_tensor(s["image"]) for s in samples[k:k + cfg.batch_size]]).to(device)
         with autocast:
             ims.append(data.to_image(tok.decode(tok.encode(x)[0]).float()))
-    return score_generations(np.concatenate(ims), [s["objects"] for s in samples])
+    return data.score_images(np.concatenate(ims), [s["objects"] for s in samples])
 
 
 def eval_mllm(cfg):

@@ -556,18 +556,15 @@ def evaluate(raw, tok, dual, cache, cfg, n_qa, n_gen):
     idx = list(range(min(n_gen, len(cache))))
     if idx and "objects" in cache.records[0]:
         ims = draw(raw, tok, dual, [cache.records[i]["caption"] for i in idx], cfg, cfg.seed, cfg.eval_batch)
-        m = [data.objects_match(data.describe(data.to_image(x)), cache.records[i]["objects"]) for x, i in zip(ims, idx)]
-        res["gen_accuracy"] = float(np.mean([r["all_correct"] for r in m]))
-        res["gen_objects_correct"] = float(sum(r["n_correct"] for r in m) /
-                                           sum(len(cache.records[i]["objects"]) for i in idx))
-        res.update({f"gen_{k}": float(np.mean([r[k] for r in m])) for k in ("count", "color", "shape", "size", "cell")})
+        truth = [cache.records[i]["objects"] for i in idx]
+        sc = data.score_images(data.to_image(ims), truth)
+        res["gen_accuracy"], res["gen_objects_correct"] = sc["all_correct"], sc["objects_correct"]
+        res.update({f"gen_{k}": sc[k] for k in ("count",) + data.ATTRS})
         res["n_gen"], res["cfg_scale"], res["temperature"] = len(idx), cfg.cfg_scale, cfg.temperature
         # the ceiling the tokenizer sets: the checker on the decoding of the same images' true codes
         g, dev = dual.config.grid, next(dual.parameters()).device
-        rec = [dual.decode(_codes(cache, i)[0].view(1, g, g, -1).to(dev))[0].cpu() for i in idx]
-        res["tokenizer_recon_accuracy"] = float(np.mean([data.objects_match(data.describe(data.to_image(x)),
-                                                         cache.records[i]["objects"])["all_correct"]
-                                                         for x, i in zip(rec, idx)]))
+        rec = torch.cat([dual.decode(_codes(cache, i)[0].view(1, g, g, -1).to(dev)).cpu() for i in idx])
+        res["tokenizer_recon_accuracy"] = data.score_images(data.to_image(rec), truth)["all_correct"]
     raw.train(was)
     return res
 

@@ -88,16 +88,6 @@ def build_model(cfg, vocab_size):
     return SigLIP(SigLIPConfig(vision=v, text=t))
 
 
-def shapes_caption(objects, drop, rng):
-    """The shapes caption with each object's size and position phrase independently dropped."""
-    parts = []
-    for o in objects:
-        size = "" if rng.random() < drop else o["size"] + " "
-        where = "" if rng.random() < drop else " " + data.CELL_PHRASES[data.CELLS.index(o["cell"])]
-        parts.append(f"a {size}{o['color']} {o['shape']}{where}")
-    return " and ".join(parts)
-
-
 def make_data(cfg):
     """-> (train dataset, zero-shot eval set or None). Shapes eval images are from the val split (its
     keys are disjoint from train's by construction) and hold one object, so the 18 "colour shape"
@@ -203,7 +193,7 @@ def train(cfg):
             pixels = batch["image"].to(device, non_blocking=True)
             captions = batch["caption"]
             if cfg.data == "shapes" and cfg.caption_drop > 0:
-                captions = [shapes_caption(o, cfg.caption_drop, random) for o in batch["objects"]]
+                captions = [data.caption(o, cfg.caption_drop, random) for o in batch["objects"]]
             ids = tok(captions, cfg.max_len).to(device, non_blocking=True)
             if ctx.ddp:  # all-reduce gradients only on the last micro-step
                 model.require_backward_grad_sync = micro == accum - 1

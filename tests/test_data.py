@@ -295,3 +295,14 @@ def test_image_caption_folder_and_jsonl(tmp_path, capsys):
     jl.write_text('{"image": "nothing.png", "caption": "gone"}\n')
     with pytest.raises(ValueError, match="no usable images found in .*pairs.jsonl"):
         data.ImageCaptionDataset(str(jl))
+
+
+def test_caption_dropout_drops_size_and_place_phrases():
+    import random
+    objs = [dict(color="red", shape="circle", size="large", cell="top left"),
+            dict(color="blue", shape="square", size="small", cell="bottom")]
+    full = "a large red circle in the top left and a small blue square at the bottom"
+    assert data.caption(objs) == full == data.caption(objs, 0.0, random.Random(0))
+    assert data.caption(objs, 1.0, random.Random(0)) == "a red circle and a blue square"
+    seen = {data.caption(objs, 0.5, random.Random(k)) for k in range(40)}
+    assert full in seen and "a red circle and a blue square" in seen and len(seen) > 4
