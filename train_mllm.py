@@ -202,11 +202,16 @@ def previous_stage(path):
     return conf if "mllm" in conf else None
 
 
-def text_tokenizer(cfg):
+def text_tokenizer_name(cfg):
+    """The text tokenizer this run uses: the configured one, else the previous stage's, else "bytes"."""
     prev = previous_stage(cfg.init_from)
-    name = cfg.text_tokenizer or (prev["text_tokenizer"] if prev else "")
-    if name in ("", "bytes"):
-        if cfg.init_from and not prev:
+    return cfg.text_tokenizer or (prev["text_tokenizer"] if prev else "") or "bytes"
+
+
+def text_tokenizer(cfg):
+    name = text_tokenizer_name(cfg)
+    if name == "bytes":
+        if cfg.init_from and not previous_stage(cfg.init_from):
             raise ValueError("init_from (a pretrained LLM) needs its text_tokenizer (tokenizer.json)")
         return BytePromptTokenizer()
     return ChatTokenizer(name)
@@ -662,7 +667,7 @@ def train(cfg):
     autocast = tu.autocast_ctx(device, cfg.dtype)
     logger = tu.JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=master)
     extra = dict(tokenizer=os.path.abspath(cfg.tokenizer), tokenizer_hash=thash,
-                 text_tokenizer=cfg.text_tokenizer or (previous_stage(cfg.init_from) or {}).get("text_tokenizer", "bytes"), caption_prompt=CAPTION_PROMPT,
+                 text_tokenizer=text_tokenizer_name(cfg), caption_prompt=CAPTION_PROMPT,
                  prompt_format="und: [bos] <im_start> image <im_end> user_prompt(question); "
                                "gen: [bos] encode(caption) <image_gen_start>",
                  grid=dual.config.grid, image_size=dual.config.siglip.vision.image_size,
