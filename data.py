@@ -714,12 +714,14 @@ if __name__ == "__main__":
     import sys
     import time
     if len(sys.argv) > 1 and sys.argv[1] == "export":
-        # python data.py export DIR [n]: n held-out val images as PNG + same-name .txt captions (an
-        # ImageCaptionDataset folder) + captions.txt (one per line) + questions.jsonl, to look at or to feed sample.py
+        # python data.py export DIR [n] [size]: n held-out val images (size px, default 64) as PNG + same-name
+        # .txt captions (an ImageCaptionDataset folder) + captions.txt (one per line) + questions.jsonl, to
+        # look at or to feed sample.py; export at the tokenizer's image_size so nothing is resampled
         out, n = sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 16
+        size = int(sys.argv[4]) if len(sys.argv) > 4 else ShapesConfig.image_size
         from PIL import Image
         os.makedirs(out, exist_ok=True)
-        world = ShapesWorld(ShapesConfig())
+        world = ShapesWorld(ShapesConfig(image_size=size))
         with open(os.path.join(out, "questions.jsonl"), "w") as f, \
                 open(os.path.join(out, "captions.txt"), "w") as c:
             for i in range(n):

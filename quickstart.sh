@@ -10,7 +10,7 @@ start=$(date +%s)
 python train_siglip.py config/shapes.py
 python train_tokenizer.py config/shapes.py
 python train_mllm.py config/shapes.py
-python data.py export out/heldout 8
+python data.py export out/heldout 8 48   # 8 val images at the preset's 48 px
 python sample.py reconstruct --tokenizer=out-shapes/tokenizer --images=out/heldout --out_dir=out/samples
 python sample.py generate --mllm=out-shapes/mllm --captions=out/heldout/captions.txt --num_per_caption=2 \
     --cfg_scale=3 --seed=0 --out_dir=out/samples
