@@ -30,7 +30,7 @@ siglip_config = dict(
     min_lr=1e-4,
     eval_interval=100,
     ckpt_interval=100,
-    threads=0,        # torch's default: both cores (on idle cores 2 threads ran 1.7x faster than 1)
+    threads=0,        # torch's default: both cores (fastest on idle cores; 1 on a busy shared box)
 )
 
 # DualToken tokenizer (train_tokenizer.py), initialised from and distilled to the teacher above. The
