@@ -333,3 +333,25 @@ def test_authors_release_layout(tmp_path):
     res = ev.main(args + ["--zero_shot=False"])
     assert res["zero_shot"]["note"].startswith("skipped") and len(res["codes_pix"]["usage"]) == 3
     assert 0 < res["psnr"] < 100 and res["resolution"] == 32
+
+
+def test_tokenizer_ceiling_scores_the_decoded_true_images():
+    """ceiling() = the checker on decode(encode(true image)): a lossless codec scores 1, a codec that
+    draws a blank background scores 0."""
+    from contextlib import nullcontext
+    world = data.ShapesWorld(data.ShapesConfig(image_size=64, max_objects=2))
+    samples = [world.sample("val", i) for i in range(6)]
+    cfg = ev.EvalMLLMConfig(batch_size=4)
+
+    class Codec:
+        def __init__(self, blank):
+            self.blank = blank
+
+        def encode(self, x):
+            return x, None
+
+        def decode(self, x):
+            return torch.full_like(x, 0.9) if self.blank else x
+
+    assert ev.ceiling(Codec(False), samples, cfg, "cpu", nullcontext())["all_correct"] == 1.0
+    assert ev.ceiling(Codec(True), samples, cfg, "cpu", nullcontext())["all_correct"] == 0.0
