@@ -53,6 +53,9 @@ class DecoderConfig:
     out_ch: int = 3
     resolution: int = 384
     dropout: float = 0.0
+    # not in the release (0 there): hidden width of a per-cell MLP whose output, unpatchified, is added to
+    # the decoder's output (each latent cell paints its own 2^(levels-1)-pixel square patch); see Decoder
+    patch_skip: int = 0
 
 
 @dataclass
@@ -322,6 +325,15 @@ class Decoder(nn.Module):
 
     `up[i]` is level i counted from the HIGHEST resolution (taming's indexing, which the checkpoint keys
     use), so the forward walks `up` backwards. Level i>0 ends with a x2 upsample. No tanh at the end.
+
+    patch_skip > 0 (0 in the release) adds a per-cell MLP of the latent (1x1 conv, GELU, 1x1 conv of that
+    hidden width), pixel-shuffled so that each latent cell paints its own f x f patch (f = 2^(levels-1)),
+    to the conv stack's output. Why: a small conv stack learns slowly to carry colour and shape through
+    three nearest-neighbour upsamplings, while a per-patch MLP on the same features draws flat shapes
+    almost at once (a probe: an MLP from the frozen block-1 features to each 8x8 patch, 29 dB in seconds).
+    Measured on the shapes preset (48 px, 450 steps, pixel depth 6, one run each): 25.9 dB without the
+    skip, 27.5 with a linear one (a single 1x1 conv), 28.0 with the MLP (hidden 256), at no measurable cost
+    in speed. The convs then mostly mend the patch borders.
     """
 
     def __init__(self, cfg: DecoderConfig):
@@ -351,6 +363,10 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(up)
         self.norm_out = GroupNorm(c)
         self.conv_out = nn.Conv2d(c, cfg.out_ch, 3, padding=1)
+        self.f = 2 ** (n - 1)
+        self.patch_skip = nn.Sequential(nn.Conv2d(cfg.latent_channels, cfg.patch_skip, 1), nn.GELU(),
+                                        nn.Conv2d(cfg.patch_skip, cfg.out_ch * self.f ** 2, 1)) \
+            if cfg.patch_skip > 0 else None
 
     def forward(self, z):
         h = self.conv_in(z)
@@ -363,7 +379,10 @@ class Decoder(nn.Module):
                     h = level.attn[j](h)
             if i != 0:
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        if self.patch_skip is not None:
+            out = out + F.pixel_shuffle(self.patch_skip(z), self.f)  # (B, 3*f*f, h, w) -> (B, 3, f*h, f*w)
+        return out
 
 # -----------------------------------------------------------------------------
 # the tokenizer

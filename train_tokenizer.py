@@ -57,6 +57,8 @@ class TrainTokenizerConfig:
     dec_num_res_blocks: int = 2
     dec_attn_resolutions: Optional[tuple] = None  # None -> attention at the latent grid only
     dec_latent_channels: int = 1024
+    dec_patch_skip: int = 0          # not in the release (0): hidden width of the per-cell MLP that paints
+                                     # each latent cell's pixel patch, added to the output (tokenizer.Decoder)
     # ablation switches (ablation.py, spec section 4): False -> pixel branch only, recon loss only;
     # tie_branches -> one quantizer at layer_recon == layer_sem, decoded AND distilled (VILA-U-like)
     semantic_branch: bool = True
@@ -132,7 +134,7 @@ def build(cfg):
         decoder_latent_shape=(lat, lat), semantic_branch=cfg.semantic_branch, tie_branches=cfg.tie_branches,
         decoder=DecoderConfig(ch=cfg.dec_ch, ch_mult=tuple(cfg.dec_ch_mult), num_res_blocks=cfg.dec_num_res_blocks,
                               attn_resolutions=attn, latent_channels=cfg.dec_latent_channels,
-                              resolution=v.image_size))
+                              resolution=v.image_size, patch_skip=cfg.dec_patch_skip))
     model = DualToken(dcfg)
     model.siglip.load_state_dict(teacher.state_dict())  # strict: same config, same keys
     teacher.eval().requires_grad_(False)

@@ -267,3 +267,32 @@ def test_authors_layout_unshared_vision_only(tmp_path):
     assert m2.siglip.text is None and m2.quantizer_sem.codebook.shape == (3, 32, 16)
     for k, v in m.state_dict().items():
         assert torch.equal(v, m2.state_dict()[k]), k
+
+
+def test_patch_skip_paints_each_cell_into_its_own_patch(tmp_path):
+    """patch_skip (not in the release) adds a pixel-shuffled per-cell MLP of the latent: with the conv stack's
+    output zeroed, a change to one latent cell changes exactly that cell's f x f patch. The key saves and
+    loads with config.json; the released layout (patch_skip 0) has no such weight."""
+    cfg = T.tiny_config()
+    assert not cfg.decoder.patch_skip and T.DualToken(cfg).decoder.patch_skip is None
+    dcfg = T.DecoderConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=0, attn_resolutions=(), latent_channels=16,
+                           resolution=32, patch_skip=24)
+    dec = T.Decoder(dcfg).eval()
+    assert dec.f == 4 and dec.patch_skip[2].out_channels == 3 * 16
+    torch.nn.init.zeros_(dec.conv_out.weight)
+    torch.nn.init.zeros_(dec.conv_out.bias)
+    z = torch.randn(1, 16, 8, 8)
+    z2 = z.clone()
+    z2[0, :, 2, 5] += 1.0
+    with torch.no_grad():
+        d = (dec(z2) - dec(z)).abs().sum(1)[0]  # (32, 32)
+    changed = d > 0
+    assert changed[8:12, 20:24].all() and changed.sum() == 16
+    cfg.decoder.patch_skip = 8
+    m = T.DualToken(cfg).eval()
+    m.save_pretrained(str(tmp_path))
+    m2 = T.DualToken.from_pretrained(str(tmp_path))
+    assert m2.config.decoder.patch_skip == 8 and "decoder.patch_skip.2.weight" in m2.state_dict()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(m2(x).recon, m(x).recon)
