@@ -12,7 +12,7 @@ LPIPS (only when both weight files are given), rFID (only with the optional `cle
 local Inception file; otherwise "unavailable" with the reason, never a made-up number), zero-shot
 top-1 / top-5 through the quantized semantic path and through the teacher (the original SigLIP), and
 per-depth codebook usage / perplexity / entropy of both quantizers.
-MLLM (shapes world): QA accuracy by question type; generation judged by the checker `data.describe`
+MLLM (shapes world): QA accuracy by question type; generation judged by the checker `checker.describe`
 (per attribute and all-correct) with and without CFG; the held-out colour-shape pairs separately.
 
 Order is deterministic (no shuffling; a subset of a folder is a fixed-seed permutation), batches run
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checker
 import data
 import train_utils as tu
 from configurator import config_dict, parse_config
@@ -429,7 +430,7 @@ def gen_eval(model, codec, tok, samples, cfg, device, autocast, cfg_scale):
         imgs, _ = generate_images(model, tok, codec, [s["caption"] for s in samples], cfg_scale, cfg.temperature,
                                   cfg.top_k if cfg.top_k > 0 else None, cfg.top_p if 0 < cfg.top_p < 1 else None,
                                   g, cfg.batch_size)
-    return data.score_images(data.to_image(imgs), [s["objects"] for s in samples])
+    return checker.score_images(data.to_image(imgs), [s["objects"] for s in samples])
 
 
 @torch.no_grad()
@@ -441,7 +442,7 @@ def ceiling(tok, samples, cfg, device, autocast):
         x = torch.stack([data.to_tensor(s["image"]) for s in samples[k:k + cfg.batch_size]]).to(device)
         with autocast:
             ims.append(data.to_image(tok.decode(tok.encode(x)[0]).float()))
-    return data.score_images(np.concatenate(ims), [s["objects"] for s in samples])
+    return checker.score_images(np.concatenate(ims), [s["objects"] for s in samples])
 
 
 def eval_mllm(cfg):
@@ -486,7 +487,7 @@ def eval_mllm(cfg):
               f"objects {c['objects_correct']:.3f} (n={c['n']})   {where}")
         for name, _ in scales:
             gr = r[f"gen_{name}"]
-            attrs = ", ".join(f"{k} {gr[k]:.3f}" for k in ("count",) + data.ATTRS)
+            attrs = ", ".join(f"{k} {gr[k]:.3f}" for k in ("count",) + checker.ATTRS)
             print(f"generation {split} cfg_scale={gr['cfg_scale']}: all-correct {gr['all_correct']:.4f}, {attrs}, "
                   f"objects {gr['objects_correct']:.3f} (n={gr['n']}, {sampling})   {where}")
     if "holdout_note" in res:

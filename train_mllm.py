@@ -548,6 +548,7 @@ def draw(raw, tok, dual, captions, cfg, seed, batch):
 def evaluate(raw, tok, dual, cache, cfg, n_qa, n_gen):
     """Held-out QA exact-match accuracy and, where records carry objects (shapes), generation accuracy:
     `describe` reads each drawn image back and `objects_match` must find every attribute of every object."""
+    import checker
     import data
     was = raw.training
     raw.eval()
@@ -562,14 +563,14 @@ def evaluate(raw, tok, dual, cache, cfg, n_qa, n_gen):
     if idx and "objects" in cache.records[0]:
         ims = draw(raw, tok, dual, [cache.records[i]["caption"] for i in idx], cfg, cfg.seed, cfg.eval_batch)
         truth = [cache.records[i]["objects"] for i in idx]
-        sc = data.score_images(data.to_image(ims), truth)
+        sc = checker.score_images(data.to_image(ims), truth)
         res["gen_accuracy"], res["gen_objects_correct"] = sc["all_correct"], sc["objects_correct"]
-        res.update({f"gen_{k}": sc[k] for k in ("count",) + data.ATTRS})
+        res.update({f"gen_{k}": sc[k] for k in ("count",) + checker.ATTRS})
         res["n_gen"], res["cfg_scale"], res["temperature"] = len(idx), cfg.cfg_scale, cfg.temperature
         # the ceiling the tokenizer sets: the checker on the decoding of the same images' true codes
         g, dev = dual.config.grid, next(dual.parameters()).device
         rec = torch.cat([dual.decode(_codes(cache, i)[0].view(1, g, g, -1).to(dev)).cpu() for i in idx])
-        res["tokenizer_recon_accuracy"] = data.score_images(data.to_image(rec), truth)["all_correct"]
+        res["tokenizer_recon_accuracy"] = checker.score_images(data.to_image(rec), truth)["all_correct"]
     raw.train(was)
     return res
 

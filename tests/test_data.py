@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import data
-from data import (CELLS, COLORS, SHAPES, SIZES, ShapesConfig, ShapesDataset, ShapesWorld, describe,
-                  objects_match)
+from checker import describe, objects_match
+from data import CELLS, COLORS, SHAPES, SIZES, ShapesConfig, ShapesDataset, ShapesWorld
 
 HOLD = (("red", "triangle"), ("blue", "square"))
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import checker
 import data
 import eval as ev
 import sample
@@ -219,12 +220,12 @@ def test_cli_eval_tokenizer_image_folder(tiny_tok, tmp_path):
 def test_checker_score_on_ground_truth_is_perfect():
     world = data.ShapesWorld(data.ShapesConfig(image_size=64, max_objects=3))
     samples = [world.sample("val", i) for i in range(40)]
-    res = data.score_images(np.stack([s["image"] for s in samples]), [s["objects"] for s in samples])
+    res = checker.score_images(np.stack([s["image"] for s in samples]), [s["objects"] for s in samples])
     assert res == {"all_correct": 1.0, "count": 1.0, "color": 1.0, "shape": 1.0, "size": 1.0, "cell": 1.0,
                    "objects_correct": 1.0, "n": 40}
     # a blank image has every object missing
     blank = np.full((1, 64, 64, 3), 245, np.uint8)
-    assert data.score_images(blank, [samples[0]["objects"]])["all_correct"] == 0.0
+    assert checker.score_images(blank, [samples[0]["objects"]])["all_correct"] == 0.0
 
 
 def test_question_types_cover_the_world():
