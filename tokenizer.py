@@ -332,7 +332,7 @@ class Decoder(nn.Module):
     three nearest-neighbour upsamplings, while a per-patch MLP on the same features draws flat shapes
     almost at once (a probe: an MLP from the frozen block-1 features to each 8x8 patch, 29 dB in seconds).
     Measured on the shapes preset (48 px, 450 steps, pixel depth 6, one run each): 25.9 dB without the
-    skip, 27.5 with a linear one (a single 1x1 conv), 28.0 with the MLP (hidden 256), at no measurable cost
+    skip (an earlier run), 27.5 with a linear one (a single 1x1 conv), 28.0 with the MLP (hidden 256), at no measurable cost
     in speed. The convs then mostly mend the patch borders.
     """
 

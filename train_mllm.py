@@ -78,9 +78,9 @@ class TrainMLLMConfig:
     mix: tuple = (0.4, 0.1, 0.5)     # und, cap, gen shares of each micro-batch (rounded to counts)
     qa_per_image: int = 1            # und samples: questions asked in turn about one image
     # loss = text_w * text CE + pix_w * pix CE + sem_w * sem CE, where each code CE is summed over its
-    # depths (spec: 1, 1, 1). With 2 stacks x 4 depths of 512 codes the code terms start ~9x the text
-    # term (8 ln 512 vs ln 258) and dominate the shared trunk's loss; a larger text weight gives
-    # understanding a bigger share
+    # depths (spec: 1, 1, 1). With 2 stacks x 6 depths of 512 codes (the shapes preset) the code terms
+    # start ~13x the text term (12 ln 512 vs ln 258) and dominate the shared trunk's loss; a larger
+    # text weight gives understanding a bigger share
     text_loss_weight: float = 1.0
     pix_loss_weight: float = 1.0
     sem_loss_weight: float = 1.0

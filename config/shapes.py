@@ -37,7 +37,7 @@ siglip_config = dict(
 # teacher has 4 blocks: pixel codes from block 1 (the "first quarter" rule; no earlier block for the
 # released 0.6 shortcut), semantic codes from block 3 (second-to-last, as 26 of 27), re-entering block 4.
 # 6x6 grid x depth 6 from one 512-code book per branch (code width 32 = SigLIP width 96 / 3 heads; depth 4
-# measured 25.3 dB, depth 6 25.9 dB without the skip below, at the same speed).
+# measured 25.3 dB, depth 6 25.9 dB without the skip below, at the same speed, in the previous session).
 # The decoder is the released layout shrunk to the floor GroupNorm(32) allows: 32/64 channels, one
 # ResBlock per level, 6 -> 12 -> 24 -> 48 px; its full-resolution convs are most of the compute (~75 % of
 # a step, profiled). Not in the release: dec_patch_skip=256, a per-cell MLP that paints each token's 8x8
