@@ -262,6 +262,16 @@ class ShapesWorld:
         return qa
 
 
+def vocabulary(shapes=ALL_SHAPES):
+    """Every word the world's captions, questions, answers and the MLLM's caption prompt use (a closed
+    vocabulary for text.WordTokenizer); tests/test_text.py checks it covers what the world writes."""
+    words = ["a", "an", "and", "the", "is", "are", "there", "what", "where", "how", "many", "color", "shape",
+             "size", "object", "objects", "yes", "no", "in", "at", "on", "describe", "image", "?", ".", ","]
+    words += list(COLORS) + list(shapes) + [s + "s" for s in shapes] + list(SIZES) + list(NUMBERS)
+    words += [w for p in CELLS + CELL_PHRASES for w in p.split()]
+    return tuple(dict.fromkeys(words))  # first occurrence order, no duplicates
+
+
 def _a(word):
     return "an" if word[0] in "aeiou" else "a"
 

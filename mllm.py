@@ -79,6 +79,14 @@ class MLLMConfig:
     head_n_layer: int = 3
     head_n_embd: Optional[int] = None
     head_n_head: Optional[int] = None
+    # visual input path, not in the paper (the defaults keep its layout: an unnormalised 2-layer MLP).
+    # vis_norm: LayerNorm on the projector input and an RMSNorm (weight starts at vis_gain) on its output,
+    # so image inputs stay on the text embeddings' scale instead of growing into a large near-constant
+    # vector the trunk learns to ignore. image_pos > 0: a learned table of that many image positions added
+    # to each image input (its index inside its image), which RoPE alone gives only relative to the text
+    vis_norm: bool = False
+    vis_gain: float = 0.1
+    image_pos: int = 0
     # loss weights (paper: unweighted sum)
     text_loss_weight: float = 1.0
     pix_loss_weight: float = 1.0
@@ -322,6 +330,14 @@ def collate(cfg, seqs):
     return dict(idx=idx, image_mask=img, gen_mask=gen, attention_mask=am.long())
 
 
+def image_positions(image_mask):
+    """(B, T) bool -> (B, T) long: at an image position, its index inside its image (0 = the first);
+    elsewhere meaningless. Images are contiguous runs of True (build_sequence writes them so)."""
+    c = image_mask.long().cumsum(1)
+    start = torch.where(image_mask, 0, c).cummax(1).values  # the count at the last non-image token
+    return c - start - 1
+
+
 def make_targets(idx, image_mask=None, attention_mask=None, loss_mask=None):
     """Next-token text targets (B, T): targets[:, t] = idx[:, t+1], or -1 where position t+1 is an image
     position, padding, or outside loss_mask (e.g. the question in SFT), or where t itself is padding."""
@@ -359,9 +375,14 @@ class MLLM(nn.Module):
         self.register_buffer("pix_book", torch.zeros(cfg.pix_depth, cfg.pix_vocab, cfg.pix_dim))
         self.register_buffer("sem_book", torch.zeros(cfg.sem_depth, cfg.sem_vocab, cfg.sem_dim))
         self.vis_in = mlp2(cfg.pix_dim + cfg.sem_dim, C, C)
+        self.vis_in_norm = nn.LayerNorm(cfg.pix_dim + cfg.sem_dim) if cfg.vis_norm else None
+        self.vis_out_norm = RMSNorm(C, cfg.rms_norm_eps) if cfg.vis_norm else None
+        self.image_pos = nn.Parameter(torch.randn(cfg.image_pos, C) * 0.02) if cfg.image_pos else None
         self.pix_head = DepthHead(cfg, cfg.pix_vocab, cfg.pix_dim, cfg.pix_depth)
         self.sem_head = DepthHead(cfg, cfg.sem_vocab, cfg.sem_dim, cfg.sem_depth)
         self.apply(self._init_weights)
+        if self.vis_out_norm is not None:
+            nn.init.constant_(self.vis_out_norm.weight, cfg.vis_gain)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.loss_parts = {}
@@ -433,11 +454,30 @@ class MLLM(nn.Module):
 
     # --- inputs ----------------------------------------------------------------------------------
 
-    def embed_images(self, pix_codes, sem_codes):
-        """(N, Dp), (N, Ds) codes -> (N, C) LLM inputs."""
+    def visual_input_modules(self):
+        """The modules that turn codes into LLM inputs (stage 1 trains these alone)."""
+        return [m for m in (self.vis_in, self.vis_in_norm, self.vis_out_norm) if m is not None]
+
+    def embed_images(self, pix_codes, sem_codes, pos=None):
+        """(N, Dp), (N, Ds) codes -> (N, C) LLM inputs. pos (N,): each position's index inside its image
+        (used when config.image_pos > 0; required then)."""
         e = torch.cat([code_vectors(self.pix_book, pix_codes).sum(1),
                        code_vectors(self.sem_book, sem_codes).sum(1)], -1)  # (N, dp + ds)
-        return self.vis_in(e.to(self.embed.weight.dtype))
+        e = e.to(self.embed.weight.dtype)
+        if self.vis_in_norm is not None:
+            e = self.vis_in_norm(e)
+        y = self.vis_in(e)
+        if self.vis_out_norm is not None:
+            y = self.vis_out_norm(y)
+        if self.image_pos is not None:
+            if pos is None or pos.shape != y.shape[:1]:
+                raise ValueError(f"embed_images: image_pos={self.config.image_pos} needs pos ({y.shape[0]},), got "
+                                 f"{None if pos is None else tuple(pos.shape)}")
+            if pos.numel() and (pos.min() < 0 or pos.max() >= self.config.image_pos):
+                raise ValueError(f"embed_images: image position {int(pos.max())} outside the table of "
+                                 f"{self.config.image_pos} (image_pos); images here are larger")
+            y = y + self.image_pos[pos].to(y.dtype)
+        return y
 
     def embed_inputs(self, idx, image_mask=None, pix_codes=None, sem_codes=None):
         cfg = self.config
@@ -458,8 +498,10 @@ class MLLM(nn.Module):
                                  f"{None if c is None else tuple(c.shape)}")
             if c.min() < 0 or c.max() >= K:
                 raise ValueError(f"{name}: codes must lie in [0, {K}), got [{c.min()}, {c.max()}]")
+        m = image_mask.bool()
+        pos = image_positions(m)[m] if self.image_pos is not None else None
         x = x.clone()
-        x[image_mask.bool()] = self.embed_images(pix_codes, sem_codes)
+        x[m] = self.embed_images(pix_codes, sem_codes, pos).to(x.dtype)  # autocast: the MLP may give bf16
         return x
 
     # --- training forward ------------------------------------------------------------------------
@@ -599,7 +641,7 @@ class MLLM(nn.Module):
             sem.append(s[:B])
             if n + 1 == num_positions:
                 break
-            e = self.embed_images(p, s)[:, None]  # (B', 1, C)
+            e = self.embed_images(p, s, torch.full((p.shape[0],), n, device=p.device))[:, None]  # (B', 1, C)
             if use_cache:
                 h = self.trunk(e, cache=cache)[:, -1]
             else:

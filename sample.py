@@ -108,9 +108,9 @@ def load_mllm(path, device):
     else:
         raise ValueError(f"--mllm={path!r}: expected a train_mllm.py out_dir or a .safetensors file")
     tt = info.get("text_tokenizer", "bytes")
-    codec = train_mllm.BytePromptTokenizer() if tt in ("", "bytes") else train_mllm.ChatTokenizer(tt)
-    if tt in ("", "bytes") and (codec.eos_id, codec.vocab_size) != (model.config.eos_id, model.config.vocab_size):
-        raise ValueError(f"{path}: byte text tokenizer (eos {codec.eos_id}, vocab {codec.vocab_size}) does not "
+    codec = train_mllm.prompt_tokenizer(tt or "bytes")
+    if tt in ("", "bytes", "words") and (codec.eos_id, codec.vocab_size) != (model.config.eos_id, model.config.vocab_size):
+        raise ValueError(f"{path}: {tt or 'bytes'} text tokenizer (eos {codec.eos_id}, vocab {codec.vocab_size}) does not "
                          f"match the model (eos {model.config.eos_id}, vocab {model.config.vocab_size})")
     return model, codec, info
 

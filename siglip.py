@@ -240,9 +240,15 @@ class SigLIPVision(nn.Module):
         c, p = self.cfg.num_channels, self.cfg.patch_size
         if pixels.dim() != 4 or pixels.shape[1] != c or min(pixels.shape[2:]) < p:
             raise ValueError(f"pixels: expected (B, {c}, H, W) with H, W >= {p}, got {tuple(pixels.shape)}")
+        x, (gh, gw) = self.patchify(pixels)
+        return x + self.pos_embed(gh, gw)  # (B, N, D)
+
+    def patchify(self, pixels):
+        """pixels (B, C, H, W) -> (patch embeddings WITHOUT positions (B, N, D), (gh, gw)): each token a
+        function of its own patch alone (DualToken's optional patch-local pixel branch reads these)."""
         x = self.patch(pixels.to(self.patch.weight.dtype))  # (B, D, gh, gw)
         gh, gw = x.shape[2:]
-        return x.flatten(2).transpose(1, 2) + self.pos_embed(gh, gw)  # (B, N, D)
+        return x.flatten(2).transpose(1, 2), (gh, gw)  # (B, N, D)
 
     def run_blocks(self, h, start=0, stop=None):
         """Run self.blocks[start:stop] (a python slice; block k in the paper is index k-1)."""

@@ -8,6 +8,7 @@ Text tokenizers behind one interface, for the SigLIP text tower and the MLLM:
 
 - ByteTokenizer: dependency-free, UTF-8 bytes 0..255 then named specials; used by the synthetic
   shapes data (SigLIP pretraining here, and the MLLM).
+- WordTokenizer: a closed word list (the shapes world's, data.vocabulary()), for the MLLM demo.
 - SentencePieceTokenizer: Google's SigLIP (v1) `spiece.model`, reproducing transformers'
   SiglipTokenizer: lowercase, strip ASCII punctuation, collapse whitespace, `</s>` = 1 appended, padded
   with 1 (pad == eos, as big_vision's `tok(eos="sticky", pad_value=1)`). Needs `sentencepiece`.
@@ -64,6 +65,43 @@ class ByteTokenizer(_Batcher):
         if bad:
             raise ValueError(f"decode: ids {bad[:5]} outside [0, {self.vocab_size})")
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class WordTokenizer(_Batcher):
+    """A closed word vocabulary (the shapes world's ~70 words): ids 0..n-1 are the words in the given order,
+    then "<pad>", "<eos>" and `extra`. Text is split into lowercase words and the marks ? . , (each its own
+    token); a word outside the vocabulary is an error, never a silent <unk>. Why: a 4-question sample is
+    ~60 word tokens against ~150 bytes, so a small LLM runs ~2x the steps in the same time."""
+
+    SPLIT = re.compile(r"[a-z]+|[?.,]|\S")
+
+    def __init__(self, words, extra=()):
+        words = tuple(words)
+        names = ("<pad>", "<eos>") + tuple(extra)
+        if len(set(words)) != len(words) or len(set(names)) != len(names):
+            raise ValueError("WordTokenizer: duplicate words or special token names")
+        self.words = words
+        self.ids = {w: i for i, w in enumerate(words)}
+        self.specials = {n: len(words) + i for i, n in enumerate(names)}
+        self.pad_id, self.eos_id = self.specials["<pad>"], self.specials["<eos>"]
+        self.vocab_size = len(words) + len(names)
+
+    def encode(self, text):
+        toks = self.SPLIT.findall(text.lower())
+        bad = sorted({t for t in toks if t not in self.ids})
+        if bad:
+            raise ValueError(f"WordTokenizer: {bad} not in the vocabulary ({len(self.words)} words) in {text!r}")
+        return [self.ids[t] for t in toks]
+
+    def decode(self, ids):
+        ids = ids.tolist() if torch.is_tensor(ids) else ids
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"decode: ids {bad[:5]} outside [0, {self.vocab_size})")
+        out = ""
+        for w in (self.words[i] for i in ids if i < len(self.words)):
+            out += w if (w in "?.," or not out) else " " + w
+        return out
 
 
 def canonicalize(text):

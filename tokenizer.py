@@ -61,7 +61,8 @@ class DecoderConfig:
 @dataclass
 class DualTokenConfig:
     siglip: SigLIPConfig = None
-    layer_recon: int = 6          # 1-based block index feeding the pixel branch
+    layer_recon: int = 6          # 1-based block index feeding the pixel branch; 0 (not in the release): the
+                                  # patch embedding before positions, so each token sees only its own patch
     layer_shortcut: Optional[int] = 4  # None disables the shortcut (the paper does not mention it)
     weight_shortcut: float = 0.6
     layer_sem: int = 26           # 1-based block index feeding the semantic branch
@@ -74,14 +75,19 @@ class DualTokenConfig:
     tie_branches: bool = False    # True: ONE pixel quantizer at layer_recon == layer_sem whose output is both
                                   # decoded and re-enters the tower (VILA-U-like run (a)): no prequant_sem /
                                   # quantizer_sem; postquant_sem reads the pixel codes
+    # not in the release (True there): False drops the attention path of the pixel branch's pre- and
+    # post-quant projections, so with layer_recon=0 a pixel code stack is a function of its own patch only
+    # (a flat background gets one stack per colour; an object's codes do not depend on the rest of the
+    # image), which makes the codes far easier for an autoregressive model to predict
+    pix_attn: bool = True
 
     def __post_init__(self):
         if self.siglip is None:
             raise ValueError("DualTokenConfig.siglip is required (a SigLIPConfig)")
         v = self.siglip.vision
         L, D = v.num_hidden_layers, v.hidden_size
-        if not 1 <= self.layer_recon <= self.layer_sem <= L:
-            raise ValueError(f"need 1 <= layer_recon ({self.layer_recon}) <= layer_sem ({self.layer_sem}) "
+        if not 0 <= self.layer_recon <= self.layer_sem <= L:
+            raise ValueError(f"need 0 <= layer_recon ({self.layer_recon}) <= layer_sem ({self.layer_sem}) "
                              f"<= num_hidden_layers ({L})")
         if self.tie_branches and not (self.semantic_branch and self.layer_recon == self.layer_sem):
             raise ValueError(f"tie_branches=True needs semantic_branch=True and layer_recon == layer_sem, got "
@@ -248,20 +254,23 @@ class AttnProjection(nn.Module):
     so an autoregressive model's prefix of codes decodes to the same features.
     """
 
-    def __init__(self, d_in, d_out, causal=False):
+    def __init__(self, d_in, d_out, causal=False, attn=True):
         super().__init__()
         if max(d_in, d_out) % min(d_in, d_out):
             raise ValueError(f"AttnProjection: widths {d_in} and {d_out} must divide one another")
-        self.norm1 = nn.LayerNorm(d_in)
-        self.attn = ProjAttention(d_in, d_out, causal)
+        # attn=False (not in the release): per-token only, no mixing across positions
+        self.norm1 = nn.LayerNorm(d_in) if attn else None
+        self.attn = ProjAttention(d_in, d_out, causal) if attn else None
         self.proj = nn.Linear(d_in, d_out)
         self.norm3 = nn.LayerNorm(d_in)
         self.norm2 = nn.LayerNorm(d_out)
         self.mlp = GeGLU(d_out, 2 * d_out)
 
     def forward(self, x):
-        x = self.proj(self.norm3(x)) + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        y = self.proj(self.norm3(x))
+        if self.attn is not None:
+            y = y + self.attn(self.norm1(x))
+        return y + self.mlp(self.norm2(y))
 
 
 # -----------------------------------------------------------------------------
@@ -415,13 +424,13 @@ class DualToken(nn.Module):
         self.config = cfg = config
         D = cfg.siglip.vision.hidden_size
         self.siglip = SigLIP(cfg.siglip)  # both towers; the text tower is only used for zero-shot scoring
-        self.prequant_pix = AttnProjection(D, cfg.vq_pix.code_dim)
+        self.prequant_pix = AttnProjection(D, cfg.vq_pix.code_dim, attn=cfg.pix_attn)
         self.prequant_shortcut = AttnProjection(D, cfg.vq_pix.code_dim) if cfg.layer_shortcut is not None else None
         own_sem = cfg.semantic_branch and not cfg.tie_branches  # a semantic quantizer of its own (released)
         self.prequant_sem = AttnProjection(D, cfg.vq_sem.code_dim) if own_sem else None
         self.quantizer_pix = _rvq(cfg.vq_pix)
         self.quantizer_sem = _rvq(cfg.vq_sem) if own_sem else None
-        self.postquant_pix = AttnProjection(cfg.vq_pix.code_dim, D, causal=True)
+        self.postquant_pix = AttnProjection(cfg.vq_pix.code_dim, D, causal=True, attn=cfg.pix_attn)
         c_sem = cfg.vq_pix.code_dim if cfg.tie_branches else cfg.vq_sem.code_dim
         self.postquant_sem = AttnProjection(c_sem, D, causal=True) if cfg.semantic_branch else None
         self.post_quant_conv = PostQuantResBlock(D, cfg.decoder.latent_channels)
@@ -449,9 +458,10 @@ class DualToken(nn.Module):
         self.check_images(images)
         cfg, vis = self.config, self.siglip.vision
         h = vis.embed(images)  # (B, N, D)
+        kept = {0: vis.patchify(images)[0]} if cfg.layer_recon == 0 else {}  # layer 0: patches, no positions
         stops = {cfg.layer_recon} | ({cfg.layer_shortcut} - {None}) | ({cfg.layer_sem} if cfg.semantic_branch else set())
-        stops = sorted(stops)
-        kept, start = {}, 0
+        stops = sorted(stops - {0})
+        start = 0
         for stop in stops:  # run the blocks in segments, keeping the outputs the branches need
             h = vis.run_blocks(h, start, stop)
             kept[stop], start = h, stop

@@ -63,6 +63,9 @@ class TrainTokenizerConfig:
     # tie_branches -> one quantizer at layer_recon == layer_sem, decoded AND distilled (VILA-U-like)
     semantic_branch: bool = True
     tie_branches: bool = False
+    # not in the release (True): False with layer_recon=0 makes every pixel code stack a function of its own
+    # patch only (tokenizer.DualTokenConfig.pix_attn)
+    pix_attn: bool = True
     # which parameters train. "vision": the released stage 1, the whole vision tower + new modules.
     # "after_sem": the cheap stage, patch/position embeddings and blocks 1..layer_sem frozen (the pixel
     # branch then learns on fixed features, the semantic tail adapts to the quantized input).
@@ -73,6 +76,7 @@ class TrainTokenizerConfig:
     w_sem_pool: float = 1.0
     w_commit: float = 5.0
     w_rec: float = 5.0
+    w_edge: float = 0.0              # not in the release (0): L1 of pixel differences (losses.edge_loss)
     w_lpips: float = 1.0
     w_gan: float = 0.75
     adaptive_lo: float = 0.3
@@ -132,6 +136,7 @@ def build(cfg):
         weight_shortcut=cfg.weight_shortcut, layer_sem=cfg.layer_sem or v.num_hidden_layers - 1,
         vq_pix=QuantizerConfig(**q, ema_update="per_depth"), vq_sem=QuantizerConfig(**q, ema_update="deferred"),
         decoder_latent_shape=(lat, lat), semantic_branch=cfg.semantic_branch, tie_branches=cfg.tie_branches,
+        pix_attn=cfg.pix_attn,
         decoder=DecoderConfig(ch=cfg.dec_ch, ch_mult=tuple(cfg.dec_ch_mult), num_res_blocks=cfg.dec_num_res_blocks,
                               attn_resolutions=attn, latent_channels=cfg.dec_latent_channels,
                               resolution=v.image_size, patch_skip=cfg.dec_patch_skip))
@@ -333,7 +338,7 @@ def train(cfg):
     tok = text_tokenizer(cfg) if ev is not None else None
     lpips, lpips_msg = lpips_or_none(cfg.lpips_vgg_path, cfg.lpips_lin_path)
     loss_fn = TokenizerLoss(LossConfig(w_sem_tok=cfg.w_sem_tok, w_sem_pool=cfg.w_sem_pool, w_commit=cfg.w_commit,
-                                       w_rec=cfg.w_rec, w_lpips=cfg.w_lpips, w_gan=cfg.w_gan,
+                                       w_rec=cfg.w_rec, w_edge=cfg.w_edge, w_lpips=cfg.w_lpips, w_gan=cfg.w_gan,
                                        adaptive_lo=cfg.adaptive_lo, adaptive_hi=cfg.adaptive_hi), lpips).to(device)
     opt = torch.optim.AdamW(tu.param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     disc = d_opt = None

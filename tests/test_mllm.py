@@ -411,3 +411,57 @@ def test_bf16_keeps_rope_frequencies_fp32():
     assert m.inv_freq.dtype == torch.float32 and m.embed.weight.dtype == torch.bfloat16
     out, _ = m(idx)
     assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+# --- visual input path switches (not in the paper) ----------------------------------------------------
+
+def test_image_positions_index_each_image_from_zero():
+    cfg = tiny_config()
+    seqs = [build_sequence(cfg, [[65, 66], ("und", 3), [67], ("gen", 2), [68]]),
+            build_sequence(cfg, [("und", 4)])]
+    b = collate(cfg, seqs)  # left-padded
+    m = b["image_mask"]
+    pos = mllm.image_positions(m)
+    assert pos[0][m[0]].tolist() == [0, 1, 2, 0, 1] and pos[1][m[1]].tolist() == [0, 1, 2, 3]
+
+
+def test_normalised_projector_and_image_position_table():
+    """vis_norm: each image input has RMS vis_gain at init, whatever the codebook scale (the unnormalised
+    projector's output grows with it); image_pos: the same codes at two positions embed differently, and
+    embed_inputs gives each position its index inside its image (what generate_image passes one by one)."""
+    m = tiny_model(vis_norm=True, vis_gain=0.1, image_pos=6)
+    cfg = m.config
+    m.set_codebooks(100 * torch.randn(cfg.pix_vocab, cfg.pix_dim), torch.randn(cfg.sem_vocab, cfg.sem_dim))
+    p, s = random_codes(cfg, 5)
+    with torch.no_grad():
+        y = m.embed_images(p, s, torch.zeros(5, dtype=torch.long)) - m.image_pos[0]
+        torch.testing.assert_close(y.pow(2).mean(-1).sqrt(), torch.full((5,), 0.1), rtol=0.03, atol=0)  # eps 1e-6
+        a = m.embed_images(p[:1], s[:1], torch.tensor([0]))
+        assert not torch.allclose(a, m.embed_images(p[:1], s[:1], torch.tensor([3])))
+        ids, img, gen = build_sequence(cfg, [[65], ("gen", 5), [66]])
+        x = m.embed_inputs(ids[None], img[None], p, s)[0][img]
+        torch.testing.assert_close(x, m.embed_images(p, s, torch.arange(5)))
+    with pytest.raises(ValueError, match="image_pos"):
+        m.embed_images(p, s)
+    with pytest.raises(ValueError, match="outside the table"):
+        m.embed_images(p, s, torch.arange(5) + 2)
+    # the paper's layout is the default: no extra modules, no extra keys
+    plain = tiny_model()
+    assert plain.vis_in_norm is None and plain.image_pos is None
+    assert not any(k.startswith(("vis_in_norm", "vis_out_norm", "image_pos")) for k in plain.state_dict())
+    # generation feeds each sampled position with its index: cache and no cache agree
+    run = lambda **kw: m.generate_image([[65, 66]], 5, generator=torch.Generator().manual_seed(3), **kw)
+    assert all(torch.equal(a, b) for a, b in zip(run(), run(use_cache=False)))
+
+
+def test_forward_under_bf16_autocast():
+    """Under autocast the projector gives bf16 while the token embeddings are fp32: embed_inputs casts
+    before writing the image rows (index_put needs equal dtypes)."""
+    m = tiny_model(vis_norm=True, image_pos=4).train()
+    cfg = m.config
+    ids, img, gen = build_sequence(cfg, [[65, 66], ("und", 4), [67, 68]])
+    p, s = random_codes(cfg, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = m(ids[None], make_targets(ids[None], img[None]), img[None], p, s)
+        out = m.generate_text([[65, 66]], images=(p[None], s[None]), max_new_tokens=3)
+    assert torch.isfinite(loss) and len(out) == 1

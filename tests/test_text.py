@@ -3,6 +3,7 @@ model trained here, and the Gemma (SigLIP2) tokenizer against transformers' Sigl
 import io
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,3 +111,24 @@ def test_gemma_matches_transformers(gemma_json):
 def test_missing_tokenizer_file(tmp_path):
     with pytest.raises(ValueError, match="spiece.model"):
         load_tokenizer(str(tmp_path))
+
+
+def test_word_tokenizer_covers_the_shapes_world():
+    """Every caption, question and answer the world writes (with the optional 4th shape) round-trips through
+    the closed vocabulary; a word outside it is an error that names the word, never a silent <unk>."""
+    import data
+    from text import WordTokenizer
+    tok = WordTokenizer(data.vocabulary(), extra=("<bos>",))
+    assert tok.vocab_size == len(data.vocabulary()) + 3 and tok.token_id("<bos>") == tok.vocab_size - 1
+    world = data.ShapesWorld(data.ShapesConfig(image_size=48, max_objects=3, shapes=data.ALL_SHAPES))
+    for i in range(150):
+        s = world.sample("train", i)
+        texts = [s["caption"], data.caption(s["objects"], drop=0.5, rng=np.random.default_rng(i))]
+        texts += [t for qa in s["qa"] for t in qa]
+        for t in texts:
+            ids = tok.encode(t)
+            assert max(ids) < len(data.vocabulary()) and tok.decode(ids) == t
+    assert tok.encode("What color is the circle?") == tok.encode("what color is the circle ?")
+    with pytest.raises(ValueError, match="hexagon"):
+        tok.encode("a red hexagon")
+    assert tok.decode([tok.eos_id, tok.encode("yes")[0], tok.pad_id]) == "yes"

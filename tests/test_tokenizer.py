@@ -296,3 +296,35 @@ def test_patch_skip_paints_each_cell_into_its_own_patch(tmp_path):
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(m2(x).recon, m(x).recon)
+
+
+def test_patch_local_pixel_branch(tmp_path):
+    """layer_recon=0 with pix_attn=False (not in the release): the pixel latent of a position depends on its
+    own patch only, so one changed patch changes exactly one position; the released layout (attention in
+    the pre-quant projection, a deeper block) spreads the same change to every position. The switch
+    round-trips through config.json and the per-token projections carry no attention weights."""
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    x2 = x.clone()
+    x2[0, :, 8:16, 16:24] = -x2[0, :, 8:16, 16:24]  # patch (row 1, column 2) of the 4x4 grid
+    for local in (True, False):
+        cfg = T.tiny_config()
+        if local:
+            cfg.layer_recon, cfg.layer_shortcut, cfg.pix_attn = 0, None, False
+        m = T.DualToken(cfg).eval()
+        with torch.no_grad():
+            d = (m.encode_latents(x2)[0] - m.encode_latents(x)[0]).abs().sum(-1)[0]  # (4, 4)
+        if local:
+            assert d[1, 2] > 0 and (d > 0).sum() == 1
+        else:
+            assert (d > 0).all()
+    assert m.prequant_pix.attn is not None
+    cfg = T.tiny_config()
+    cfg.layer_recon, cfg.layer_shortcut, cfg.pix_attn = 0, None, False
+    m = T.DualToken(cfg).eval()
+    assert m.prequant_pix.attn is None and m.postquant_pix.attn is None
+    assert not any(k.startswith(("prequant_pix.attn", "postquant_pix.attn")) for k in m.state_dict())
+    m.save_pretrained(str(tmp_path))
+    m2 = T.DualToken.from_pretrained(str(tmp_path))
+    assert m2.config.pix_attn is False and m2.config.layer_recon == 0
+    with torch.no_grad():
+        assert torch.equal(m2.encode(x)[0], m.encode(x)[0])
