@@ -11,18 +11,23 @@ Tokenizer: PSNR (on [0, 1] after clamping), SSIM (Gaussian 11x11, sigma 1.5, dat
 LPIPS (only when both weight files are given), rFID (only with the optional `clean-fid` package AND a
 local Inception file; otherwise "unavailable" with the reason, never a made-up number), zero-shot
 top-1 / top-5 through the quantized semantic path and through the teacher (the original SigLIP), and
-per-depth codebook usage / perplexity / entropy of both quantizers.
-MLLM (shapes world): QA accuracy by question type; generation judged by the checker `checker.describe`
-(per attribute and all-correct) with and without CFG; the held-out colour-shape pairs separately.
+per-depth codebook usage / perplexity / entropy of both quantizers; on the shapes world also the code
+structure (the checker on decodings of the first d pixel depths, code stacks of pure-background patches).
+MLLM (shapes world): QA accuracy by question type and by number of objects, beside three controls: the
+same model with every question reading another image's codes, a blind baseline (the train split's most
+common answer to the question) and chance; generation judged by the checker `checker.describe` (per
+attribute, all-correct, false objects, missed cells) with and without CFG; the held-out colour-shape
+pairs separately.
 
-Order is deterministic (no shuffling; a subset of a folder is a fixed-seed permutation), batches run
-under bf16 autocast on cuda only (fp32 elsewhere).
+Order is deterministic (no shuffling; a subset of a folder and the shuffled-image control are fixed-seed
+permutations), batches run under bf16 autocast on cuda only (fp32 elsewhere).
 """
 import json
 import math
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -283,6 +288,9 @@ def eval_tokenizer(cfg):
     if res["rfid"] is not None and n < 2048:
         res["rfid_note"] += f" (only {n} images: FID is biased upward below ~10k and rank-deficient below 2048)"
     codes_pix, codes_sem = torch.cat(pix), torch.cat(sem)
+    if cfg.data == "shapes":  # the first (at most 200) reconstruction samples, with their objects and background
+        cs = [recon_ds.world.sample("val", i) for i in range(min(len(recon_ds), 200))]
+        res["code_structure"] = code_structure(model, cs, cfg, device, autocast)
 
     # zero-shot: one classifier from the tokenizer's (frozen) text tower, else the teacher's
     zs = {"classes": len(classes), "templates": len(templates)}
@@ -343,6 +351,15 @@ def eval_tokenizer(cfg):
         print(f"codes {q}: usage/depth {[round(v, 4) for v in c['usage']]}, perplexity/depth "
               f"{[round(v, 1) for v in c['perplexity']]}, entropy bits/depth {[round(v, 2) for v in c['entropy_bits']]}"
               f" (max {c['max_entropy_bits']:.2f}), any depth {c['usage_any_depth']:.4f}   [{c['n_vectors']} vectors, {s}]")
+    if "code_structure" in res:
+        cs = res["code_structure"]
+        where = f"[{desc}, n={cs['n']}]"
+        for d, v in enumerate(cs["depth_curve"], 1):
+            attrs = ", ".join(f"{k} {v[k]:.3f}" for k in ("count",) + checker.ATTRS)
+            print(f"codes pix first {d} depth(s) decoded: all-correct {v['all_correct']:.4f}, {attrs}   {where}")
+        b = cs["background"]
+        print(f"codes pix on pure-background patches: {b['distinct_stacks']} distinct stacks for {b['patches']} "
+              f"patches of {b['colours']} solid colour(s) (ideal: one per colour)   {where}")
     return _write(res, out_path)
 
 
@@ -386,18 +403,79 @@ class EvalMLLMConfig:
     top_p: float = 0.0           # <= 0 or >= 1: off
     max_new_tokens: int = 16     # answers are one or two words
     batch_size: int = 32
-    seed: int = 0
+    seed: int = 0                # sampling, and the derangement of the shuffled-image QA control
+    blind_samples: int = 2000    # train samples whose QA pairs give the blind baseline and the chance levels
     device: str = ""
     dtype: str = "bfloat16"
     threads: int = 0             # CPU intra-op threads; 0 = torch's default (1 is faster for tiny models)
     out: str = ""                # '' -> <mllm>/eval_mllm.json
 
 
+def blind_baseline(train_qa, questions):
+    """What a model that never looks at the image can score. train_qa: (question, answer) pairs of the
+    train split; questions: the questions asked. -> (answers, chance):
+    answers[k]: the most common train answer to questions[k] (ties: the alphabetically first), else the
+      most common answer of its question type, else None (a type train never asks: always wrong);
+    chance[type]: 1 / the number of distinct answers the type has in train_qa (uniform guessing)."""
+    by_q, by_t = {}, {}
+    for q, a in train_qa:
+        by_q.setdefault(q, Counter())[a] += 1
+        by_t.setdefault(question_type(q), Counter())[a] += 1
+    top = lambda c: max(sorted(c), key=c.get)  # sorted first: the tie-break does not depend on train order
+    answers = [top(by_q[q]) if q in by_q else top(by_t[question_type(q)]) if question_type(q) in by_t else None
+               for q in questions]
+    return answers, {t: 1 / len(c) for t, c in sorted(by_t.items())}
+
+
+def derangement(n, seed):
+    """A fixed random permutation of range(n) without fixed points (n >= 2; a single image keeps its own):
+    perm[i] is the image whose codes image i's questions read in the shuffled control. Rejection
+    sampling, about e draws."""
+    rng = np.random.default_rng(seed)
+    while n >= 2:
+        perm = rng.permutation(n)
+        if (perm != np.arange(n)).all():
+            return perm
+    return np.arange(n)
+
+
+def _scores(pred, truth, groups):
+    """Exact match -> (accuracy, {group: {accuracy, n}}) with the groups sorted."""
+    hits = {}
+    for p, a, g in zip(pred, truth, groups):
+        hits.setdefault(g, []).append(p == a)
+    acc = sum(p == a for p, a in zip(pred, truth)) / max(len(truth), 1)
+    return acc, {g: dict(accuracy=sum(h) / len(h), n=len(h)) for g, h in sorted(hits.items())}
+
+
 @torch.no_grad()
-def qa_eval(model, codec, tok, samples, cfg, device, autocast):
-    """Every question of every sample, greedy, exact match after strip -> accuracy overall and by type."""
+def _answers(model, codec, rows, pix, sem, cfg, autocast, desc):
+    """Greedy answers to rows (image index i, question, answer), question reading image row i of pix / sem."""
     from tqdm import tqdm
-    from sample import image_codes, qa_prompt
+    from sample import qa_prompt
+    pred = []
+    for k in tqdm(range(0, len(rows), cfg.batch_size), desc=desc, dynamic_ncols=True):
+        chunk = rows[k:k + cfg.batch_size]
+        idx = torch.tensor([i for i, _, _ in chunk])
+        with autocast:
+            out = model.generate_text([qa_prompt(codec, q) for _, q, _ in chunk], images=(pix[idx], sem[idx]),
+                                      max_new_tokens=cfg.max_new_tokens, temperature=0.0)
+        pred += [codec.decode(o).strip() for o in out]
+    return pred
+
+
+@torch.no_grad()
+def qa_eval(model, codec, tok, samples, cfg, device, autocast, train_qa=()):
+    """Every question of every sample, greedy, exact match after strip, with the controls that say whether
+    the model reads the image. train_qa: the train split's (question, answer) pairs (blind_baseline). ->
+    "qa": accuracy, n, chance (mean over the questions of their type's chance; None if a type lacks one),
+      by_type {type: {accuracy, n, chance}}, by_objects {"1", "2", ..: {accuracy, n}} (objects in the
+      image), examples (the first 6 questions: q, truth, pred);
+    "qa_shuffled": accuracy, n, by_type {type: {accuracy, n}}: the same questions, each reading another
+      image's codes (derangement seeded by cfg.seed). A model that reads the image falls to about the
+      blind baseline; one that answers from the question alone stays at "qa" (+ note with one image);
+    "qa_blind": accuracy, n, by_type {type: {accuracy, n}}: no model, blind_baseline's answers."""
+    from sample import image_codes
     rows = [(i, q, a) for i, s in enumerate(samples) for q, a in s["qa"]]
     codes = []
     for k in range(0, len(samples), cfg.batch_size):
@@ -405,44 +483,114 @@ def qa_eval(model, codec, tok, samples, cfg, device, autocast):
         with autocast:
             codes.append([c.cpu() for c in image_codes(tok, x)])
     pix, sem = torch.cat([c[0] for c in codes]), torch.cat([c[1] for c in codes])  # (n, N, D)
-    pred = []
-    for k in tqdm(range(0, len(rows), cfg.batch_size), desc="qa", dynamic_ncols=True):
-        chunk = rows[k:k + cfg.batch_size]
-        idx = torch.tensor([i for i, _, _ in chunk])
-        with autocast:
-            out = model.generate_text([qa_prompt(codec, q) for _, q, _ in chunk], images=(pix[idx], sem[idx]),
-                                      max_new_tokens=cfg.max_new_tokens, temperature=0.0)
-        pred += [codec.decode(o).strip() for o in out]
-    hits = {}
-    for (_, q, a), p in zip(rows, pred):
-        hits.setdefault(question_type(q), []).append(p == a)
-    res = {"accuracy": sum(p == a for (_, _, a), p in zip(rows, pred)) / max(len(rows), 1), "n": len(rows),
-           "by_type": {t: dict(accuracy=sum(h) / len(h), n=len(h)) for t, h in sorted(hits.items())},
-           "examples": [dict(q=q, truth=a, pred=p) for (_, q, a), p in list(zip(rows, pred))[:6]]}
+    perm = torch.from_numpy(derangement(len(samples), cfg.seed))
+    pred = _answers(model, codec, rows, pix, sem, cfg, autocast, "qa")
+    shuffled = _answers(model, codec, rows, pix[perm], sem[perm], cfg, autocast, "qa shuffled images")
+    blind, chance = blind_baseline(train_qa, [q for _, q, _ in rows])
+    truth = [a for _, _, a in rows]
+    types = [question_type(q) for _, q, _ in rows]
+    acc, by_type = _scores(pred, truth, types)
+    for t, v in by_type.items():
+        v["chance"] = chance.get(t)
+    per_q = [chance.get(t) for t in types]
+    qa = dict(accuracy=acc, n=len(rows), chance=None if None in per_q else sum(per_q) / max(len(per_q), 1),
+              by_type=by_type, by_objects=_scores(pred, truth, [str(len(samples[i]["objects"])) for i, _, _ in rows])[1],
+              examples=[dict(q=q, truth=a, pred=p) for (_, q, a), p in list(zip(rows, pred))[:6]])
+    res = {"qa": qa}
+    for name, p in (("qa_shuffled", shuffled), ("qa_blind", blind)):
+        acc, by_type = _scores(p, truth, types)
+        res[name] = dict(accuracy=acc, n=len(rows), by_type=by_type)
+    if len(samples) < 2:
+        res["qa_shuffled"]["note"] = "one image: nothing to shuffle, the same as qa"
     return res
+
+
+def object_errors(preds, truths):
+    """What the per-attribute scores hide: objects drawn where none was asked and objects not drawn at all.
+    preds: checker.describe outputs, truths: the true objects, one list per image. A prediction is matched
+    to the true object of its cell (one per cell; a second prediction in the cell is not matched).
+    -> false_objects: unmatched predictions per image; missed_cells: share of true objects whose cell
+    has no prediction."""
+    false, missed = 0, 0
+    for pred, truth in zip(preds, truths):
+        cells = Counter(o["cell"] for o in pred)
+        want = {o["cell"] for o in truth}
+        false += sum(n - (c in want) for c, n in cells.items())
+        missed += sum(c not in cells for c in want)
+    return dict(false_objects=false / max(len(preds), 1), missed_cells=missed / max(sum(len(t) for t in truths), 1))
+
+
+def _judge(images, objects):
+    """checker.score_images plus object_errors on uint8 (B, H, W, 3) images."""
+    return dict(checker.score_images(images, objects), **object_errors([checker.describe(im) for im in images], objects))
 
 
 @torch.no_grad()
 def gen_eval(model, codec, tok, samples, cfg, device, autocast, cfg_scale):
+    """Generate from the captions and judge: checker.score_images' keys plus false_objects, missed_cells."""
     from sample import generate_images
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     with autocast:
         imgs, _ = generate_images(model, tok, codec, [s["caption"] for s in samples], cfg_scale, cfg.temperature,
                                   cfg.top_k if cfg.top_k > 0 else None, cfg.top_p if 0 < cfg.top_p < 1 else None,
                                   g, cfg.batch_size)
-    return checker.score_images(data.to_image(imgs), [s["objects"] for s in samples])
+    return _judge(data.to_image(imgs), [s["objects"] for s in samples])
 
 
 @torch.no_grad()
 def ceiling(tok, samples, cfg, device, autocast):
     """The checker on the tokenizer's own decoding of the true images (encode -> decode pixel codes): no
-    generated image can score above what the decoder can draw."""
+    generated image can score above what the decoder can draw. Same keys as gen_eval."""
     ims = []
     for k in range(0, len(samples), cfg.batch_size):
         x = torch.stack([data.to_tensor(s["image"]) for s in samples[k:k + cfg.batch_size]]).to(device)
         with autocast:
             ims.append(data.to_image(tok.decode(tok.encode(x)[0]).float()))
-    return checker.score_images(np.concatenate(ims), [s["objects"] for s in samples])
+    return _judge(np.concatenate(ims), [s["objects"] for s in samples])
+
+
+@torch.no_grad()
+def code_structure(tok, samples, cfg, device, autocast):
+    """How easy the pixel codes are to generate, on the shapes world (issue: generation-friendly codes).
+    - depth_curve[d-1]: the checker on the decodings of only the first d pixel depths of the true codes
+      (coarse to fine: what a generator gets right if only its first d depths are right);
+    - background: on solid-background images, the patches with no object pixel: how many distinct full
+      code stacks they get, against the number of background colours among them (1 stack per colour is
+      ideal; a stack per patch means the codes carry noise the generator must reproduce)."""
+    P = tok.config.siglip.vision.patch_size
+    D = tok.config.vq_pix.depth
+    codes = []
+    for k in range(0, len(samples), cfg.batch_size):
+        x = torch.stack([data.to_tensor(s["image"]) for s in samples[k:k + cfg.batch_size]]).to(device)
+        with autocast:
+            codes.append(tok.encode(x)[0].cpu())
+    codes = torch.cat(codes)  # (n, h, w, D)
+    truth = [s["objects"] for s in samples]
+    curve = []
+    for d in range(1, D + 1):
+        ims = []
+        for k in range(0, len(samples), cfg.batch_size):
+            c = codes[k:k + cfg.batch_size, ..., :d].to(device)
+            with autocast:
+                z = tok.quantizer_pix.embed_per_depth(c).sum(-2)  # (B, h, w, c): the first d depths only
+                ims.append(data.to_image(tok.decode_latent(z).float()))
+        sc = checker.score_images(np.concatenate(ims), truth)
+        curve.append({k: sc[k] for k in ("all_correct", "count") + checker.ATTRS})
+    stacks, colours, n_patches = set(), set(), 0
+    for s, c in zip(samples, codes):
+        bg = s.get("background")
+        if bg is None or bg[0] != "solid":
+            continue
+        im = np.asarray(s["image"])
+        col = np.array(data.BACKGROUNDS[bg[1]], np.uint8)
+        h, w = c.shape[:2]
+        flat = (im.reshape(h, P, w, P, 3) == col).all(-1).all(3).all(1)  # (h, w): patch is pure background
+        for i, j in zip(*np.nonzero(flat)):
+            stacks.add(tuple(c[i, j].tolist()))
+            n_patches += 1
+        colours.add(bg[1])
+    return dict(depth_curve=curve, background=dict(patches=n_patches, distinct_stacks=len(stacks),
+                                                   colours=len(colours)), n=len(samples))
 
 
 def eval_mllm(cfg):
@@ -465,8 +613,9 @@ def eval_mllm(cfg):
         splits.append(("holdout", cfg.holdout_images, cfg.holdout_images))
     else:
         res["holdout_note"] = "skipped: no --holdout_pairs (train the MLLM with held-out colour-shape pairs first)"
+    train_qa = [p for i in range(cfg.blind_samples) for p in world.sample("train", i)["qa"]]
     for split, n_qa, n_gen in splits:
-        r = {"qa": qa_eval(model, codec, tok, [world.sample(split, i) for i in range(n_qa)], cfg, device, autocast)}
+        r = qa_eval(model, codec, tok, [world.sample(split, i) for i in range(n_qa)], cfg, device, autocast, train_qa)
         gen_samples = [world.sample(split, i) for i in range(n_gen)]
         r["tokenizer_ceiling"] = ceiling(tok, gen_samples, cfg, device, autocast)
         for name, sc in scales:
@@ -478,18 +627,27 @@ def eval_mllm(cfg):
                config=config_dict(cfg))
     for split, _, _ in splits:
         r, where = res[split], f"[{res['world']}, split {split}]"
-        q = r["qa"]
-        print(f"QA {split}: accuracy {q['accuracy']:.4f} on {q['n']} questions (greedy, exact match)   {where}")
+        q, sh, bl = r["qa"], r["qa_shuffled"], r["qa_blind"]
+        f = lambda v: "  n/a " if v is None else f"{v:.4f}"
+        print(f"QA {split}: accuracy {q['accuracy']:.4f}, shuffled images {sh['accuracy']:.4f}, blind {bl['accuracy']:.4f}"
+              f", chance {f(q['chance'])} on {q['n']} questions (greedy, exact match; blind and chance from "
+              f"{cfg.blind_samples} train samples)   {where}")
+        print(f"   {'type':12s} {'model':6s}  {'shuffl':6s}  {'blind':6s}  {'chance':6s}")
         for t, v in q["by_type"].items():
-            print(f"   {t:12s} {v['accuracy']:.4f}  (n={v['n']})")
+            print(f"   {t:12s} {v['accuracy']:.4f}  {sh['by_type'][t]['accuracy']:.4f}  "
+                  f"{bl['by_type'][t]['accuracy']:.4f}  {f(v['chance'])}  (n={v['n']})")
+        print("   by objects in the image: " + ", ".join(f"{k}: {v['accuracy']:.4f} (n={v['n']})"
+                                                        for k, v in q["by_objects"].items()))
         c = r["tokenizer_ceiling"]
         print(f"generation {split} ceiling (tokenizer decodes the true images): all-correct {c['all_correct']:.4f}, "
-              f"objects {c['objects_correct']:.3f} (n={c['n']})   {where}")
+              f"objects {c['objects_correct']:.3f}, false objects/image {c['false_objects']:.3f}, missed cells "
+              f"{c['missed_cells']:.3f} (n={c['n']})   {where}")
         for name, _ in scales:
             gr = r[f"gen_{name}"]
             attrs = ", ".join(f"{k} {gr[k]:.3f}" for k in ("count",) + checker.ATTRS)
             print(f"generation {split} cfg_scale={gr['cfg_scale']}: all-correct {gr['all_correct']:.4f}, {attrs}, "
-                  f"objects {gr['objects_correct']:.3f} (n={gr['n']}, {sampling})   {where}")
+                  f"objects {gr['objects_correct']:.3f}, false objects/image {gr['false_objects']:.3f}, missed cells "
+                  f"{gr['missed_cells']:.3f} (n={gr['n']}, {sampling})   {where}")
     if "holdout_note" in res:
         print(f"holdout: {res['holdout_note']}")
     return _write(res, cfg.out or os.path.join(cfg.mllm, "eval_mllm.json"))

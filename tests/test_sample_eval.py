@@ -178,8 +178,16 @@ def test_cli_eval_tokenizer_shapes(tiny_tok, tmp_path, capsys):
     for q in ("codes_pix", "codes_sem"):
         assert len(saved[q]["usage"]) == 3 and saved[q]["n_vectors"] == 6 * 16
         assert all(1 <= p <= 32 for p in saved[q]["perplexity"])
+    cs = saved["code_structure"]  # the same 6 val samples: depth curve over the 3 pixel depths, background stacks
+    world = data.ShapesWorld(data.ShapesConfig(image_size=32))
+    solid = {s["background"][1] for s in (world.sample("val", i) for i in range(6)) if s["background"][0] == "solid"}
+    assert cs["n"] == 6 and len(cs["depth_curve"]) == 3 and cs["background"]["colours"] == len(solid)
+    assert all(0 <= v[k] <= 1 for v in cs["depth_curve"] for k in ("all_correct", "count") + checker.ATTRS)
+    b = cs["background"]
+    assert (b["patches"] > 0) == bool(solid) and min(1, b["patches"]) <= b["distinct_stacks"] <= b["patches"]
     printed = capsys.readouterr().out
     assert "PSNR" in printed and "n=6" in printed and "rFID   unavailable" in printed
+    assert "codes pix first 3 depth(s) decoded" in printed and "pure-background patches" in printed
     # the same images through the same weights: deterministic
     res2 = ev.main(["tokenizer", f"--tokenizer={tiny_tok / 'tok'}", "--num_images=6", "--batch_size=3",
                     "--device=cpu", f"--out={tmp_path / 'ev2.json'}"])
@@ -235,6 +243,83 @@ def test_question_types_cover_the_world():
     assert types == {"count_all", "count_shape", "color", "shape", "position", "size", "exists"}
 
 
+def test_blind_baseline_majority_and_chance():
+    train = [("how many objects are there?", "one")] * 5 + [("what color is the circle?", "red")] * 3 + \
+        [("what color is the circle?", "blue")] * 2 + [("what color is the square?", "green")] * 4
+    asked = ["how many objects are there?", "what color is the circle?", "what color is the triangle?",
+             "where is the red circle?"]
+    answers, chance = ev.blind_baseline(train, asked)
+    # the question's majority (red 3 : blue 2, though green is the type's majority); an unseen question:
+    # its type's majority (green 4 of 9); a type train never asks: None
+    assert answers == ["one", "red", "green", None]
+    assert chance == {"color": 1 / 3, "count_all": 1.0}
+    assert ev.blind_baseline([("is there a red circle?", "no"), ("is there a red circle?", "yes")],
+                             ["is there a red circle?"])[0] == ["no"]  # a tie: alphabetical, not train order
+    # one object per image: "how many objects" is always "one", the blind baseline gets all of them
+    world = data.ShapesWorld(data.ShapesConfig(image_size=32, max_objects=1))
+    train_qa = [p for i in range(300) for p in world.sample("train", i)["qa"]]
+    val = [p for i in range(30) for p in world.sample("val", i)["qa"] if ev.question_type(p[0]) == "count_all"]
+    answers, chance = ev.blind_baseline(train_qa, [q for q, _ in val])
+    assert len(val) == 30 and answers == [a for _, a in val] == ["one"] * 30
+    assert chance["count_all"] == 1.0 and chance["exists"] == 0.5 and chance["color"] == 1 / 6
+    assert chance["position"] == 1 / 9 and chance["size"] == 0.5 and chance["shape"] == 1 / 3
+
+
+def test_derangement():
+    for n in range(2, 12):
+        for seed in range(5):
+            p = ev.derangement(n, seed)
+            assert sorted(p.tolist()) == list(range(n)) and (p != np.arange(n)).all()
+    assert ev.derangement(7, 3).tolist() == ev.derangement(7, 3).tolist()
+    assert ev.derangement(1, 0).tolist() == [0]
+
+
+def test_qa_eval_shuffled_reads_other_images():
+    """A fake model that answers with the index of the image whose codes it reads: right on every
+    question, wrong on every one once the codes are shuffled (no image keeps its own codes)."""
+    from contextlib import nullcontext
+
+    class Tok:
+        def encode(self, x):  # image i is the constant colour i -> pixel code i (B, 1, 1, 1)
+            i = ((x[:, 0, 0, 0] + 1) * 127.5).round().long().view(-1, 1, 1, 1)
+            return i, i
+
+    class Model:
+        def generate_text(self, prompts, images, **kw):
+            return [str(int(p[0, 0])) for p in images[0]]
+
+    codec = SimpleNamespace(user_prompt=lambda q: q, decode=lambda o: o)
+    objs = lambda n: [dict(color="red", shape="circle", size="small", cell="center")] * n
+    samples = [dict(image=np.full((8, 8, 3), i, np.uint8), objects=objs(1 + i % 2),
+                    qa=[("how many objects are there?", str(i)), ("is there a red circle?", str(i))]) for i in range(5)]
+    train_qa = [("how many objects are there?", "3"), ("is there a red circle?", "4"), ("is there a red circle?", "0")]
+    cfg = ev.EvalMLLMConfig(batch_size=3, seed=1)
+    res = ev.qa_eval(Model(), codec, Tok(), samples, cfg, "cpu", nullcontext(), train_qa)
+    assert res["qa"]["accuracy"] == 1.0 and res["qa"]["n"] == 10 and res["qa_shuffled"]["accuracy"] == 0.0
+    assert res["qa"]["by_objects"] == {"1": dict(accuracy=1.0, n=6), "2": dict(accuracy=1.0, n=4)}
+    blind = res["qa_blind"]["by_type"]  # "3" for every count (image 3 has it), "0" (tie 0 / 4) for exists
+    assert blind == {"count_all": dict(accuracy=0.2, n=5), "exists": dict(accuracy=0.2, n=5)}
+    assert res["qa"]["by_type"]["count_all"]["chance"] == 1.0 and res["qa"]["by_type"]["exists"]["chance"] == 0.5
+    assert res["qa"]["chance"] == 0.75 and res["qa_shuffled"]["by_type"]["exists"] == dict(accuracy=0.0, n=5)
+
+
+def test_object_errors():
+    world = data.ShapesWorld(data.ShapesConfig(image_size=64))
+    drawn = [dict(color="red", shape="circle", size="large", cell="top left"),
+             dict(color="blue", shape="square", size="small", cell="center")]
+    pred = checker.describe(world.render(drawn))
+    assert pred == drawn  # the checker reads the render back (cell order)
+    asked = [dict(color="red", shape="circle", size="large", cell="top left"),
+             dict(color="green", shape="triangle", size="small", cell="bottom right")]
+    assert ev.object_errors([pred], [drawn]) == dict(false_objects=0.0, missed_cells=0.0)
+    # the square in the center was not asked for (false), the bottom right was asked for and is empty (missed)
+    assert ev.object_errors([pred], [asked]) == dict(false_objects=1.0, missed_cells=0.5)
+    # two predictions in one cell: one matches, the other is false; an empty image misses everything
+    two = [dict(color="red", shape="circle", size="small", cell="top")] * 2
+    res = ev.object_errors([two, checker.describe(world.render([]))], [two[:1], asked])
+    assert res == dict(false_objects=0.5, missed_cells=2 / 3)
+
+
 @pytest.fixture(scope="module")
 def tiny_mllm(tiny_tok):
     """A tiny MLLM written the way train_mllm.py writes its out_dir (build_model + export)."""
@@ -244,7 +329,7 @@ def tiny_mllm(tiny_tok):
     dual = DualToken.from_pretrained(str(tiny_tok / "tok"))
     cfg = train_mllm.TrainMLLMConfig(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, intermediate_size=64,
                                      head_n_layer=1)
-    raw = train_mllm.build_model(cfg, train_mllm.BytePromptTokenizer(), dual)
+    raw = train_mllm.build_model(cfg, train_mllm.PromptTokenizer("bytes"), dual)
     out = tiny_tok / "mllm"
     train_mllm.export(raw, str(out), dict(tokenizer=str(tiny_tok / "tok"), text_tokenizer="bytes",
                                           tokenizer_hash=train_mllm.tokenizer_hash(dual)))
@@ -290,17 +375,39 @@ def test_cli_answer(tiny_mllm, tmp_path):
 def test_cli_eval_mllm(tiny_mllm, tiny_tok, tmp_path, capsys):
     out = tmp_path / "m.json"
     res = ev.main(["mllm", f"--mllm={tiny_mllm}", "--qa_images=3", "--gen_captions=2", "--max_new_tokens=3",
-                   "--holdout_pairs=(('red', 'triangle'),)", "--holdout_images=2", "--device=cpu", f"--out={out}"])
+                   "--holdout_pairs=(('red', 'triangle'),)", "--holdout_images=2", "--blind_samples=300",
+                   "--device=cpu", f"--out={out}"])
     saved = json.load(open(out))
-    for split in ("val", "holdout"):
+    world = data.ShapesWorld(data.ShapesConfig(image_size=32, holdout_pairs=(("red", "triangle"),)))
+    chance = {"count_all": 1 / 2, "exists": 1 / 2, "color": 1 / 6, "shape": 1 / 3, "position": 1 / 9, "size": 1 / 2,
+              "count_shape": 1 / 3}  # zero, one or two of a shape
+    for split, n_qa in (("val", 3), ("holdout", 2)):
+        samples = [world.sample(split, i) for i in range(n_qa)]
         q = saved[split]["qa"]
-        assert q["n"] == sum(v["n"] for v in q["by_type"].values()) and 0 <= q["accuracy"] <= 1
+        assert q["n"] == sum(len(s["qa"]) for s in samples) == sum(v["n"] for v in q["by_type"].values())
+        assert 0 <= q["accuracy"] <= 1
+        assert {t: v["chance"] for t, v in q["by_type"].items()} == {t: chance[t] for t in q["by_type"]}
+        want = {}
+        for s in samples:
+            want[str(len(s["objects"]))] = want.get(str(len(s["objects"])), 0) + len(s["qa"])
+        assert {k: v["n"] for k, v in q["by_objects"].items()} == want
+        for name in ("qa_shuffled", "qa_blind"):
+            c = saved[split][name]
+            assert c["n"] == q["n"] and set(c["by_type"]) == set(q["by_type"]) and 0 <= c["accuracy"] <= 1
+            assert c["accuracy"] == pytest.approx(sum(v["accuracy"] * v["n"] for v in c["by_type"].values()) / c["n"])
+        # the blind answers, recomputed from the same 300 train samples
+        answers, _ = ev.blind_baseline([p for i in range(300) for p in world.sample("train", i)["qa"]],
+                                       [qq for s in samples for qq, _ in s["qa"]])
+        truth = [a for s in samples for _, a in s["qa"]]
+        assert saved[split]["qa_blind"]["accuracy"] == sum(map(str.__eq__, answers, truth)) / len(truth)
         assert saved[split]["gen_cfg"]["cfg_scale"] == 3.0 and saved[split]["gen_no_cfg"]["cfg_scale"] is None
-        for k in ("all_correct", "count", "color", "shape", "size", "cell"):
+        for k in ("all_correct", "count", "color", "shape", "size", "cell", "missed_cells"):
             assert 0 <= saved[split]["gen_cfg"][k] <= 1
+        assert saved[split]["gen_cfg"]["false_objects"] >= 0 and saved[split]["tokenizer_ceiling"]["false_objects"] >= 0
     assert saved["val"]["gen_cfg"]["n"] == 2 and saved["holdout"]["gen_no_cfg"]["n"] == 2
     assert saved["val"]["tokenizer_ceiling"]["n"] == 2 and 0 <= saved["val"]["tokenizer_ceiling"]["all_correct"] <= 1
-    assert "QA val: accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "QA val: accuracy" in printed and "shuffled images" in printed and "by objects in the image" in printed
     res = ev.main(["mllm", f"--mllm={tiny_mllm}", "--qa_images=1", "--gen_captions=1", "--max_new_tokens=2",
                    "--device=cpu", f"--out={out}"])
     assert "holdout" not in res and res["holdout_note"].startswith("skipped")
