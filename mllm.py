@@ -87,6 +87,11 @@ class MLLMConfig:
     vis_norm: bool = False
     vis_gain: float = 0.1
     image_pos: int = 0
+    # gen_sem False (not in the paper): an image being generated carries its pixel codes only: no semantic
+    # depth head, no semantic loss on it, and the semantic half of its input is zero. The decoder reads only
+    # pixel codes; the semantic stack of a generated image is high-entropy (deep, global features) and,
+    # sampled, feeds the trunk inputs it never saw in training
+    gen_sem: bool = True
     # loss weights (paper: unweighted sum)
     text_loss_weight: float = 1.0
     pix_loss_weight: float = 1.0
@@ -379,7 +384,7 @@ class MLLM(nn.Module):
         self.vis_out_norm = RMSNorm(C, cfg.rms_norm_eps) if cfg.vis_norm else None
         self.image_pos = nn.Parameter(torch.randn(cfg.image_pos, C) * 0.02) if cfg.image_pos else None
         self.pix_head = DepthHead(cfg, cfg.pix_vocab, cfg.pix_dim, cfg.pix_depth)
-        self.sem_head = DepthHead(cfg, cfg.sem_vocab, cfg.sem_dim, cfg.sem_depth)
+        self.sem_head = DepthHead(cfg, cfg.sem_vocab, cfg.sem_dim, cfg.sem_depth) if cfg.gen_sem else None
         self.apply(self._init_weights)
         if self.vis_out_norm is not None:
             nn.init.constant_(self.vis_out_norm.weight, cfg.vis_gain)
@@ -458,11 +463,18 @@ class MLLM(nn.Module):
         """The modules that turn codes into LLM inputs (stage 1 trains these alone)."""
         return [m for m in (self.vis_in, self.vis_in_norm, self.vis_out_norm) if m is not None]
 
-    def embed_images(self, pix_codes, sem_codes, pos=None):
+    def embed_images(self, pix_codes, sem_codes, pos=None, sem_off=None):
         """(N, Dp), (N, Ds) codes -> (N, C) LLM inputs. pos (N,): each position's index inside its image
-        (used when config.image_pos > 0; required then)."""
-        e = torch.cat([code_vectors(self.pix_book, pix_codes).sum(1),
-                       code_vectors(self.sem_book, sem_codes).sum(1)], -1)  # (N, dp + ds)
+        (used when config.image_pos > 0; required then). sem_codes None, or sem_off (N,) bool True: that
+        row's semantic half is zero (a generated image without semantic codes, config.gen_sem False)."""
+        e_pix = code_vectors(self.pix_book, pix_codes).sum(1)  # (N, dp)
+        if sem_codes is None:
+            e_sem = e_pix.new_zeros(e_pix.shape[0], self.config.sem_dim)
+        else:
+            e_sem = code_vectors(self.sem_book, sem_codes).sum(1)  # (N, ds)
+            if sem_off is not None:
+                e_sem = e_sem.masked_fill(sem_off[:, None], 0.0)
+        e = torch.cat([e_pix, e_sem], -1)  # (N, dp + ds)
         e = e.to(self.embed.weight.dtype)
         if self.vis_in_norm is not None:
             e = self.vis_in_norm(e)
@@ -479,7 +491,7 @@ class MLLM(nn.Module):
             y = y + self.image_pos[pos].to(y.dtype)
         return y
 
-    def embed_inputs(self, idx, image_mask=None, pix_codes=None, sem_codes=None):
+    def embed_inputs(self, idx, image_mask=None, pix_codes=None, sem_codes=None, gen_mask=None):
         cfg = self.config
         if idx.dim() != 2:
             raise ValueError(f"idx: expected (B, T), got {tuple(idx.shape)}")
@@ -500,8 +512,9 @@ class MLLM(nn.Module):
                 raise ValueError(f"{name}: codes must lie in [0, {K}), got [{c.min()}, {c.max()}]")
         m = image_mask.bool()
         pos = image_positions(m)[m] if self.image_pos is not None else None
+        off = gen_mask.bool()[m] if gen_mask is not None and not cfg.gen_sem else None  # (N,)
         x = x.clone()
-        x[m] = self.embed_images(pix_codes, sem_codes, pos).to(x.dtype)  # autocast: the MLP may give bf16
+        x[m] = self.embed_images(pix_codes, sem_codes, pos, off).to(x.dtype)  # autocast: the MLP may give bf16
         return x
 
     # --- training forward ------------------------------------------------------------------------
@@ -510,7 +523,7 @@ class MLLM(nn.Module):
                 attention_mask=None, gen_mask=None):
         """-> (logits (B, T, V), loss or None). The loss parts (detached) land in self.loss_parts."""
         cfg = self.config
-        x = self.embed_inputs(idx, image_mask, pix_codes, sem_codes)
+        x = self.embed_inputs(idx, image_mask, pix_codes, sem_codes, gen_mask)
         h = self.trunk(x, attention_mask)
         logits = self.lm_head(h)  # (B, T, V)
         if targets is None:
@@ -531,7 +544,8 @@ class MLLM(nn.Module):
             hs = h[:, :-1][sel[:, 1:]]  # (M, C): the state at t-1 predicts the codes at t
             if hs.shape[0]:
                 pix = self._depth_loss(self.pix_head, self.pix_book, hs, pix_codes[rows])
-                sem = self._depth_loss(self.sem_head, self.sem_book, hs, sem_codes[rows])
+                if self.sem_head is not None:
+                    sem = self._depth_loss(self.sem_head, self.sem_book, hs, sem_codes[rows])
         loss = cfg.text_loss_weight * text + cfg.pix_loss_weight * pix + cfg.sem_loss_weight * sem
         self.loss_parts = dict(text=text.detach(), pix=pix.detach(), sem=sem.detach())
         return logits, loss
@@ -620,7 +634,8 @@ class MLLM(nn.Module):
         """Caption -> (pix_codes (B, N, Dp), sem_codes (B, N, Ds)). prompt_ids: list of B caption token
         lists; sequence per row: [bos] caption <image_gen_start>, then N positions. CFG doubles the batch
         with the empty caption ([bos] <image_gen_start>); cfg_scale=None turns guidance (and the extra
-        half) off. Only the pixel codes go to the decoder; that is the caller's job."""
+        half) off. Only the pixel codes go to the decoder; that is the caller's job. sem_codes is None when
+        config.gen_sem is False."""
         cfg, B = self.config, len(prompt_ids)
         if cfg.image_gen_start_id is None:
             raise ValueError("generate_image: config has no image_gen_start_id token")
@@ -635,10 +650,10 @@ class MLLM(nn.Module):
         for n in range(num_positions):
             p = self._sample_depths(self.pix_head, self.pix_book, h, B, cfg_scale, temperature, top_k, top_p,
                                     generator)
-            s = self._sample_depths(self.sem_head, self.sem_book, h, B, cfg_scale, temperature, top_k, top_p,
-                                    generator)
+            s = None if self.sem_head is None else \
+                self._sample_depths(self.sem_head, self.sem_book, h, B, cfg_scale, temperature, top_k, top_p, generator)
             pix.append(p[:B])
-            sem.append(s[:B])
+            sem.append(None if s is None else s[:B])
             if n + 1 == num_positions:
                 break
             e = self.embed_images(p, s, torch.full((p.shape[0],), n, device=p.device))[:, None]  # (B', 1, C)
@@ -648,7 +663,7 @@ class MLLM(nn.Module):
                 x = torch.cat([x, e], 1)
                 am = torch.cat([am, am.new_ones(am.shape[0], 1)], 1)
                 h = self.trunk(x, am)[:, -1]
-        return torch.stack(pix, 1), torch.stack(sem, 1)  # (B, N, Dp), (B, N, Ds)
+        return torch.stack(pix, 1), None if self.sem_head is None else torch.stack(sem, 1)  # (B, N, Dp), (B, N, Ds)
 
     # --- weights ---------------------------------------------------------------------------------
 

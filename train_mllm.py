@@ -78,6 +78,7 @@ class TrainMLLMConfig:
     vis_norm: bool = False
     vis_gain: float = 0.1
     image_pos: int = 0
+    gen_sem: bool = True             # False: generated images carry pixel codes only (mllm.MLLMConfig)
     # what trains: "all", "input" (vis_in only), "output" (pix/sem depth heads only)
     trainable: str = "all"
     mix: tuple = (0.4, 0.1, 0.5)     # und, cap, gen shares of each micro-batch (rounded to counts)
@@ -111,6 +112,7 @@ class TrainMLLMConfig:
     eval_qa: int = 200               # held-out questions at the end (one per image)
     eval_gen: int = 100              # held-out captions drawn at the end (shapes: checker-judged)
     eval_batch: int = 50
+    eval_interval: int = 0           # > 0: the held-out evaluation above also every this many steps (log.jsonl)
     # system
     seed: int = 0
     device: str = ""
@@ -431,7 +433,7 @@ def _build_model(cfg, tok, dual, thash=None):
     vis = dict(pix_vocab=q.vq_pix.codebook_size, pix_dim=q.vq_pix.code_dim, pix_depth=q.vq_pix.depth,
                sem_vocab=q.vq_sem.codebook_size, sem_dim=q.vq_sem.code_dim, sem_depth=q.vq_sem.depth,
                head_n_layer=cfg.head_n_layer, head_n_embd=cfg.head_n_embd, head_n_head=cfg.head_n_head,
-               vis_norm=cfg.vis_norm, vis_gain=cfg.vis_gain, image_pos=cfg.image_pos)
+               vis_norm=cfg.vis_norm, vis_gain=cfg.vis_gain, image_pos=cfg.image_pos, gen_sem=cfg.gen_sem)
     if cfg.init_from:
         model = MLLM.from_pretrained(cfg.init_from, new_tokens=IMAGE_TOKENS, **vis)
         mc = model.config
@@ -451,7 +453,7 @@ def _build_model(cfg, tok, dual, thash=None):
 
 
 def visual_modules(model):
-    return model.visual_input_modules() + [model.pix_head, model.sem_head]
+    return model.visual_input_modules() + [m for m in (model.pix_head, model.sem_head) if m is not None]
 
 
 def set_trainable(model, mode):
@@ -465,7 +467,8 @@ def set_trainable(model, mode):
             model.image_pos.requires_grad_(True)
     elif mode == "output":
         model.pix_head.requires_grad_(True)
-        model.sem_head.requires_grad_(True)
+        if model.sem_head is not None:
+            model.sem_head.requires_grad_(True)
 
 
 def param_groups(model, cfg):
@@ -756,6 +759,14 @@ def train(cfg):
         if step % cfg.ckpt_interval == 0 or step == last_step:
             checkpoint()
             last_good = step
+        if master and val_c is not None and cfg.eval_interval and step % cfg.eval_interval == 0 \
+                and step < cfg.max_steps:
+            t_ev = time.time()
+            ev = evaluate(raw, tok, dual, val_c, cfg, cfg.eval_qa, cfg.eval_gen)
+            ev = {k: v for k, v in ev.items() if k != "qa_examples"}
+            logger.log(event="eval", step=step, elapsed_s=time.time() - t_start, eval_s=time.time() - t_ev, **ev)
+            bar.write(f"step {step}: held-out QA {ev.get('qa_accuracy', float('nan')):.3f}, generation "
+                      f"{ev.get('gen_accuracy', float('nan')):.3f} ({time.time() - t_start:.0f} s)")
         if master and val_c is not None and cfg.sample_interval and step % cfg.sample_interval == 0:
             qa = save_samples(raw, tok, dual, val_c, cfg, os.path.join(cfg.out_dir, "samples", f"step_{step:06d}.png"))
             logger.log(event="samples", step=step, qa=qa)

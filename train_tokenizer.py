@@ -51,7 +51,9 @@ class TrainTokenizerConfig:
     codebook_size: int = 16384
     code_dim: int = 32
     depth: int = 8
+    pix_depth: int = 0               # 0 -> depth; else the pixel RVQ's own depth (the semantic one keeps depth)
     vq_decay: float = 0.99
+    shared_codebook: bool = True     # released: one book for every depth; False: a book per depth (not released)
     dec_ch: int = 128
     dec_ch_mult: tuple = (1, 1, 4, 4, 8)   # high -> low resolution; the latent grid is R / 2^(len-1)
     dec_num_res_blocks: int = 2
@@ -130,11 +132,12 @@ def build(cfg):
     n_up = len(cfg.dec_ch_mult) - 1
     lat = v.image_size // 2 ** n_up
     attn = (lat,) if cfg.dec_attn_resolutions is None else tuple(cfg.dec_attn_resolutions)
-    q = dict(codebook_size=cfg.codebook_size, code_dim=cfg.code_dim, depth=cfg.depth, decay=cfg.vq_decay)
+    q = dict(codebook_size=cfg.codebook_size, code_dim=cfg.code_dim, depth=cfg.depth, decay=cfg.vq_decay,
+             shared_codebook=cfg.shared_codebook)
     dcfg = default_config(
         teacher.config, layer_recon=cfg.layer_recon, layer_shortcut=cfg.layer_shortcut,
         weight_shortcut=cfg.weight_shortcut, layer_sem=cfg.layer_sem or v.num_hidden_layers - 1,
-        vq_pix=QuantizerConfig(**q, ema_update="per_depth"), vq_sem=QuantizerConfig(**q, ema_update="deferred"),
+        vq_pix=QuantizerConfig(**{**q, "depth": cfg.pix_depth or cfg.depth}, ema_update="per_depth"), vq_sem=QuantizerConfig(**q, ema_update="deferred"),
         decoder_latent_shape=(lat, lat), semantic_branch=cfg.semantic_branch, tie_branches=cfg.tie_branches,
         pix_attn=cfg.pix_attn,
         decoder=DecoderConfig(ch=cfg.dec_ch, ch_mult=tuple(cfg.dec_ch_mult), num_res_blocks=cfg.dec_num_res_blocks,

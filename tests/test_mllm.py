@@ -465,3 +465,31 @@ def test_forward_under_bf16_autocast():
         _, loss = m(ids[None], make_targets(ids[None], img[None]), img[None], p, s)
         out = m.generate_text([[65, 66]], images=(p[None], s[None]), max_new_tokens=3)
     assert torch.isfinite(loss) and len(out) == 1
+
+
+def test_gen_sem_off_generates_and_trains_pixel_codes_only():
+    """gen_sem=False: no semantic depth head, the semantic half of a generated image's input is zero (so its
+    semantic codes cannot matter) while an understood image still reads them; generate_image returns
+    sem None and cache / no cache agree."""
+    m = tiny_model(gen_sem=False, image_pos=4).train()
+    cfg = m.config
+    assert m.sem_head is None and not any(k.startswith("sem_head") for k in m.state_dict())
+    seq = [build_sequence(cfg, [("und", 4), [65, 66]]), build_sequence(cfg, [[67], ("gen", 4), [cfg.eos_id]])]
+    b = collate(cfg, seq)
+    p, s = random_codes(cfg, 8)
+    s2 = s.clone()
+    s2[4:] = (s2[4:] + 1) % cfg.sem_vocab  # other semantic codes on the generated image only
+    t = make_targets(b["idx"], b["image_mask"], b["attention_mask"])
+    kw = dict(image_mask=b["image_mask"], attention_mask=b["attention_mask"], gen_mask=b["gen_mask"], pix_codes=p)
+    with torch.no_grad():
+        _, l1 = m(b["idx"], t, sem_codes=s, **kw)
+        _, l2 = m(b["idx"], t, sem_codes=s2, **kw)
+        s3 = s.clone()
+        s3[:4] = (s3[:4] + 1) % cfg.sem_vocab  # ... and on the understood image: that one is read
+        _, l3 = m(b["idx"], t, sem_codes=s3, **kw)
+    assert torch.equal(l1, l2) and not torch.equal(l1, l3)
+    assert float(m.loss_parts["sem"]) == 0.0 and float(m.loss_parts["pix"]) > 0
+    m.eval()
+    run = lambda **kw: m.generate_image([[65, 66]], 4, generator=torch.Generator().manual_seed(3), **kw)
+    (pa, sa), (pb, sb) = run(), run(use_cache=False)
+    assert sa is None and sb is None and torch.equal(pa, pb) and pa.shape == (1, 4, cfg.pix_depth)
