@@ -29,6 +29,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -397,10 +398,12 @@ class EvalMLLMConfig:
     qa_images: int = 100         # val images; every question of each is asked
     gen_captions: int = 100      # val captions drawn, with and without CFG
     holdout_images: int = 100    # holdout split: questions and captions (needs holdout_pairs)
-    cfg_scale: float = 3.0       # the guided run; the unguided run is always added
-    temperature: float = 1.0
-    top_k: int = 0               # <= 0: off
-    top_p: float = 0.0           # <= 0 or >= 1: off
+    # sampler; None: as the MLLM's trainer evaluated it (config.json "sampling"; sample.sampling_settings)
+    cfg_scale: Optional[float] = None         # the guided run (<= 0: off); the unguided run is always added
+    temperature: Optional[float] = None
+    fine_temperature: Optional[float] = None  # depths 2..; < 0: = temperature
+    top_k: Optional[int] = None               # <= 0: off
+    top_p: Optional[float] = None             # <= 0 or >= 1: off
     max_new_tokens: int = 16     # answers are one or two words
     batch_size: int = 32
     seed: int = 0                # sampling, and the derangement of the shuffled-image QA control
@@ -526,14 +529,12 @@ def _judge(images, objects):
 
 
 @torch.no_grad()
-def gen_eval(model, codec, tok, samples, cfg, device, autocast, cfg_scale):
+def gen_eval(model, codec, tok, samples, cfg, device, autocast, sampling):
     """Generate from the captions and judge: checker.score_images' keys plus false_objects, missed_cells."""
     from sample import generate_images
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     with autocast:
-        imgs, _ = generate_images(model, tok, codec, [s["caption"] for s in samples], cfg_scale, cfg.temperature,
-                                  cfg.top_k if cfg.top_k > 0 else None, cfg.top_p if 0 < cfg.top_p < 1 else None,
-                                  g, cfg.batch_size)
+        imgs, _ = generate_images(model, tok, codec, [s["caption"] for s in samples], g, cfg.batch_size, **sampling)
     return _judge(data.to_image(imgs), [s["objects"] for s in samples])
 
 
@@ -604,9 +605,10 @@ def eval_mllm(cfg):
     world = data.ShapesWorld(data.ShapesConfig(image_size=R, max_objects=cfg.max_objects, seed=cfg.shapes_seed,
                                                holdout_pairs=tuple(tuple(p) for p in cfg.holdout_pairs)))
     autocast = tu.autocast_ctx(device, cfg.dtype)
-    scales = [("cfg", cfg.cfg_scale if cfg.cfg_scale > 0 else None), ("no_cfg", None)]
-    sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k if cfg.top_k > 0 else None,
-                    top_p=cfg.top_p if 0 < cfg.top_p < 1 else None, seed=cfg.seed)
+    from sample import sampling_settings
+    sampler = sampling_settings(cfg, info)
+    scales = [("cfg", sampler["cfg_scale"]), ("no_cfg", None)]
+    sampling = dict(sampler, seed=cfg.seed)
     res = {"world": f"shapes (seed {cfg.shapes_seed}, {R} px, 1..{cfg.max_objects} objects)", "sampling": sampling}
     splits = [("val", cfg.qa_images, cfg.gen_captions)]
     if cfg.holdout_pairs:
@@ -619,7 +621,8 @@ def eval_mllm(cfg):
         gen_samples = [world.sample(split, i) for i in range(n_gen)]
         r["tokenizer_ceiling"] = ceiling(tok, gen_samples, cfg, device, autocast)
         for name, sc in scales:
-            r[f"gen_{name}"] = dict(gen_eval(model, codec, tok, gen_samples, cfg, device, autocast, sc), cfg_scale=sc)
+            r[f"gen_{name}"] = dict(gen_eval(model, codec, tok, gen_samples, cfg, device, autocast,
+                                             dict(sampler, cfg_scale=sc)), cfg_scale=sc)
         res[split] = r
     res.update(mllm=cfg.mllm, tokenizer=cfg.tokenizer, tokenizer_hash=info.get("tokenizer_hash"),
                tokenizer_hash_mismatch=info.get("tokenizer_hash_mismatch"), device=device,

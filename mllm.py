@@ -92,6 +92,11 @@ class MLLMConfig:
     # pixel codes; the semantic stack of a generated image is high-entropy (deep, global features) and,
     # sampled, feeds the trunk inputs it never saw in training
     gen_sem: bool = True
+    # head_code_logits True (not in the paper): each depth's classifier predicts a vector z in code space and
+    # scores code k by -|z - c_k|^2 (times a learned scale), the residual quantizer's own nearest-code rule,
+    # instead of a free Linear(width, K). Codes that look alike get alike logits from the first step, so
+    # the head need not learn every code's identity from examples; the frozen books are the classifier
+    head_code_logits: bool = False
     # loss weights (paper: unweighted sum)
     text_loss_weight: float = 1.0
     pix_loss_weight: float = 1.0
@@ -254,6 +259,7 @@ class DepthHead(nn.Module):
 
     def __init__(self, cfg, K, d, D):
         super().__init__()
+        self.code_logits = cfg.head_code_logits
         Ch = cfg.head_n_embd or cfg.n_embd
         nh = cfg.head_n_head or cfg.n_head
         if Ch % nh:
@@ -264,19 +270,30 @@ class DepthHead(nn.Module):
         self.blocks = nn.ModuleList(Block(Ch, nh, nh, Ch // nh, 4 * Ch, cfg.rms_norm_eps)
                                     for _ in range(cfg.head_n_layer))
         self.norm = RMSNorm(Ch, cfg.rms_norm_eps)
-        self.cls = nn.ModuleList(nn.Linear(Ch, K, bias=False) for _ in range(D))
+        self.cls = nn.ModuleList(nn.Linear(Ch, d if self.code_logits else K, bias=False) for _ in range(D))
+        self.log_scale = nn.Parameter(torch.zeros(D)) if self.code_logits else None
 
-    def forward(self, h, cum, last_only=False):
+    def classify(self, x, i, book):
+        """x (M, Ch) at depth i -> logits (M, K): a free linear classifier, or with code_logits the
+        negative squared distance of a predicted code-space vector to book[i]'s codes, scaled."""
+        if not self.code_logits:
+            return self.cls[i](x)
+        z = self.cls[i](x).float()  # (M, d)
+        c = book[i].float()  # (K, d)
+        return self.log_scale[i].exp() * (2 * z @ c.t() - c.pow(2).sum(-1))  # -|z - c|^2 + |z|^2
+
+    def forward(self, h, cum, last_only=False, book=None):
         """h (M, C) hidden states, cum (M, n, d) partial sums for depths 1..n -> logits of depths
-        1..n+1 (M, n+1, K), or only depth n+1 (M, K) when sampling."""
+        1..n+1 (M, n+1, K), or only depth n+1 (M, K) when sampling. book (D, K, d): the codebooks (needed
+        with code_logits)."""
         n = cum.shape[1]
         x = torch.cat([self.proj(h)[:, None], self.code_in(cum)], 1) + self.pos[:n + 1]  # (M, n+1, Ch)
         for blk in self.blocks:
             x = blk(x, None, "causal" if n else None)
         x = self.norm(x)
         if last_only:
-            return self.cls[n](x[:, n])  # (M, K)
-        return torch.stack([self.cls[i](x[:, i]) for i in range(n + 1)], 1)  # (M, n+1, K)
+            return self.classify(x[:, n], n, book)  # (M, K)
+        return torch.stack([self.classify(x[:, i], i, book) for i in range(n + 1)], 1)  # (M, n+1, K)
 
 
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -554,7 +571,7 @@ class MLLM(nn.Module):
     def _depth_loss(head, book, hs, codes):
         """Sum over depths of the mean CE of that depth."""
         cum = code_vectors(book, codes).cumsum(1)[:, :-1].to(hs.dtype)  # (M, D-1, d)
-        logits = head(hs, cum)  # (M, D, K)
+        logits = head(hs, cum, book=book)  # (M, D, K)
         M, D, K = logits.shape
         return F.cross_entropy(logits.float().reshape(M * D, K), codes.reshape(M * D)) * D
 
@@ -613,29 +630,33 @@ class MLLM(nn.Module):
             h = self.trunk(self.embed(nxt[:, None]), cache=cache)
         return out
 
-    def _sample_depths(self, head, book, h, B, cfg_scale, temperature, top_k, top_p, generator):
+    def _sample_depths(self, head, book, h, B, cfg_scale, temperature, top_k, top_p, generator,
+                       fine_temperature=None):
         """Sample all depths of one position. h (B or 2B, C); with CFG rows [cond; uncond] and the
-        guided logits u + s * (c - u) at every depth; the sampled code is written to both halves."""
+        guided logits u + s * (c - u) at every depth; the sampled code is written to both halves.
+        fine_temperature (None = temperature) applies to depths 2.. (0 = greedy there)."""
         D = book.shape[0]
         codes = torch.zeros(h.shape[0], D, dtype=torch.long, device=h.device)
         for d in range(D):
             cum = code_vectors(book, codes[:, :d]).cumsum(1).to(h.dtype)  # (B', d, dim)
-            logits = head(h, cum, last_only=True).float()  # (B', K)
+            logits = head(h, cum, last_only=True, book=book).float()  # (B', K)
             if cfg_scale is not None:
                 c, u = logits[:B], logits[B:]
                 logits = u + cfg_scale * (c - u)
-            s = sample_logits(logits, temperature, top_k, top_p, generator)
+            t = temperature if d == 0 or fine_temperature is None else fine_temperature
+            s = sample_logits(logits, t, top_k, top_p, generator)
             codes[:, d] = s.repeat(h.shape[0] // B)
         return codes
 
     @torch.no_grad()
     def generate_image(self, prompt_ids, num_positions, cfg_scale=3.0, temperature=1.0, top_k=None,
-                       top_p=None, generator=None, use_cache=True):
+                       top_p=None, generator=None, use_cache=True, fine_temperature=None):
         """Caption -> (pix_codes (B, N, Dp), sem_codes (B, N, Ds)). prompt_ids: list of B caption token
         lists; sequence per row: [bos] caption <image_gen_start>, then N positions. CFG doubles the batch
         with the empty caption ([bos] <image_gen_start>); cfg_scale=None turns guidance (and the extra
         half) off. Only the pixel codes go to the decoder; that is the caller's job. sem_codes is None when
-        config.gen_sem is False."""
+        config.gen_sem is False. fine_temperature (None = temperature): the temperature of depths 2.., e.g.
+        0 to sample only the first (coarse) code of each position and take the most likely refinement."""
         cfg, B = self.config, len(prompt_ids)
         if cfg.image_gen_start_id is None:
             raise ValueError("generate_image: config has no image_gen_start_id token")
@@ -649,9 +670,10 @@ class MLLM(nn.Module):
         pix, sem = [], []
         for n in range(num_positions):
             p = self._sample_depths(self.pix_head, self.pix_book, h, B, cfg_scale, temperature, top_k, top_p,
-                                    generator)
+                                    generator, fine_temperature)
             s = None if self.sem_head is None else \
-                self._sample_depths(self.sem_head, self.sem_book, h, B, cfg_scale, temperature, top_k, top_p, generator)
+                self._sample_depths(self.sem_head, self.sem_book, h, B, cfg_scale, temperature, top_k, top_p, generator,
+                                    fine_temperature)
             pix.append(p[:B])
             sem.append(None if s is None else s[:B])
             if n + 1 == num_positions:

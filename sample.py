@@ -20,6 +20,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -164,17 +165,32 @@ def image_codes(tok, x):
     return pix.flatten(1, 2), sem.flatten(1, 2)
 
 
+SAMPLING_KEYS = ("cfg_scale", "temperature", "fine_temperature", "top_k", "top_p")
+PAPER_SAMPLING = dict(cfg_scale=3.0, temperature=1.0, fine_temperature=None, top_k=None, top_p=None)
+
+
+def sampling_settings(cfg, info):
+    """The image sampler: each of SAMPLING_KEYS given on the command line, else what the MLLM's trainer
+    recorded in its config.json ("sampling": what its own evaluation drew with), else PAPER_SAMPLING.
+    Off switches on the command line: cfg_scale <= 0, top_k <= 0, top_p outside (0, 1), fine_temperature < 0
+    (= temperature)."""
+    rec = {**PAPER_SAMPLING, **(info.get("sampling") or {})}
+    s = {k: rec[k] if getattr(cfg, k) is None else getattr(cfg, k) for k in SAMPLING_KEYS}
+    off = dict(cfg_scale=lambda v: v <= 0, top_k=lambda v: v <= 0, top_p=lambda v: not 0 < v < 1,
+               fine_temperature=lambda v: v < 0, temperature=lambda v: False)
+    return {k: None if v is not None and off[k](v) else v for k, v in s.items()}
+
+
 @torch.no_grad()
-def generate_images(model, tok, codec, captions, cfg_scale=3.0, temperature=1.0, top_k=None, top_p=None,
-                    generator=None, batch_size=16):
+def generate_images(model, tok, codec, captions, generator=None, batch_size=16, **sampling):
     """Captions -> decoded images (B, 3, R, R) in about [-1, 1], one per caption, and the pixel codes
-    (B, h, w, Dp). Only the pixel codes are decoded (spec section 3); cfg_scale None = no guidance."""
+    (B, h, w, Dp). Only the pixel codes are decoded (spec section 3). sampling: MLLM.generate_image's
+    cfg_scale (None = no guidance), temperature, fine_temperature, top_k, top_p."""
     g = tok.config.grid
     images, codes = [], []
     for i in range(0, len(captions), batch_size):
         prompts = [gen_prompt(codec, c) for c in captions[i:i + batch_size]]
-        pix, _ = model.generate_image(prompts, g * g, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
-                                      top_p=top_p, generator=generator)
+        pix, _ = model.generate_image(prompts, g * g, generator=generator, **sampling)
         pix = pix.view(len(prompts), g, g, -1)  # (B, h, w, Dp)
         images.append(tok.decode(pix.to(next(tok.parameters()).device)).float())
         codes.append(pix)
@@ -245,27 +261,27 @@ class GenerateConfig(Common):
     check_hash: bool = True    # refuse a tokenizer whose hash differs from the one the MLLM recorded
     captions: str = ""         # one caption, or a file with one caption per line
     num_per_caption: int = 4
-    cfg_scale: float = 3.0     # <= 0: no classifier-free guidance (and no unconditional half)
-    temperature: float = 1.0   # 0: greedy
-    top_k: int = 900           # <= 0: off (VILA-U default 900, clipped to the vocabulary)
-    top_p: float = 0.96        # <= 0 or >= 1: off
+    # sampler; None: as the MLLM's trainer evaluated it (its config.json "sampling"), see sampling_settings
+    cfg_scale: Optional[float] = None         # <= 0: no classifier-free guidance (and no unconditional half)
+    temperature: Optional[float] = None       # 0: greedy
+    fine_temperature: Optional[float] = None  # depths 2..; < 0: = temperature
+    top_k: Optional[int] = None               # <= 0: off (the paper's stage 3 preset: 900)
+    top_p: Optional[float] = None             # <= 0 or >= 1: off (the paper's stage 3 preset: 0.96)
 
 
 @torch.no_grad()
 def generate(cfg):
     device = _device(cfg)
-    model, codec, tok, _ = load_pair(cfg, device)
+    model, codec, tok, info = load_pair(cfg, device)
     if not cfg.captions:
         raise ValueError("--captions is required: a caption or a file with one caption per line")
     caps = [c.strip() for c in open(cfg.captions, encoding="utf-8") if c.strip()] if os.path.isfile(cfg.captions) \
         else [cfg.captions]
     flat = [c for c in caps for _ in range(cfg.num_per_caption)]
-    settings = dict(cfg_scale=_opt(cfg.cfg_scale), temperature=cfg.temperature, top_k=_opt(cfg.top_k),
-                    top_p=cfg.top_p if 0 < cfg.top_p < 1 else None, seed=cfg.seed,
-                    num_per_caption=cfg.num_per_caption)
+    sampling = sampling_settings(cfg, info)
+    settings = dict(sampling, seed=cfg.seed, num_per_caption=cfg.num_per_caption)
     with tu.autocast_ctx(device, cfg.dtype):
-        imgs, _ = generate_images(model, tok, codec, flat, settings["cfg_scale"], cfg.temperature, settings["top_k"],
-                                  settings["top_p"], _generator(device, cfg.seed), cfg.batch_size)
+        imgs, _ = generate_images(model, tok, codec, flat, _generator(device, cfg.seed), cfg.batch_size, **sampling)
     from PIL import Image
     arr = data.to_image(imgs)  # (B, H, W, 3) uint8
     os.makedirs(os.path.join(cfg.out_dir, "images"), exist_ok=True)

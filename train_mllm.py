@@ -79,6 +79,7 @@ class TrainMLLMConfig:
     vis_gain: float = 0.1
     image_pos: int = 0
     gen_sem: bool = True             # False: generated images carry pixel codes only (mllm.MLLMConfig)
+    head_code_logits: bool = False   # True: depth heads score codes by distance to the frozen books (mllm)
     # what trains: "all", "input" (vis_in only), "output" (pix/sem depth heads only)
     trainable: str = "all"
     mix: tuple = (0.4, 0.1, 0.5)     # und, cap, gen shares of each micro-batch (rounded to counts)
@@ -105,8 +106,11 @@ class TrainMLLMConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     # evaluation / sampling
-    cfg_scale: float = 3.0
+    # the image sampler of this run's evaluation; recorded in config.json as "sampling", where eval.py and
+    # sample.py take their defaults from, so every evaluation of a model draws the same way
+    cfg_scale: Optional[float] = 3.0  # None: no guidance
     temperature: float = 1.0
+    fine_temperature: Optional[float] = None  # depths 2..; None = temperature
     top_k: Optional[int] = None
     top_p: Optional[float] = None
     eval_qa: int = 200               # held-out questions at the end (one per image)
@@ -433,7 +437,8 @@ def _build_model(cfg, tok, dual, thash=None):
     vis = dict(pix_vocab=q.vq_pix.codebook_size, pix_dim=q.vq_pix.code_dim, pix_depth=q.vq_pix.depth,
                sem_vocab=q.vq_sem.codebook_size, sem_dim=q.vq_sem.code_dim, sem_depth=q.vq_sem.depth,
                head_n_layer=cfg.head_n_layer, head_n_embd=cfg.head_n_embd, head_n_head=cfg.head_n_head,
-               vis_norm=cfg.vis_norm, vis_gain=cfg.vis_gain, image_pos=cfg.image_pos, gen_sem=cfg.gen_sem)
+               vis_norm=cfg.vis_norm, vis_gain=cfg.vis_gain, image_pos=cfg.image_pos, gen_sem=cfg.gen_sem,
+               head_code_logits=cfg.head_code_logits)
     if cfg.init_from:
         model = MLLM.from_pretrained(cfg.init_from, new_tokens=IMAGE_TOKENS, **vis)
         mc = model.config
@@ -566,10 +571,16 @@ def draw(raw, tok, dual, captions, cfg, seed, batch):
     g, ims = torch.Generator(device=raw.embed.weight.device).manual_seed(seed), []
     n = dual.config.grid
     for s in range(0, len(captions), batch):
-        pix, _ = raw.generate_image([tok.encode(c) for c in captions[s:s + batch]], n * n, cfg_scale=cfg.cfg_scale,
-                                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=g)
+        pix, _ = raw.generate_image([tok.encode(c) for c in captions[s:s + batch]], n * n, generator=g,
+                                    **sampling(cfg))
         ims.append(dual.decode(pix.view(pix.shape[0], n, n, -1).to(next(dual.parameters()).device)).cpu())
     return torch.cat(ims)
+
+
+def sampling(cfg):
+    """The image sampler settings of a run (what config.json records as "sampling")."""
+    return dict(cfg_scale=cfg.cfg_scale, temperature=cfg.temperature, fine_temperature=cfg.fine_temperature,
+                top_k=cfg.top_k, top_p=cfg.top_p)
 
 
 def evaluate(raw, tok, dual, cache, cfg, n_qa, n_gen):
@@ -593,7 +604,7 @@ def evaluate(raw, tok, dual, cache, cfg, n_qa, n_gen):
         sc = checker.score_images(data.to_image(ims), truth)
         res["gen_accuracy"], res["gen_objects_correct"] = sc["all_correct"], sc["objects_correct"]
         res.update({f"gen_{k}": sc[k] for k in ("count",) + checker.ATTRS})
-        res["n_gen"], res["cfg_scale"], res["temperature"] = len(idx), cfg.cfg_scale, cfg.temperature
+        res["n_gen"], res["sampling"] = len(idx), sampling(cfg)
         # the ceiling the tokenizer sets: the checker on the decoding of the same images' true codes
         g, dev = dual.config.grid, next(dual.parameters()).device
         rec = torch.cat([dual.decode(_codes(cache, i)[0].view(1, g, g, -1).to(dev)).cpu() for i in idx])
@@ -699,7 +710,8 @@ def train(cfg):
                  prompt_format="und: [bos] <im_start> image <im_end> user_prompt(question); "
                                "gen: [bos] encode(caption) <image_gen_start>",
                  grid=dual.config.grid, image_size=dual.config.siglip.vision.image_size,
-                 holdout_pairs=[list(p) for p in cfg.holdout_pairs])  # eval.py scores these separately
+                 holdout_pairs=[list(p) for p in cfg.holdout_pairs],  # eval.py scores these separately
+                 sampling=sampling(cfg))  # eval.py / sample.py draw with these by default
     n_params = sum(p.numel() for p in raw.parameters())
     n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     if master:

@@ -346,8 +346,8 @@ def test_cli_generate(tiny_mllm, tmp_path):
     assert info["captions"] == ["a large red circle in the center", "a small blue square on the left"]
     assert len(info["images"]) == 4 and info["sampling"]["cfg_scale"] == 2.0 and info["sampling"]["top_k"] == 5
     saved = json.load(open(tmp_path / "a" / "generate.json"))
-    assert saved["sampling"] == {"cfg_scale": 2.0, "temperature": 1.0, "top_k": 5, "top_p": 0.9, "seed": 3,
-                                 "num_per_caption": 2}
+    assert saved["sampling"] == {"cfg_scale": 2.0, "temperature": 1.0, "fine_temperature": None, "top_k": 5,
+                                 "top_p": 0.9, "seed": 3, "num_per_caption": 2}
     grid = Image.open(tmp_path / "a" / "generate.png")
     assert grid.size[0] == 2 * 34 + 2 and grid.size[1] > 2 * 34  # 2 samples per row, captions under the rows
     info2 = sample.main(args + [f"--out_dir={tmp_path / 'b'}"])  # same seed: same images
@@ -463,3 +463,16 @@ def test_tokenizer_ceiling_scores_the_decoded_true_images():
 
     assert ev.ceiling(Codec(False), samples, cfg, "cpu", nullcontext())["all_correct"] == 1.0
     assert ev.ceiling(Codec(True), samples, cfg, "cpu", nullcontext())["all_correct"] == 0.0
+
+
+def test_sampling_defaults_come_from_the_trained_model():
+    """sample.py generate and eval.py mllm draw as the MLLM's trainer evaluated (its config.json "sampling"),
+    a command-line value wins, the off switches turn a setting off, and a model without a record gets the
+    paper's sampler."""
+    cfg = sample.GenerateConfig()
+    rec = {"sampling": dict(cfg_scale=1.5, temperature=0.7, fine_temperature=0.0, top_k=None, top_p=None)}
+    assert sample.sampling_settings(cfg, rec) == rec["sampling"]
+    assert sample.sampling_settings(cfg, {}) == sample.PAPER_SAMPLING
+    cfg.temperature, cfg.cfg_scale, cfg.top_k, cfg.top_p, cfg.fine_temperature = 0.0, 0.0, 5, 1.0, -1.0
+    assert sample.sampling_settings(cfg, rec) == dict(cfg_scale=None, temperature=0.0, fine_temperature=None,
+                                                      top_k=5, top_p=None)

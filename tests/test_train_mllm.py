@@ -188,11 +188,12 @@ def test_train_exports_loadable_model_and_eval(tok_dir, cache_dir, tmp_path):
     raw, res = tm.train(make_cfg(tok_dir, out, cache_dir, sample_interval=4))
     for k in ("qa_accuracy", "gen_accuracy", "n_qa", "n_gen", "wall_s", "tokenizer_hash"):
         assert k in res
-    assert res["n_qa"] == 4 and res["n_gen"] == 2 and res["cfg_scale"] == 3.0
+    assert res["n_qa"] == 4 and res["n_gen"] == 2 and res["sampling"]["cfg_scale"] == 3.0
     assert json.load(open(out / "eval.json"))["qa_accuracy"] == res["qa_accuracy"]
     assert os.path.isfile(out / "samples" / "step_000004.png") and read_log(out, "samples")
     model, info = tm.load_mllm(str(out))
     assert info["tokenizer_hash"] == res["tokenizer_hash"] and info["text_tokenizer"] == "bytes"
+    assert info["sampling"] == res["sampling"]  # eval.py / sample.py draw with these by default
     for k, v in raw.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
     assert model.lm_head.weight is model.embed.weight  # tie restored
