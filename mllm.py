@@ -92,10 +92,10 @@ class MLLMConfig:
     # pixel codes; the semantic stack of a generated image is high-entropy (deep, global features) and,
     # sampled, feeds the trunk inputs it never saw in training
     gen_sem: bool = True
-    # head_code_logits True (not in the paper): each depth's classifier predicts a vector z in code space and
-    # scores code k by -|z - c_k|^2 (times a learned scale), the residual quantizer's own nearest-code rule,
-    # instead of a free Linear(width, K). Codes that look alike get alike logits from the first step, so
-    # the head need not learn every code's identity from examples; the frozen books are the classifier
+    # head_code_logits True (not in the paper): each depth's classifier also predicts a vector z in code space
+    # and adds -|z - c_k|^2 (times a learned scale) to code k's logit, the residual quantizer's own
+    # nearest-code rule. Codes that look alike get alike logits from the first step, so the head need not
+    # learn every code's identity from examples alone
     head_code_logits: bool = False
     # loss weights (paper: unweighted sum)
     text_loss_weight: float = 1.0
@@ -270,17 +270,22 @@ class DepthHead(nn.Module):
         self.blocks = nn.ModuleList(Block(Ch, nh, nh, Ch // nh, 4 * Ch, cfg.rms_norm_eps)
                                     for _ in range(cfg.head_n_layer))
         self.norm = RMSNorm(Ch, cfg.rms_norm_eps)
-        self.cls = nn.ModuleList(nn.Linear(Ch, d if self.code_logits else K, bias=False) for _ in range(D))
+        self.cls = nn.ModuleList(nn.Linear(Ch, K, bias=False) for _ in range(D))
+        self.to_code = nn.ModuleList(nn.Linear(Ch, d, bias=False) for _ in range(D)) if self.code_logits else None
         self.log_scale = nn.Parameter(torch.zeros(D)) if self.code_logits else None
 
     def classify(self, x, i, book):
-        """x (M, Ch) at depth i -> logits (M, K): a free linear classifier, or with code_logits the
-        negative squared distance of a predicted code-space vector to book[i]'s codes, scaled."""
+        """x (M, Ch) at depth i -> logits (M, K): a free linear classifier, plus with code_logits the
+        negative squared distance of a predicted code-space vector z to book[i]'s codes, scaled. The free
+        part keeps a multimodal choice possible (a distance to one z alone is unimodal: under doubt z drifts
+        to the mean of the candidates and the nearest code to that mean can be anything, measured: an object
+        colour painted on 5-11 background patches per image)."""
+        logits = self.cls[i](x)
         if not self.code_logits:
-            return self.cls[i](x)
-        z = self.cls[i](x).float()  # (M, d)
+            return logits
+        z = self.to_code[i](x).float()  # (M, d)
         c = book[i].float()  # (K, d)
-        return self.log_scale[i].exp() * (2 * z @ c.t() - c.pow(2).sum(-1))  # -|z - c|^2 + |z|^2
+        return logits.float() + self.log_scale[i].exp() * (2 * z @ c.t() - c.pow(2).sum(-1))  # -|z-c|^2 + |z|^2
 
     def forward(self, h, cum, last_only=False, book=None):
         """h (M, C) hidden states, cum (M, n, d) partial sums for depths 1..n -> logits of depths

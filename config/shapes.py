@@ -34,29 +34,33 @@ siglip_config = dict(
 )
 
 # DualToken tokenizer (train_tokenizer.py), initialised from and distilled to the teacher above. The
-# teacher has 4 blocks: pixel codes from block 1 (the "first quarter" rule; no earlier block for the
-# released 0.6 shortcut), semantic codes from block 3 (second-to-last, as 26 of 27), re-entering block 4.
-# 6x6 grid x depth 6 from one 512-code book per branch (code width 32 = SigLIP width 96 / 3 heads; depth 4
-# measured 25.3 dB, depth 6 25.9 dB without the skip below, at the same speed, in the previous session).
-# The decoder is the released layout shrunk to the floor GroupNorm(32) allows: 32/64 channels, one
-# ResBlock per level, 6 -> 12 -> 24 -> 48 px; its full-resolution convs are most of the compute (~75 % of
-# a step, profiled). Not in the release: dec_patch_skip=256, a per-cell MLP that paints each token's 8x8
-# patch, added to the conv output (tokenizer.Decoder; 25.9 -> 28.0 dB at 450 steps, one run each).
-# CPU choices (not the release): trainable="after_sem" (patch/pos embeddings and blocks 1-3 frozen, so the
-# pixel branch reads fixed features and only block 4 + the head adapt to the quantized input: about half
-# the backward), lr 2e-3 instead of 7.2e-5 for a few hundred steps, LPIPS and GAN off (flat-colour images
-# are scored by PSNR; LPIPS's VGG would cost more than the whole tokenizer here).
+# teacher has 4 blocks: semantic codes from block 3 (second-to-last, as 26 of 27), re-entering block 4.
+# Not in the release, chosen for generation (docs/experiments.md, 2026-11-30):
+# - pixel codes from the patch embedding before positions (layer_recon=0) through per-token projections
+#   (pix_attn=False): a code stack is a function of its own 8x8 patch, so a flat background gets one stack
+#   per colour (5 stacks for 2872 background patches of 5 colours; after block 1 with attention: 4678 for
+#   4889) and an object's codes do not depend on the rest of the image;
+# - a codebook per depth (shared_codebook=False): coarse to fine, the first code alone gets the checker's
+#   colour right on 80 % of decodings and all attributes on 36 % (2 codes: 66 %), against 21 % / 1.5 % with
+#   one shared book, whose first depth used 15 of 512 codes;
+# - 1000 steps (500 gave the checker 0.54 on decodings of true codes, 1000 gave 0.72-0.74).
+# The decoder is the released layout shrunk to the floor GroupNorm(32) allows (32/64 channels, one ResBlock
+# per level, 6 -> 12 -> 24 -> 48 px) plus dec_patch_skip=256, a per-cell MLP that paints each token's 8x8
+# patch (tokenizer.Decoder). CPU choices (not the release): trainable="after_sem" (patch/pos embeddings
+# and blocks 1-3 frozen), lr 2e-3 for a few hundred steps, LPIPS and GAN off.
 tokenizer_config = dict(
     out_dir="out-shapes/tokenizer",
     init_from="out-shapes/siglip",
     max_objects=2,
     eval_size=540,
-    layer_recon=1,
+    layer_recon=0,
     layer_shortcut=None,
+    pix_attn=False,
     layer_sem=3,
     codebook_size=512,
     code_dim=32,
     depth=6,
+    shared_codebook=False,
     dec_ch=32,
     dec_ch_mult=(1, 1, 2, 2),
     dec_num_res_blocks=0,
@@ -66,30 +70,37 @@ tokenizer_config = dict(
     trainable="after_sem",
     batch_size=16,
     micro_batch=16,
-    max_steps=500,    # 450 steps: 27.99 dB, 500: 28.28 dB (one run each, same teacher); ~4.5 min
+    max_steps=1000,
     warmup=20,
     lr=2e-3,
     min_lr=1e-4,
     log_interval=10,
-    image_interval=250,
-    eval_interval=500,
-    ckpt_interval=250,
+    image_interval=500,
+    eval_interval=1000,
+    ckpt_interval=500,
 )
 
 # The unified MLLM (train_mllm.py) on the tokenizer above: a from-scratch tiny LLM trained on all three
 # sample kinds at once (paper stages 1-4 collapsed into one "all" stage: nothing is pretrained here, so
-# there is no LLM to protect by freezing). Byte-level text; the code cache holds 4000 train images (each
-# seen several times with different questions / caption dropout) + 200 held-out val images.
-# CPU choices (not the paper): width 128 x 4 layers, ONE-layer depth heads of width 96 (the paper has 3;
-# the heads run 36 positions x 6 depths x 2 stacks per generated image and dominate the cost), 4 questions
-# per understanding image (the 38 image tokens are paid once), lr 3e-3, torch's default threads (on idle
-# cores 2 threads ran 1.6x faster than 1; on a loaded shared box 1 thread was faster: set threads=1 there).
+# there is no LLM to protect by freezing). The code cache holds 4000 train images (each seen several times
+# with different questions / caption dropout) + 200 held-out val images. Not in the paper, each measured
+# in docs/experiments.md (2026-11-30):
+# - text_tokenizer="words": the world's closed vocabulary (59 words + 7 specials) instead of 263 bytes;
+# - vis_norm + image_pos=36: a normalised projector (its output no longer grows into a large constant the
+#   trunk ignores) and a learned table of the 36 image positions;
+# - gen_sem=False: generated images carry pixel codes only (the decoder reads nothing else); half the
+#   depth-head work, and no sampled semantic codes fed back as inputs;
+# - head_code_logits=True: depth classifiers also score codes by distance to the frozen books;
+# - lr 1e-3 with weight decay 0.1 (3e-3 was worse), code losses 1/6 per stack (a mean over the 6 depths).
+# CPU choices: width 128 x 4 layers, ONE-layer depth heads of width 96 (the paper has 3), 4 questions per
+# understanding image, torch's default threads. Longer: config/shapes_long.py.
 mllm_config = dict(
     out_dir="out-shapes/mllm",
     tokenizer="out-shapes/tokenizer",
     max_objects=2,
     train_size=4000,
     eval_size=200,
+    text_tokenizer="words",
     n_layer=4,
     n_embd=128,
     n_head=4,
@@ -98,20 +109,26 @@ mllm_config = dict(
     head_n_layer=1,
     head_n_embd=96,
     head_n_head=2,
+    vis_norm=True,
+    image_pos=36,
+    gen_sem=False,
+    head_code_logits=True,
     mix=(0.35, 0.1, 0.55),
     qa_per_image=4,
     caption_dropout=0.1,
+    pix_loss_weight=1 / 6,
+    sem_loss_weight=1 / 6,
     batch_size=16,
     micro_batch=16,
-    max_steps=420,    # 600 until the tokenizer took 500 steps; 540 measured 923 s for the quick start
+    max_steps=3000,
     warmup=20,
-    lr=3e-3,
-    weight_decay=0.0,
+    lr=1e-3,
+    weight_decay=0.1,
     eval_qa=200,
     eval_gen=100,
     eval_batch=50,
     threads=0,
     log_interval=10,
-    sample_interval=100,
-    ckpt_interval=100,
+    sample_interval=1000,
+    ckpt_interval=500,
 )
