@@ -13,7 +13,7 @@ python train_mllm.py config/shapes.py
 python data.py export out/heldout 8 48   # 8 val images at the preset's 48 px
 python sample.py reconstruct --tokenizer=out-shapes/tokenizer --images=out/heldout --out_dir=out/samples
 python sample.py generate --mllm=out-shapes/mllm --captions=out/heldout/captions.txt --num_per_caption=2 \
-    --cfg_scale=3 --seed=0 --out_dir=out/samples
+    --seed=0 --out_dir=out/samples    # the sampler the trainer evaluated with (config.json "sampling")
 python sample.py answer --mllm=out-shapes/mllm --image=out/heldout/val_0000.png \
     --question="how many objects are there?" --out_dir=out/samples
 python eval.py tokenizer --tokenizer=out-shapes/tokenizer --teacher=out-shapes/siglip --data=shapes --out=out/eval_tokenizer.json

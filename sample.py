@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 import data
@@ -67,10 +68,13 @@ def list_images(path):
     raise ValueError(f"--images={path!r} is neither a file nor a folder")
 
 
-def grid_png(rows, path, labels=None, pad=2):
+def grid_png(rows, path, labels=None, pad=2, scale=1):
     """rows: list of lists of uint8 (H, W, 3) arrays -> one PNG, white padding; labels: one caption per row
-    written under it with PIL's default font (long captions are wrapped)."""
+    written under it with PIL's default font (long captions are wrapped). scale: each image enlarged by that
+    integer factor, nearest neighbour (every pixel stays a crisp square a person can check)."""
     from PIL import Image, ImageDraw
+    if scale > 1:
+        rows = [[np.repeat(np.repeat(im, scale, 0), scale, 1) for im in r] for r in rows]
     H, W = rows[0][0].shape[:2]
     ncol = max(len(r) for r in rows)
     width = ncol * (W + pad) + pad
@@ -267,6 +271,7 @@ class GenerateConfig(Common):
     fine_temperature: Optional[float] = None  # depths 2..; < 0: = temperature
     top_k: Optional[int] = None               # <= 0: off (the paper's stage 3 preset: 900)
     top_p: Optional[float] = None             # <= 0 or >= 1: off (the paper's stage 3 preset: 0.96)
+    grid_scale: int = 0        # generate.png enlargement; 0: the smallest integer making each image >= 144 px
 
 
 @torch.no_grad()
@@ -290,8 +295,9 @@ def generate(cfg):
         files.append(os.path.join(cfg.out_dir, "images", f"{i // cfg.num_per_caption:03d}_{i % cfg.num_per_caption:02d}.png"))
         Image.fromarray(a).save(files[-1])
     n = cfg.num_per_caption
+    scale = cfg.grid_scale or max(1, -(-144 // arr.shape[1]))  # 48 px -> x3
     grid = grid_png([list(arr[i * n:(i + 1) * n]) for i in range(len(caps))], os.path.join(cfg.out_dir, "generate.png"),
-                    labels=caps)
+                    labels=caps, scale=scale)
     info = dict(job="generate", grid=grid, captions=caps, images=files, sampling=settings,
                 mllm=cfg.mllm, tokenizer=cfg.tokenizer, device=device, config=config_dict(cfg))
     with open(os.path.join(cfg.out_dir, "generate.json"), "w") as f:

@@ -493,3 +493,25 @@ def test_gen_sem_off_generates_and_trains_pixel_codes_only():
     run = lambda **kw: m.generate_image([[65, 66]], 4, generator=torch.Generator().manual_seed(3), **kw)
     (pa, sa), (pb, sb) = run(), run(use_cache=False)
     assert sa is None and sb is None and torch.equal(pa, pb) and pa.shape == (1, 4, cfg.pix_depth)
+
+
+def test_head_code_logits_score_codes_by_distance():
+    """head_code_logits: with the free classifier silenced, a depth head whose code-space prediction IS code
+    k's vector ranks code k first and the others by distance (the quantizer's nearest-code rule); the
+    paper's layout (the default) has no such parameters."""
+    m = tiny_model(head_code_logits=True, gen_sem=False)
+    head, book = m.pix_head, m.pix_book
+    assert not any("to_code" in k or "log_scale" in k for k in tiny_model().state_dict())
+    x = torch.randn(5, head.cls[0].in_features)
+    with torch.no_grad():
+        for lin in head.cls:
+            lin.weight.zero_()
+        k = torch.tensor([3, 0, 7, 7, 1])
+        target = book[1][k]  # (5, d): depth 2's codes
+        # make to_code[1] map x onto the target vectors exactly (least squares on 5 points, width 32 > 5)
+        head.to_code[1].weight.copy_(torch.linalg.lstsq(x, target).solution.t())
+        logits = head.classify(x, 1, book)
+    assert torch.equal(logits.argmax(-1), k)
+    d2 = torch.cdist(target, book[1]).pow(2)  # (5, K)
+    torch.testing.assert_close(logits - logits.max(-1, keepdim=True).values, -(d2 - d2.min(-1, keepdim=True).values),
+                               rtol=1e-4, atol=1e-3)

@@ -341,7 +341,7 @@ def test_cli_generate(tiny_mllm, tmp_path):
     caps = tmp_path / "caps.txt"
     caps.write_text("a large red circle in the center\n\na small blue square on the left\n")
     args = ["generate", f"--mllm={tiny_mllm}", f"--captions={caps}", "--num_per_caption=2", "--device=cpu",
-            "--cfg_scale=2.0", "--top_k=5", "--top_p=0.9", "--seed=3"]
+            "--cfg_scale=2.0", "--top_k=5", "--top_p=0.9", "--seed=3", "--grid_scale=1"]
     info = sample.main(args + [f"--out_dir={tmp_path / 'a'}"])  # tokenizer: the one recorded by the MLLM
     assert info["captions"] == ["a large red circle in the center", "a small blue square on the left"]
     assert len(info["images"]) == 4 and info["sampling"]["cfg_scale"] == 2.0 and info["sampling"]["top_k"] == 5
@@ -357,6 +357,7 @@ def test_cli_generate(tiny_mllm, tmp_path):
                        "--num_per_caption=1", "--cfg_scale=0", "--temperature=0", "--device=cpu",
                        f"--out_dir={tmp_path / 'c'}"])
     assert one["captions"] == ["a small red circle at the top"] and one["sampling"]["cfg_scale"] is None
+    assert Image.open(tmp_path / "c" / "generate.png").size[0] == 32 * 5 + 4  # 32 px enlarged to >= 144 px
 
 
 def test_cli_answer(tiny_mllm, tmp_path):
