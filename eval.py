@@ -650,7 +650,7 @@ def eval_mllm(cfg):
             attrs = ", ".join(f"{k} {gr[k]:.3f}" for k in ("count",) + checker.ATTRS)
             print(f"generation {split} cfg_scale={gr['cfg_scale']}: all-correct {gr['all_correct']:.4f}, {attrs}, "
                   f"objects {gr['objects_correct']:.3f}, false objects/image {gr['false_objects']:.3f}, missed cells "
-                  f"{gr['missed_cells']:.3f} (n={gr['n']}, {sampling})   {where}")
+                  f"{gr['missed_cells']:.3f} (n={gr['n']}, {dict(sampling, cfg_scale=gr['cfg_scale'])})   {where}")
     if "holdout_note" in res:
         print(f"holdout: {res['holdout_note']}")
     return _write(res, cfg.out or os.path.join(cfg.mllm, "eval_mllm.json"))
