@@ -273,3 +273,20 @@ def test_tokenizer_loss_without_lpips_defaults():
     want = 5 * t["sem_tok"] + t["sem_pool"] + 5 * 0.5 + 5 * t["rec_mse"]
     assert total.item() == pytest.approx(want, rel=1e-5)
 
+
+
+def test_edge_loss_by_hand_and_in_the_objective():
+    """edge_loss (not in the release): L1 of horizontal + vertical pixel differences. A flat shift of the
+    whole image costs nothing (its edges are unchanged), a vertical edge of height 1 added to a flat 2x2
+    image costs 1 (both rows' horizontal differences) + 0; w_edge adds it to the total, and it is absent
+    (not logged) at the default 0."""
+    from losses import edge_loss
+    x = img(2, 3, 8, 8)
+    assert edge_loss(x + 0.5, x).item() == pytest.approx(0.0, abs=1e-6)
+    a, b = torch.zeros(1, 1, 2, 2), torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]]])
+    assert edge_loss(b, a).item() == pytest.approx(1.0)  # dx differences (1, 1) -> mean 1; dy (0, 0) -> 0
+    _, kw = _batch()
+    _, t0 = TokenizerLoss()(**kw)
+    total, t = TokenizerLoss(LossConfig(w_edge=2.0))(**kw)
+    assert "edge" not in t0 and t["edge"] == pytest.approx(edge_loss(kw["x_hat"], kw["x"]).item(), rel=1e-5)
+    assert total.item() == pytest.approx(t0["total"] + 2.0 * t["edge"], rel=1e-5)
