@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 import checker
 import data
+from mllm import sampling_settings
 import train_utils as tu
 from configurator import config_dict, parse_config
 
@@ -398,7 +399,7 @@ class EvalMLLMConfig:
     qa_images: int = 100         # val images; every question of each is asked
     gen_captions: int = 100      # val captions drawn, with and without CFG
     holdout_images: int = 100    # holdout split: questions and captions (needs holdout_pairs)
-    # sampler; None: as the MLLM's trainer evaluated it (config.json "sampling"; sample.sampling_settings)
+    # sampler; None: as the MLLM's trainer evaluated it (config.json "sampling"; mllm.sampling_settings)
     cfg_scale: Optional[float] = None         # the guided run (<= 0: off); the unguided run is always added
     temperature: Optional[float] = None
     fine_temperature: Optional[float] = None  # depths 2..; < 0: = temperature
@@ -605,7 +606,6 @@ def eval_mllm(cfg):
     world = data.ShapesWorld(data.ShapesConfig(image_size=R, max_objects=cfg.max_objects, seed=cfg.shapes_seed,
                                                holdout_pairs=tuple(tuple(p) for p in cfg.holdout_pairs)))
     autocast = tu.autocast_ctx(device, cfg.dtype)
-    from sample import sampling_settings
     sampler = sampling_settings(cfg, info)
     scales = [("cfg", sampler["cfg_scale"]), ("no_cfg", None)]
     sampling = dict(sampler, seed=cfg.seed)

@@ -317,6 +317,23 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
     return torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(-1)
 
 
+SAMPLING_KEYS = ("cfg_scale", "temperature", "fine_temperature", "top_k", "top_p")
+PAPER_SAMPLING = dict(cfg_scale=3.0, temperature=1.0, fine_temperature=None, top_k=None, top_p=None)
+
+
+def sampling_settings(cfg, info):
+    """The image sampler: each of SAMPLING_KEYS set on cfg (not None), else what the MLLM's trainer
+    recorded in its config.json ("sampling": what its own evaluation drew with), else PAPER_SAMPLING.
+    Off switches on the command line: cfg_scale <= 0, top_k <= 0, top_p outside (0, 1), fine_temperature < 0
+    (= temperature)."""
+    rec = {**PAPER_SAMPLING, **(info.get("sampling") or {})}
+    s = {k: rec[k] if getattr(cfg, k) is None else getattr(cfg, k) for k in SAMPLING_KEYS}
+    off = dict(cfg_scale=lambda v: v <= 0, top_k=lambda v: v <= 0, top_p=lambda v: not 0 < v < 1,
+               fine_temperature=lambda v: v < 0, temperature=lambda v: False)
+    return {k: None if v is not None and off[k](v) else v for k, v in s.items()}
+
+
+
 # ----------------------------------------------------------------------------------------------------
 # sequence helpers shared by training, sampling and evaluation
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 import data
+from mllm import sampling_settings
 import train_utils as tu
 from configurator import config_dict, parse_config
 
@@ -167,22 +168,6 @@ def image_codes(tok, x):
     """(B, 3, R, R) -> (pix (B, N, Dp), sem (B, N, Ds)) in raster order, what the MLLM reads."""
     pix, sem = tok.encode(x)  # (B, h, w, D) each
     return pix.flatten(1, 2), sem.flatten(1, 2)
-
-
-SAMPLING_KEYS = ("cfg_scale", "temperature", "fine_temperature", "top_k", "top_p")
-PAPER_SAMPLING = dict(cfg_scale=3.0, temperature=1.0, fine_temperature=None, top_k=None, top_p=None)
-
-
-def sampling_settings(cfg, info):
-    """The image sampler: each of SAMPLING_KEYS given on the command line, else what the MLLM's trainer
-    recorded in its config.json ("sampling": what its own evaluation drew with), else PAPER_SAMPLING.
-    Off switches on the command line: cfg_scale <= 0, top_k <= 0, top_p outside (0, 1), fine_temperature < 0
-    (= temperature)."""
-    rec = {**PAPER_SAMPLING, **(info.get("sampling") or {})}
-    s = {k: rec[k] if getattr(cfg, k) is None else getattr(cfg, k) for k in SAMPLING_KEYS}
-    off = dict(cfg_scale=lambda v: v <= 0, top_k=lambda v: v <= 0, top_p=lambda v: not 0 < v < 1,
-               fine_temperature=lambda v: v < 0, temperature=lambda v: False)
-    return {k: None if v is not None and off[k](v) else v for k, v in s.items()}
 
 
 @torch.no_grad()

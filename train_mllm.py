@@ -40,7 +40,7 @@ import torch
 
 import train_utils as tu
 from configurator import config_dict, parse_config
-from mllm import MLLM, MLLMConfig, build_sequence, collate, make_targets
+from mllm import SAMPLING_KEYS, MLLM, MLLMConfig, build_sequence, collate, make_targets
 
 KINDS = ("und", "cap", "gen")
 IMAGE_TOKENS = ("<im_start>", "<im_end>", "<image_gen_start>", "<image_gen_end>")
@@ -579,8 +579,7 @@ def draw(raw, tok, dual, captions, cfg, seed, batch):
 
 def sampling(cfg):
     """The image sampler settings of a run (what config.json records as "sampling")."""
-    return dict(cfg_scale=cfg.cfg_scale, temperature=cfg.temperature, fine_temperature=cfg.fine_temperature,
-                top_k=cfg.top_k, top_p=cfg.top_p)
+    return {k: getattr(cfg, k) for k in SAMPLING_KEYS}
 
 
 def evaluate(raw, tok, dual, cache, cfg, n_qa, n_gen):

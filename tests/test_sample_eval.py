@@ -14,6 +14,7 @@ import torch.nn as nn
 import checker
 import data
 import eval as ev
+import mllm
 import sample
 from conftest import ROOT
 
@@ -472,8 +473,8 @@ def test_sampling_defaults_come_from_the_trained_model():
     paper's sampler."""
     cfg = sample.GenerateConfig()
     rec = {"sampling": dict(cfg_scale=1.5, temperature=0.7, fine_temperature=0.0, top_k=None, top_p=None)}
-    assert sample.sampling_settings(cfg, rec) == rec["sampling"]
-    assert sample.sampling_settings(cfg, {}) == sample.PAPER_SAMPLING
+    assert mllm.sampling_settings(cfg, rec) == rec["sampling"]
+    assert mllm.sampling_settings(cfg, {}) == mllm.PAPER_SAMPLING
     cfg.temperature, cfg.cfg_scale, cfg.top_k, cfg.top_p, cfg.fine_temperature = 0.0, 0.0, 5, 1.0, -1.0
-    assert sample.sampling_settings(cfg, rec) == dict(cfg_scale=None, temperature=0.0, fine_temperature=None,
+    assert mllm.sampling_settings(cfg, rec) == dict(cfg_scale=None, temperature=0.0, fine_temperature=None,
                                                       top_k=5, top_p=None)
