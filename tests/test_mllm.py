@@ -515,3 +515,31 @@ def test_head_code_logits_score_codes_by_distance():
     d2 = torch.cdist(target, book[1]).pow(2)  # (5, K)
     torch.testing.assert_close(logits - logits.max(-1, keepdim=True).values, -(d2 - d2.min(-1, keepdim=True).values),
                                rtol=1e-4, atol=1e-3)
+
+
+def test_gen_input_drop_hides_generated_inputs_in_training_only():
+    """gen_input_drop: in train mode some generated-image rows become the learned gen_drop vector (plus their
+    position entry) while understood-image rows are never touched; eval mode embeds every code; the default
+    keeps the paper's layout (no gen_drop parameter)."""
+    assert tiny_model().gen_drop is None and "gen_drop" not in tiny_model().state_dict()
+    with pytest.raises(ValueError, match="gen_input_drop"):
+        tiny_model(gen_input_drop=1.0)
+    m = tiny_model(gen_input_drop=0.5, image_pos=16)
+    cfg = m.config
+    with torch.no_grad():
+        m.gen_drop.normal_()
+    seq = [build_sequence(cfg, [("und", 16), [65]]), build_sequence(cfg, [[67], ("gen", 16), [cfg.eos_id]])]
+    b = collate(cfg, seq)
+    p, s = random_codes(cfg, 32)
+    args = (b["idx"], b["image_mask"], p, s, b["gen_mask"])
+    with torch.no_grad():
+        ref = m.eval().embed_inputs(*args)
+        torch.manual_seed(0)
+        x = m.train().embed_inputs(*args)
+    img, gen = b["image_mask"], b["gen_mask"].bool()
+    changed = (x != ref).any(-1)  # (B, T)
+    assert not changed[~gen].any()  # text and the understood image: as in eval
+    hidden = changed & gen
+    assert 2 <= int(hidden.sum()) <= 14  # about half of 16 (seeded)
+    pos = mllm.image_positions(img)
+    torch.testing.assert_close(x[hidden], m.gen_drop + m.image_pos[pos[hidden]])
