@@ -165,7 +165,8 @@ def lpips_or_none(vgg_path=None, lin_path=None):
         return None, ("LPIPS off: no lpips_vgg / lpips_lin files given (torchvision vgg16-397923af.pth and "
                       "lpips weights/v0.1/vgg.pth); the perceptual term is left out of the loss")
     if not vgg_path or not lin_path:
-        raise ValueError(f"LPIPS needs both files: lpips_vgg={vgg_path!r}, lpips_lin={lin_path!r}")
+        from configurator import UserError
+        raise UserError(f"LPIPS needs both files: lpips_vgg={vgg_path!r}, lpips_lin={lin_path!r}")
     return LPIPS.from_files(vgg_path, lin_path), f"LPIPS on: vgg {vgg_path}, lin {lin_path}"
 
 # -----------------------------------------------------------------------------

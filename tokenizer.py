@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from configurator import UserError, run_main
 from rvq import ResidualVQ
 from siglip import SigLIP, SigLIPConfig
 
@@ -720,19 +720,33 @@ def teacher_features(teacher, images, layer_sem):
 def _resolve(path):
     """-> (folder holding config.json, weights file)."""
     if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(f"tokenizer folder {path!r} has no config.json")
         for name in ("model.safetensors", "model.pt"):
             if os.path.isfile(os.path.join(path, name)):
                 return path, os.path.join(path, name)
-        raise ValueError(f"{path!r} holds neither model.safetensors nor model.pt")
+        raise UserError(f"tokenizer folder {path!r} holds neither model.safetensors nor model.pt")
     if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path!r} does not exist")
+        raise UserError(f"tokenizer checkpoint {path!r} does not exist")
+    if not path.endswith((".safetensors", ".pt", ".pth", ".bin")):
+        raise UserError(f"tokenizer {path!r}: expected its folder or the weights file (.safetensors / .pt), "
+                        f"not {os.path.basename(path)}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise ValueError(f"no config.json next to {path!r}")
+        raise UserError(f"no config.json next to {path!r}")
     return folder, path
 
 
 def _read_weights(path):
+    try:
+        return _read_weights_unchecked(path)
+    except UserError:
+        raise
+    except Exception as e:  # truncated / damaged: zip, pickle, safetensors header errors that do not name the file
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {e}); it is damaged or not a checkpoint") from None
+
+
+def _read_weights_unchecked(path):
     if path.endswith(".safetensors"):
         from safetensors import safe_open
         with safe_open(path, "pt") as f:
@@ -740,12 +754,12 @@ def _read_weights(path):
             aliases = json.loads((f.metadata() or {}).get("shared_codebook_aliases", "{}"))
         for dropped, kept in aliases.items():  # safetensors cannot hold aliased tensors: restore them
             if kept not in sd:
-                raise ValueError(f"{path}: alias {dropped!r} -> {kept!r}, but {kept!r} is not in the file")
+                raise UserError(f"{path}: alias {dropped!r} -> {kept!r}, but {kept!r} is not in the file")
             sd[dropped] = sd[kept]
         return sd
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"{path}: expected the authors' {{'state_dict': ...}} checkpoint, got "
+        raise UserError(f"{path}: expected the authors' {{'state_dict': ...}} checkpoint, got "
                          f"{sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__}")
     return ckpt["state_dict"]
 
@@ -803,7 +817,11 @@ PRESETS = {"384": lambda: released_config(384), "256": lambda: released_config(2
 
 def main(argv):
     if len(argv) != 3 or argv[0] != "convert":
-        sys.exit("usage: python tokenizer.py convert CKPT OUT_DIR   (CKPT: the authors' folder, .pt or .safetensors)")
+        raise UserError("usage: python tokenizer.py convert CKPT OUT_DIR   (CKPT: the authors' folder, .pt or "
+                        ".safetensors)")
+    if os.path.exists(os.path.join(argv[2], "model.safetensors")):
+        raise UserError(f"OUT_DIR {argv[2]!r} already holds a model.safetensors: choose another folder (or "
+                        f"delete it yourself)")
     model = DualToken.from_pretrained(argv[1])
     model.save_pretrained(argv[2])
     n = sum(p.numel() for p in model.parameters())
@@ -811,4 +829,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -328,17 +328,14 @@ def source_split(cfg, split, R):
     path = cfg.data if split == "train" else cfg.eval_data
     if not path or not path.endswith(".jsonl") or not os.path.isfile(path):
         raise UserError(f"{'data' if split == 'train' else 'eval_data'}={path!r}: expected 'shapes' or a .jsonl")
-    root, recs = os.path.dirname(os.path.abspath(path)), []
-    with open(path) as f:
-        for ln, line in enumerate(f, 1):
-            if line.strip():
-                r = json.loads(line)
-                if "image" not in r or not ("caption" in r or "qa" in r):
-                    raise UserError(f"{path}:{ln}: need 'image' and a 'caption' and/or 'qa' list")
-                recs.append(dict(image=os.path.join(root, r["image"]), caption=r.get("caption", ""),
-                                 qa=r.get("qa", [])))
-    tf = data.eval_transform(R)
-    return len(recs), lambda i: (recs[i], tf(data.load_image(recs[i]["image"])))
+    # the trainers' one JSONL reader: every record checked up front (file:line), missing / undecodable
+    # images skipped and counted; one that fails later is replaced by the next good record, with its text
+    ds = data.ImageCaptionDataset(path, data.eval_transform(R), with_qa=True)
+
+    def item(i):
+        it = ds[i]
+        return dict(image=it["path"], caption=it["caption"], qa=it["qa"]), it["image"]
+    return len(ds), item
 
 
 def cache_meta(cfg, dual, thash):
@@ -510,7 +507,6 @@ def export(raw, folder, extra):
 def load_mllm(folder, device="cpu"):
     """-> (MLLM, info dict: tokenizer, tokenizer_hash, text_tokenizer, caption_prompt, ...) from an out_dir.
     Strict: every key used, every shape checked."""
-    from safetensors.torch import load_file
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise UserError(f"load_mllm: no config.json in {folder}")
@@ -519,13 +515,8 @@ def load_mllm(folder, device="cpu"):
     if "mllm" not in conf:
         raise UserError(f"{path}: no 'mllm' section (not written by train_mllm.py)")
     model = MLLM(MLLMConfig(**conf.pop("mllm")))
-    weights = os.path.join(folder, "model.safetensors")
-    if not os.path.isfile(weights):
-        raise UserError(f"load_mllm: no model.safetensors in {folder}")
-    try:
-        sd = load_file(weights)
-    except Exception as e:  # truncated or not a safetensors file
-        raise UserError(f"cannot read {weights} ({type(e).__name__}: {e}); it is damaged") from None
+    from siglip import read_safetensors
+    sd = read_safetensors(os.path.join(folder, "model.safetensors"))
     if model.config.tie_word_embeddings and "embed.weight" in sd:
         sd["lm_head.weight"] = sd["embed.weight"]
     own = model.state_dict()

@@ -136,6 +136,9 @@ def validate(cfg):
         raise UserError(f"--eval_size={cfg.eval_size}: need >= 1 held-out image")
     if cfg.trainable not in ("vision", "after_sem"):
         raise UserError(f"--trainable={cfg.trainable!r}: expected 'vision' or 'after_sem'")
+    if cfg.lpips_vgg_path or cfg.lpips_lin_path:  # LPIPS needs both files
+        tu.require_path(cfg.lpips_vgg_path, "lpips_vgg_path", "file", "torchvision's vgg16-397923af.pth")
+        tu.require_path(cfg.lpips_lin_path, "lpips_lin_path", "file", "LPIPS weights/v0.1/vgg.pth")
     tu.guard_out_dir(cfg)
 
 
