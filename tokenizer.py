@@ -87,24 +87,24 @@ class DualTokenConfig:
         v = self.siglip.vision
         L, D = v.num_hidden_layers, v.hidden_size
         if not 0 <= self.layer_recon <= self.layer_sem <= L:
-            raise ValueError(f"need 0 <= layer_recon ({self.layer_recon}) <= layer_sem ({self.layer_sem}) "
+            raise UserError(f"need 0 <= layer_recon ({self.layer_recon}) <= layer_sem ({self.layer_sem}) "
                              f"<= num_hidden_layers ({L})")
         if self.tie_branches and not (self.semantic_branch and self.layer_recon == self.layer_sem):
-            raise ValueError(f"tie_branches=True needs semantic_branch=True and layer_recon == layer_sem, got "
+            raise UserError(f"tie_branches=True needs semantic_branch=True and layer_recon == layer_sem, got "
                              f"semantic_branch={self.semantic_branch}, layer_recon={self.layer_recon}, "
                              f"layer_sem={self.layer_sem}")
         if self.layer_shortcut is not None and not 1 <= self.layer_shortcut <= self.layer_sem:
-            raise ValueError(f"layer_shortcut ({self.layer_shortcut}) must be in 1..layer_sem ({self.layer_sem})")
+            raise UserError(f"layer_shortcut ({self.layer_shortcut}) must be in 1..layer_sem ({self.layer_sem})")
         for name, q in (("vq_pix", self.vq_pix), ("vq_sem", self.vq_sem)):
             if D % q.code_dim:
-                raise ValueError(f"{name}.code_dim ({q.code_dim}) must divide the SigLIP width ({D})")
+                raise UserError(f"{name}.code_dim ({q.code_dim}) must divide the SigLIP width ({D})")
         d = self.decoder
         if d.resolution != v.image_size:
-            raise ValueError(f"decoder.resolution ({d.resolution}) != SigLIP image_size ({v.image_size})")
+            raise UserError(f"decoder.resolution ({d.resolution}) != SigLIP image_size ({v.image_size})")
         lat = d.resolution // 2 ** (len(d.ch_mult) - 1)
         shape = tuple(self.decoder_latent_shape or (self.grid, self.grid))  # None: the code grid, unresized
         if shape != (lat, lat):
-            raise ValueError(f"decoder_latent_shape {self.decoder_latent_shape} (grid {self.grid}) != decoder "
+            raise UserError(f"decoder_latent_shape {self.decoder_latent_shape} (grid {self.grid}) != decoder "
                              f"input grid ({lat}, {lat}) implied by resolution {d.resolution}, ch_mult {d.ch_mult}")
 
     @property
@@ -611,11 +611,11 @@ class DualToken(nn.Module):
         if authors:
             sp = siglip_config or raw["rqvaesiglip"].get("pretrained_model")
             if sp is None:
-                raise ValueError(f"{folder}/config.json names no pretrained_model; pass siglip_config=")
+                raise UserError(f"{folder}/config.json names no pretrained_model; pass siglip_config=")
             sp = sp if os.path.isabs(sp) else os.path.join(folder, sp)
             sp = os.path.join(sp, "config.json") if os.path.isdir(sp) else sp
             if not os.path.isfile(sp):
-                raise ValueError(f"SigLIP config {sp!r} (pretrained_model in {folder}/config.json) not found; "
+                raise UserError(f"SigLIP config {sp!r} (pretrained_model in {folder}/config.json) not found; "
                                  f"pass siglip_config= a SigLIP folder or config.json")
             with open(sp) as f:
                 cfg = config_from_authors(raw, SigLIPConfig.from_hf(json.load(f), where=sp))
@@ -669,7 +669,7 @@ class DualToken(nn.Module):
                 out[f"{q}.{n}"] = torch.stack(xs) if len(xs) > 1 else xs[0].unsqueeze(0)  # (n_books, ...)
             out[f"{q}.codebook"] = out[f"{q}.codebook"][:, :-1]  # drop the padding row (a view)
         if sd or missing:
-            raise ValueError(f"the authors' checkpoint does not match the model: missing {missing}, "
+            raise UserError(f"the authors' checkpoint does not match the model: missing {missing}, "
                              f"unexpected {sorted(sd)}")
         return out
 
@@ -680,7 +680,7 @@ class DualToken(nn.Module):
         bad = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
                for k, v in own.items() if k in sd and sd[k].shape != v.shape]
         if missing or unexpected or bad:
-            raise ValueError(f"DualToken weights do not match the model: missing {missing}, "
+            raise UserError(f"DualToken weights do not match the model: missing {missing}, "
                              f"unexpected {unexpected}, wrong shape {bad}")
         self.load_state_dict(sd, strict=True, assign=True)
         left = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]

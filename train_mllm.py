@@ -640,6 +640,8 @@ def validate(cfg):
         if not v.endswith(".jsonl"):
             raise UserError(f"--{key}={v!r}: expected 'shapes' or a .jsonl of {{image, caption, qa}}")
         tu.require_path(v, key, "file")
+        import data
+        data.read_jsonl(v, with_qa=True)  # every record checked now (file:line), not when the cache is built
     if cfg.eval_data and cfg.data == "shapes":
         raise UserError(f"--eval_data={cfg.eval_data!r} is for --data=FILE.jsonl; shapes evaluates on its val split")
     if cfg.init_from:

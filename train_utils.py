@@ -336,7 +336,8 @@ def load_train_state(path, cfg, map_location="cpu"):
     try:
         st = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a truncated / damaged file: zip, pickle or storage errors
-        raise UserError(f"cannot read {path} ({type(e).__name__}: {e}); it is damaged or not a train_state.pt") from None
+        first = str(e).split(". ")[0]  # torch appends a paragraph of advice
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {first}); it is damaged or not a train_state.pt") from None
     if not isinstance(st, dict) or "model" not in st:
         raise UserError(f"{path} is not a train_state.pt written by these trainers")
     diff = config_changes(st.get("config") or {}, config_dict(cfg))
