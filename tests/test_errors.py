@@ -198,6 +198,8 @@ ROWS = [
     ("mllm_jsonl_bad_images_skipped", M, ["{preset}", NEW, "--tokenizer={tok}", "--data={j_bad_images}",
                                           "--prepare=True"], 0,
      r"skipped 3 of 5 files under .*bad_images.jsonl \(2 do not decode.*\(1 without caption or file\)", None, False),
+    ("mllm_jsonl_trains", M, ["{preset}", NEW, "--tokenizer={tok}", "--data={j_bad_images}"], 0,
+     r"2 cached images", None, False),
     # models and images that do not load
     ("tokenizer_is_config_json", "sample", ["reconstruct", "--tokenizer={tok}/config.json", "--images={imgs}",
                                             "--out_dir={tmp}/out_{id}"], 2,
