@@ -140,7 +140,7 @@ def main(cfg):
     path = os.path.join(cfg.init_from, "config.json")
     if not os.path.isfile(path):
         raise UserError(f"init_from={cfg.init_from!r}: need the SigLIP teacher folder with config.json "
-                         f"(python train_siglip.py config/shapes.py)")
+                        f"(python train_siglip.py config/shapes.py)")
     with open(path) as f:
         L = SigLIPConfig.from_hf(json.load(f), where=path).vision.num_hidden_layers
     layer_sem = cfg.layer_sem or L - 1
@@ -148,7 +148,7 @@ def main(cfg):
         raise UserError(f"--data={cfg.data!r} needs --eval_data (an ImageFolder root): every run is evaluated")
     if not cfg.layer_recon < layer_sem:
         raise UserError(f"the ablation needs a shallow layer_recon ({cfg.layer_recon}) below "
-                         f"layer_sem ({layer_sem})")
+                        f"layer_sem ({layer_sem})")
     os.makedirs(cfg.ablation_dir, exist_ok=True)
     digest = teacher_digest(cfg.init_from)
     rows = [run_one(cfg, r, layer_sem, digest) for r in cfg.runs]

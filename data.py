@@ -99,7 +99,7 @@ class ShapesWorld:
     def __init__(self, cfg: ShapesConfig):
         if not 1 <= cfg.min_objects <= cfg.max_objects <= 9:
             raise UserError(f"ShapesConfig: need 1 <= min_objects <= max_objects <= 9 (one object per "
-                             f"cell), got min_objects={cfg.min_objects}, max_objects={cfg.max_objects}")
+                            f"cell), got min_objects={cfg.min_objects}, max_objects={cfg.max_objects}")
         if cfg.image_size < 24:
             raise UserError(f"ShapesConfig.image_size={cfg.image_size}: need >= 24 pixels")
         bad = [s for s in cfg.shapes if s not in ALL_SHAPES]
@@ -478,7 +478,7 @@ class _ImageFiles(torch.utils.data.Dataset):
                   + (f" ({dropped} without caption or file)" if dropped else ""))
         if not good:
             raise UserError(f"{name}: no usable images found in {where} (looked for files ending in "
-                             f"{', '.join(IMAGE_EXTS)}{self._looked_for}); {len(bad)} failed to decode")
+                            f"{', '.join(IMAGE_EXTS)}{self._looked_for}); {len(bad)} failed to decode")
         self.items, self.n_skipped, self.where = good, len(bad) + dropped, where
         self._bad = set()
 

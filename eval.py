@@ -134,7 +134,7 @@ def load_tokenizer(path, siglip_config="", device="cpu"):
     from tokenizer import DualToken
     if not path:
         raise UserError("--tokenizer is required: a folder from train_tokenizer.py / tokenizer.py convert, "
-                         "or the authors' release folder")
+                        "or the authors' release folder")
     return DualToken.from_pretrained(path, siglip_config=siglip_config or None).to(device).eval()
 
 
@@ -148,7 +148,7 @@ def text_tokenizer(spec, data_name, folders):
         if os.path.isfile(os.path.join(f, "spiece.model")) or os.path.isfile(os.path.join(f, "tokenizer.json")):
             return text.load_tokenizer(f), f
     raise UserError(f"no text tokenizer: --text_tokenizer={spec!r}; looked for spiece.model / tokenizer.json "
-                     f"in {[f for f in folders if f]}")
+                    f"in {[f for f in folders if f]}")
 
 
 def zero_shot(image_emb, labels, text_model, tok, classes, templates, batch_size=256):
@@ -316,8 +316,8 @@ def eval_tokenizer(cfg):
         for m in (text_model, teacher):
             if m is not None and m.text is not None and tok.vocab_size > m.config.text.vocab_size:
                 raise UserError(f"text tokenizer {zs['text_tokenizer']!r} has {tok.vocab_size} ids but the text "
-                                 f"tower's vocabulary has {m.config.text.vocab_size}: pass --text_tokenizer= the "
-                                 f"tokenizer the SigLIP was trained with")
+                                f"tower's vocabulary has {m.config.text.vocab_size}: pass --text_tokenizer= the "
+                                f"tokenizer the SigLIP was trained with")
         q_emb, t_emb, labels = [], [], []
         for batch in tqdm(_loader(zs_ds, cfg), desc="zero-shot", dynamic_ncols=True):
             x = batch["image"].to(device)

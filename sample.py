@@ -149,7 +149,7 @@ def load_mllm(path, device):
     codec = train_mllm.prompt_tokenizer(tt or "bytes")
     if tt in ("", "bytes", "words") and (codec.eos_id, codec.vocab_size) != (model.config.eos_id, model.config.vocab_size):
         raise UserError(f"{path}: {tt or 'bytes'} text tokenizer (eos {codec.eos_id}, vocab {codec.vocab_size}) does not "
-                         f"match the model (eos {model.config.eos_id}, vocab {model.config.vocab_size})")
+                        f"match the model (eos {model.config.eos_id}, vocab {model.config.vocab_size})")
     return model, codec, info
 
 

@@ -464,7 +464,7 @@ class SigLIP(nn.Module):
                 sd.update(read_safetensors(os.path.join(folder, s)))
         else:
             raise UserError(f"from_pretrained: neither model.safetensors nor model.safetensors.index.json "
-                             f"in {folder!r}")
+                            f"in {folder!r}")
         if config.text is not None and not any(k.startswith("text_model.") for k in sd):
             config = SigLIPConfig(vision=config.vision, text=None)
         model = cls(config)

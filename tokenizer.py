@@ -88,11 +88,11 @@ class DualTokenConfig:
         L, D = v.num_hidden_layers, v.hidden_size
         if not 0 <= self.layer_recon <= self.layer_sem <= L:
             raise UserError(f"need 0 <= layer_recon ({self.layer_recon}) <= layer_sem ({self.layer_sem}) "
-                             f"<= num_hidden_layers ({L})")
+                            f"<= num_hidden_layers ({L})")
         if self.tie_branches and not (self.semantic_branch and self.layer_recon == self.layer_sem):
             raise UserError(f"tie_branches=True needs semantic_branch=True and layer_recon == layer_sem, got "
-                             f"semantic_branch={self.semantic_branch}, layer_recon={self.layer_recon}, "
-                             f"layer_sem={self.layer_sem}")
+                            f"semantic_branch={self.semantic_branch}, layer_recon={self.layer_recon}, "
+                            f"layer_sem={self.layer_sem}")
         if self.layer_shortcut is not None and not 1 <= self.layer_shortcut <= self.layer_sem:
             raise UserError(f"layer_shortcut ({self.layer_shortcut}) must be in 1..layer_sem ({self.layer_sem})")
         for name, q in (("vq_pix", self.vq_pix), ("vq_sem", self.vq_sem)):
@@ -105,7 +105,7 @@ class DualTokenConfig:
         shape = tuple(self.decoder_latent_shape or (self.grid, self.grid))  # None: the code grid, unresized
         if shape != (lat, lat):
             raise UserError(f"decoder_latent_shape {self.decoder_latent_shape} (grid {self.grid}) != decoder "
-                             f"input grid ({lat}, {lat}) implied by resolution {d.resolution}, ch_mult {d.ch_mult}")
+                            f"input grid ({lat}, {lat}) implied by resolution {d.resolution}, ch_mult {d.ch_mult}")
 
     @property
     def grid(self):
@@ -616,7 +616,7 @@ class DualToken(nn.Module):
             sp = os.path.join(sp, "config.json") if os.path.isdir(sp) else sp
             if not os.path.isfile(sp):
                 raise UserError(f"SigLIP config {sp!r} (pretrained_model in {folder}/config.json) not found; "
-                                 f"pass siglip_config= a SigLIP folder or config.json")
+                                f"pass siglip_config= a SigLIP folder or config.json")
             with open(sp) as f:
                 cfg = config_from_authors(raw, SigLIPConfig.from_hf(json.load(f), where=sp))
         else:
@@ -670,7 +670,7 @@ class DualToken(nn.Module):
             out[f"{q}.codebook"] = out[f"{q}.codebook"][:, :-1]  # drop the padding row (a view)
         if sd or missing:
             raise UserError(f"the authors' checkpoint does not match the model: missing {missing}, "
-                             f"unexpected {sorted(sd)}")
+                            f"unexpected {sorted(sd)}")
         return out
 
     def load_weights(self, sd):
@@ -681,7 +681,7 @@ class DualToken(nn.Module):
                for k, v in own.items() if k in sd and sd[k].shape != v.shape]
         if missing or unexpected or bad:
             raise UserError(f"DualToken weights do not match the model: missing {missing}, "
-                             f"unexpected {unexpected}, wrong shape {bad}")
+                            f"unexpected {unexpected}, wrong shape {bad}")
         self.load_state_dict(sd, strict=True, assign=True)
         left = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
         if left:  # a non-persistent buffer would stay on meta: it must be rebuilt, not loaded
@@ -760,7 +760,7 @@ def _read_weights_unchecked(path):
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise UserError(f"{path}: expected the authors' {{'state_dict': ...}} checkpoint, got "
-                         f"{sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__}")
+                        f"{sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__}")
     return ckpt["state_dict"]
 
 # -----------------------------------------------------------------------------

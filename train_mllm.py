@@ -137,7 +137,7 @@ class TrainMLLMConfig:
 def load_image_tokenizer(path, device="cpu"):
     if not path or not os.path.isdir(path):
         raise UserError(f"tokenizer={path!r}: need a DualToken folder (config.json + weights); for shapes run "
-                         f"`python train_tokenizer.py config/shapes.py` first")
+                        f"`python train_tokenizer.py config/shapes.py` first")
     from tokenizer import DualToken
     return DualToken.from_pretrained(path).to(device).eval().requires_grad_(False)
 
@@ -392,11 +392,11 @@ class CodeCache:
             meta = json.load(f)
         if meta["tokenizer_hash"] != expect["tokenizer_hash"]:
             raise UserError(f"code cache {folder} was made by tokenizer {meta['tokenizer_hash']}, the configured "
-                             f"tokenizer is {expect['tokenizer_hash']}: delete the cache or run --prepare=True")
+                            f"tokenizer is {expect['tokenizer_hash']}: delete the cache or run --prepare=True")
         diff = {k: (meta.get(k), v) for k, v in expect.items() if meta.get(k) != v}
         if diff:
             raise UserError(f"code cache {folder} does not match this run (cache, run): {diff}; "
-                             f"run --prepare=True to rebuild it")
+                            f"run --prepare=True to rebuild it")
         if f"{split}_size" not in meta:
             raise UserError(f"code cache {folder} has no {split!r} split")
         self.pix = np.load(os.path.join(folder, f"{split}_pix.npy"), mmap_mode="r")
@@ -406,7 +406,7 @@ class CodeCache:
         n = meta[f"{split}_size"]
         if not (len(self.pix) == len(self.sem) == len(self.records) == n):
             raise UserError(f"code cache {folder}/{split}: {len(self.pix)} pix, {len(self.sem)} sem, "
-                             f"{len(self.records)} records, meta says {n}")
+                            f"{len(self.records)} records, meta says {n}")
 
     def __len__(self):
         return len(self.records)
@@ -429,7 +429,7 @@ def _build_model(cfg, tok, dual, thash=None):
         model, info = load_mllm(cfg.init_from)
         if thash is not None and info["tokenizer_hash"] != thash:
             raise UserError(f"init_from={cfg.init_from!r} was trained on tokenizer {info['tokenizer_hash']}, "
-                             f"this run uses {thash}")
+                            f"this run uses {thash}")
         return model.train()
     q = dual.config
     vis = dict(pix_vocab=q.vq_pix.codebook_size, pix_dim=q.vq_pix.code_dim, pix_depth=q.vq_pix.depth,
@@ -442,7 +442,7 @@ def _build_model(cfg, tok, dual, thash=None):
         mc = model.config
         if tok.vocab_size > mc.vocab_size - len(IMAGE_TOKENS):
             raise UserError(f"text_tokenizer has {tok.vocab_size} ids, the LLM {mc.vocab_size - 4} before the "
-                             f"image tokens")
+                            f"image tokens")
         mc.eos_id = tok.eos_id  # the chat template's end of turn ends an answer
     else:
         # the one place where the special ids come from the tokenizer (MLLMConfig's defaults differ)
@@ -524,7 +524,7 @@ def load_mllm(folder, device="cpu"):
     bad = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
     if missing or unexpected or bad:
         raise UserError(f"{folder}/model.safetensors does not match its config: missing {missing}, "
-                         f"unexpected {unexpected}, wrong shape {bad}")
+                        f"unexpected {unexpected}, wrong shape {bad}")
     model.load_state_dict(sd, strict=True)
     return model.to(device).eval(), conf
 

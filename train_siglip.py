@@ -158,7 +158,7 @@ def train(cfg):
         sampler.load_state_dict(st["sampler"])
         if len(st["rng"]) != ctx.world:
             raise UserError(f"train_state.pt has RNG states for {len(st['rng'])} processes, this run has "
-                             f"{ctx.world}: exact resume needs the same world size")
+                            f"{ctx.world}: exact resume needs the same world size")
         tu.set_rng_state(st["rng"][ctx.rank])
         step = st["step"]
     n_params = sum(p.numel() for p in raw.parameters())

@@ -382,13 +382,13 @@ def train(cfg):
         opt.load_state_dict(st["optimizer"])
         if (disc is None) != (st.get("disc") is None):
             raise UserError(f"{state_path} was written with gan_start={st['config']['gan_start']}, this run has "
-                             f"gan_start={cfg.gan_start}: the discriminator state does not match")
+                            f"gan_start={cfg.gan_start}: the discriminator state does not match")
         if disc is not None:
             disc.load_state_dict(st["disc"])
             d_opt.load_state_dict(st["disc_optimizer"])
         if len(st["rng"]) != ctx.world:
             raise UserError(f"{state_path} has RNG states for {len(st['rng'])} processes, this run has "
-                             f"{ctx.world}: exact resume needs the same world size")
+                            f"{ctx.world}: exact resume needs the same world size")
         tu.set_rng_state(st["rng"][ctx.rank])
         step, consumed = st["step"], st["consumed"]
     batches = batch_stream(train_ds, cfg, ctx, consumed)

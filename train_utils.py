@@ -81,7 +81,7 @@ def grad_accum_steps(global_batch, micro_batch, world):
     per_step = micro_batch * world
     if global_batch <= 0 or micro_batch <= 0 or global_batch % per_step:
         raise UserError(f"global batch {global_batch} is not a positive multiple of micro batch "
-                         f"{micro_batch} x world size {world} = {per_step}")
+                        f"{micro_batch} x world size {world} = {per_step}")
     return global_batch // per_step
 
 
@@ -256,15 +256,16 @@ class ShardedSampler:
 # -----------------------------------------------------------------------------
 # a user's mistake must never cost a model: config checks, the out_dir guard, resume against the saved config
 
-# The config keys a resume may change: when and how often things happen, where, on what hardware, how the
-# held-out evaluation samples. Every other key changes the model, the objective or the data stream, so a
-# resume that changes it is refused by name. (cfg_scale ... top_p are mllm.SAMPLING_KEYS, the evaluation's
-# image sampler; `tokenizer` is a path whose content train_mllm checks by hash.)
+# The config keys a resume may change: when and how often things happen, where, on what hardware, what the
+# held-out evaluation covers and how it samples. Every other key changes the model, the objective or the
+# training data stream, so a resume that changes it is refused by name. (cfg_scale ... top_p are
+# mllm.SAMPLING_KEYS, the evaluation's image sampler; `tokenizer` is a path whose content train_mllm checks
+# by hash; train_mllm's code cache refuses an eval_size / eval_data it was not built with.)
 RESUME_MAY_CHANGE = frozenset({
     "max_steps", "stop_step", "resume", "overwrite", "out_dir", "cache_dir", "prepare", "prepare_batch",
     "log_interval", "eval_interval", "ckpt_interval", "sample_interval", "image_interval",
-    "eval_batch", "eval_qa", "eval_gen", "device", "dtype", "compile", "threads", "num_workers",
-    "cfg_scale", "temperature", "fine_temperature", "top_k", "top_p", "tokenizer"})
+    "eval_size", "eval_data", "eval_batch", "eval_qa", "eval_gen", "device", "dtype", "compile", "threads",
+    "num_workers", "cfg_scale", "temperature", "fine_temperature", "top_k", "top_p", "tokenizer"})
 
 # the files whose presence means an out_dir holds a model (or a run that can be resumed)
 MODEL_FILES = ("train_state.pt", "model.safetensors")
@@ -287,7 +288,7 @@ def check_train_config(cfg):
             raise UserError(f"--{key}={getattr(cfg, key)!r}: {what}")
     need("max_steps", lambda v: v >= 1, "need at least 1 step")
     need("stop_step", lambda v: 0 <= v <= cfg.max_steps, f"need 0 (run to max_steps) .. max_steps={cfg.max_steps}")
-    for k in ("batch_size", "micro_batch", "eval_batch", "prepare_batch"):
+    for k in ("batch_size", "micro_batch", "eval_batch", "prepare_batch", "train_size"):
         need(k, lambda v: v >= 1, "need >= 1")
     for k in INTERVAL_KEYS:
         need(k, lambda v: v >= 0, "need >= 1, or 0 for off (the last step still logs, saves and evaluates)")
