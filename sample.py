@@ -297,7 +297,7 @@ def reconstruct(cfg):
 class GenerateConfig(Common):
     mllm: str = ""             # out_dir of train_mllm.py
     check_hash: bool = True    # refuse a tokenizer whose hash differs from the one the MLLM recorded
-    captions: str = ""         # one caption, or a file with one caption per line
+    captions: str = ""         # one caption, or a file with one caption per line (sample.text_or_file)
     num_per_caption: int = 4
     # sampler; None: as the MLLM's trainer evaluated it (its config.json "sampling"), see sampling_settings
     cfg_scale: Optional[float] = None         # <= 0: no classifier-free guidance (and no unconditional half)

@@ -179,6 +179,11 @@ ROWS = [
     ("siglip_data_missing", S, ["{preset}", NEW, "--data={tmp}/nope"], 2, r"--data='.*nope' does not exist", None, False),
     ("tokenizer_init_missing", T, ["{preset}", NEW, "--init_from={tmp}/nope"], 2,
      r"--init_from='.*nope' does not exist: need a folder", None, False),
+    ("lpips_missing", T, ["{preset}", NEW, "--init_from={siglip}", "--lpips_vgg_path={tmp}/vgg.pth",
+                          "--lpips_lin_path={tmp}/lin.pth"], 2, r"--lpips_vgg_path='.*vgg.pth' does not exist", None,
+     False),
+    ("eval_lpips_one_file", "eval", ["tokenizer", "--tokenizer={tok}", "--lpips_vgg_path={tmp}/vgg.pth",
+                                     "--device=cpu"], 2, r"LPIPS needs both files", "tok", False),
     ("mllm_tokenizer_missing", M, ["{preset}", NEW, "--tokenizer="], 2, r"--tokenizer='' is empty", None, False),
     # one JSONL reader: every record checked up front, naming file and line
     ("jsonl_caption_null", S, ["{preset}", NEW, "--data={j_null_cap}"], 2, r"null_cap.jsonl:2: 'caption' must be a string, got None",
