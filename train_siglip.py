@@ -85,6 +85,8 @@ def validate(cfg):
                         f"(the last {cfg.image_size % cfg.patch_size} pixel rows/columns would be dropped)")
     if cfg.data != "shapes":
         tu.require_path(cfg.data, "data", "any", "'shapes', a folder of images + .txt captions or a .jsonl")
+        if cfg.data.endswith(".jsonl"):
+            data.read_jsonl(cfg.data)  # every record checked now, naming file:line
     elif cfg.eval_size < 1:
         raise UserError(f"--eval_size={cfg.eval_size}: need >= 1 held-out image for the zero-shot evaluation")
     tu.guard_out_dir(cfg)

@@ -130,6 +130,9 @@ def validate(cfg):
     if cfg.data != "shapes":
         tu.require_path(cfg.data, "data", "any", "'shapes', an ImageFolder root, a folder of images + .txt "
                         "captions or a .jsonl")
+        if cfg.data.endswith(".jsonl"):
+            import data
+            data.read_jsonl(cfg.data)  # every record checked now (file:line), before the teacher loads
     if cfg.eval_data:
         tu.require_path(cfg.eval_data, "eval_data", "dir", "an ImageFolder root")
     if cfg.data == "shapes" and cfg.eval_size < 1:
