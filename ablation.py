@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 import train_tokenizer as tt
-from configurator import config_dict, parse_config
+from configurator import UserError, config_dict, parse_config, run_main
 
 # the paper's numbers (spec section 4, SigLIP-So/14-384 on ImageNet val; "-" = not reported)
 PAPER = {"a": {"zero_shot": 72.3, "psnr": 12.64}, "b": {"zero_shot": None, "psnr": 27.88},
@@ -55,11 +55,13 @@ class AblationConfig(tt.TrainTokenizerConfig):
 def run_config(base, run, layer_sem):
     """The TrainTokenizerConfig of one run: the shared recipe plus the run's layer / objective switches."""
     if run not in RUNS:
-        raise ValueError(f"runs: unknown run {run!r}; expected letters from {sorted(RUNS)}")
+        raise UserError(f"--runs: unknown run {run!r}; expected letters from {sorted(RUNS)}")
     fields = {f.name for f in dataclasses.fields(tt.TrainTokenizerConfig)}
     kw = {k: v for k, v in config_dict(base).items() if k in fields}
     steps = base.steps or base.max_steps
-    kw.update(out_dir=os.path.join(base.ablation_dir, run), max_steps=steps, stop_step=0, resume=False,
+    # overwrite: <ablation_dir>/<run> belongs to the ablation, which decides itself (--reuse) whether a run
+    # trains again; a run it trains again replaces the old one
+    kw.update(out_dir=os.path.join(base.ablation_dir, run), max_steps=steps, stop_step=0, resume=False, overwrite=True,
               eval_interval=steps, ckpt_interval=steps, image_interval=steps, layer_sem=layer_sem)
     kw.update({"a": dict(layer_recon=layer_sem, tie_branches=True),
                "b": dict(layer_recon=layer_sem, semantic_branch=False),
@@ -95,7 +97,7 @@ def run_one(base, run, layer_sem, digest):
     t0 = time.time()
     raw, res = tt.train(cfg)
     if res is None:
-        raise ValueError(f"run {run}: train_tokenizer returned no evaluation (data={cfg.data!r} needs eval_data)")
+        raise UserError(f"run {run}: train_tokenizer returned no evaluation (data={cfg.data!r} needs eval_data)")
     out = {"run": run, "name": RUNS[run], "layer_recon": cfg.layer_recon, "layer_sem": cfg.layer_sem,
            "semantic_branch": cfg.semantic_branch, "tie_branches": cfg.tie_branches, "steps": cfg.max_steps,
            "psnr": res["psnr"], "ssim": res["ssim"], "psnr_single_object": res.get("psnr_single_object"),
@@ -137,14 +139,16 @@ def main(cfg):
     from siglip import SigLIPConfig
     path = os.path.join(cfg.init_from, "config.json")
     if not os.path.isfile(path):
-        raise ValueError(f"init_from={cfg.init_from!r}: need the SigLIP teacher folder with config.json "
-                         f"(python train_siglip.py config/shapes.py)")
+        raise UserError(f"init_from={cfg.init_from!r}: need the SigLIP teacher folder with config.json "
+                        f"(python train_siglip.py config/shapes.py)")
     with open(path) as f:
         L = SigLIPConfig.from_hf(json.load(f), where=path).vision.num_hidden_layers
     layer_sem = cfg.layer_sem or L - 1
+    if cfg.data != "shapes" and not cfg.eval_data:  # found now, not after the first run has trained
+        raise UserError(f"--data={cfg.data!r} needs --eval_data (an ImageFolder root): every run is evaluated")
     if not cfg.layer_recon < layer_sem:
-        raise ValueError(f"the ablation needs a shallow layer_recon ({cfg.layer_recon}) below "
-                         f"layer_sem ({layer_sem})")
+        raise UserError(f"the ablation needs a shallow layer_recon ({cfg.layer_recon}) below "
+                        f"layer_sem ({layer_sem})")
     os.makedirs(cfg.ablation_dir, exist_ok=True)
     digest = teacher_digest(cfg.init_from)
     rows = [run_one(cfg, r, layer_sem, digest) for r in cfg.runs]
@@ -159,4 +163,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_config(AblationConfig()))
+    run_main(lambda argv: main(parse_config(AblationConfig(), argv)))

@@ -354,8 +354,14 @@ def bench_llm(argv):
           ["image generation", "ms", "positions/s", "time vs cache"])
 
 
-if __name__ == "__main__":
+def main(argv):
+    from configurator import UserError
     names = sorted(k[len("bench_"):] for k in globals() if k.startswith("bench_"))
-    if len(sys.argv) < 2 or sys.argv[1] not in names:
-        sys.exit(f"usage: python bench.py {{{'|'.join(names)}}} [--key=value ...]")
-    globals()["bench_" + sys.argv[1]](sys.argv[2:])
+    if not argv or argv[0] not in names:
+        raise UserError(f"usage: python bench.py {{{'|'.join(names)}}} [--key=value ...]")
+    return globals()["bench_" + argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    from configurator import run_main
+    run_main(main)

@@ -11,11 +11,43 @@ Then each
 `--key=value` is parsed with the type of the dataclass field (so `--lr=3e-4` is a float and
 `--compile=False` is a bool). An unknown key, in a preset or on the command line, is an error that
 names the key and lists the valid ones: a typo must never train with the default silently.
+
+A user's mistake (a bad value, a missing file, a damaged checkpoint) is a `UserError`; every command runs
+under `run_main`, which prints it as one `error: <what> (<where>)` line on stderr and exits with code 2,
+no traceback (`--debug=True` or NANO_DEBUG=1 shows it). Anything else is a bug and raises as usual.
 """
 import ast
 import dataclasses
+import os
 import sys
 import typing
+
+
+class UserError(ValueError):
+    """A mistake in what the user gave (command line, preset, data, paths), not a bug in the code. A
+    ValueError, so callers that catch ValueError keep working."""
+
+
+def run_main(main, argv=None):
+    """Run `main(argv)` the way every command does: a UserError becomes `error: ...` on stderr and exit
+    code 2. `--debug=True` (taken out of argv here, so no config needs the key) or NANO_DEBUG=1 re-raises
+    it with its traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("NANO_DEBUG", "") not in ("", "0")
+    rest = []
+    for a in argv:
+        key, _, val = a.partition("=")
+        if key == "--debug":
+            debug = val.lower() in ("", "1", "true", "yes", "on")
+        else:
+            rest.append(a)
+    try:
+        return main(rest)
+    except UserError as e:
+        if debug:
+            raise
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
+        sys.exit(2)
 
 
 def _parse_value(name, text, ftype):
@@ -32,7 +64,7 @@ def _parse_value(name, text, ftype):
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"--{name}: expected a bool (True/False), got {text!r}")
+        raise UserError(f"--{name}: expected a bool (True/False), got {text!r}")
     if ftype is str:
         return text
     if ftype is int:
@@ -41,19 +73,19 @@ def _parse_value(name, text, ftype):
         except (ValueError, SyntaxError):
             value = None
         if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"--{name}: expected int, got {text!r}")
+            raise UserError(f"--{name}: expected int, got {text!r}")
         return value
     if ftype is float:
         try:
             return float(text)
         except ValueError:
-            raise ValueError(f"--{name}: expected float, got {text!r}") from None
+            raise UserError(f"--{name}: expected float, got {text!r}") from None
     try:  # tuples, lists, dicts: a Python literal
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        raise ValueError(f"--{name}: expected a Python literal of type {ftype}, got {text!r}") from None
+        raise UserError(f"--{name}: expected a Python literal of type {ftype}, got {text!r}") from None
     if origin in (tuple, list) and not isinstance(value, (tuple, list)):
-        raise ValueError(f"--{name}: expected a {origin.__name__}, got {text!r}")
+        raise UserError(f"--{name}: expected a {origin.__name__}, got {text!r}")
     return origin(value) if origin in (tuple, list) else value
 
 
@@ -61,11 +93,13 @@ def _check_keys(cfg, keys, where):
     valid = {f.name for f in dataclasses.fields(cfg)}
     unknown = [k for k in keys if k not in valid]
     if unknown:
-        raise ValueError(f"unknown config key(s) {unknown} in {where}; valid keys: {sorted(valid)}")
+        raise UserError(f"unknown config key(s) {unknown} in {where}; valid keys: {sorted(valid)}")
 
 
 def apply_preset(cfg, path):
     """Run the preset file and copy the names it assigns onto `cfg` (a dataclass instance)."""
+    if not os.path.isfile(path):
+        raise UserError(f"preset file {path!r} does not exist")
     scope = {}
     with open(path) as f:
         exec(compile(f.read(), path, "exec"), scope)
@@ -87,11 +121,11 @@ def parse_config(cfg, argv=None):
     for arg in argv:
         if not arg.startswith("--"):
             if not arg.endswith(".py"):
-                raise ValueError(f"expected a preset file (*.py) or --key=value, got {arg!r}")
+                raise UserError(f"expected a preset file (*.py) or --key=value, got {arg!r}")
             apply_preset(cfg, arg)
             continue
         if "=" not in arg:
-            raise ValueError(f"expected --key=value, got {arg!r}")
+            raise UserError(f"expected --key=value, got {arg!r}")
         key, text = arg[2:].split("=", 1)
         key = key.replace("-", "_")
         _check_keys(cfg, [key], "the command line")

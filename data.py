@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from configurator import UserError, run_main
+
 # -----------------------------------------------------------------------------
 # the shapes world
 
@@ -96,25 +98,25 @@ def _max_jitter(size, S):
 class ShapesWorld:
     def __init__(self, cfg: ShapesConfig):
         if not 1 <= cfg.min_objects <= cfg.max_objects <= 9:
-            raise ValueError(f"ShapesConfig: need 1 <= min_objects <= max_objects <= 9 (one object per "
-                             f"cell), got min_objects={cfg.min_objects}, max_objects={cfg.max_objects}")
+            raise UserError(f"ShapesConfig: need 1 <= min_objects <= max_objects <= 9 (one object per "
+                            f"cell), got min_objects={cfg.min_objects}, max_objects={cfg.max_objects}")
         if cfg.image_size < 24:
-            raise ValueError(f"ShapesConfig.image_size={cfg.image_size}: need >= 24 pixels")
+            raise UserError(f"ShapesConfig.image_size={cfg.image_size}: need >= 24 pixels")
         bad = [s for s in cfg.shapes if s not in ALL_SHAPES]
         if bad or not cfg.shapes:
-            raise ValueError(f"ShapesConfig.shapes: unknown {bad}; choose from {ALL_SHAPES}")
+            raise UserError(f"ShapesConfig.shapes: unknown {bad}; choose from {ALL_SHAPES}")
         pairs = [(c, s) for c in COLORS for s in cfg.shapes]
         holdout = [tuple(p) for p in cfg.holdout_pairs]
         bad = [p for p in holdout if p not in pairs]
         if bad:
-            raise ValueError(f"ShapesConfig.holdout_pairs: {bad} are not (colour, shape) pairs of this world")
+            raise UserError(f"ShapesConfig.holdout_pairs: {bad} are not (colour, shape) pairs of this world")
         if not 0.0 < cfg.val_fraction < 1.0:
-            raise ValueError(f"ShapesConfig.val_fraction={cfg.val_fraction}: need 0 < val_fraction < 1")
+            raise UserError(f"ShapesConfig.val_fraction={cfg.val_fraction}: need 0 < val_fraction < 1")
         self.cfg = cfg
         self.holdout, self.pairs = holdout, pairs
         self.allowed = [p for p in pairs if p not in holdout]
         if not self.allowed:
-            raise ValueError("ShapesConfig.holdout_pairs: every pair is held out, train would be empty")
+            raise UserError("ShapesConfig.holdout_pairs: every pair is held out, train would be empty")
         S = cfg.image_size
         ys, xs = np.mgrid[0:S, 0:S].astype(np.float32) + 0.5  # pixel centres, (S, S) each
         self._X, self._Y = xs, ys
@@ -475,8 +477,8 @@ class _ImageFiles(torch.utils.data.Dataset):
                   + (f" ({len(bad)} do not decode, e.g. {p}: {e})" if bad else "")
                   + (f" ({dropped} without caption or file)" if dropped else ""))
         if not good:
-            raise ValueError(f"{name}: no usable images found in {where} (looked for files ending in "
-                             f"{', '.join(IMAGE_EXTS)}{self._looked_for}); {len(bad)} failed to decode")
+            raise UserError(f"{name}: no usable images found in {where} (looked for files ending in "
+                            f"{', '.join(IMAGE_EXTS)}{self._looked_for}); {len(bad)} failed to decode")
         self.items, self.n_skipped, self.where = good, len(bad) + dropped, where
         self._bad = set()
 
@@ -490,7 +492,7 @@ class _ImageFiles(torch.utils.data.Dataset):
             j = (i + k) % len(self.items)
             if j in self._bad:
                 continue
-            path, cap, label = self.items[j]
+            path, cap, label = self.items[j][:3]
             try:
                 img = load_image(path)
             except Exception as e:
@@ -500,11 +502,12 @@ class _ImageFiles(torch.utils.data.Dataset):
                           f"image, later failures only counted in .n_failed")
                 continue
             x = self.transform(img) if self.transform is not None else to_tensor(img)
-            item = dict(image=x, caption=cap, index=i, qa=[], objects=[])
+            qa = self.items[j][3] if len(self.items[j]) > 3 else []
+            item = dict(image=x, caption=cap, index=i, qa=qa, objects=[], path=path)
             if label is not None:
                 item["label"] = label
             return item
-        raise ValueError(f"{type(self).__name__}: no image under {self.where} decodes")
+        raise UserError(f"{type(self).__name__}: no image under {self.where} decodes")
 
     @property
     def n_failed(self):
@@ -519,7 +522,7 @@ class ImageFolderDataset(_ImageFiles):
 
     def __init__(self, root, transform=None, verify=False):
         if not os.path.isdir(root):
-            raise ValueError(f"ImageFolderDataset: {root!r} is not a directory")
+            raise UserError(f"ImageFolderDataset: {root!r} is not a directory")
         classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         items = []
         for label, c in enumerate(classes):
@@ -528,13 +531,54 @@ class ImageFolderDataset(_ImageFiles):
         self._check(items, root, verify, 0)
 
 
+def read_jsonl(path, with_qa=False):
+    """The JSONL reader of every trainer: one {"image": path, "caption": text} per line (with_qa: also
+    "qa": [[question, answer], ...], and a caption OR questions suffice), image paths relative to the
+    file. Every record is checked here, before any work, and a wrong one is a UserError naming file:line
+    (a null caption must not train as the text "None"). -> list of dicts: image (absolute path), caption
+    (str, stripped; "" when absent), qa (list of [q, a]), line. Whether the image file exists and decodes
+    is the caller's skip-and-count (_ImageFiles), as for folders."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path!r} does not exist")
+    base, out = os.path.dirname(os.path.abspath(path)), []
+    need = "'image' and a 'caption' and/or 'qa' list" if with_qa else "keys 'image' and 'caption'"
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where} is not JSON ({e})") from None
+            if not isinstance(rec, dict) or "image" not in rec or not ("caption" in rec or with_qa and "qa" in rec):
+                raise UserError(f"{where} needs {need}, got {line.strip()[:80]!r}")
+            if not isinstance(rec["image"], str) or not rec["image"]:
+                raise UserError(f"{where}: 'image' must be a file path (a string), got {rec['image']!r}")
+            cap = rec.get("caption", "")
+            if not isinstance(cap, str):
+                raise UserError(f"{where}: 'caption' must be a string, got {cap!r}")
+            qa = rec.get("qa", []) if with_qa else []
+            if not isinstance(qa, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2 and
+                                                   all(isinstance(t, str) for t in p) for p in qa):
+                raise UserError(f"{where}: 'qa' must be a list of [question, answer] string pairs, got "
+                                f"{json.dumps(qa)[:80]}")
+            out.append(dict(image=os.path.join(base, rec["image"]), caption=cap.strip(), qa=[list(p) for p in qa],
+                            line=n))
+    if not out:
+        raise UserError(f"{path} holds no records (one JSON object per line: {need})")
+    return out
+
+
 class ImageCaptionDataset(_ImageFiles):
     """Image-caption pairs from a folder (every image with a same-name .txt caption next to it,
-    searched recursively) or from a JSONL file of {"image": path, "caption": text} per line, image
-    paths relative to the JSONL's folder. Pairs without a caption or image file are skipped."""
+    searched recursively) or from a JSONL file (read_jsonl: checked record by record, naming file and
+    line). Pairs without a caption or image file are skipped and counted, as are images that do not
+    decode. with_qa (train_mllm): JSONL records may carry "qa" and need a caption or questions; items
+    carry "qa"."""
     _looked_for = " with same-name .txt captions, or a .jsonl of {image, caption}"
 
-    def __init__(self, source, transform=None, verify=False):
+    def __init__(self, source, transform=None, verify=False, with_qa=False):
         self.transform = transform
         items, dropped = [], 0
         if os.path.isdir(source):
@@ -542,49 +586,49 @@ class ImageCaptionDataset(_ImageFiles):
                 txt = os.path.splitext(p)[0] + ".txt"
                 cap = open(txt, encoding="utf-8").read().strip() if os.path.isfile(txt) else ""
                 if cap:
-                    items.append((p, cap, None))
+                    items.append((p, cap, None, []))
                 else:
                     dropped += 1
         elif os.path.isfile(source) and source.endswith(".jsonl"):
-            base = os.path.dirname(os.path.abspath(source))
-            with open(source, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"ImageCaptionDataset: {source}:{n} is not JSON ({e})") from None
-                    if not isinstance(rec, dict) or "image" not in rec or "caption" not in rec:
-                        raise ValueError(f"ImageCaptionDataset: {source}:{n} needs keys 'image' and "
-                                         f"'caption', got {line.strip()[:80]!r}")
-                    p = os.path.join(base, rec["image"])
-                    cap = str(rec["caption"]).strip()
-                    if os.path.isfile(p) and cap:
-                        items.append((p, cap, None))
-                    else:
-                        dropped += 1
+            for r in read_jsonl(source, with_qa):
+                if os.path.isfile(r["image"]) and (r["caption"] or r["qa"]):
+                    items.append((r["image"], r["caption"], None, r["qa"]))
+                else:
+                    dropped += 1
         else:
-            raise ValueError(f"ImageCaptionDataset: {source!r} is neither a directory nor a .jsonl file")
+            raise UserError(f"ImageCaptionDataset: {source!r} is neither a directory nor a .jsonl file")
         self._check(items, source, verify, dropped)
 
 
-if __name__ == "__main__":
+def _int_arg(argv, i, name, default):
+    """Command-line integer i of `python data.py ...`, named in the error when it is not one."""
+    if len(argv) <= i:
+        return default
+    try:
+        return int(argv[i])
+    except ValueError:
+        raise UserError(f"{name} must be an integer, got {argv[i]!r} (python data.py [N] | export DIR [N] [SIZE])") from None
+
+
+def main(argv):
     # python data.py [n]: a look at the shapes world and the numbers behind the README row: sampling
     # speed, and the checker's accuracy on n val renders, clean and mildly degraded.
-    import sys
     import time
 
     from checker import describe, objects_match
-    if len(sys.argv) > 1 and sys.argv[1] == "export":
+    if argv and argv[0] == "export":
         # python data.py export DIR [n] [size]: n held-out val images (size px, default 64) as PNG + same-name
         # .txt captions (an ImageCaptionDataset folder) + captions.txt (one per line) + questions.jsonl, to
         # look at or to feed sample.py; export at the tokenizer's image_size so nothing is resampled
-        out, n = sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 16
-        size = int(sys.argv[4]) if len(sys.argv) > 4 else ShapesConfig.image_size
+        if len(argv) < 2:
+            raise UserError("usage: python data.py export DIR [N] [SIZE]")
+        out, n = argv[1], _int_arg(argv, 2, "N", 16)
+        size = _int_arg(argv, 3, "SIZE", ShapesConfig.image_size)
+        if n < 1:
+            raise UserError(f"N={n}: need at least 1 image to export")
         from PIL import Image
-        os.makedirs(out, exist_ok=True)
         world = ShapesWorld(ShapesConfig(image_size=size))
+        os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "questions.jsonl"), "w") as f, \
                 open(os.path.join(out, "captions.txt"), "w") as c:
             for i in range(n):
@@ -596,8 +640,12 @@ if __name__ == "__main__":
                 for q, a in s["qa"]:
                     f.write(json.dumps({"image": f"val_{i:04d}.png", "question": q, "answer": a}) + "\n")
         print(f"wrote {n} held-out val images, captions and questions to {out}")
-        sys.exit(0)
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
+        return
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments {argv[1:]} (python data.py [N] | export DIR [N] [SIZE])")
+    n = _int_arg(argv, 0, "N", 1000)
+    if n < 1:
+        raise UserError(f"N={n}: need at least 1 image")
     world = ShapesWorld(ShapesConfig())
     for i in range(3):
         s = world.sample("train", i)
@@ -620,3 +668,7 @@ if __name__ == "__main__":
                  ["all_correct"] for s in samples)
         print(f"describe, {name:18s}: all attributes right on {ok / n:.3f} of {n} val images "
               f"({n / (time.perf_counter() - t0):.0f} images/s)")
+
+
+if __name__ == "__main__":
+    run_main(main)

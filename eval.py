@@ -25,7 +25,6 @@ permutations), batches run under bf16 autocast on cuda only (fp32 elsewhere).
 import json
 import math
 import os
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ import checker
 import data
 from mllm import sampling_settings
 import train_utils as tu
-from configurator import config_dict, parse_config
+from configurator import UserError, config_dict, parse_config, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES_TEMPLATES = ("a {}", "a photo of a {}", "a small {}", "a large {}")  # train_siglip / train_tokenizer's
@@ -134,8 +133,8 @@ def fid_or_reason(real_dir, fake_dir, inception_path, device):
 def load_tokenizer(path, siglip_config="", device="cpu"):
     from tokenizer import DualToken
     if not path:
-        raise ValueError("--tokenizer is required: a folder from train_tokenizer.py / tokenizer.py convert, "
-                         "or the authors' release folder")
+        raise UserError("--tokenizer is required: a folder from train_tokenizer.py / tokenizer.py convert, "
+                        "or the authors' release folder")
     return DualToken.from_pretrained(path, siglip_config=siglip_config or None).to(device).eval()
 
 
@@ -148,8 +147,8 @@ def text_tokenizer(spec, data_name, folders):
     for f in ([spec] if spec else [f for f in folders if f]):
         if os.path.isfile(os.path.join(f, "spiece.model")) or os.path.isfile(os.path.join(f, "tokenizer.json")):
             return text.load_tokenizer(f), f
-    raise ValueError(f"no text tokenizer: --text_tokenizer={spec!r}; looked for spiece.model / tokenizer.json "
-                     f"in {[f for f in folders if f]}")
+    raise UserError(f"no text tokenizer: --text_tokenizer={spec!r}; looked for spiece.model / tokenizer.json "
+                    f"in {[f for f in folders if f]}")
 
 
 def zero_shot(image_emb, labels, text_model, tok, classes, templates, batch_size=256):
@@ -162,10 +161,12 @@ def zero_shot(image_emb, labels, text_model, tok, classes, templates, batch_size
 
 
 def read_lines(path, what):
+    if not os.path.isfile(path):
+        raise UserError(f"{what} file {path!r} does not exist")
     with open(path, encoding="utf-8") as f:
         lines = [ln.rstrip("\n") for ln in f if ln.strip()]
     if not lines:
-        raise ValueError(f"{what} file {path!r} is empty")
+        raise UserError(f"{what} file {path!r} is empty")
     return lines
 
 # -----------------------------------------------------------------------------
@@ -202,11 +203,18 @@ class EvalTokenizerConfig:
 def tokenizer_sets(cfg, R):
     """-> (recon dataset, zero-shot dataset, class names, description). Zero-shot items carry "label"
     (folders) or one object (shapes: the class is its "colour shape")."""
+    if cfg.num_images < 0:
+        raise UserError(f"--num_images={cfg.num_images}: need a count, or 0 for the whole folder")
     if cfg.data == "shapes":
+        if cfg.num_images == 0:  # 0 = "the whole folder"; the shapes world is procedural and has no end
+            raise UserError("--num_images=0 means every image of a folder, and the shapes world has no end: "
+                            "give a count (default 500) with --data=shapes")
         world = data.ShapesWorld(data.ShapesConfig(image_size=R, max_objects=cfg.max_objects, seed=cfg.shapes_seed))
         recon = data.ShapesDataset(world, "val", cfg.num_images)
         zs = data.ShapesDataset(world, "val", cfg.num_images, num_objects=1)
         return recon, zs, world.class_names(), f"shapes val (seed {cfg.shapes_seed}, {R} px)"
+    if not os.path.isdir(cfg.data):
+        raise UserError(f"--data={cfg.data!r}: expected 'shapes' or an ImageFolder root (one folder per class)")
     ds = data.ImageFolderDataset(cfg.data, data.eval_transform(R))
     n = len(ds) if cfg.num_images <= 0 else min(cfg.num_images, len(ds))
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:n].sort().values.tolist()
@@ -218,7 +226,7 @@ def tokenizer_sets(cfg, R):
     else:
         classes = [c.replace("_", " ") for c in ds.classes]
     if len(classes) != len(ds.classes):
-        raise ValueError(f"classnames: {len(classes)} names for {len(ds.classes)} class folders in {cfg.data}")
+        raise UserError(f"classnames: {len(classes)} names for {len(ds.classes)} class folders in {cfg.data}")
     desc = f"ImageFolder {cfg.data} ({n} of {len(ds)} images, {len(classes)} classes, resize short side + crop {R})"
     return sub, sub, classes, desc
 
@@ -254,7 +262,7 @@ def eval_tokenizer(cfg):
     else:
         templates = read_lines(os.path.join(HERE, "data", "imagenet_templates.txt"), "templates")
     if any("{}" not in t for t in templates):
-        raise ValueError(f"templates: every line needs a '{{}}' for the class name, got {templates}")
+        raise UserError(f"templates: every line needs a '{{}}' for the class name, got {templates}")
     autocast = tu.autocast_ctx(device, cfg.dtype)
     fid_on = bool(cfg.inception_path)
     home = cfg.tokenizer if os.path.isdir(cfg.tokenizer) else os.path.dirname(os.path.abspath(cfg.tokenizer))
@@ -307,9 +315,9 @@ def eval_tokenizer(cfg):
                                                    [cfg.teacher, cfg.siglip_config, cfg.tokenizer])
         for m in (text_model, teacher):
             if m is not None and m.text is not None and tok.vocab_size > m.config.text.vocab_size:
-                raise ValueError(f"text tokenizer {zs['text_tokenizer']!r} has {tok.vocab_size} ids but the text "
-                                 f"tower's vocabulary has {m.config.text.vocab_size}: pass --text_tokenizer= the "
-                                 f"tokenizer the SigLIP was trained with")
+                raise UserError(f"text tokenizer {zs['text_tokenizer']!r} has {tok.vocab_size} ids but the text "
+                                f"tower's vocabulary has {m.config.text.vocab_size}: pass --text_tokenizer= the "
+                                f"tokenizer the SigLIP was trained with")
         q_emb, t_emb, labels = [], [], []
         for batch in tqdm(_loader(zs_ds, cfg), desc="zero-shot", dynamic_ncols=True):
             x = batch["image"].to(device)
@@ -597,6 +605,11 @@ def code_structure(tok, samples, cfg, device, autocast):
 
 def eval_mllm(cfg):
     from sample import load_pair
+    for k in ("qa_images", "gen_captions", "holdout_images"):
+        if getattr(cfg, k) < 0:
+            raise UserError(f"--{k}={getattr(cfg, k)}: need >= 0 (0 skips that part)")
+    if cfg.qa_images == 0 and cfg.gen_captions == 0 and not (cfg.holdout_pairs and cfg.holdout_images):
+        raise UserError("--qa_images=0 and --gen_captions=0: nothing to evaluate (0 skips one part, not both)")
     t0 = time.time()
     device = cfg.device or tu.default_device()
     model, codec, tok, info = load_pair(cfg, device)
@@ -616,13 +629,15 @@ def eval_mllm(cfg):
     else:
         res["holdout_note"] = "skipped: no --holdout_pairs (train the MLLM with held-out colour-shape pairs first)"
     train_qa = [p for i in range(cfg.blind_samples) for p in world.sample("train", i)["qa"]]
-    for split, n_qa, n_gen in splits:
-        r = qa_eval(model, codec, tok, [world.sample(split, i) for i in range(n_qa)], cfg, device, autocast, train_qa)
+    for split, n_qa, n_gen in splits:  # a count of 0 skips that part
+        r = qa_eval(model, codec, tok, [world.sample(split, i) for i in range(n_qa)], cfg, device, autocast,
+                    train_qa) if n_qa else {}
         gen_samples = [world.sample(split, i) for i in range(n_gen)]
-        r["tokenizer_ceiling"] = ceiling(tok, gen_samples, cfg, device, autocast)
-        for name, sc in scales:
-            r[f"gen_{name}"] = dict(gen_eval(model, codec, tok, gen_samples, cfg, device, autocast,
-                                             dict(sampler, cfg_scale=sc)), cfg_scale=sc)
+        if gen_samples:
+            r["tokenizer_ceiling"] = ceiling(tok, gen_samples, cfg, device, autocast)
+            for name, sc in scales:
+                r[f"gen_{name}"] = dict(gen_eval(model, codec, tok, gen_samples, cfg, device, autocast,
+                                                 dict(sampler, cfg_scale=sc)), cfg_scale=sc)
         res[split] = r
     res.update(mllm=cfg.mllm, tokenizer=cfg.tokenizer, tokenizer_hash=info.get("tokenizer_hash"),
                tokenizer_hash_mismatch=info.get("tokenizer_hash_mismatch"), device=device,
@@ -630,27 +645,29 @@ def eval_mllm(cfg):
                config=config_dict(cfg))
     for split, _, _ in splits:
         r, where = res[split], f"[{res['world']}, split {split}]"
-        q, sh, bl = r["qa"], r["qa_shuffled"], r["qa_blind"]
         f = lambda v: "  n/a " if v is None else f"{v:.4f}"
-        print(f"QA {split}: accuracy {q['accuracy']:.4f}, shuffled images {sh['accuracy']:.4f}, blind {bl['accuracy']:.4f}"
-              f", chance {f(q['chance'])} on {q['n']} questions (greedy, exact match; blind and chance from "
-              f"{cfg.blind_samples} train samples)   {where}")
-        print(f"   {'type':12s} {'model':6s}  {'shuffl':6s}  {'blind':6s}  {'chance':6s}")
-        for t, v in q["by_type"].items():
-            print(f"   {t:12s} {v['accuracy']:.4f}  {sh['by_type'][t]['accuracy']:.4f}  "
-                  f"{bl['by_type'][t]['accuracy']:.4f}  {f(v['chance'])}  (n={v['n']})")
-        print("   by objects in the image: " + ", ".join(f"{k}: {v['accuracy']:.4f} (n={v['n']})"
-                                                        for k, v in q["by_objects"].items()))
-        c = r["tokenizer_ceiling"]
-        print(f"generation {split} ceiling (tokenizer decodes the true images): all-correct {c['all_correct']:.4f}, "
-              f"objects {c['objects_correct']:.3f}, false objects/image {c['false_objects']:.3f}, missed cells "
-              f"{c['missed_cells']:.3f} (n={c['n']})   {where}")
-        for name, _ in scales:
-            gr = r[f"gen_{name}"]
-            attrs = ", ".join(f"{k} {gr[k]:.3f}" for k in ("count",) + checker.ATTRS)
-            print(f"generation {split} cfg_scale={gr['cfg_scale']}: all-correct {gr['all_correct']:.4f}, {attrs}, "
-                  f"objects {gr['objects_correct']:.3f}, false objects/image {gr['false_objects']:.3f}, missed cells "
-                  f"{gr['missed_cells']:.3f} (n={gr['n']}, {dict(sampling, cfg_scale=gr['cfg_scale'])})   {where}")
+        if "qa" in r:
+            q, sh, bl = r["qa"], r["qa_shuffled"], r["qa_blind"]
+            print(f"QA {split}: accuracy {q['accuracy']:.4f}, shuffled images {sh['accuracy']:.4f}, blind {bl['accuracy']:.4f}"
+                  f", chance {f(q['chance'])} on {q['n']} questions (greedy, exact match; blind and chance from "
+                  f"{cfg.blind_samples} train samples)   {where}")
+            print(f"   {'type':12s} {'model':6s}  {'shuffl':6s}  {'blind':6s}  {'chance':6s}")
+            for t, v in q["by_type"].items():
+                print(f"   {t:12s} {v['accuracy']:.4f}  {sh['by_type'][t]['accuracy']:.4f}  "
+                      f"{bl['by_type'][t]['accuracy']:.4f}  {f(v['chance'])}  (n={v['n']})")
+            print("   by objects in the image: " + ", ".join(f"{k}: {v['accuracy']:.4f} (n={v['n']})"
+                                                            for k, v in q["by_objects"].items()))
+        if "tokenizer_ceiling" in r:
+            c = r["tokenizer_ceiling"]
+            print(f"generation {split} ceiling (tokenizer decodes the true images): all-correct {c['all_correct']:.4f}, "
+                  f"objects {c['objects_correct']:.3f}, false objects/image {c['false_objects']:.3f}, missed cells "
+                  f"{c['missed_cells']:.3f} (n={c['n']})   {where}")
+            for name, _ in scales:
+                gr = r[f"gen_{name}"]
+                attrs = ", ".join(f"{k} {gr[k]:.3f}" for k in ("count",) + checker.ATTRS)
+                print(f"generation {split} cfg_scale={gr['cfg_scale']}: all-correct {gr['all_correct']:.4f}, {attrs}, "
+                      f"objects {gr['objects_correct']:.3f}, false objects/image {gr['false_objects']:.3f}, missed cells "
+                      f"{gr['missed_cells']:.3f} (n={gr['n']}, {dict(sampling, cfg_scale=gr['cfg_scale'])})   {where}")
     if "holdout_note" in res:
         print(f"holdout: {res['holdout_note']}")
     return _write(res, cfg.out or os.path.join(cfg.mllm, "eval_mllm.json"))
@@ -661,7 +678,7 @@ JOBS = {"tokenizer": (EvalTokenizerConfig, eval_tokenizer), "mllm": (EvalMLLMCon
 
 def main(argv):
     if not argv or argv[0] not in JOBS:
-        sys.exit(f"usage: python eval.py {{{'|'.join(JOBS)}}} [config/preset.py] [--key=value ...]")
+        raise UserError(f"usage: python eval.py {{{'|'.join(JOBS)}}} [config/preset.py] [--key=value ...]")
     klass, fn = JOBS[argv[0]]
     cfg = parse_config(klass(), argv[1:])
     if cfg.threads:
@@ -670,4 +687,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from configurator import UserError
+
 # -----------------------------------------------------------------------------
 # semantic distillation
 
@@ -165,7 +167,10 @@ def lpips_or_none(vgg_path=None, lin_path=None):
         return None, ("LPIPS off: no lpips_vgg / lpips_lin files given (torchvision vgg16-397923af.pth and "
                       "lpips weights/v0.1/vgg.pth); the perceptual term is left out of the loss")
     if not vgg_path or not lin_path:
-        raise ValueError(f"LPIPS needs both files: lpips_vgg={vgg_path!r}, lpips_lin={lin_path!r}")
+        raise UserError(f"LPIPS needs both files: lpips_vgg={vgg_path!r}, lpips_lin={lin_path!r}")
+    for key, p in (("lpips_vgg_path", vgg_path), ("lpips_lin_path", lin_path)):
+        if not os.path.isfile(p):
+            raise UserError(f"--{key}={p!r}: LPIPS weight file not found")
     return LPIPS.from_files(vgg_path, lin_path), f"LPIPS on: vgg {vgg_path}, lin {lin_path}"
 
 # -----------------------------------------------------------------------------

@@ -2,14 +2,17 @@
 # The whole shapes pipeline on a laptop CPU, nanoGPT's shakespeare_char for DualToken:
 #   teacher (SigLIP) -> DualToken tokenizer -> unified MLLM -> samples -> eval JSONs, all under out/.
 # Usage: bash quickstart.sh            (installs requirements first; SKIP_INSTALL=1 to skip)
+#        OVERWRITE=1 bash quickstart.sh  (train again over the models of an earlier run; without it the
+#                                         trainers refuse an out_dir that holds a model)
 set -euo pipefail
 cd "$(dirname "$0")"
 [ "${SKIP_INSTALL:-0}" = 1 ] || python -m pip install -q -r requirements.txt
 # threads: torch uses every core; on a machine busy with other work OMP_NUM_THREADS=1 can be faster
 start=$(date +%s)
-python train_siglip.py config/shapes.py
-python train_tokenizer.py config/shapes.py
-python train_mllm.py config/shapes.py
+ow="--overwrite=${OVERWRITE:-0}"
+python train_siglip.py config/shapes.py "$ow"
+python train_tokenizer.py config/shapes.py "$ow"
+python train_mllm.py config/shapes.py "$ow"
 python data.py export out/heldout 8 48   # 8 val images at the preset's 48 px
 python sample.py reconstruct --tokenizer=out-shapes/tokenizer --images=out/heldout --out_dir=out/samples
 python sample.py generate --mllm=out-shapes/mllm --captions=out/heldout/captions.txt --num_per_caption=2 \

@@ -18,7 +18,6 @@ release's absolute SigLIP path is not on this machine). MLLM: a folder/file writ
 """
 import json
 import os
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,7 +27,7 @@ import torch
 import data
 from mllm import sampling_settings
 import train_utils as tu
-from configurator import config_dict, parse_config
+from configurator import UserError, config_dict, parse_config, run_main
 
 
 @dataclass
@@ -53,7 +52,7 @@ def _device(cfg):
 def load_tokenizer(cfg, device):
     from tokenizer import DualToken
     if not cfg.tokenizer:
-        raise ValueError("--tokenizer is required (a tokenizer folder, or the authors' release)")
+        raise UserError("--tokenizer is required (a tokenizer folder, or the authors' release)")
     return DualToken.from_pretrained(cfg.tokenizer, siglip_config=cfg.siglip_config or None).to(device).eval()
 
 
@@ -64,9 +63,42 @@ def list_images(path):
     if os.path.isdir(path):
         files = data._list_images(path)
         if not files:
-            raise ValueError(f"--images={path!r}: no files ending in {', '.join(data.IMAGE_EXTS)} under it")
+            raise UserError(f"--images={path!r}: no files ending in {', '.join(data.IMAGE_EXTS)} under it")
         return files
-    raise ValueError(f"--images={path!r} is neither a file nor a folder")
+    raise UserError(f"--images={path!r} is neither a file nor a folder")
+
+
+def looks_like_path(text):
+    """A value meant as a file path: ends in .txt / .jsonl or holds a path separator."""
+    return text.endswith((".txt", ".jsonl")) or "/" in text or os.sep in text
+
+
+def text_or_file(value, key):
+    """A paths-or-text argument (--captions): an existing file gives its non-empty lines, anything else is
+    the text itself, except a path-like string (looks_like_path) with no file behind it, which is refused:
+    a mistyped file name must not be drawn as a caption. Says which it took."""
+    if not value:
+        raise UserError(f"--{key} is required: the text itself or a file with one per line")
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            lines = [l.strip() for l in f if l.strip()]
+        if not lines:
+            raise UserError(f"--{key}={value!r}: the file has no non-empty line")
+        print(f"--{key}: {len(lines)} line(s) read from the file {value}")
+        return lines
+    if looks_like_path(value):
+        raise UserError(f"--{key}={value!r} looks like a file path but there is no such file (give the text "
+                        f"itself without '/' or a .txt/.jsonl ending, or an existing file)")
+    print(f"--{key}: taken as text ({value!r})")
+    return [value]
+
+
+def read_image(path, R):
+    """One image for a model: decoded, shortest side to R, centre crop; an unreadable file is named."""
+    try:
+        return data.eval_transform(R)(data.load_image(path))
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on broken files
+        raise UserError(f"cannot decode the image {path} ({type(e).__name__}: {e})") from None
 
 
 def grid_png(rows, path, labels=None, pad=2, scale=1):
@@ -105,19 +137,19 @@ def load_mllm(path, device):
     was trained with), or a bare file from MLLM.save (byte vocabulary assumed)."""
     import train_mllm
     if not path:
-        raise ValueError("--mllm is required (an out_dir of train_mllm.py)")
+        raise UserError("--mllm is required (an out_dir of train_mllm.py)")
     if os.path.isfile(path) and path.endswith(".safetensors"):
         from mllm import MLLM
         model, info = MLLM.load(path, device=device).eval(), {"text_tokenizer": "bytes"}
     elif os.path.isdir(path):
         model, info = train_mllm.load_mllm(path, device)
     else:
-        raise ValueError(f"--mllm={path!r}: expected a train_mllm.py out_dir or a .safetensors file")
+        raise UserError(f"--mllm={path!r}: expected a train_mllm.py out_dir or a .safetensors file")
     tt = info.get("text_tokenizer", "bytes")
     codec = train_mllm.prompt_tokenizer(tt or "bytes")
     if tt in ("", "bytes", "words") and (codec.eos_id, codec.vocab_size) != (model.config.eos_id, model.config.vocab_size):
-        raise ValueError(f"{path}: {tt or 'bytes'} text tokenizer (eos {codec.eos_id}, vocab {codec.vocab_size}) does not "
-                         f"match the model (eos {model.config.eos_id}, vocab {model.config.vocab_size})")
+        raise UserError(f"{path}: {tt or 'bytes'} text tokenizer (eos {codec.eos_id}, vocab {codec.vocab_size}) does not "
+                        f"match the model (eos {model.config.eos_id}, vocab {model.config.vocab_size})")
     return model, codec, info
 
 
@@ -136,7 +168,7 @@ def load_pair(cfg, device):
             msg = (f"--tokenizer={cfg.tokenizer!r} has hash {h}, the MLLM was trained with "
                    f"{info['tokenizer_hash']} ({info.get('tokenizer')})")
             if cfg.check_hash:
-                raise ValueError(msg + "; --check_hash=False only if the weights are the same and only the hash "
+                raise UserError(msg + "; --check_hash=False only if the weights are the same and only the hash "
                                        "recipe changed (it covers the config dict: a new config field changes it)")
             print(f"warning: {msg}; continuing (--check_hash=False)")
             info["tokenizer_hash_mismatch"] = h
@@ -160,7 +192,7 @@ def check_pair(model, tok):
                 sem_vocab=t.vq_sem.codebook_size, sem_depth=t.vq_sem.depth, sem_dim=t.vq_sem.code_dim)
     bad = {k: (getattr(c, k), v) for k, v in want.items() if getattr(c, k) != v}
     if bad:
-        raise ValueError(f"MLLM and tokenizer do not match (mllm, tokenizer): {bad}")
+        raise UserError(f"MLLM and tokenizer do not match (mllm, tokenizer): {bad}")
 
 
 @torch.no_grad()
@@ -213,12 +245,25 @@ def reconstruct(cfg):
     R = model.config.siglip.vision.image_size
     files = list_images(cfg.images)
     files = files if cfg.max_images <= 0 else files[:cfg.max_images]
-    tf = data.eval_transform(R)  # shortest side to R, centre crop: the evaluation protocol
+    bad = []  # a folder: files that do not decode are skipped and counted, as the trainers do
+
+    def batches():
+        chunk, xs = [], []
+        for k, p in enumerate(files):
+            try:
+                xs.append(read_image(p, R))  # shortest side to R, centre crop: the evaluation protocol
+                chunk.append(p)
+            except UserError as e:
+                if os.path.isfile(cfg.images):  # the one image asked for: the user's mistake
+                    raise
+                bad.append(str(e))
+            if chunk and (len(chunk) == cfg.batch_size or k == len(files) - 1):
+                yield chunk, torch.stack(xs).to(device)  # (B, 3, R, R)
+                chunk, xs = [], []
+
     rows, results = [], []
     os.makedirs(os.path.join(cfg.out_dir, "recon"), exist_ok=True)
-    for i in range(0, len(files), cfg.batch_size):
-        chunk = files[i:i + cfg.batch_size]
-        x = torch.stack([tf(data.load_image(p)) for p in chunk]).to(device)  # (B, 3, R, R)
+    for chunk, x in batches():
         with tu.autocast_ctx(device, cfg.dtype):
             pix, _ = model.encode(x)  # (B, h, w, depth)
             rec = model.decode(pix).float()
@@ -231,6 +276,10 @@ def reconstruct(cfg):
             rows.append([a, b])
             results.append(dict(image=path, recon=out, psnr=v, pix_codes_shape=list(codes.shape)))
             print(f"{path}: PSNR {v:.2f} dB -> {out}")
+    if bad:
+        print(f"skipped {len(bad)} of {len(files)} files under {cfg.images} that do not decode, e.g. {bad[0]}")
+    if not results:
+        raise UserError(f"--images={cfg.images!r}: none of its {len(files)} image files decodes")
     grid = grid_png(rows, os.path.join(cfg.out_dir, "reconstruct.png"))
     info = dict(job="reconstruct", grid=grid, resolution=R, mean_psnr=sum(r["psnr"] for r in results) / len(results),
                 images=results, config=config_dict(cfg))
@@ -248,7 +297,7 @@ def reconstruct(cfg):
 class GenerateConfig(Common):
     mllm: str = ""             # out_dir of train_mllm.py
     check_hash: bool = True    # refuse a tokenizer whose hash differs from the one the MLLM recorded
-    captions: str = ""         # one caption, or a file with one caption per line
+    captions: str = ""         # one caption, or a file with one caption per line (sample.text_or_file)
     num_per_caption: int = 4
     # sampler; None: as the MLLM's trainer evaluated it (its config.json "sampling"), see sampling_settings
     cfg_scale: Optional[float] = None         # <= 0: no classifier-free guidance (and no unconditional half)
@@ -262,11 +311,10 @@ class GenerateConfig(Common):
 @torch.no_grad()
 def generate(cfg):
     device = _device(cfg)
+    if cfg.num_per_caption < 1:
+        raise UserError(f"--num_per_caption={cfg.num_per_caption}: need at least 1 image per caption")
+    caps = text_or_file(cfg.captions, "captions")  # before loading models: a mistake costs no time
     model, codec, tok, info = load_pair(cfg, device)
-    if not cfg.captions:
-        raise ValueError("--captions is required: a caption or a file with one caption per line")
-    caps = [c.strip() for c in open(cfg.captions, encoding="utf-8") if c.strip()] if os.path.isfile(cfg.captions) \
-        else [cfg.captions]
     flat = [c for c in caps for _ in range(cfg.num_per_caption)]
     sampling = sampling_settings(cfg, info)
     settings = dict(sampling, seed=cfg.seed, num_per_caption=cfg.num_per_caption)
@@ -309,13 +357,16 @@ class AnswerConfig(Common):
 @torch.no_grad()
 def answer(cfg):
     device = _device(cfg)
-    model, codec, tok, _ = load_pair(cfg, device)
     if not cfg.image or not os.path.isfile(cfg.image):
-        raise ValueError(f"--image={cfg.image!r}: need an existing image file")
+        raise UserError(f"--image={cfg.image!r}: need an existing image file")
     if not cfg.question:
-        raise ValueError("--question is required")
+        raise UserError("--question is required")
+    if looks_like_path(cfg.question) and not cfg.question.endswith("?"):
+        # one question, as text; a file name here is a mistake (a question may hold a '/', and ends in '?')
+        raise UserError(f"--question={cfg.question!r} looks like a file path: --question takes one question as text")
+    model, codec, tok, _ = load_pair(cfg, device)
     R = tok.config.siglip.vision.image_size
-    x = data.eval_transform(R)(data.load_image(cfg.image))[None].to(device)  # (1, 3, R, R)
+    x = read_image(cfg.image, R)[None].to(device)  # (1, 3, R, R)
     with tu.autocast_ctx(device, cfg.dtype):
         ids = model.generate_text([qa_prompt(codec, cfg.question)], images=image_codes(tok, x),
                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=_opt(cfg.top_k),
@@ -336,7 +387,7 @@ JOBS = {"reconstruct": (ReconstructConfig, reconstruct), "generate": (GenerateCo
 
 def main(argv):
     if not argv or argv[0] not in JOBS:
-        sys.exit(f"usage: python sample.py {{{'|'.join(JOBS)}}} [config/preset.py] [--key=value ...]")
+        raise UserError(f"usage: python sample.py {{{'|'.join(JOBS)}}} [config/preset.py] [--key=value ...]")
     klass, fn = JOBS[argv[0]]
     cfg = parse_config(klass(), argv[1:])
     if cfg.threads:
@@ -346,4 +397,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from configurator import UserError
+
 # -----------------------------------------------------------------------------
 # configuration (field names are Hugging Face's, so config.json maps 1:1)
 
@@ -446,24 +448,23 @@ class SigLIP(nn.Module):
     def from_pretrained(cls, folder):
         """Load a Hugging Face-format SigLIP folder: config.json + model.safetensors (or the sharded
         model.safetensors.index.json). A checkpoint without text weights gives a vision-only model."""
-        from safetensors.torch import load_file
         cfg_path = os.path.join(folder, "config.json")
         if not os.path.isfile(cfg_path):
-            raise ValueError(f"from_pretrained: no config.json in {folder!r}")
+            raise UserError(f"from_pretrained: no config.json in {folder!r}")
         with open(cfg_path) as f:
             config = SigLIPConfig.from_hf(json.load(f), where=cfg_path)
         single, index = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.safetensors.index.json")
         if os.path.isfile(single):
-            sd = load_file(single)
+            sd = read_safetensors(single)
         elif os.path.isfile(index):
             with open(index) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
             sd = {}
             for s in shards:
-                sd.update(load_file(os.path.join(folder, s)))
+                sd.update(read_safetensors(os.path.join(folder, s)))
         else:
-            raise ValueError(f"from_pretrained: neither model.safetensors nor model.safetensors.index.json "
-                             f"in {folder!r}")
+            raise UserError(f"from_pretrained: neither model.safetensors nor model.safetensors.index.json "
+                            f"in {folder!r}")
         if config.text is not None and not any(k.startswith("text_model.") for k in sd):
             config = SigLIPConfig(vision=config.vision, text=None)
         model = cls(config)
@@ -541,3 +542,15 @@ def preprocess(image, size, mode="squash"):
         raise ValueError(f"preprocess: mode must be 'squash' or 'crop', got {mode!r}")
     x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)  # (3, H, W)
     return x / 127.5 - 1.0
+
+
+def read_safetensors(path):
+    """All tensors of a .safetensors file; a missing, truncated or foreign file is a UserError naming it
+    (safetensors' own message does not say which file)."""
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist")
+    try:
+        return load_file(path)
+    except Exception as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {e}); it is damaged or not safetensors") from None

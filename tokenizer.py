@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from configurator import UserError, run_main
 from rvq import ResidualVQ
 from siglip import SigLIP, SigLIPConfig
 
@@ -87,25 +87,25 @@ class DualTokenConfig:
         v = self.siglip.vision
         L, D = v.num_hidden_layers, v.hidden_size
         if not 0 <= self.layer_recon <= self.layer_sem <= L:
-            raise ValueError(f"need 0 <= layer_recon ({self.layer_recon}) <= layer_sem ({self.layer_sem}) "
-                             f"<= num_hidden_layers ({L})")
+            raise UserError(f"need 0 <= layer_recon ({self.layer_recon}) <= layer_sem ({self.layer_sem}) "
+                            f"<= num_hidden_layers ({L})")
         if self.tie_branches and not (self.semantic_branch and self.layer_recon == self.layer_sem):
-            raise ValueError(f"tie_branches=True needs semantic_branch=True and layer_recon == layer_sem, got "
-                             f"semantic_branch={self.semantic_branch}, layer_recon={self.layer_recon}, "
-                             f"layer_sem={self.layer_sem}")
+            raise UserError(f"tie_branches=True needs semantic_branch=True and layer_recon == layer_sem, got "
+                            f"semantic_branch={self.semantic_branch}, layer_recon={self.layer_recon}, "
+                            f"layer_sem={self.layer_sem}")
         if self.layer_shortcut is not None and not 1 <= self.layer_shortcut <= self.layer_sem:
-            raise ValueError(f"layer_shortcut ({self.layer_shortcut}) must be in 1..layer_sem ({self.layer_sem})")
+            raise UserError(f"layer_shortcut ({self.layer_shortcut}) must be in 1..layer_sem ({self.layer_sem})")
         for name, q in (("vq_pix", self.vq_pix), ("vq_sem", self.vq_sem)):
             if D % q.code_dim:
-                raise ValueError(f"{name}.code_dim ({q.code_dim}) must divide the SigLIP width ({D})")
+                raise UserError(f"{name}.code_dim ({q.code_dim}) must divide the SigLIP width ({D})")
         d = self.decoder
         if d.resolution != v.image_size:
-            raise ValueError(f"decoder.resolution ({d.resolution}) != SigLIP image_size ({v.image_size})")
+            raise UserError(f"decoder.resolution ({d.resolution}) != SigLIP image_size ({v.image_size})")
         lat = d.resolution // 2 ** (len(d.ch_mult) - 1)
         shape = tuple(self.decoder_latent_shape or (self.grid, self.grid))  # None: the code grid, unresized
         if shape != (lat, lat):
-            raise ValueError(f"decoder_latent_shape {self.decoder_latent_shape} (grid {self.grid}) != decoder "
-                             f"input grid ({lat}, {lat}) implied by resolution {d.resolution}, ch_mult {d.ch_mult}")
+            raise UserError(f"decoder_latent_shape {self.decoder_latent_shape} (grid {self.grid}) != decoder "
+                            f"input grid ({lat}, {lat}) implied by resolution {d.resolution}, ch_mult {d.ch_mult}")
 
     @property
     def grid(self):
@@ -611,12 +611,12 @@ class DualToken(nn.Module):
         if authors:
             sp = siglip_config or raw["rqvaesiglip"].get("pretrained_model")
             if sp is None:
-                raise ValueError(f"{folder}/config.json names no pretrained_model; pass siglip_config=")
+                raise UserError(f"{folder}/config.json names no pretrained_model; pass siglip_config=")
             sp = sp if os.path.isabs(sp) else os.path.join(folder, sp)
             sp = os.path.join(sp, "config.json") if os.path.isdir(sp) else sp
             if not os.path.isfile(sp):
-                raise ValueError(f"SigLIP config {sp!r} (pretrained_model in {folder}/config.json) not found; "
-                                 f"pass siglip_config= a SigLIP folder or config.json")
+                raise UserError(f"SigLIP config {sp!r} (pretrained_model in {folder}/config.json) not found; "
+                                f"pass siglip_config= a SigLIP folder or config.json")
             with open(sp) as f:
                 cfg = config_from_authors(raw, SigLIPConfig.from_hf(json.load(f), where=sp))
         else:
@@ -669,8 +669,8 @@ class DualToken(nn.Module):
                 out[f"{q}.{n}"] = torch.stack(xs) if len(xs) > 1 else xs[0].unsqueeze(0)  # (n_books, ...)
             out[f"{q}.codebook"] = out[f"{q}.codebook"][:, :-1]  # drop the padding row (a view)
         if sd or missing:
-            raise ValueError(f"the authors' checkpoint does not match the model: missing {missing}, "
-                             f"unexpected {sorted(sd)}")
+            raise UserError(f"the authors' checkpoint does not match the model: missing {missing}, "
+                            f"unexpected {sorted(sd)}")
         return out
 
     def load_weights(self, sd):
@@ -680,8 +680,8 @@ class DualToken(nn.Module):
         bad = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
                for k, v in own.items() if k in sd and sd[k].shape != v.shape]
         if missing or unexpected or bad:
-            raise ValueError(f"DualToken weights do not match the model: missing {missing}, "
-                             f"unexpected {unexpected}, wrong shape {bad}")
+            raise UserError(f"DualToken weights do not match the model: missing {missing}, "
+                            f"unexpected {unexpected}, wrong shape {bad}")
         self.load_state_dict(sd, strict=True, assign=True)
         left = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
         if left:  # a non-persistent buffer would stay on meta: it must be rebuilt, not loaded
@@ -720,19 +720,33 @@ def teacher_features(teacher, images, layer_sem):
 def _resolve(path):
     """-> (folder holding config.json, weights file)."""
     if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(f"tokenizer folder {path!r} has no config.json")
         for name in ("model.safetensors", "model.pt"):
             if os.path.isfile(os.path.join(path, name)):
                 return path, os.path.join(path, name)
-        raise ValueError(f"{path!r} holds neither model.safetensors nor model.pt")
+        raise UserError(f"tokenizer folder {path!r} holds neither model.safetensors nor model.pt")
     if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path!r} does not exist")
+        raise UserError(f"tokenizer checkpoint {path!r} does not exist")
+    if not path.endswith((".safetensors", ".pt", ".pth", ".bin")):
+        raise UserError(f"tokenizer {path!r}: expected its folder or the weights file (.safetensors / .pt), "
+                        f"not {os.path.basename(path)}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise ValueError(f"no config.json next to {path!r}")
+        raise UserError(f"no config.json next to {path!r}")
     return folder, path
 
 
 def _read_weights(path):
+    try:
+        return _read_weights_unchecked(path)
+    except UserError:
+        raise
+    except Exception as e:  # truncated / damaged: zip, pickle, safetensors header errors that do not name the file
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {e}); it is damaged or not a checkpoint") from None
+
+
+def _read_weights_unchecked(path):
     if path.endswith(".safetensors"):
         from safetensors import safe_open
         with safe_open(path, "pt") as f:
@@ -740,13 +754,13 @@ def _read_weights(path):
             aliases = json.loads((f.metadata() or {}).get("shared_codebook_aliases", "{}"))
         for dropped, kept in aliases.items():  # safetensors cannot hold aliased tensors: restore them
             if kept not in sd:
-                raise ValueError(f"{path}: alias {dropped!r} -> {kept!r}, but {kept!r} is not in the file")
+                raise UserError(f"{path}: alias {dropped!r} -> {kept!r}, but {kept!r} is not in the file")
             sd[dropped] = sd[kept]
         return sd
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"{path}: expected the authors' {{'state_dict': ...}} checkpoint, got "
-                         f"{sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__}")
+        raise UserError(f"{path}: expected the authors' {{'state_dict': ...}} checkpoint, got "
+                        f"{sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__}")
     return ckpt["state_dict"]
 
 # -----------------------------------------------------------------------------
@@ -803,7 +817,11 @@ PRESETS = {"384": lambda: released_config(384), "256": lambda: released_config(2
 
 def main(argv):
     if len(argv) != 3 or argv[0] != "convert":
-        sys.exit("usage: python tokenizer.py convert CKPT OUT_DIR   (CKPT: the authors' folder, .pt or .safetensors)")
+        raise UserError("usage: python tokenizer.py convert CKPT OUT_DIR   (CKPT: the authors' folder, .pt or "
+                        ".safetensors)")
+    if os.path.exists(os.path.join(argv[2], "model.safetensors")):
+        raise UserError(f"OUT_DIR {argv[2]!r} already holds a model.safetensors: choose another folder (or "
+                        f"delete it yourself)")
     model = DualToken.from_pretrained(argv[1])
     model.save_pretrained(argv[2])
     n = sum(p.numel() for p in model.parameters())
@@ -811,4 +829,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 import train_utils as tu
-from configurator import config_dict, parse_config
+from configurator import UserError, config_dict, parse_config, run_main
 from mllm import SAMPLING_KEYS, MLLM, MLLMConfig, build_sequence, collate, make_targets
 
 KINDS = ("und", "cap", "gen")
@@ -128,6 +128,7 @@ class TrainMLLMConfig:
     sample_interval: int = 500       # a few held-out answers + a PNG of drawn captions; 0: never
     ckpt_interval: int = 500
     resume: bool = False
+    overwrite: bool = False          # replace a model already in out_dir (else: refused, see tu.guard_out_dir)
 
 
 # -----------------------------------------------------------------------------
@@ -136,8 +137,8 @@ class TrainMLLMConfig:
 
 def load_image_tokenizer(path, device="cpu"):
     if not path or not os.path.isdir(path):
-        raise ValueError(f"tokenizer={path!r}: need a DualToken folder (config.json + weights); for shapes run "
-                         f"`python train_tokenizer.py config/shapes.py` first")
+        raise UserError(f"tokenizer={path!r}: need a DualToken folder (config.json + weights); for shapes run "
+                        f"`python train_tokenizer.py config/shapes.py` first")
     from tokenizer import DualToken
     return DualToken.from_pretrained(path).to(device).eval().requires_grad_(False)
 
@@ -176,7 +177,7 @@ class ChatTokenizer:
         self.tok = Tokenizer.from_file(path)
         self.eos_id = self.tok.token_to_id(eos)
         if self.eos_id is None:
-            raise ValueError(f"{path}: special token {eos!r} is not in the vocabulary")
+            raise UserError(f"{path}: special token {eos!r} is not in the vocabulary")
         self.pad_id = self.eos_id
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
 
@@ -238,7 +239,7 @@ def text_tokenizer_name(cfg):
 def text_tokenizer(cfg):
     name = text_tokenizer_name(cfg)
     if name in ("bytes", "words") and cfg.init_from and not previous_stage(cfg.init_from):
-        raise ValueError("init_from (a pretrained LLM) needs its text_tokenizer (tokenizer.json)")
+        raise UserError("init_from (a pretrained LLM) needs its text_tokenizer (tokenizer.json)")
     return prompt_tokenizer(name)
 
 
@@ -295,9 +296,9 @@ def kind_counts(mix, micro_batch):
     share gets at least one slot, so its modules see a gradient in every micro-batch."""
     w = np.asarray(mix, dtype=np.float64)
     if w.shape != (3,) or (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"mix: expected three non-negative shares (und, cap, gen), got {mix}")
+        raise UserError(f"mix: expected three non-negative shares (und, cap, gen), got {mix}")
     if micro_batch < int((w > 0).sum()):
-        raise ValueError(f"micro_batch {micro_batch} is smaller than the number of mixed kinds in mix={mix}")
+        raise UserError(f"micro_batch {micro_batch} is smaller than the number of mixed kinds in mix={mix}")
     raw = w / w.sum() * micro_batch
     n = np.floor(raw).astype(int)
     n[(w > 0) & (n == 0)] = 1
@@ -327,18 +328,15 @@ def source_split(cfg, split, R):
         return (cfg.train_size if split == "train" else cfg.eval_size), item
     path = cfg.data if split == "train" else cfg.eval_data
     if not path or not path.endswith(".jsonl") or not os.path.isfile(path):
-        raise ValueError(f"{'data' if split == 'train' else 'eval_data'}={path!r}: expected 'shapes' or a .jsonl")
-    root, recs = os.path.dirname(os.path.abspath(path)), []
-    with open(path) as f:
-        for ln, line in enumerate(f, 1):
-            if line.strip():
-                r = json.loads(line)
-                if "image" not in r or not ("caption" in r or "qa" in r):
-                    raise ValueError(f"{path}:{ln}: need 'image' and a 'caption' and/or 'qa' list")
-                recs.append(dict(image=os.path.join(root, r["image"]), caption=r.get("caption", ""),
-                                 qa=r.get("qa", [])))
-    tf = data.eval_transform(R)
-    return len(recs), lambda i: (recs[i], tf(data.load_image(recs[i]["image"])))
+        raise UserError(f"{'data' if split == 'train' else 'eval_data'}={path!r}: expected 'shapes' or a .jsonl")
+    # the trainers' one JSONL reader: every record checked up front (file:line), missing / undecodable
+    # images skipped and counted; one that fails later is replaced by the next good record, with its text
+    ds = data.ImageCaptionDataset(path, data.eval_transform(R), with_qa=True)
+
+    def item(i):
+        it = ds[i]
+        return dict(image=it["path"], caption=it["caption"], qa=it["qa"]), it["image"]
+    return len(ds), item
 
 
 def cache_meta(cfg, dual, thash):
@@ -390,26 +388,26 @@ class CodeCache:
     def __init__(self, folder, split, expect):
         path = os.path.join(folder, "meta.json")
         if not os.path.isfile(path):
-            raise ValueError(f"no code cache in {folder} (no meta.json): run with --prepare=True")
+            raise UserError(f"no code cache in {folder} (no meta.json): run with --prepare=True")
         with open(path) as f:
             meta = json.load(f)
         if meta["tokenizer_hash"] != expect["tokenizer_hash"]:
-            raise ValueError(f"code cache {folder} was made by tokenizer {meta['tokenizer_hash']}, the configured "
-                             f"tokenizer is {expect['tokenizer_hash']}: delete the cache or run --prepare=True")
+            raise UserError(f"code cache {folder} was made by tokenizer {meta['tokenizer_hash']}, the configured "
+                            f"tokenizer is {expect['tokenizer_hash']}: delete the cache or run --prepare=True")
         diff = {k: (meta.get(k), v) for k, v in expect.items() if meta.get(k) != v}
         if diff:
-            raise ValueError(f"code cache {folder} does not match this run (cache, run): {diff}; "
-                             f"run --prepare=True to rebuild it")
+            raise UserError(f"code cache {folder} does not match this run (cache, run): {diff}; "
+                            f"run --prepare=True to rebuild it")
         if f"{split}_size" not in meta:
-            raise ValueError(f"code cache {folder} has no {split!r} split")
+            raise UserError(f"code cache {folder} has no {split!r} split")
         self.pix = np.load(os.path.join(folder, f"{split}_pix.npy"), mmap_mode="r")
         self.sem = np.load(os.path.join(folder, f"{split}_sem.npy"), mmap_mode="r")
         with open(os.path.join(folder, f"{split}_index.json")) as f:
             self.records = json.load(f)
         n = meta[f"{split}_size"]
         if not (len(self.pix) == len(self.sem) == len(self.records) == n):
-            raise ValueError(f"code cache {folder}/{split}: {len(self.pix)} pix, {len(self.sem)} sem, "
-                             f"{len(self.records)} records, meta says {n}")
+            raise UserError(f"code cache {folder}/{split}: {len(self.pix)} pix, {len(self.sem)} sem, "
+                            f"{len(self.records)} records, meta says {n}")
 
     def __len__(self):
         return len(self.records)
@@ -431,8 +429,8 @@ def _build_model(cfg, tok, dual, thash=None):
     if previous_stage(cfg.init_from):
         model, info = load_mllm(cfg.init_from)
         if thash is not None and info["tokenizer_hash"] != thash:
-            raise ValueError(f"init_from={cfg.init_from!r} was trained on tokenizer {info['tokenizer_hash']}, "
-                             f"this run uses {thash}")
+            raise UserError(f"init_from={cfg.init_from!r} was trained on tokenizer {info['tokenizer_hash']}, "
+                            f"this run uses {thash}")
         return model.train()
     q = dual.config
     vis = dict(pix_vocab=q.vq_pix.codebook_size, pix_dim=q.vq_pix.code_dim, pix_depth=q.vq_pix.depth,
@@ -444,8 +442,8 @@ def _build_model(cfg, tok, dual, thash=None):
         model = MLLM.from_pretrained(cfg.init_from, new_tokens=IMAGE_TOKENS, **vis)
         mc = model.config
         if tok.vocab_size > mc.vocab_size - len(IMAGE_TOKENS):
-            raise ValueError(f"text_tokenizer has {tok.vocab_size} ids, the LLM {mc.vocab_size - 4} before the "
-                             f"image tokens")
+            raise UserError(f"text_tokenizer has {tok.vocab_size} ids, the LLM {mc.vocab_size - 4} before the "
+                            f"image tokens")
         mc.eos_id = tok.eos_id  # the chat template's end of turn ends an answer
     else:
         # the one place where the special ids come from the tokenizer (MLLMConfig's defaults differ)
@@ -464,7 +462,7 @@ def visual_modules(model):
 
 def set_trainable(model, mode):
     if mode not in ("all", "input", "output"):
-        raise ValueError(f"trainable={mode!r}: expected 'all', 'input' or 'output'")
+        raise UserError(f"trainable={mode!r}: expected 'all', 'input' or 'output'")
     model.requires_grad_(mode == "all")
     if mode == "input":
         for m in model.visual_input_modules():
@@ -492,7 +490,7 @@ def param_groups(model, cfg):
                 groups.append(dict(params=g, weight_decay=cfg.weight_decay if decay else 0.0, base_lr=lr,
                                    name=f"{name}_{'decay' if decay else 'no_decay'}"))
     if not groups:
-        raise ValueError(f"trainable={cfg.trainable!r} leaves nothing to train")
+        raise UserError(f"trainable={cfg.trainable!r} leaves nothing to train")
     return groups
 
 
@@ -510,24 +508,24 @@ def export(raw, folder, extra):
 def load_mllm(folder, device="cpu"):
     """-> (MLLM, info dict: tokenizer, tokenizer_hash, text_tokenizer, caption_prompt, ...) from an out_dir.
     Strict: every key used, every shape checked."""
-    from safetensors.torch import load_file
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
-        raise ValueError(f"load_mllm: no config.json in {folder}")
+        raise UserError(f"load_mllm: no config.json in {folder}")
     with open(path) as f:
         conf = json.load(f)
     if "mllm" not in conf:
-        raise ValueError(f"{path}: no 'mllm' section (not written by train_mllm.py)")
+        raise UserError(f"{path}: no 'mllm' section (not written by train_mllm.py)")
     model = MLLM(MLLMConfig(**conf.pop("mllm")))
-    sd = load_file(os.path.join(folder, "model.safetensors"))
+    from siglip import read_safetensors
+    sd = read_safetensors(os.path.join(folder, "model.safetensors"))
     if model.config.tie_word_embeddings and "embed.weight" in sd:
         sd["lm_head.weight"] = sd["embed.weight"]
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     bad = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
     if missing or unexpected or bad:
-        raise ValueError(f"{folder}/model.safetensors does not match its config: missing {missing}, "
-                         f"unexpected {unexpected}, wrong shape {bad}")
+        raise UserError(f"{folder}/model.safetensors does not match its config: missing {missing}, "
+                        f"unexpected {unexpected}, wrong shape {bad}")
     model.load_state_dict(sd, strict=True)
     return model.to(device).eval(), conf
 
@@ -632,8 +630,37 @@ def save_samples(raw, tok, dual, cache, cfg, path, n=8):
 # training
 
 
+def validate(cfg):
+    """Every check that needs no model or data, before any work: a mistake costs a second, not a run."""
+    tu.check_train_config(cfg)
+    tu.require_path(cfg.tokenizer, "tokenizer", "dir", "a DualToken folder (config.json + weights); for shapes run "
+                    "`python train_tokenizer.py config/shapes.py` first")
+    for key, v in (("data", cfg.data), ("eval_data", cfg.eval_data)):
+        if v == "shapes" or (key == "eval_data" and not v):
+            continue
+        if not v.endswith(".jsonl"):
+            raise UserError(f"--{key}={v!r}: expected 'shapes' or a .jsonl of {{image, caption, qa}}")
+        tu.require_path(v, key, "file")
+        import data
+        data.read_jsonl(v, with_qa=True)  # every record checked now (file:line), not when the cache is built
+    if cfg.eval_data and cfg.data == "shapes":
+        raise UserError(f"--eval_data={cfg.eval_data!r} is for --data=FILE.jsonl; shapes evaluates on its val split")
+    if cfg.init_from:
+        tu.require_path(cfg.init_from, "init_from", "dir", "a train_mllm.py out_dir or a Hugging Face LLM folder")
+    if cfg.text_tokenizer not in ("", "bytes", "words"):
+        tu.require_path(cfg.text_tokenizer, "text_tokenizer", "file", "'bytes', 'words' or a tokenizer.json")
+    if cfg.trainable not in ("all", "input", "output"):
+        raise UserError(f"--trainable={cfg.trainable!r}: expected 'all', 'input' or 'output'")
+    kind_counts(cfg.mix, cfg.micro_batch)
+    if not cfg.prepare:  # --prepare=True only (re)builds the code cache
+        tu.guard_out_dir(cfg)
+
+
 def train(cfg):
     t_start = time.time()
+    validate(cfg)
+    state_path = os.path.join(cfg.out_dir, "train_state.pt")
+    st = tu.load_train_state(state_path, cfg) if cfg.resume and not cfg.prepare else None  # may refuse: first
     ctx = tu.setup_ddp(cfg.device or None)
     device, master = ctx.device, ctx.is_master
     if cfg.threads:
@@ -665,19 +692,13 @@ def train(cfg):
     set_trainable(raw, cfg.trainable)
     raw = raw.to(device)
     opt = torch.optim.AdamW(param_groups(raw, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    state_path = os.path.join(cfg.out_dir, "train_state.pt")
     step, consumed = 0, 0
-    if cfg.resume:
-        if not os.path.isfile(state_path):
-            raise ValueError(f"--resume=True but there is no {state_path}")
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
+    if st is not None:
         if st["tokenizer_hash"] != thash:
-            raise ValueError(f"{state_path} was trained with tokenizer {st['tokenizer_hash']}, this run has {thash}")
+            raise UserError(f"{state_path} was trained with tokenizer {st['tokenizer_hash']}, this run has {thash}")
         raw.load_state_dict(st["model"], strict=True)
         opt.load_state_dict(st["optimizer"])
         step, consumed = st["step"], st["consumed"]
-    elif cfg.init_from == "" and os.path.isfile(state_path) and master:
-        print(f"note: {state_path} exists and will be overwritten (use --resume=True to continue)")
     sampler = tu.ShardedSampler(len(train_c), cfg.seed, ctx.rank, ctx.world, cfg.micro_batch)
     total = consumed * ctx.world * cfg.micro_batch
     sampler.load_state_dict({"epoch": total // len(train_c), "pos": total % len(train_c), "n": len(train_c),
@@ -730,7 +751,7 @@ def train(cfg):
     last_step = cfg.stop_step or cfg.max_steps
     from tqdm import tqdm
     bar = tqdm(total=last_step, initial=step, disable=not master, desc="mllm", dynamic_ncols=True)
-    t0, seen, last_good = time.time(), 0, step if cfg.resume else None
+    t0, seen, last_good = time.time(), 0, step if st is not None else None
     while step < last_step:
         f = tu.cosine_lr(step, cfg.warmup, cfg.max_steps, 1.0, cfg.min_lr_frac)
         for g in opt.param_groups:
@@ -762,16 +783,16 @@ def train(cfg):
         step += 1
         seen += cfg.batch_size
         bar.update(1)
-        if master and (step % cfg.log_interval == 0 or step == last_step):
+        if master and (tu.every(step, cfg.log_interval) or step == last_step):
             dt = time.time() - t0
             logger.log(event="train", step=step, lr=cfg.lr * f, samples_per_s=seen / dt,
                        elapsed_s=time.time() - t_start, **sums)
             bar.set_postfix(loss=f"{sums['loss']:.3f}", text=f"{sums['text']:.3f}", pix=f"{sums['pix']:.2f}",
                             sem=f"{sums['sem']:.2f}")
-        if step % cfg.ckpt_interval == 0 or step == last_step:
+        if tu.every(step, cfg.ckpt_interval) or step == last_step:
             checkpoint()
             last_good = step
-        if master and val_c is not None and cfg.eval_interval and step % cfg.eval_interval == 0 \
+        if master and val_c is not None and tu.every(step, cfg.eval_interval) \
                 and step < cfg.max_steps:
             t_ev = time.time()
             ev = evaluate(raw, tok, dual, val_c, cfg, cfg.eval_qa, cfg.eval_gen)
@@ -779,7 +800,7 @@ def train(cfg):
             logger.log(event="eval", step=step, elapsed_s=time.time() - t_start, eval_s=time.time() - t_ev, **ev)
             bar.write(f"step {step}: held-out QA {ev.get('qa_accuracy', float('nan')):.3f}, generation "
                       f"{ev.get('gen_accuracy', float('nan')):.3f} ({time.time() - t_start:.0f} s)")
-        if master and val_c is not None and cfg.sample_interval and step % cfg.sample_interval == 0:
+        if master and val_c is not None and tu.every(step, cfg.sample_interval):
             qa = save_samples(raw, tok, dual, val_c, cfg, os.path.join(cfg.out_dir, "samples", f"step_{step:06d}.png"))
             logger.log(event="samples", step=step, qa=qa)
             bar.write(f"step {step}: " + "; ".join(f"{r['q']} -> {r['pred']!r} ({r['truth']})" for r in qa))
@@ -801,5 +822,9 @@ def train(cfg):
     return raw, result
 
 
+def main(argv):
+    return train(parse_config(TrainMLLMConfig(), argv))
+
+
 if __name__ == "__main__":
-    train(parse_config(TrainMLLMConfig()))
+    run_main(main)

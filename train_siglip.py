@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import data
 import train_utils as tu
-from configurator import config_dict, parse_config
+from configurator import UserError, config_dict, parse_config, run_main
 from siglip import SigLIP, SigLIPConfig, SigLIPTextConfig, SigLIPVisionConfig
 from siglip import zero_shot_accuracy, zero_shot_classifier
 from text import ByteTokenizer
@@ -73,7 +73,23 @@ class TrainSigLIPConfig:
     eval_interval: int = 250
     ckpt_interval: int = 250
     resume: bool = False
+    overwrite: bool = False          # replace a model already in out_dir (else: refused, see tu.guard_out_dir)
     threads: int = 0                 # CPU intra-op threads; 0: torch's default
+
+
+def validate(cfg):
+    """Every check that needs no model or data, before any work: a mistake costs a second, not a run."""
+    tu.check_train_config(cfg)
+    if cfg.image_size % cfg.patch_size:
+        raise UserError(f"--image_size={cfg.image_size} is not a multiple of --patch_size={cfg.patch_size} "
+                        f"(the last {cfg.image_size % cfg.patch_size} pixel rows/columns would be dropped)")
+    if cfg.data != "shapes":
+        tu.require_path(cfg.data, "data", "any", "'shapes', a folder of images + .txt captions or a .jsonl")
+        if cfg.data.endswith(".jsonl"):
+            data.read_jsonl(cfg.data)  # every record checked now, naming file:line
+    elif cfg.eval_size < 1:
+        raise UserError(f"--eval_size={cfg.eval_size}: need >= 1 held-out image for the zero-shot evaluation")
+    tu.guard_out_dir(cfg)
 
 
 def build_model(cfg, vocab_size):
@@ -120,6 +136,9 @@ def evaluate(model, tok, cfg, ev, device):
 
 def train(cfg):
     t_start = time.time()
+    validate(cfg)
+    state_path = os.path.join(cfg.out_dir, "train_state.pt")
+    st = tu.load_train_state(state_path, cfg) if cfg.resume else None  # before any work: it may refuse
     ctx = tu.setup_ddp(cfg.device or None)
     device, master = ctx.device, ctx.is_master
     torch.manual_seed(cfg.seed + ctx.rank)
@@ -134,18 +153,14 @@ def train(cfg):
     # build -> load (resume) -> compile -> DDP; always save / evaluate the unwrapped `raw` model
     raw = build_model(cfg, tok.vocab_size).to(device)
     opt = torch.optim.AdamW(tu.param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2))
-    state_path = os.path.join(cfg.out_dir, "train_state.pt")
     step = 0
-    if cfg.resume:
-        if not os.path.isfile(state_path):
-            raise ValueError(f"--resume=True but there is no {state_path}")
-        st = torch.load(state_path, map_location=device, weights_only=True)
+    if st is not None:
         raw.load_state_dict(st["model"])  # strict: the preset must describe the same model
         opt.load_state_dict(st["optimizer"])
         sampler.load_state_dict(st["sampler"])
         if len(st["rng"]) != ctx.world:
-            raise ValueError(f"train_state.pt has RNG states for {len(st['rng'])} processes, this run has "
-                             f"{ctx.world}: exact resume needs the same world size")
+            raise UserError(f"train_state.pt has RNG states for {len(st['rng'])} processes, this run has "
+                            f"{ctx.world}: exact resume needs the same world size")
         tu.set_rng_state(st["rng"][ctx.rank])
         step = st["step"]
     n_params = sum(p.numel() for p in raw.parameters())
@@ -211,16 +226,16 @@ def train(cfg):
         step += 1
         seen += cfg.batch_size
         bar.update(1)
-        if master and (step % cfg.log_interval == 0 or step == last_step):
+        if master and (tu.every(step, cfg.log_interval) or step == last_step):
             dt = time.time() - t0
             row = dict(step=step, loss=float(loss_sum), lr=lr,  # rank 0's share
                        logit_scale=raw.logit_scale.exp().item(), logit_bias=raw.logit_bias.item(),
                        img_per_s=seen / dt, elapsed_s=time.time() - t_start)
             bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['img_per_s']:.0f}")
             logger.log(event="train", **row)
-        if step % cfg.ckpt_interval == 0 or step == last_step:
+        if tu.every(step, cfg.ckpt_interval) or step == last_step:
             checkpoint()
-        if step % cfg.eval_interval == 0 or step == last_step:
+        if tu.every(step, cfg.eval_interval) or step == last_step:
             result = run_eval()
     bar.close()
     if master and result is not None:
@@ -233,5 +248,9 @@ def train(cfg):
     return result
 
 
+def main(argv):
+    return train(parse_config(TrainSigLIPConfig(), argv))
+
+
 if __name__ == "__main__":
-    train(parse_config(TrainSigLIPConfig()))
+    run_main(main)

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 import train_utils as tu
-from configurator import config_dict, parse_config
+from configurator import UserError, config_dict, parse_config, run_main
 from losses import Discriminator, LossConfig, TokenizerLoss, lpips_or_none
 from siglip import zero_shot_accuracy, zero_shot_classifier
 from tokenizer import DecoderConfig, DualToken, QuantizerConfig, config_to_dict, default_config
@@ -115,17 +115,41 @@ class TrainTokenizerConfig:
     eval_batch: int = 64
     ckpt_interval: int = 1000
     resume: bool = False
+    overwrite: bool = False          # replace a model already in out_dir (else: refused, see tu.guard_out_dir)
 
 
 # -----------------------------------------------------------------------------
 # model, teacher, data
 
 
+def validate(cfg):
+    """Every check that needs no model or data, before any work: a mistake costs a second, not a run."""
+    tu.check_train_config(cfg)
+    tu.require_path(cfg.init_from, "init_from", "dir", "a SigLIP folder (config.json + model.safetensors); for "
+                    "shapes run `python train_siglip.py config/shapes.py` first")
+    if cfg.data != "shapes":
+        tu.require_path(cfg.data, "data", "any", "'shapes', an ImageFolder root, a folder of images + .txt "
+                        "captions or a .jsonl")
+        if cfg.data.endswith(".jsonl"):
+            import data
+            data.read_jsonl(cfg.data)  # every record checked now (file:line), before the teacher loads
+    if cfg.eval_data:
+        tu.require_path(cfg.eval_data, "eval_data", "dir", "an ImageFolder root")
+    if cfg.data == "shapes" and cfg.eval_size < 1:
+        raise UserError(f"--eval_size={cfg.eval_size}: need >= 1 held-out image")
+    if cfg.trainable not in ("vision", "after_sem"):
+        raise UserError(f"--trainable={cfg.trainable!r}: expected 'vision' or 'after_sem'")
+    if cfg.lpips_vgg_path or cfg.lpips_lin_path:  # LPIPS needs both files
+        tu.require_path(cfg.lpips_vgg_path, "lpips_vgg_path", "file", "torchvision's vgg16-397923af.pth")
+        tu.require_path(cfg.lpips_lin_path, "lpips_lin_path", "file", "LPIPS weights/v0.1/vgg.pth")
+    tu.guard_out_dir(cfg)
+
+
 def build(cfg):
     """-> (tokenizer, frozen teacher) from the SigLIP folder `init_from` (DualToken.from_siglip)."""
     if not cfg.init_from or not os.path.isdir(cfg.init_from):
-        raise ValueError(f"init_from={cfg.init_from!r}: need a SigLIP folder (config.json + model.safetensors); "
-                         f"for shapes run `python train_siglip.py config/shapes.py` first")
+        raise UserError(f"init_from={cfg.init_from!r}: need a SigLIP folder (config.json + model.safetensors); "
+                        f"for shapes run `python train_siglip.py config/shapes.py` first")
     from siglip import SigLIP
     teacher = SigLIP.from_pretrained(cfg.init_from)
     v = teacher.config.vision
@@ -324,6 +348,9 @@ def export(raw, folder):
 
 def train(cfg):
     t_start = time.time()
+    validate(cfg)
+    state_path = os.path.join(cfg.out_dir, "train_state.pt")
+    st = tu.load_train_state(state_path, cfg) if cfg.resume else None  # before any work: it may refuse
     ctx = tu.setup_ddp(cfg.device or None)
     device, master = ctx.device, ctx.is_master
     torch.manual_seed(cfg.seed + ctx.rank)
@@ -351,24 +378,20 @@ def train(cfg):
     # the data position is the number of micro-batches consumed: the sampler state follows from it, so a
     # DataLoader may read ahead in workers without making the saved position wrong
     consumed = 0
-    state_path = os.path.join(cfg.out_dir, "train_state.pt")
     step = 0
-    if cfg.resume:
-        if not os.path.isfile(state_path):
-            raise ValueError(f"--resume=True but there is no {state_path}")
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
+    if st is not None:
         # strict copy INTO the existing tensors (load_weights would assign new ones, orphaning the optimizer's)
         raw.load_state_dict(st["model"], strict=True)  # codebooks and EMA buffers included
         opt.load_state_dict(st["optimizer"])
         if (disc is None) != (st.get("disc") is None):
-            raise ValueError(f"{state_path} was written with gan_start={st['config']['gan_start']}, this run has "
-                             f"gan_start={cfg.gan_start}: the discriminator state does not match")
+            raise UserError(f"{state_path} was written with gan_start={st['config']['gan_start']}, this run has "
+                            f"gan_start={cfg.gan_start}: the discriminator state does not match")
         if disc is not None:
             disc.load_state_dict(st["disc"])
             d_opt.load_state_dict(st["disc_optimizer"])
         if len(st["rng"]) != ctx.world:
-            raise ValueError(f"{state_path} has RNG states for {len(st['rng'])} processes, this run has "
-                             f"{ctx.world}: exact resume needs the same world size")
+            raise UserError(f"{state_path} has RNG states for {len(st['rng'])} processes, this run has "
+                            f"{ctx.world}: exact resume needs the same world size")
         tu.set_rng_state(st["rng"][ctx.rank])
         step, consumed = st["step"], st["consumed"]
     batches = batch_stream(train_ds, cfg, ctx, consumed)
@@ -395,7 +418,7 @@ def train(cfg):
         logger.log(event="start", step=step, params=n_params, trainable=n_train, world=ctx.world,
                    lpips=lpips_msg, config=config_dict(cfg))
     last_layer = raw.decoder.conv_out.weight  # where the adaptive weight compares gradients
-    last_good = step if cfg.resume else None
+    last_good = step if st is not None else None
 
     def checkpoint():
         nonlocal last_good
@@ -494,7 +517,7 @@ def train(cfg):
         step += 1
         seen += cfg.batch_size
         bar.update(1)
-        if master and (step % cfg.log_interval == 0 or step == last_step):
+        if master and (tu.every(step, cfg.log_interval) or step == last_step):
             dt = time.time() - t0
             stats = {f"{q}_{s}": [round(v, 4) for v in out.stats[q][s].tolist()]
                      for q in out.stats for s in ("usage", "perplexity")}
@@ -502,11 +525,11 @@ def train(cfg):
                        **sums, **stats)  # loss terms: rank 0's share, averaged over micro-steps
             bar.set_postfix(loss=f"{sums['total']:.3f}", rec=f"{sums['rec_mse']:.4f}", img_s=f"{seen / dt:.0f}")
             logger.log(event="train", **row)
-        if master and cfg.image_interval and (step % cfg.image_interval == 0 or step == last_step):
+        if master and cfg.image_interval and (tu.every(step, cfg.image_interval) or step == last_step):
             save_grid(x, out.recon, os.path.join(cfg.out_dir, "samples", f"step_{step:06d}.png"))
-        if step % cfg.ckpt_interval == 0 or step == last_step:
+        if tu.every(step, cfg.ckpt_interval) or step == last_step:
             checkpoint()
-        if step % cfg.eval_interval == 0 or step == last_step:
+        if tu.every(step, cfg.eval_interval) or step == last_step:
             result = run_eval()
     bar.close()
     if master and result is not None:
@@ -535,5 +558,9 @@ def batch_stream(ds, cfg, ctx, consumed):
     return iter(loader)
 
 
+def main(argv):
+    return train(parse_config(TrainTokenizerConfig(), argv))
+
+
 if __name__ == "__main__":
-    train(parse_config(TrainTokenizerConfig()))
+    run_main(main)

@@ -3,7 +3,9 @@ Training mechanics shared by train_siglip.py, train_tokenizer.py and train_mllm.
 
 Nothing here knows about a model: process setup (DDP from the environment), precision, the learning
 rate schedule, optimizer groups, exact resume (RNG + data position), crash-safe checkpoint writes, a
-JSONL log and a NaN guard. Each helper states the convention it follows so the three trainers agree.
+JSONL log, a NaN guard, and the checks that keep a user's mistake from costing a model (config values
+before any work, an out_dir that already holds one, a resume with another config). Each helper states the
+convention it follows so the three trainers agree.
 """
 import contextlib
 import json
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from configurator import UserError
 
 
 def default_device():
@@ -76,8 +80,8 @@ def grad_accum_steps(global_batch, micro_batch, world):
     on 1 GPU and on 8 GPUs takes the same optimizer steps."""
     per_step = micro_batch * world
     if global_batch <= 0 or micro_batch <= 0 or global_batch % per_step:
-        raise ValueError(f"global batch {global_batch} is not a positive multiple of micro batch "
-                         f"{micro_batch} x world size {world} = {per_step}")
+        raise UserError(f"global batch {global_batch} is not a positive multiple of micro batch "
+                        f"{micro_batch} x world size {world} = {per_step}")
     return global_batch // per_step
 
 
@@ -247,3 +251,99 @@ class ShardedSampler:
             raise ValueError(f"sampler state is for n={state['n']} seed={state['seed']}, this sampler "
                              f"has n={self.n} seed={self.seed}: resuming would not continue the stream")
         self.epoch, self.pos = state["epoch"], state["pos"]
+
+
+# -----------------------------------------------------------------------------
+# a user's mistake must never cost a model: config checks, the out_dir guard, resume against the saved config
+
+# The config keys a resume may change: when and how often things happen, where, on what hardware, what the
+# held-out evaluation covers and how it samples. Every other key changes the model, the objective or the
+# training data stream, so a resume that changes it is refused by name. (cfg_scale ... top_p are
+# mllm.SAMPLING_KEYS, the evaluation's image sampler; `tokenizer` is a path whose content train_mllm checks
+# by hash; train_mllm's code cache refuses an eval_size / eval_data it was not built with.)
+RESUME_MAY_CHANGE = frozenset({
+    "max_steps", "stop_step", "resume", "overwrite", "out_dir", "cache_dir", "prepare", "prepare_batch",
+    "log_interval", "eval_interval", "ckpt_interval", "sample_interval", "image_interval",
+    "eval_size", "eval_data", "eval_batch", "eval_qa", "eval_gen", "device", "dtype", "compile", "threads",
+    "num_workers", "cfg_scale", "temperature", "fine_temperature", "top_k", "top_p", "tokenizer"})
+
+# the files whose presence means an out_dir holds a model (or a run that can be resumed)
+MODEL_FILES = ("train_state.pt", "model.safetensors")
+
+INTERVAL_KEYS = ("log_interval", "eval_interval", "ckpt_interval", "sample_interval", "image_interval")
+
+
+def every(step, interval):
+    """True when `step` is a multiple of `interval`; interval 0 means never (the trainers still log,
+    checkpoint and evaluate at their last step)."""
+    return interval > 0 and step % interval == 0
+
+
+def check_train_config(cfg):
+    """The checks every trainer's config gets before any work starts (fields a config lacks are skipped):
+    step counts and batch sizes positive, intervals >= 0 (0 = only at the last step), stop_step within
+    the schedule."""
+    def need(key, ok, what):
+        if hasattr(cfg, key) and not ok(getattr(cfg, key)):
+            raise UserError(f"--{key}={getattr(cfg, key)!r}: {what}")
+    need("max_steps", lambda v: v >= 1, "need at least 1 step")
+    need("stop_step", lambda v: 0 <= v <= cfg.max_steps, f"need 0 (run to max_steps) .. max_steps={cfg.max_steps}")
+    for k in ("batch_size", "micro_batch", "eval_batch", "prepare_batch", "train_size"):
+        need(k, lambda v: v >= 1, "need >= 1")
+    for k in INTERVAL_KEYS:
+        need(k, lambda v: v >= 0, "need >= 1, or 0 for off (the last step still logs, saves and evaluates)")
+    need("warmup", lambda v: v >= 0, "need >= 0")
+    need("threads", lambda v: v >= 0, "need >= 0 (0: torch's default)")
+
+
+def require_path(value, key, kind="dir", hint=""):
+    """A path the run cannot start without: refuse it now, naming the key, not after minutes of work."""
+    ok = {"dir": os.path.isdir, "file": os.path.isfile, "any": os.path.exists}[kind]
+    if not value or not ok(value):
+        what = {"dir": "a folder", "file": "a file", "any": "a file or folder"}[kind]
+        got = "is empty" if not value else ("does not exist" if not os.path.exists(value) else f"is not {what}")
+        raise UserError(f"--{key}={value!r} {got}: need {what}" + (f"; {hint}" if hint else ""))
+
+
+def guard_out_dir(cfg):
+    """Training into an out_dir that already holds a model needs --resume=True (continue it) or
+    --overwrite=True (replace it): a finished model is never replaced by accident."""
+    if cfg.resume or getattr(cfg, "overwrite", False):
+        return
+    found = [f for f in MODEL_FILES if os.path.isfile(os.path.join(cfg.out_dir, f))]
+    if found:
+        raise UserError(f"out_dir {cfg.out_dir!r} already holds a model ({', '.join(found)}): pass --resume=True "
+                        f"to continue it, --overwrite=True to replace it, or another --out_dir")
+
+
+def _plain(v):
+    """Config values as JSON sees them, so a tuple in the new config equals the list a checkpoint kept."""
+    return json.loads(json.dumps(v))
+
+
+def config_changes(saved, new):
+    """Keys outside RESUME_MAY_CHANGE whose value differs between a checkpoint's config and this run's:
+    {key: (saved, new)}. A key only one side has (a field added to the code since) is not compared."""
+    return {k: (_plain(saved[k]), _plain(v)) for k, v in new.items()
+            if k in saved and k not in RESUME_MAY_CHANGE and _plain(saved[k]) != _plain(v)}
+
+
+def load_train_state(path, cfg, map_location="cpu"):
+    """train_state.pt for --resume=True: present, readable (a damaged file is named, not a zip-reader
+    traceback) and written with the same model / objective / data config as this run."""
+    from configurator import config_dict
+    if not os.path.isfile(path):
+        raise UserError(f"--resume=True but there is no {path} (train without --resume first)")
+    try:
+        st = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a truncated / damaged file: zip, pickle or storage errors
+        first = str(e).split(". ")[0]  # torch appends a paragraph of advice
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {first}); it is damaged or not a train_state.pt") from None
+    if not isinstance(st, dict) or "model" not in st:
+        raise UserError(f"{path} is not a train_state.pt written by these trainers")
+    diff = config_changes(st.get("config") or {}, config_dict(cfg))
+    if diff:
+        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in sorted(diff.items())))
+        raise UserError(f"--resume=True with a config that changes the model or the data stream ({shown}; "
+                        f"saved in {path}): resume with the saved values, or train into a new --out_dir")
+    return st
