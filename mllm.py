@@ -104,6 +104,13 @@ class MLLMConfig:
     # 2026-11-30: the held-out code loss did not change when the colour word was swapped); hiding some
     # inputs makes the caption the model's source at every patch, and its own imperfect samples less binding
     gen_input_drop: float = 0.0
+    # gen_caption_loss w > 0 (not in the paper): every position of an image being generated also predicts
+    # which words its caption holds (a multi-label BCE through a small linear head, weight w). Measured on the
+    # shapes preset (docs/experiments.md, 2026-11-30): the caption's colour was fully readable from the
+    # state at <image_gen_start> (linear probe 1.00) and absent from the state that predicts an object's
+    # first patch (0.16, chance), so the drawn colour was a guess; this term asks each image position to
+    # carry the caption, which the depth heads can then use
+    gen_caption_loss: float = 0.0
     # loss weights (paper: unweighted sum)
     text_loss_weight: float = 1.0
     pix_loss_weight: float = 1.0
@@ -434,6 +441,7 @@ class MLLM(nn.Module):
         self.gen_drop = nn.Parameter(torch.zeros(C)) if cfg.gen_input_drop > 0 else None
         self.pix_head = DepthHead(cfg, cfg.pix_vocab, cfg.pix_dim, cfg.pix_depth)
         self.sem_head = DepthHead(cfg, cfg.sem_vocab, cfg.sem_dim, cfg.sem_depth) if cfg.gen_sem else None
+        self.cap_head = nn.Linear(C, cfg.vocab_size) if cfg.gen_caption_loss > 0 else None
         self.apply(self._init_weights)
         if self.vis_out_norm is not None:
             nn.init.constant_(self.vis_out_norm.weight, cfg.vis_gain)
@@ -603,7 +611,37 @@ class MLLM(nn.Module):
                     sem = self._depth_loss(self.sem_head, self.sem_book, hs, sem_codes[rows])
         loss = cfg.text_loss_weight * text + cfg.pix_loss_weight * pix + cfg.sem_loss_weight * sem
         self.loss_parts = dict(text=text.detach(), pix=pix.detach(), sem=sem.detach())
+        if self.cap_head is not None:
+            cap = self._caption_loss(idx, h, image_mask, attention_mask, gen_mask)
+            loss = loss + cfg.gen_caption_loss * cap
+            self.loss_parts["cap"] = cap.detach()
         return logits, loss
+
+    def caption_words(self, idx, image_mask, attention_mask, gen_mask):
+        """(B, T) -> (B, V) multi-hot of the non-special tokens before each row's first generated image
+        position (its caption; all zero for a row without one)."""
+        cfg = self.config
+        B, T = idx.shape
+        t = torch.arange(T, device=idx.device)
+        g = gen_mask.bool() & image_mask.bool()
+        first = torch.where(g, t, T).min(1).values  # (B,) T where the row generates nothing
+        txt = (t < first[:, None]) & ~image_mask.bool() & g.any(1, keepdim=True)
+        if attention_mask is not None:
+            txt &= attention_mask.bool()
+        special = [i for i in (cfg.pad_id, cfg.bos_id, cfg.eos_id, cfg.im_start_id, cfg.im_end_id,
+                               cfg.image_gen_start_id, cfg.image_gen_end_id) if i is not None]
+        txt &= ~torch.isin(idx, torch.tensor(special, device=idx.device))
+        return torch.zeros(B, cfg.vocab_size, device=idx.device).scatter_add_(1, idx, txt.float()).clamp_(max=1)
+
+    def _caption_loss(self, idx, h, image_mask, attention_mask, gen_mask):
+        """Mean BCE of every generated image position's caption-word prediction (gen_caption_loss)."""
+        if image_mask is None or gen_mask is None:
+            return h.new_zeros(())
+        g = gen_mask.bool() & image_mask.bool()  # (B, T)
+        if not g.any():
+            return h.new_zeros(())
+        y = self.caption_words(idx, image_mask, attention_mask, gen_mask)[g.nonzero()[:, 0]]  # (M, V)
+        return F.binary_cross_entropy_with_logits(self.cap_head(h[g]).float(), y)
 
     @staticmethod
     def _depth_loss(head, book, hs, codes):

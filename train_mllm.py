@@ -81,6 +81,7 @@ class TrainMLLMConfig:
     gen_sem: bool = True             # False: generated images carry pixel codes only (mllm.MLLMConfig)
     head_code_logits: bool = False   # True: depth heads score codes by distance to the frozen books (mllm)
     gen_input_drop: float = 0.0      # > 0: hide that share of a generated image's input codes in training (mllm)
+    gen_caption_loss: float = 0.0    # > 0: generated image positions also predict their caption's words (mllm)
     # what trains: "all", "input" (vis_in only), "output" (pix/sem depth heads only)
     trainable: str = "all"
     mix: tuple = (0.4, 0.1, 0.5)     # und, cap, gen shares of each micro-batch (rounded to counts)
@@ -437,7 +438,8 @@ def _build_model(cfg, tok, dual, thash=None):
                sem_vocab=q.vq_sem.codebook_size, sem_dim=q.vq_sem.code_dim, sem_depth=q.vq_sem.depth,
                head_n_layer=cfg.head_n_layer, head_n_embd=cfg.head_n_embd, head_n_head=cfg.head_n_head,
                vis_norm=cfg.vis_norm, vis_gain=cfg.vis_gain, image_pos=cfg.image_pos, gen_sem=cfg.gen_sem,
-               head_code_logits=cfg.head_code_logits, gen_input_drop=cfg.gen_input_drop)
+               head_code_logits=cfg.head_code_logits, gen_input_drop=cfg.gen_input_drop,
+               gen_caption_loss=cfg.gen_caption_loss)
     if cfg.init_from:
         model = MLLM.from_pretrained(cfg.init_from, new_tokens=IMAGE_TOKENS, **vis)
         mc = model.config
@@ -775,7 +777,7 @@ def train(cfg):
                 raise FloatingPointError(msg) from None
             (loss / accum).backward()
             for k, v in terms.items():
-                sums[k] += float(v) / accum
+                sums[k] = sums.get(k, 0.0) + float(v) / accum
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in raw.parameters() if p.requires_grad], cfg.grad_clip)
         opt.step()

@@ -543,3 +543,31 @@ def test_gen_input_drop_hides_generated_inputs_in_training_only():
     assert 2 <= int(hidden.sum()) <= 14  # about half of 16 (seeded)
     pos = mllm.image_positions(img)
     torch.testing.assert_close(x[hidden], m.gen_drop + m.image_pos[pos[hidden]])
+
+
+def test_gen_caption_loss_targets_the_caption_words_of_generated_rows():
+    """gen_caption_loss: the multi-hot holds exactly the caption's non-special words for a generation row and
+    nothing for an understanding row; the term trains the generated image positions (and the trunk under
+    them) and is zero where a batch has no generated image; the default adds no head (paper layout)."""
+    assert tiny_model().cap_head is None and not any(k.startswith("cap_head") for k in tiny_model().state_dict())
+    m = tiny_model(gen_caption_loss=1.0, image_pos=4).train()
+    cfg = m.config
+    seq = [build_sequence(cfg, [("und", 4), [65, 66]]), build_sequence(cfg, [[67, 68, 67], ("gen", 4), [cfg.eos_id]])]
+    b = collate(cfg, seq)  # left-padded: row 0 is longer
+    words = m.caption_words(b["idx"], b["image_mask"], b["attention_mask"], b["gen_mask"])
+    assert words[0].sum() == 0 and words[1].nonzero().flatten().tolist() == [67, 68]
+    p, s = random_codes(cfg, 8)
+    t = make_targets(b["idx"], b["image_mask"], b["attention_mask"])
+    _, loss = m(b["idx"], t, image_mask=b["image_mask"], attention_mask=b["attention_mask"], gen_mask=b["gen_mask"],
+                pix_codes=p, sem_codes=s)
+    assert float(m.loss_parts["cap"]) > 0
+    m.cap_head.weight.grad = None
+    m.loss_parts["cap"].requires_grad_(False)
+    cap = m._caption_loss(b["idx"], m.trunk(m.embed_inputs(b["idx"], b["image_mask"], p, s, b["gen_mask"]),
+                                            b["attention_mask"]), b["image_mask"], b["attention_mask"], b["gen_mask"])
+    cap.backward()
+    assert m.cap_head.weight.grad.abs().sum() > 0 and m.embed.weight.grad[67].abs().sum() > 0
+    und = collate(cfg, [seq[0]])
+    zero = m._caption_loss(und["idx"], torch.zeros(*und["idx"].shape, cfg.n_embd), und["image_mask"],
+                           und["attention_mask"], und["gen_mask"])
+    assert float(zero) == 0.0
