@@ -309,6 +309,34 @@ def to_image(x):
     return x.movedim(-3, -1).cpu().numpy()  # (..., H, W, 3)
 
 
+def grid_png(rows, path, labels=None, pad=2, scale=1):
+    """rows: list of lists of uint8 (H, W, 3) arrays -> one PNG, white padding; labels: one caption per row
+    written under it with PIL's default font (long captions are wrapped). scale: each image enlarged by that
+    integer factor, nearest neighbour (every pixel stays a crisp square a person can check). The one grid
+    writer: sample.py's grids, and the trainers' samples/step_*.png (two rows, pad=0)."""
+    from PIL import Image, ImageDraw
+    if scale > 1:
+        rows = [[np.repeat(np.repeat(im, scale, 0), scale, 1) for im in r] for r in rows]
+    H, W = rows[0][0].shape[:2]
+    ncol = max(len(r) for r in rows)
+    width = ncol * (W + pad) + pad
+    line_h, chars = 12, max(8, width // 6)
+    wrapped = [[]] * len(rows) if labels is None else \
+        [[lab[i:i + chars] for i in range(0, len(lab), chars)] or [""] for lab in labels]
+    heights = [H + pad + len(w) * line_h for w in wrapped]
+    canvas = Image.new("RGB", (width, sum(heights) + pad), (255, 255, 255))
+    draw, y = ImageDraw.Draw(canvas), pad
+    for row, text, h in zip(rows, wrapped, heights):
+        for j, img in enumerate(row):
+            canvas.paste(Image.fromarray(img), (pad + j * (W + pad), y))
+        for k, line in enumerate(text):
+            draw.text((pad, y + H + 1 + k * line_h), line, fill=(0, 0, 0))
+        y += h
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+    return path
+
+
 class ShapesDataset(torch.utils.data.Dataset):
     """Item i is world.sample(split, i): the image as a [-1, 1] tensor plus caption, qa and objects.
     transform, when given, receives a PIL image (as for real data) and returns the tensor."""

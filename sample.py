@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import data
+from metrics import psnr
 from mllm import sampling_settings
 import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
@@ -100,32 +101,6 @@ def read_image(path, R):
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on broken files
         raise UserError(f"cannot decode the image {path} ({type(e).__name__}: {e})") from None
 
-
-def grid_png(rows, path, labels=None, pad=2, scale=1):
-    """rows: list of lists of uint8 (H, W, 3) arrays -> one PNG, white padding; labels: one caption per row
-    written under it with PIL's default font (long captions are wrapped). scale: each image enlarged by that
-    integer factor, nearest neighbour (every pixel stays a crisp square a person can check)."""
-    from PIL import Image, ImageDraw
-    if scale > 1:
-        rows = [[np.repeat(np.repeat(im, scale, 0), scale, 1) for im in r] for r in rows]
-    H, W = rows[0][0].shape[:2]
-    ncol = max(len(r) for r in rows)
-    width = ncol * (W + pad) + pad
-    line_h, chars = 12, max(8, width // 6)
-    wrapped = [[]] * len(rows) if labels is None else \
-        [[lab[i:i + chars] for i in range(0, len(lab), chars)] or [""] for lab in labels]
-    heights = [H + pad + len(w) * line_h for w in wrapped]
-    canvas = Image.new("RGB", (width, sum(heights) + pad), (255, 255, 255))
-    draw, y = ImageDraw.Draw(canvas), pad
-    for row, text, h in zip(rows, wrapped, heights):
-        for j, img in enumerate(row):
-            canvas.paste(Image.fromarray(img), (pad + j * (W + pad), y))
-        for k, line in enumerate(text):
-            draw.text((pad, y + H + 1 + k * line_h), line, fill=(0, 0, 0))
-        y += h
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    canvas.save(path)
-    return path
 
 # -----------------------------------------------------------------------------
 # the MLLM side: loading, text <-> ids, prompts, codes <-> images
@@ -239,7 +214,6 @@ class ReconstructConfig(Common):
 
 @torch.no_grad()
 def reconstruct(cfg):
-    from eval import psnr
     device = _device(cfg)
     model = load_tokenizer(cfg, device)
     R = model.config.siglip.vision.image_size
@@ -280,7 +254,7 @@ def reconstruct(cfg):
         print(f"skipped {len(bad)} of {len(files)} files under {cfg.images} that do not decode, e.g. {bad[0]}")
     if not results:
         raise UserError(f"--images={cfg.images!r}: none of its {len(files)} image files decodes")
-    grid = grid_png(rows, os.path.join(cfg.out_dir, "reconstruct.png"))
+    grid = data.grid_png(rows, os.path.join(cfg.out_dir, "reconstruct.png"))
     info = dict(job="reconstruct", grid=grid, resolution=R, mean_psnr=sum(r["psnr"] for r in results) / len(results),
                 images=results, config=config_dict(cfg))
     with open(os.path.join(cfg.out_dir, "reconstruct.json"), "w") as f:
@@ -329,7 +303,7 @@ def generate(cfg):
         Image.fromarray(a).save(files[-1])
     n = cfg.num_per_caption
     scale = cfg.grid_scale or max(1, -(-144 // arr.shape[1]))  # 48 px -> x3
-    grid = grid_png([list(arr[i * n:(i + 1) * n]) for i in range(len(caps))], os.path.join(cfg.out_dir, "generate.png"),
+    grid = data.grid_png([list(arr[i * n:(i + 1) * n]) for i in range(len(caps))], os.path.join(cfg.out_dir, "generate.png"),
                     labels=caps, scale=scale)
     info = dict(job="generate", grid=grid, captions=caps, images=files, sampling=settings,
                 mllm=cfg.mllm, tokenizer=cfg.tokenizer, device=device, config=config_dict(cfg))

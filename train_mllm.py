@@ -613,14 +613,14 @@ def evaluate(raw, tok, dual, cache, cfg, n_qa, n_gen):
 
 def save_samples(raw, tok, dual, cache, cfg, path, n=8):
     """Top: the tokenizer's decoding of the held-out image's cached codes; bottom: drawn from its caption."""
-    from train_tokenizer import save_grid
+    import data
     was = raw.training
     raw.eval()
     idx = list(range(min(n, len(cache))))
     truth = torch.cat([dual.decode(_codes(cache, i)[0].view(1, dual.config.grid, dual.config.grid, -1)
                                    .to(next(dual.parameters()).device)).cpu() for i in idx])
     ims = draw(raw, tok, dual, [cache.records[i]["caption"] for i in idx], cfg, cfg.seed + 1, n)
-    save_grid(truth, ims, path, n=n)
+    data.grid_png([list(data.to_image(truth)), list(data.to_image(ims))], path, pad=0)
     pairs = qa_pairs(cache, 4, seed=1)
     pred = answer(raw, tok, cache, pairs, 4)
     raw.train(was)
