@@ -36,7 +36,7 @@ import torch
 import checker
 import data
 from metrics import psnr, ssim
-from mllm import sampling_settings
+from mllm import generate_images, image_codes, load_pair, qa_prompt, sampling_settings
 import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
 
@@ -419,7 +419,6 @@ def _scores(pred, truth, groups):
 def _answers(model, codec, rows, pix, sem, cfg, autocast, desc):
     """Greedy answers to rows (image index i, question, answer), question reading image row i of pix / sem."""
     from tqdm import tqdm
-    from sample import qa_prompt
     pred = []
     for k in tqdm(range(0, len(rows), cfg.batch_size), desc=desc, dynamic_ncols=True):
         chunk = rows[k:k + cfg.batch_size]
@@ -442,7 +441,6 @@ def qa_eval(model, codec, tok, samples, cfg, device, autocast, train_qa=()):
       image's codes (derangement seeded by cfg.seed). A model that reads the image falls to about the
       blind baseline; one that answers from the question alone stays at "qa" (+ note with one image);
     "qa_blind": accuracy, n, by_type {type: {accuracy, n}}: no model, blind_baseline's answers."""
-    from sample import image_codes
     rows = [(i, q, a) for i, s in enumerate(samples) for q, a in s["qa"]]
     codes = []
     for k in range(0, len(samples), cfg.batch_size):
@@ -495,7 +493,6 @@ def _judge(images, objects):
 @torch.no_grad()
 def gen_eval(model, codec, tok, samples, cfg, device, autocast, sampling):
     """Generate from the captions and judge: checker.score_images' keys plus false_objects, missed_cells."""
-    from sample import generate_images
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     with autocast:
         imgs, _ = generate_images(model, tok, codec, [s["caption"] for s in samples], g, cfg.batch_size, **sampling)
@@ -559,7 +556,6 @@ def code_structure(tok, samples, cfg, device, autocast):
 
 
 def eval_mllm(cfg):
-    from sample import load_pair
     for k in ("qa_images", "gen_captions", "holdout_images"):
         if getattr(cfg, k) < 0:
             raise UserError(f"--{k}={getattr(cfg, k)}: need >= 0 (0 skips that part)")
@@ -567,7 +563,7 @@ def eval_mllm(cfg):
         raise UserError("--qa_images=0 and --gen_captions=0: nothing to evaluate (0 skips one part, not both)")
     t0 = time.time()
     device = cfg.device or tu.default_device()
-    model, codec, tok, info = load_pair(cfg, device)
+    model, codec, tok, info = load_pair(cfg, device, lambda path: load_tokenizer(path, cfg.siglip_config, device))
     R = tok.config.siglip.vision.image_size
     if not cfg.holdout_pairs and info.get("holdout_pairs"):  # the pairs the MLLM was trained without
         cfg.holdout_pairs = tuple(tuple(p) for p in info["holdout_pairs"])

@@ -17,6 +17,7 @@ import eval as ev
 import metrics
 import mllm
 import sample
+import text
 from conftest import ROOT
 
 # -----------------------------------------------------------------------------
@@ -324,17 +325,17 @@ def test_object_errors():
 
 @pytest.fixture(scope="module")
 def tiny_mllm(tiny_tok):
-    """A tiny MLLM written the way train_mllm.py writes its out_dir (build_model + export)."""
+    """A tiny MLLM written the way train_mllm.py writes its out_dir (build_model + mllm.export)."""
     import train_mllm
     from tokenizer import DualToken
     torch.manual_seed(0)
     dual = DualToken.from_pretrained(str(tiny_tok / "tok"))
     cfg = train_mllm.TrainMLLMConfig(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, intermediate_size=64,
                                      head_n_layer=1)
-    raw = train_mllm.build_model(cfg, train_mllm.PromptTokenizer("bytes"), dual)
+    raw = train_mllm.build_model(cfg, text.PromptTokenizer("bytes"), dual)
     out = tiny_tok / "mllm"
-    train_mllm.export(raw, str(out), dict(tokenizer=str(tiny_tok / "tok"), text_tokenizer="bytes",
-                                          tokenizer_hash=train_mllm.tokenizer_hash(dual)))
+    mllm.export(raw, str(out), dict(tokenizer=str(tiny_tok / "tok"), text_tokenizer="bytes",
+                                    tokenizer_hash=mllm.tokenizer_hash(dual)))
     return out
 
 
