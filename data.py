@@ -1,6 +1,7 @@
 """
 Data for every stage: the built-in shapes world (our shakespeare_char for images + text), real-data
-loaders and the image transforms. The world's checker, which reads an image back, is checker.py.
+loaders, the image transforms and the grid writer. The world's checker, which reads an image back, is
+checker.py.
 
 Shapes world: procedurally rendered RGB images of 1..N flat-coloured objects on a light background.
 Every sample carries its attributes, a caption and question/answer pairs, so each stage has an
@@ -639,11 +640,10 @@ def _int_arg(argv, i, name, default):
 
 
 def main(argv):
-    # python data.py [n]: a look at the shapes world and the numbers behind the README row: sampling
-    # speed, and the checker's accuracy on n val renders, clean and mildly degraded.
+    # python data.py [n]: a look at the shapes world and its sampling speed on n val renders (the checker's
+    # accuracy on them: python checker.py [n]).
     import time
 
-    from checker import describe, objects_match
     if argv and argv[0] == "export":
         # python data.py export DIR [n] [size]: n held-out val images (size px, default 64) as PNG + same-name
         # .txt captions (an ImageCaptionDataset folder) + captions.txt (one per line) + questions.jsonl, to
@@ -679,23 +679,9 @@ def main(argv):
         s = world.sample("train", i)
         print(f"{s['caption']!r}\n  " + "; ".join(f"{q} {a}" for q, a in s["qa"]))
     t0 = time.perf_counter()
-    samples = [world.sample("val", i) for i in range(n)]
+    for i in range(n):
+        world.sample("val", i)
     print(f"sample(): {n / (time.perf_counter() - t0):.0f} samples/s (render + caption + qa)")
-
-    def blur(x):  # separable [1, 2, 1] / 4, edge padded
-        p = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
-        H, W, k = x.shape[0], x.shape[1], (0.25, 0.5, 0.25)
-        return sum(k[a] * k[b] * p[a:a + H, b:b + W] for a in range(3) for b in range(3))
-
-    rng = np.random.default_rng(0)
-    for name, f in (("clean", lambda x: x), ("blur [1,2,1]", blur), ("blur twice", lambda x: blur(blur(x))),
-                    ("noise sd 10", lambda x: x + rng.normal(0, 10, x.shape)),
-                    ("blur + noise sd 8", lambda x: blur(x) + rng.normal(0, 8, x.shape))):
-        t0 = time.perf_counter()
-        ok = sum(objects_match(describe(np.clip(f(s["image"].astype(np.float32)), 0, 255)), s["objects"])
-                 ["all_correct"] for s in samples)
-        print(f"describe, {name:18s}: all attributes right on {ok / n:.3f} of {n} val images "
-              f"({n / (time.perf_counter() - t0):.0f} images/s)")
 
 
 if __name__ == "__main__":
