@@ -106,11 +106,11 @@ def text_tokenizer(spec, data_name, folders):
                     f"in {[f for f in folders if f]}")
 
 
-def zero_shot(image_emb, labels, text_model, tok, classes, templates, batch_size=256):
+def zero_shot(image_emb, labels, text_model, text_tok, classes, templates, batch_size=256):
     """Prompt-ensembled zero-shot (CLIP / spec section 5): per class the mean normalised text embedding of
     every template, top-k of the cosine with the image embedding. -> {"top1": .., "top5": ..}."""
     from siglip import zero_shot_accuracy, zero_shot_classifier
-    clf = zero_shot_classifier(text_model, tok, list(classes), list(templates), batch_size=batch_size)
+    clf = zero_shot_classifier(text_model, text_tok, list(classes), list(templates), batch_size=batch_size)
     topk = (1, 5) if len(classes) >= 5 else (1,)
     return {f"top{k}": v for k, v in zero_shot_accuracy(image_emb.float(), clf.float().cpu(), labels, topk).items()}
 
@@ -266,11 +266,11 @@ def eval_tokenizer(cfg):
     elif text_model is None:
         zs["note"] = "unavailable: the tokenizer has no text tower and no --teacher was given"
     else:
-        tok, zs["text_tokenizer"] = text_tokenizer(cfg.text_tokenizer, cfg.data,
+        text_tok, zs["text_tokenizer"] = text_tokenizer(cfg.text_tokenizer, cfg.data,
                                                    [cfg.teacher, cfg.siglip_config, cfg.tokenizer])
         for m in (text_model, teacher):
-            if m is not None and m.text is not None and tok.vocab_size > m.config.text.vocab_size:
-                raise UserError(f"text tokenizer {zs['text_tokenizer']!r} has {tok.vocab_size} ids but the text "
+            if m is not None and m.text is not None and text_tok.vocab_size > m.config.text.vocab_size:
+                raise UserError(f"text tokenizer {zs['text_tokenizer']!r} has {text_tok.vocab_size} ids but the text "
                                 f"tower's vocabulary has {m.config.text.vocab_size}: pass --text_tokenizer= the "
                                 f"tokenizer the SigLIP was trained with")
         q_emb, t_emb, labels = [], [], []
@@ -284,11 +284,11 @@ def eval_tokenizer(cfg):
         labels = torch.cat(labels)
         bs = max(cfg.batch_size, 64)
         zs.update({f"quantized_{k}": v for k, v in
-                   zero_shot(torch.cat(q_emb), labels, text_model, tok, classes, templates, bs).items()})
+                   zero_shot(torch.cat(q_emb), labels, text_model, text_tok, classes, templates, bs).items()})
         if teacher is not None:
             t_text = teacher if teacher.text is not None else text_model
             zs.update({f"teacher_{k}": v for k, v in
-                       zero_shot(torch.cat(t_emb), labels, t_text, tok, classes, templates, bs).items()})
+                       zero_shot(torch.cat(t_emb), labels, t_text, text_tok, classes, templates, bs).items()})
         else:
             zs["teacher_note"] = "skipped: no --teacher (the original SigLIP folder) given"
         zs["n_images"] = len(labels)
@@ -416,7 +416,7 @@ def _scores(pred, truth, groups):
 
 
 @torch.no_grad()
-def _answers(model, codec, rows, pix, sem, cfg, autocast, desc):
+def _answers(model, text_tok, rows, pix, sem, cfg, autocast, desc):
     """Greedy answers to rows (image index i, question, answer), question reading image row i of pix / sem."""
     from tqdm import tqdm
     pred = []
@@ -424,14 +424,14 @@ def _answers(model, codec, rows, pix, sem, cfg, autocast, desc):
         chunk = rows[k:k + cfg.batch_size]
         idx = torch.tensor([i for i, _, _ in chunk])
         with autocast:
-            out = model.generate_text([qa_prompt(codec, q) for _, q, _ in chunk], images=(pix[idx], sem[idx]),
+            out = model.generate_text([qa_prompt(text_tok, q) for _, q, _ in chunk], images=(pix[idx], sem[idx]),
                                       max_new_tokens=cfg.max_new_tokens, temperature=0.0)
-        pred += [codec.decode(o).strip() for o in out]
+        pred += [text_tok.decode(o).strip() for o in out]
     return pred
 
 
 @torch.no_grad()
-def qa_eval(model, codec, tok, samples, cfg, device, autocast, train_qa=()):
+def qa_eval(model, text_tok, image_tok, samples, cfg, device, autocast, train_qa=()):
     """Every question of every sample, greedy, exact match after strip, with the controls that say whether
     the model reads the image. train_qa: the train split's (question, answer) pairs (blind_baseline). ->
     "qa": accuracy, n, chance (mean over the questions of their type's chance; None if a type lacks one),
@@ -446,11 +446,11 @@ def qa_eval(model, codec, tok, samples, cfg, device, autocast, train_qa=()):
     for k in range(0, len(samples), cfg.batch_size):
         x = torch.stack([data.to_tensor(s["image"]) for s in samples[k:k + cfg.batch_size]]).to(device)
         with autocast:
-            codes.append([c.cpu() for c in image_codes(tok, x)])
+            codes.append([c.cpu() for c in image_codes(image_tok, x)])
     pix, sem = torch.cat([c[0] for c in codes]), torch.cat([c[1] for c in codes])  # (n, N, D)
     perm = torch.from_numpy(derangement(len(samples), cfg.seed))
-    pred = _answers(model, codec, rows, pix, sem, cfg, autocast, "qa")
-    shuffled = _answers(model, codec, rows, pix[perm], sem[perm], cfg, autocast, "qa shuffled images")
+    pred = _answers(model, text_tok, rows, pix, sem, cfg, autocast, "qa")
+    shuffled = _answers(model, text_tok, rows, pix[perm], sem[perm], cfg, autocast, "qa shuffled images")
     blind, chance = blind_baseline(train_qa, [q for _, q, _ in rows])
     truth = [a for _, _, a in rows]
     types = [question_type(q) for _, q, _ in rows]
@@ -491,41 +491,42 @@ def _judge(images, objects):
 
 
 @torch.no_grad()
-def gen_eval(model, codec, tok, samples, cfg, device, autocast, sampling):
+def gen_eval(model, text_tok, image_tok, samples, cfg, device, autocast, sampling):
     """Generate from the captions and judge: checker.score_images' keys plus false_objects, missed_cells."""
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     with autocast:
-        imgs, _ = generate_images(model, tok, codec, [s["caption"] for s in samples], g, cfg.batch_size, **sampling)
+        imgs, _ = generate_images(model, image_tok, text_tok, [s["caption"] for s in samples], g, cfg.batch_size,
+                                  **sampling)
     return _judge(data.to_image(imgs), [s["objects"] for s in samples])
 
 
 @torch.no_grad()
-def ceiling(tok, samples, cfg, device, autocast):
+def ceiling(image_tok, samples, cfg, device, autocast):
     """The checker on the tokenizer's own decoding of the true images (encode -> decode pixel codes): no
     generated image can score above what the decoder can draw. Same keys as gen_eval."""
     ims = []
     for k in range(0, len(samples), cfg.batch_size):
         x = torch.stack([data.to_tensor(s["image"]) for s in samples[k:k + cfg.batch_size]]).to(device)
         with autocast:
-            ims.append(data.to_image(tok.decode(tok.encode(x)[0]).float()))
+            ims.append(data.to_image(image_tok.decode(image_tok.encode(x)[0]).float()))
     return _judge(np.concatenate(ims), [s["objects"] for s in samples])
 
 
 @torch.no_grad()
-def code_structure(tok, samples, cfg, device, autocast):
+def code_structure(image_tok, samples, cfg, device, autocast):
     """How easy the pixel codes are to generate, on the shapes world (issue: generation-friendly codes).
     - depth_curve[d-1]: the checker on the decodings of only the first d pixel depths of the true codes
       (coarse to fine: what a generator gets right if only its first d depths are right);
     - background: on solid-background images, the patches with no object pixel: how many distinct full
       code stacks they get, against the number of background colours among them (1 stack per colour is
       ideal; a stack per patch means the codes carry noise the generator must reproduce)."""
-    P = tok.config.siglip.vision.patch_size
-    D = tok.config.vq_pix.depth
+    P = image_tok.config.siglip.vision.patch_size
+    D = image_tok.config.vq_pix.depth
     codes = []
     for k in range(0, len(samples), cfg.batch_size):
         x = torch.stack([data.to_tensor(s["image"]) for s in samples[k:k + cfg.batch_size]]).to(device)
         with autocast:
-            codes.append(tok.encode(x)[0].cpu())
+            codes.append(image_tok.encode(x)[0].cpu())
     codes = torch.cat(codes)  # (n, h, w, D)
     truth = [s["objects"] for s in samples]
     curve = []
@@ -534,8 +535,8 @@ def code_structure(tok, samples, cfg, device, autocast):
         for k in range(0, len(samples), cfg.batch_size):
             c = codes[k:k + cfg.batch_size, ..., :d].to(device)
             with autocast:
-                z = tok.quantizer_pix.embed_per_depth(c).sum(-2)  # (B, h, w, c): the first d depths only
-                ims.append(data.to_image(tok.decode_latent(z).float()))
+                z = image_tok.quantizer_pix.embed_per_depth(c).sum(-2)  # (B, h, w, c): the first d depths only
+                ims.append(data.to_image(image_tok.decode_latent(z).float()))
         sc = checker.score_images(np.concatenate(ims), truth)
         curve.append({k: sc[k] for k in ("all_correct", "count") + checker.ATTRS})
     stacks, colours, n_patches = set(), set(), 0
@@ -563,8 +564,9 @@ def eval_mllm(cfg):
         raise UserError("--qa_images=0 and --gen_captions=0: nothing to evaluate (0 skips one part, not both)")
     t0 = time.time()
     device = cfg.device or tu.default_device()
-    model, codec, tok, info = load_pair(cfg, device, lambda path: load_tokenizer(path, cfg.siglip_config, device))
-    R = tok.config.siglip.vision.image_size
+    model, text_tok, image_tok, info = load_pair(cfg, device,
+                                                 lambda path: load_tokenizer(path, cfg.siglip_config, device))
+    R = image_tok.config.siglip.vision.image_size
     if not cfg.holdout_pairs and info.get("holdout_pairs"):  # the pairs the MLLM was trained without
         cfg.holdout_pairs = tuple(tuple(p) for p in info["holdout_pairs"])
     world = data.ShapesWorld(data.ShapesConfig(image_size=R, max_objects=cfg.max_objects, seed=cfg.shapes_seed,
@@ -581,13 +583,13 @@ def eval_mllm(cfg):
         res["holdout_note"] = "skipped: no --holdout_pairs (train the MLLM with held-out colour-shape pairs first)"
     train_qa = [p for i in range(cfg.blind_samples) for p in world.sample("train", i)["qa"]]
     for split, n_qa, n_gen in splits:  # a count of 0 skips that part
-        r = qa_eval(model, codec, tok, [world.sample(split, i) for i in range(n_qa)], cfg, device, autocast,
+        r = qa_eval(model, text_tok, image_tok, [world.sample(split, i) for i in range(n_qa)], cfg, device, autocast,
                     train_qa) if n_qa else {}
         gen_samples = [world.sample(split, i) for i in range(n_gen)]
         if gen_samples:
-            r["tokenizer_ceiling"] = ceiling(tok, gen_samples, cfg, device, autocast)
+            r["tokenizer_ceiling"] = ceiling(image_tok, gen_samples, cfg, device, autocast)
             for name, sc in scales:
-                r[f"gen_{name}"] = dict(gen_eval(model, codec, tok, gen_samples, cfg, device, autocast,
+                r[f"gen_{name}"] = dict(gen_eval(model, text_tok, image_tok, gen_samples, cfg, device, autocast,
                                                  dict(sampler, cfg_scale=sc)), cfg_scale=sc)
         res[split] = r
     res.update(mllm=cfg.mllm, tokenizer=cfg.tokenizer, tokenizer_hash=info.get("tokenizer_hash"),

@@ -202,12 +202,13 @@ def generate(cfg):
     if cfg.num_per_caption < 1:
         raise UserError(f"--num_per_caption={cfg.num_per_caption}: need at least 1 image per caption")
     caps = text_or_file(cfg.captions, "captions")  # before loading models: a mistake costs no time
-    model, codec, tok, info = load_pair(cfg, device)
+    model, text_tok, image_tok, info = load_pair(cfg, device)
     flat = [c for c in caps for _ in range(cfg.num_per_caption)]
     sampling = sampling_settings(cfg, info)
     settings = dict(sampling, seed=cfg.seed, num_per_caption=cfg.num_per_caption)
     with tu.autocast_ctx(device, cfg.dtype):
-        imgs, _ = generate_images(model, tok, codec, flat, _generator(device, cfg.seed), cfg.batch_size, **sampling)
+        imgs, _ = generate_images(model, image_tok, text_tok, flat, _generator(device, cfg.seed), cfg.batch_size,
+                                  **sampling)
     from PIL import Image
     arr = data.to_image(imgs)  # (B, H, W, 3) uint8
     os.makedirs(os.path.join(cfg.out_dir, "images"), exist_ok=True)
@@ -252,15 +253,15 @@ def answer(cfg):
     if looks_like_path(cfg.question) and not cfg.question.endswith("?"):
         # one question, as text; a file name here is a mistake (a question may hold a '/', and ends in '?')
         raise UserError(f"--question={cfg.question!r} looks like a file path: --question takes one question as text")
-    model, codec, tok, _ = load_pair(cfg, device)
-    R = tok.config.siglip.vision.image_size
+    model, text_tok, image_tok, _ = load_pair(cfg, device)
+    R = image_tok.config.siglip.vision.image_size
     x = read_image(cfg.image, R)[None].to(device)  # (1, 3, R, R)
     with tu.autocast_ctx(device, cfg.dtype):
-        ids = model.generate_text([qa_prompt(codec, cfg.question)], images=image_codes(tok, x),
+        ids = model.generate_text([qa_prompt(text_tok, cfg.question)], images=image_codes(image_tok, x),
                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=_opt(cfg.top_k),
                                   top_p=cfg.top_p if 0 < cfg.top_p < 1 else None,
                                   generator=_generator(device, cfg.seed))[0]
-    text = codec.decode(ids).strip()
+    text = text_tok.decode(ids).strip()
     info = dict(job="answer", image=cfg.image, question=cfg.question, answer=text, config=config_dict(cfg))
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "answer.json"), "w") as f:

@@ -39,7 +39,8 @@ import torch
 
 import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
-from mllm import SAMPLING_KEYS, MLLM, MLLMConfig, build_sequence, collate, export, load_mllm, make_targets, tokenizer_hash
+from mllm import (SAMPLING_KEYS, MLLM, MLLMConfig, build_sequence, collate, export, load_mllm, make_targets,
+                  tokenizer_hash)
 from text import IMAGE_TOKENS, prompt_tokenizer
 
 KINDS = ("und", "cap", "gen")
