@@ -6,13 +6,14 @@ compares them with the objects a caption asked for, `score_images` does both for
 Why plain array code: a learned judge would share the failure modes of the models it judges. The world
 has no anti-aliasing and no noise, so colour (by hue), shape (by template fit in the bounding box),
 size and cell are all recoverable from a clean render (tests/test_data.py requires every attribute right
-on >= 99 % of clean renders and >= 97 % with blur and noise; `python data.py 1000` measures each case).
+on >= 99 % of clean renders and >= 97 % with blur and noise; `python checker.py 1000` measures each case).
 """
 import itertools
 
 import numpy as np
 
-from data import CELLS, COLORS, FILL, RADIUS, SHAPES, _shape_mask
+from configurator import UserError, run_main
+from data import CELLS, COLORS, FILL, RADIUS, SHAPES, ShapesConfig, ShapesWorld, _int_arg, _shape_mask
 
 ATTRS = ("color", "shape", "size", "cell")  # what objects_match compares
 
@@ -157,3 +158,35 @@ def objects_match(pred, truth):
     res["n_correct"] = sum(all(t[k] == p[k] for k in ATTRS) for t, p in pairs)
     res["all_correct"] = res["count"] and all(res[k] for k in ATTRS)
     return res
+
+
+def main(argv):
+    # python checker.py [n]: the numbers behind the README row: describe's accuracy on n val renders,
+    # clean and mildly degraded (here, not in data.py, which must not import this file).
+    import time
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments {argv[1:]} (python checker.py [N])")
+    n = _int_arg(argv, 0, "N", 1000)
+    if n < 1:
+        raise UserError(f"N={n}: need at least 1 image")
+    world = ShapesWorld(ShapesConfig())
+    samples = [world.sample("val", i) for i in range(n)]
+
+    def blur(x):  # separable [1, 2, 1] / 4, edge padded
+        p = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
+        H, W, k = x.shape[0], x.shape[1], (0.25, 0.5, 0.25)
+        return sum(k[a] * k[b] * p[a:a + H, b:b + W] for a in range(3) for b in range(3))
+
+    rng = np.random.default_rng(0)
+    for name, f in (("clean", lambda x: x), ("blur [1,2,1]", blur), ("blur twice", lambda x: blur(blur(x))),
+                    ("noise sd 10", lambda x: x + rng.normal(0, 10, x.shape)),
+                    ("blur + noise sd 8", lambda x: blur(x) + rng.normal(0, 8, x.shape))):
+        t0 = time.perf_counter()
+        ok = sum(objects_match(describe(np.clip(f(s["image"].astype(np.float32)), 0, 255)), s["objects"])
+                 ["all_correct"] for s in samples)
+        print(f"describe, {name:18s}: all attributes right on {ok / n:.3f} of {n} val images "
+              f"({n / (time.perf_counter() - t0):.0f} images/s)")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,6 +1,7 @@
 """
 Data for every stage: the built-in shapes world (our shakespeare_char for images + text), real-data
-loaders and the image transforms. The world's checker, which reads an image back, is checker.py.
+loaders, the image transforms and the grid writer. The world's checker, which reads an image back, is
+checker.py.
 
 Shapes world: procedurally rendered RGB images of 1..N flat-coloured objects on a light background.
 Every sample carries its attributes, a caption and question/answer pairs, so each stage has an
@@ -309,6 +310,34 @@ def to_image(x):
     return x.movedim(-3, -1).cpu().numpy()  # (..., H, W, 3)
 
 
+def grid_png(rows, path, labels=None, pad=2, scale=1):
+    """rows: list of lists of uint8 (H, W, 3) arrays -> one PNG, white padding; labels: one caption per row
+    written under it with PIL's default font (long captions are wrapped). scale: each image enlarged by that
+    integer factor, nearest neighbour (every pixel stays a crisp square a person can check). The one grid
+    writer: sample.py's grids, and the trainers' samples/step_*.png (two rows, pad=0)."""
+    from PIL import Image, ImageDraw
+    if scale > 1:
+        rows = [[np.repeat(np.repeat(im, scale, 0), scale, 1) for im in r] for r in rows]
+    H, W = rows[0][0].shape[:2]
+    ncol = max(len(r) for r in rows)
+    width = ncol * (W + pad) + pad
+    line_h, chars = 12, max(8, width // 6)
+    wrapped = [[]] * len(rows) if labels is None else \
+        [[lab[i:i + chars] for i in range(0, len(lab), chars)] or [""] for lab in labels]
+    heights = [H + pad + len(w) * line_h for w in wrapped]
+    canvas = Image.new("RGB", (width, sum(heights) + pad), (255, 255, 255))
+    draw, y = ImageDraw.Draw(canvas), pad
+    for row, text, h in zip(rows, wrapped, heights):
+        for j, img in enumerate(row):
+            canvas.paste(Image.fromarray(img), (pad + j * (W + pad), y))
+        for k, line in enumerate(text):
+            draw.text((pad, y + H + 1 + k * line_h), line, fill=(0, 0, 0))
+        y += h
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+    return path
+
+
 class ShapesDataset(torch.utils.data.Dataset):
     """Item i is world.sample(split, i): the image as a [-1, 1] tensor plus caption, qa and objects.
     transform, when given, receives a PIL image (as for real data) and returns the tensor."""
@@ -611,11 +640,10 @@ def _int_arg(argv, i, name, default):
 
 
 def main(argv):
-    # python data.py [n]: a look at the shapes world and the numbers behind the README row: sampling
-    # speed, and the checker's accuracy on n val renders, clean and mildly degraded.
+    # python data.py [n]: a look at the shapes world and its sampling speed on n val renders (the checker's
+    # accuracy on them: python checker.py [n]).
     import time
 
-    from checker import describe, objects_match
     if argv and argv[0] == "export":
         # python data.py export DIR [n] [size]: n held-out val images (size px, default 64) as PNG + same-name
         # .txt captions (an ImageCaptionDataset folder) + captions.txt (one per line) + questions.jsonl, to
@@ -651,23 +679,9 @@ def main(argv):
         s = world.sample("train", i)
         print(f"{s['caption']!r}\n  " + "; ".join(f"{q} {a}" for q, a in s["qa"]))
     t0 = time.perf_counter()
-    samples = [world.sample("val", i) for i in range(n)]
+    for i in range(n):
+        world.sample("val", i)
     print(f"sample(): {n / (time.perf_counter() - t0):.0f} samples/s (render + caption + qa)")
-
-    def blur(x):  # separable [1, 2, 1] / 4, edge padded
-        p = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
-        H, W, k = x.shape[0], x.shape[1], (0.25, 0.5, 0.25)
-        return sum(k[a] * k[b] * p[a:a + H, b:b + W] for a in range(3) for b in range(3))
-
-    rng = np.random.default_rng(0)
-    for name, f in (("clean", lambda x: x), ("blur [1,2,1]", blur), ("blur twice", lambda x: blur(blur(x))),
-                    ("noise sd 10", lambda x: x + rng.normal(0, 10, x.shape)),
-                    ("blur + noise sd 8", lambda x: blur(x) + rng.normal(0, 8, x.shape))):
-        t0 = time.perf_counter()
-        ok = sum(objects_match(describe(np.clip(f(s["image"].astype(np.float32)), 0, 255)), s["objects"])
-                 ["all_correct"] for s in samples)
-        print(f"describe, {name:18s}: all attributes right on {ok / n:.3f} of {n} val images "
-              f"({n / (time.perf_counter() - t0):.0f} images/s)")
 
 
 if __name__ == "__main__":

@@ -32,11 +32,11 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import checker
 import data
-from mllm import sampling_settings
+from metrics import psnr, ssim
+from mllm import generate_images, image_codes, load_pair, qa_prompt, sampling_settings
 import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
 
@@ -44,52 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES_TEMPLATES = ("a {}", "a photo of a {}", "a small {}", "a large {}")  # train_siglip / train_tokenizer's
 
 # -----------------------------------------------------------------------------
-# image metrics (inputs in [-1, 1], the project's convention)
-
-
-def _unit(x):
-    return ((x.float() + 1) / 2).clamp(0, 1)
-
-
-def psnr(x, y):
-    """Per-image PSNR in dB on [0, 1] RGB after clamping (spec section 5) -> (B,). Identical images give
-    100 dB (MSE floored at 1e-10) instead of inf, so averages stay finite."""
-    if x.shape != y.shape or x.ndim != 4:
-        raise ValueError(f"psnr: expected two (B, C, H, W) tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-    mse = (_unit(x) - _unit(y)).pow(2).flatten(1).mean(1).clamp(min=1e-10)
-    return 10 * torch.log10(1 / mse)
-
-
-def gaussian_window(size=11, sigma=1.5):
-    g = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-g ** 2 / (2 * sigma ** 2))
-    return g / g.sum()  # (size,)
-
-
-def ssim(x, y, size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.03):
-    """Per-image SSIM (Wang et al. 2004) on [0, 1] RGB after clamping -> (B,). Gaussian window size x size,
-    sigma 1.5, 'valid' filtering (no padding), C1 = (k1 L)^2, C2 = (k2 L)^2, mean over the SSIM map and
-    the channels: the convention of the paper's numbers (and of pytorch-msssim / skimage's
-    gaussian_weights=True). Computed in float64 so small images and near-identical pairs are exact."""
-    if x.shape != y.shape or x.ndim != 4:
-        raise ValueError(f"ssim: expected two (B, C, H, W) tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-    if min(x.shape[-2:]) < size:
-        raise ValueError(f"ssim: images {tuple(x.shape[-2:])} are smaller than the {size}x{size} window")
-    a, b = _unit(x).double(), _unit(y).double()
-    C = a.shape[1]
-    g = gaussian_window(size, sigma).to(a.device)
-    gh, gv = g.view(1, 1, 1, size).repeat(C, 1, 1, 1), g.view(1, 1, size, 1).repeat(C, 1, 1, 1)
-
-    def blur(t):  # separable depthwise filter, valid: (B, C, H, W) -> (B, C, H-size+1, W-size+1)
-        return F.conv2d(F.conv2d(t, gh, groups=C), gv, groups=C)
-
-    mu_a, mu_b = blur(a), blur(b)
-    saa = blur(a * a) - mu_a ** 2
-    sbb = blur(b * b) - mu_b ** 2
-    sab = blur(a * b) - mu_a * mu_b
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    m = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (saa + sbb + c2))
-    return m.flatten(1).mean(1).float()
+# code statistics and rFID (PSNR / SSIM: metrics.py)
 
 
 def code_stats(codes, K):
@@ -151,11 +106,11 @@ def text_tokenizer(spec, data_name, folders):
                     f"in {[f for f in folders if f]}")
 
 
-def zero_shot(image_emb, labels, text_model, tok, classes, templates, batch_size=256):
+def zero_shot(image_emb, labels, text_model, text_tok, classes, templates, batch_size=256):
     """Prompt-ensembled zero-shot (CLIP / spec section 5): per class the mean normalised text embedding of
     every template, top-k of the cosine with the image embedding. -> {"top1": .., "top5": ..}."""
     from siglip import zero_shot_accuracy, zero_shot_classifier
-    clf = zero_shot_classifier(text_model, tok, list(classes), list(templates), batch_size=batch_size)
+    clf = zero_shot_classifier(text_model, text_tok, list(classes), list(templates), batch_size=batch_size)
     topk = (1, 5) if len(classes) >= 5 else (1,)
     return {f"top{k}": v for k, v in zero_shot_accuracy(image_emb.float(), clf.float().cpu(), labels, topk).items()}
 
@@ -311,11 +266,11 @@ def eval_tokenizer(cfg):
     elif text_model is None:
         zs["note"] = "unavailable: the tokenizer has no text tower and no --teacher was given"
     else:
-        tok, zs["text_tokenizer"] = text_tokenizer(cfg.text_tokenizer, cfg.data,
+        text_tok, zs["text_tokenizer"] = text_tokenizer(cfg.text_tokenizer, cfg.data,
                                                    [cfg.teacher, cfg.siglip_config, cfg.tokenizer])
         for m in (text_model, teacher):
-            if m is not None and m.text is not None and tok.vocab_size > m.config.text.vocab_size:
-                raise UserError(f"text tokenizer {zs['text_tokenizer']!r} has {tok.vocab_size} ids but the text "
+            if m is not None and m.text is not None and text_tok.vocab_size > m.config.text.vocab_size:
+                raise UserError(f"text tokenizer {zs['text_tokenizer']!r} has {text_tok.vocab_size} ids but the text "
                                 f"tower's vocabulary has {m.config.text.vocab_size}: pass --text_tokenizer= the "
                                 f"tokenizer the SigLIP was trained with")
         q_emb, t_emb, labels = [], [], []
@@ -329,11 +284,11 @@ def eval_tokenizer(cfg):
         labels = torch.cat(labels)
         bs = max(cfg.batch_size, 64)
         zs.update({f"quantized_{k}": v for k, v in
-                   zero_shot(torch.cat(q_emb), labels, text_model, tok, classes, templates, bs).items()})
+                   zero_shot(torch.cat(q_emb), labels, text_model, text_tok, classes, templates, bs).items()})
         if teacher is not None:
             t_text = teacher if teacher.text is not None else text_model
             zs.update({f"teacher_{k}": v for k, v in
-                       zero_shot(torch.cat(t_emb), labels, t_text, tok, classes, templates, bs).items()})
+                       zero_shot(torch.cat(t_emb), labels, t_text, text_tok, classes, templates, bs).items()})
         else:
             zs["teacher_note"] = "skipped: no --teacher (the original SigLIP folder) given"
         zs["n_images"] = len(labels)
@@ -461,23 +416,22 @@ def _scores(pred, truth, groups):
 
 
 @torch.no_grad()
-def _answers(model, codec, rows, pix, sem, cfg, autocast, desc):
+def _answers(model, text_tok, rows, pix, sem, cfg, autocast, desc):
     """Greedy answers to rows (image index i, question, answer), question reading image row i of pix / sem."""
     from tqdm import tqdm
-    from sample import qa_prompt
     pred = []
     for k in tqdm(range(0, len(rows), cfg.batch_size), desc=desc, dynamic_ncols=True):
         chunk = rows[k:k + cfg.batch_size]
         idx = torch.tensor([i for i, _, _ in chunk])
         with autocast:
-            out = model.generate_text([qa_prompt(codec, q) for _, q, _ in chunk], images=(pix[idx], sem[idx]),
+            out = model.generate_text([qa_prompt(text_tok, q) for _, q, _ in chunk], images=(pix[idx], sem[idx]),
                                       max_new_tokens=cfg.max_new_tokens, temperature=0.0)
-        pred += [codec.decode(o).strip() for o in out]
+        pred += [text_tok.decode(o).strip() for o in out]
     return pred
 
 
 @torch.no_grad()
-def qa_eval(model, codec, tok, samples, cfg, device, autocast, train_qa=()):
+def qa_eval(model, text_tok, image_tok, samples, cfg, device, autocast, train_qa=()):
     """Every question of every sample, greedy, exact match after strip, with the controls that say whether
     the model reads the image. train_qa: the train split's (question, answer) pairs (blind_baseline). ->
     "qa": accuracy, n, chance (mean over the questions of their type's chance; None if a type lacks one),
@@ -487,17 +441,16 @@ def qa_eval(model, codec, tok, samples, cfg, device, autocast, train_qa=()):
       image's codes (derangement seeded by cfg.seed). A model that reads the image falls to about the
       blind baseline; one that answers from the question alone stays at "qa" (+ note with one image);
     "qa_blind": accuracy, n, by_type {type: {accuracy, n}}: no model, blind_baseline's answers."""
-    from sample import image_codes
     rows = [(i, q, a) for i, s in enumerate(samples) for q, a in s["qa"]]
     codes = []
     for k in range(0, len(samples), cfg.batch_size):
         x = torch.stack([data.to_tensor(s["image"]) for s in samples[k:k + cfg.batch_size]]).to(device)
         with autocast:
-            codes.append([c.cpu() for c in image_codes(tok, x)])
+            codes.append([c.cpu() for c in image_codes(image_tok, x)])
     pix, sem = torch.cat([c[0] for c in codes]), torch.cat([c[1] for c in codes])  # (n, N, D)
     perm = torch.from_numpy(derangement(len(samples), cfg.seed))
-    pred = _answers(model, codec, rows, pix, sem, cfg, autocast, "qa")
-    shuffled = _answers(model, codec, rows, pix[perm], sem[perm], cfg, autocast, "qa shuffled images")
+    pred = _answers(model, text_tok, rows, pix, sem, cfg, autocast, "qa")
+    shuffled = _answers(model, text_tok, rows, pix[perm], sem[perm], cfg, autocast, "qa shuffled images")
     blind, chance = blind_baseline(train_qa, [q for _, q, _ in rows])
     truth = [a for _, _, a in rows]
     types = [question_type(q) for _, q, _ in rows]
@@ -538,42 +491,42 @@ def _judge(images, objects):
 
 
 @torch.no_grad()
-def gen_eval(model, codec, tok, samples, cfg, device, autocast, sampling):
+def gen_eval(model, text_tok, image_tok, samples, cfg, device, autocast, sampling):
     """Generate from the captions and judge: checker.score_images' keys plus false_objects, missed_cells."""
-    from sample import generate_images
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     with autocast:
-        imgs, _ = generate_images(model, tok, codec, [s["caption"] for s in samples], g, cfg.batch_size, **sampling)
+        imgs, _ = generate_images(model, image_tok, text_tok, [s["caption"] for s in samples], g, cfg.batch_size,
+                                  **sampling)
     return _judge(data.to_image(imgs), [s["objects"] for s in samples])
 
 
 @torch.no_grad()
-def ceiling(tok, samples, cfg, device, autocast):
+def ceiling(image_tok, samples, cfg, device, autocast):
     """The checker on the tokenizer's own decoding of the true images (encode -> decode pixel codes): no
     generated image can score above what the decoder can draw. Same keys as gen_eval."""
     ims = []
     for k in range(0, len(samples), cfg.batch_size):
         x = torch.stack([data.to_tensor(s["image"]) for s in samples[k:k + cfg.batch_size]]).to(device)
         with autocast:
-            ims.append(data.to_image(tok.decode(tok.encode(x)[0]).float()))
+            ims.append(data.to_image(image_tok.decode(image_tok.encode(x)[0]).float()))
     return _judge(np.concatenate(ims), [s["objects"] for s in samples])
 
 
 @torch.no_grad()
-def code_structure(tok, samples, cfg, device, autocast):
+def code_structure(image_tok, samples, cfg, device, autocast):
     """How easy the pixel codes are to generate, on the shapes world (issue: generation-friendly codes).
     - depth_curve[d-1]: the checker on the decodings of only the first d pixel depths of the true codes
       (coarse to fine: what a generator gets right if only its first d depths are right);
     - background: on solid-background images, the patches with no object pixel: how many distinct full
       code stacks they get, against the number of background colours among them (1 stack per colour is
       ideal; a stack per patch means the codes carry noise the generator must reproduce)."""
-    P = tok.config.siglip.vision.patch_size
-    D = tok.config.vq_pix.depth
+    P = image_tok.config.siglip.vision.patch_size
+    D = image_tok.config.vq_pix.depth
     codes = []
     for k in range(0, len(samples), cfg.batch_size):
         x = torch.stack([data.to_tensor(s["image"]) for s in samples[k:k + cfg.batch_size]]).to(device)
         with autocast:
-            codes.append(tok.encode(x)[0].cpu())
+            codes.append(image_tok.encode(x)[0].cpu())
     codes = torch.cat(codes)  # (n, h, w, D)
     truth = [s["objects"] for s in samples]
     curve = []
@@ -582,8 +535,8 @@ def code_structure(tok, samples, cfg, device, autocast):
         for k in range(0, len(samples), cfg.batch_size):
             c = codes[k:k + cfg.batch_size, ..., :d].to(device)
             with autocast:
-                z = tok.quantizer_pix.embed_per_depth(c).sum(-2)  # (B, h, w, c): the first d depths only
-                ims.append(data.to_image(tok.decode_latent(z).float()))
+                z = image_tok.quantizer_pix.embed_per_depth(c).sum(-2)  # (B, h, w, c): the first d depths only
+                ims.append(data.to_image(image_tok.decode_latent(z).float()))
         sc = checker.score_images(np.concatenate(ims), truth)
         curve.append({k: sc[k] for k in ("all_correct", "count") + checker.ATTRS})
     stacks, colours, n_patches = set(), set(), 0
@@ -604,7 +557,6 @@ def code_structure(tok, samples, cfg, device, autocast):
 
 
 def eval_mllm(cfg):
-    from sample import load_pair
     for k in ("qa_images", "gen_captions", "holdout_images"):
         if getattr(cfg, k) < 0:
             raise UserError(f"--{k}={getattr(cfg, k)}: need >= 0 (0 skips that part)")
@@ -612,8 +564,9 @@ def eval_mllm(cfg):
         raise UserError("--qa_images=0 and --gen_captions=0: nothing to evaluate (0 skips one part, not both)")
     t0 = time.time()
     device = cfg.device or tu.default_device()
-    model, codec, tok, info = load_pair(cfg, device)
-    R = tok.config.siglip.vision.image_size
+    model, text_tok, image_tok, info = load_pair(cfg, device,
+                                                 lambda path: load_tokenizer(path, cfg.siglip_config, device))
+    R = image_tok.config.siglip.vision.image_size
     if not cfg.holdout_pairs and info.get("holdout_pairs"):  # the pairs the MLLM was trained without
         cfg.holdout_pairs = tuple(tuple(p) for p in info["holdout_pairs"])
     world = data.ShapesWorld(data.ShapesConfig(image_size=R, max_objects=cfg.max_objects, seed=cfg.shapes_seed,
@@ -630,13 +583,13 @@ def eval_mllm(cfg):
         res["holdout_note"] = "skipped: no --holdout_pairs (train the MLLM with held-out colour-shape pairs first)"
     train_qa = [p for i in range(cfg.blind_samples) for p in world.sample("train", i)["qa"]]
     for split, n_qa, n_gen in splits:  # a count of 0 skips that part
-        r = qa_eval(model, codec, tok, [world.sample(split, i) for i in range(n_qa)], cfg, device, autocast,
+        r = qa_eval(model, text_tok, image_tok, [world.sample(split, i) for i in range(n_qa)], cfg, device, autocast,
                     train_qa) if n_qa else {}
         gen_samples = [world.sample(split, i) for i in range(n_gen)]
         if gen_samples:
-            r["tokenizer_ceiling"] = ceiling(tok, gen_samples, cfg, device, autocast)
+            r["tokenizer_ceiling"] = ceiling(image_tok, gen_samples, cfg, device, autocast)
             for name, sc in scales:
-                r[f"gen_{name}"] = dict(gen_eval(model, codec, tok, gen_samples, cfg, device, autocast,
+                r[f"gen_{name}"] = dict(gen_eval(model, text_tok, image_tok, gen_samples, cfg, device, autocast,
                                                  dict(sampler, cfg_scale=sc)), cfg_scale=sc)
         res[split] = r
     res.update(mllm=cfg.mllm, tokenizer=cfg.tokenizer, tokenizer_hash=info.get("tokenizer_hash"),

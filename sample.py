@@ -21,11 +21,12 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 
 import data
-from mllm import sampling_settings
+from metrics import psnr
+import mllm
+from mllm import generate_images, image_codes, qa_prompt, sampling_settings
 import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
 
@@ -49,11 +50,11 @@ def _device(cfg):
     return cfg.device or tu.default_device()
 
 
-def load_tokenizer(cfg, device):
+def load_tokenizer(path, siglip_config, device):
     from tokenizer import DualToken
-    if not cfg.tokenizer:
+    if not path:
         raise UserError("--tokenizer is required (a tokenizer folder, or the authors' release)")
-    return DualToken.from_pretrained(cfg.tokenizer, siglip_config=cfg.siglip_config or None).to(device).eval()
+    return DualToken.from_pretrained(path, siglip_config=siglip_config or None).to(device).eval()
 
 
 def list_images(path):
@@ -101,121 +102,9 @@ def read_image(path, R):
         raise UserError(f"cannot decode the image {path} ({type(e).__name__}: {e})") from None
 
 
-def grid_png(rows, path, labels=None, pad=2, scale=1):
-    """rows: list of lists of uint8 (H, W, 3) arrays -> one PNG, white padding; labels: one caption per row
-    written under it with PIL's default font (long captions are wrapped). scale: each image enlarged by that
-    integer factor, nearest neighbour (every pixel stays a crisp square a person can check)."""
-    from PIL import Image, ImageDraw
-    if scale > 1:
-        rows = [[np.repeat(np.repeat(im, scale, 0), scale, 1) for im in r] for r in rows]
-    H, W = rows[0][0].shape[:2]
-    ncol = max(len(r) for r in rows)
-    width = ncol * (W + pad) + pad
-    line_h, chars = 12, max(8, width // 6)
-    wrapped = [[]] * len(rows) if labels is None else \
-        [[lab[i:i + chars] for i in range(0, len(lab), chars)] or [""] for lab in labels]
-    heights = [H + pad + len(w) * line_h for w in wrapped]
-    canvas = Image.new("RGB", (width, sum(heights) + pad), (255, 255, 255))
-    draw, y = ImageDraw.Draw(canvas), pad
-    for row, text, h in zip(rows, wrapped, heights):
-        for j, img in enumerate(row):
-            canvas.paste(Image.fromarray(img), (pad + j * (W + pad), y))
-        for k, line in enumerate(text):
-            draw.text((pad, y + H + 1 + k * line_h), line, fill=(0, 0, 0))
-        y += h
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    canvas.save(path)
-    return path
-
-# -----------------------------------------------------------------------------
-# the MLLM side: loading, text <-> ids, prompts, codes <-> images
-
-
-def load_mllm(path, device):
-    """-> (MLLM, text tokenizer, info). `path`: an out_dir of train_mllm.py (config.json + model.safetensors,
-    read strictly by train_mllm.load_mllm; its config names the text tokenizer and the image tokenizer it
-    was trained with), or a bare file from MLLM.save (byte vocabulary assumed)."""
-    import train_mllm
-    if not path:
-        raise UserError("--mllm is required (an out_dir of train_mllm.py)")
-    if os.path.isfile(path) and path.endswith(".safetensors"):
-        from mllm import MLLM
-        model, info = MLLM.load(path, device=device).eval(), {"text_tokenizer": "bytes"}
-    elif os.path.isdir(path):
-        model, info = train_mllm.load_mllm(path, device)
-    else:
-        raise UserError(f"--mllm={path!r}: expected a train_mllm.py out_dir or a .safetensors file")
-    tt = info.get("text_tokenizer", "bytes")
-    codec = train_mllm.prompt_tokenizer(tt or "bytes")
-    if tt in ("", "bytes", "words") and (codec.eos_id, codec.vocab_size) != (model.config.eos_id, model.config.vocab_size):
-        raise UserError(f"{path}: {tt or 'bytes'} text tokenizer (eos {codec.eos_id}, vocab {codec.vocab_size}) does not "
-                        f"match the model (eos {model.config.eos_id}, vocab {model.config.vocab_size})")
-    return model, codec, info
-
-
 def load_pair(cfg, device):
-    """MLLM + the image tokenizer it was trained with: --tokenizer, else the path in the MLLM's config;
-    a recorded tokenizer hash must match (other codes would be meaningless to the model)."""
-    model, codec, info = load_mllm(cfg.mllm, device)
-    if not cfg.tokenizer:
-        cfg.tokenizer = info.get("tokenizer", "")
-    tok = load_tokenizer(cfg, device)
-    check_pair(model, tok)
-    if info.get("tokenizer_hash"):
-        from train_mllm import tokenizer_hash
-        h = tokenizer_hash(tok, cfg.tokenizer)  # config.json as written + weights, as train_mllm stamps it
-        if h != info["tokenizer_hash"]:
-            msg = (f"--tokenizer={cfg.tokenizer!r} has hash {h}, the MLLM was trained with "
-                   f"{info['tokenizer_hash']} ({info.get('tokenizer')})")
-            if cfg.check_hash:
-                raise UserError(msg + "; --check_hash=False only if the weights are the same and only the hash "
-                                       "recipe changed (it covers the config dict: a new config field changes it)")
-            print(f"warning: {msg}; continuing (--check_hash=False)")
-            info["tokenizer_hash_mismatch"] = h
-    return model, codec, tok, info
-
-
-def qa_prompt(codec, question):
-    """The question as train_mllm.py formats it (after <im_start> image <im_end>)."""
-    return codec.user_prompt(question)
-
-
-def gen_prompt(codec, caption):
-    """The caption as train_mllm.py formats it (before <image_gen_start>)."""
-    return codec.encode(caption)
-
-
-def check_pair(model, tok):
-    """The MLLM's code vocabularies and depths must be the tokenizer's."""
-    c, t = model.config, tok.config
-    want = dict(pix_vocab=t.vq_pix.codebook_size, pix_depth=t.vq_pix.depth, pix_dim=t.vq_pix.code_dim,
-                sem_vocab=t.vq_sem.codebook_size, sem_depth=t.vq_sem.depth, sem_dim=t.vq_sem.code_dim)
-    bad = {k: (getattr(c, k), v) for k, v in want.items() if getattr(c, k) != v}
-    if bad:
-        raise UserError(f"MLLM and tokenizer do not match (mllm, tokenizer): {bad}")
-
-
-@torch.no_grad()
-def image_codes(tok, x):
-    """(B, 3, R, R) -> (pix (B, N, Dp), sem (B, N, Ds)) in raster order, what the MLLM reads."""
-    pix, sem = tok.encode(x)  # (B, h, w, D) each
-    return pix.flatten(1, 2), sem.flatten(1, 2)
-
-
-@torch.no_grad()
-def generate_images(model, tok, codec, captions, generator=None, batch_size=16, **sampling):
-    """Captions -> decoded images (B, 3, R, R) in about [-1, 1], one per caption, and the pixel codes
-    (B, h, w, Dp). Only the pixel codes are decoded (spec section 3). sampling: MLLM.generate_image's
-    cfg_scale (None = no guidance), temperature, fine_temperature, top_k, top_p."""
-    g = tok.config.grid
-    images, codes = [], []
-    for i in range(0, len(captions), batch_size):
-        prompts = [gen_prompt(codec, c) for c in captions[i:i + batch_size]]
-        pix, _ = model.generate_image(prompts, g * g, generator=generator, **sampling)
-        pix = pix.view(len(prompts), g, g, -1)  # (B, h, w, Dp)
-        images.append(tok.decode(pix.to(next(tok.parameters()).device)).float())
-        codes.append(pix)
-    return torch.cat(images), torch.cat(codes)
+    """mllm.load_pair (the MLLM export + the image tokenizer it was trained with) with this script's loader."""
+    return mllm.load_pair(cfg, device, lambda path: load_tokenizer(path, cfg.siglip_config, device))
 
 
 def _generator(device, seed):
@@ -239,9 +128,8 @@ class ReconstructConfig(Common):
 
 @torch.no_grad()
 def reconstruct(cfg):
-    from eval import psnr
     device = _device(cfg)
-    model = load_tokenizer(cfg, device)
+    model = load_tokenizer(cfg.tokenizer, cfg.siglip_config, device)
     R = model.config.siglip.vision.image_size
     files = list_images(cfg.images)
     files = files if cfg.max_images <= 0 else files[:cfg.max_images]
@@ -280,7 +168,7 @@ def reconstruct(cfg):
         print(f"skipped {len(bad)} of {len(files)} files under {cfg.images} that do not decode, e.g. {bad[0]}")
     if not results:
         raise UserError(f"--images={cfg.images!r}: none of its {len(files)} image files decodes")
-    grid = grid_png(rows, os.path.join(cfg.out_dir, "reconstruct.png"))
+    grid = data.grid_png(rows, os.path.join(cfg.out_dir, "reconstruct.png"))
     info = dict(job="reconstruct", grid=grid, resolution=R, mean_psnr=sum(r["psnr"] for r in results) / len(results),
                 images=results, config=config_dict(cfg))
     with open(os.path.join(cfg.out_dir, "reconstruct.json"), "w") as f:
@@ -314,12 +202,13 @@ def generate(cfg):
     if cfg.num_per_caption < 1:
         raise UserError(f"--num_per_caption={cfg.num_per_caption}: need at least 1 image per caption")
     caps = text_or_file(cfg.captions, "captions")  # before loading models: a mistake costs no time
-    model, codec, tok, info = load_pair(cfg, device)
+    model, text_tok, image_tok, info = load_pair(cfg, device)
     flat = [c for c in caps for _ in range(cfg.num_per_caption)]
     sampling = sampling_settings(cfg, info)
     settings = dict(sampling, seed=cfg.seed, num_per_caption=cfg.num_per_caption)
     with tu.autocast_ctx(device, cfg.dtype):
-        imgs, _ = generate_images(model, tok, codec, flat, _generator(device, cfg.seed), cfg.batch_size, **sampling)
+        imgs, _ = generate_images(model, image_tok, text_tok, flat, _generator(device, cfg.seed), cfg.batch_size,
+                                  **sampling)
     from PIL import Image
     arr = data.to_image(imgs)  # (B, H, W, 3) uint8
     os.makedirs(os.path.join(cfg.out_dir, "images"), exist_ok=True)
@@ -329,7 +218,7 @@ def generate(cfg):
         Image.fromarray(a).save(files[-1])
     n = cfg.num_per_caption
     scale = cfg.grid_scale or max(1, -(-144 // arr.shape[1]))  # 48 px -> x3
-    grid = grid_png([list(arr[i * n:(i + 1) * n]) for i in range(len(caps))], os.path.join(cfg.out_dir, "generate.png"),
+    grid = data.grid_png([list(arr[i * n:(i + 1) * n]) for i in range(len(caps))], os.path.join(cfg.out_dir, "generate.png"),
                     labels=caps, scale=scale)
     info = dict(job="generate", grid=grid, captions=caps, images=files, sampling=settings,
                 mllm=cfg.mllm, tokenizer=cfg.tokenizer, device=device, config=config_dict(cfg))
@@ -364,15 +253,15 @@ def answer(cfg):
     if looks_like_path(cfg.question) and not cfg.question.endswith("?"):
         # one question, as text; a file name here is a mistake (a question may hold a '/', and ends in '?')
         raise UserError(f"--question={cfg.question!r} looks like a file path: --question takes one question as text")
-    model, codec, tok, _ = load_pair(cfg, device)
-    R = tok.config.siglip.vision.image_size
+    model, text_tok, image_tok, _ = load_pair(cfg, device)
+    R = image_tok.config.siglip.vision.image_size
     x = read_image(cfg.image, R)[None].to(device)  # (1, 3, R, R)
     with tu.autocast_ctx(device, cfg.dtype):
-        ids = model.generate_text([qa_prompt(codec, cfg.question)], images=image_codes(tok, x),
+        ids = model.generate_text([qa_prompt(text_tok, cfg.question)], images=image_codes(image_tok, x),
                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=_opt(cfg.top_k),
                                   top_p=cfg.top_p if 0 < cfg.top_p < 1 else None,
                                   generator=_generator(device, cfg.seed))[0]
-    text = codec.decode(ids).strip()
+    text = text_tok.decode(ids).strip()
     info = dict(job="answer", image=cfg.image, question=cfg.question, answer=text, config=config_dict(cfg))
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "answer.json"), "w") as f:

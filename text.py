@@ -14,11 +14,16 @@ Text tokenizers behind one interface, for the SigLIP text tower and the MLLM:
   with 1 (pad == eos, as big_vision's `tok(eos="sticky", pad_value=1)`). Needs `sentencepiece`.
 - GemmaTokenizer: SigLIP2's Gemma `tokenizer.json`, lowercased (SigLIP2 was trained on lowercased
   text), no BOS, `<eos>` = 1 appended, padded with `<pad>` = 0. Needs `tokenizers`.
+The MLLM's text side (`prompt_tokenizer(name)`, the name its export records), with `user_prompt(text)`:
+- PromptTokenizer: "bytes" / "words" above plus <bos> and the image delimiters (IMAGE_TOKENS).
+- ChatTokenizer: an LLM's tokenizer.json (Qwen2.5) and its chat template. Needs `tokenizers`.
 """
 import re
 import string
 
 import torch
+
+from configurator import UserError
 
 
 class _Batcher:
@@ -193,3 +198,65 @@ def load_tokenizer(folder):
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
         return GemmaTokenizer(os.path.join(folder, "tokenizer.json"))
     raise ValueError(f"load_tokenizer: neither spiece.model nor tokenizer.json in {folder!r}")
+
+
+# -----------------------------------------------------------------------------
+# the MLLM's text side: a text tokenizer plus <bos> and the image delimiters, and its prompt format
+# (train_mllm.py records the name in the export's config.json; mllm.load_export reads it back)
+
+IMAGE_TOKENS = ("<im_start>", "<im_end>", "<image_gen_start>", "<image_gen_end>")
+
+
+class ChatTokenizer:
+    """An HF tokenizer.json LLM tokenizer (Qwen2.5) with its chat template, the MLLM's interface:
+    encode / decode / eos_id / pad_id / vocab_size. The image tokens are not in the file: the model
+    appends them (MLLM.from_pretrained new_tokens) and sequences get them as ids, never as text."""
+
+    def __init__(self, path, eos="<|im_end|>"):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ImportError("an HF text tokenizer needs the `tokenizers` package; shapes uses bytes") from None
+        self.tok = Tokenizer.from_file(path)
+        self.eos_id = self.tok.token_to_id(eos)
+        if self.eos_id is None:
+            raise UserError(f"{path}: special token {eos!r} is not in the vocabulary")
+        self.pad_id = self.eos_id
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def user_prompt(self, text):
+        """Qwen2.5's template around one user turn, up to where the assistant's answer starts."""
+        return self.encode(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
+
+
+class PromptTokenizer:
+    """A Byte/WordTokenizer with the MLLM's specials after its own pad and eos: bos, then the image tokens.
+    "bytes": ByteTokenizer (any text); "words": WordTokenizer over the shapes world's closed vocabulary
+    (data.vocabulary(); ~2.5x shorter sequences, so ~2x the steps in the same time)."""
+
+    def __init__(self, kind="bytes"):
+        extra = ("<bos>",) + IMAGE_TOKENS
+        if kind == "bytes":
+            self.tok = ByteTokenizer(extra=extra)
+        elif kind == "words":
+            import data
+            self.tok = WordTokenizer(data.vocabulary(), extra=extra)
+        else:
+            raise ValueError(f"PromptTokenizer: kind {kind!r} is not 'bytes' or 'words'")
+        self.kind = kind
+        self.eos_id, self.pad_id, self.vocab_size = self.tok.eos_id, self.tok.pad_id, self.tok.vocab_size
+        self.encode, self.decode, self.token_id = self.tok.encode, self.tok.decode, self.tok.token_id
+
+    def user_prompt(self, text):
+        return self.encode(text + "\n") if self.kind == "bytes" else self.encode(text)
+
+
+def prompt_tokenizer(name):
+    """The MLLM's text side by the name recorded in its config.json: "bytes", "words" or a tokenizer.json."""
+    return PromptTokenizer(name) if name in ("bytes", "words") else ChatTokenizer(name)

@@ -112,6 +112,10 @@ class DualTokenConfig:
         v = self.siglip.vision
         return v.image_size // v.patch_size
 
+    def to_dict(self):
+        """config_to_dict(self): what mllm.tokenizer_hash reads without importing this file."""
+        return config_to_dict(self)
+
 
 # authors' config.json keys read below in their own way (pretrained_model, bottleneck_type, hidden_size,
 # latent_shape, code_shape are cross-checked) or that do not change the model: HF bookkeeping, the

@@ -24,15 +24,14 @@ Stages (paper 3.4) are presets: `trainable` = "input" (stage 1: LLM frozen, inpu
 output projectors, on generation). `lr` is the LLM's learning rate, `vis_lr` the visual modules'.
 
 out_dir holds config.json (MLLMConfig + the tokenizer path and hash + the text tokenizer and prompt
-format) and model.safetensors (codebooks included): `load_mllm(out_dir)` reads them strictly;
-train_state.pt (exact resume), log.jsonl, samples/step_*.png (decoded cached codes over generations),
+format) and model.safetensors (codebooks included), written by mllm.export and read strictly by
+mllm.load_mllm; train_state.pt (exact resume), log.jsonl, samples/step_*.png (decoded cached codes over generations),
 eval.json (held-out QA accuracy and checker-judged generation accuracy with CFG).
 """
-import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -40,10 +39,11 @@ import torch
 
 import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
-from mllm import SAMPLING_KEYS, MLLM, MLLMConfig, build_sequence, collate, make_targets
+from mllm import (SAMPLING_KEYS, MLLM, MLLMConfig, build_sequence, collate, export, load_mllm, make_targets,
+                  tokenizer_hash)
+from text import IMAGE_TOKENS, prompt_tokenizer
 
 KINDS = ("und", "cap", "gen")
-IMAGE_TOKENS = ("<im_start>", "<im_end>", "<image_gen_start>", "<image_gen_end>")
 
 
 @dataclass
@@ -142,83 +142,6 @@ def load_image_tokenizer(path, device="cpu"):
                         f"`python train_tokenizer.py config/shapes.py` first")
     from tokenizer import DualToken
     return DualToken.from_pretrained(path).to(device).eval().requires_grad_(False)
-
-
-def tokenizer_hash(dual, path=None):
-    """sha256 of the tokenizer's config and every tensor: what the code cache and checkpoints are stamped
-    with. With `path` (the folder, or a weights file with config.json beside it) the config is the file's
-    JSON as written, so new code-side config fields with defaults do not change the hash of an unchanged
-    tokenizer; without it, the in-memory config (changes when tokenizer.py grows a field). Tensors are
-    hashed, not files: an authors' .pt and its safetensors conversion hash the same."""
-    from tokenizer import config_to_dict
-    folder = path if path and os.path.isdir(path) else os.path.dirname(path or "")
-    conf = os.path.join(folder, "config.json") if path else ""
-    if conf and os.path.isfile(conf):
-        with open(conf) as f:
-            c = json.load(f)
-    else:
-        c = config_to_dict(dual.config)
-    h = hashlib.sha256(json.dumps(c, sort_keys=True).encode())
-    for k, v in sorted(dual.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-class ChatTokenizer:
-    """An HF tokenizer.json LLM tokenizer (Qwen2.5) with its chat template, the interface train_mllm uses:
-    encode / decode / eos_id / pad_id / vocab_size. The image tokens are not in the file: the model
-    appends them (MLLM.from_pretrained new_tokens) and sequences get them as ids, never as text."""
-
-    def __init__(self, path, eos="<|im_end|>"):
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise ImportError("an HF text tokenizer needs the `tokenizers` package; shapes uses bytes") from None
-        self.tok = Tokenizer.from_file(path)
-        self.eos_id = self.tok.token_to_id(eos)
-        if self.eos_id is None:
-            raise UserError(f"{path}: special token {eos!r} is not in the vocabulary")
-        self.pad_id = self.eos_id
-        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-
-    def encode(self, text):
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids):
-        return self.tok.decode(list(ids), skip_special_tokens=True)
-
-    def user_prompt(self, text):
-        """Qwen2.5's template around one user turn, up to where the assistant's answer starts."""
-        return self.encode(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
-
-
-class PromptTokenizer:
-    """A text.py tokenizer with the MLLM's specials after its own pad and eos: bos, then the image tokens.
-    "bytes": ByteTokenizer (any text); "words": WordTokenizer over the shapes world's closed vocabulary
-    (data.vocabulary(); ~2.5x shorter sequences, so ~2x the steps in the same time)."""
-
-    def __init__(self, kind="bytes"):
-        from text import ByteTokenizer, WordTokenizer
-        extra = ("<bos>",) + IMAGE_TOKENS
-        if kind == "bytes":
-            self.tok = ByteTokenizer(extra=extra)
-        elif kind == "words":
-            import data
-            self.tok = WordTokenizer(data.vocabulary(), extra=extra)
-        else:
-            raise ValueError(f"PromptTokenizer: kind {kind!r} is not 'bytes' or 'words'")
-        self.kind = kind
-        self.eos_id, self.pad_id, self.vocab_size = self.tok.eos_id, self.tok.pad_id, self.tok.vocab_size
-        self.encode, self.decode, self.token_id = self.tok.encode, self.tok.decode, self.tok.token_id
-
-    def user_prompt(self, text):
-        return self.encode(text + "\n") if self.kind == "bytes" else self.encode(text)
-
-
-def prompt_tokenizer(name):
-    """The MLLM's text side by the name recorded in its config.json: "bytes", "words" or a tokenizer.json."""
-    return PromptTokenizer(name) if name in ("bytes", "words") else ChatTokenizer(name)
 
 
 def previous_stage(path):
@@ -496,41 +419,6 @@ def param_groups(model, cfg):
     return groups
 
 
-def export(raw, folder, extra):
-    """config.json (the MLLM config + how to talk to it) and model.safetensors, both atomic. A tied output
-    head is stored once (as embed.weight); load_mllm re-ties it."""
-    conf = dict(mllm=asdict(raw.config), **extra)
-    tu._atomic_write(os.path.join(folder, "config.json"), lambda f: f.write(json.dumps(conf, indent=2).encode()))
-    sd = raw.state_dict()
-    if raw.config.tie_word_embeddings:
-        sd.pop("lm_head.weight")
-    tu.atomic_save_safetensors(sd, os.path.join(folder, "model.safetensors"), {"format": "pt"})
-
-
-def load_mllm(folder, device="cpu"):
-    """-> (MLLM, info dict: tokenizer, tokenizer_hash, text_tokenizer, caption_prompt, ...) from an out_dir.
-    Strict: every key used, every shape checked."""
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        raise UserError(f"load_mllm: no config.json in {folder}")
-    with open(path) as f:
-        conf = json.load(f)
-    if "mllm" not in conf:
-        raise UserError(f"{path}: no 'mllm' section (not written by train_mllm.py)")
-    model = MLLM(MLLMConfig(**conf.pop("mllm")))
-    from siglip import read_safetensors
-    sd = read_safetensors(os.path.join(folder, "model.safetensors"))
-    if model.config.tie_word_embeddings and "embed.weight" in sd:
-        sd["lm_head.weight"] = sd["embed.weight"]
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    bad = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
-    if missing or unexpected or bad:
-        raise UserError(f"{folder}/model.safetensors does not match its config: missing {missing}, "
-                        f"unexpected {unexpected}, wrong shape {bad}")
-    model.load_state_dict(sd, strict=True)
-    return model.to(device).eval(), conf
-
 # -----------------------------------------------------------------------------
 # evaluation
 
@@ -615,14 +503,14 @@ def evaluate(raw, tok, dual, cache, cfg, n_qa, n_gen):
 
 def save_samples(raw, tok, dual, cache, cfg, path, n=8):
     """Top: the tokenizer's decoding of the held-out image's cached codes; bottom: drawn from its caption."""
-    from train_tokenizer import save_grid
+    import data
     was = raw.training
     raw.eval()
     idx = list(range(min(n, len(cache))))
     truth = torch.cat([dual.decode(_codes(cache, i)[0].view(1, dual.config.grid, dual.config.grid, -1)
                                    .to(next(dual.parameters()).device)).cpu() for i in idx])
     ims = draw(raw, tok, dual, [cache.records[i]["caption"] for i in idx], cfg, cfg.seed + 1, n)
-    save_grid(truth, ims, path, n=n)
+    data.grid_png([list(data.to_image(truth)), list(data.to_image(ims))], path, pad=0)
     pairs = qa_pairs(cache, 4, seed=1)
     pred = answer(raw, tok, cache, pairs, 4)
     raw.train(was)

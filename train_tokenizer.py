@@ -22,9 +22,11 @@ from typing import Optional
 
 import torch
 
+import data
 import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
 from losses import Discriminator, LossConfig, TokenizerLoss, lpips_or_none
+from metrics import psnr, ssim
 from siglip import zero_shot_accuracy, zero_shot_classifier
 from tokenizer import DecoderConfig, DualToken, QuantizerConfig, config_to_dict, default_config
 
@@ -131,7 +133,6 @@ def validate(cfg):
         tu.require_path(cfg.data, "data", "any", "'shapes', an ImageFolder root, a folder of images + .txt "
                         "captions or a .jsonl")
         if cfg.data.endswith(".jsonl"):
-            import data
             data.read_jsonl(cfg.data)  # every record checked now (file:line), before the teacher loads
     if cfg.eval_data:
         tu.require_path(cfg.eval_data, "eval_data", "dir", "an ImageFolder root")
@@ -219,7 +220,6 @@ def make_data(cfg, R):
     """-> (train dataset, eval dict or None). Shapes eval: val-split images (keys disjoint from train by
     construction); zero-shot on single-object images (the 18 "colour shape" classes are unambiguous, the
     same set train_siglip scores the teacher on), PSNR on those and on 1..max_objects images."""
-    import data
     if cfg.data != "shapes":
         tf = data.train_transform(R)  # RandomResizedCrop scale (0.9, 1), no flip (released)
         has_classes = os.path.isdir(cfg.data) and any(os.path.isdir(os.path.join(cfg.data, d))
@@ -256,14 +256,6 @@ def text_tokenizer(cfg):
 # evaluation and pictures
 
 
-def psnr(x, x_hat):
-    """Per-image PSNR (dB) on [0, 1] RGB after clamping (spec section 5) -> (B,)."""
-    a = ((x.float() + 1) / 2).clamp(0, 1)
-    b = ((x_hat.float() + 1) / 2).clamp(0, 1)
-    mse = (a - b).pow(2).flatten(1).mean(1).clamp(min=1e-10)
-    return 10 * torch.log10(1 / mse)
-
-
 def usage_stats(codes, K):
     """codes (M, depth) -> per-depth usage fraction and perplexity, plus the share of the (shared) book
     used at any depth."""
@@ -277,8 +269,7 @@ def usage_stats(codes, K):
 
 @torch.no_grad()
 def evaluate(raw, teacher, tok, cfg, ev, device, teacher_acc=None):
-    """PSNR, SSIM (eval.py's), zero-shot (quantized semantic path; and the teacher, computed once) and codebook usage."""
-    from eval import ssim
+    """PSNR, SSIM (metrics.py, as eval.py), zero-shot (quantized semantic path; and the teacher, computed once) and codebook usage."""
     was = raw.training
     raw.eval()  # the quantizers must not move their codebooks on held-out data
 
@@ -324,16 +315,6 @@ def evaluate(raw, teacher, tok, cfg, ev, device, teacher_acc=None):
     raw.train(was)
     return res, teacher_acc
 
-
-def save_grid(x, x_hat, path, n=8):
-    """Originals (top row) over reconstructions (bottom row) as one PNG, with PIL only."""
-    import numpy as np
-    from PIL import Image
-    x, x_hat = x[:n].detach().float().cpu(), x_hat[:n].detach().float().cpu()
-    rows = torch.cat([torch.cat(list(x), 2), torch.cat(list(x_hat), 2)], 1)  # (3, 2H, n*W)
-    img = ((rows.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()  # (2H, nW, 3)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(img)).save(path)
 
 # -----------------------------------------------------------------------------
 # training
@@ -526,7 +507,8 @@ def train(cfg):
             bar.set_postfix(loss=f"{sums['total']:.3f}", rec=f"{sums['rec_mse']:.4f}", img_s=f"{seen / dt:.0f}")
             logger.log(event="train", **row)
         if master and cfg.image_interval and (tu.every(step, cfg.image_interval) or step == last_step):
-            save_grid(x, out.recon, os.path.join(cfg.out_dir, "samples", f"step_{step:06d}.png"))
+            data.grid_png([list(data.to_image(x[:8])), list(data.to_image(out.recon[:8]))],  # originals over recons
+                          os.path.join(cfg.out_dir, "samples", f"step_{step:06d}.png"), pad=0)
         if tu.every(step, cfg.ckpt_interval) or step == last_step:
             checkpoint()
         if tu.every(step, cfg.eval_interval) or step == last_step:
@@ -545,7 +527,6 @@ def train(cfg):
 def batch_stream(ds, cfg, ctx, consumed):
     """Infinite iterator of (B, 3, R, R) image batches for this rank, starting after `consumed`
     micro-batches (ShardedSampler positions are a function of that count)."""
-    import data
     sampler = tu.ShardedSampler(len(ds), cfg.seed, ctx.rank, ctx.world, cfg.micro_batch)
     total = consumed * ctx.world * cfg.micro_batch
     sampler.load_state_dict({"epoch": total // len(ds), "pos": total % len(ds), "n": len(ds), "seed": cfg.seed})

@@ -141,7 +141,7 @@ def test_checker_is_robust_to_blur_and_colour_noise(world):
             noisy = _blur(_blur(s["image"]))
         ok += objects_match(describe(noisy), s["objects"])["all_correct"]
     print(f"checker accuracy, half blur + N(0, 8) noise, half blurred twice: {ok / 200:.3f}")
-    assert ok / 200 >= 0.97  # measured 0.995 here; python data.py reports each case on 1000
+    assert ok / 200 >= 0.97  # measured 0.995 here; python checker.py reports each case on 1000
 
 
 def test_checker_ignores_background_and_specks(world):

@@ -248,6 +248,7 @@ ROWS = [
     ("data_n_not_int", "data", ["abc"], 2, r"N must be an integer, got 'abc'", None, True),
     ("data_export_n_not_int", "data", ["export", "{tmp}/out_{id}", "abc"], 2, r"N must be an integer, got 'abc'", None,
      False),
+    ("checker_n_not_int", "checker", ["abc"], 2, r"N must be an integer, got 'abc'", None, False),
     ("bench_unknown", "bench", ["nothing"], 2, r"usage: python bench.py", None, False),
 ]
 

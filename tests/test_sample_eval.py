@@ -1,6 +1,6 @@
-"""sample.py and eval.py: the metrics against independent formulas (and pytorch-msssim), zero-shot on a
-case with a known answer, the data files, and every CLI end to end on tiny checkpoints saved with the
-project's own save functions."""
+"""sample.py and eval.py: the metrics (metrics.py) against independent formulas (and pytorch-msssim),
+zero-shot on a case with a known answer, the data files, and every CLI end to end on tiny checkpoints
+saved with the project's own save functions."""
 import json
 import math
 import os
@@ -14,8 +14,10 @@ import torch.nn as nn
 import checker
 import data
 import eval as ev
+import metrics
 import mllm
 import sample
+import text
 from conftest import ROOT
 
 # -----------------------------------------------------------------------------
@@ -34,8 +36,8 @@ def test_psnr_matches_formula():
     a = np.clip((x.numpy().astype(np.float64) + 1) / 2, 0, 1)
     b = np.clip((y.numpy().astype(np.float64) + 1) / 2, 0, 1)
     want = [10 * math.log10(1 / ((a[i] - b[i]) ** 2).mean()) for i in range(len(a))]
-    assert np.allclose(ev.psnr(x, y).numpy(), want, atol=1e-4)
-    assert torch.allclose(ev.psnr(x, x), torch.full((3,), 100.0))  # identical: MSE floor, not inf
+    assert np.allclose(metrics.psnr(x, y).numpy(), want, atol=1e-4)
+    assert torch.allclose(metrics.psnr(x, x), torch.full((3,), 100.0))  # identical: MSE floor, not inf
 
 
 def _ssim_reference(a, b, size=11, sigma=1.5, L=1.0):
@@ -60,10 +62,10 @@ def test_ssim_matches_formula():
     a = np.clip((x.numpy().astype(np.float64) + 1) / 2, 0, 1)
     b = np.clip((y.numpy().astype(np.float64) + 1) / 2, 0, 1)
     want = [_ssim_reference(a[i], b[i]) for i in range(2)]
-    assert np.allclose(ev.ssim(x, y).numpy(), want, atol=1e-6)
-    assert torch.allclose(ev.ssim(x, x), torch.ones(2), atol=1e-6)
+    assert np.allclose(metrics.ssim(x, y).numpy(), want, atol=1e-6)
+    assert torch.allclose(metrics.ssim(x, x), torch.ones(2), atol=1e-6)
     with pytest.raises(ValueError, match="smaller than the 11x11 window"):
-        ev.ssim(x[..., :10], y[..., :10])
+        metrics.ssim(x[..., :10], y[..., :10])
 
 
 def test_ssim_matches_pytorch_msssim():
@@ -71,7 +73,7 @@ def test_ssim_matches_pytorch_msssim():
     x, y = _pair(B=4, H=48, W=40, seed=1)
     a, b = ((x + 1) / 2).clamp(0, 1), ((y + 1) / 2).clamp(0, 1)
     want = pm.ssim(a.double(), b.double(), data_range=1.0, size_average=False, win_size=11, win_sigma=1.5)
-    assert torch.allclose(ev.ssim(x, y).double(), want, atol=1e-5)
+    assert torch.allclose(metrics.ssim(x, y).double(), want, atol=1e-5)
 
 
 def test_code_stats():
@@ -323,17 +325,17 @@ def test_object_errors():
 
 @pytest.fixture(scope="module")
 def tiny_mllm(tiny_tok):
-    """A tiny MLLM written the way train_mllm.py writes its out_dir (build_model + export)."""
+    """A tiny MLLM written the way train_mllm.py writes its out_dir (build_model + mllm.export)."""
     import train_mllm
     from tokenizer import DualToken
     torch.manual_seed(0)
     dual = DualToken.from_pretrained(str(tiny_tok / "tok"))
     cfg = train_mllm.TrainMLLMConfig(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, intermediate_size=64,
                                      head_n_layer=1)
-    raw = train_mllm.build_model(cfg, train_mllm.PromptTokenizer("bytes"), dual)
+    raw = train_mllm.build_model(cfg, text.PromptTokenizer("bytes"), dual)
     out = tiny_tok / "mllm"
-    train_mllm.export(raw, str(out), dict(tokenizer=str(tiny_tok / "tok"), text_tokenizer="bytes",
-                                          tokenizer_hash=train_mllm.tokenizer_hash(dual)))
+    mllm.export(raw, str(out), dict(tokenizer=str(tiny_tok / "tok"), text_tokenizer="bytes",
+                                    tokenizer_hash=mllm.tokenizer_hash(dual)))
     return out
 
 

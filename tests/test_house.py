@@ -1,0 +1,72 @@
+"""The house (docs in /work/shared/STYLE.md, issue 17): components at the bottom, scripts on top.
+
+A script imports components only, never another script (ablation.py driving train_tokenizer is the one
+orchestration edge allowed); a component never imports a script; and no import circle anywhere. Read
+from the source with `ast`, so an import inside a function (a lazy import) counts like one at the top.
+"""
+import ast
+import os
+
+from conftest import ROOT
+
+SCRIPTS = {"train_siglip", "train_tokenizer", "train_mllm", "sample", "eval", "ablation", "bench"}
+ALLOWED = {("ablation", "train_tokenizer")}  # ablation.py runs train_tokenizer's trainer once per variant
+
+
+def _modules():
+    return sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith(".py"))
+
+
+def _graph():
+    """{module: {(imported project module, line)}} for every top-level .py, imports at any depth."""
+    mods = set(_modules())
+    graph = {}
+    for m in mods:
+        with open(os.path.join(ROOT, m + ".py")) as f:
+            tree = ast.parse(f.read(), m + ".py")
+        edges = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module.split(".")[0]]
+            else:
+                continue
+            edges.update((n, node.lineno) for n in names if n in mods and n != m)
+        graph[m] = edges
+    return graph
+
+
+def test_every_script_is_a_top_level_file():
+    assert SCRIPTS <= set(_modules())
+
+
+def test_no_script_imports_a_script():
+    bad = [f"{m}.py:{line} imports {n}" for m, edges in _graph().items() if m in SCRIPTS
+           for n, line in sorted(edges, key=lambda e: e[1]) if n in SCRIPTS and (m, n) not in ALLOWED]
+    assert not bad, "scripts import only components:\n" + "\n".join(bad)
+
+
+def test_no_component_imports_a_script():
+    bad = [f"{m}.py:{line} imports {n}" for m, edges in _graph().items() if m not in SCRIPTS
+           for n, line in sorted(edges, key=lambda e: e[1]) if n in SCRIPTS]
+    assert not bad, "components sit below the scripts:\n" + "\n".join(bad)
+
+
+def test_no_import_cycle():
+    graph = {m: {n for n, _ in edges} for m, edges in _graph().items()}
+    cycles, state = [], {}  # state: 1 on the current path, 2 done
+
+    def visit(m, path):
+        state[m] = 1
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                cycles.append(" -> ".join(path[path.index(n):] + [n]))
+            elif n not in state:
+                visit(n, path + [n])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
