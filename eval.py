@@ -86,11 +86,11 @@ def fid_or_reason(real_dir, fake_dir, inception_path, device):
 
 
 def load_tokenizer(path, siglip_config="", device="cpu"):
-    from tokenizer import DualToken
+    from convert import load_dualtoken
     if not path:
-        raise UserError("--tokenizer is required: a folder from train_tokenizer.py / tokenizer.py convert, "
+        raise UserError("--tokenizer is required: a folder from train_tokenizer.py / convert.py, "
                         "or the authors' release folder")
-    return DualToken.from_pretrained(path, siglip_config=siglip_config or None).to(device).eval()
+    return load_dualtoken(path, siglip_config=siglip_config or None).to(device).eval()
 
 
 def text_tokenizer(spec, data_name, folders):

@@ -13,7 +13,7 @@ temperature, top-k, top-p, seed) -> tokenizer decode of the PIXEL codes only (sp
 with the captions written under the rows and the sampling settings in a JSON file beside it. answer: an
 image and a question -> the MLLM's text answer (greedy by default).
 
-Tokenizer: our folder or the authors' release (`DualToken.from_pretrained`; `--siglip_config` when the
+Tokenizer: our folder or the authors' release (`convert.load_dualtoken`; `--siglip_config` when the
 release's absolute SigLIP path is not on this machine). MLLM: a folder/file written by train_mllm.py.
 """
 import json
@@ -51,10 +51,10 @@ def _device(cfg):
 
 
 def load_tokenizer(path, siglip_config, device):
-    from tokenizer import DualToken
+    from convert import load_dualtoken
     if not path:
         raise UserError("--tokenizer is required (a tokenizer folder, or the authors' release)")
-    return DualToken.from_pretrained(path, siglip_config=siglip_config or None).to(device).eval()
+    return load_dualtoken(path, siglip_config=siglip_config or None).to(device).eval()
 
 
 def list_images(path):

@@ -9,7 +9,7 @@ The DualToken image tokenizer: one SigLIP vision tower, two residual-VQ vocabula
 
 Faithful to the authors' released checkpoint (spec: /work/shared/spec/DUALTOKEN.md section 1); the module
 names below mirror their state_dict so the weight-loading table stays short and obvious.
-Run `python tokenizer.py convert CKPT OUT_DIR` to turn the released `.pt` into our safetensors layout.
+The authors' release loads through convert.py (`python convert.py CKPT OUT_DIR` writes our layout).
 """
 import contextlib
 import dataclasses
@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import UserError, run_main
+from configurator import UserError
 from rvq import ResidualVQ
 from siglip import SigLIP, SigLIPConfig
 
@@ -115,61 +115,6 @@ class DualTokenConfig:
     def to_dict(self):
         """config_to_dict(self): what mllm.tokenizer_hash reads without importing this file."""
         return config_to_dict(self)
-
-
-# authors' config.json keys read below in their own way (pretrained_model, bottleneck_type, hidden_size,
-# latent_shape, code_shape are cross-checked) or that do not change the model: HF bookkeeping, the
-# gradient-checkpointing switch, init-from-checkpoint paths, and taming encoder settings (no encoder here).
-_AUTHOR_IGNORED = {"architectures", "model_type", "torch_dtype", "transformers_version", "_name_or_path",
-                   "checkpointing", "ignore_keys", "ckpt_path", "latent_shape", "code_shape", "hidden_size",
-                   "double_z", "in_channels", "pretrained_model", "bottleneck_type"}
-
-
-def _check_author_keys(d, known, where):
-    unknown = sorted(set(d) - set(known) - _AUTHOR_IGNORED)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; known: {sorted(known)}, "
-                         f"ignored bookkeeping: {sorted(_AUTHOR_IGNORED)}")
-
-
-def config_from_authors(raw, siglip_config):
-    """DualTokenConfig from the authors' config.json (dict, outer wrapper or the "rqvaesiglip" entry)."""
-    c = raw.get("rqvaesiglip", raw)
-    if c is not raw:
-        _check_author_keys({k: v for k, v in raw.items() if k != "rqvaesiglip"}, [], "config.json (outer)")
-    _check_author_keys(c, ["layer_recon", "layer_sem", "layer_shortcut", "weight_shortcut", "ddconfig",
-                           "decoder_latent_shape", "vq_sem", "vq_pix"], "config.json rqvaesiglip")
-    v = siglip_config.vision
-    grid = v.image_size // v.patch_size
-    if c.get("hidden_size", v.hidden_size) != v.hidden_size:
-        raise ValueError(f"config.json hidden_size {c['hidden_size']} != SigLIP width {v.hidden_size}")
-
-    def vq(q, name):
-        _check_author_keys(q, ["n_embed", "embed_dim", "decay", "shared_codebook", "restart_unused_codes"],
-                           f"config.json {name}")
-        *hw, depth = q["code_shape"]
-        if tuple(hw) != (grid, grid) or tuple(q.get("latent_shape", [grid, grid, q["embed_dim"]])) != \
-                (grid, grid, q["embed_dim"]):
-            raise ValueError(f"config.json {name}: code_shape {q['code_shape']} / latent_shape "
-                             f"{q.get('latent_shape')} do not match the SigLIP grid {grid}x{grid}")
-        kind = {"rq": "per_depth", "rq_ema": "deferred"}.get(q.get("bottleneck_type", "rq"))
-        if kind is None:
-            raise ValueError(f"config.json {name}: unknown bottleneck_type {q['bottleneck_type']!r}")
-        return QuantizerConfig(codebook_size=q["n_embed"], code_dim=q["embed_dim"], depth=depth,
-                               shared_codebook=q.get("shared_codebook", True), decay=q.get("decay", 0.99),
-                               restart_unused=q.get("restart_unused_codes", True), ema_update=kind)
-
-    dd = c["ddconfig"]
-    _check_author_keys(dd, ["ch", "ch_mult", "num_res_blocks", "attn_resolutions", "decoder_in_channels",
-                            "out_ch", "resolution", "dropout"], "config.json ddconfig")
-    dec = DecoderConfig(ch=dd["ch"], ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
-                        attn_resolutions=tuple(dd["attn_resolutions"]), latent_channels=dd["decoder_in_channels"],
-                        out_ch=dd.get("out_ch", 3), resolution=dd["resolution"], dropout=dd.get("dropout", 0.0))
-    lat = c.get("decoder_latent_shape")
-    return DualTokenConfig(siglip=siglip_config, layer_recon=c["layer_recon"], layer_sem=c["layer_sem"],
-                           layer_shortcut=c.get("layer_shortcut"), weight_shortcut=c.get("weight_shortcut", 0.6),
-                           vq_pix=vq(c["vq_pix"], "vq_pix"), vq_sem=vq(c["vq_sem"], "vq_sem"),
-                           decoder_latent_shape=tuple(lat) if lat is not None else None, decoder=dec)
 
 
 def config_to_dict(cfg):
@@ -592,93 +537,28 @@ class DualToken(nn.Module):
 
     # ---------------------------------------------------------------- weights
 
-    def authors_name_table(self):
-        """[(our state_dict name, [authors' names])] for every tensor except the quantizer buffers, which
-        change layout (see _from_authors). Several authors' names are concatenated on dim 0 (fused q/k/v)."""
-        t = [("siglip." + ours, ["siglip_model." + h for h in hfs]) for ours, hfs in self.siglip.hf_name_table()]
-        t += [(k, [k]) for k in self.state_dict() if not k.startswith(("siglip.", "quantizer_"))]
-        return t
-
     @classmethod
-    def from_pretrained(cls, path, siglip_config=None, dtype=torch.float32):
-        """Load the authors' checkpoint (folder with config.json + model.pt or model.safetensors, or the
-        weights file with config.json beside it) or a folder written by save_pretrained. siglip_config: a
-        SigLIP folder or config.json when the authors' `pretrained_model` path (absolute, on their machine)
-        is not here. Memory: the model is built on the meta device (no allocation, no random init), `.pt`
-        is opened with mmap, safetensors lazily, and every tensor is ASSIGNED, not copied, so the weights
-        live once: as file-backed pages, or (fused q/k/v, dtype casts) as the one tensor built from them.
-        """
-        folder, weights = _resolve(path)
+    def from_pretrained(cls, path, dtype=torch.float32):
+        """Load a folder written by save_pretrained (or its model.safetensors with config.json beside it).
+        The authors' release loads through convert.py (`convert.from_authors`, `convert.load_dualtoken`).
+        Memory: the model is built on the meta device (no allocation, no random init), safetensors are read
+        lazily, and every tensor is ASSIGNED, not copied, so the weights live once."""
+        folder, weights = checkpoint_files(path)
         with open(os.path.join(folder, "config.json")) as f:
             raw = json.load(f)
-        authors = "rqvaesiglip" in raw
-        if authors:
-            sp = siglip_config or raw["rqvaesiglip"].get("pretrained_model")
-            if sp is None:
-                raise UserError(f"{folder}/config.json names no pretrained_model; pass siglip_config=")
-            sp = sp if os.path.isabs(sp) else os.path.join(folder, sp)
-            sp = os.path.join(sp, "config.json") if os.path.isdir(sp) else sp
-            if not os.path.isfile(sp):
-                raise UserError(f"SigLIP config {sp!r} (pretrained_model in {folder}/config.json) not found; "
-                                f"pass siglip_config= a SigLIP folder or config.json")
-            with open(sp) as f:
-                cfg = config_from_authors(raw, SigLIPConfig.from_hf(json.load(f), where=sp))
-        else:
-            cfg = config_from_dict(raw)
-        sd = _read_weights(weights)
-        sd = {k.split("_orig_mod.")[-1].removeprefix("module."): x for k, x in sd.items()}
-        if authors and not any(k.startswith("siglip_model.text_model.") for k in sd):
-            cfg.siglip = SigLIPConfig(vision=cfg.siglip.vision, text=None)  # vision-only release
+        if "rqvaesiglip" in raw:
+            raise UserError(f"{path!r} is the authors' release: load it with convert.load_dualtoken, or convert it "
+                            f"once with `python convert.py {path} OUT_DIR`")
         with torch.device("meta"):
-            model = cls(cfg)
-        sd = model._from_authors(sd) if authors else sd
-        model.load_weights({k: x.to(dtype) if x.is_floating_point() else x for k, x in sd.items()})
+            model = cls(config_from_dict(raw))
+        model.load_weights(read_weights(weights), dtype)
         return model.eval()
 
-    def _from_authors(self, sd):
-        """Authors' names -> ours (strict: every checkpoint key must be used, see load_weights for the rest)."""
-        sd = dict(sd)
-        out, missing = {}, []
-        for ours, theirs in self.authors_name_table():
-            if all(k in sd for k in theirs):
-                xs = [sd.pop(k) for k in theirs]
-                out[ours] = xs[0] if len(xs) == 1 else torch.cat(xs, 0)
-            else:
-                missing += [k for k in theirs if k not in sd]
-        for name in ("prequant_pix", "prequant_shortcut", "prequant_sem", "postquant_pix", "postquant_sem"):
-            z = sd.pop(f"{name}.attn.zero_k_bias", None)  # a constant zero buffer in their code
-            if z is not None and z.count_nonzero():
-                raise ValueError(f"{name}.attn.zero_k_bias is not zero; this model has no k bias")
-        sd = {k: x for k, x in sd.items() if not k.endswith("embeddings.position_ids")}  # old HF constant buffer
-        fields = ("weight", "cluster_size_ema", "embed_ema")
-        for q in ("quantizer_pix", "quantizer_sem"):
-            rvq = getattr(self, q)
-            found = [d for d in range(rvq.depth) if all(f"{q}.codebooks.{d}.{n}" in sd for n in fields)]
-            # every depth, or for a shared book depth 0 alone (any de-duplicated form)
-            if found != list(range(rvq.depth)) and not (rvq.shared_codebook and found[:1] == [0]):
-                raise ValueError(f"missing quantizer weights: {q}.codebooks.{{0..{rvq.depth - 1}}}."
-                                 f"{{{','.join(fields)}}}, found complete depths {found}")
-            books = [[sd.pop(f"{q}.codebooks.{d}.{n}") for n in fields] for d in found]
-            for d, book in zip(found, books):
-                if book[0].shape[0] != rvq.codebook_size + 1:  # the last row is padding, never searched
-                    raise ValueError(f"{q}.codebooks.{d}.weight: expected {rvq.codebook_size + 1} rows "
-                                     f"({rvq.codebook_size} codes + 1 padding), got {tuple(book[0].shape)}")
-                if rvq.shared_codebook:
-                    for n, x, x0 in zip(fields, book, books[0]):
-                        if not torch.equal(x, x0):
-                            raise ValueError(f"{q}.codebooks.{d}.{n} differs from codebooks.0 but the config "
-                                             f"says shared_codebook=True")
-            books = books[:1] if rvq.shared_codebook else books
-            for n, xs in zip(("codebook", "cluster_size_ema", "embed_ema"), zip(*books)):
-                out[f"{q}.{n}"] = torch.stack(xs) if len(xs) > 1 else xs[0].unsqueeze(0)  # (n_books, ...)
-            out[f"{q}.codebook"] = out[f"{q}.codebook"][:, :-1]  # drop the padding row (a view)
-        if sd or missing:
-            raise UserError(f"the authors' checkpoint does not match the model: missing {missing}, "
-                            f"unexpected {sorted(sd)}")
-        return out
-
-    def load_weights(self, sd):
-        """Strict assign of a state_dict in our names into this (possibly meta) model."""
+    def load_weights(self, sd, dtype=None):
+        """Strict assign of a state_dict in our names into this (possibly meta) model; floating-point
+        tensors cast to dtype when given."""
+        if dtype is not None:
+            sd = {k: x.to(dtype) if x.is_floating_point() else x for k, x in sd.items()}
         own = self.state_dict()
         missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
         bad = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
@@ -721,7 +601,7 @@ def teacher_features(teacher, images, layer_sem):
     return h, vis.pool(vis.run_blocks(h, layer_sem, None))
 
 
-def _resolve(path):
+def checkpoint_files(path):
     """-> (folder holding config.json, weights file)."""
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -741,13 +621,15 @@ def _resolve(path):
     return folder, path
 
 
-def _read_weights(path):
+def read_weights(path):
+    """The state_dict in `path` (safetensors, or the authors' `.pt`), `_orig_mod.` / `module.` prefixes stripped."""
     try:
-        return _read_weights_unchecked(path)
+        sd = _read_weights_unchecked(path)
     except UserError:
         raise
     except Exception as e:  # truncated / damaged: zip, pickle, safetensors header errors that do not name the file
         raise UserError(f"cannot read {path} ({type(e).__name__}: {e}); it is damaged or not a checkpoint") from None
+    return {k.split("_orig_mod.")[-1].removeprefix("module."): x for k, x in sd.items()}
 
 
 def _read_weights_unchecked(path):
@@ -783,23 +665,6 @@ def default_config(siglip_config, **overrides):
     return DualTokenConfig(**kw)
 
 
-def _so400m(image_size, patch_size):
-    from siglip import SigLIPTextConfig, SigLIPVisionConfig
-    v = SigLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=1152,
-                           intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16)
-    t = SigLIPTextConfig(vocab_size=256000, hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
-                         num_attention_heads=16, max_position_embeddings=64, projection_size=1152)
-    return SigLIPConfig(vision=v, text=t)
-
-
-def released_config(size):
-    """The two releases. 384: SigLIP2-So400m/14, 27x27 grid, depth 8, grid resized to 24x24 for the decoder.
-    256: SigLIP2-So400m/16-256, 16x16 grid, depth 4, no resize. Codebooks 16384 x 32, shared by depths."""
-    image_size, patch_size, depth = {384: (384, 14, 8), 256: (256, 16, 4)}[int(size)]
-    return default_config(_so400m(image_size, patch_size), vq_pix=QuantizerConfig(depth=depth),
-                          vq_sem=QuantizerConfig(depth=depth, ema_update="deferred"))
-
-
 def tiny_config():
     """The reference fixture's shapes: 32 px, patch 8 (4x4 grid), width 64, 6 blocks, codes 16-d x depth 3."""
     import siglip
@@ -812,25 +677,3 @@ def tiny_config():
                            decoder=DecoderConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1,
                                                  attn_resolutions=(4,), latent_channels=32, resolution=32))
 
-
-PRESETS = {"384": lambda: released_config(384), "256": lambda: released_config(256), "tiny": tiny_config}
-
-# -----------------------------------------------------------------------------
-# command line: python tokenizer.py convert CKPT OUT_DIR
-
-
-def main(argv):
-    if len(argv) != 3 or argv[0] != "convert":
-        raise UserError("usage: python tokenizer.py convert CKPT OUT_DIR   (CKPT: the authors' folder, .pt or "
-                        ".safetensors)")
-    if os.path.exists(os.path.join(argv[2], "model.safetensors")):
-        raise UserError(f"OUT_DIR {argv[2]!r} already holds a model.safetensors: choose another folder (or "
-                        f"delete it yourself)")
-    model = DualToken.from_pretrained(argv[1])
-    model.save_pretrained(argv[2])
-    n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {argv[2]}/config.json and model.safetensors ({n / 1e6:.1f}M parameters)")
-
-
-if __name__ == "__main__":
-    run_main(main)

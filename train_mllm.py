@@ -50,7 +50,7 @@ KINDS = ("und", "cap", "gen")
 class TrainMLLMConfig:
     SECTION = "mllm"  # reads the `mllm_config = dict(...)` section of a pipeline preset
     out_dir: str = "out-mllm"
-    tokenizer: str = ""              # DualToken folder (DualToken.from_pretrained); frozen
+    tokenizer: str = ""              # DualToken folder (convert.load_dualtoken); frozen
     # data: "shapes" or a .jsonl of {"image": path, "caption": text, "qa": [[question, answer], ...]}
     # (caption and qa optional per line; image paths relative to the file)
     data: str = "shapes"
@@ -140,8 +140,8 @@ def load_image_tokenizer(path, device="cpu"):
     if not path or not os.path.isdir(path):
         raise UserError(f"tokenizer={path!r}: need a DualToken folder (config.json + weights); for shapes run "
                         f"`python train_tokenizer.py config/shapes.py` first")
-    from tokenizer import DualToken
-    return DualToken.from_pretrained(path).to(device).eval().requires_grad_(False)
+    from convert import load_dualtoken
+    return load_dualtoken(path).to(device).eval().requires_grad_(False)
 
 
 def previous_stage(path):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import ablation
+import convert
 import tokenizer as T
 import train_tokenizer as tt
 from conftest import FIXTURES
@@ -120,7 +121,7 @@ def test_default_is_the_released_model(tmp_path):
     """Defaults keep the authors' checkpoint exact (fixture parity), and a config.json written before the
     switches existed still loads as the released model."""
     assert T.tiny_config().semantic_branch and not T.tiny_config().tie_branches
-    m = T.DualToken.from_pretrained(os.path.join(REF, "model.pt"))
+    m = convert.from_authors(os.path.join(REF, "model.pt"))
     assert m.config.semantic_branch and not m.config.tie_branches
     outputs = load_file(os.path.join(REF, "outputs.safetensors"))
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""tokenizer.py: parity with the authors' reference outputs, loading/saving, presets, API contracts."""
+"""tokenizer.py and convert.py: parity with the authors' reference outputs, loading/saving, presets, API contracts."""
 import json
 import os
 import shutil
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import FIXTURES
+import convert
 import tokenizer as T
 
 REF = os.path.join(FIXTURES, "dualtoken_reference")
@@ -21,7 +22,7 @@ def outputs():
 
 @pytest.fixture(scope="module")
 def ref_model():
-    return T.DualToken.from_pretrained(os.path.join(REF, "model.pt"))
+    return convert.from_authors(os.path.join(REF, "model.pt"))
 
 
 def run_all(m, x):
@@ -49,7 +50,7 @@ def assert_matches_reference(m, outputs):
 
 @pytest.mark.parametrize("name", ["model.pt", "model.safetensors", ""])  # "": the folder
 def test_reference_parity(name, outputs):
-    m = T.DualToken.from_pretrained(os.path.join(REF, name))
+    m = convert.from_authors(os.path.join(REF, name))
     assert not m.training
     assert_matches_reference(m, outputs)
 
@@ -81,9 +82,13 @@ def test_save_load_round_trip_and_convert(ref_model, outputs, tmp_path):
         assert torch.equal(v, m.state_dict()[k]), k
     assert_matches_reference(m, outputs)
     # the converter entry point writes the same thing
-    T.main(["convert", os.path.join(REF, "model.pt"), str(tmp_path / "conv")])
+    convert.main([os.path.join(REF, "model.pt"), str(tmp_path / "conv")])
     conv = load_file(tmp_path / "conv" / "model.safetensors")
     assert sorted(conv) == sorted(sd) and all(torch.equal(conv[k], sd[k]) for k in sd)
+    # the scripts' loader takes either checkpoint; our loader points the authors' release at convert.py
+    assert convert.load_dualtoken(str(tmp_path / "conv")).config == convert.load_dualtoken(REF).config
+    with pytest.raises(ValueError, match="convert"):
+        T.DualToken.from_pretrained(REF)
 
 
 def _authors_copy(tmp_path, edit):
@@ -108,30 +113,30 @@ def _authors_copy(tmp_path, edit):
 def test_strict_loading_names_the_key(tmp_path, edit, needle):
     path = _authors_copy(tmp_path, edit)
     with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
-        T.DualToken.from_pretrained(path, siglip_config=os.path.join(REF, "siglip"))
+        convert.from_authors(path, siglip_config=os.path.join(REF, "siglip"))
 
 
 def test_authors_config_errors(tmp_path):
     raw = json.load(open(os.path.join(REF, "config.json")))
     sig = T.SigLIPConfig.from_hf(json.load(open(os.path.join(REF, "siglip", "config.json"))))
-    a, tiny = T.config_from_authors(raw, sig), T.tiny_config()
+    a, tiny = convert.config_from_authors(raw, sig), T.tiny_config()
     assert a.siglip.vision == tiny.siglip.vision  # the tiny preset IS the fixture's shape
     tiny.siglip = a.siglip
-    assert a == tiny and T.config_from_authors(raw["rqvaesiglip"], sig) == a  # wrapper optional
+    assert a == tiny and convert.config_from_authors(raw["rqvaesiglip"], sig) == a  # wrapper optional
     bad = json.loads(json.dumps(raw))
     bad["rqvaesiglip"]["vq_pix"]["n_embeds"] = 3
     with pytest.raises(ValueError, match="n_embeds"):
-        T.config_from_authors(bad, sig)
+        convert.config_from_authors(bad, sig)
     bad = json.loads(json.dumps(raw))
     bad["rqvaesiglip"]["vq_sem"]["code_shape"] = [5, 5, 3]
     with pytest.raises(ValueError, match="code_shape"):
-        T.config_from_authors(bad, sig)
+        convert.config_from_authors(bad, sig)
     d = tmp_path / "nosig"
     d.mkdir()
     shutil.copy(os.path.join(REF, "config.json"), d / "config.json")
     shutil.copy(os.path.join(REF, "model.pt"), d / "model.pt")
     with pytest.raises(ValueError, match="siglip_config"):  # relative "siglip" folder is not there
-        T.DualToken.from_pretrained(str(d))
+        convert.from_authors(str(d))
 
 
 def test_wrong_image_size(ref_model):
@@ -213,7 +218,7 @@ def test_from_siglip():
 @pytest.mark.parametrize("name, grid, depth, res, lat", [("384", 27, 8, 384, 24), ("256", 16, 4, 256, 16)])
 def test_released_presets_on_meta(name, grid, depth, res, lat):
     with torch.device("meta"):
-        m = T.DualToken(T.PRESETS[name]())
+        m = T.DualToken(convert.released_config(name))
     assert all(t.is_meta for t in m.state_dict().values())  # nothing allocated
     n = sum(p.numel() for p in m.parameters())
     new = sum(p.numel() for p in m.new_parameters())
@@ -238,7 +243,7 @@ def test_deduplicated_safetensors_without_aliases(tmp_path, outputs):
     d.mkdir()
     shutil.copy(os.path.join(REF, "config.json"), d / "config.json")
     save_file(sd, d / "model.safetensors")
-    m = T.DualToken.from_pretrained(str(d), siglip_config=os.path.join(REF, "siglip"))
+    m = convert.from_authors(str(d), siglip_config=os.path.join(REF, "siglip"))
     assert torch.equal(m.encode(outputs["input.images"])[1], outputs["output.code_sem"])
 
 
@@ -263,7 +268,7 @@ def test_authors_layout_unshared_vision_only(tmp_path):
     raw = json.load(open(os.path.join(REF, "config.json")))
     raw["rqvaesiglip"]["vq_sem"]["shared_codebook"] = False
     json.dump(raw, open(tmp_path / "config.json", "w"))
-    m2 = T.DualToken.from_pretrained(str(tmp_path), siglip_config=os.path.join(REF, "siglip"))
+    m2 = convert.from_authors(str(tmp_path), siglip_config=os.path.join(REF, "siglip"))
     assert m2.siglip.text is None and m2.quantizer_sem.codebook.shape == (3, 32, 16)
     for k, v in m.state_dict().items():
         assert torch.equal(v, m2.state_dict()[k]), k
