@@ -266,6 +266,7 @@ def bench_llm(argv):
 
     import configurator
     import mllm
+    import mllm_hf
 
     @dataclasses.dataclass
     class LLMBench:
@@ -311,7 +312,7 @@ def bench_llm(argv):
         hf = transformers.Qwen2ForCausalLM(hcfg).eval()
         with tempfile.TemporaryDirectory() as d:
             hf.save_pretrained(d)
-            ours = mllm.MLLM.from_pretrained(d, **vis)
+            ours = mllm_hf.from_pretrained(d, **vis)
         hf = hf.to(dev)
     else:
         ours = mllm.MLLM(mllm.MLLMConfig(vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd,

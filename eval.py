@@ -36,7 +36,7 @@ import torch
 import checker
 import data
 from metrics import psnr, ssim
-from mllm import generate_images, image_codes, load_pair, qa_prompt, sampling_settings
+from pipeline import generate_images, image_codes, load_pair, qa_prompt, sampling_settings
 import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
 
@@ -362,7 +362,7 @@ class EvalMLLMConfig:
     qa_images: int = 100         # val images; every question of each is asked
     gen_captions: int = 100      # val captions drawn, with and without CFG
     holdout_images: int = 100    # holdout split: questions and captions (needs holdout_pairs)
-    # sampler; None: as the MLLM's trainer evaluated it (config.json "sampling"; mllm.sampling_settings)
+    # sampler; None: as the MLLM's trainer evaluated it (config.json "sampling"; pipeline.sampling_settings)
     cfg_scale: Optional[float] = None         # the guided run (<= 0: off); the unguided run is always added
     temperature: Optional[float] = None
     fine_temperature: Optional[float] = None  # depths 2..; < 0: = temperature

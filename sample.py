@@ -25,8 +25,8 @@ import torch
 
 import data
 from metrics import psnr
-import mllm
-from mllm import generate_images, image_codes, qa_prompt, sampling_settings
+import pipeline
+from pipeline import generate_images, image_codes, qa_prompt, sampling_settings
 import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
 
@@ -103,8 +103,8 @@ def read_image(path, R):
 
 
 def load_pair(cfg, device):
-    """mllm.load_pair (the MLLM export + the image tokenizer it was trained with) with this script's loader."""
-    return mllm.load_pair(cfg, device, lambda path: load_tokenizer(path, cfg.siglip_config, device))
+    """pipeline.load_pair (the MLLM export + the image tokenizer it was trained with) with this script's loader."""
+    return pipeline.load_pair(cfg, device, lambda path: load_tokenizer(path, cfg.siglip_config, device))
 
 
 def _generator(device, seed):

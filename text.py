@@ -202,7 +202,7 @@ def load_tokenizer(folder):
 
 # -----------------------------------------------------------------------------
 # the MLLM's text side: a text tokenizer plus <bos> and the image delimiters, and its prompt format
-# (train_mllm.py records the name in the export's config.json; mllm.load_export reads it back)
+# (train_mllm.py records the name in the export's config.json; pipeline.load_export reads it back)
 
 IMAGE_TOKENS = ("<im_start>", "<im_end>", "<image_gen_start>", "<image_gen_end>")
 
@@ -210,7 +210,7 @@ IMAGE_TOKENS = ("<im_start>", "<im_end>", "<image_gen_start>", "<image_gen_end>"
 class ChatTokenizer:
     """An HF tokenizer.json LLM tokenizer (Qwen2.5) with its chat template, the MLLM's interface:
     encode / decode / eos_id / pad_id / vocab_size. The image tokens are not in the file: the model
-    appends them (MLLM.from_pretrained new_tokens) and sequences get them as ids, never as text."""
+    appends them (mllm_hf.from_pretrained new_tokens) and sequences get them as ids, never as text."""
 
     def __init__(self, path, eos="<|im_end|>"):
         try:

@@ -24,8 +24,8 @@ Stages (paper 3.4) are presets: `trainable` = "input" (stage 1: LLM frozen, inpu
 output projectors, on generation). `lr` is the LLM's learning rate, `vis_lr` the visual modules'.
 
 out_dir holds config.json (MLLMConfig + the tokenizer path and hash + the text tokenizer and prompt
-format) and model.safetensors (codebooks included), written by mllm.export and read strictly by
-mllm.load_mllm; train_state.pt (exact resume), log.jsonl, samples/step_*.png (decoded cached codes over generations),
+format) and model.safetensors (codebooks included), written by pipeline.export and read strictly by
+pipeline.load_mllm; train_state.pt (exact resume), log.jsonl, samples/step_*.png (decoded cached codes over generations),
 eval.json (held-out QA accuracy and checker-judged generation accuracy with CFG).
 """
 import json
@@ -37,10 +37,12 @@ from typing import Optional
 import numpy as np
 import torch
 
+import mllm_hf
 import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
-from mllm import (SAMPLING_KEYS, MLLM, MLLMConfig, build_sequence, collate, export, load_mllm, make_targets,
-                  tokenizer_hash)
+import pipeline
+from mllm import MLLM, MLLMConfig
+from pipeline import SAMPLING_KEYS, export, load_mllm, tokenizer_hash
 from text import IMAGE_TOKENS, prompt_tokenizer
 
 KINDS = ("und", "cap", "gen")
@@ -165,54 +167,6 @@ def text_tokenizer(cfg):
     if name in ("bytes", "words") and cfg.init_from and not previous_stage(cfg.init_from):
         raise UserError("init_from (a pretrained LLM) needs its text_tokenizer (tokenizer.json)")
     return prompt_tokenizer(name)
-
-
-CAPTION_PROMPT = "describe the image."
-
-
-def sample_parts(kind, rec, tok, rng, caption_dropout, P, qa_per_image=1):
-    """One training sequence: build_sequence parts and one loss flag per part (an image part's flag trains
-    its end delimiter; its codes are trained by gen_mask). An und sample asks up to `qa_per_image` of the
-    image's questions in turn, each answer ended by eos: the image (most of the sequence) is paid once."""
-    if kind == "und" and rec.get("qa"):
-        order = rng.permutation(len(rec["qa"]))[:qa_per_image]
-        parts, flags = [("und", P)], [False]
-        for j in order.tolist():
-            q, a = rec["qa"][j]
-            parts += [tok.user_prompt(q), tok.encode(a) + [tok.eos_id]]
-            flags += [False, True]
-        return parts, flags
-    if kind in ("und", "cap"):  # an image without questions teaches captioning instead
-        return [("und", P), tok.user_prompt(CAPTION_PROMPT), tok.encode(rec["caption"]) + [tok.eos_id]], \
-            [False, False, True]
-    cap = [] if rng.random() < caption_dropout else tok.encode(rec["caption"])
-    return [cap, ("gen", P), [tok.eos_id]], [False, True, True]  # + <image_gen_end>, eos and the codes
-
-
-def loss_mask(mc, parts, flags):
-    """(T,) bool, True at the tokens that are text targets, aligned with build_sequence(mc, parts)."""
-    m = [False] if mc.bos_id is not None else []
-    for p, f in zip(parts, flags):
-        if isinstance(p, tuple):
-            m += [False] * (p[1] + 1) + [f]  # start delimiter, positions, end delimiter
-        else:
-            m += [f] * len(p)
-    return torch.tensor(m)
-
-
-def make_batch(mc, items):
-    """items: (parts, flags, pix (P, Dp), sem (P, Ds)) -> the MLLM.forward keyword dict."""
-    seqs = [build_sequence(mc, parts) for parts, _, _, _ in items]
-    b = collate(mc, seqs)
-    T = b["idx"].shape[1]
-    lm = torch.zeros(len(items), T, dtype=torch.bool)
-    for i, (parts, flags, _, _) in enumerate(items):  # left padded like collate
-        m = loss_mask(mc, parts, flags)
-        lm[i, T - m.numel():] = m
-    b["targets"] = make_targets(b["idx"], b["image_mask"], b["attention_mask"], lm)
-    b["pix_codes"] = torch.cat([torch.from_numpy(np.array(it[2])).long() for it in items])  # (N, Dp)
-    b["sem_codes"] = torch.cat([torch.from_numpy(np.array(it[3])).long() for it in items])
-    return b
 
 
 def kind_counts(mix, micro_batch):
@@ -364,7 +318,7 @@ def _build_model(cfg, tok, dual, thash=None):
                head_code_logits=cfg.head_code_logits, gen_input_drop=cfg.gen_input_drop,
                gen_caption_loss=cfg.gen_caption_loss)
     if cfg.init_from:
-        model = MLLM.from_pretrained(cfg.init_from, new_tokens=IMAGE_TOKENS, **vis)
+        model = mllm_hf.from_pretrained(cfg.init_from, new_tokens=IMAGE_TOKENS, **vis)
         mc = model.config
         if tok.vocab_size > mc.vocab_size - len(IMAGE_TOKENS):
             raise UserError(f"text_tokenizer has {tok.vocab_size} ids, the LLM {mc.vocab_size - 4} before the "
@@ -603,9 +557,9 @@ def train(cfg):
         rng = np.random.default_rng([cfg.seed, ctx.rank, consumed])
         items = []
         for kind, i in zip(kinds, idx):
-            parts, flags = sample_parts(kind, train_c.records[i], tok, rng, cfg.caption_dropout, P, cfg.qa_per_image)
+            parts, flags = pipeline.sample_parts(kind, train_c.records[i], tok, rng, cfg.caption_dropout, P, cfg.qa_per_image)
             items.append((parts, flags, train_c.pix[i], train_c.sem[i]))
-        return {k: v.to(device) for k, v in make_batch(mc, items).items()}
+        return {k: v.to(device) for k, v in pipeline.make_batch(mc, items).items()}
 
     use_compile = device.startswith("cuda") if cfg.compile is None else cfg.compile
     model = torch.compile(raw, dynamic=True) if use_compile else raw
@@ -617,7 +571,7 @@ def train(cfg):
     autocast = tu.autocast_ctx(device, cfg.dtype)
     logger = tu.JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=master)
     extra = dict(tokenizer=os.path.abspath(cfg.tokenizer), tokenizer_hash=thash,
-                 text_tokenizer=text_tokenizer_name(cfg), caption_prompt=CAPTION_PROMPT,
+                 text_tokenizer=text_tokenizer_name(cfg), caption_prompt=pipeline.CAPTION_PROMPT,
                  prompt_format="und: [bos] <im_start> image <im_end> user_prompt(question); "
                                "gen: [bos] encode(caption) <image_gen_start>",
                  grid=dual.config.grid, image_size=dual.config.siglip.vision.image_size,

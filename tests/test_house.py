@@ -70,3 +70,16 @@ def test_no_import_cycle():
         if m not in state:
             visit(m, [m])
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+MAX_LINES = 700  # issue 17: no file over 700 lines (aim for 600 where a component allows)
+
+
+def test_no_file_over_700_lines():
+    long = []
+    for m in _modules():
+        with open(os.path.join(ROOT, m + ".py")) as f:
+            n = sum(1 for _ in f)
+        if n > MAX_LINES:
+            long.append(f"{m}.py: {n} lines")
+    assert not long, f"files over {MAX_LINES} lines (split them along a seam):\n" + "\n".join(long)

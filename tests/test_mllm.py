@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import llm
 import mllm
+import mllm_hf
 from mllm import MLLM, build_sequence, collate, make_targets, tiny_config
 
 VIS = dict(pix_vocab=32, pix_dim=8, pix_depth=3, sem_vocab=24, sem_dim=6, sem_depth=2, head_n_layer=2,
@@ -54,7 +56,7 @@ def test_hf_parity_logits_and_greedy(kind, tied, shard, tmp_path):
     ref = hf_model(kind, tied, tmp_path, shard)
     if shard:
         assert os.path.exists(tmp_path / "model.safetensors.index.json")
-    ours = MLLM.from_pretrained(str(tmp_path), **VIS).eval()
+    ours = mllm_hf.from_pretrained(str(tmp_path), **VIS).eval()
     assert (ours.lm_head.weight is ours.embed.weight) == tied
     idx = torch.randint(0, 120, (2, 40))
     with torch.no_grad():
@@ -77,19 +79,19 @@ def test_config_legacy_rope_layout_matches_v5():
     old = dict(model_type="llama", hidden_size=64, num_attention_heads=4, rope_theta=5e5,
                rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                  original_max_position_embeddings=32))
-    a, b = mllm.config_from_hf(new), mllm.config_from_hf(old)
+    a, b = mllm_hf.config_from_hf(new), mllm_hf.config_from_hf(old)
     assert a == b and a.rope_theta == 5e5 and a.rope_scaling["factor"] == 8.0
-    assert torch.equal(mllm.rope_inv_freq(a), mllm.rope_inv_freq(b))
-    assert not torch.equal(mllm.rope_inv_freq(a), mllm.rope_inv_freq(mllm.config_from_hf(dict(old, rope_scaling=None))))
+    assert torch.equal(llm.rope_inv_freq(a), llm.rope_inv_freq(b))
+    assert not torch.equal(llm.rope_inv_freq(a), llm.rope_inv_freq(mllm_hf.config_from_hf(dict(old, rope_scaling=None))))
 
 
 def test_unknown_rope_type_and_model_type_are_errors():
     with pytest.raises(ValueError, match="yarn"):
-        mllm.config_from_hf(dict(model_type="llama", rope_scaling=dict(rope_type="yarn", factor=2.0)))
+        mllm_hf.config_from_hf(dict(model_type="llama", rope_scaling=dict(rope_type="yarn", factor=2.0)))
     with pytest.raises(ValueError, match="model_type"):
-        mllm.config_from_hf(dict(model_type="gpt2"))
+        mllm_hf.config_from_hf(dict(model_type="gpt2"))
     with pytest.raises(ValueError, match="dynamic"):
-        mllm.rope_inv_freq(tiny_config(rope_scaling=dict(rope_type="dynamic", factor=2.0)))
+        llm.rope_inv_freq(tiny_config(rope_scaling=dict(rope_type="dynamic", factor=2.0)))
 
 
 def write_folder(path, cfg_json, sd):
@@ -103,36 +105,36 @@ def write_folder(path, cfg_json, sd):
 def test_strict_loading_names_the_bad_key(tmp_path):
     cfg_json = dict(model_type="qwen2", vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    model = MLLM(mllm.config_from_hf(cfg_json, **VIS))
+    model = MLLM(mllm_hf.config_from_hf(cfg_json, **VIS))
     ours = dict(model.named_parameters())
-    sd = {hf: ours[us].detach().clone() for hf, us in model.hf_name_table().items()}
+    sd = {hf: ours[us].detach().clone() for hf, us in mllm_hf.hf_name_table(model).items()}
     write_folder(tmp_path / "ok", cfg_json, sd)
-    MLLM.from_pretrained(str(tmp_path / "ok"), **VIS)
+    mllm_hf.from_pretrained(str(tmp_path / "ok"), **VIS)
     bad = dict(sd)
     del bad["model.layers.0.self_attn.k_proj.bias"]
     write_folder(tmp_path / "missing", cfg_json, bad)
     with pytest.raises(ValueError, match="missing keys.*k_proj.bias"):
-        MLLM.from_pretrained(str(tmp_path / "missing"), **VIS)
+        mllm_hf.from_pretrained(str(tmp_path / "missing"), **VIS)
     write_folder(tmp_path / "extra", cfg_json, dict(sd, **{"model.layers.0.extra.weight": torch.zeros(2)}))
     with pytest.raises(ValueError, match="unexpected keys.*extra.weight"):
-        MLLM.from_pretrained(str(tmp_path / "extra"), **VIS)
+        mllm_hf.from_pretrained(str(tmp_path / "extra"), **VIS)
     write_folder(tmp_path / "shape", cfg_json, dict(sd, **{"model.norm.weight": torch.ones(31)}))
     with pytest.raises(ValueError, match=r"model.norm.weight \(31,\) vs \(32,\)"):
-        MLLM.from_pretrained(str(tmp_path / "shape"), **VIS)
+        mllm_hf.from_pretrained(str(tmp_path / "shape"), **VIS)
     with pytest.raises(ValueError, match="config.json"):
-        MLLM.from_pretrained(str(tmp_path / "nowhere"))
+        mllm_hf.from_pretrained(str(tmp_path / "nowhere"))
 
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_vocab_growth_mean_rows_and_tie(tied, tmp_path):
     cfg_json = dict(model_type="qwen2", vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
-    model = MLLM(mllm.config_from_hf(cfg_json, **VIS))
+    model = MLLM(mllm_hf.config_from_hf(cfg_json, **VIS))
     ours = dict(model.named_parameters())
-    write_folder(tmp_path, cfg_json, {hf: ours[us].detach() for hf, us in model.hf_name_table().items()})
-    base = MLLM.from_pretrained(str(tmp_path), **VIS).eval()
+    write_folder(tmp_path, cfg_json, {hf: ours[us].detach() for hf, us in mllm_hf.hf_name_table(model).items()})
+    base = mllm_hf.from_pretrained(str(tmp_path), **VIS).eval()
     names = ("<im_start>", "<im_end>", "<image_gen_start>", "<image_gen_end>")
-    grown = MLLM.from_pretrained(str(tmp_path), new_tokens=names, **VIS).eval()
+    grown = mllm_hf.from_pretrained(str(tmp_path), new_tokens=names, **VIS).eval()
     c = grown.config
     assert c.vocab_size == 54 and (c.im_start_id, c.im_end_id, c.image_gen_start_id, c.image_gen_end_id) == (50, 51, 52, 53)
     assert (grown.lm_head.weight is grown.embed.weight) == tied
@@ -395,12 +397,12 @@ def test_save_load_roundtrip(tmp_path):
 
 
 def test_presets_name_released_shapes():
-    c = mllm.preset_config("qwen2.5-3b")
+    c = mllm_hf.preset_config("qwen2.5-3b")
     assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.intermediate_size) == (36, 2048, 16, 2, 11008)
-    c = mllm.preset_config("qwen2.5-0.5b")
+    c = mllm_hf.preset_config("qwen2.5-0.5b")
     assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.intermediate_size) == (24, 896, 14, 2, 4864)
     with pytest.raises(ValueError, match="unknown preset"):
-        mllm.preset_config("gpt-5")
+        mllm_hf.preset_config("gpt-5")
 
 
 def test_bf16_keeps_rope_frequencies_fp32():

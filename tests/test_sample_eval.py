@@ -15,7 +15,7 @@ import checker
 import data
 import eval as ev
 import metrics
-import mllm
+import pipeline
 import sample
 import text
 from conftest import ROOT
@@ -325,7 +325,7 @@ def test_object_errors():
 
 @pytest.fixture(scope="module")
 def tiny_mllm(tiny_tok):
-    """A tiny MLLM written the way train_mllm.py writes its out_dir (build_model + mllm.export)."""
+    """A tiny MLLM written the way train_mllm.py writes its out_dir (build_model + pipeline.export)."""
     import train_mllm
     from tokenizer import DualToken
     torch.manual_seed(0)
@@ -334,8 +334,8 @@ def tiny_mllm(tiny_tok):
                                      head_n_layer=1)
     raw = train_mllm.build_model(cfg, text.PromptTokenizer("bytes"), dual)
     out = tiny_tok / "mllm"
-    mllm.export(raw, str(out), dict(tokenizer=str(tiny_tok / "tok"), text_tokenizer="bytes",
-                                    tokenizer_hash=mllm.tokenizer_hash(dual)))
+    pipeline.export(raw, str(out), dict(tokenizer=str(tiny_tok / "tok"), text_tokenizer="bytes",
+                                    tokenizer_hash=pipeline.tokenizer_hash(dual)))
     return out
 
 
@@ -475,8 +475,8 @@ def test_sampling_defaults_come_from_the_trained_model():
     paper's sampler."""
     cfg = sample.GenerateConfig()
     rec = {"sampling": dict(cfg_scale=1.5, temperature=0.7, fine_temperature=0.0, top_k=None, top_p=None)}
-    assert mllm.sampling_settings(cfg, rec) == rec["sampling"]
-    assert mllm.sampling_settings(cfg, {}) == mllm.PAPER_SAMPLING
+    assert pipeline.sampling_settings(cfg, rec) == rec["sampling"]
+    assert pipeline.sampling_settings(cfg, {}) == pipeline.PAPER_SAMPLING
     cfg.temperature, cfg.cfg_scale, cfg.top_k, cfg.top_p, cfg.fine_temperature = 0.0, 0.0, 5, 1.0, -1.0
-    assert mllm.sampling_settings(cfg, rec) == dict(cfg_scale=None, temperature=0.0, fine_temperature=None,
+    assert pipeline.sampling_settings(cfg, rec) == dict(cfg_scale=None, temperature=0.0, fine_temperature=None,
                                                       top_k=5, top_p=None)

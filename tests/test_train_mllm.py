@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import data
-import mllm
+import pipeline
 import tokenizer as tkz
 import train_mllm as tm
 
@@ -66,12 +66,12 @@ def test_loss_drops_for_each_kind(tok_dir, cache_dir, tmp_path, kind, term):
 def _batch(tok_dir, cache_dir, kind, **kw):
     cfg = make_cfg(tok_dir, "unused", cache_dir)
     dual = tm.load_image_tokenizer(tok_dir)
-    cache = tm.CodeCache(cache_dir, "train", tm.cache_meta(cfg, dual, mllm.tokenizer_hash(dual, tok_dir)))
+    cache = tm.CodeCache(cache_dir, "train", tm.cache_meta(cfg, dual, pipeline.tokenizer_hash(dual, tok_dir)))
     tok = tm.text_tokenizer(cfg)
     model = tm.build_model(cfg, tok, dual)
     rec = cache.records[0]
-    parts, flags = tm.sample_parts(kind, rec, tok, np.random.default_rng(0), kw.get("drop", 0.0), 16, kw.get("n_qa", 1))
-    b = tm.make_batch(model.config, [(parts, flags, cache.pix[0], cache.sem[0])])
+    parts, flags = pipeline.sample_parts(kind, rec, tok, np.random.default_rng(0), kw.get("drop", 0.0), 16, kw.get("n_qa", 1))
+    b = pipeline.make_batch(model.config, [(parts, flags, cache.pix[0], cache.sem[0])])
     return b, parts, tok, model, cache
 
 
@@ -144,7 +144,7 @@ def test_kind_counts():
 def test_cache_round_trip_and_refuses_other_tokenizer(tok_dir, cache_dir, tmp_path):
     cfg = make_cfg(tok_dir, tmp_path, cache_dir)
     dual = tm.load_image_tokenizer(tok_dir)
-    thash = mllm.tokenizer_hash(dual, tok_dir)
+    thash = pipeline.tokenizer_hash(dual, tok_dir)
     cache = tm.CodeCache(cache_dir, "train", tm.cache_meta(cfg, dual, thash))
     assert cache.pix.dtype == np.int16 and cache.pix.shape == (48, 16, 3) and len(cache) == 48
     world = data.ShapesWorld(data.ShapesConfig(image_size=32, max_objects=2, seed=0))
@@ -172,16 +172,16 @@ def test_holdout_pairs_never_reach_the_cache(tok_dir, tmp_path):
                    prepare=True, train_size=64)
     tm.train(cfg)
     dual = tm.load_image_tokenizer(tok_dir)
-    cache = tm.CodeCache(str(tmp_path / "cache"), "train", tm.cache_meta(cfg, dual, mllm.tokenizer_hash(dual, tok_dir)))
+    cache = tm.CodeCache(str(tmp_path / "cache"), "train", tm.cache_meta(cfg, dual, pipeline.tokenizer_hash(dual, tok_dir)))
     pairs = {(o["color"], o["shape"]) for r in cache.records for o in r["objects"]}
     assert ("red", "circle") not in pairs and len(pairs) > 5
     assert all("red circle" not in r["caption"] for r in cache.records)
     cfg.prepare, cfg.max_steps, cfg.eval_qa, cfg.eval_gen = False, 1, 0, 0
     tm.train(cfg)  # the export records the pairs, so eval.py scores them as the "holdout" split
-    assert mllm.load_mllm(str(tmp_path / "run"))[1]["holdout_pairs"] == [["red", "circle"]]
+    assert pipeline.load_mllm(str(tmp_path / "run"))[1]["holdout_pairs"] == [["red", "circle"]]
     with pytest.raises(ValueError, match="holdout_pairs"):  # a cache made without the holdout is refused
         tm.CodeCache(str(tmp_path / "cache"), "train", tm.cache_meta(make_cfg(tok_dir, tmp_path, train_size=64), dual,
-                                                                     mllm.tokenizer_hash(dual, tok_dir)))
+                                                                     pipeline.tokenizer_hash(dual, tok_dir)))
 
 
 def test_train_exports_loadable_model_and_eval(tok_dir, cache_dir, tmp_path):
@@ -192,7 +192,7 @@ def test_train_exports_loadable_model_and_eval(tok_dir, cache_dir, tmp_path):
     assert res["n_qa"] == 4 and res["n_gen"] == 2 and res["sampling"]["cfg_scale"] == 3.0
     assert json.load(open(out / "eval.json"))["qa_accuracy"] == res["qa_accuracy"]
     assert os.path.isfile(out / "samples" / "step_000004.png") and read_log(out, "samples")
-    model, info = mllm.load_mllm(str(out))
+    model, info = pipeline.load_mllm(str(out))
     assert info["tokenizer_hash"] == res["tokenizer_hash"] and info["text_tokenizer"] == "bytes"
     assert info["sampling"] == res["sampling"]  # eval.py / sample.py draw with these by default
     for k, v in raw.state_dict().items():
@@ -203,7 +203,7 @@ def test_train_exports_loadable_model_and_eval(tok_dir, cache_dir, tmp_path):
     sd.pop("vis_in.0.bias")
     save_file(sd, str(out / "model.safetensors"))
     with pytest.raises(ValueError, match="missing.*vis_in.0.bias"):
-        mllm.load_mllm(str(out))
+        pipeline.load_mllm(str(out))
 
 
 def test_stage_trainable_sets():
@@ -256,7 +256,7 @@ def test_ddp_two_processes_stay_identical(tok_dir, cache_dir, tmp_path):
     a, b = (torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(2))
     for k, v in a.items():
         assert torch.equal(v, b[k]), k
-    init = mllm.load_mllm(out)[0]  # the exported model is rank 0's
+    init = pipeline.load_mllm(out)[0]  # the exported model is rank 0's
     assert torch.equal(init.state_dict()["vis_in.0.weight"], a["vis_in.0.weight"])
     assert load_state(out)["step"] == 2
 

@@ -1,0 +1,122 @@
+"""
+The decoder-only LLM's pieces, laid out as Qwen2 / LLaMA (so mllm_hf.py's name table stays one line per
+tensor): RMSNorm, RoPE (with LLaMA 3.1's llama3 scaling), a KV cache, grouped-query attention, the SwiGLU
+MLP and the pre-norm block. mllm.py builds its trunk and its depth transformers from them.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """Normalised in fp32 and cast back before the weight, like the HF Qwen2 / LLaMA reference."""
+
+    def __init__(self, n, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        dt = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dt)
+
+
+def rope_inv_freq(cfg):
+    """Inverse RoPE frequencies; llama3 scaling divides the long wavelengths by `factor` and blends the
+    middle band (LLaMA 3.1's recipe; HF `_compute_llama3_parameters`)."""
+    hd = cfg.head_dim or cfg.n_embd // cfg.n_head
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    rs = cfg.rope_scaling
+    kind = None if rs is None else rs.get("rope_type", rs.get("type"))
+    if kind in (None, "default"):
+        return inv
+    if kind != "llama3":
+        raise ValueError(f"rope_scaling: unsupported rope type {kind!r} (supported: default, llama3)")
+    factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    out = torch.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    mid = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+    return torch.where(mid, (1 - smooth) * out / factor + smooth * out, out)
+
+
+def apply_rope(x, cos, sin):
+    """HF's half-split rotation (not interleaved pairs): the layout the released checkpoints expect."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys/values for all layers; `valid` remembers which slots are padding so that a
+    left-padded batch can keep decoding, `next_pos` is each row's next RoPE position."""
+
+    def __init__(self, n_layer, B, n_kv, max_len, hd, device, dtype):
+        self.k = torch.zeros(n_layer, B, n_kv, max_len, hd, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.valid = torch.zeros(B, max_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(B, dtype=torch.long, device=device)
+        self.len = 0
+
+    def update(self, layer, k, v):
+        L0, T = self.len, k.shape[2]
+        if L0 + T > self.k.shape[3]:
+            raise ValueError(f"KV cache full: {L0} + {T} > {self.k.shape[3]} slots")
+        self.k[layer, :, :, L0:L0 + T] = k
+        self.v[layer, :, :, L0:L0 + T] = v
+        return self.k[layer, :, :, :L0 + T], self.v[layer, :, :, :L0 + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, C, nh, nkv, hd, qkv_bias, o_bias):
+        super().__init__()
+        self.nh, self.nkv, self.hd = nh, nkv, hd
+        self.q_proj = nn.Linear(C, nh * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(C, nkv * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(C, nkv * hd, bias=qkv_bias)
+        self.o_proj = nn.Linear(nh * hd, C, bias=o_bias)
+
+    def forward(self, x, rope, mask, cache=None, layer=0):
+        """mask: "causal", None (attend to everything given) or a bool (B, 1, T, L) tensor."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nkv, L, hd)
+        causal = isinstance(mask, str)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
+                                           enable_gqa=self.nkv != self.nh)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, C, H, bias):
+        super().__init__()
+        self.gate_proj = nn.Linear(C, H, bias=bias)
+        self.up_proj = nn.Linear(C, H, bias=bias)
+        self.down_proj = nn.Linear(H, C, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, C, nh, nkv, hd, H, eps, qkv_bias=False, o_bias=False, mlp_bias=False):
+        super().__init__()
+        self.ln1 = RMSNorm(C, eps)
+        self.attn = Attention(C, nh, nkv, hd, qkv_bias, o_bias)
+        self.ln2 = RMSNorm(C, eps)
+        self.mlp = MLP(C, H, mlp_bias)
+
+    def forward(self, x, rope, mask, cache=None, layer=0):
+        x = x + self.attn(self.ln1(x), rope, mask, cache, layer)
+        return x + self.mlp(self.ln2(x))

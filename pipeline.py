@@ -1,0 +1,238 @@
+"""
+What connects the image tokenizer, the text tokenizer and the MLLM, for train_mllm.py, sample.py and eval.py:
+our MLLM export (train_mllm.py's out_dir: config.json + model.safetensors, stamped with the image tokenizer's
+path and hash), loading it back with the image tokenizer it was trained with, the prompts as training formats
+them, image <-> codes, and the image sampler's settings. The image tokenizer (a tokenizer.DualToken) is always
+passed in: like mllm.py, this file never imports tokenizer.py.
+"""
+import json
+import os
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from configurator import UserError
+from mllm import MLLM, MLLMConfig, build_sequence, collate, make_targets
+
+# ----------------------------------------------------------------------------------------------------
+# the image sampler's settings
+
+SAMPLING_KEYS = ("cfg_scale", "temperature", "fine_temperature", "top_k", "top_p")
+PAPER_SAMPLING = dict(cfg_scale=3.0, temperature=1.0, fine_temperature=None, top_k=None, top_p=None)
+
+
+def sampling_settings(cfg, info):
+    """The image sampler: each of SAMPLING_KEYS set on cfg (not None), else what the MLLM's trainer
+    recorded in its config.json ("sampling": what its own evaluation drew with), else PAPER_SAMPLING.
+    Off switches on the command line: cfg_scale <= 0, top_k <= 0, top_p outside (0, 1), fine_temperature < 0
+    (= temperature)."""
+    rec = {**PAPER_SAMPLING, **(info.get("sampling") or {})}
+    s = {k: rec[k] if getattr(cfg, k) is None else getattr(cfg, k) for k in SAMPLING_KEYS}
+    off = dict(cfg_scale=lambda v: v <= 0, top_k=lambda v: v <= 0, top_p=lambda v: not 0 < v < 1,
+               fine_temperature=lambda v: v < 0, temperature=lambda v: False)
+    return {k: None if v is not None and off[k](v) else v for k, v in s.items()}
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# our export
+
+def tokenizer_hash(dual, path=None):
+    """sha256 of the image tokenizer's (a DualToken's) config and every tensor: what the code cache and checkpoints are stamped
+    with. With `path` (the folder, or a weights file with config.json beside it) the config is the file's
+    JSON as written, so new code-side config fields with defaults do not change the hash of an unchanged
+    tokenizer; without it, the in-memory config (changes when tokenizer.py grows a field). Tensors are
+    hashed, not files: an authors' .pt and its safetensors conversion hash the same."""
+    import hashlib
+    folder = path if path and os.path.isdir(path) else os.path.dirname(path or "")
+    conf = os.path.join(folder, "config.json") if path else ""
+    if conf and os.path.isfile(conf):
+        with open(conf) as f:
+            c = json.load(f)
+    else:
+        c = dual.config.to_dict()  # tokenizer.config_to_dict
+    h = hashlib.sha256(json.dumps(c, sort_keys=True).encode())
+    for k, v in sorted(dual.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def export(raw, folder, extra):
+    """config.json (the MLLM config + how to talk to it: `extra`, e.g. the image tokenizer's path and
+    hash, the text tokenizer's name) and model.safetensors, both atomic. A tied output head is stored
+    once (as embed.weight); load_mllm re-ties it."""
+    import train_utils as tu
+    conf = dict(mllm=asdict(raw.config), **extra)
+    tu._atomic_write(os.path.join(folder, "config.json"), lambda f: f.write(json.dumps(conf, indent=2).encode()))
+    sd = raw.state_dict()
+    if raw.config.tie_word_embeddings:
+        sd.pop("lm_head.weight")
+    tu.atomic_save_safetensors(sd, os.path.join(folder, "model.safetensors"), {"format": "pt"})
+
+
+def load_mllm(folder, device="cpu"):
+    """-> (MLLM, info dict: tokenizer, tokenizer_hash, text_tokenizer, caption_prompt, ...) from an out_dir.
+    Strict: every key used, every shape checked."""
+    from siglip import read_safetensors
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"load_mllm: no config.json in {folder}")
+    with open(path) as f:
+        conf = json.load(f)
+    if "mllm" not in conf:
+        raise UserError(f"{path}: no 'mllm' section (not written by train_mllm.py)")
+    model = MLLM(MLLMConfig(**conf.pop("mllm")))
+    sd = read_safetensors(os.path.join(folder, "model.safetensors"))
+    if model.config.tie_word_embeddings and "embed.weight" in sd:
+        sd["lm_head.weight"] = sd["embed.weight"]
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    bad = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or bad:
+        raise UserError(f"{folder}/model.safetensors does not match its config: missing {missing}, "
+                        f"unexpected {unexpected}, wrong shape {bad}")
+    model.load_state_dict(sd, strict=True)
+    return model.to(device).eval(), conf
+
+
+def load_export(path, device):
+    """-> (MLLM, text tokenizer, info), what sample.py and eval.py run. `path`: an out_dir of train_mllm.py
+    (read strictly by load_mllm; its config names the text tokenizer and the image tokenizer it was
+    trained with), or a bare file from MLLM.save (byte vocabulary assumed)."""
+    from text import prompt_tokenizer
+    if not path:
+        raise UserError("--mllm is required (an out_dir of train_mllm.py)")
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        model, info = MLLM.load(path, device=device).eval(), {"text_tokenizer": "bytes"}
+    elif os.path.isdir(path):
+        model, info = load_mllm(path, device)
+    else:
+        raise UserError(f"--mllm={path!r}: expected a train_mllm.py out_dir or a .safetensors file")
+    tt = info.get("text_tokenizer", "bytes")
+    text_tok = prompt_tokenizer(tt or "bytes")
+    if tt in ("", "bytes", "words") and (text_tok.eos_id, text_tok.vocab_size) != (model.config.eos_id, model.config.vocab_size):
+        raise UserError(f"{path}: {tt or 'bytes'} text tokenizer (eos {text_tok.eos_id}, vocab {text_tok.vocab_size}) "
+                        f"does not match the model (eos {model.config.eos_id}, vocab {model.config.vocab_size})")
+    return model, text_tok, info
+
+
+def load_pair(cfg, device, load_image_tok):
+    """MLLM + the image tokenizer it was trained with -> (model, text_tok, image_tok, info). cfg: .mllm (see
+    load_export), .tokenizer ('' -> the path the export records; set to the one used), .check_hash.
+    load_image_tok(path) -> the DualToken on device, passed in by the script (this file never imports
+    tokenizer.py). A recorded tokenizer hash must match: other codes would be meaningless to the model."""
+    model, text_tok, info = load_export(cfg.mllm, device)
+    if not cfg.tokenizer:
+        cfg.tokenizer = info.get("tokenizer", "")
+    image_tok = load_image_tok(cfg.tokenizer)
+    check_pair(model, image_tok)
+    if info.get("tokenizer_hash"):
+        h = tokenizer_hash(image_tok, cfg.tokenizer)  # config.json as written + weights, as train_mllm stamps it
+        if h != info["tokenizer_hash"]:
+            msg = (f"--tokenizer={cfg.tokenizer!r} has hash {h}, the MLLM was trained with "
+                   f"{info['tokenizer_hash']} ({info.get('tokenizer')})")
+            if cfg.check_hash:
+                raise UserError(msg + "; --check_hash=False only if the weights are the same and only the hash "
+                                       "recipe changed (it covers the config dict: a new config field changes it)")
+            print(f"warning: {msg}; continuing (--check_hash=False)")
+            info["tokenizer_hash_mismatch"] = h
+    return model, text_tok, image_tok, info
+
+
+def check_pair(model, image_tok):
+    """The MLLM's code vocabularies and depths must be the image tokenizer's."""
+    c, t = model.config, image_tok.config
+    want = dict(pix_vocab=t.vq_pix.codebook_size, pix_depth=t.vq_pix.depth, pix_dim=t.vq_pix.code_dim,
+                sem_vocab=t.vq_sem.codebook_size, sem_depth=t.vq_sem.depth, sem_dim=t.vq_sem.code_dim)
+    bad = {k: (getattr(c, k), v) for k, v in want.items() if getattr(c, k) != v}
+    if bad:
+        raise UserError(f"MLLM and tokenizer do not match (mllm, tokenizer): {bad}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# training sequences: what train_mllm.py feeds the MLLM
+
+CAPTION_PROMPT = "describe the image."
+
+
+def sample_parts(kind, rec, tok, rng, caption_dropout, P, qa_per_image=1):
+    """One training sequence: build_sequence parts and one loss flag per part (an image part's flag trains
+    its end delimiter; its codes are trained by gen_mask). An und sample asks up to `qa_per_image` of the
+    image's questions in turn, each answer ended by eos: the image (most of the sequence) is paid once."""
+    if kind == "und" and rec.get("qa"):
+        order = rng.permutation(len(rec["qa"]))[:qa_per_image]
+        parts, flags = [("und", P)], [False]
+        for j in order.tolist():
+            q, a = rec["qa"][j]
+            parts += [tok.user_prompt(q), tok.encode(a) + [tok.eos_id]]
+            flags += [False, True]
+        return parts, flags
+    if kind in ("und", "cap"):  # an image without questions teaches captioning instead
+        return [("und", P), tok.user_prompt(CAPTION_PROMPT), tok.encode(rec["caption"]) + [tok.eos_id]], \
+            [False, False, True]
+    cap = [] if rng.random() < caption_dropout else tok.encode(rec["caption"])
+    return [cap, ("gen", P), [tok.eos_id]], [False, True, True]  # + <image_gen_end>, eos and the codes
+
+
+def loss_mask(mc, parts, flags):
+    """(T,) bool, True at the tokens that are text targets, aligned with build_sequence(mc, parts)."""
+    m = [False] if mc.bos_id is not None else []
+    for p, f in zip(parts, flags):
+        if isinstance(p, tuple):
+            m += [False] * (p[1] + 1) + [f]  # start delimiter, positions, end delimiter
+        else:
+            m += [f] * len(p)
+    return torch.tensor(m)
+
+
+def make_batch(mc, items):
+    """items: (parts, flags, pix (P, Dp), sem (P, Ds)) -> the MLLM.forward keyword dict."""
+    seqs = [build_sequence(mc, parts) for parts, _, _, _ in items]
+    b = collate(mc, seqs)
+    T = b["idx"].shape[1]
+    lm = torch.zeros(len(items), T, dtype=torch.bool)
+    for i, (parts, flags, _, _) in enumerate(items):  # left padded like collate
+        m = loss_mask(mc, parts, flags)
+        lm[i, T - m.numel():] = m
+    b["targets"] = make_targets(b["idx"], b["image_mask"], b["attention_mask"], lm)
+    b["pix_codes"] = torch.cat([torch.from_numpy(np.array(it[2])).long() for it in items])  # (N, Dp)
+    b["sem_codes"] = torch.cat([torch.from_numpy(np.array(it[3])).long() for it in items])
+    return b
+
+
+# ----------------------------------------------------------------------------------------------------
+# prompts, codes and generation with the image tokenizer
+
+def qa_prompt(text_tok, question):
+    """The question as train_mllm.py formats it (after <im_start> image <im_end>)."""
+    return text_tok.user_prompt(question)
+
+
+def gen_prompt(text_tok, caption):
+    """The caption as train_mllm.py formats it (before <image_gen_start>)."""
+    return text_tok.encode(caption)
+
+
+@torch.no_grad()
+def image_codes(image_tok, x):
+    """(B, 3, R, R) -> (pix (B, N, Dp), sem (B, N, Ds)) in raster order, what the MLLM reads."""
+    pix, sem = image_tok.encode(x)  # (B, h, w, D) each
+    return pix.flatten(1, 2), sem.flatten(1, 2)
+
+
+@torch.no_grad()
+def generate_images(model, image_tok, text_tok, captions, generator=None, batch_size=16, **sampling):
+    """Captions -> decoded images (B, 3, R, R) in about [-1, 1], one per caption, and the pixel codes
+    (B, h, w, Dp). Only the pixel codes are decoded (spec section 3). sampling: MLLM.generate_image's
+    cfg_scale (None = no guidance), temperature, fine_temperature, top_k, top_p."""
+    g = image_tok.config.grid
+    images, codes = [], []
+    for i in range(0, len(captions), batch_size):
+        prompts = [gen_prompt(text_tok, c) for c in captions[i:i + batch_size]]
+        pix, _ = model.generate_image(prompts, g * g, generator=generator, **sampling)
+        pix = pix.view(len(prompts), g, g, -1)  # (B, h, w, Dp)
+        images.append(image_tok.decode(pix.to(next(image_tok.parameters()).device)).float())
+        codes.append(pix)
+    return torch.cat(images), torch.cat(codes)
