@@ -36,7 +36,7 @@ import torch
 import checker
 import data
 from metrics import psnr, ssim
-from pipeline import generate_images, image_codes, load_pair, qa_prompt, sampling_settings
+from pipeline import gen_prompt, generate_images, image_codes, load_pair, make_batch, qa_prompt, sampling_settings
 import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
 
@@ -500,6 +500,51 @@ def gen_eval(model, text_tok, image_tok, samples, cfg, device, autocast, samplin
     return _judge(data.to_image(imgs), [s["objects"] for s in samples])
 
 
+SWAP_VALUES = {"color": tuple(data.COLORS), "shape": data.SHAPES, "size": data.SIZES}
+
+
+@torch.no_grad()
+def caption_swap(model, text_tok, image_tok, samples, cfg, device, autocast):
+    """Does drawing read each caption word? On one-object images, the teacher-forced pixel-code loss at the
+    first patch (raster order) of the object's cell, where nothing drawn before shows the object, with the
+    true caption and with one word (colour, shape or size) swapped for the next value. 'added' near 0: the
+    model draws that attribute without reading it (found so for colour, docs/experiments.md 2026-11-30)."""
+    one = [s for s in samples if len(s["objects"]) == 1]
+    mc = model.config
+    if not one:
+        return dict(n=0, note="no one-object image among the generation samples")
+    x = torch.stack([data.to_tensor(s["image"]) for s in one]).to(device)
+    with autocast:
+        pix, sem = image_codes(image_tok, x)  # (n, P, D)
+    P = pix.shape[1]
+    g = math.isqrt(P)
+    if g * g != P or g % 3:
+        return dict(n=0, note=f"a {g}x{g} code grid does not split into the world's 3x3 cells")
+
+    def first_patch_nll(objs):
+        caps = [data.caption([o]) for o in objs]
+        items = [([gen_prompt(text_tok, c), ("gen", P), [mc.eos_id]], [False, True, True], p.cpu(), q.cpu())
+                 for c, p, q in zip(caps, pix, sem)]
+        b = {k: v.to(device) for k, v in make_batch(mc, items).items()}
+        with autocast:
+            nll = model.image_code_nll(b["idx"], b["image_mask"], b["pix_codes"], b["sem_codes"],
+                                       b["attention_mask"], b["gen_mask"])
+        out = []
+        for i, o in enumerate(objs):
+            r, c = divmod(data.CELLS.index(o["cell"]), 3)
+            t = b["image_mask"][i].nonzero()[(r * g // 3) * g + c * g // 3, 0]  # the cell's first patch
+            out.append(float(nll[i, t]))
+        return float(np.mean(out))
+
+    objs = [s["objects"][0] for s in one]
+    true = first_patch_nll(objs)
+    added = {}
+    for k, vals in SWAP_VALUES.items():
+        swapped = [dict(o, **{k: vals[(vals.index(o[k]) + 1) % len(vals)]}) for o in objs]
+        added[k] = first_patch_nll(swapped) - true
+    return dict(n=len(one), true_nll=true, added=added)
+
+
 @torch.no_grad()
 def ceiling(image_tok, samples, cfg, device, autocast):
     """The checker on the tokenizer's own decoding of the true images (encode -> decode pixel codes): no
@@ -588,6 +633,7 @@ def eval_mllm(cfg):
         gen_samples = [world.sample(split, i) for i in range(n_gen)]
         if gen_samples:
             r["tokenizer_ceiling"] = ceiling(image_tok, gen_samples, cfg, device, autocast)
+            r["caption_swap"] = caption_swap(model, text_tok, image_tok, gen_samples, cfg, device, autocast)
             for name, sc in scales:
                 r[f"gen_{name}"] = dict(gen_eval(model, text_tok, image_tok, gen_samples, cfg, device, autocast,
                                                  dict(sampler, cfg_scale=sc)), cfg_scale=sc)
@@ -615,6 +661,11 @@ def eval_mllm(cfg):
             print(f"generation {split} ceiling (tokenizer decodes the true images): all-correct {c['all_correct']:.4f}, "
                   f"objects {c['objects_correct']:.3f}, false objects/image {c['false_objects']:.3f}, missed cells "
                   f"{c['missed_cells']:.3f} (n={c['n']})   {where}")
+            sw = r["caption_swap"]
+            if sw["n"]:
+                print(f"generation {split} caption-word swap (teacher-forced pixel-code loss at the object's first "
+                      f"patch, {sw['n']} one-object images): true caption {sw['true_nll']:.2f} nats; swapping "
+                      + ", ".join(f"{k} +{v:.2f}" for k, v in sw["added"].items()) + f"   {where}")
             for name, _ in scales:
                 gr = r[f"gen_{name}"]
                 attrs = ", ".join(f"{k} {gr[k]:.3f}" for k in ("count",) + checker.ATTRS)

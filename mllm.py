@@ -500,6 +500,25 @@ class MLLM(nn.Module):
         y = self.caption_words(idx, image_mask, attention_mask, gen_mask)[g.nonzero()[:, 0]]  # (M, V)
         return F.binary_cross_entropy_with_logits(self.cap_head(h[g]).float(), y)
 
+    @torch.no_grad()
+    def image_code_nll(self, idx, image_mask, pix_codes, sem_codes, attention_mask=None, gen_mask=None):
+        """Teacher-forced pixel-code loss of every generated image position: (B, T), nats summed over the
+        pixel depths at each generated position (NaN elsewhere). For controls that ask where the model
+        uses its prompt (eval.py's caption-word swap), which a batch-mean loss would blur."""
+        x = self.embed_inputs(idx, image_mask, pix_codes, sem_codes, gen_mask)
+        h = self.trunk(x, attention_mask)
+        img = image_mask.bool()
+        sel = img & (gen_mask.bool() if gen_mask is not None else img)
+        sel[:, 0] = False
+        rows = (img.flatten().cumsum(0) - 1).view_as(img)[sel]  # code row of each target position
+        codes = pix_codes[rows]  # (M, D)
+        cum = code_vectors(self.pix_book, codes).cumsum(1)[:, :-1].to(h.dtype)
+        logits = self.pix_head(h[:, :-1][sel[:, 1:]], cum, book=self.pix_book).float()  # (M, D, K)
+        nll = F.cross_entropy(logits.transpose(1, 2), codes, reduction="none").sum(1)  # (M,)
+        out = torch.full(idx.shape, float("nan"), device=idx.device)
+        out[sel] = nll
+        return out
+
     @staticmethod
     def _depth_loss(head, book, hs, codes):
         """Sum over depths of the mean CE of that depth."""

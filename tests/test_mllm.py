@@ -573,3 +573,19 @@ def test_gen_caption_loss_targets_the_caption_words_of_generated_rows():
     zero = m._caption_loss(und["idx"], torch.zeros(*und["idx"].shape, cfg.n_embd), und["image_mask"],
                            und["attention_mask"], und["gen_mask"])
     assert float(zero) == 0.0
+
+
+def test_image_code_nll_is_the_pixel_loss_per_position():
+    """MLLM.image_code_nll: NaN off the generated positions, and its mean over them is forward's pixel loss
+    (each depth's mean CE, summed over depths)."""
+    m = tiny_model(gen_sem=False).eval()
+    cfg = m.config
+    b = collate(cfg, [build_sequence(cfg, [("und", 4), [65]]), build_sequence(cfg, [[67, 68], ("gen", 5), [cfg.eos_id]])])
+    p, s = random_codes(cfg, 9)
+    nll = m.image_code_nll(b["idx"], b["image_mask"], p, s, b["attention_mask"], b["gen_mask"])
+    gen = b["gen_mask"].bool() & b["image_mask"].bool()
+    assert torch.isnan(nll[~gen]).all() and not torch.isnan(nll[gen]).any()  # the first position is not the row's
+    with torch.no_grad():
+        m(b["idx"], make_targets(b["idx"], b["image_mask"], b["attention_mask"]), image_mask=b["image_mask"],
+          attention_mask=b["attention_mask"], gen_mask=b["gen_mask"], pix_codes=p, sem_codes=s)
+    torch.testing.assert_close(nll[gen].mean(), m.loss_parts["pix"], rtol=1e-5, atol=1e-5)

@@ -480,3 +480,33 @@ def test_sampling_defaults_come_from_the_trained_model():
     cfg.temperature, cfg.cfg_scale, cfg.top_k, cfg.top_p, cfg.fine_temperature = 0.0, 0.0, 5, 1.0, -1.0
     assert pipeline.sampling_settings(cfg, rec) == dict(cfg_scale=None, temperature=0.0, fine_temperature=None,
                                                       top_k=5, top_p=None)
+
+
+def test_caption_swap_sees_only_words_the_model_can_tell_apart():
+    """eval.caption_swap: with the six colour words embedded identically the colour swap adds exactly nothing
+    at the object's first patch, while shape and size (distinct embeddings) change the loss. The image
+    tokenizer is a stub giving fixed codes on a 3x3 grid (one patch per cell)."""
+    from contextlib import nullcontext
+    import text
+    from mllm import MLLM, tiny_config
+    text_tok = text.prompt_tokenizer("words")
+    torch.manual_seed(0)
+    m = MLLM(tiny_config()).eval()  # 263 ids: the word ids (< 70) and the special ids (256..) fit
+    cfg = m.config
+
+    class Stub:
+        def encode(self, x):
+            g = torch.Generator().manual_seed(int(x.abs().sum() * 1000) % 1000)
+            B = x.shape[0]
+            return (torch.randint(cfg.pix_vocab, (B, 3, 3, cfg.pix_depth), generator=g),
+                    torch.randint(cfg.sem_vocab, (B, 3, 3, cfg.sem_depth), generator=g))
+
+    world = data.ShapesWorld(data.ShapesConfig(image_size=24, max_objects=1))
+    samples = [world.sample("val", i) for i in range(6)]
+    with torch.no_grad():
+        colours = [text_tok.encode(c)[-1] for c in data.COLORS]
+        m.embed.weight[colours] = m.embed.weight[colours[0]].clone()
+    r = ev.caption_swap(m, text_tok, Stub(), samples, None, "cpu", nullcontext())
+    assert r["n"] == 6 and r["true_nll"] > 0
+    assert abs(r["added"]["color"]) < 1e-5
+    assert abs(r["added"]["shape"]) > 1e-4 and abs(r["added"]["size"]) > 1e-4
