@@ -569,7 +569,7 @@ def train(cfg):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False,
                                                           find_unused_parameters=heads_idle)
     autocast = tu.autocast_ctx(device, cfg.dtype)
-    logger = tu.JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=master)
+    logger = tu.JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=master, fresh=st is None)
     extra = dict(tokenizer=os.path.abspath(cfg.tokenizer), tokenizer_hash=thash,
                  text_tokenizer=text_tokenizer_name(cfg), caption_prompt=pipeline.CAPTION_PROMPT,
                  prompt_format="und: [bos] <im_start> image <im_end> user_prompt(question); "

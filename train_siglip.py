@@ -170,7 +170,7 @@ def train(cfg):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if
                                                           device.startswith("cuda") else None)
     autocast = tu.autocast_ctx(device, cfg.dtype)
-    logger = tu.JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=master)
+    logger = tu.JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=master, fresh=st is None)
     if master:
         print(f"SigLIP {n_params / 1e6:.2f}M params, device {device} x{ctx.world}, accum {accum}, "
               f"from step {step}")

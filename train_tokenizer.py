@@ -390,7 +390,7 @@ def train(cfg):
         if disc is not None:
             d_model = torch.nn.parallel.DistributedDataParallel(disc, device_ids=ids)
     autocast = tu.autocast_ctx(device, cfg.dtype)
-    logger = tu.JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=master)
+    logger = tu.JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=master, fresh=st is None)
     if master:
         print(f"DualToken {n_params / 1e6:.2f}M params ({n_train / 1e6:.2f}M trainable, {cfg.trainable}), "
               f"device {device} x{ctx.world}, accum {accum}, from step {step}")

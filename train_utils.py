@@ -170,12 +170,16 @@ def atomic_save_safetensors(tensors, path, metadata=None):
 
 class JsonlLogger:
     """One JSON object per line, appended and closed at every write so a crash loses at most the line
-    being written. Only the master process writes (enabled=ctx.is_master)."""
+    being written. Only the master process writes (enabled=ctx.is_master). fresh=True (a run that does
+    not resume): an earlier run's log in the same out_dir is emptied, so the log describes the model
+    beside it (the out_dir guard already required --overwrite=True to replace that model)."""
 
-    def __init__(self, path, enabled=True):
+    def __init__(self, path, enabled=True, fresh=False):
         self.path, self.enabled = path, enabled
         if enabled:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            if fresh and os.path.exists(path):
+                open(path, "w").close()
 
     def log(self, **row):
         if not self.enabled:

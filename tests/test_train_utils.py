@@ -125,6 +125,10 @@ def test_unwrap_and_logger(tmp_path):
     rows = [json.loads(l) for l in open(tmp_path / "log" / "train.jsonl")]
     assert rows == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}]
     assert not (tmp_path / "other.jsonl").exists()
+    tu.JsonlLogger(str(tmp_path / "log" / "train.jsonl")).log(step=3)  # a resumed run appends
+    assert [json.loads(l)["step"] for l in open(tmp_path / "log" / "train.jsonl")] == [1, 2, 3]
+    tu.JsonlLogger(str(tmp_path / "log" / "train.jsonl"), fresh=True).log(step=1)  # a new run starts its own log
+    assert [json.loads(l)["step"] for l in open(tmp_path / "log" / "train.jsonl")] == [1]
 
 
 def test_autocast_ctx_is_noop_on_cpu():
