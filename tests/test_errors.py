@@ -99,6 +99,9 @@ def world(tmp_path_factory):
     imgs.mkdir()
     for i in range(2):
         _png(imgs / f"good{i}.png", seed=i)
+    from PIL import Image
+    for mode in ("L", "RGBA", "P"):  # odd modes: converted to RGB, not refused
+        Image.open(imgs / "good0.png").convert(mode).save(imgs / f"good_{mode}.png")
     (imgs / "empty.png").write_bytes(b"")
     (imgs / "text.png").write_text("not an image at all\n")
     w["imgs"], w["bad_png"], w["good_png"] = str(imgs), str(imgs / "text.png"), str(imgs / "good0.png")
@@ -115,6 +118,8 @@ def world(tmp_path_factory):
     w["j_bad_images"] = j("bad_images.jsonl", *[json.dumps({"image": f"imgs/{n}.png", "caption": f"c {n}",
                                                             "qa": [["what is it?", n]]})
                                                 for n in ("good0", "empty", "text", "good1", "missing")])
+    w["j_modes"] = j("modes.jsonl", *[json.dumps({"image": f"imgs/{n}.png", "caption": f"a red circle {n}"})
+                                      for n in ("good0", "good_L", "good_RGBA", "good_P", "empty", "text", "missing")])
     # a tokenizer folder whose weights are cut short; a siglip run whose train_state.pt is cut short
     w["tok_cut"] = str(t / "tok_cut")
     os.makedirs(w["tok_cut"])
@@ -203,6 +208,10 @@ ROWS = [
     ("mllm_jsonl_bad_images_skipped", M, ["{preset}", NEW, "--tokenizer={tok}", "--data={j_bad_images}",
                                           "--prepare=True"], 0,
      r"skipped 3 of 5 files under .*bad_images.jsonl \(2 do not decode.*\(1 without caption or file\)", None, False),
+    ("siglip_jsonl_modes_and_bad_images", S, ["{preset}", NEW, "--data={j_modes}"], 0,
+     r"skipped 3 of 7 files under .*modes.jsonl \(2 do not decode.*\(1 without caption or file\)", None, False),
+    ("tokenizer_jsonl_modes_and_bad_images", T, ["{preset}", NEW, "--init_from={siglip}", "--data={j_modes}"], 0,
+     r"skipped 3 of 7 files under .*modes.jsonl \(2 do not decode.*\(1 without caption or file\)", None, False),
     ("mllm_jsonl_trains", M, ["{preset}", NEW, "--tokenizer={tok}", "--data={j_bad_images}"], 0,
      r"2 cached images", None, False),
     # models and images that do not load
@@ -214,7 +223,7 @@ ROWS = [
      False),
     ("reconstruct_skips_bad", "sample", ["reconstruct", "--tokenizer={tok}", "--images={imgs}", "--device=cpu",
                                          "--out_dir={tmp}/out_{id}"], 0,
-     r"skipped 2 of 4 files under .*imgs that do not decode", None, False),
+     r"skipped 2 of 7 files under .*imgs that do not decode", None, False),
     ("reconstruct_one_bad", "sample", ["reconstruct", "--tokenizer={tok}", "--images={bad_png}", "--device=cpu",
                                        "--out_dir={tmp}/out_{id}"], 2, r"cannot decode the image .*text.png", None, False),
     ("answer_bad_image", "sample", ["answer", "--mllm={mllm}", "--image={bad_png}", "--question=what?",
