@@ -9,7 +9,8 @@ Teach the unified LLM to read and draw with dual tokens (paper section 3.4; spec
 
 The frozen DualToken tokenizer runs ONCE over the data (the code cache: memory-mapped int16/int32 .npy
 stacks of both vocabularies + a JSON index of the texts, stamped with a hash of the tokenizer's config
-and weights); training reads codes only. Every micro-batch mixes three kinds of sample in fixed counts
+and weights); training reads codes only. Codes come from pipeline.image_codes (DualToken.encode: always fp32,
+autocast off), the function eval.py and sample.py read images through too. Every micro-batch mixes three kinds of sample in fixed counts
 (so every trained module gets a gradient on every rank, which plain DDP needs):
     und  [bos] <im_start> image <im_end> question-prompt answer <eos> ...   loss: each answer + eos
                                                                             (qa_per_image turns)
@@ -247,9 +248,9 @@ def prepare_cache(cfg, dual, thash, folder, device, verbose=True):
             got = [item(i) for i in idx]
             recs += [r for r, _ in got]
             x = torch.stack([im for _, im in got]).to(device)
-            p, q = dual.encode(x)  # (B, h, w, D) each
-            pix[idx.start:idx.stop] = p.reshape(len(idx), P, -1).cpu().numpy().astype(dt)  # raster order
-            sem[idx.start:idx.stop] = q.reshape(len(idx), P, -1).cpu().numpy().astype(dt)
+            p, q = pipeline.image_codes(dual, x)  # (B, P, D) each, raster order, fp32 whatever the caller
+            pix[idx.start:idx.stop] = p.cpu().numpy().astype(dt)
+            sem[idx.start:idx.stop] = q.cpu().numpy().astype(dt)
         pix.flush(), sem.flush()
         del pix, sem
         tu._atomic_write(os.path.join(folder, f"{split}_index.json"), lambda f: f.write(json.dumps(recs).encode()))

@@ -166,6 +166,20 @@ def test_cache_round_trip_and_refuses_other_tokenizer(tok_dir, cache_dir, tmp_pa
         tm.CodeCache(cache_dir, "train", tm.cache_meta(make_cfg(tok_dir, tmp_path, train_size=49), tm.load_image_tokenizer(tok_dir), thash))
 
 
+def test_cache_codes_are_what_eval_reads_under_autocast(tok_dir, cache_dir):
+    """Train/eval agreement: the cached codes (what the MLLM trains on) are exactly the codes eval.py /
+    sample.py get for the same image while they run under bf16 autocast (CPU autocast stands in for cuda's)."""
+    dual = tm.load_image_tokenizer(tok_dir)
+    cache = tm.CodeCache(cache_dir, "train", tm.cache_meta(make_cfg(tok_dir, cache_dir), dual,
+                                                           pipeline.tokenizer_hash(dual, tok_dir)))
+    world = data.ShapesWorld(data.ShapesConfig(image_size=32, max_objects=2, seed=0))
+    x = torch.stack([data.to_tensor(world.sample("train", i)["image"]) for i in range(48)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pix, sem = pipeline.image_codes(dual, x)  # (48, 16, 3) each
+    assert torch.equal(torch.from_numpy(np.array(cache.pix[:])).long(), pix)
+    assert torch.equal(torch.from_numpy(np.array(cache.sem[:])).long(), sem)
+
+
 def test_holdout_pairs_never_reach_the_cache(tok_dir, tmp_path):
     """Compositional generalisation: a held-out colour-shape pair is in no cached training image."""
     cfg = make_cfg(tok_dir, tmp_path / "run", str(tmp_path / "cache"), holdout_pairs=(("red", "circle"),),
