@@ -228,7 +228,7 @@ def test_holdout_pairs_never_reach_the_cache(tok_dir, tmp_path):
                                                                      pipeline.tokenizer_hash(dual, tok_dir)))
 
 
-def test_train_exports_loadable_model_and_eval(tok_dir, cache_dir, tmp_path):
+def test_train_exports_loadable_model_and_eval(tok_dir, cache_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     raw, res = tm.train(make_cfg(tok_dir, out, cache_dir, sample_interval=4))
     for k in ("qa_accuracy", "gen_accuracy", "n_qa", "n_gen", "wall_s", "tokenizer_hash"):
@@ -236,7 +236,17 @@ def test_train_exports_loadable_model_and_eval(tok_dir, cache_dir, tmp_path):
     assert res["n_qa"] == 4 and res["n_gen"] == 2 and res["sampling"]["cfg_scale"] == 3.0
     assert json.load(open(out / "eval.json"))["qa_accuracy"] == res["qa_accuracy"]
     assert os.path.isfile(out / "samples" / "step_000004.png") and read_log(out, "samples")
+    real, normal = [], torch.nn.init.normal_
+
+    def spy(tensor, *a, **k):  # built on the meta device: no real tensor is randomly initialised
+        real.append(not tensor.is_meta)
+        return normal(tensor, *a, **k)
+    monkeypatch.setattr(torch.nn.init, "normal_", spy)
     model, info = pipeline.load_mllm(str(out))
+    monkeypatch.undo()
+    assert real and not any(real)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers(), model.inv_freq])
+    assert torch.equal(model.inv_freq, raw.inv_freq) and model.inv_freq.dtype == torch.float32
     assert info["tokenizer_hash"] == res["tokenizer_hash"] and info["text_tokenizer"] == "bytes"
     assert info["sampling"] == res["sampling"]  # eval.py / sample.py draw with these by default
     for k, v in raw.state_dict().items():
