@@ -321,7 +321,8 @@ def _prepare_worker(rank, world, port, tok_dir, folder):
     torch.set_num_threads(1)
     seen, sample = [], data.ShapesWorld.sample
     data.ShapesWorld.sample = lambda self, split, i: seen.append((split, i)) or sample(self, split, i)
-    tm.train(make_cfg(tok_dir, os.path.join(folder, "prep"), folder, prepare=True, prepare_batch=5))
+    tm.train(make_cfg(tok_dir, os.path.join(folder, "prep"), folder, prepare=True, prepare_batch=5,
+                      micro_batch=4))
     with open(os.path.join(folder, f"seen{rank}.json"), "w") as f:
         json.dump(seen, f)
 
