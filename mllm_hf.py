@@ -48,7 +48,7 @@ def hf_bos_id(hf, tokenizer_config=None):
     token the tokenizer would use, not whether it adds one: Qwen2.5's config.json names <|endoftext|>,
     while its tokenizer never adds a bos and its chat format starts with <|im_start|>. The rule, with the
     folder's tokenizer_config.json (`tokenizer_config`, a dict) when it has one:
-      - "add_bos_token" present: it decides (LLaMA-2: true; some Qwen2 folders: false);
+      - "add_bos_token" present: it decides (LLaMA-2's: true);
       - absent: a bos iff "bos_token" is not null (Qwen2 / Qwen2.5: null -> none; LLaMA-3:
         "<|begin_of_text|>", added by its tokenizer.json post-processor -> one);
       - the id: the "added_tokens_decoder" entry whose content is bos_token, else config.json's bos_token_id.

@@ -225,8 +225,9 @@ def gen_prompt(text_tok, caption):
 @torch.no_grad()
 def image_codes(image_tok, x):
     """(B, 3, R, R) -> (pix (B, N, Dp), sem (B, N, Ds)) in raster order, what the MLLM reads: the code cache
-    (train_mllm.py), eval.py and sample.py all take codes from here. DualToken.encode runs in fp32 with
-    autocast off, so codes do not depend on the caller's autocast (bf16 would change the deep residual codes)."""
+    (train_mllm.py), eval.py's QA / caption swap and sample.py answer take codes from here (eval.py's
+    tokenizer ceiling and sample.py reconstruct call DualToken.encode itself). DualToken.encode runs in fp32
+    with autocast off, so codes do not depend on the caller's autocast (bf16 changes deep residual codes)."""
     pix, sem = image_tok.encode(x)  # (B, h, w, D) each
     return pix.flatten(1, 2), sem.flatten(1, 2)
 
