@@ -20,7 +20,8 @@ attribute, all-correct, false objects, missed cells) with and without CFG; the h
 pairs separately.
 
 Order is deterministic (no shuffling; a subset of a folder and the shuffled-image control are fixed-seed
-permutations), batches run under bf16 autocast on cuda only (fp32 elsewhere).
+permutations), batches run under bf16 autocast on cuda only (fp32 elsewhere); image codes are always fp32
+(DualToken.encode turns autocast off), the precision the MLLM's code cache was built in.
 """
 import json
 import math
@@ -445,8 +446,7 @@ def qa_eval(model, text_tok, image_tok, samples, cfg, device, autocast, train_qa
     codes = []
     for k in range(0, len(samples), cfg.batch_size):
         x = torch.stack([data.to_tensor(s["image"]) for s in samples[k:k + cfg.batch_size]]).to(device)
-        with autocast:
-            codes.append([c.cpu() for c in image_codes(image_tok, x)])
+        codes.append([c.cpu() for c in image_codes(image_tok, x)])  # fp32, like the training cache
     pix, sem = torch.cat([c[0] for c in codes]), torch.cat([c[1] for c in codes])  # (n, N, D)
     perm = torch.from_numpy(derangement(len(samples), cfg.seed))
     pred = _answers(model, text_tok, rows, pix, sem, cfg, autocast, "qa")
@@ -514,8 +514,7 @@ def caption_swap(model, text_tok, image_tok, samples, cfg, device, autocast):
     if not one:
         return dict(n=0, note="no one-object image among the generation samples")
     x = torch.stack([data.to_tensor(s["image"]) for s in one]).to(device)
-    with autocast:
-        pix, sem = image_codes(image_tok, x)  # (n, P, D)
+    pix, sem = image_codes(image_tok, x)  # (n, P, D), fp32 like the training cache
     P = pix.shape[1]
     g = math.isqrt(P)
     if g * g != P or g % 3:
@@ -552,8 +551,9 @@ def ceiling(image_tok, samples, cfg, device, autocast):
     ims = []
     for k in range(0, len(samples), cfg.batch_size):
         x = torch.stack([data.to_tensor(s["image"]) for s in samples[k:k + cfg.batch_size]]).to(device)
+        pix = image_tok.encode(x)[0]  # fp32 (DualToken.encode), like the training cache
         with autocast:
-            ims.append(data.to_image(image_tok.decode(image_tok.encode(x)[0]).float()))
+            ims.append(data.to_image(image_tok.decode(pix).float()))
     return _judge(np.concatenate(ims), [s["objects"] for s in samples])
 
 
@@ -570,8 +570,7 @@ def code_structure(image_tok, samples, cfg, device, autocast):
     codes = []
     for k in range(0, len(samples), cfg.batch_size):
         x = torch.stack([data.to_tensor(s["image"]) for s in samples[k:k + cfg.batch_size]]).to(device)
-        with autocast:
-            codes.append(image_tok.encode(x)[0].cpu())
+        codes.append(image_tok.encode(x)[0].cpu())  # fp32 (DualToken.encode), like the training cache
     codes = torch.cat(codes)  # (n, h, w, D)
     truth = [s["objects"] for s in samples]
     curve = []

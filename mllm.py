@@ -34,6 +34,7 @@ tokenizer); they are stored as buffers of shape (depth, K, d), a shared book rep
 The decoder blocks (RMSNorm, RoPE, KV cache, attention, MLP) live in llm.py; loading Hugging Face
 checkpoints in mllm_hf.py; our export and its use with the image and text tokenizers in pipeline.py.
 """
+import contextlib
 import json
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -272,18 +273,21 @@ def make_targets(idx, image_mask=None, attention_mask=None, loss_mask=None):
 # the model
 
 class MLLM(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, trunk_device=None):
+        """trunk_device="meta": the LLM trunk (embed, layers, norm, lm_head) is built without memory or
+        init, for mllm_hf.from_pretrained to assign a checkpoint to; the visual side is built as usual."""
         super().__init__()
         self.config = cfg
         C, hd = cfg.n_embd, cfg.head_dim or cfg.n_embd // cfg.n_head
         if cfg.n_head % cfg.n_kv_head:
             raise ValueError(f"n_head {cfg.n_head} is not a multiple of n_kv_head {cfg.n_kv_head}")
-        self.embed = nn.Embedding(cfg.vocab_size, C)
-        self.layers = nn.ModuleList(Block(C, cfg.n_head, cfg.n_kv_head, hd, cfg.intermediate_size,
-                                          cfg.rms_norm_eps, cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias)
-                                    for _ in range(cfg.n_layer))
-        self.norm = RMSNorm(C, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(C, cfg.vocab_size, bias=False)
+        with torch.device(trunk_device) if trunk_device else contextlib.nullcontext():
+            self.embed = nn.Embedding(cfg.vocab_size, C)
+            self.layers = nn.ModuleList(Block(C, cfg.n_head, cfg.n_kv_head, hd, cfg.intermediate_size,
+                                              cfg.rms_norm_eps, cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias)
+                                        for _ in range(cfg.n_layer))
+            self.norm = RMSNorm(C, cfg.rms_norm_eps)
+            self.lm_head = nn.Linear(C, cfg.vocab_size, bias=False)
         # a plain fp32 tensor, not a buffer: model.to(bfloat16) must not round the RoPE frequencies
         self.inv_freq = rope_inv_freq(cfg)
         # visual side: frozen codebooks (set_codebooks), input projector, two depth heads
@@ -645,14 +649,15 @@ class MLLM(nn.Module):
         """Append n rows (new special tokens) initialised to the mean of the old rows (VILA-U); the
         output head grows the same way and a tie stays a tie."""
         cfg, old = self.config, self.embed.weight.data
-        emb = nn.Embedding(cfg.vocab_size + n, cfg.n_embd, device=old.device, dtype=old.dtype)
-        emb.weight.data = torch.cat([old, old.mean(0, keepdim=True).expand(n, -1)])
-        head = nn.Linear(cfg.n_embd, cfg.vocab_size + n, bias=False, device=old.device, dtype=old.dtype)
+        # new modules on meta, their weights assigned: no random init of a (vocab, C) matrix to throw away
+        emb = nn.Embedding(cfg.vocab_size + n, cfg.n_embd, device="meta", dtype=old.dtype)
+        emb.weight = nn.Parameter(torch.cat([old, old.mean(0, keepdim=True).expand(n, -1)]))
+        head = nn.Linear(cfg.n_embd, cfg.vocab_size + n, bias=False, device="meta", dtype=old.dtype)
         if cfg.tie_word_embeddings:
             head.weight = emb.weight
         else:
             w = self.lm_head.weight.data
-            head.weight.data = torch.cat([w, w.mean(0, keepdim=True).expand(n, -1)])
+            head.weight = nn.Parameter(torch.cat([w, w.mean(0, keepdim=True).expand(n, -1)]))
         self.embed, self.lm_head = emb, head
         cfg.vocab_size += n
 

@@ -43,9 +43,36 @@ _HF_DEFAULTS = {  # what transformers assumes when config.json omits a field
 }
 
 
-def config_from_hf(hf, **overrides):
-    """HF config.json dict -> MLLMConfig. Reads both the v4 (rope_theta + rope_scaling) and the v5
-    (rope_parameters) layouts. Special image tokens start as None (from_pretrained appends them)."""
+def hf_bos_id(hf, tokenizer_config=None):
+    """Does a sequence start with a bos token, and which? config.json's bos_token_id only says which
+    token the tokenizer would use, not whether it adds one: Qwen2.5's config.json names <|endoftext|>,
+    while its tokenizer never adds a bos and its chat format starts with <|im_start|>. The rule, with the
+    folder's tokenizer_config.json (`tokenizer_config`, a dict) when it has one:
+      - "add_bos_token" present: it decides (LLaMA-2's: true);
+      - absent: a bos iff "bos_token" is not null (Qwen2 / Qwen2.5: null -> none; LLaMA-3:
+        "<|begin_of_text|>", added by its tokenizer.json post-processor -> one);
+      - the id: the "added_tokens_decoder" entry whose content is bos_token, else config.json's bos_token_id.
+    Without a tokenizer_config.json, config.json's bos_token_id (the transformers default)."""
+    if tokenizer_config is None:
+        return hf.get("bos_token_id")
+    tc = tokenizer_config
+    tok = tc.get("bos_token")
+    tok = tok.get("content") if isinstance(tok, dict) else tok  # an AddedToken dict or a string
+    add = tc["add_bos_token"] if tc.get("add_bos_token") is not None else tok is not None
+    if not add:
+        return None
+    ids = [int(i) for i, t in (tc.get("added_tokens_decoder") or {}).items() if t.get("content") == tok]
+    bos = ids[0] if ids else hf.get("bos_token_id")
+    if bos is None:
+        raise ValueError(f"tokenizer_config.json adds a bos token ({tok!r}) but neither it nor config.json "
+                         f"gives its id")
+    return bos
+
+
+def config_from_hf(hf, tokenizer_config=None, **overrides):
+    """HF config.json dict (+ the folder's tokenizer_config.json dict, for the bos rule: hf_bos_id) ->
+    MLLMConfig. Reads both the v4 (rope_theta + rope_scaling) and the v5 (rope_parameters) layouts.
+    Special image tokens start as None (from_pretrained appends them)."""
     mt = hf.get("model_type")
     if mt not in _HF_DEFAULTS:
         raise ValueError(f"config.json: model_type {mt!r} is not supported (qwen2, llama)")
@@ -70,7 +97,7 @@ def config_from_hf(hf, **overrides):
               rope_scaling=None if kind == "default" else {k: v for k, v in rope.items() if k != "rope_theta"},
               qkv_bias=bias, o_bias=bias and mt == "llama", mlp_bias=c.get("mlp_bias", False),
               tie_word_embeddings=c["tie_word_embeddings"], max_seq_len=c["max_position_embeddings"],
-              pad_id=c.get("pad_token_id"), bos_id=c.get("bos_token_id"),
+              pad_id=c.get("pad_token_id"), bos_id=hf_bos_id(c, tokenizer_config),
               eos_id=eos[0] if isinstance(eos, list) else eos,
               im_start_id=None, im_end_id=None, image_gen_start_id=None, image_gen_end_id=None)
     kw.update(overrides)
@@ -98,8 +125,10 @@ def hf_name_table(model):
     return t
 
 
-def load_hf_state_dict(model, sd, where="state_dict"):
-    """Strict copy of a HF state_dict (trunk names) into `model` (an MLLM): every key, every shape."""
+def load_hf_state_dict(model, sd, where="state_dict", assign=False):
+    """Strict load of a HF state_dict (trunk names) into `model` (an MLLM): every key, every shape. Copied
+    into the model's tensors, or with assign=True the checkpoint's tensors become the parameters (a trunk
+    built on the meta device: no second copy; the caller re-ties a tied head)."""
     table, ours = hf_name_table(model), dict(model.named_parameters())
     # documented ignore list: a tied head saved anyway, and old checkpoints' RoPE buffers
     ignorable = lambda k: (k == "lm_head.weight" and model.config.tie_word_embeddings) or \
@@ -112,6 +141,9 @@ def load_hf_state_dict(model, sd, where="state_dict"):
            if sd[k].shape != ours[v].shape]
     if bad:
         raise ValueError(f"{where}: shape mismatch (checkpoint vs model): {bad}")
+    if assign:  # keys already checked; the visual side and a tied lm_head are not in the table
+        model.load_state_dict({v: sd[k] for k, v in table.items()}, strict=False, assign=True)
+        return
     with torch.no_grad():
         for k, v in table.items():
             ours[v].copy_(sd[k])
@@ -121,14 +153,23 @@ def from_pretrained(folder, new_tokens=(), dtype=torch.float32, **overrides):
     """Load a HF Qwen2 / LLaMA folder (config.json + model.safetensors or a sharded index), strictly.
     new_tokens: names appended to the vocabulary in order, e.g. ("<im_start>", "<im_end>",
     "<image_gen_start>", "<image_gen_end>"); a name matching a config id field (im_start_id, ...)
-    sets it. overrides: MLLMConfig fields (the visual side). The visual modules are new, untrained."""
+    sets it. overrides: MLLMConfig fields (the visual side). The visual modules are new, untrained.
+    bos: see hf_bos_id (decided by the folder's tokenizer_config.json when it has one).
+    Memory: the trunk is built on the meta device (no allocation, no random init) and the checkpoint's
+    tensors are assigned to it, so a 3B model costs one copy of its weights; only the new visual side is
+    allocated and initialised."""
     from safetensors.torch import load_file
     path = os.path.join(folder, "config.json")
     if not os.path.exists(path):
         raise ValueError(f"from_pretrained: no config.json in {folder}")
     with open(path) as f:
-        cfg = config_from_hf(json.load(f), **overrides)
-    model = MLLM(cfg).to(dtype)
+        hf = json.load(f)
+    tc, tc_path = None, os.path.join(folder, "tokenizer_config.json")
+    if os.path.exists(tc_path):
+        with open(tc_path) as f:
+            tc = json.load(f)
+    cfg = config_from_hf(hf, tokenizer_config=tc, **overrides)
+    model = MLLM(cfg, trunk_device="meta")
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -139,8 +180,16 @@ def from_pretrained(folder, new_tokens=(), dtype=torch.float32, **overrides):
         raise ValueError(f"from_pretrained: neither model.safetensors nor its index in {folder}")
     sd = {}
     for fn in files:
-        sd.update(load_file(os.path.join(folder, fn)))
-    load_hf_state_dict(model, sd, where=folder)
+        part = load_file(os.path.join(folder, fn))
+        sd.update({k: v.to(dtype) if v.is_floating_point() else v for k, v in part.items()})
+    load_hf_state_dict(model, sd, where=folder, assign=True)
+    del sd
+    if cfg.tie_word_embeddings:  # assign replaced embed.weight: the head must point at the new tensor
+        model.lm_head.weight = model.embed.weight
+    model.to(dtype)  # the new visual side; the trunk already is (inv_freq stays fp32: not a buffer)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"from_pretrained: tensors not materialised by {folder}: {left}")
     for i, name in enumerate(new_tokens):
         field = name.strip("<>|") + "_id"
         if field in {f.name for f in fields(cfg)}:

@@ -2,8 +2,9 @@
 What connects the image tokenizer, the text tokenizer and the MLLM, for train_mllm.py, sample.py and eval.py:
 our MLLM export (train_mllm.py's out_dir: config.json + model.safetensors, stamped with the image tokenizer's
 path and hash), loading it back with the image tokenizer it was trained with, the prompts as training formats
-them, image <-> codes, and the image sampler's settings. The image tokenizer (a tokenizer.DualToken) is always
-passed in: like mllm.py, this file never imports tokenizer.py.
+them, image <-> codes, the code cache train_mllm.py trains on (built once, read memory-mapped), and the
+image sampler's settings. The image tokenizer (a tokenizer.DualToken) is always passed in: like mllm.py,
+this file never imports tokenizer.py.
 """
 import json
 import os
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from configurator import UserError
+from llm import rope_inv_freq
 from mllm import MLLM, MLLMConfig, build_sequence, collate, make_targets
 
 # ----------------------------------------------------------------------------------------------------
@@ -74,7 +76,8 @@ def export(raw, folder, extra):
 
 def load_mllm(folder, device="cpu"):
     """-> (MLLM, info dict: tokenizer, tokenizer_hash, text_tokenizer, caption_prompt, ...) from an out_dir.
-    Strict: every key used, every shape checked."""
+    Strict: every key used, every shape checked. Built on the meta device and the file's tensors assigned:
+    the weights live once (a 3B export costs one copy, not a random model plus the file)."""
     from siglip import read_safetensors
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
@@ -83,7 +86,9 @@ def load_mllm(folder, device="cpu"):
         conf = json.load(f)
     if "mllm" not in conf:
         raise UserError(f"{path}: no 'mllm' section (not written by train_mllm.py)")
-    model = MLLM(MLLMConfig(**conf.pop("mllm")))
+    with torch.device("meta"):  # no allocation, no random init: the file's tensors are assigned below
+        model = MLLM(MLLMConfig(**conf.pop("mllm")))
+    model.inv_freq = rope_inv_freq(model.config)  # a plain fp32 tensor, not in the state dict
     sd = read_safetensors(os.path.join(folder, "model.safetensors"))
     if model.config.tie_word_embeddings and "embed.weight" in sd:
         sd["lm_head.weight"] = sd["embed.weight"]
@@ -93,7 +98,9 @@ def load_mllm(folder, device="cpu"):
     if missing or unexpected or bad:
         raise UserError(f"{folder}/model.safetensors does not match its config: missing {missing}, "
                         f"unexpected {unexpected}, wrong shape {bad}")
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict(sd, strict=True, assign=True)
+    if model.config.tie_word_embeddings:  # assign gave the head its own Parameter: one tensor, one Parameter
+        model.lm_head.weight = model.embed.weight
     return model.to(device).eval(), conf
 
 
@@ -217,7 +224,10 @@ def gen_prompt(text_tok, caption):
 
 @torch.no_grad()
 def image_codes(image_tok, x):
-    """(B, 3, R, R) -> (pix (B, N, Dp), sem (B, N, Ds)) in raster order, what the MLLM reads."""
+    """(B, 3, R, R) -> (pix (B, N, Dp), sem (B, N, Ds)) in raster order, what the MLLM reads: the code cache
+    (train_mllm.py), eval.py's QA / caption swap and sample.py answer take codes from here (eval.py's
+    tokenizer ceiling and sample.py reconstruct call DualToken.encode itself). DualToken.encode runs in fp32
+    with autocast off, so codes do not depend on the caller's autocast (bf16 changes deep residual codes)."""
     pix, sem = image_tok.encode(x)  # (B, h, w, D) each
     return pix.flatten(1, 2), sem.flatten(1, 2)
 
@@ -236,3 +246,164 @@ def generate_images(model, image_tok, text_tok, captions, generator=None, batch_
         images.append(image_tok.decode(pix.to(next(image_tok.parameters()).device)).float())
         codes.append(pix)
     return torch.cat(images), torch.cat(codes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the code cache: what train_mllm.py trains on (the frozen image tokenizer runs once over the data)
+
+def source_split(cfg, split, R):
+    """-> (n, item(i) -> (record dict with caption / qa (/ objects for shapes), image (3, R, R) tensor)).
+    cfg: train_mllm's config (data, eval_data, max_objects, seed, holdout_pairs, train_size, eval_size)."""
+    import data
+    if cfg.data == "shapes":
+        world = data.ShapesWorld(data.ShapesConfig(image_size=R, max_objects=cfg.max_objects, seed=cfg.seed,
+                                                   holdout_pairs=tuple(tuple(p) for p in cfg.holdout_pairs)))
+
+        def item(i):
+            s = world.sample(split, i)
+            rec = dict(caption=s["caption"], qa=[list(p) for p in s["qa"]], objects=s["objects"])
+            return rec, data.to_tensor(s["image"])
+        return (cfg.train_size if split == "train" else cfg.eval_size), item
+    path = cfg.data if split == "train" else cfg.eval_data
+    if not path or not path.endswith(".jsonl") or not os.path.isfile(path):
+        raise UserError(f"{'data' if split == 'train' else 'eval_data'}={path!r}: expected 'shapes' or a .jsonl")
+    # the trainers' one JSONL reader: every record checked up front (file:line), missing / undecodable
+    # images skipped and counted; one that fails later is replaced by the next good record, with its text
+    ds = data.ImageCaptionDataset(path, data.eval_transform(R), with_qa=True)
+
+    def item(i):
+        it = ds[i]
+        return dict(image=it["path"], caption=it["caption"], qa=it["qa"]), it["image"]
+    return len(ds), item
+
+
+def cache_meta(cfg, dual, thash):
+    q = dual.config
+    return dict(tokenizer_hash=thash, grid=q.grid, pix_depth=q.vq_pix.depth, sem_depth=q.vq_sem.depth,
+                pix_vocab=q.vq_pix.codebook_size, sem_vocab=q.vq_sem.codebook_size,
+                data=dict(data=cfg.data, eval_data=cfg.eval_data, max_objects=cfg.max_objects, seed=cfg.seed,
+                          holdout_pairs=[list(p) for p in cfg.holdout_pairs],
+                          train_size=cfg.train_size if cfg.data == "shapes" else None,
+                          eval_size=cfg.eval_size if cfg.data == "shapes" else None))
+
+
+def _codes_file(path, dt, shape):
+    return np.lib.format.open_memmap(path, "w+", dt, shape)
+
+
+@torch.no_grad()
+def prepare_cache(cfg, dual, thash, folder, device, ctx=None, verbose=True):
+    """Encode every image once -> the cache in `folder` (train_mllm.py's cache_dir); every rank calls it.
+    Under torchrun (ctx.ddp) rank r encodes the contiguous shard [n*r/W, n*(r+1)/W) of each split into
+    its own files and rank 0 merges them in rank order, so the build takes 1/W of the time and no rank
+    waits in a barrier for the whole encode (a real-size build exceeds the NCCL timeout). The cache is
+    built in `folder`/.building and moved in when complete: the old meta.json removed, the files renamed
+    (same filesystem: atomic each), the new meta.json last. A reader (CodeCache needs meta.json) sees a
+    finished cache or none, never a half-written one: a crash during a --prepare=True rebuild used to leave
+    the old meta.json beside new zero-filled code arrays, which passed every check; now it leaves the old
+    cache whole. Only cache files are touched, so cache_dir may be any folder. -> meta (sizes on rank 0)."""
+    import shutil
+    import time
+    import train_utils as tu
+    ddp = ctx is not None and ctx.ddp
+    rank, world = (ctx.rank, ctx.world) if ddp else (0, 1)
+    barrier = torch.distributed.barrier if ddp else (lambda: None)
+    tmp = os.path.join(folder, ".building")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a build that crashed before
+        os.makedirs(tmp)
+    barrier()
+    meta = cache_meta(cfg, dual, thash)
+    R, P = dual.config.siglip.vision.image_size, meta["grid"] ** 2
+    big = max(meta["pix_vocab"], meta["sem_vocab"]) > np.iinfo(np.int16).max
+    dt = np.int32 if big else np.int16
+    depth = dict(pix=meta["pix_depth"], sem=meta["sem_depth"])
+    splits = ("train", "val") if cfg.data == "shapes" or cfg.eval_data else ("train",)
+    t0 = time.time()
+    sizes = {}
+    for split in splits:
+        n, item = source_split(cfg, split, R)
+        lo, hi = n * rank // world, n * (rank + 1) // world
+        part = os.path.join(tmp, f"{split}.rank{rank}")
+        out = {k: _codes_file(f"{part}_{k}.npy", dt, (hi - lo, P, d)) for k, d in depth.items()}
+        recs = []
+        for s in range(lo, hi, cfg.prepare_batch):
+            idx = range(s, min(s + cfg.prepare_batch, hi))
+            got = [item(i) for i in idx]
+            recs += [r for r, _ in got]
+            x = torch.stack([im for _, im in got]).to(device)
+            codes = dict(zip(("pix", "sem"), image_codes(dual, x)))  # (B, P, D) each, raster order, fp32
+            for k, a in out.items():
+                a[s - lo:s - lo + len(idx)] = codes[k].cpu().numpy().astype(dt)
+        for a in out.values():
+            a.flush()
+        del out
+        with open(f"{part}_index.json", "w") as f:
+            json.dump(recs, f)
+        sizes[split] = n
+    barrier()  # every shard written
+    if rank == 0:
+        for split, n in sizes.items():
+            recs = []
+            for k, d in depth.items():
+                full, off = _codes_file(os.path.join(tmp, f"{split}_{k}.npy"), dt, (n, P, d)), 0
+                for r in range(world):
+                    a = np.load(os.path.join(tmp, f"{split}.rank{r}_{k}.npy"), mmap_mode="r")
+                    full[off:off + len(a)] = a
+                    off += len(a)
+                full.flush()
+                del full
+            for r in range(world):
+                with open(os.path.join(tmp, f"{split}.rank{r}_index.json")) as f:
+                    recs += json.load(f)
+                for k in (*depth, "index"):
+                    ext = "json" if k == "index" else "npy"
+                    os.remove(os.path.join(tmp, f"{split}.rank{r}_{k}.{ext}"))
+            if len(recs) != n:
+                raise RuntimeError(f"code cache {split}: {len(recs)} records merged, expected {n}")
+            with open(os.path.join(tmp, f"{split}_index.json"), "w") as f:
+                json.dump(recs, f)
+            meta[f"{split}_size"] = n
+            if verbose:
+                print(f"cache: {split} {n} images encoded on {world} process(es) ({time.time() - t0:.0f} s)")
+        tu._atomic_write(os.path.join(tmp, "meta.json"), lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        if os.path.exists(os.path.join(folder, "meta.json")):
+            os.remove(os.path.join(folder, "meta.json"))  # from here until the last replace: no cache
+        for name in sorted(os.listdir(tmp), key=lambda f: f == "meta.json"):  # meta.json last
+            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+        os.rmdir(tmp)
+    barrier()  # the cache is in place for every rank
+    return meta
+
+
+class CodeCache:
+    """Read side of the cache: pix / sem memory-mapped (N, P, D) arrays and the records of one split."""
+
+    def __init__(self, folder, split, expect):
+        path = os.path.join(folder, "meta.json")
+        if not os.path.isfile(path):
+            raise UserError(f"no code cache in {folder} (no meta.json): run with --prepare=True")
+        with open(path) as f:
+            meta = json.load(f)
+        if meta["tokenizer_hash"] != expect["tokenizer_hash"]:
+            raise UserError(f"code cache {folder} was made by tokenizer {meta['tokenizer_hash']}, the configured "
+                            f"tokenizer is {expect['tokenizer_hash']}: delete the cache or run --prepare=True")
+        diff = {k: (meta.get(k), v) for k, v in expect.items() if meta.get(k) != v}
+        if diff:
+            raise UserError(f"code cache {folder} does not match this run (cache, run): {diff}; "
+                            f"run --prepare=True to rebuild it")
+        if f"{split}_size" not in meta:
+            raise UserError(f"code cache {folder} has no {split!r} split")
+        self.pix = np.load(os.path.join(folder, f"{split}_pix.npy"), mmap_mode="r")
+        self.sem = np.load(os.path.join(folder, f"{split}_sem.npy"), mmap_mode="r")
+        with open(os.path.join(folder, f"{split}_index.json")) as f:
+            self.records = json.load(f)
+        n = meta[f"{split}_size"]
+        if not (len(self.pix) == len(self.sem) == len(self.records) == n):
+            raise UserError(f"code cache {folder}/{split}: {len(self.pix)} pix, {len(self.sem)} sem, "
+                            f"{len(self.records)} records, meta says {n}")
+        if split == "train" and n == 0:
+            raise UserError(f"code cache {folder}: the train split has no images")
+
+    def __len__(self):
+        return len(self.records)

@@ -493,7 +493,15 @@ class DualToken(nn.Module):
     @torch.no_grad()
     def encode(self, images):
         """images (B, 3, R, R) in [-1, 1] -> (pix_codes, sem_codes), each (B, h, w, depth) int64.
-        Only blocks 1..layer_sem run. sem_codes is None without a semantic branch, pix_codes when tied."""
+        Only blocks 1..layer_sem run. sem_codes is None without a semantic branch, pix_codes when tied.
+        Precision: ONE for every caller: autocast off and the images cast to the weights' dtype (fp32, as
+        every script loads the tokenizer). This is the only function that makes codes for the MLLM (the
+        code cache, eval.py, sample.py; pipeline.image_codes flattens them): under bf16 autocast the deep
+        residual codes come out different, and the model would be evaluated on codes it never trained on."""
+        with torch.autocast(images.device.type, enabled=False):
+            return self._encode(images.to(next(self.parameters()).dtype))
+
+    def _encode(self, images):
         latent_pix, latent_sem, _ = self.encode_latents(images)
         with self._books_frozen():
             pix_out = self.quantizer_pix(latent_pix)

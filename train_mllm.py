@@ -9,8 +9,11 @@ Teach the unified LLM to read and draw with dual tokens (paper section 3.4; spec
 
 The frozen DualToken tokenizer runs ONCE over the data (the code cache: memory-mapped int16/int32 .npy
 stacks of both vocabularies + a JSON index of the texts, stamped with a hash of the tokenizer's config
-and weights); training reads codes only. Every micro-batch mixes three kinds of sample in fixed counts
-(so every trained module gets a gradient on every rank, which plain DDP needs):
+and weights; pipeline.prepare_cache / CodeCache); training reads codes only. Codes come from
+pipeline.image_codes (DualToken.encode: always fp32, autocast off), which eval.py and sample.py read images
+through too. Under torchrun every rank encodes its shard; the cache appears in cache_dir only when complete.
+Every micro-batch mixes three kinds of sample in fixed counts (so every trained module gets a gradient on
+every rank, which plain DDP needs):
     und  [bos] <im_start> image <im_end> question-prompt answer <eos> ...   loss: each answer + eos
                                                                             (qa_per_image turns)
     cap  [bos] <im_start> image <im_end> caption-prompt   caption <eos>     loss: caption + eos
@@ -42,7 +45,7 @@ import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
 import pipeline
 from mllm import MLLM, MLLMConfig
-from pipeline import SAMPLING_KEYS, export, load_mllm, tokenizer_hash
+from pipeline import SAMPLING_KEYS, CodeCache, cache_meta, export, load_mllm, prepare_cache, tokenizer_hash
 from text import IMAGE_TOKENS, prompt_tokenizer
 
 KINDS = ("und", "cap", "gen")
@@ -187,108 +190,6 @@ def kind_counts(mix, micro_batch):
             break
         n[i] += 1
     return dict(zip(KINDS, n.tolist()))
-
-# -----------------------------------------------------------------------------
-# the code cache
-
-
-def source_split(cfg, split, R):
-    """-> (n, item(i) -> (record dict with caption / qa (/ objects for shapes), image (3, R, R) tensor))."""
-    import data
-    if cfg.data == "shapes":
-        world = data.ShapesWorld(data.ShapesConfig(image_size=R, max_objects=cfg.max_objects, seed=cfg.seed,
-                                                   holdout_pairs=tuple(tuple(p) for p in cfg.holdout_pairs)))
-
-        def item(i):
-            s = world.sample(split, i)
-            rec = dict(caption=s["caption"], qa=[list(p) for p in s["qa"]], objects=s["objects"])
-            return rec, data.to_tensor(s["image"])
-        return (cfg.train_size if split == "train" else cfg.eval_size), item
-    path = cfg.data if split == "train" else cfg.eval_data
-    if not path or not path.endswith(".jsonl") or not os.path.isfile(path):
-        raise UserError(f"{'data' if split == 'train' else 'eval_data'}={path!r}: expected 'shapes' or a .jsonl")
-    # the trainers' one JSONL reader: every record checked up front (file:line), missing / undecodable
-    # images skipped and counted; one that fails later is replaced by the next good record, with its text
-    ds = data.ImageCaptionDataset(path, data.eval_transform(R), with_qa=True)
-
-    def item(i):
-        it = ds[i]
-        return dict(image=it["path"], caption=it["caption"], qa=it["qa"]), it["image"]
-    return len(ds), item
-
-
-def cache_meta(cfg, dual, thash):
-    q = dual.config
-    return dict(tokenizer_hash=thash, grid=q.grid, pix_depth=q.vq_pix.depth, sem_depth=q.vq_sem.depth,
-                pix_vocab=q.vq_pix.codebook_size, sem_vocab=q.vq_sem.codebook_size,
-                data=dict(data=cfg.data, eval_data=cfg.eval_data, max_objects=cfg.max_objects, seed=cfg.seed,
-                          holdout_pairs=[list(p) for p in cfg.holdout_pairs],
-                          train_size=cfg.train_size if cfg.data == "shapes" else None,
-                          eval_size=cfg.eval_size if cfg.data == "shapes" else None))
-
-
-@torch.no_grad()
-def prepare_cache(cfg, dual, thash, folder, device, verbose=True):
-    """Encode every image once; meta.json is written last, so its presence means a complete cache."""
-    os.makedirs(folder, exist_ok=True)
-    meta = cache_meta(cfg, dual, thash)
-    R = dual.config.siglip.vision.image_size
-    big = max(meta["pix_vocab"], meta["sem_vocab"]) > np.iinfo(np.int16).max
-    dt = np.int32 if big else np.int16
-    splits = ("train", "val") if cfg.data == "shapes" or cfg.eval_data else ("train",)
-    t0 = time.time()
-    for split in splits:
-        n, item = source_split(cfg, split, R)
-        P, recs = meta["grid"] ** 2, []
-        pix = np.lib.format.open_memmap(os.path.join(folder, f"{split}_pix.npy"), "w+", dt, (n, P, meta["pix_depth"]))
-        sem = np.lib.format.open_memmap(os.path.join(folder, f"{split}_sem.npy"), "w+", dt, (n, P, meta["sem_depth"]))
-        for s in range(0, n, cfg.prepare_batch):
-            idx = range(s, min(s + cfg.prepare_batch, n))
-            got = [item(i) for i in idx]
-            recs += [r for r, _ in got]
-            x = torch.stack([im for _, im in got]).to(device)
-            p, q = dual.encode(x)  # (B, h, w, D) each
-            pix[idx.start:idx.stop] = p.reshape(len(idx), P, -1).cpu().numpy().astype(dt)  # raster order
-            sem[idx.start:idx.stop] = q.reshape(len(idx), P, -1).cpu().numpy().astype(dt)
-        pix.flush(), sem.flush()
-        del pix, sem
-        tu._atomic_write(os.path.join(folder, f"{split}_index.json"), lambda f: f.write(json.dumps(recs).encode()))
-        meta[f"{split}_size"] = len(recs)
-        if verbose:
-            print(f"cache: {split} {len(recs)} images encoded ({time.time() - t0:.0f} s)")
-    tu._atomic_write(os.path.join(folder, "meta.json"), lambda f: f.write(json.dumps(meta, indent=2).encode()))
-    return meta
-
-
-class CodeCache:
-    """Read side of the cache: pix / sem memory-mapped (N, P, D) arrays and the records of one split."""
-
-    def __init__(self, folder, split, expect):
-        path = os.path.join(folder, "meta.json")
-        if not os.path.isfile(path):
-            raise UserError(f"no code cache in {folder} (no meta.json): run with --prepare=True")
-        with open(path) as f:
-            meta = json.load(f)
-        if meta["tokenizer_hash"] != expect["tokenizer_hash"]:
-            raise UserError(f"code cache {folder} was made by tokenizer {meta['tokenizer_hash']}, the configured "
-                            f"tokenizer is {expect['tokenizer_hash']}: delete the cache or run --prepare=True")
-        diff = {k: (meta.get(k), v) for k, v in expect.items() if meta.get(k) != v}
-        if diff:
-            raise UserError(f"code cache {folder} does not match this run (cache, run): {diff}; "
-                            f"run --prepare=True to rebuild it")
-        if f"{split}_size" not in meta:
-            raise UserError(f"code cache {folder} has no {split!r} split")
-        self.pix = np.load(os.path.join(folder, f"{split}_pix.npy"), mmap_mode="r")
-        self.sem = np.load(os.path.join(folder, f"{split}_sem.npy"), mmap_mode="r")
-        with open(os.path.join(folder, f"{split}_index.json")) as f:
-            self.records = json.load(f)
-        n = meta[f"{split}_size"]
-        if not (len(self.pix) == len(self.sem) == len(self.records) == n):
-            raise UserError(f"code cache {folder}/{split}: {len(self.pix)} pix, {len(self.sem)} sem, "
-                            f"{len(self.records)} records, meta says {n}")
-
-    def __len__(self):
-        return len(self.records)
 
 # -----------------------------------------------------------------------------
 # model
@@ -518,10 +419,7 @@ def train(cfg):
     folder = cfg.cache_dir or os.path.join(cfg.out_dir, "cache")
     expect = cache_meta(cfg, dual, thash)
     if cfg.prepare or not os.path.isfile(os.path.join(folder, "meta.json")):
-        if master:
-            prepare_cache(cfg, dual, thash, folder, device)
-        if ctx.ddp:
-            torch.distributed.barrier()
+        prepare_cache(cfg, dual, thash, folder, device, ctx, verbose=master)  # every rank encodes a shard
         if cfg.prepare:
             tu.cleanup_ddp()
             return None, None

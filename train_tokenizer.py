@@ -376,6 +376,8 @@ def train(cfg):
         tu.set_rng_state(st["rng"][ctx.rank])
         step, consumed = st["step"], st["consumed"]
     batches = batch_stream(train_ds, cfg, ctx, consumed)
+    if ctx.ddp:  # codebooks / EMA statistics were drawn after a per-rank seed: rank 0's for all
+        tu.broadcast_buffers_once(raw)
 
     n_params = sum(p.numel() for p in raw.parameters())
     n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
@@ -384,7 +386,8 @@ def train(cfg):
     d_model = disc
     if ctx.ddp:
         # codebooks are EMA buffers that rvq all-reduces itself; rebroadcasting them from rank 0 each
-        # forward (DDP's default) would only cost time
+        # forward (DDP's default) would only cost time. False also skips DDP's initial buffer sync:
+        # broadcast_buffers_once above did it
         ids = [ctx.local_rank] if device.startswith("cuda") else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
         if disc is not None:

@@ -196,6 +196,19 @@ def check_finite(terms, step):
             raise FloatingPointError(f"non-finite loss term {name!r} = {float(v)} at step {step}")
 
 
+def broadcast_buffers_once(model, src=0):
+    """Copy every buffer of `model` from rank `src` to all ranks (no-op without DDP). Call once, after
+    building / resuming and before training. DDP with broadcast_buffers=False (right for EMA codebooks
+    that rvq all-reduces itself) also skips its initial buffer sync: parameters are broadcast at wrap
+    time, buffers are not, so a buffer drawn at random after a per-rank seed (a quantizer's codebook and
+    EMA statistics) would start different on every rank while only rank 0's is saved."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    with torch.no_grad():
+        for b in model.buffers():
+            dist.broadcast(b, src)
+
+
 def unwrap(model):
     """The plain module under DDP (`.module`) and torch.compile (`._orig_mod`): save and evaluate this
     one, so checkpoint keys never carry `module.` / `_orig_mod.` prefixes."""

@@ -146,6 +146,78 @@ def test_vocab_growth_mean_rows_and_tie(tied, tmp_path):
         torch.testing.assert_close(grown(idx)[0][..., :50], base(idx)[0])
 
 
+def write_tokenizer_config(path, tc):
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(tc, f)
+
+
+def test_bos_follows_the_tokenizer_config(tmp_path):
+    """Qwen2.5 names <|endoftext|> as bos_token_id in config.json, but its tokenizer adds no bos
+    (tokenizer_config.json: "bos_token": null); LLaMA-3's adds <|begin_of_text|>; "add_bos_token" decides
+    when present; without a tokenizer_config.json config.json's id stands."""
+    cfg_json = dict(model_type="qwen2", vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=47,
+                    eos_token_id=47)
+    model = MLLM(mllm_hf.config_from_hf(cfg_json, **VIS))
+    ours = dict(model.named_parameters())
+    sd = {hf: ours[us].detach() for hf, us in mllm_hf.hf_name_table(model).items()}
+    added = {"47": dict(content="<|endoftext|>", special=True), "48": dict(content="<|begin_of_text|>", special=True)}
+    cases = {"qwen": (dict(bos_token=None, eos_token="<|endoftext|>", added_tokens_decoder=added), None),
+             "llama3": (dict(bos_token="<|begin_of_text|>", added_tokens_decoder=added), 48),
+             "llama2": (dict(add_bos_token=True, bos_token=dict(content="<s>")), 47),  # id from config.json
+             "off": (dict(add_bos_token=False, bos_token="<|begin_of_text|>", added_tokens_decoder=added), None),
+             "none": (None, 47)}
+    for name, (tc, want) in cases.items():
+        write_folder(tmp_path / name, cfg_json, sd)
+        if tc is not None:
+            write_tokenizer_config(tmp_path / name, tc)
+        m = mllm_hf.from_pretrained(str(tmp_path / name), **VIS)
+        assert m.config.bos_id == want, name
+        ids = mllm.build_sequence(m.config, [[5, 6]])[0]
+        assert ids[0].item() == (5 if want is None else want), name  # what a training sequence starts with
+    with pytest.raises(ValueError, match="bos"):
+        mllm_hf.config_from_hf(dict(cfg_json, bos_token_id=None), dict(bos_token="<s>"))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_from_pretrained_builds_the_trunk_on_meta(tied, tmp_path, monkeypatch):
+    """One copy of the weights: no trunk tensor is allocated or randomly initialised before the checkpoint
+    is assigned. Same logits as the old path (a full random model, the trunk copied in), vocabulary growth
+    and tie kept, RoPE frequencies real and fp32."""
+    from safetensors.torch import load_file
+    cfg_json = dict(model_type="qwen2", vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied, rope_theta=1e4)
+    src = MLLM(mllm_hf.config_from_hf(cfg_json, **VIS))
+    table = mllm_hf.hf_name_table(src)
+    ours = dict(src.named_parameters())
+    write_folder(tmp_path, cfg_json, {hf: ours[us].detach() + 0.01 * torch.randn(ours[us].shape)
+                                      for hf, us in table.items()})  # norms away from 1, biases from 0
+    old = MLLM(mllm_hf.config_from_hf(cfg_json, **VIS)).eval()  # the old path
+    mllm_hf.load_hf_state_dict(old, load_file(str(tmp_path / "model.safetensors")))
+    real = []  # elements randomly initialised in real (not meta) tensors
+    normal = torch.nn.init.normal_
+
+    def spy(tensor, *a, **k):
+        real.append(0 if tensor.is_meta else tensor.numel())
+        return normal(tensor, *a, **k)
+    monkeypatch.setattr(torch.nn.init, "normal_", spy)
+    names = ("<im_start>", "<im_end>", "<image_gen_start>", "<image_gen_end>")
+    new = mllm_hf.from_pretrained(str(tmp_path), new_tokens=names, **VIS).eval()
+    monkeypatch.undo()
+    trunk = set(table.values()) | {"lm_head.weight"}
+    n_visual = sum(p.numel() for n, p in old.named_parameters() if n not in trunk)
+    assert 0 < sum(real) <= n_visual  # only the new visual side was initialised
+    assert not any(t.is_meta for t in [*new.parameters(), *new.buffers(), new.inv_freq])
+    assert new.inv_freq.dtype == torch.float32 and torch.equal(new.inv_freq, old.inv_freq)
+    assert (new.lm_head.weight is new.embed.weight) == tied and new.config.vocab_size == 54
+    old.grow_vocab(4)
+    idx = torch.randint(0, 54, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(new(idx)[0], old(idx)[0], atol=0, rtol=0)
+    bf = mllm_hf.from_pretrained(str(tmp_path), dtype=torch.bfloat16, **VIS)
+    assert {p.dtype for p in bf.parameters()} == {torch.bfloat16} and bf.inv_freq.dtype == torch.float32
+
+
 # --- KV cache ----------------------------------------------------------------------------------------
 
 def test_kv_cache_prefill_step_and_token_by_token_match_full():

@@ -306,6 +306,32 @@ def test_qa_eval_shuffled_reads_other_images():
     assert res["qa"]["chance"] == 0.75 and res["qa_shuffled"]["by_type"]["exists"] == dict(accuracy=0.0, n=5)
 
 
+def test_eval_reads_the_training_codes_under_autocast():
+    """eval.py runs its batches under bf16 autocast on cuda; the codes the model reads must still be the
+    fp32 codes the training cache holds (CPU autocast stands in for cuda's): what qa_eval feeds the model,
+    with the real tiny DualToken."""
+    import tokenizer as tkz
+    torch.manual_seed(0)
+    tok = tkz.DualToken(tkz.tiny_config()).eval()
+    world = data.ShapesWorld(data.ShapesConfig(image_size=32, max_objects=2))
+    samples = [world.sample("val", i) for i in range(12)]
+    x = torch.stack([data.to_tensor(s["image"]) for s in samples])
+    want = pipeline.image_codes(tok, x)  # fp32, what train_mllm.py caches
+    seen = []
+
+    class Model:
+        def generate_text(self, prompts, images, **kw):
+            seen.append(images)
+            return [[] for _ in prompts]
+
+    codec = SimpleNamespace(user_prompt=lambda q: [], decode=lambda o: "")
+    cfg = ev.EvalMLLMConfig(batch_size=5)
+    ev.qa_eval(Model(), codec, tok, [dict(s, qa=s["qa"][:1]) for s in samples], cfg, "cpu",
+               torch.autocast("cpu", dtype=torch.bfloat16))
+    got = [torch.cat([im[j] for im in seen[:3]]) for j in (0, 1)]  # first pass: images in order, 5 + 5 + 2
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_object_errors():
     world = data.ShapesWorld(data.ShapesConfig(image_size=64))
     drawn = [dict(color="red", shape="circle", size="large", cell="top left"),

@@ -166,6 +166,50 @@ def test_cache_round_trip_and_refuses_other_tokenizer(tok_dir, cache_dir, tmp_pa
         tm.CodeCache(cache_dir, "train", tm.cache_meta(make_cfg(tok_dir, tmp_path, train_size=49), tm.load_image_tokenizer(tok_dir), thash))
 
 
+def test_cache_codes_are_what_eval_reads_under_autocast(tok_dir, cache_dir):
+    """Train/eval agreement: the cached codes (what the MLLM trains on) are exactly the codes eval.py /
+    sample.py get for the same image while they run under bf16 autocast (CPU autocast stands in for cuda's)."""
+    dual = tm.load_image_tokenizer(tok_dir)
+    cache = tm.CodeCache(cache_dir, "train", tm.cache_meta(make_cfg(tok_dir, cache_dir), dual,
+                                                           pipeline.tokenizer_hash(dual, tok_dir)))
+    world = data.ShapesWorld(data.ShapesConfig(image_size=32, max_objects=2, seed=0))
+    x = torch.stack([data.to_tensor(world.sample("train", i)["image"]) for i in range(48)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pix, sem = pipeline.image_codes(dual, x)  # (48, 16, 3) each
+    assert torch.equal(torch.from_numpy(np.array(cache.pix[:])).long(), pix)
+    assert torch.equal(torch.from_numpy(np.array(cache.sem[:])).long(), sem)
+
+
+def test_interrupted_prepare_leaves_the_old_cache_whole(tok_dir, tmp_path, monkeypatch):
+    """--prepare=True over an existing cache, stopped mid-encode: the old cache still reads back exactly.
+    (Before, the rebuild wrote into the cache in place: the old meta.json and index stayed beside freshly
+    zero-filled code arrays, a cache of all-zero rows that passed every check.) A later build completes."""
+    folder = str(tmp_path / "cache")
+    cfg = make_cfg(tok_dir, tmp_path / "run", folder, prepare=True)
+    tm.train(cfg)
+    dual = tm.load_image_tokenizer(tok_dir)
+    expect = tm.cache_meta(cfg, dual, pipeline.tokenizer_hash(dual, tok_dir))
+    old = tm.CodeCache(folder, "train", expect)
+    pix, sem, recs = np.array(old.pix), np.array(old.sem), old.records
+    assert pix.any()
+    sample = data.ShapesWorld.sample
+
+    def stop(self, split, i):
+        if split == "train" and i == 30:
+            raise KeyboardInterrupt
+        return sample(self, split, i)
+    monkeypatch.setattr(data.ShapesWorld, "sample", stop)
+    with pytest.raises(KeyboardInterrupt):
+        tm.train(cfg)
+    monkeypatch.undo()
+    c = tm.CodeCache(folder, "train", expect)
+    assert np.array_equal(c.pix, pix) and np.array_equal(c.sem, sem) and c.records == recs
+    tm.train(cfg)  # a leftover partial build is cleared and the rebuild completes
+    c = tm.CodeCache(folder, "train", expect)
+    assert np.array_equal(c.pix, pix) and np.array_equal(c.sem, sem) and sorted(os.listdir(folder)) == sorted(
+        ["meta.json"] + [f"{s}_{k}" for s in ("train", "val") for k in ("pix.npy", "sem.npy", "index.json")])
+
+
 def test_holdout_pairs_never_reach_the_cache(tok_dir, tmp_path):
     """Compositional generalisation: a held-out colour-shape pair is in no cached training image."""
     cfg = make_cfg(tok_dir, tmp_path / "run", str(tmp_path / "cache"), holdout_pairs=(("red", "circle"),),
@@ -184,7 +228,7 @@ def test_holdout_pairs_never_reach_the_cache(tok_dir, tmp_path):
                                                                      pipeline.tokenizer_hash(dual, tok_dir)))
 
 
-def test_train_exports_loadable_model_and_eval(tok_dir, cache_dir, tmp_path):
+def test_train_exports_loadable_model_and_eval(tok_dir, cache_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     raw, res = tm.train(make_cfg(tok_dir, out, cache_dir, sample_interval=4))
     for k in ("qa_accuracy", "gen_accuracy", "n_qa", "n_gen", "wall_s", "tokenizer_hash"):
@@ -192,7 +236,17 @@ def test_train_exports_loadable_model_and_eval(tok_dir, cache_dir, tmp_path):
     assert res["n_qa"] == 4 and res["n_gen"] == 2 and res["sampling"]["cfg_scale"] == 3.0
     assert json.load(open(out / "eval.json"))["qa_accuracy"] == res["qa_accuracy"]
     assert os.path.isfile(out / "samples" / "step_000004.png") and read_log(out, "samples")
+    real, normal = [], torch.nn.init.normal_
+
+    def spy(tensor, *a, **k):  # built on the meta device: no real tensor is randomly initialised
+        real.append(not tensor.is_meta)
+        return normal(tensor, *a, **k)
+    monkeypatch.setattr(torch.nn.init, "normal_", spy)
     model, info = pipeline.load_mllm(str(out))
+    monkeypatch.undo()
+    assert real and not any(real)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers(), model.inv_freq])
+    assert torch.equal(model.inv_freq, raw.inv_freq) and model.inv_freq.dtype == torch.float32
     assert info["tokenizer_hash"] == res["tokenizer_hash"] and info["text_tokenizer"] == "bytes"
     assert info["sampling"] == res["sampling"]  # eval.py / sample.py draw with these by default
     for k, v in raw.state_dict().items():
@@ -259,6 +313,47 @@ def test_ddp_two_processes_stay_identical(tok_dir, cache_dir, tmp_path):
     init = pipeline.load_mllm(out)[0]  # the exported model is rank 0's
     assert torch.equal(init.state_dict()["vis_in.0.weight"], a["vis_in.0.weight"])
     assert load_state(out)["step"] == 2
+
+
+def _prepare_worker(rank, world, port, tok_dir, folder):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    seen, sample = [], data.ShapesWorld.sample
+    data.ShapesWorld.sample = lambda self, split, i: seen.append((split, i)) or sample(self, split, i)
+    tm.train(make_cfg(tok_dir, os.path.join(folder, "prep"), folder, prepare=True, prepare_batch=5,
+                      micro_batch=4))
+    with open(os.path.join(folder, f"seen{rank}.json"), "w") as f:
+        json.dump(seen, f)
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch
+def test_ddp_prepare_every_rank_encodes_its_shard(tok_dir, cache_dir, tmp_path):
+    """Under torchrun each rank encodes a disjoint shard of every split (not rank 0 everything while the
+    others wait in a barrier); the merged cache equals the one-process cache, row for row."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder = str(tmp_path / "cache")
+    os.makedirs(folder)
+    torch.multiprocessing.spawn(_prepare_worker, args=(2, port, tok_dir, folder), nprocs=2, join=True)
+    seen = []
+    for r in range(2):
+        with open(os.path.join(folder, f"seen{r}.json")) as f:
+            seen.append({tuple(x) for x in json.load(f)})
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == {("train", i) for i in range(48)} | {("val", i) for i in range(8)}
+    assert all(len(s) == 28 for s in seen)
+    assert not os.path.exists(os.path.join(folder, ".building"))
+    with open(os.path.join(folder, "meta.json")) as f, open(os.path.join(cache_dir, "meta.json")) as g:
+        assert json.load(f) == json.load(g)
+    for split in ("train", "val"):
+        for k in ("pix", "sem"):
+            a, b = (np.load(os.path.join(d, f"{split}_{k}.npy")) for d in (folder, cache_dir))
+            assert np.array_equal(a, b), (split, k)
+        with open(os.path.join(folder, f"{split}_index.json")) as f, \
+                open(os.path.join(cache_dir, f"{split}_index.json")) as g:
+            assert json.load(f) == json.load(g)
 
 
 def test_next_stage_starts_from_previous_out_dir(tok_dir, cache_dir, tmp_path):

@@ -155,7 +155,10 @@ def _ddp_worker(rank, world, port, teacher_dir, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    raw, _ = tt.train(make_cfg(teacher_dir, out_dir, batch_size=4, micro_batch=2, max_steps=3, gan_start=1))
+    # vq_decay=0.5: a code used twice in step 1 survives it keeping half of its initial value (at 0.99
+    # every code restarts from rank 0's batch at step 1 and a per-rank initial codebook goes unseen)
+    raw, _ = tt.train(make_cfg(teacher_dir, out_dir, batch_size=4, micro_batch=2, max_steps=3, gan_start=1,
+                               vq_decay=0.5))
     torch.save({k: v.clone() for k, v in raw.state_dict().items()}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
