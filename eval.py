@@ -664,7 +664,7 @@ def eval_mllm(cfg):
             if sw["n"]:
                 print(f"generation {split} caption-word swap (teacher-forced pixel-code loss at the object's first "
                       f"patch, {sw['n']} one-object images): true caption {sw['true_nll']:.2f} nats; swapping "
-                      + ", ".join(f"{k} +{v:.2f}" for k, v in sw["added"].items()) + f"   {where}")
+                      + ", ".join(f"{k} {v:+.2f}" for k, v in sw["added"].items()) + f"   {where}")
             for name, _ in scales:
                 gr = r[f"gen_{name}"]
                 attrs = ", ".join(f"{k} {gr[k]:.3f}" for k in ("count",) + checker.ATTRS)
