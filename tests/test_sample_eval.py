@@ -536,3 +536,29 @@ def test_caption_swap_sees_only_words_the_model_can_tell_apart():
     assert r["n"] == 6 and r["true_nll"] > 0
     assert abs(r["added"]["color"]) < 1e-5
     assert abs(r["added"]["shape"]) > 1e-4 and abs(r["added"]["size"]) > 1e-4
+
+
+def test_sample_and_eval_run_under_bf16_autocast(tiny_mllm, tiny_tok, tmp_path, monkeypatch):
+    """The cuda path's bf16 autocast, simulated on CPU (train_utils.autocast_ctx is plain fp32 there):
+    sample.py reconstruct / generate / answer and eval.py mllm / tokenizer run and give finite numbers."""
+    import train_utils as tu
+    monkeypatch.setattr(tu, "autocast_ctx", lambda device, dtype="bfloat16": torch.autocast("cpu", torch.bfloat16))
+    world = data.ShapesWorld(data.ShapesConfig(image_size=32))
+    img = tmp_path / "img.png"
+    from PIL import Image
+    Image.fromarray(np.asarray(world.sample("val", 0)["image"])).save(img)
+    rec = sample.main(["reconstruct", f"--tokenizer={tiny_tok / 'tok'}", f"--images={img}", "--device=cpu",
+                       f"--out_dir={tmp_path / 'r'}"])
+    assert len(rec["images"]) == 1 and all(np.isfinite(r["psnr"]) for r in rec["images"])
+    gen = sample.main(["generate", f"--mllm={tiny_mllm}", "--captions=a large red circle in the center",
+                       "--num_per_caption=1", "--device=cpu", f"--out_dir={tmp_path / 'g'}"])
+    assert len(gen["images"]) == 1
+    ans = sample.main(["answer", f"--mllm={tiny_mllm}", f"--image={img}", "--question=how many objects are there?",
+                       "--device=cpu", "--max_new_tokens=3", f"--out_dir={tmp_path / 'a'}"])
+    assert isinstance(ans["answer"], str)
+    res = ev.main(["mllm", f"--mllm={tiny_mllm}", "--qa_images=2", "--gen_captions=2", "--max_new_tokens=2",
+                   "--blind_samples=50", "--device=cpu", f"--out={tmp_path / 'm.json'}"])
+    assert 0 <= res["val"]["qa"]["accuracy"] <= 1 and 0 <= res["val"]["gen_cfg"]["all_correct"] <= 1
+    tok = ev.main(["tokenizer", f"--tokenizer={tiny_tok / 'tok'}", "--data=shapes", "--num_images=4", "--device=cpu",
+                   f"--out={tmp_path / 't.json'}"])
+    assert math.isfinite(tok["psnr"])

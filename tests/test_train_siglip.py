@@ -94,3 +94,19 @@ def test_resume_without_state_and_nan_stop(tmp_path, monkeypatch):
     monkeypatch.setattr(SigLIP, "sigmoid_loss", staticmethod(lambda logits: logits.sum() * float("nan")))
     with pytest.raises(FloatingPointError, match="sigmoid_loss"):
         train(tiny(tmp_path / "nan"))
+
+
+def test_trains_under_bf16_autocast(tmp_path, monkeypatch):
+    """The cuda path's bf16 autocast, simulated on CPU (tu.autocast_ctx is plain fp32 there): the sigmoid
+    loss stays finite, the zero-shot evaluation runs, and the export holds the fp32 trained weights."""
+    import math
+    monkeypatch.setattr(tu, "autocast_ctx", lambda device, dtype="bfloat16": torch.autocast("cpu", torch.bfloat16))
+    cfg = tiny(tmp_path / "bf16", max_steps=3, eval_interval=3)
+    res = train(cfg)
+    rows = [json.loads(l) for l in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    assert all(math.isfinite(r["loss"]) for r in rows if r["event"] == "train")
+    assert 0.0 <= res["zero_shot_top1"] <= 1.0
+    model = SigLIP.from_pretrained(cfg.out_dir)
+    st = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), weights_only=True)
+    for k, v in model.state_dict().items():
+        assert v.dtype == torch.float32 and torch.equal(v, st["model"][k]), k
