@@ -385,3 +385,15 @@ def test_trains_and_evaluates_under_bf16_autocast(tok_dir, cache_dir, tmp_path, 
     assert all(p.dtype == torch.float32 for p in model.parameters())
     for k, v in raw.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
+
+
+@pytest.mark.slow  # inductor compiles the model on CPU
+def test_trains_compiled(tok_dir, cache_dir, tmp_path):
+    """compile=True (the cuda default) on CPU's inductor: training runs, losses stay finite, the export is the
+    unwrapped model (no `_orig_mod.` keys) and loads."""
+    out = tmp_path / "compiled"
+    raw, res = tm.train(make_cfg(tok_dir, out, cache_dir, max_steps=2, compile=True, eval_qa=1, eval_gen=1))
+    assert all(math.isfinite(r["loss"]) for r in read_log(out))
+    model, _ = pipeline.load_mllm(str(out))
+    for k, v in raw.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
