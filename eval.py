@@ -17,7 +17,8 @@ MLLM (shapes world): QA accuracy by question type and by number of objects, besi
 same model with every question reading another image's codes, a blind baseline (the train split's most
 common answer to the question) and chance; generation judged by the checker `checker.describe` (per
 attribute, all-correct, false objects, missed cells) with and without CFG; the held-out colour-shape
-pairs separately.
+pairs separately. QA and generation are evaluation.py's, the protocol train_mllm.py's eval.json runs on
+fewer images: the same model gets the same numbers from both.
 
 Order is deterministic (no shuffling; a subset of a folder and the shuffled-image control are fixed-seed
 permutations), batches run under bf16 autocast on cuda only (fp32 elsewhere); image codes are always fp32
@@ -27,7 +28,6 @@ import json
 import math
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
@@ -37,7 +37,10 @@ import torch
 import checker
 import data
 from metrics import psnr, ssim
-from pipeline import gen_prompt, generate_images, image_codes, load_pair, make_batch, qa_prompt, sampling_settings
+import evaluation
+from evaluation import (blind_baseline, derangement, object_errors, question_type,  # noqa: F401 (tests, eval.X)
+                        scores as _scores)
+from pipeline import gen_prompt, image_codes, load_pair, make_batch, sampling_settings
 import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
 
@@ -341,16 +344,6 @@ def _write(res, path):
 # python eval.py mllm (shapes world)
 
 
-def question_type(q):
-    """The shapes world's question templates (data.ShapesWorld.questions) -> a type name."""
-    for prefix, name in (("how many objects", "count_all"), ("how many", "count_shape"), ("what color", "color"),
-                         ("what shape", "shape"), ("where is", "position"), ("what size", "size"),
-                         ("is there", "exists")):
-        if q.startswith(prefix):
-            return name
-    return "other"
-
-
 @dataclass
 class EvalMLLMConfig:
     mllm: str = ""               # out_dir of train_mllm.py
@@ -369,7 +362,7 @@ class EvalMLLMConfig:
     fine_temperature: Optional[float] = None  # depths 2..; < 0: = temperature
     top_k: Optional[int] = None               # <= 0: off
     top_p: Optional[float] = None             # <= 0 or >= 1: off
-    max_new_tokens: int = 16     # answers are one or two words
+    max_new_tokens: int = evaluation.MAX_ANSWER_TOKENS  # answers are one or two words (the trainer asks the same)
     batch_size: int = 32
     seed: int = 0                # sampling, and the derangement of the shuffled-image QA control
     blind_samples: int = 2000    # train samples whose QA pairs give the blind baseline and the chance levels
@@ -377,58 +370,6 @@ class EvalMLLMConfig:
     dtype: str = "bfloat16"
     threads: int = 0             # CPU intra-op threads; 0 = torch's default (1 is faster for tiny models)
     out: str = ""                # '' -> <mllm>/eval_mllm.json
-
-
-def blind_baseline(train_qa, questions):
-    """What a model that never looks at the image can score. train_qa: (question, answer) pairs of the
-    train split; questions: the questions asked. -> (answers, chance):
-    answers[k]: the most common train answer to questions[k] (ties: the alphabetically first), else the
-      most common answer of its question type, else None (a type train never asks: always wrong);
-    chance[type]: 1 / the number of distinct answers the type has in train_qa (uniform guessing)."""
-    by_q, by_t = {}, {}
-    for q, a in train_qa:
-        by_q.setdefault(q, Counter())[a] += 1
-        by_t.setdefault(question_type(q), Counter())[a] += 1
-    top = lambda c: max(sorted(c), key=c.get)  # sorted first: the tie-break does not depend on train order
-    answers = [top(by_q[q]) if q in by_q else top(by_t[question_type(q)]) if question_type(q) in by_t else None
-               for q in questions]
-    return answers, {t: 1 / len(c) for t, c in sorted(by_t.items())}
-
-
-def derangement(n, seed):
-    """A fixed random permutation of range(n) without fixed points (n >= 2; a single image keeps its own):
-    perm[i] is the image whose codes image i's questions read in the shuffled control. Rejection
-    sampling, about e draws."""
-    rng = np.random.default_rng(seed)
-    while n >= 2:
-        perm = rng.permutation(n)
-        if (perm != np.arange(n)).all():
-            return perm
-    return np.arange(n)
-
-
-def _scores(pred, truth, groups):
-    """Exact match -> (accuracy, {group: {accuracy, n}}) with the groups sorted."""
-    hits = {}
-    for p, a, g in zip(pred, truth, groups):
-        hits.setdefault(g, []).append(p == a)
-    acc = sum(p == a for p, a in zip(pred, truth)) / max(len(truth), 1)
-    return acc, {g: dict(accuracy=sum(h) / len(h), n=len(h)) for g, h in sorted(hits.items())}
-
-
-@torch.no_grad()
-def _answers(model, text_tok, rows, pix, sem, cfg, autocast, desc):
-    """Greedy answers to rows (image index i, question, answer), question reading image row i of pix / sem."""
-    from tqdm import tqdm
-    pred = []
-    for k in tqdm(range(0, len(rows), cfg.batch_size), desc=desc, dynamic_ncols=True):
-        chunk = rows[k:k + cfg.batch_size]
-        idx = torch.tensor([i for i, _, _ in chunk])
-        with autocast:
-            out = model.generate_text([qa_prompt(text_tok, q) for _, q, _ in chunk], images=(pix[idx], sem[idx]),
-                                      max_new_tokens=cfg.max_new_tokens, temperature=0.0)
-        pred += [text_tok.decode(o).strip() for o in out]
-    return pred
 
 
 @torch.no_grad()
@@ -442,19 +383,20 @@ def qa_eval(model, text_tok, image_tok, samples, cfg, device, autocast, train_qa
       image's codes (derangement seeded by cfg.seed). A model that reads the image falls to about the
       blind baseline; one that answers from the question alone stays at "qa" (+ note with one image);
     "qa_blind": accuracy, n, by_type {type: {accuracy, n}}: no model, blind_baseline's answers."""
-    rows = [(i, q, a) for i, s in enumerate(samples) for q, a in s["qa"]]
     codes = []
     for k in range(0, len(samples), cfg.batch_size):
         x = torch.stack([data.to_tensor(s["image"]) for s in samples[k:k + cfg.batch_size]]).to(device)
         codes.append([c.cpu() for c in image_codes(image_tok, x)])  # fp32, like the training cache
     pix, sem = torch.cat([c[0] for c in codes]), torch.cat([c[1] for c in codes])  # (n, N, D)
+    run = dict(batch_size=cfg.batch_size, autocast=autocast, max_new_tokens=cfg.max_new_tokens)
+    r = evaluation.qa(model, text_tok, samples, pix, sem, len(samples), desc="qa", **run)  # the trainer's QA too
+    rows, pred = r["rows"], r["pred"]
     perm = torch.from_numpy(derangement(len(samples), cfg.seed))
-    pred = _answers(model, text_tok, rows, pix, sem, cfg, autocast, "qa")
-    shuffled = _answers(model, text_tok, rows, pix[perm], sem[perm], cfg, autocast, "qa shuffled images")
+    shuffled = evaluation.answers(model, text_tok, rows, pix[perm], sem[perm], desc="qa shuffled images", **run)
     blind, chance = blind_baseline(train_qa, [q for _, q, _ in rows])
     truth = [a for _, _, a in rows]
     types = [question_type(q) for _, q, _ in rows]
-    acc, by_type = _scores(pred, truth, types)
+    acc, by_type = r["accuracy"], r["by_type"]
     for t, v in by_type.items():
         v["chance"] = chance.get(t)
     per_q = [chance.get(t) for t in types]
@@ -470,34 +412,11 @@ def qa_eval(model, text_tok, image_tok, samples, cfg, device, autocast, train_qa
     return res
 
 
-def object_errors(preds, truths):
-    """What the per-attribute scores hide: objects drawn where none was asked and objects not drawn at all.
-    preds: checker.describe outputs, truths: the true objects, one list per image. A prediction is matched
-    to the true object of its cell (one per cell; a second prediction in the cell is not matched).
-    -> false_objects: unmatched predictions per image; missed_cells: share of true objects whose cell
-    has no prediction."""
-    false, missed = 0, 0
-    for pred, truth in zip(preds, truths):
-        cells = Counter(o["cell"] for o in pred)
-        want = {o["cell"] for o in truth}
-        false += sum(n - (c in want) for c, n in cells.items())
-        missed += sum(c not in cells for c in want)
-    return dict(false_objects=false / max(len(preds), 1), missed_cells=missed / max(sum(len(t) for t in truths), 1))
-
-
-def _judge(images, objects):
-    """checker.score_images plus object_errors on uint8 (B, H, W, 3) images."""
-    return dict(checker.score_images(images, objects), **object_errors([checker.describe(im) for im in images], objects))
-
-
 @torch.no_grad()
 def gen_eval(model, text_tok, image_tok, samples, cfg, device, autocast, sampling):
     """Generate from the captions and judge: checker.score_images' keys plus false_objects, missed_cells."""
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
-    with autocast:
-        imgs, _ = generate_images(model, image_tok, text_tok, [s["caption"] for s in samples], g, cfg.batch_size,
-                                  **sampling)
-    return _judge(data.to_image(imgs), [s["objects"] for s in samples])
+    return evaluation.generation(model, text_tok, image_tok, [s["caption"] for s in samples],
+                                 [s["objects"] for s in samples], sampling, cfg.seed, cfg.batch_size, autocast)
 
 
 SWAP_VALUES = {"color": tuple(data.COLORS), "shape": data.SHAPES, "size": data.SIZES}
@@ -547,14 +466,14 @@ def caption_swap(model, text_tok, image_tok, samples, cfg, device, autocast):
 @torch.no_grad()
 def ceiling(image_tok, samples, cfg, device, autocast):
     """The checker on the tokenizer's own decoding of the true images (encode -> decode pixel codes): no
-    generated image can score above what the decoder can draw. Same keys as gen_eval."""
-    ims = []
+    generated image can score above what the decoder can draw (evaluation.ceiling, which the trainer runs on
+    its cached codes). Same keys as gen_eval."""
+    pix = []
     for k in range(0, len(samples), cfg.batch_size):
         x = torch.stack([data.to_tensor(s["image"]) for s in samples[k:k + cfg.batch_size]]).to(device)
-        pix = image_tok.encode(x)[0]  # fp32 (DualToken.encode), like the training cache
-        with autocast:
-            ims.append(data.to_image(image_tok.decode(pix).float()))
-    return _judge(np.concatenate(ims), [s["objects"] for s in samples])
+        pix.append(image_tok.encode(x)[0])  # fp32 (DualToken.encode), like the training cache
+    return evaluation.ceiling(image_tok, torch.cat(pix), [s["objects"] for s in samples], cfg.batch_size, device,
+                              autocast)
 
 
 @torch.no_grad()

@@ -29,7 +29,8 @@ output projectors, on generation). `lr` is the LLM's learning rate, `vis_lr` the
 out_dir holds config.json (MLLMConfig + the tokenizer path and hash + the text tokenizer and prompt
 format) and model.safetensors (codebooks included), written by pipeline.export and read strictly by
 pipeline.load_mllm; train_state.pt (exact resume), log.jsonl, samples/step_*.png (decoded cached codes over generations),
-eval.json (held-out QA accuracy and checker-judged generation accuracy with CFG).
+eval.json (held-out QA accuracy and checker-judged generation accuracy with the recorded sampler: eval.py mllm's
+protocol, evaluation.py, on the first eval_qa / eval_gen cached val images).
 """
 import json
 import os
@@ -40,6 +41,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+import checker
+import evaluation
 import mllm_hf
 import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
@@ -120,7 +123,8 @@ class TrainMLLMConfig:
     fine_temperature: Optional[float] = None  # depths 2..; None = temperature
     top_k: Optional[int] = None
     top_p: Optional[float] = None
-    eval_qa: int = 200               # held-out questions at the end (one per image)
+    # held-out evaluation (evaluation.py: eval.py mllm's QA / generation protocol, on the cached codes)
+    eval_qa: int = 20                # held-out images at the end, every question of each (eval.py: qa_images)
     eval_gen: int = 100              # held-out captions drawn at the end (shapes: checker-judged)
     eval_batch: int = 50
     eval_interval: int = 0           # > 0: the held-out evaluation above also every this many steps (log.jsonl)
@@ -278,47 +282,10 @@ def param_groups(model, cfg):
 # evaluation
 
 
-def _codes(cache, i):
-    return torch.from_numpy(np.array(cache.pix[i])).long(), \
-        torch.from_numpy(np.array(cache.sem[i])).long()
-
-
-def qa_pairs(cache, n, seed=0):
-    """One held-out (index, question, answer) per image, fixed by the seed."""
-    rng, out = np.random.default_rng(seed), []
-    for i in range(len(cache)):
-        qa = cache.records[i].get("qa") or []
-        if qa:
-            q, a = qa[int(rng.integers(len(qa)))]
-            out.append((i, q, a))
-        if len(out) == n:
-            break
-    return out
-
-
-@torch.no_grad()
-def answer(raw, tok, cache, pairs, batch):
-    out = []
-    for s in range(0, len(pairs), batch):
-        chunk = pairs[s:s + batch]
-        codes = [_codes(cache, i) for i, _, _ in chunk]
-        pix, sem = torch.stack([c[0] for c in codes]), torch.stack([c[1] for c in codes])
-        res = raw.generate_text([tok.user_prompt(q) for _, q, _ in chunk], images=(pix, sem), max_new_tokens=24,
-                                temperature=0.0)
-        out += [tok.decode(r).strip() for r in res]
-    return out
-
-
-@torch.no_grad()
-def draw(raw, tok, dual, captions, cfg, seed, batch):
-    """Captions -> decoded images (B, 3, R, R), in [-1, 1] (not clamped)."""
-    g, ims = torch.Generator(device=raw.embed.weight.device).manual_seed(seed), []
-    n = dual.config.grid
-    for s in range(0, len(captions), batch):
-        pix, _ = raw.generate_image([tok.encode(c) for c in captions[s:s + batch]], n * n, generator=g,
-                                    **sampling(cfg))
-        ims.append(dual.decode(pix.view(pix.shape[0], n, n, -1).to(next(dual.parameters()).device)).cpu())
-    return torch.cat(ims)
+def _pix(dual, cache, n):
+    """The first n cached images' pixel codes, (n, h, w, Dp) as the decoder takes them."""
+    g = dual.config.grid
+    return torch.from_numpy(np.array(cache.pix[:n])).long().view(-1, g, g, cache.pix.shape[-1])
 
 
 def sampling(cfg):
@@ -326,50 +293,48 @@ def sampling(cfg):
     return {k: getattr(cfg, k) for k in SAMPLING_KEYS}
 
 
-def evaluate(raw, tok, dual, cache, cfg, n_qa, n_gen):
-    """Held-out QA exact-match accuracy and, where records carry objects (shapes), generation accuracy:
-    `describe` reads each drawn image back and `objects_match` must find every attribute of every object."""
-    import checker
-    import data
+def evaluate(raw, tok, dual, cache, cfg, n_qa, n_gen, autocast=None):
+    """eval.py's protocol (evaluation.py) on the cached codes: every question of the first n_qa held-out
+    images (greedy, exact match), and, where records carry objects (shapes), the first n_gen captions drawn
+    with this run's sampler and judged by the checker (gen_accuracy: every attribute of every object)."""
     was = raw.training
     raw.eval()
     res = {}
-    pairs = qa_pairs(cache, n_qa)
-    if pairs:
-        pred = answer(raw, tok, cache, pairs, cfg.eval_batch)
-        res["qa_accuracy"] = float(np.mean([p == a for p, (_, _, a) in zip(pred, pairs)]))
-        res["n_qa"] = len(pairs)
-        res["qa_examples"] = [dict(q=q, truth=a, pred=p) for p, (_, q, a) in list(zip(pred, pairs))[:8]]
-    idx = list(range(min(n_gen, len(cache))))
-    if idx and "objects" in cache.records[0]:
-        ims = draw(raw, tok, dual, [cache.records[i]["caption"] for i in idx], cfg, cfg.seed, cfg.eval_batch)
-        truth = [cache.records[i]["objects"] for i in idx]
-        sc = checker.score_images(data.to_image(ims), truth)
+    r = evaluation.qa(raw, tok, cache.records, cache.pix, cache.sem, n_qa, cfg.eval_batch, autocast)
+    if r["n"]:
+        res.update(qa_accuracy=r["accuracy"], n_qa=r["n"], qa_images=min(n_qa, len(cache)),
+                   qa_by_type=r["by_type"], qa_examples=[dict(q=q, truth=a, pred=p) for (_, q, a), p in
+                                                         list(zip(r["rows"], r["pred"]))[:8]])
+    n = min(n_gen, len(cache))
+    if n and "objects" in cache.records[0]:
+        caps, truth = [rec["caption"] for rec in cache.records[:n]], [rec["objects"] for rec in cache.records[:n]]
+        sc = evaluation.generation(raw, tok, dual, caps, truth, sampling(cfg), cfg.seed, cfg.eval_batch, autocast)
         res["gen_accuracy"], res["gen_objects_correct"] = sc["all_correct"], sc["objects_correct"]
-        res.update({f"gen_{k}": sc[k] for k in ("count",) + checker.ATTRS})
-        res["n_gen"], res["sampling"] = len(idx), sampling(cfg)
+        res.update({f"gen_{k}": sc[k] for k in ("count",) + checker.ATTRS + ("false_objects", "missed_cells")})
+        res["n_gen"], res["sampling"] = n, sampling(cfg)
         # the ceiling the tokenizer sets: the checker on the decoding of the same images' true codes
-        g, dev = dual.config.grid, next(dual.parameters()).device
-        rec = torch.cat([dual.decode(_codes(cache, i)[0].view(1, g, g, -1).to(dev)).cpu() for i in idx])
-        res["tokenizer_recon_accuracy"] = checker.score_images(data.to_image(rec), truth)["all_correct"]
+        dev = next(dual.parameters()).device
+        res["tokenizer_recon_accuracy"] = evaluation.ceiling(dual, _pix(dual, cache, n), truth, cfg.eval_batch, dev,
+                                                             autocast)["all_correct"]
     raw.train(was)
     return res
 
 
 def save_samples(raw, tok, dual, cache, cfg, path, n=8):
-    """Top: the tokenizer's decoding of the held-out image's cached codes; bottom: drawn from its caption."""
+    """Top: the tokenizer's decoding of the held-out image's cached codes; bottom: drawn from its caption.
+    Returns the answers to the first question of the first 4 images."""
     import data
     was = raw.training
     raw.eval()
-    idx = list(range(min(n, len(cache))))
-    truth = torch.cat([dual.decode(_codes(cache, i)[0].view(1, dual.config.grid, dual.config.grid, -1)
-                                   .to(next(dual.parameters()).device)).cpu() for i in idx])
-    ims = draw(raw, tok, dual, [cache.records[i]["caption"] for i in idx], cfg, cfg.seed + 1, n)
+    n = min(n, len(cache))
+    truth = dual.decode(_pix(dual, cache, n).to(next(dual.parameters()).device)).cpu()
+    g = torch.Generator(device=raw.embed.weight.device).manual_seed(cfg.seed + 1)
+    ims, _ = pipeline.generate_images(raw, dual, tok, [r["caption"] for r in cache.records[:n]], g, n, **sampling(cfg))
     data.grid_png([list(data.to_image(truth)), list(data.to_image(ims))], path, pad=0)
-    pairs = qa_pairs(cache, 4, seed=1)
-    pred = answer(raw, tok, cache, pairs, 4)
+    rows = [(i, *rec["qa"][0]) for i, rec in enumerate(cache.records[:4]) if rec.get("qa")]
+    pred = evaluation.answers(raw, tok, rows, cache.pix, cache.sem, 4)
     raw.train(was)
-    return [dict(q=q, truth=a, pred=p) for p, (_, q, a) in zip(pred, pairs)]
+    return [dict(q=q, truth=a, pred=p) for p, (_, q, a) in zip(pred, rows)]
 
 # -----------------------------------------------------------------------------
 # training
@@ -537,7 +502,7 @@ def train(cfg):
         if master and val_c is not None and tu.every(step, cfg.eval_interval) \
                 and step < cfg.max_steps:
             t_ev = time.time()
-            ev = evaluate(raw, tok, dual, val_c, cfg, cfg.eval_qa, cfg.eval_gen)
+            ev = evaluate(raw, tok, dual, val_c, cfg, cfg.eval_qa, cfg.eval_gen, autocast)
             ev = {k: v for k, v in ev.items() if k != "qa_examples"}
             logger.log(event="eval", step=step, elapsed_s=time.time() - t_start, eval_s=time.time() - t_ev, **ev)
             bar.write(f"step {step}: held-out QA {ev.get('qa_accuracy', float('nan')):.3f}, generation "
@@ -550,7 +515,7 @@ def train(cfg):
     result = None
     if master and val_c is not None and step >= cfg.max_steps:
         t_ev = time.time()
-        result = dict(step=step, **evaluate(raw, tok, dual, val_c, cfg, cfg.eval_qa, cfg.eval_gen))
+        result = dict(step=step, **evaluate(raw, tok, dual, val_c, cfg, cfg.eval_qa, cfg.eval_gen, autocast))
         result.update(eval_s=time.time() - t_ev, wall_s=time.time() - t_start, tokenizer_hash=thash,
                       config=config_dict(cfg))
         with open(os.path.join(cfg.out_dir, "eval.json"), "w") as fh:

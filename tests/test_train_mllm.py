@@ -234,7 +234,9 @@ def test_train_exports_loadable_model_and_eval(tok_dir, cache_dir, tmp_path, mon
     raw, res = tm.train(make_cfg(tok_dir, out, cache_dir, sample_interval=4))
     for k in ("qa_accuracy", "gen_accuracy", "n_qa", "n_gen", "wall_s", "tokenizer_hash"):
         assert k in res
-    assert res["n_qa"] == 4 and res["n_gen"] == 2 and res["sampling"]["cfg_scale"] == 3.0
+    val = json.load(open(os.path.join(cache_dir, "val_index.json")))
+    assert res["qa_images"] == 4 and res["n_qa"] == sum(len(r["qa"]) for r in val[:4]) > 4  # every question
+    assert res["n_gen"] == 2 and res["sampling"]["cfg_scale"] == 3.0
     assert json.load(open(out / "eval.json"))["qa_accuracy"] == res["qa_accuracy"]
     assert os.path.isfile(out / "samples" / "step_000004.png") and read_log(out, "samples")
     real, normal = [], torch.nn.init.normal_
@@ -397,3 +399,25 @@ def test_trains_compiled(tok_dir, cache_dir, tmp_path):
     model, _ = pipeline.load_mllm(str(out))
     for k, v in raw.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_trainer_and_eval_py_share_one_protocol(tok_dir, cache_dir, tmp_path):
+    """One QA number per model (evaluation.py): the trainer's eval.json, on its cached codes, and eval.py mllm,
+    encoding the world's images itself, ask every question of the same first held-out images, get the same
+    answers, draw the same captions with the same recorded sampler and judge them the same way."""
+    import eval as ev
+    out = tmp_path / "run"
+    _, res = tm.train(make_cfg(tok_dir, out, cache_dir, mix=(0.75, 0, 0.25), max_steps=150, eval_qa=3,
+                               text_tokenizer="words", eval_gen=2))
+    got = ev.main(["mllm", f"--mllm={out}", "--qa_images=3", "--gen_captions=2", "--batch_size=4",
+                   "--blind_samples=10", "--device=cpu", f"--out={tmp_path / 'eval_mllm.json'}"])["val"]
+    q = got["qa"]
+    assert res["n_qa"] == q["n"] > 3 and res["qa_accuracy"] == q["accuracy"] > 0  # the model answers something
+    assert res["qa_examples"][:6] == q["examples"]
+    assert res["qa_by_type"] == {t: dict(accuracy=v["accuracy"], n=v["n"]) for t, v in q["by_type"].items()}
+    g = got["gen_cfg"]
+    assert res["sampling"]["cfg_scale"] == g["cfg_scale"] and res["n_gen"] == g["n"] == 2
+    assert res["gen_accuracy"] == g["all_correct"] and res["gen_objects_correct"] == g["objects_correct"]
+    for k in ("count", "color", "shape", "size", "cell", "false_objects", "missed_cells"):
+        assert res[f"gen_{k}"] == g[k], k
+    assert res["tokenizer_recon_accuracy"] == got["tokenizer_ceiling"]["all_correct"]
