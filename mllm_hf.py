@@ -141,8 +141,12 @@ def load_hf_state_dict(model, sd, where="state_dict", assign=False):
            if sd[k].shape != ours[v].shape]
     if bad:
         raise ValueError(f"{where}: shape mismatch (checkpoint vs model): {bad}")
-    if assign:  # keys already checked; the visual side and a tied lm_head are not in the table
-        model.load_state_dict({v: sd[k] for k, v in table.items()}, strict=False, assign=True)
+    if assign:  # keys already checked: each trunk parameter becomes the checkpoint's tensor, by name (the
+        # visual side and a tied lm_head are not in the table; a partial load_state_dict would need strict=False)
+        for k, v in table.items():
+            mod, _, name = v.rpartition(".")
+            m = model.get_submodule(mod)
+            setattr(m, name, torch.nn.Parameter(sd[k], requires_grad=getattr(m, name).requires_grad))
         return
     with torch.no_grad():
         for k, v in table.items():
