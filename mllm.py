@@ -459,13 +459,7 @@ class MLLM(nn.Module):
             if (targets != -1).any() else zero
         pix = sem = zero
         if image_mask is not None and image_mask.any():
-            img = image_mask.bool()
-            sel = img.clone() if gen_mask is None else img & gen_mask.bool()
-            if attention_mask is not None:
-                sel[:, 1:] &= attention_mask[:, :-1].bool()  # the predictor must be a real position
-            sel[:, 0] = False  # nothing predicts position 0
-            rows = (img.flatten().cumsum(0) - 1).view_as(img)[sel]  # code row of each target position
-            hs = h[:, :-1][sel[:, 1:]]  # (M, C): the state at t-1 predicts the codes at t
+            sel, rows, hs = self._code_targets(h, image_mask, attention_mask, gen_mask)
             if hs.shape[0]:
                 pix = self._depth_loss(self.pix_head, self.pix_book, hs, pix_codes[rows])
                 if self.sem_head is not None:
@@ -511,17 +505,26 @@ class MLLM(nn.Module):
         uses its prompt (eval.py's caption-word swap), which a batch-mean loss would blur."""
         x = self.embed_inputs(idx, image_mask, pix_codes, sem_codes, gen_mask)
         h = self.trunk(x, attention_mask)
-        img = image_mask.bool()
-        sel = img & (gen_mask.bool() if gen_mask is not None else img)
-        sel[:, 0] = False
-        rows = (img.flatten().cumsum(0) - 1).view_as(img)[sel]  # code row of each target position
+        sel, rows, hs = self._code_targets(h, image_mask, attention_mask, gen_mask)
         codes = pix_codes[rows]  # (M, D)
         cum = code_vectors(self.pix_book, codes).cumsum(1)[:, :-1].to(h.dtype)
-        logits = self.pix_head(h[:, :-1][sel[:, 1:]], cum, book=self.pix_book).float()  # (M, D, K)
+        logits = self.pix_head(hs, cum, book=self.pix_book).float()  # (M, D, K)
         nll = F.cross_entropy(logits.transpose(1, 2), codes, reduction="none").sum(1)  # (M,)
         out = torch.full(idx.shape, float("nan"), device=idx.device)
         out[sel] = nll
         return out
+
+    @staticmethod
+    def _code_targets(h, image_mask, attention_mask, gen_mask):
+        """The image positions whose codes are trained (generated ones when gen_mask is given) -> (sel (B, T)
+        bool, rows (M,) each one's row in the flat code tensors, hs (M, C) the state at t-1 that predicts it)."""
+        img = image_mask.bool()
+        sel = img.clone() if gen_mask is None else img & gen_mask.bool()
+        if attention_mask is not None:
+            sel[:, 1:] &= attention_mask[:, :-1].bool()  # the predictor must be a real position
+        sel[:, 0] = False  # nothing predicts position 0
+        rows = (img.flatten().cumsum(0) - 1).view_as(img)[sel]  # code row of each target position
+        return sel, rows, h[:, :-1][sel[:, 1:]]  # the state at t-1 predicts the codes at t
 
     @staticmethod
     def _depth_loss(head, book, hs, codes):
