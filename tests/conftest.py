@@ -22,6 +22,15 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+@pytest.fixture
+def free_port():
+    """A free TCP port on localhost for a 2-process gloo group (torch.multiprocessing.spawn tests)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_one_thread():
     """Every test starts seeded and single-threaded, even after a trainer set its own `threads`."""

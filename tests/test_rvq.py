@@ -3,7 +3,6 @@ re-statement of RQ-VAE's update, convergence on a toy mixture, dead-code restart
 a 2-process gloo DDP run."""
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -325,14 +324,12 @@ def _ddp_worker(rank, world, port, out_dir, xs, init_state):
         dist.destroy_process_group()
 
 
-def test_ddp_two_processes(tmp_path):
+def test_ddp_two_processes(tmp_path, free_port):
     mp = pytest.importorskip("torch.multiprocessing")
     import torch.distributed as dist
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port
     xs = [torch.randn(2 * 30, 16) for _ in range(3)]
     init_state = make().state_dict()
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path), xs, init_state), nprocs=2, join=True)

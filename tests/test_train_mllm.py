@@ -4,7 +4,6 @@ exact resume, the exported checkpoint loads, 2-process gloo DDP keeps ranks iden
 import json
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -303,10 +302,8 @@ def _ddp_worker(rank, world, port, tok_dir, cache_dir, out_dir):
 
 
 @pytest.mark.slow  # two fresh interpreters importing torch
-def test_ddp_two_processes_stay_identical(tok_dir, cache_dir, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_ddp_two_processes_stay_identical(tok_dir, cache_dir, tmp_path, free_port):
+    port = free_port
     out = str(tmp_path / "ddp")
     os.makedirs(out)
     torch.multiprocessing.spawn(_ddp_worker, args=(2, port, tok_dir, cache_dir, out), nprocs=2, join=True)
@@ -331,12 +328,10 @@ def _prepare_worker(rank, world, port, tok_dir, folder):
 
 
 @pytest.mark.slow  # two fresh interpreters importing torch
-def test_ddp_prepare_every_rank_encodes_its_shard(tok_dir, cache_dir, tmp_path):
+def test_ddp_prepare_every_rank_encodes_its_shard(tok_dir, cache_dir, tmp_path, free_port):
     """Under torchrun each rank encodes a disjoint shard of every split (not rank 0 everything while the
     others wait in a barrier); the merged cache equals the one-process cache, row for row."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port
     folder = str(tmp_path / "cache")
     os.makedirs(folder)
     torch.multiprocessing.spawn(_prepare_worker, args=(2, port, tok_dir, folder), nprocs=2, join=True)

@@ -2,7 +2,6 @@
 crash-safe checkpoints, NaN stop, 2-process gloo DDP keeps ranks identical."""
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -163,10 +162,8 @@ def _ddp_worker(rank, world, port, teacher_dir, out_dir):
 
 
 @pytest.mark.slow  # two fresh interpreters importing torch: ~20 s idle, ~50 s on the shared 2-core box
-def test_ddp_two_processes_stay_identical(teacher_dir, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_ddp_two_processes_stay_identical(teacher_dir, tmp_path, free_port):
+    port = free_port
     out = str(tmp_path / "ddp")
     os.makedirs(out)
     torch.multiprocessing.spawn(_ddp_worker, args=(2, port, teacher_dir, out), nprocs=2, join=True)
