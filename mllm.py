@@ -35,8 +35,7 @@ The decoder blocks (RMSNorm, RoPE, KV cache, attention, MLP) live in llm.py; loa
 checkpoints in mllm_hf.py; our export and its use with the image and text tokenizers in pipeline.py.
 """
 import contextlib
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -115,6 +114,12 @@ class MLLMConfig:
     # first patch (0.16, chance), so the drawn colour was a guess; this term asks each image position to
     # carry the caption, which the depth heads can then use
     gen_caption_loss: float = 0.0
+    # gen_ground_loss w > 0 (not in the paper): the state that predicts a generated patch's codes also predicts
+    # the words of the object that patch lies in (none: background), from per-patch word ids the data gives
+    # (forward's ground_words; the shapes world knows each object's cell). The caption loss above asks every
+    # patch for the whole caption; this asks it WHERE each described object goes, the grounding the long run
+    # lacked: it drew extra objects and missed the count on 0.26 of captions (docs/experiments.md)
+    gen_ground_loss: float = 0.0
     # loss weights (paper: unweighted sum)
     text_loss_weight: float = 1.0
     pix_loss_weight: float = 1.0
@@ -303,6 +308,7 @@ class MLLM(nn.Module):
         self.pix_head = DepthHead(cfg, cfg.pix_vocab, cfg.pix_dim, cfg.pix_depth)
         self.sem_head = DepthHead(cfg, cfg.sem_vocab, cfg.sem_dim, cfg.sem_depth) if cfg.gen_sem else None
         self.cap_head = nn.Linear(C, cfg.vocab_size) if cfg.gen_caption_loss > 0 else None
+        self.ground_head = nn.Linear(C, cfg.vocab_size) if cfg.gen_ground_loss > 0 else None
         self.apply(self._init_weights)
         if self.vis_out_norm is not None:
             nn.init.constant_(self.vis_out_norm.weight, cfg.vis_gain)
@@ -444,8 +450,10 @@ class MLLM(nn.Module):
     # --- training forward ------------------------------------------------------------------------
 
     def forward(self, idx, targets=None, image_mask=None, pix_codes=None, sem_codes=None,
-                attention_mask=None, gen_mask=None):
-        """-> (logits (B, T, V), loss or None). The loss parts (detached) land in self.loss_parts."""
+                attention_mask=None, gen_mask=None, ground_words=None):
+        """-> (logits (B, T, V), loss or None). The loss parts (detached) land in self.loss_parts.
+        ground_words (N, W) long, aligned with the code rows, -1 padded: each image position's object words
+        (gen_ground_loss; all -1 = background)."""
         cfg = self.config
         x = self.embed_inputs(idx, image_mask, pix_codes, sem_codes, gen_mask)
         h = self.trunk(x, attention_mask)
@@ -457,20 +465,36 @@ class MLLM(nn.Module):
         zero = h.new_zeros(())
         text = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-1) \
             if (targets != -1).any() else zero
-        pix = sem = zero
+        pix = sem = ground = zero
+        if self.ground_head is not None and ground_words is None:
+            raise ValueError("ground_words: required in training when gen_ground_loss > 0")
         if image_mask is not None and image_mask.any():
             sel, rows, hs = self._code_targets(h, image_mask, attention_mask, gen_mask)
             if hs.shape[0]:
                 pix = self._depth_loss(self.pix_head, self.pix_book, hs, pix_codes[rows])
                 if self.sem_head is not None:
                     sem = self._depth_loss(self.sem_head, self.sem_book, hs, sem_codes[rows])
+                if self.ground_head is not None:
+                    ground = self._ground_loss(hs, ground_words, rows, image_mask)
         loss = cfg.text_loss_weight * text + cfg.pix_loss_weight * pix + cfg.sem_loss_weight * sem
         self.loss_parts = dict(text=text.detach(), pix=pix.detach(), sem=sem.detach())
         if self.cap_head is not None:
             cap = self._caption_loss(idx, h, image_mask, attention_mask, gen_mask)
             loss = loss + cfg.gen_caption_loss * cap
             self.loss_parts["cap"] = cap.detach()
+        if self.ground_head is not None:
+            loss = loss + cfg.gen_ground_loss * ground
+            self.loss_parts["ground"] = ground.detach()
         return logits, loss
+
+    def _ground_loss(self, hs, ground_words, rows, image_mask):
+        """Mean BCE of each trained image position's prediction of its object's words (gen_ground_loss)."""
+        N, V = int(image_mask.sum()), self.config.vocab_size
+        if ground_words.dim() != 2 or ground_words.shape[0] != N:
+            raise ValueError(f"ground_words: expected ({N}, W) for {N} image positions, got {tuple(ground_words.shape)}")
+        w = ground_words[rows]  # (M, W)
+        y = torch.zeros(w.shape[0], V + 1, device=hs.device).scatter_(1, torch.where(w < 0, V, w), 1.0)[:, :V]
+        return F.binary_cross_entropy_with_logits(self.ground_head(hs).float(), y)
 
     def caption_words(self, idx, image_mask, attention_mask, gen_mask):
         """(B, T) -> (B, V) multi-hot of the non-special tokens before each row's first generated image
@@ -663,20 +687,3 @@ class MLLM(nn.Module):
             head.weight = nn.Parameter(torch.cat([w, w.mean(0, keepdim=True).expand(n, -1)]))
         self.embed, self.lm_head = emb, head
         cfg.vocab_size += n
-
-    def save(self, path):
-        """Our own checkpoint: one safetensors file with the config in its metadata (codebooks included)."""
-        from safetensors.torch import save_model
-        save_model(self, path, metadata={"mllm_config": json.dumps(asdict(self.config))})
-
-    @classmethod
-    def load(cls, path, device="cpu"):
-        from safetensors import safe_open
-        from safetensors.torch import load_model
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-        if "mllm_config" not in meta:
-            raise ValueError(f"{path}: no mllm_config in the safetensors metadata (not saved by MLLM.save)")
-        model = cls(MLLMConfig(**json.loads(meta["mllm_config"])))
-        missing, unexpected = load_model(model, path, strict=True, device=device)
-        return model.to(device)

@@ -107,16 +107,13 @@ def load_mllm(folder, device="cpu"):
 def load_export(path, device):
     """-> (MLLM, text tokenizer, info), what sample.py and eval.py run. `path`: an out_dir of train_mllm.py
     (read strictly by load_mllm; its config names the text tokenizer and the image tokenizer it was
-    trained with), or a bare file from MLLM.save (byte vocabulary assumed)."""
+    trained with)."""
     from text import prompt_tokenizer
     if not path:
         raise UserError("--mllm is required (an out_dir of train_mllm.py)")
-    if os.path.isfile(path) and path.endswith(".safetensors"):
-        model, info = MLLM.load(path, device=device).eval(), {"text_tokenizer": "bytes"}
-    elif os.path.isdir(path):
-        model, info = load_mllm(path, device)
-    else:
-        raise UserError(f"--mllm={path!r}: expected a train_mllm.py out_dir or a .safetensors file")
+    if not os.path.isdir(path):
+        raise UserError(f"--mllm={path!r}: expected a train_mllm.py out_dir (config.json + model.safetensors)")
+    model, info = load_mllm(path, device)
     tt = info.get("text_tokenizer", "bytes")
     text_tok = prompt_tokenizer(tt or "bytes")
     if tt in ("", "bytes", "words") and (text_tok.eos_id, text_tok.vocab_size) != (model.config.eos_id, model.config.vocab_size):
@@ -194,18 +191,39 @@ def loss_mask(mc, parts, flags):
     return torch.tensor(m)
 
 
+def ground_words(rec, text_tok, grid):
+    """(P, W) int64, -1 padded: each patch's object words ("small red circle"; none for background), the
+    targets of gen_ground_loss. Needs the record's objects (the shapes world writes them)."""
+    import data
+    if "objects" not in rec:
+        raise UserError("gen_ground_loss needs each record's objects (cell, size, color, shape): the shapes "
+                        "world writes them, a JSONL does not")
+    words = [text_tok.encode(f"{o['size']} {o['color']} {o['shape']}") for o in rec["objects"]]
+    W = max([len(w) for w in words], default=1)
+    out = np.full((grid * grid, W), -1, dtype=np.int64)
+    for p, i in enumerate(data.patch_objects(rec["objects"], grid)):
+        if i >= 0:
+            out[p, :len(words[i])] = words[i]
+    return out
+
+
 def make_batch(mc, items):
-    """items: (parts, flags, pix (P, Dp), sem (P, Ds)) -> the MLLM.forward keyword dict."""
-    seqs = [build_sequence(mc, parts) for parts, _, _, _ in items]
+    """items: (parts, flags, pix (P, Dp), sem (P, Ds)[, ground words (P, W)]) -> the MLLM.forward keyword
+    dict (ground_words when the items carry them)."""
+    seqs = [build_sequence(mc, it[0]) for it in items]
     b = collate(mc, seqs)
     T = b["idx"].shape[1]
     lm = torch.zeros(len(items), T, dtype=torch.bool)
-    for i, (parts, flags, _, _) in enumerate(items):  # left padded like collate
-        m = loss_mask(mc, parts, flags)
+    for i, it in enumerate(items):  # left padded like collate
+        m = loss_mask(mc, it[0], it[1])
         lm[i, T - m.numel():] = m
     b["targets"] = make_targets(b["idx"], b["image_mask"], b["attention_mask"], lm)
     b["pix_codes"] = torch.cat([torch.from_numpy(np.array(it[2])).long() for it in items])  # (N, Dp)
     b["sem_codes"] = torch.cat([torch.from_numpy(np.array(it[3])).long() for it in items])
+    if len(items[0]) > 4:
+        W = max(it[4].shape[1] for it in items)
+        b["ground_words"] = torch.from_numpy(np.concatenate(
+            [np.pad(it[4], ((0, 0), (0, W - it[4].shape[1])), constant_values=-1) for it in items]))  # (N, W)
     return b
 
 

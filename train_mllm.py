@@ -90,6 +90,7 @@ class TrainMLLMConfig:
     head_code_logits: bool = False   # True: depth heads score codes by distance to the frozen books (mllm)
     gen_input_drop: float = 0.0      # > 0: hide that share of a generated image's input codes in training (mllm)
     gen_caption_loss: float = 0.0    # > 0: generated image positions also predict their caption's words (mllm)
+    gen_ground_loss: float = 0.0     # > 0: ... and the words of the object in their cell (mllm; shapes data only)
     # what trains: "all", "input" (vis_in only), "output" (pix/sem depth heads only)
     trainable: str = "all"
     mix: tuple = (0.4, 0.1, 0.5)     # und, cap, gen shares of each micro-batch (rounded to counts)
@@ -221,7 +222,7 @@ def _build_model(cfg, tok, dual, thash=None):
                head_n_layer=cfg.head_n_layer, head_n_embd=cfg.head_n_embd, head_n_head=cfg.head_n_head,
                vis_norm=cfg.vis_norm, vis_gain=cfg.vis_gain, image_pos=cfg.image_pos, gen_sem=cfg.gen_sem,
                head_code_logits=cfg.head_code_logits, gen_input_drop=cfg.gen_input_drop,
-               gen_caption_loss=cfg.gen_caption_loss)
+               gen_caption_loss=cfg.gen_caption_loss, gen_ground_loss=cfg.gen_ground_loss)
     if cfg.init_from:
         model = mllm_hf.from_pretrained(cfg.init_from, new_tokens=IMAGE_TOKENS, **vis)
         mc = model.config
@@ -362,6 +363,9 @@ def validate(cfg):
     if cfg.trainable not in ("all", "input", "output"):
         raise UserError(f"--trainable={cfg.trainable!r}: expected 'all', 'input' or 'output'")
     kind_counts(cfg.mix, cfg.micro_batch)
+    if cfg.gen_ground_loss > 0 and cfg.data != "shapes":
+        raise UserError(f"--gen_ground_loss={cfg.gen_ground_loss}: needs each image's objects, which only "
+                        f"--data=shapes gives (got --data={cfg.data!r})")
     if not cfg.prepare:  # --prepare=True only (re)builds the code cache
         tu.guard_out_dir(cfg)
 
@@ -412,6 +416,9 @@ def train(cfg):
                              "seed": cfg.seed})
 
     P = dual.config.grid ** 2
+    if cfg.gen_ground_loss > 0 and dual.config.grid % 3:
+        raise UserError(f"--gen_ground_loss: the tokenizer's {dual.config.grid}x{dual.config.grid} patch grid does "
+                        f"not split into the world's 3x3 cells (the shapes preset's is 6x6)")
     kinds = [k for k in KINDS for _ in range(counts[k])]
 
     def next_batch():
@@ -422,6 +429,8 @@ def train(cfg):
         for kind, i in zip(kinds, idx):
             parts, flags = pipeline.sample_parts(kind, train_c.records[i], tok, rng, cfg.caption_dropout, P, cfg.qa_per_image)
             items.append((parts, flags, train_c.pix[i], train_c.sem[i]))
+            if cfg.gen_ground_loss > 0:
+                items[-1] += (pipeline.ground_words(train_c.records[i], tok, dual.config.grid),)
         return {k: v.to(device) for k, v in pipeline.make_batch(mc, items).items()}
 
     use_compile = device.startswith("cuda") if cfg.compile is None else cfg.compile

@@ -306,3 +306,29 @@ def test_caption_dropout_drops_size_and_place_phrases():
     assert data.caption(objs, 1.0, random.Random(0)) == "a red circle and a blue square"
     seen = {data.caption(objs, 0.5, random.Random(k)) for k in range(40)}
     assert full in seen and "a red circle and a blue square" in seen and len(seen) > 4
+
+
+def test_patch_objects_marks_the_patches_each_object_is_drawn_in():
+    """data.patch_objects (gen_ground_loss's targets): on 48 px / patch 8 renders (a 6x6 grid, 2x2 patches a
+    cell), every pixel an object paints lies in a patch labelled with that object, every labelled patch lies
+    in its object's cell, and pipeline.ground_words writes that object's words there and -1 elsewhere."""
+    import pipeline
+    from text import WordTokenizer
+    w = ShapesWorld(ShapesConfig(image_size=48, min_objects=1, max_objects=3))
+    tok = WordTokenizer(data.vocabulary())
+    for i in range(20):
+        s = w.sample("train", i)
+        lab = np.array(data.patch_objects(s["objects"], 6)).reshape(6, 6)
+        for j, o in enumerate(s["objects"]):
+            alone = w.render([o], jitter=[s["jitter"][j]], background=s["background"])
+            bare = w.render([], background=s["background"])
+            ys, xs = np.nonzero((alone != bare).any(-1))
+            assert len(ys) and (lab[ys // 8, xs // 8] == j).all()
+            r, c = divmod(CELLS.index(o["cell"]), 3)
+            assert (lab[2 * r:2 * r + 2, 2 * c:2 * c + 2] == j).all() and (lab == j).sum() == 4
+        g = pipeline.ground_words(s, tok, 6)
+        for p, j in enumerate(lab.flatten()):
+            want = tok.encode(f"{s['objects'][j]['size']} {s['objects'][j]['color']} {s['objects'][j]['shape']}") if j >= 0 else []
+            assert g[p][g[p] >= 0].tolist() == want
+    with pytest.raises(ValueError, match="3x3"):
+        data.patch_objects([], 4)

@@ -457,12 +457,13 @@ def sample_ids(logits, **kw):
     return torch.stack([mllm.sample_logits(logits, generator=g, **kw) for _ in range(200)])
 
 
-def test_save_load_roundtrip(tmp_path):
+def test_export_load_roundtrip(tmp_path):
+    """The one MLLM checkpoint format: pipeline.export's folder, read strictly by load_mllm."""
+    import pipeline
     m = tiny_model()
-    path = str(tmp_path / "m.safetensors")
-    m.save(path)
-    m2 = MLLM.load(path).eval()
-    assert m2.config == m.config and m2.lm_head.weight is m2.embed.weight
+    pipeline.export(m, str(tmp_path), dict(text_tokenizer="bytes"))
+    m2, info = pipeline.load_mllm(str(tmp_path))
+    assert m2.config == m.config and m2.lm_head.weight is m2.embed.weight and info["text_tokenizer"] == "bytes"
     assert torch.equal(m2.pix_book, m.pix_book)
     idx = torch.randint(0, 256, (1, 8))
     torch.testing.assert_close(m2(idx)[0], m(idx)[0])
@@ -643,6 +644,35 @@ def test_gen_caption_loss_targets_the_caption_words_of_generated_rows():
     zero = m._caption_loss(und["idx"], torch.zeros(*und["idx"].shape, cfg.n_embd), und["image_mask"],
                            und["attention_mask"], und["gen_mask"])
     assert float(zero) == 0.0
+
+
+def test_gen_ground_loss_predicts_each_generated_patchs_object_words():
+    """gen_ground_loss: the state that predicts a generated patch's codes (at t-1) is asked for the words of
+    that patch's object: the term equals a BCE computed by hand on exactly those states and multi-hots, an
+    understood image adds nothing, training without ground_words is an error, and the default adds no head."""
+    assert tiny_model().ground_head is None
+    m = tiny_model(gen_ground_loss=1.0, image_pos=4).train()
+    cfg = m.config
+    b = collate(cfg, [build_sequence(cfg, [("und", 4), [65, 66]]), build_sequence(cfg, [[67, 68], ("gen", 4), [cfg.eos_id]])])
+    p, s = random_codes(cfg, 8)
+    gw = torch.full((8, 2), -1)
+    gw[5] = torch.tensor([70, 71])  # the generated image's 2nd patch shows an object; the rest is background
+    gw[0] = torch.tensor([72, -1])  # a row of the understood image: never a target
+    t = make_targets(b["idx"], b["image_mask"], b["attention_mask"])
+    kw = dict(image_mask=b["image_mask"], attention_mask=b["attention_mask"], gen_mask=b["gen_mask"],
+              pix_codes=p, sem_codes=s)
+    torch.manual_seed(0)
+    _, loss = m(b["idx"], t, ground_words=gw, **kw)
+    with pytest.raises(ValueError, match="ground_words"):
+        m(b["idx"], t, **kw)
+    h = m.trunk(m.embed_inputs(b["idx"], b["image_mask"], p, s, b["gen_mask"]), b["attention_mask"])
+    gen = (b["gen_mask"].bool() & b["image_mask"].bool())[1].nonzero().flatten()  # the 4 generated positions
+    hs = h[1, gen - 1]  # the states that predict them
+    y = torch.zeros(4, cfg.vocab_size)
+    y[1, [70, 71]] = 1
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(m.ground_head(hs), y)
+    torch.testing.assert_close(m.loss_parts["ground"], ref.detach())
+    assert loss.item() > float(m.loss_parts["text"] + m.loss_parts["pix"] + m.loss_parts["sem"])
 
 
 def test_image_code_nll_is_the_pixel_loss_per_position():

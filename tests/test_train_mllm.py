@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from configurator import UserError
 import data
 import pipeline
 import tokenizer as tkz
@@ -416,3 +417,22 @@ def test_trainer_and_eval_py_share_one_protocol(tok_dir, cache_dir, tmp_path):
     for k in ("count", "color", "shape", "size", "cell", "false_objects", "missed_cells"):
         assert res[f"gen_{k}"] == g[k], k
     assert res["tokenizer_recon_accuracy"] == got["tokenizer_ceiling"]["all_correct"]
+
+
+def test_gen_ground_loss_trains_on_a_grid_of_whole_cells(tok_dir, tmp_path):
+    """gen_ground_loss end to end: on a 48 px / patch 8 tokenizer (6x6 patches, 2x2 a cell) the trainer feeds
+    every generated patch its object's words and logs a finite, falling `ground` term; on the 4x4 fixture
+    tokenizer (cells cut across patches) it refuses before any step."""
+    with pytest.raises(UserError, match="3x3 cells"):
+        tm.train(make_cfg(tok_dir, tmp_path / "g4", str(tmp_path / "c4"), gen_ground_loss=1.0))
+    torch.manual_seed(0)
+    c = tkz.tiny_config()
+    c.siglip.vision.image_size = c.decoder.resolution = 48
+    c.decoder_latent_shape = (6, 6)
+    tok6 = str(tmp_path / "tok6")
+    tkz.DualToken(c).save_pretrained(tok6)
+    out = tmp_path / "g6"
+    tm.train(make_cfg(tok6, out, str(tmp_path / "c6"), train_size=16, eval_size=4, mix=(0.0, 0.0, 1.0),
+                      max_steps=6, lr=1e-2, gen_ground_loss=1.0, eval_qa=0, eval_gen=1))
+    g = [r["ground"] for r in read_log(out)]
+    assert len(g) == 6 and all(math.isfinite(v) for v in g) and g[-1] < g[0]
