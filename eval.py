@@ -36,7 +36,7 @@ import torch
 
 import checker
 import data
-from metrics import psnr, ssim
+from metrics import fid_or_reason, psnr, ssim
 import evaluation
 from evaluation import (blind_baseline, derangement, object_errors, question_type,  # noqa: F401 (tests, eval.X)
                         scores as _scores)
@@ -48,7 +48,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES_TEMPLATES = ("a {}", "a photo of a {}", "a small {}", "a large {}")  # train_siglip / train_tokenizer's
 
 # -----------------------------------------------------------------------------
-# code statistics and rFID (PSNR / SSIM: metrics.py)
+# code statistics (PSNR / SSIM / rFID: metrics.py)
 
 
 def code_stats(codes, K):
@@ -63,27 +63,6 @@ def code_stats(codes, K):
             "entropy_bits": (h_nats / math.log(2)).tolist(), "max_entropy_bits": math.log2(K),
             "usage_any_depth": (hist.sum(0) > 0).double().mean().item(), "n_vectors": codes.shape[0]}
 
-
-def fid_or_reason(real_dir, fake_dir, inception_path, device):
-    """rFID with clean-fid's protocol ("clean" resize, the torchscript Inception of StyleGAN2-ADA), from
-    a local Inception file only. -> (value or None, note)."""
-    if not inception_path:
-        return None, "unavailable: no --inception_path (clean-fid's inception-2015-12-05.pt) given"
-    if os.path.basename(inception_path) != "inception-2015-12-05.pt" or not os.path.isfile(inception_path):
-        return None, f"unavailable: {inception_path!r} is not an existing file named inception-2015-12-05.pt"
-    try:
-        from cleanfid import fid
-        from cleanfid.inception_torchscript import InceptionV3W
-    except ImportError as e:
-        return None, f"unavailable: the optional clean-fid package is not installed ({e})"
-    try:  # download=False: the file must be where we said; nothing is fetched
-        net = InceptionV3W(os.path.dirname(os.path.abspath(inception_path)), download=False,
-                           resize_inside=False).to(device).eval()
-        value = fid.compute_fid(real_dir, fake_dir, mode="clean", custom_feat_extractor=lambda x: net(x),
-                                device=torch.device(device), num_workers=0, verbose=False)
-    except Exception as e:  # an API change or a broken file: say so instead of guessing a number
-        return None, f"unavailable: clean-fid failed ({type(e).__name__}: {e})"
-    return float(value), "clean-fid mode=clean"
 
 # -----------------------------------------------------------------------------
 # loading
@@ -333,9 +312,8 @@ def eval_tokenizer(cfg):
 
 
 def _write(res, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(res, f, indent=2)
+    """Atomically: an eval JSON a user keeps is never left half-written by a crash."""
+    tu._atomic_write(path, lambda f: f.write(json.dumps(res, indent=2).encode()))
     print(f"wrote {path}")
     return res
 
