@@ -638,7 +638,7 @@ class EvalT2IConfig(EvalMLLMCommon):
     captions: str = ""           # .jsonl of {"caption", "image"?} lines, or a text file of one caption per line
     siglip: str = ""             # the judge: an HF-layout SigLIP folder WITH its text tower
     text_tokenizer: str = ""     # the judge's: 'byte' or a folder with spiece.model / tokenizer.json; '' -> --siglip
-    num_captions: int = 0        # the first this many; 0 = all (a grid of the first 8 goes beside the JSON)
+    num_captions: int = 0        # the first this many; 0 = all (the first 8 in a PNG beside the JSON)
 
 
 def eval_t2i(cfg):
@@ -669,10 +669,11 @@ def eval_t2i(cfg):
     for name, none in (("generated", ""), ("real", "no images in the file"), ("shuffled_captions", "one caption")):
         r = res[name]
         print(f"T2I {name:17s} " + (f"n/a ({none})" if r is None else
-                                    f"clip_score {r['clip_score']:.2f}, sigmoid {r['sigmoid']:.4f} (n={r['n']})"),
+                                    f"clip_score {r['clip_score']:.2f}, sigmoid {r['sigmoid']:.4g} (n={r['n']})"),
               where)
     out = cfg.out or os.path.join(cfg.mllm, "eval_t2i.json")
-    data.grid_png([[im] for im in gen[:8]], os.path.splitext(out)[0] + ".png", caps[:8], scale=max(1, 96 // R))
+    rows = [[im] if real is None else [im, real[i]] for i, im in enumerate(gen[:8])]  # generated | real
+    data.grid_png(rows, os.path.splitext(out)[0] + ".png", caps[:8], scale=max(1, 96 // R))
     return _write(res, out)
 
 

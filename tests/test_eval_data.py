@@ -288,7 +288,7 @@ def test_cli_t2i(tiny_mllm, teacher_dir, tmp_path, capsys):
     assert saved["generated"]["clip_score"] == pytest.approx(want["clip_score"], abs=1e-4)
     shuffled = siglip.caption_scores(judge, tok, gen, caps, evaluation.derangement(3, 5))
     assert saved["shuffled_captions"]["sigmoid"] == pytest.approx(shuffled["sigmoid"], abs=1e-6)
-    assert Image.open(tmp_path / "t.png").size[0] == 32 * 3 + 4  # the grid beside the JSON, 32 px enlarged 3x
+    assert Image.open(tmp_path / "t.png").size[0] == 2 * (32 * 3 + 2) + 2  # generated | real, 32 px enlarged 3x
     printed = capsys.readouterr().out
     assert "T2I generated" in printed and "T2I real" in printed and "T2I shuffled_captions" in printed
     assert f"judge {teacher_dir} at 32 px, text tokenizer byte" in printed and "'cfg_scale': 2.0" in printed
