@@ -3,6 +3,7 @@ The readers on handmade files (every malformed line named), the scorers against 
 against direct computations (a full forward per sequence; SigLIP embeddings by hand), and both CLIs end to
 end on the tiny export (conftest's tiny_mllm) and the tiny SigLIP with a byte text tower (teacher_dir)."""
 import json
+import math
 import os
 import re
 
@@ -303,3 +304,19 @@ def test_cli_t2i(tiny_mllm, teacher_dir, tmp_path, capsys):
         ev.main(["t2i", f"--mllm={tiny_mllm}", f"--captions={txt}", "--device=cpu"])
     with pytest.raises(ValueError, match=r"caps.jsonl:2: 'caption' must be a non-empty string"):
         ev.main(args + [f"--captions={_jsonl(tmp_path / 'caps.jsonl', [dict(caption='a'), dict(caption=3)])}"])
+
+
+def test_user_data_evals_run_under_bf16_autocast(tiny_mllm, teacher_dir, tmp_path, monkeypatch):
+    """The cuda path's bf16 autocast, simulated on CPU (train_utils.autocast_ctx is plain fp32 there): the
+    QA file (greedy answers and choice log-probs) and the T2I check run and give finite numbers."""
+    import train_utils as tu
+    monkeypatch.setattr(tu, "autocast_ctx", lambda device, dtype="bfloat16": torch.autocast("cpu", torch.bfloat16))
+    f = _jsonl(tmp_path / "qa.jsonl", _qa_files(tmp_path))
+    q = ev.main(["mllm", f"--mllm={tiny_mllm}", f"--data={f}", "--max_new_tokens=2", "--device=cpu",
+                 f"--out={tmp_path / 'q.json'}"])["qa"]
+    assert q["n"] == 4 and 0 <= q["exact_match"] <= 1 and q["choice_accuracy"] in (0.0, 0.5, 1.0)
+    caps = _jsonl(tmp_path / "caps.jsonl", [dict(caption="a red circle", image="a.png"),
+                                            dict(caption="a blue square", image="b.png")])
+    r = ev.main(["t2i", f"--mllm={tiny_mllm}", f"--captions={caps}", f"--siglip={teacher_dir}", "--text_tokenizer=byte",
+                 "--device=cpu", f"--out={tmp_path / 't.json'}"])
+    assert all(math.isfinite(r[k]["clip_score"]) and 0 <= r[k]["sigmoid"] <= 1 for k in ("generated", "real"))
