@@ -10,9 +10,10 @@ controls), so that a model has one QA number and one generation number whoever m
   judged by checker.score_images plus object_errors (judge);
 - the tokenizer's ceiling: the same judge on the decodings of the images' true pixel codes;
 - the user's own files (eval.py mllm --data=QA.jsonl, eval.py t2i --captions=): their readers, checked line
-  by line, and QA on them with the same prompt and greedy answers, plus a likelihood choice score.
-Everything takes codes (pix / sem, image-major) and records, never images: the trainer reads its cache and
-does not re-encode. The image tokenizer (a tokenizer.DualToken) is passed in, as in pipeline.py.
+  by line; QA on them with the same prompt and greedy answers plus a likelihood choice score (qa_file);
+  captions drawn as generation() draws them, judged by a SigLIP (t2i).
+Everything takes codes (pix / sem, image-major) and records, never images (but t2i's real images: its judge
+sees pixels): the trainer reads its cache and does not re-encode. The image tokenizer (a tokenizer.DualToken) is passed in, as in pipeline.py.
 """
 import json
 import os
