@@ -484,6 +484,16 @@ def load_image(path):
         return to_rgb(im)
 
 
+def read_image(path, size, where=""):
+    """One image for a model: decoded, shortest side to size, centre crop (eval_transform); an unreadable
+    file is a UserError naming it and `where` (e.g. the file:line that asked for it)."""
+    try:
+        return eval_transform(size)(load_image(path))
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on broken files
+        at = f"{where}: " if where else ""
+        raise UserError(f"{at}cannot decode the image {path} ({type(e).__name__}: {e})") from None
+
+
 def _list_images(root):
     out = []
     for d, dirs, files in os.walk(root):

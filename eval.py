@@ -6,6 +6,8 @@ real data. Every number is printed next to the settings that produced it and wri
     python eval.py tokenizer --tokenizer=DIR --teacher=SIGLIP_DIR --data=/path/to/imagenet/val \\
         --lpips_vgg_path=vgg16-397923af.pth --lpips_lin_path=vgg.pth --inception_path=inception-2015-12-05.pt
     python eval.py mllm --mllm=out-shapes/mllm --tokenizer=out-shapes/tokenizer
+    python eval.py mllm --mllm=DIR --data=qa.jsonl          # your questions: {image, question, answer, choices?}
+    python eval.py t2i --mllm=DIR --captions=caps.jsonl --siglip=SIGLIP_DIR   # your captions, judged by a SigLIP
 
 Tokenizer: PSNR (on [0, 1] after clamping), SSIM (Gaussian 11x11, sigma 1.5, data range 1, own code),
 LPIPS (only when both weight files are given), rFID (only with the optional `clean-fid` package AND a
@@ -19,6 +21,10 @@ common answer to the question) and chance; generation judged by the checker `che
 attribute, all-correct, false objects, missed cells) with and without CFG; the held-out colour-shape
 pairs separately. QA and generation are evaluation.py's, the protocol train_mllm.py's eval.json runs on
 fewer images: the same model gets the same numbers from both.
+MLLM on your questions (--data=QA.jsonl): exact match after evaluation.normalize and, on lines with
+choices, the choice of highest likelihood (evaluation.qa_file). T2I: one image per caption with the recorded
+sampler, scored against its caption by a SigLIP you give (evaluation.t2i, siglip.caption_scores), beside
+the same score for the real images when the file has them and for shuffled captions.
 
 Order is deterministic (no shuffling; a subset of a folder and the shuffled-image control are fixed-seed
 permutations), batches run under bf16 autocast on cuda only (fp32 elsewhere); image codes are always fp32
@@ -36,7 +42,7 @@ import torch
 
 import checker
 import data
-from metrics import psnr, ssim
+from metrics import fid_or_reason, psnr, ssim
 import evaluation
 from evaluation import (blind_baseline, derangement, object_errors, question_type,  # noqa: F401 (tests, eval.X)
                         scores as _scores)
@@ -48,7 +54,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES_TEMPLATES = ("a {}", "a photo of a {}", "a small {}", "a large {}")  # train_siglip / train_tokenizer's
 
 # -----------------------------------------------------------------------------
-# code statistics and rFID (PSNR / SSIM: metrics.py)
+# code statistics (PSNR / SSIM / rFID: metrics.py)
 
 
 def code_stats(codes, K):
@@ -64,27 +70,6 @@ def code_stats(codes, K):
             "usage_any_depth": (hist.sum(0) > 0).double().mean().item(), "n_vectors": codes.shape[0]}
 
 
-def fid_or_reason(real_dir, fake_dir, inception_path, device):
-    """rFID with clean-fid's protocol ("clean" resize, the torchscript Inception of StyleGAN2-ADA), from
-    a local Inception file only. -> (value or None, note)."""
-    if not inception_path:
-        return None, "unavailable: no --inception_path (clean-fid's inception-2015-12-05.pt) given"
-    if os.path.basename(inception_path) != "inception-2015-12-05.pt" or not os.path.isfile(inception_path):
-        return None, f"unavailable: {inception_path!r} is not an existing file named inception-2015-12-05.pt"
-    try:
-        from cleanfid import fid
-        from cleanfid.inception_torchscript import InceptionV3W
-    except ImportError as e:
-        return None, f"unavailable: the optional clean-fid package is not installed ({e})"
-    try:  # download=False: the file must be where we said; nothing is fetched
-        net = InceptionV3W(os.path.dirname(os.path.abspath(inception_path)), download=False,
-                           resize_inside=False).to(device).eval()
-        value = fid.compute_fid(real_dir, fake_dir, mode="clean", custom_feat_extractor=lambda x: net(x),
-                                device=torch.device(device), num_workers=0, verbose=False)
-    except Exception as e:  # an API change or a broken file: say so instead of guessing a number
-        return None, f"unavailable: clean-fid failed ({type(e).__name__}: {e})"
-    return float(value), "clean-fid mode=clean"
-
 # -----------------------------------------------------------------------------
 # loading
 
@@ -97,17 +82,26 @@ def load_tokenizer(path, siglip_config="", device="cpu"):
     return load_dualtoken(path, siglip_config=siglip_config or None).to(device).eval()
 
 
-def text_tokenizer(spec, data_name, folders):
+def text_tokenizer(spec, data_name, folders, towers=()):
     """'byte' (the shapes world's), a folder with spiece.model / tokenizer.json, or '' = byte for shapes,
-    else the first of `folders` that holds a tokenizer file."""
+    else the first of `folders` that holds a tokenizer file. -> (tokenizer, its name); more ids than a
+    SigLIP of `towers` has text embeddings is a UserError (the wrong tokenizer for that SigLIP)."""
     import text
     if spec == "byte" or (not spec and data_name == "shapes"):
-        return text.ByteTokenizer(), "byte"
-    for f in ([spec] if spec else [f for f in folders if f]):
-        if os.path.isfile(os.path.join(f, "spiece.model")) or os.path.isfile(os.path.join(f, "tokenizer.json")):
-            return text.load_tokenizer(f), f
-    raise UserError(f"no text tokenizer: --text_tokenizer={spec!r}; looked for spiece.model / tokenizer.json "
-                    f"in {[f for f in folders if f]}")
+        tok, name = text.ByteTokenizer(), "byte"
+    else:
+        has = lambda f: any(os.path.isfile(os.path.join(f, n)) for n in ("spiece.model", "tokenizer.json"))
+        found = [f for f in ([spec] if spec else [f for f in folders if f]) if has(f)]
+        if not found:
+            raise UserError(f"no text tokenizer: --text_tokenizer={spec!r}; looked for spiece.model / tokenizer.json "
+                            f"in {[f for f in folders if f]}")
+        tok, name = text.load_tokenizer(found[0]), found[0]
+    for m in towers:
+        if m is not None and m.text is not None and tok.vocab_size > m.config.text.vocab_size:
+            raise UserError(f"text tokenizer {name!r} has {tok.vocab_size} ids but the text tower's vocabulary has "
+                            f"{m.config.text.vocab_size}: pass --text_tokenizer= the tokenizer the SigLIP was "
+                            f"trained with")
+    return tok, name
 
 
 def zero_shot(image_emb, labels, text_model, text_tok, classes, templates, batch_size=256):
@@ -270,13 +264,8 @@ def eval_tokenizer(cfg):
     elif text_model is None:
         zs["note"] = "unavailable: the tokenizer has no text tower and no --teacher was given"
     else:
-        text_tok, zs["text_tokenizer"] = text_tokenizer(cfg.text_tokenizer, cfg.data,
-                                                   [cfg.teacher, cfg.siglip_config, cfg.tokenizer])
-        for m in (text_model, teacher):
-            if m is not None and m.text is not None and text_tok.vocab_size > m.config.text.vocab_size:
-                raise UserError(f"text tokenizer {zs['text_tokenizer']!r} has {text_tok.vocab_size} ids but the text "
-                                f"tower's vocabulary has {m.config.text.vocab_size}: pass --text_tokenizer= the "
-                                f"tokenizer the SigLIP was trained with")
+        folders = [cfg.teacher, cfg.siglip_config, cfg.tokenizer]
+        text_tok, zs["text_tokenizer"] = text_tokenizer(cfg.text_tokenizer, cfg.data, folders, (text_model, teacher))
         q_emb, t_emb, labels = [], [], []
         for batch in tqdm(_loader(zs_ds, cfg), desc="zero-shot", dynamic_ncols=True):
             x = batch["image"].to(device)
@@ -333,9 +322,8 @@ def eval_tokenizer(cfg):
 
 
 def _write(res, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(res, f, indent=2)
+    """Atomically: an eval JSON a user keeps is never left half-written by a crash."""
+    tu._atomic_write(path, lambda f: f.write(json.dumps(res, indent=2).encode()))
     print(f"wrote {path}")
     return res
 
@@ -344,32 +332,50 @@ def _write(res, path):
 # python eval.py mllm (shapes world)
 
 
+def _load_pair(cfg, device):
+    return load_pair(cfg, device, lambda path: load_tokenizer(path, cfg.siglip_config, device))
+
+
+def _run_info(cfg, info, device, t0):
+    """What every MLLM eval JSON records beside its numbers."""
+    return dict(mllm=cfg.mllm, tokenizer=cfg.tokenizer, tokenizer_hash=info.get("tokenizer_hash"),
+                tokenizer_hash_mismatch=info.get("tokenizer_hash_mismatch"), device=device,
+                dtype=cfg.dtype if device.startswith("cuda") else "float32", wall_s=time.time() - t0,
+                config=config_dict(cfg))
+
+
 @dataclass
-class EvalMLLMConfig:
+class EvalMLLMCommon:
+    """The settings eval.py mllm and eval.py t2i share."""
     mllm: str = ""               # out_dir of train_mllm.py
     tokenizer: str = ""          # '' -> the tokenizer recorded in the MLLM's config.json (hash-checked)
     check_hash: bool = True      # False: accept a tokenizer hash mismatch (same weights, changed hash recipe)
     siglip_config: str = ""
+    # sampler; None: as the MLLM's trainer evaluated it (config.json "sampling"; pipeline.sampling_settings)
+    cfg_scale: Optional[float] = None         # <= 0: off (eval.py mllm always adds an unguided run)
+    temperature: Optional[float] = None
+    fine_temperature: Optional[float] = None  # depths 2..; < 0: = temperature
+    top_k: Optional[int] = None               # <= 0: off
+    top_p: Optional[float] = None             # <= 0 or >= 1: off
+    batch_size: int = 32
+    seed: int = 0                # sampling, and the derangement of the shuffled controls
+    device: str = ""
+    dtype: str = "bfloat16"
+    threads: int = 0             # CPU intra-op threads; 0 = torch's default (1 is faster for tiny models)
+    out: str = ""                # '' -> <mllm>/eval_mllm.json (eval_qa.json with a .jsonl --data; eval_t2i.json)
+
+
+@dataclass
+class EvalMLLMConfig(EvalMLLMCommon):
+    data: str = "shapes"         # or a .jsonl of {"image", "question", "answer", "choices"?} lines (qa_file)
     max_objects: int = 2         # the shapes world the MLLM was trained on (train_mllm's max_objects / seed)
     shapes_seed: int = 0
     holdout_pairs: tuple = ()    # e.g. (("red", "triangle"),): pairs kept out of training; () -> no holdout eval
     qa_images: int = 100         # val images; every question of each is asked
     gen_captions: int = 100      # val captions drawn, with and without CFG
     holdout_images: int = 100    # holdout split: questions and captions (needs holdout_pairs)
-    # sampler; None: as the MLLM's trainer evaluated it (config.json "sampling"; pipeline.sampling_settings)
-    cfg_scale: Optional[float] = None         # the guided run (<= 0: off); the unguided run is always added
-    temperature: Optional[float] = None
-    fine_temperature: Optional[float] = None  # depths 2..; < 0: = temperature
-    top_k: Optional[int] = None               # <= 0: off
-    top_p: Optional[float] = None             # <= 0 or >= 1: off
     max_new_tokens: int = evaluation.MAX_ANSWER_TOKENS  # answers are one or two words (the trainer asks the same)
-    batch_size: int = 32
-    seed: int = 0                # sampling, and the derangement of the shuffled-image QA control
     blind_samples: int = 2000    # train samples whose QA pairs give the blind baseline and the chance levels
-    device: str = ""
-    dtype: str = "bfloat16"
-    threads: int = 0             # CPU intra-op threads; 0 = torch's default (1 is faster for tiny models)
-    out: str = ""                # '' -> <mllm>/eval_mllm.json
 
 
 @torch.no_grad()
@@ -519,7 +525,39 @@ def code_structure(image_tok, samples, cfg, device, autocast):
                                                    colours=len(colours)), n=len(samples))
 
 
+def eval_qa_file(cfg):
+    """eval.py mllm --data=QA.jsonl: evaluation.qa_file on the user's questions; each distinct image is read
+    (data.read_image: shortest side to R, centre crop, as train_mllm reads a JSONL) and encoded once."""
+    recs = evaluation.read_qa_jsonl(cfg.data)  # every line checked before the model loads
+    t0, device = time.time(), cfg.device or tu.default_device()
+    model, text_tok, image_tok, info = _load_pair(cfg, device)
+    R, autocast = image_tok.config.siglip.vision.image_size, tu.autocast_ctx(device, cfg.dtype)
+    first = {}  # image path -> the first line that asks about it (named if it does not decode)
+    for r in recs:
+        first.setdefault(r["image"], r["where"])
+    paths, codes = list(first), []
+    for k in range(0, len(paths), cfg.batch_size):
+        x = torch.stack([data.read_image(p, R, first[p]) for p in paths[k:k + cfg.batch_size]]).to(device)
+        codes.append([c.cpu() for c in image_codes(image_tok, x)])  # fp32, like the training cache
+    pix, sem = torch.cat([c[0] for c in codes]), torch.cat([c[1] for c in codes])  # (n_images, N, D)
+    index = {p: j for j, p in enumerate(paths)}
+    r = evaluation.qa_file(model, text_tok, recs, [index[q["image"]] for q in recs], pix, sem, cfg.batch_size,
+                           autocast, cfg.max_new_tokens, desc="qa")
+    res = dict(data=cfg.data, qa=r, n_images=len(paths), **_run_info(cfg, info, device, t0))
+    where = f"[{cfg.data}: {r['n']} questions on {len(paths)} images, {R} px, mllm {cfg.mllm}, {res['dtype']}]"
+    print(f"QA exact match {r['exact_match']:.4f} (n={r['n']}; greedy, max_new_tokens={cfg.max_new_tokens}, answers "
+          f"stripped, lowercased, trailing punctuation dropped)   {where}")
+    if r["n_choice"]:
+        print(f"QA choice accuracy {r['choice_accuracy']:.4f}, chance {r['chance']:.4f} (n={r['n_choice']} lines "
+              f"with choices; the choice of highest log p(choice + eos | image, question))   {where}")
+    return _write(res, cfg.out or os.path.join(cfg.mllm, "eval_qa.json"))
+
+
 def eval_mllm(cfg):
+    if cfg.data != "shapes":
+        if not cfg.data.endswith(".jsonl"):
+            raise UserError(f"--data={cfg.data!r}: expected 'shapes' or a .jsonl of question lines")
+        return eval_qa_file(cfg)
     for k in ("qa_images", "gen_captions", "holdout_images"):
         if getattr(cfg, k) < 0:
             raise UserError(f"--{k}={getattr(cfg, k)}: need >= 0 (0 skips that part)")
@@ -527,8 +565,7 @@ def eval_mllm(cfg):
         raise UserError("--qa_images=0 and --gen_captions=0: nothing to evaluate (0 skips one part, not both)")
     t0 = time.time()
     device = cfg.device or tu.default_device()
-    model, text_tok, image_tok, info = load_pair(cfg, device,
-                                                 lambda path: load_tokenizer(path, cfg.siglip_config, device))
+    model, text_tok, image_tok, info = _load_pair(cfg, device)
     R = image_tok.config.siglip.vision.image_size
     if not cfg.holdout_pairs and info.get("holdout_pairs"):  # the pairs the MLLM was trained without
         cfg.holdout_pairs = tuple(tuple(p) for p in info["holdout_pairs"])
@@ -556,10 +593,7 @@ def eval_mllm(cfg):
                 r[f"gen_{name}"] = dict(gen_eval(model, text_tok, image_tok, gen_samples, cfg, device, autocast,
                                                  dict(sampler, cfg_scale=sc)), cfg_scale=sc)
         res[split] = r
-    res.update(mllm=cfg.mllm, tokenizer=cfg.tokenizer, tokenizer_hash=info.get("tokenizer_hash"),
-               tokenizer_hash_mismatch=info.get("tokenizer_hash_mismatch"), device=device,
-               dtype=cfg.dtype if device.startswith("cuda") else "float32", wall_s=time.time() - t0,
-               config=config_dict(cfg))
+    res.update(_run_info(cfg, info, device, t0))
     for split, _, _ in splits:
         r, where = res[split], f"[{res['world']}, split {split}]"
         f = lambda v: "  n/a " if v is None else f"{v:.4f}"
@@ -595,7 +629,56 @@ def eval_mllm(cfg):
     return _write(res, cfg.out or os.path.join(cfg.mllm, "eval_mllm.json"))
 
 
-JOBS = {"tokenizer": (EvalTokenizerConfig, eval_tokenizer), "mllm": (EvalMLLMConfig, eval_mllm)}
+# -----------------------------------------------------------------------------
+# python eval.py t2i (the user's captions)
+
+
+@dataclass
+class EvalT2IConfig(EvalMLLMCommon):
+    captions: str = ""           # .jsonl of {"caption", "image"?} lines, or a text file of one caption per line
+    siglip: str = ""             # the judge: an HF-layout SigLIP folder WITH its text tower
+    text_tokenizer: str = ""     # the judge's: 'byte' or a folder with spiece.model / tokenizer.json; '' -> --siglip
+    num_captions: int = 0        # the first this many; 0 = all (the first 8 in a PNG beside the JSON)
+
+
+def eval_t2i(cfg):
+    """evaluation.t2i on the user's captions; real images are read at the tokenizer's resolution R like the
+    MLLM's training data (data.read_image), so real and generated lose the same detail before the judge."""
+    from siglip import SigLIP
+    if not cfg.captions or not cfg.siglip:
+        raise UserError("eval.py t2i needs --captions=FILE and --siglip=FOLDER (a SigLIP with its text tower)")
+    if cfg.num_captions < 0:
+        raise UserError(f"--num_captions={cfg.num_captions}: need >= 0 (0 = every caption)")
+    recs = evaluation.read_captions(cfg.captions)[:cfg.num_captions or None]  # checked before any model loads
+    t0, device = time.time(), cfg.device or tu.default_device()
+    judge = SigLIP.from_pretrained(cfg.siglip).to(device).eval()
+    if judge.text is None:
+        raise UserError(f"--siglip={cfg.siglip!r} has no text tower: the judge must embed the captions")
+    judge_tok, tname = text_tokenizer(cfg.text_tokenizer, "", [cfg.siglip], (judge,))
+    model, text_tok, image_tok, info = _load_pair(cfg, device)
+    R, sampling = image_tok.config.siglip.vision.image_size, sampling_settings(cfg, info)
+    real = None if recs[0]["image"] is None else \
+        data.to_image(torch.stack([data.read_image(r["image"], R, r["where"]) for r in recs]))
+    caps = [r["caption"] for r in recs]
+    res, gen = evaluation.t2i(model, text_tok, image_tok, judge, judge_tok, caps, sampling, cfg.seed, cfg.batch_size,
+                              tu.autocast_ctx(device, cfg.dtype), real)
+    res.update(captions=cfg.captions, n=len(caps), sampling=dict(sampling, seed=cfg.seed), siglip=cfg.siglip,
+               siglip_text_tokenizer=tname, resolution=R, **_run_info(cfg, info, device, t0))
+    where = (f"[{cfg.captions}: {len(caps)} captions, {R} px; judge {cfg.siglip} at {judge.config.vision.image_size} "
+             f"px, text tokenizer {tname}; mllm {cfg.mllm}; {res['sampling']}]")
+    for name, none in (("generated", ""), ("real", "no images in the file"), ("shuffled_captions", "one caption")):
+        r = res[name]
+        print(f"T2I {name:17s} " + (f"n/a ({none})" if r is None else
+                                    f"clip_score {r['clip_score']:.2f}, sigmoid {r['sigmoid']:.4g} (n={r['n']})"),
+              where)
+    out = cfg.out or os.path.join(cfg.mllm, "eval_t2i.json")
+    rows = [[im] if real is None else [im, real[i]] for i, im in enumerate(gen[:8])]  # generated | real
+    data.grid_png(rows, os.path.splitext(out)[0] + ".png", caps[:8], scale=max(1, 96 // R))
+    return _write(res, out)
+
+
+JOBS = {"tokenizer": (EvalTokenizerConfig, eval_tokenizer), "mllm": (EvalMLLMConfig, eval_mllm),
+        "t2i": (EvalT2IConfig, eval_t2i)}
 
 
 def main(argv):

@@ -8,19 +8,27 @@ controls), so that a model has one QA number and one generation number whoever m
 - generation: the first N held-out captions drawn with the run's recorded sampler (pipeline.sampling_settings
   falls back on it in eval.py; the trainer is what records it) from one generator seeded by `seed`,
   judged by checker.score_images plus object_errors (judge);
-- the tokenizer's ceiling: the same judge on the decodings of the images' true pixel codes.
-Everything takes codes (pix / sem, image-major) and records, never images: the trainer reads its cache and
-does not re-encode. The image tokenizer (a tokenizer.DualToken) is passed in, as in pipeline.py.
+- the tokenizer's ceiling: the same judge on the decodings of the images' true pixel codes;
+- the user's own files (eval.py mllm --data=QA.jsonl, eval.py t2i --captions=): their readers, checked line
+  by line; QA on them with the same prompt and greedy answers plus a likelihood choice score (qa_file);
+  captions drawn as generation() draws them, judged by a SigLIP (t2i).
+Everything takes codes (pix / sem, image-major) and records, never images (but t2i's real images: its judge
+sees pixels): the trainer reads its cache and does not re-encode. The image tokenizer (a tokenizer.DualToken) is passed in, as in pipeline.py.
 """
+import json
+import os
+import string
 from collections import Counter
 from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import checker
 import data
-from pipeline import generate_images, qa_prompt
+from configurator import UserError
+from pipeline import generate_images, make_batch, qa_prompt
 
 MAX_ANSWER_TOKENS = 16  # the shapes world's answers are one or two words
 
@@ -151,3 +159,182 @@ def ceiling(image_tok, pix, objects, batch_size, device, autocast=None):
         with autocast or nullcontext():
             ims.append(data.to_image(image_tok.decode(pix[k:k + batch_size].to(device)).float()))
     return judge(np.concatenate(ims), list(objects))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the user's own files
+
+
+def _jsonl(path):
+    """-> [(where "file:line", record dict)] of every non-blank line; not JSON or not an object is a
+    UserError naming the line."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path!r} does not exist")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where} is not JSON ({e})") from None
+            if not isinstance(rec, dict):
+                raise UserError(f"{where}: expected a JSON object, got {line.strip()[:80]!r}")
+            out.append((where, rec))
+    if not out:
+        raise UserError(f"{path} holds no records")
+    return out
+
+
+def _text(rec, key, where, optional=False):
+    v = rec.get(key)
+    if v is None and optional:
+        return None
+    if not isinstance(v, str) or not v.strip():
+        raise UserError(f"{where}: {key!r} must be a non-empty string, got {json.dumps(v)[:80]}")
+    return v.strip()
+
+
+def _image(rec, where, base):
+    """The record's image path (relative to the file's folder, or absolute), which must exist."""
+    p = os.path.join(base, _text(rec, "image", where))
+    if not os.path.isfile(p):
+        raise UserError(f"{where}: image file {p} does not exist")
+    return p
+
+
+def normalize(answer):
+    """Strip, lowercase, drop trailing punctuation: "Red." and "red" are one answer; punctuation inside
+    ("3.5", "o'clock") is kept, since it can change the answer."""
+    return answer.strip().lower().rstrip(string.punctuation + string.whitespace)
+
+
+def read_qa_jsonl(path):
+    """One {"image": path, "question": str, "answer": str, "choices": [str, ...] (optional)} per line,
+    image paths relative to the file's folder or absolute. Every line is checked before any model work:
+    bad JSON, a missing key, a wrong type, a missing image file, fewer than two choices, two choices that
+    normalise alike or an answer that is none of them is a UserError naming file:line (whether the image
+    decodes is checked when it is read: data.read_image with the same file:line). -> records: image
+    (path), question, answer, choices (list or None), where."""
+    base, out = os.path.dirname(os.path.abspath(path)), []
+    for where, rec in _jsonl(path):
+        r = dict(image=_image(rec, where, base), question=_text(rec, "question", where),
+                 answer=_text(rec, "answer", where), choices=rec.get("choices"), where=where)
+        c = r["choices"]
+        if c is not None:
+            if not isinstance(c, list) or len(c) < 2 or not all(isinstance(t, str) and t.strip() for t in c):
+                raise UserError(f"{where}: 'choices' must be a list of at least two non-empty strings, got "
+                                f"{json.dumps(c)[:80]}")
+            r["choices"] = [t.strip() for t in c]
+            norm = [normalize(t) for t in r["choices"]]
+            if len(set(norm)) < len(norm):
+                raise UserError(f"{where}: two choices are the same answer after normalising: {norm}")
+            if normalize(r["answer"]) not in norm:
+                raise UserError(f"{where}: the answer {r['answer']!r} is none of the choices {r['choices']}")
+        out.append(r)
+    return out
+
+
+def read_captions(path):
+    """A .jsonl of {"caption": str, "image": path (optional)} per line (images relative to the file's
+    folder; every line has one or none does, so real and generated images are scored on the same
+    captions), or any other file: one caption per line. -> records: caption, image (path or None), where."""
+    if not path.endswith(".jsonl"):
+        if not os.path.isfile(path):
+            raise UserError(f"{path!r} does not exist")
+        with open(path, encoding="utf-8") as f:
+            recs = [dict(caption=ln.strip(), image=None, where=f"{path}:{n}")
+                    for n, ln in enumerate(f, 1) if ln.strip()]
+        if not recs:
+            raise UserError(f"{path} holds no captions")
+        return recs
+    base, lines = os.path.dirname(os.path.abspath(path)), _jsonl(path)
+    with_image = "image" in lines[0][1]
+    recs = []
+    for where, rec in lines:
+        if ("image" in rec) != with_image:
+            raise UserError(f"{where}: {'no' if with_image else 'an'} 'image' where {lines[0][0]} has "
+                            f"{'one' if with_image else 'none'}: every line has an image or none does")
+        recs.append(dict(caption=_text(rec, "caption", where), where=where,
+                         image=_image(rec, where, base) if with_image else None))
+    return recs
+
+
+@torch.no_grad()
+def choice_logprobs(model, text_tok, rows, pix, sem, batch_size, autocast=None):
+    """log p(choice, eos | image, question) for rows (image index, question, choice): the sum of the
+    log-probabilities of the choice's tokens and eos in the trainer's answer format (pipeline.sample_parts:
+    image, qa_prompt(question), answer, eos), i.e. the probability that the model answers exactly that
+    text and stops. Not length-normalised: with eos included it is a probability over whole answers, so a
+    short choice is not favoured for being short but for being likely to end there. Only the target
+    positions go through the head (a Qwen vocabulary is 152k wide). -> list of floats."""
+    mc, dev = model.config, model.embed.weight.device
+    out = []
+    for k in range(0, len(rows), batch_size):
+        chunk = rows[k:k + batch_size]
+        items = [([("und", pix.shape[1]), qa_prompt(text_tok, q), text_tok.encode(c) + [text_tok.eos_id]],
+                  [False, False, True], _take(pix, [i])[0], _take(sem, [i])[0]) for i, q, c in chunk]
+        b = {n: v.to(dev) for n, v in make_batch(mc, items).items()}
+        sel = b["targets"] != -1  # (B, T): the positions that predict the choice's tokens and eos
+        with autocast or nullcontext():
+            x = model.embed_inputs(b["idx"], b["image_mask"], b["pix_codes"], b["sem_codes"], b["gen_mask"])
+            h = model.trunk(x, b["attention_mask"])[sel]  # (M, C)
+            lp = F.log_softmax(model.lm_head(h).float(), -1).gather(1, b["targets"][sel][:, None])[:, 0]  # (M,)
+        out += torch.zeros(len(chunk), device=dev).index_add_(0, sel.nonzero()[:, 0], lp).tolist()
+    return out
+
+
+def qa_file(model, text_tok, recs, image_index, pix, sem, batch_size, autocast=None,
+            max_new_tokens=MAX_ANSWER_TOKENS, desc=None):
+    """read_qa_jsonl's records, record i reading row image_index[i] of pix / sem. -> dict:
+    exact_match: share of records whose greedy answer (answers: the shapes world's prompt and decoding)
+    equals the answer after normalize; n;
+    choice_accuracy: on the n_choice records with choices, the share where the choice of highest
+    choice_logprobs (the first on a tie) is the answer; chance: mean of 1 / number of choices;
+    predictions: per record where, question, answer, pred, correct (and choice, choice_correct).
+    Likelihood, not "the generated answer matches a choice": it scores every question (a free answer
+    often matches no choice), does not depend on max_new_tokens, and its chance level is exactly 1/k."""
+    rows = [(image_index[i], r["question"], r["answer"]) for i, r in enumerate(recs)]
+    pred = answers(model, text_tok, rows, pix, sem, batch_size, autocast, max_new_tokens, desc)
+    per = [dict(where=r["where"], question=r["question"], answer=r["answer"], pred=p,
+                correct=normalize(p) == normalize(r["answer"])) for r, p in zip(recs, pred)]
+    mc = [i for i, r in enumerate(recs) if r["choices"]]
+    crows = [(image_index[i], recs[i]["question"], c) for i in mc for c in recs[i]["choices"]]
+    lp, k = choice_logprobs(model, text_tok, crows, pix, sem, batch_size, autocast), 0
+    for i in mc:
+        c = recs[i]["choices"]
+        s = lp[k:k + len(c)]
+        k += len(c)
+        best = c[s.index(max(s))]
+        per[i].update(choice=best, choice_correct=normalize(best) == normalize(recs[i]["answer"]))
+    mean = lambda v: sum(v) / len(v) if v else None
+    return dict(exact_match=mean([p["correct"] for p in per]), n=len(per), n_choice=len(mc),
+                choice_accuracy=mean([per[i]["choice_correct"] for i in mc]),
+                chance=mean([1 / len(recs[i]["choices"]) for i in mc]), predictions=per)
+
+
+@torch.no_grad()
+def t2i(model, text_tok, image_tok, judge, judge_tok, captions, sampling, seed, batch_size, autocast=None,
+        real=None):
+    """Draw one image per caption as generation() does and score it against its caption with the SigLIP
+    `judge` (siglip.caption_scores; judge_tok its text tokenizer). -> (dict, the uint8 images drawn); the
+    dict's generated / shuffled_captions / real each hold caption_scores' n, clip_score and sigmoid:
+    shuffled_captions: the generated images against a derangement of the captions (seeded by seed), what
+      an image that ignores its caption scores (None for one caption);
+    real: the real images (uint8 (n, H, W, 3); None: not given) against their captions, the data's own score."""
+    from siglip import caption_scores
+    g, gen = torch.Generator(device=model.embed.weight.device).manual_seed(seed), []
+    for k in range(0, len(captions), batch_size):  # to uint8 batch by batch: one generator, the same draws
+        with autocast or nullcontext():
+            ims, _ = generate_images(model, image_tok, text_tok, list(captions[k:k + batch_size]), g, batch_size,
+                                     **sampling)
+        gen.append(data.to_image(ims))
+    gen = np.concatenate(gen)
+
+    def score(images, perm=None):
+        s = caption_scores(judge, judge_tok, images, captions, perm, batch_size)
+        return {k: s[k] for k in ("n", "clip_score", "sigmoid")}
+    return dict(generated=score(gen), real=None if real is None else score(real),
+                shuffled_captions=score(gen, derangement(len(captions), seed)) if len(captions) > 1 else None), gen

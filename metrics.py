@@ -1,8 +1,11 @@
 """
 Image metrics on the project's [-1, 1] images (spec section 5), one home for every script: PSNR and SSIM
-on [0, 1] RGB after clamping. Used by eval.py (the reported numbers), train_tokenizer.py (its periodic
-eval, so the two agree by construction) and sample.py reconstruct.
+on [0, 1] RGB after clamping, and rFID through the optional clean-fid package (fid_or_reason). Used by
+eval.py (the reported numbers), train_tokenizer.py (its periodic eval, so the two agree by construction)
+and sample.py reconstruct.
 """
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -50,3 +53,25 @@ def ssim(x, y, size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.03):
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     m = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (saa + sbb + c2))
     return m.flatten(1).mean(1).float()
+
+
+def fid_or_reason(real_dir, fake_dir, inception_path, device):
+    """rFID with clean-fid's protocol ("clean" resize, the torchscript Inception of StyleGAN2-ADA), from
+    a local Inception file only. -> (value or None, note)."""
+    if not inception_path:
+        return None, "unavailable: no --inception_path (clean-fid's inception-2015-12-05.pt) given"
+    if os.path.basename(inception_path) != "inception-2015-12-05.pt" or not os.path.isfile(inception_path):
+        return None, f"unavailable: {inception_path!r} is not an existing file named inception-2015-12-05.pt"
+    try:
+        from cleanfid import fid
+        from cleanfid.inception_torchscript import InceptionV3W
+    except ImportError as e:
+        return None, f"unavailable: the optional clean-fid package is not installed ({e})"
+    try:  # download=False: the file must be where we said; nothing is fetched
+        net = InceptionV3W(os.path.dirname(os.path.abspath(inception_path)), download=False,
+                           resize_inside=False).to(device).eval()
+        value = fid.compute_fid(real_dir, fake_dir, mode="clean", custom_feat_extractor=lambda x: net(x),
+                                device=torch.device(device), num_workers=0, verbose=False)
+    except Exception as e:  # an API change or a broken file: say so instead of guessing a number
+        return None, f"unavailable: clean-fid failed ({type(e).__name__}: {e})"
+    return float(value), "clean-fid mode=clean"

@@ -94,14 +94,6 @@ def text_or_file(value, key):
     return [value]
 
 
-def read_image(path, R):
-    """One image for a model: decoded, shortest side to R, centre crop; an unreadable file is named."""
-    try:
-        return data.eval_transform(R)(data.load_image(path))
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on broken files
-        raise UserError(f"cannot decode the image {path} ({type(e).__name__}: {e})") from None
-
-
 def load_pair(cfg, device):
     """pipeline.load_pair (the MLLM export + the image tokenizer it was trained with) with this script's loader."""
     return pipeline.load_pair(cfg, device, lambda path: load_tokenizer(path, cfg.siglip_config, device))
@@ -139,7 +131,7 @@ def reconstruct(cfg):
         chunk, xs = [], []
         for k, p in enumerate(files):
             try:
-                xs.append(read_image(p, R))  # shortest side to R, centre crop: the evaluation protocol
+                xs.append(data.read_image(p, R))  # shortest side to R, centre crop: the evaluation protocol
                 chunk.append(p)
             except UserError as e:
                 if os.path.isfile(cfg.images):  # the one image asked for: the user's mistake
@@ -255,7 +247,7 @@ def answer(cfg):
         raise UserError(f"--question={cfg.question!r} looks like a file path: --question takes one question as text")
     model, text_tok, image_tok, _ = load_pair(cfg, device)
     R = image_tok.config.siglip.vision.image_size
-    x = read_image(cfg.image, R)[None].to(device)  # (1, 3, R, R)
+    x = data.read_image(cfg.image, R)[None].to(device)  # (1, 3, R, R)
     with tu.autocast_ctx(device, cfg.dtype):
         ids = model.generate_text([qa_prompt(text_tok, cfg.question)], images=image_codes(image_tok, x),
                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=_opt(cfg.top_k),

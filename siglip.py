@@ -519,6 +519,36 @@ def zero_shot_accuracy(image_emb, classifier, labels, topk=(1, 5)):
     hit = pred == labels.to(pred.device)[:, None]
     return {k: hit[:, :k].any(1).float().mean().item() for k in topk}
 
+@torch.no_grad()
+def caption_scores(model, tokenizer, images, texts, perm=None, batch_size=64):
+    """How well images match captions by this SigLIP (the CLIPScore idea, Hessel et al. 2021). images:
+    uint8 (n, H, W, 3); texts: n strings; image i is scored against texts[perm[i]] (default texts[i]).
+    With cos_i the cosine of the two embeddings -> dict(n, cos, prob,
+      clip_score = mean_i 100 * max(cos_i, 0)  (torchmetrics' scale; Hessel's 2.5 * max(cos, 0) is 0.025 x it),
+      sigmoid = mean_i sigmoid(exp(logit_scale) * cos_i + logit_bias)  (SigLIP's own probability that the
+        pair matches, what its loss trains; calibrated by the model, where raw cosines are not)).
+    Images are resized to the tower's size as HF's processor does (preprocess "squash"); texts are padded
+    to the text tower's full length, as zero_shot_classifier batches them."""
+    import numpy as np
+    from PIL import Image
+    if model.text is None:
+        raise UserError("caption_scores: this SigLIP has no text tower (load a folder with text weights)")
+    if len(images) != len(texts):
+        raise ValueError(f"caption_scores: {len(images)} images for {len(texts)} texts")
+    dev = next(model.parameters()).device
+    S, T = model.config.vision.image_size, model.config.text.max_position_embeddings
+    texts = [texts[j] for j in perm] if perm is not None else list(texts)
+    cos = []
+    for k in range(0, len(texts), batch_size):
+        x = torch.stack([preprocess(Image.fromarray(np.asarray(im)), S) for im in images[k:k + batch_size]]).to(dev)
+        img = F.normalize(model.encode_image(x).float(), dim=-1)  # (B, D)
+        txt = F.normalize(model.encode_text(tokenizer(texts[k:k + batch_size], T).to(dev)).float(), dim=-1)
+        cos.append((img * txt).sum(-1).cpu())
+    cos = torch.cat(cos).double()
+    prob = torch.sigmoid(cos * model.logit_scale.double().exp().cpu() + model.logit_bias.double().cpu())
+    return dict(n=len(cos), clip_score=(100 * cos.clamp(min=0)).mean().item(), sigmoid=prob.mean().item(),
+                cos=cos.tolist(), prob=prob.tolist())
+
 # -----------------------------------------------------------------------------
 # preprocessing
 

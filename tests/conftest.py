@@ -55,3 +55,37 @@ def teacher_dir(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("teacher"))
     SigLIP(SigLIPConfig(vision=v, text=t)).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_tok(tmp_path_factory):
+    """A random tiny DualToken (32 px, 4x4 grid) in our folder layout (tok/) and its SigLIP tower in HF
+    layout (siglip/, standing in for the original tower, the teacher)."""
+    import torch
+    import tokenizer
+    d = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    m = tokenizer.DualToken(tokenizer.tiny_config())
+    m.save_pretrained(str(d / "tok"))
+    m.siglip.save_pretrained(str(d / "siglip"))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_mllm(tiny_tok):
+    """A tiny MLLM written the way train_mllm.py writes its out_dir (build_model + pipeline.export), on
+    tiny_tok's tokenizer with the byte prompt tokenizer."""
+    import torch
+    import pipeline
+    import text
+    import train_mllm
+    from tokenizer import DualToken
+    torch.manual_seed(0)
+    dual = DualToken.from_pretrained(str(tiny_tok / "tok"))
+    cfg = train_mllm.TrainMLLMConfig(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, intermediate_size=64,
+                                     head_n_layer=1)
+    raw = train_mllm.build_model(cfg, text.PromptTokenizer("bytes"), dual)
+    out = tiny_tok / "mllm"
+    pipeline.export(raw, str(out), dict(tokenizer=str(tiny_tok / "tok"), text_tokenizer="bytes",
+                                        tokenizer_hash=pipeline.tokenizer_hash(dual)))
+    return out

@@ -133,17 +133,6 @@ def test_imagenet_data_files():
 # CLIs on tiny checkpoints
 
 
-@pytest.fixture(scope="module")
-def tiny_tok(tmp_path_factory):
-    import tokenizer
-    d = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(0)
-    m = tokenizer.DualToken(tokenizer.tiny_config())
-    m.save_pretrained(str(d / "tok"))
-    m.siglip.save_pretrained(str(d / "siglip"))  # stands in for the original tower (teacher)
-    return d
-
-
 def test_cli_reconstruct(tiny_tok, tmp_path):
     from PIL import Image
     folder = tmp_path / "imgs"
@@ -347,22 +336,6 @@ def test_object_errors():
     two = [dict(color="red", shape="circle", size="small", cell="top")] * 2
     res = ev.object_errors([two, checker.describe(world.render([]))], [two[:1], asked])
     assert res == dict(false_objects=0.5, missed_cells=2 / 3)
-
-
-@pytest.fixture(scope="module")
-def tiny_mllm(tiny_tok):
-    """A tiny MLLM written the way train_mllm.py writes its out_dir (build_model + pipeline.export)."""
-    import train_mllm
-    from tokenizer import DualToken
-    torch.manual_seed(0)
-    dual = DualToken.from_pretrained(str(tiny_tok / "tok"))
-    cfg = train_mllm.TrainMLLMConfig(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, intermediate_size=64,
-                                     head_n_layer=1)
-    raw = train_mllm.build_model(cfg, text.PromptTokenizer("bytes"), dual)
-    out = tiny_tok / "mllm"
-    pipeline.export(raw, str(out), dict(tokenizer=str(tiny_tok / "tok"), text_tokenizer="bytes",
-                                    tokenizer_hash=pipeline.tokenizer_hash(dual)))
-    return out
 
 
 def test_cli_generate(tiny_mllm, tmp_path):
