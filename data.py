@@ -294,17 +294,6 @@ def caption(objects, drop=0.0, rng=None):
     return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def patch_objects(objects, grid):
-    """(grid * grid,) list: for each patch in raster order, the index of the object whose cell holds it, or
-    -1 (background). A cell is exactly (grid / 3)^2 patches, so grid must be a multiple of 3 (the shapes
-    preset: 48 px, patch 8, grid 6); every object stays inside its cell, so no patch shows two objects."""
-    if grid % 3:
-        raise ValueError(f"patch_objects: the patch grid {grid} does not split into 3x3 cells")
-    where = {CELLS.index(o["cell"]): i for i, o in enumerate(objects)}
-    g = grid // 3
-    return [where.get(3 * (r // g) + c // g, -1) for r in range(grid) for c in range(grid)]
-
-
 # -----------------------------------------------------------------------------
 # torch datasets
 

@@ -191,17 +191,28 @@ def loss_mask(mc, parts, flags):
     return torch.tensor(m)
 
 
+def patch_objects(objects, grid):
+    """(grid * grid,) list: for each patch in raster order, the index of the shapes-world object whose cell
+    holds it, or -1 (background). A cell is exactly (grid / 3)^2 patches, so grid must be a multiple of 3
+    (the shapes preset: 48 px, patch 8, grid 6); every object stays inside its cell (data.py)."""
+    from data import CELLS
+    if grid % 3:
+        raise ValueError(f"patch_objects: the patch grid {grid} does not split into 3x3 cells")
+    where = {CELLS.index(o["cell"]): i for i, o in enumerate(objects)}
+    g = grid // 3
+    return [where.get(3 * (r // g) + c // g, -1) for r in range(grid) for c in range(grid)]
+
+
 def ground_words(rec, text_tok, grid):
     """(P, W) int64, -1 padded: each patch's object words ("small red circle"; none for background), the
     targets of gen_ground_loss. Needs the record's objects (the shapes world writes them)."""
-    import data
     if "objects" not in rec:
         raise UserError("gen_ground_loss needs each record's objects (cell, size, color, shape): the shapes "
                         "world writes them, a JSONL does not")
     words = [text_tok.encode(f"{o['size']} {o['color']} {o['shape']}") for o in rec["objects"]]
     W = max([len(w) for w in words], default=1)
     out = np.full((grid * grid, W), -1, dtype=np.int64)
-    for p, i in enumerate(data.patch_objects(rec["objects"], grid)):
+    for p, i in enumerate(patch_objects(rec["objects"], grid)):
         if i >= 0:
             out[p, :len(words[i])] = words[i]
     return out

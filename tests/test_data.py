@@ -309,7 +309,7 @@ def test_caption_dropout_drops_size_and_place_phrases():
 
 
 def test_patch_objects_marks_the_patches_each_object_is_drawn_in():
-    """data.patch_objects (gen_ground_loss's targets): on 48 px / patch 8 renders (a 6x6 grid, 2x2 patches a
+    """pipeline.patch_objects (gen_ground_loss's targets): on 48 px / patch 8 renders (a 6x6 grid, 2x2 patches a
     cell), every pixel an object paints lies in a patch labelled with that object, every labelled patch lies
     in its object's cell, and pipeline.ground_words writes that object's words there and -1 elsewhere."""
     import pipeline
@@ -318,7 +318,7 @@ def test_patch_objects_marks_the_patches_each_object_is_drawn_in():
     tok = WordTokenizer(data.vocabulary())
     for i in range(20):
         s = w.sample("train", i)
-        lab = np.array(data.patch_objects(s["objects"], 6)).reshape(6, 6)
+        lab = np.array(pipeline.patch_objects(s["objects"], 6)).reshape(6, 6)
         for j, o in enumerate(s["objects"]):
             alone = w.render([o], jitter=[s["jitter"][j]], background=s["background"])
             bare = w.render([], background=s["background"])
@@ -331,4 +331,4 @@ def test_patch_objects_marks_the_patches_each_object_is_drawn_in():
             want = tok.encode(f"{s['objects'][j]['size']} {s['objects'][j]['color']} {s['objects'][j]['shape']}") if j >= 0 else []
             assert g[p][g[p] >= 0].tolist() == want
     with pytest.raises(ValueError, match="3x3"):
-        data.patch_objects([], 4)
+        pipeline.patch_objects([], 4)
