@@ -28,7 +28,7 @@ from configurator import UserError, config_dict, parse_config, run_main
 from losses import Discriminator, LossConfig, TokenizerLoss, lpips_or_none
 from metrics import psnr, ssim
 from siglip import zero_shot_accuracy, zero_shot_classifier
-from tokenizer import DecoderConfig, DualToken, QuantizerConfig, config_to_dict, default_config
+from tokenizer import DecoderConfig, DualToken, QuantizerConfig, config_to_dict, default_config, teacher_features
 
 
 @dataclass
@@ -206,14 +206,6 @@ def enable_grad_checkpointing(vision):
     for blk in vision.blocks:
         f = blk.forward
         blk.forward = lambda h, f=f: checkpoint(f, h, use_reentrant=False) if torch.is_grad_enabled() else f(h)
-
-
-@torch.no_grad()
-def teacher_targets(teacher, x, layer_sem):
-    """-> (T_sem (B, N, D) = block layer_sem output, T_pool (B, D)) of the frozen original tower."""
-    vis = teacher.vision
-    h = vis.run_blocks(vis.embed(x), 0, layer_sem)
-    return h, vis.pool(vis.run_blocks(h, layer_sem, None))
 
 
 def make_data(cfg, R):
@@ -451,7 +443,7 @@ def train(cfg):
                 model.require_backward_grad_sync = micro == accum - 1
             with autocast:
                 if sem_on:
-                    t_sem, t_pool = teacher_targets(teacher, x, layer_sem)
+                    t_sem, t_pool = teacher_features(teacher, x, layer_sem)
                 out = model(x)
                 # recon-only runs have no teacher pass and no semantic terms; runs without a semantic
                 # quantizer of their own (recon-only, tied) have no commit_sem term
