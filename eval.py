@@ -37,6 +37,7 @@ import torch
 import checker
 import data
 from metrics import psnr, ssim
+from rvq import code_stats
 import evaluation
 from evaluation import (blind_baseline, derangement, object_errors, question_type,  # noqa: F401 (tests, eval.X)
                         scores as _scores)
@@ -48,20 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES_TEMPLATES = ("a {}", "a photo of a {}", "a small {}", "a large {}")  # train_siglip / train_tokenizer's
 
 # -----------------------------------------------------------------------------
-# code statistics and rFID (PSNR / SSIM: metrics.py)
-
-
-def code_stats(codes, K):
-    """codes (M, depth) int -> per-depth usage (share of the K codes used), perplexity exp(H), entropy H
-    in bits (max log2 K), and the share of the book used at any depth (one book is shared by all depths)."""
-    codes = codes.reshape(-1, codes.shape[-1]).long().cpu()
-    L = codes.shape[1]
-    hist = torch.stack([torch.bincount(codes[:, d], minlength=K) for d in range(L)]).double()  # (L, K)
-    p = hist / hist.sum(1, keepdim=True).clamp(min=1)
-    h_nats = -(p * p.clamp(min=1e-300).log()).sum(1)
-    return {"usage": (hist > 0).double().mean(1).tolist(), "perplexity": h_nats.exp().tolist(),
-            "entropy_bits": (h_nats / math.log(2)).tolist(), "max_entropy_bits": math.log2(K),
-            "usage_any_depth": (hist.sum(0) > 0).double().mean().item(), "n_vectors": codes.shape[0]}
+# rFID (PSNR / SSIM: metrics.py; code statistics: rvq.code_stats)
 
 
 def fid_or_reason(real_dir, fake_dir, inception_path, device):
@@ -297,8 +285,10 @@ def eval_tokenizer(cfg):
             zs["teacher_note"] = "skipped: no --teacher (the original SigLIP folder) given"
         zs["n_images"] = len(labels)
     res["zero_shot"] = zs
-    res["codes_pix"] = code_stats(codes_pix, model.config.vq_pix.codebook_size)
-    res["codes_sem"] = code_stats(codes_sem, model.config.vq_sem.codebook_size)
+    for key, codes, K in (("codes_pix", codes_pix, model.config.vq_pix.codebook_size),
+                          ("codes_sem", codes_sem, model.config.vq_sem.codebook_size)):  # codes (M, depth)
+        res[key] = dict({k: v.tolist() for k, v in code_stats(codes, K).items()}, max_entropy_bits=math.log2(K),
+                        n_vectors=codes.shape[0])
     res.update(data=desc, n_images=len(recon_ds), resolution=R, device=device,
                dtype=cfg.dtype if device.startswith("cuda") else "float32", wall_s=time.time() - t0,
                template_list=templates, config=config_dict(cfg))

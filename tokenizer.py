@@ -356,7 +356,7 @@ class DualTokenOutput(NamedTuple):
     sem_codes: torch.Tensor    # (B, h, w, depth) int64 (None*; the pixel codes when tie_branches)
     commit_pix: torch.Tensor   # () commitment loss of the pixel RVQ
     commit_sem: torch.Tensor   # () commitment loss of the semantic RVQ
-    stats: dict                # {"pix": {...}, "sem": {...}} usage / perplexity per depth (ResidualVQ.code_stats)
+    stats: dict                # {"pix": {...}, "sem": {...}} usage / perplexity per depth (rvq.code_stats)
     # * None when config.semantic_branch is False (the recon-only ablations); commit_sem is then 0
 
 

@@ -27,6 +27,7 @@ import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
 from losses import Discriminator, LossConfig, TokenizerLoss, lpips_or_none
 from metrics import psnr, ssim
+from rvq import code_stats
 from siglip import zero_shot_accuracy, zero_shot_classifier
 from tokenizer import DecoderConfig, DualToken, QuantizerConfig, config_to_dict, default_config, teacher_features
 
@@ -248,17 +249,6 @@ def text_tokenizer(cfg):
 # evaluation and pictures
 
 
-def usage_stats(codes, K):
-    """codes (M, depth) -> per-depth usage fraction and perplexity, plus the share of the (shared) book
-    used at any depth."""
-    L = codes.shape[1]
-    hist = torch.stack([torch.bincount(codes[:, d], minlength=K) for d in range(L)]).float()  # (L, K)
-    p = hist / hist.sum(1, keepdim=True)
-    ppl = torch.exp(-(p * p.clamp(min=1e-30).log()).sum(1))
-    return {"usage": (hist > 0).float().mean(1).tolist(), "perplexity": ppl.tolist(),
-            "usage_any_depth": (hist.sum(0) > 0).float().mean().item()}
-
-
 @torch.no_grad()
 def evaluate(raw, teacher, tok, cfg, ev, device, teacher_acc=None):
     """PSNR, SSIM (metrics.py, as eval.py), zero-shot (quantized semantic path; and the teacher, computed once) and codebook usage."""
@@ -302,8 +292,9 @@ def evaluate(raw, teacher, tok, cfg, ev, device, teacher_acc=None):
         res["ssim"] = m["ssim"].mean().item()
         codes_pix = torch.cat([codes_pix, m["pix"]])
         codes_sem = torch.cat([codes_sem, m["sem"]]) if own_sem else None
-    res["codes_pix"] = usage_stats(codes_pix, raw.config.vq_pix.codebook_size)
-    res["codes_sem"] = usage_stats(codes_sem, raw.config.vq_sem.codebook_size) if own_sem else None
+    K_pix, K_sem = raw.config.vq_pix.codebook_size, raw.config.vq_sem.codebook_size
+    res["codes_pix"] = {k: v.tolist() for k, v in code_stats(codes_pix, K_pix).items()}
+    res["codes_sem"] = {k: v.tolist() for k, v in code_stats(codes_sem, K_sem).items()} if own_sem else None
     raw.train(was)
     return res, teacher_acc
 

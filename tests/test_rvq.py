@@ -2,6 +2,7 @@
 re-statement of RQ-VAE's update, convergence on a toy mixture, dead-code restart, bf16, bad input, and
 a 2-process gloo DDP run."""
 import copy
+import math
 import os
 
 import pytest
@@ -258,11 +259,20 @@ def test_bf16_autocast_same_codes(train):
 
 
 def test_code_stats():
-    m = make(codebook_size=8, depth=2)
-    c = torch.stack([torch.arange(16) % 8, torch.zeros(16, dtype=torch.long)], 1)  # (16, 2)
-    s = m.code_stats(c)
-    assert torch.allclose(s["usage"], torch.tensor([1.0, 1 / 8]))
-    assert torch.allclose(s["perplexity"], torch.tensor([8.0, 1.0]))
+    K = 8
+    c = torch.stack([torch.arange(16) % K, torch.zeros(16, dtype=torch.long)], 1)  # (16, 2)
+    s = rvq.code_stats(c, K)
+    assert torch.allclose(s["usage"], torch.tensor([1.0, 1 / K], dtype=s["usage"].dtype))
+    assert torch.allclose(s["perplexity"], torch.tensor([8.0, 1.0], dtype=s["perplexity"].dtype))
+    uniform = torch.arange(4 * K).remainder(K).view(-1, 1).repeat(1, 2)  # (32, 2): every code 4x per depth
+    uniform[:, 1] = 3  # depth 1 collapsed to one code
+    s = {k: v.tolist() for k, v in rvq.code_stats(uniform, K).items()}
+    assert s["usage"] == [1.0, 1 / K] and s["usage_any_depth"] == 1.0
+    assert math.isclose(s["perplexity"][0], K, rel_tol=1e-9) and math.isclose(s["perplexity"][1], 1.0)
+    assert math.isclose(s["entropy_bits"][0], 3.0) and s["entropy_bits"][1] == 0.0
+    m = make(codebook_size=K, depth=2).eval()
+    m(torch.randn(5, 16))  # the quantizer records the same statistic of the codes it found
+    assert set(m.last_stats) == set(s) and m.last_stats["usage"].shape == (2,)
 
 
 def test_bad_input():

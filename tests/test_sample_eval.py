@@ -76,16 +76,6 @@ def test_ssim_matches_pytorch_msssim():
     assert torch.allclose(metrics.ssim(x, y).double(), want, atol=1e-5)
 
 
-def test_code_stats():
-    K = 8
-    uniform = torch.arange(4 * K).remainder(K).view(-1, 1).repeat(1, 2)  # (32, 2): every code 4x per depth
-    uniform[:, 1] = 3  # depth 1 collapsed to one code
-    s = ev.code_stats(uniform, K)
-    assert s["usage"] == [1.0, 1 / K] and s["usage_any_depth"] == 1.0
-    assert math.isclose(s["perplexity"][0], K, rel_tol=1e-9) and math.isclose(s["perplexity"][1], 1.0)
-    assert math.isclose(s["entropy_bits"][0], 3.0) and s["max_entropy_bits"] == 3.0 and s["n_vectors"] == 32
-
-
 # -----------------------------------------------------------------------------
 # zero-shot with a known answer
 
@@ -217,6 +207,9 @@ def test_cli_eval_tokenizer_image_folder(tiny_tok, tmp_path):
                    f"--out={tmp_path / 'e.json'}"])
     assert res["n_images"] == 4 and res["zero_shot"]["classes"] == 2 and res["zero_shot"]["templates"] == 80
     assert "quantized_top1" in res["zero_shot"]
+    c = res["codes_pix"]  # rvq.code_stats as lists, with the report's own two fields
+    assert set(c) == {"usage", "perplexity", "entropy_bits", "usage_any_depth", "max_entropy_bits", "n_vectors"}
+    assert c["n_vectors"] == 4 * 4 * 4 and len(c["usage"]) == 3 and max(c["entropy_bits"]) <= c["max_entropy_bits"]
     assert res["rfid"] is None and res["rfid_note"].startswith("unavailable: ")  # no clean-fid, or a bad file
     assert len(os.listdir(tmp_path / "eval_images" / "real")) == len(os.listdir(tmp_path / "eval_images" / "recon")) == 4
     names.write_text("only one\n")
