@@ -41,7 +41,7 @@ from rvq import code_stats
 import evaluation
 from evaluation import (blind_baseline, derangement, object_errors, question_type,  # noqa: F401 (tests, eval.X)
                         scores as _scores)
-from pipeline import gen_prompt, image_codes, load_pair, make_batch, sampling_settings
+from pipeline import gen_prompt, image_codes, load_image_tokenizer, load_pair, make_batch, sampling_settings
 import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
 
@@ -75,14 +75,6 @@ def fid_or_reason(real_dir, fake_dir, inception_path, device):
 
 # -----------------------------------------------------------------------------
 # loading
-
-
-def load_tokenizer(path, siglip_config="", device="cpu"):
-    from convert import load_dualtoken
-    if not path:
-        raise UserError("--tokenizer is required: a folder from train_tokenizer.py / convert.py, "
-                        "or the authors' release folder")
-    return load_dualtoken(path, siglip_config=siglip_config or None).to(device).eval()
 
 
 def text_tokenizer(spec, data_name, folders):
@@ -196,7 +188,7 @@ def eval_tokenizer(cfg):
     from siglip import SigLIP
     t0 = time.time()
     device = cfg.device or tu.default_device()
-    model = load_tokenizer(cfg.tokenizer, cfg.siglip_config, device)
+    model = load_image_tokenizer(cfg.tokenizer, cfg.siglip_config, device)
     R = model.config.siglip.vision.image_size
     teacher = SigLIP.from_pretrained(cfg.teacher).to(device).eval() if cfg.teacher else None
     lpips, lpips_msg = lpips_or_none(cfg.lpips_vgg_path, cfg.lpips_lin_path)
@@ -517,8 +509,7 @@ def eval_mllm(cfg):
         raise UserError("--qa_images=0 and --gen_captions=0: nothing to evaluate (0 skips one part, not both)")
     t0 = time.time()
     device = cfg.device or tu.default_device()
-    model, text_tok, image_tok, info = load_pair(cfg, device,
-                                                 lambda path: load_tokenizer(path, cfg.siglip_config, device))
+    model, text_tok, image_tok, info = load_pair(cfg, device)
     R = image_tok.config.siglip.vision.image_size
     if not cfg.holdout_pairs and info.get("holdout_pairs"):  # the pairs the MLLM was trained without
         cfg.holdout_pairs = tuple(tuple(p) for p in info["holdout_pairs"])

@@ -3,8 +3,9 @@ What connects the image tokenizer, the text tokenizer and the MLLM, for train_ml
 our MLLM export (train_mllm.py's out_dir: config.json + model.safetensors, stamped with the image tokenizer's
 path and hash), loading it back with the image tokenizer it was trained with, the prompts as training formats
 them, image <-> codes, the code cache train_mllm.py trains on (built once, read memory-mapped), and the
-image sampler's settings. The image tokenizer (a tokenizer.DualToken) is always passed in: like mllm.py,
-this file never imports tokenizer.py.
+image sampler's settings. The image tokenizer (a tokenizer.DualToken) is loaded here for every script
+(load_image_tokenizer, through convert.py, imported lazily) and passed in everywhere else: like mllm.py,
+the MLLM side of this file needs no vision code.
 """
 import json
 import os
@@ -125,15 +126,26 @@ def load_export(path, device):
     return model, text_tok, info
 
 
-def load_pair(cfg, device, load_image_tok):
+def load_image_tokenizer(path, siglip_config="", device="cpu"):
+    """The frozen image tokenizer (a DualToken in eval mode, no gradients) on device: our folder or the
+    authors' release (convert.load_dualtoken; siglip_config: a SigLIP folder or config.json for the
+    release when the path it records is not here). The one loader of train_mllm.py, sample.py and eval.py."""
+    if not path:
+        raise UserError("--tokenizer is required: a DualToken folder from train_tokenizer.py / convert.py, or the "
+                        "authors' release (for shapes run `python train_tokenizer.py config/shapes.py` first)")
+    from convert import load_dualtoken
+    return load_dualtoken(path, siglip_config=siglip_config or None).to(device).eval().requires_grad_(False)
+
+
+def load_pair(cfg, device):
     """MLLM + the image tokenizer it was trained with -> (model, text_tok, image_tok, info). cfg: .mllm (see
-    load_export), .tokenizer ('' -> the path the export records; set to the one used), .check_hash.
-    load_image_tok(path) -> the DualToken on device, passed in by the script (this file never imports
-    tokenizer.py). A recorded tokenizer hash must match: other codes would be meaningless to the model."""
+    load_export), .tokenizer ('' -> the path the export records; set to the one used), .siglip_config (see
+    load_image_tokenizer), .check_hash. A recorded tokenizer hash must match: other codes would be
+    meaningless to the model."""
     model, text_tok, info = load_export(cfg.mllm, device)
     if not cfg.tokenizer:
         cfg.tokenizer = info.get("tokenizer", "")
-    image_tok = load_image_tok(cfg.tokenizer)
+    image_tok = load_image_tokenizer(cfg.tokenizer, cfg.siglip_config, device)
     check_pair(model, image_tok)
     if info.get("tokenizer_hash"):
         h = tokenizer_hash(image_tok, cfg.tokenizer)  # config.json as written + weights, as train_mllm stamps it

@@ -25,8 +25,7 @@ import torch
 
 import data
 from metrics import psnr
-import pipeline
-from pipeline import generate_images, image_codes, qa_prompt, sampling_settings
+from pipeline import generate_images, image_codes, load_image_tokenizer, load_pair, qa_prompt, sampling_settings
 import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
 
@@ -48,13 +47,6 @@ class Common:
 
 def _device(cfg):
     return cfg.device or tu.default_device()
-
-
-def load_tokenizer(path, siglip_config, device):
-    from convert import load_dualtoken
-    if not path:
-        raise UserError("--tokenizer is required (a tokenizer folder, or the authors' release)")
-    return load_dualtoken(path, siglip_config=siglip_config or None).to(device).eval()
 
 
 def list_images(path):
@@ -102,11 +94,6 @@ def read_image(path, R):
         raise UserError(f"cannot decode the image {path} ({type(e).__name__}: {e})") from None
 
 
-def load_pair(cfg, device):
-    """pipeline.load_pair (the MLLM export + the image tokenizer it was trained with) with this script's loader."""
-    return pipeline.load_pair(cfg, device, lambda path: load_tokenizer(path, cfg.siglip_config, device))
-
-
 def _generator(device, seed):
     return torch.Generator(device=device).manual_seed(seed)
 
@@ -129,7 +116,7 @@ class ReconstructConfig(Common):
 @torch.no_grad()
 def reconstruct(cfg):
     device = _device(cfg)
-    model = load_tokenizer(cfg.tokenizer, cfg.siglip_config, device)
+    model = load_image_tokenizer(cfg.tokenizer, cfg.siglip_config, device)
     R = model.config.siglip.vision.image_size
     files = list_images(cfg.images)
     files = files if cfg.max_images <= 0 else files[:cfg.max_images]

@@ -48,7 +48,8 @@ import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
 import pipeline
 from mllm import MLLM, MLLMConfig
-from pipeline import SAMPLING_KEYS, CodeCache, cache_meta, export, load_mllm, prepare_cache, tokenizer_hash
+from pipeline import (SAMPLING_KEYS, CodeCache, cache_meta, export, load_image_tokenizer, load_mllm, prepare_cache,
+                      tokenizer_hash)
 from text import IMAGE_TOKENS, prompt_tokenizer
 
 KINDS = ("und", "cap", "gen")
@@ -143,14 +144,6 @@ class TrainMLLMConfig:
 
 # -----------------------------------------------------------------------------
 # tokenizers: the frozen image tokenizer and the text side
-
-
-def load_image_tokenizer(path, device="cpu"):
-    if not path or not os.path.isdir(path):
-        raise UserError(f"tokenizer={path!r}: need a DualToken folder (config.json + weights); for shapes run "
-                        f"`python train_tokenizer.py config/shapes.py` first")
-    from convert import load_dualtoken
-    return load_dualtoken(path).to(device).eval().requires_grad_(False)
 
 
 def previous_stage(path):
@@ -379,7 +372,7 @@ def train(cfg):
     accum = tu.grad_accum_steps(cfg.batch_size, cfg.micro_batch, ctx.world)
     counts = kind_counts(cfg.mix, cfg.micro_batch)
 
-    dual = load_image_tokenizer(cfg.tokenizer, device)
+    dual = load_image_tokenizer(cfg.tokenizer, device=device)
     thash = tokenizer_hash(dual, cfg.tokenizer)
     folder = cfg.cache_dir or os.path.join(cfg.out_dir, "cache")
     expect = cache_meta(cfg, dual, thash)
