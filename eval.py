@@ -38,6 +38,7 @@ import checker
 import data
 from metrics import psnr, ssim
 from rvq import code_stats
+from text import siglip_tokenizer
 import evaluation
 from evaluation import (blind_baseline, derangement, object_errors, question_type,  # noqa: F401 (tests, eval.X)
                         scores as _scores)
@@ -75,19 +76,6 @@ def fid_or_reason(real_dir, fake_dir, inception_path, device):
 
 # -----------------------------------------------------------------------------
 # loading
-
-
-def text_tokenizer(spec, data_name, folders):
-    """'byte' (the shapes world's), a folder with spiece.model / tokenizer.json, or '' = byte for shapes,
-    else the first of `folders` that holds a tokenizer file."""
-    import text
-    if spec == "byte" or (not spec and data_name == "shapes"):
-        return text.ByteTokenizer(), "byte"
-    for f in ([spec] if spec else [f for f in folders if f]):
-        if os.path.isfile(os.path.join(f, "spiece.model")) or os.path.isfile(os.path.join(f, "tokenizer.json")):
-            return text.load_tokenizer(f), f
-    raise UserError(f"no text tokenizer: --text_tokenizer={spec!r}; looked for spiece.model / tokenizer.json "
-                    f"in {[f for f in folders if f]}")
 
 
 def zero_shot(image_emb, labels, text_model, text_tok, classes, templates, batch_size=256):
@@ -250,8 +238,8 @@ def eval_tokenizer(cfg):
     elif text_model is None:
         zs["note"] = "unavailable: the tokenizer has no text tower and no --teacher was given"
     else:
-        text_tok, zs["text_tokenizer"] = text_tokenizer(cfg.text_tokenizer, cfg.data,
-                                                   [cfg.teacher, cfg.siglip_config, cfg.tokenizer])
+        text_tok, zs["text_tokenizer"] = siglip_tokenizer(cfg.text_tokenizer, [cfg.teacher, cfg.siglip_config,
+                                                                                cfg.tokenizer], cfg.data == "shapes")
         for m in (text_model, teacher):
             if m is not None and m.text is not None and text_tok.vocab_size > m.config.text.vocab_size:
                 raise UserError(f"text tokenizer {zs['text_tokenizer']!r} has {text_tok.vocab_size} ids but the text "

@@ -41,7 +41,7 @@ def sampling_settings(cfg, info):
 # ----------------------------------------------------------------------------------------------------
 # our export
 
-def tokenizer_hash(dual, path=None):
+def tokenizer_hash(image_tok, path=None):
     """sha256 of the image tokenizer's (a DualToken's) config and every tensor: what the code cache and checkpoints are stamped
     with. With `path` (the folder, or a weights file with config.json beside it) the config is the file's
     JSON as written, so new code-side config fields with defaults do not change the hash of an unchanged
@@ -54,9 +54,9 @@ def tokenizer_hash(dual, path=None):
         with open(conf) as f:
             c = json.load(f)
     else:
-        c = dual.config.to_dict()  # tokenizer.config_to_dict
+        c = image_tok.config.to_dict()  # tokenizer.config_to_dict
     h = hashlib.sha256(json.dumps(c, sort_keys=True).encode())
-    for k, v in sorted(dual.state_dict().items()):
+    for k, v in sorted(image_tok.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
@@ -176,7 +176,7 @@ def check_pair(model, image_tok):
 CAPTION_PROMPT = "describe the image."
 
 
-def sample_parts(kind, rec, tok, rng, caption_dropout, P, qa_per_image=1):
+def sample_parts(kind, rec, text_tok, rng, caption_dropout, P, qa_per_image=1):
     """One training sequence: build_sequence parts and one loss flag per part (an image part's flag trains
     its end delimiter; its codes are trained by gen_mask). An und sample asks up to `qa_per_image` of the
     image's questions in turn, each answer ended by eos: the image (most of the sequence) is paid once."""
@@ -185,14 +185,14 @@ def sample_parts(kind, rec, tok, rng, caption_dropout, P, qa_per_image=1):
         parts, flags = [("und", P)], [False]
         for j in order.tolist():
             q, a = rec["qa"][j]
-            parts += [tok.user_prompt(q), tok.encode(a) + [tok.eos_id]]
+            parts += [text_tok.user_prompt(q), text_tok.encode(a) + [text_tok.eos_id]]
             flags += [False, True]
         return parts, flags
     if kind in ("und", "cap"):  # an image without questions teaches captioning instead
-        return [("und", P), tok.user_prompt(CAPTION_PROMPT), tok.encode(rec["caption"]) + [tok.eos_id]], \
-            [False, False, True]
-    cap = [] if rng.random() < caption_dropout else tok.encode(rec["caption"])
-    return [cap, ("gen", P), [tok.eos_id]], [False, True, True]  # + <image_gen_end>, eos and the codes
+        answer = text_tok.encode(rec["caption"]) + [text_tok.eos_id]
+        return [("und", P), text_tok.user_prompt(CAPTION_PROMPT), answer], [False, False, True]
+    cap = [] if rng.random() < caption_dropout else text_tok.encode(rec["caption"])
+    return [cap, ("gen", P), [text_tok.eos_id]], [False, True, True]  # + <image_gen_end>, eos and the codes
 
 
 def loss_mask(mc, parts, flags):
@@ -289,8 +289,8 @@ def source_split(cfg, split, R):
     return len(ds), item
 
 
-def cache_meta(cfg, dual, thash):
-    q = dual.config
+def cache_meta(cfg, image_tok, thash):
+    q = image_tok.config
     return dict(tokenizer_hash=thash, grid=q.grid, pix_depth=q.vq_pix.depth, sem_depth=q.vq_sem.depth,
                 pix_vocab=q.vq_pix.codebook_size, sem_vocab=q.vq_sem.codebook_size,
                 data=dict(data=cfg.data, eval_data=cfg.eval_data, max_objects=cfg.max_objects, seed=cfg.seed,
@@ -304,7 +304,7 @@ def _codes_file(path, dt, shape):
 
 
 @torch.no_grad()
-def prepare_cache(cfg, dual, thash, folder, device, ctx=None, verbose=True):
+def prepare_cache(cfg, image_tok, thash, folder, device, ctx=None, verbose=True):
     """Encode every image once -> the cache in `folder` (train_mllm.py's cache_dir); every rank calls it.
     Under torchrun (ctx.ddp) rank r encodes the contiguous shard [n*r/W, n*(r+1)/W) of each split into
     its own files and rank 0 merges them in rank order, so the build takes 1/W of the time and no rank
@@ -325,8 +325,8 @@ def prepare_cache(cfg, dual, thash, folder, device, ctx=None, verbose=True):
         shutil.rmtree(tmp, ignore_errors=True)  # a build that crashed before
         os.makedirs(tmp)
     barrier()
-    meta = cache_meta(cfg, dual, thash)
-    R, P = dual.config.siglip.vision.image_size, meta["grid"] ** 2
+    meta = cache_meta(cfg, image_tok, thash)
+    R, P = image_tok.config.siglip.vision.image_size, meta["grid"] ** 2
     big = max(meta["pix_vocab"], meta["sem_vocab"]) > np.iinfo(np.int16).max
     dt = np.int32 if big else np.int16
     depth = dict(pix=meta["pix_depth"], sem=meta["sem_depth"])
@@ -344,7 +344,7 @@ def prepare_cache(cfg, dual, thash, folder, device, ctx=None, verbose=True):
             got = [item(i) for i in idx]
             recs += [r for r, _ in got]
             x = torch.stack([im for _, im in got]).to(device)
-            codes = dict(zip(("pix", "sem"), image_codes(dual, x)))  # (B, P, D) each, raster order, fp32
+            codes = dict(zip(("pix", "sem"), image_codes(image_tok, x)))  # (B, P, D) each, raster order, fp32
             for k, a in out.items():
                 a[s - lo:s - lo + len(idx)] = codes[k].cpu().numpy().astype(dt)
         for a in out.values():

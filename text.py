@@ -14,10 +14,12 @@ Text tokenizers behind one interface, for the SigLIP text tower and the MLLM:
   with 1 (pad == eos, as big_vision's `tok(eos="sticky", pad_value=1)`). Needs `sentencepiece`.
 - GemmaTokenizer: SigLIP2's Gemma `tokenizer.json`, lowercased (SigLIP2 was trained on lowercased
   text), no BOS, `<eos>` = 1 appended, padded with `<pad>` = 0. Needs `tokenizers`.
+The SigLIP tower's tokenizer by a folder or "byte": `siglip_tokenizer(spec, folders, shapes)`.
 The MLLM's text side (`prompt_tokenizer(name)`, the name its export records), with `user_prompt(text)`:
 - PromptTokenizer: "bytes" / "words" above plus <bos> and the image delimiters (IMAGE_TOKENS).
 - ChatTokenizer: an LLM's tokenizer.json (Qwen2.5) and its chat template. Needs `tokenizers`.
 """
+import os
 import re
 import string
 
@@ -190,14 +192,21 @@ class GemmaTokenizer(_Batcher):
         return self.tok.decode([i for i in ids if i not in skip], skip_special_tokens=True)
 
 
-def load_tokenizer(folder):
-    """The tokenizer file found in a SigLIP checkpoint folder: spiece.model (v1) or tokenizer.json (v2)."""
-    import os
-    if os.path.isfile(os.path.join(folder, "spiece.model")):
-        return SentencePieceTokenizer(os.path.join(folder, "spiece.model"))
-    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        return GemmaTokenizer(os.path.join(folder, "tokenizer.json"))
-    raise ValueError(f"load_tokenizer: neither spiece.model nor tokenizer.json in {folder!r}")
+def siglip_tokenizer(spec="", folders=(), shapes=False):
+    """The SigLIP text tower's tokenizer -> (tokenizer, what was used), for the zero-shot scores of
+    train_tokenizer.py and eval.py. spec: "byte" (the shapes world's ByteTokenizer) or a folder holding
+    spiece.model (SigLIP v1) or tokenizer.json (SigLIP2); "" -> "byte" when `shapes`, else the first of
+    `folders` (the SigLIP checkpoints at hand) that holds one of those files."""
+    if spec == "byte" or (not spec and shapes):
+        return ByteTokenizer(), "byte"
+    looked = [spec] if spec else [f for f in folders if f]
+    for f in looked:
+        if os.path.isfile(os.path.join(f, "spiece.model")):
+            return SentencePieceTokenizer(os.path.join(f, "spiece.model")), f
+        if os.path.isfile(os.path.join(f, "tokenizer.json")):
+            return GemmaTokenizer(os.path.join(f, "tokenizer.json")), f
+    raise UserError(f"no SigLIP text tokenizer: --text_tokenizer={spec!r}; looked for spiece.model / tokenizer.json "
+                    f"in {looked}")
 
 
 # -----------------------------------------------------------------------------

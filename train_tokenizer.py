@@ -29,6 +29,7 @@ from losses import Discriminator, LossConfig, TokenizerLoss, lpips_or_none
 from metrics import psnr, ssim
 from rvq import code_stats
 from siglip import zero_shot_accuracy, zero_shot_classifier
+from text import siglip_tokenizer
 from tokenizer import DecoderConfig, DualToken, QuantizerConfig, config_to_dict, default_config, teacher_features
 
 
@@ -237,20 +238,12 @@ def make_data(cfg, R):
     return train, dict(images=torch.stack([it["image"] for it in items]), labels=torch.tensor(labels),
                        classes=classes, multi=torch.stack([multi[i]["image"] for i in range(len(multi))]))
 
-
-def text_tokenizer(cfg):
-    if cfg.data == "shapes":
-        from text import ByteTokenizer
-        return ByteTokenizer()
-    from text import load_tokenizer
-    return load_tokenizer(cfg.init_from)
-
 # -----------------------------------------------------------------------------
 # evaluation and pictures
 
 
 @torch.no_grad()
-def evaluate(raw, teacher, tok, cfg, ev, device, teacher_acc=None):
+def evaluate(raw, teacher, text_tok, cfg, ev, device, teacher_acc=None):
     """PSNR, SSIM (metrics.py, as eval.py), zero-shot (quantized semantic path; and the teacher, computed once) and codebook usage."""
     was = raw.training
     raw.eval()  # the quantizers must not move their codebooks on held-out data
@@ -276,7 +269,7 @@ def evaluate(raw, teacher, tok, cfg, ev, device, teacher_acc=None):
     multi = ev.get("multi")
     a = run(ev["images"], with_ssim=multi is None)
     # the tokenizer's text tower is the teacher's, frozen: one classifier serves both image embeddings
-    clf = zero_shot_classifier(raw.siglip, tok, ev["classes"], list(cfg.templates))
+    clf = zero_shot_classifier(raw.siglip, text_tok, ev["classes"], list(cfg.templates))
     k5 = (1, 5) if len(ev["classes"]) >= 5 else (1,)
     acc = zero_shot_accuracy(a["pooled"], clf.cpu(), ev["labels"], topk=k5) if sem_on else {1: None}
     if teacher_acc is None:
@@ -329,7 +322,7 @@ def train(cfg):
     R, layer_sem = raw.config.siglip.vision.image_size, raw.config.layer_sem
     sem_on = raw.config.semantic_branch
     train_ds, ev = make_data(cfg, R)
-    tok = text_tokenizer(cfg) if ev is not None else None
+    text_tok = None if ev is None else siglip_tokenizer(folders=[cfg.init_from], shapes=cfg.data == "shapes")[0]
     lpips, lpips_msg = lpips_or_none(cfg.lpips_vgg_path, cfg.lpips_lin_path)
     loss_fn = TokenizerLoss(LossConfig(w_sem_tok=cfg.w_sem_tok, w_sem_pool=cfg.w_sem_pool, w_commit=cfg.w_commit,
                                        w_rec=cfg.w_rec, w_edge=cfg.w_edge, w_lpips=cfg.w_lpips, w_gan=cfg.w_gan,
@@ -406,7 +399,7 @@ def train(cfg):
         nonlocal teacher_acc
         if ev is None or not master:
             return None
-        res, teacher_acc = evaluate(raw, teacher, tok, cfg, ev, device, teacher_acc)
+        res, teacher_acc = evaluate(raw, teacher, text_tok, cfg, ev, device, teacher_acc)
         res = dict(step=step, **res)
         zs, cs = res["zero_shot_top1"], res["codes_sem"]
         zs = "n/a" if zs is None else f"{zs:.4f}"

@@ -67,7 +67,7 @@ def _batch(tok_dir, cache_dir, kind, **kw):
     cfg = make_cfg(tok_dir, "unused", cache_dir)
     dual = pipeline.load_image_tokenizer(tok_dir)
     cache = pipeline.CodeCache(cache_dir, "train", pipeline.cache_meta(cfg, dual, pipeline.tokenizer_hash(dual, tok_dir)))
-    tok = tm.text_tokenizer(cfg)
+    tok = tm.mllm_text_tokenizer(cfg)[0]
     model = tm.build_model(cfg, tok, dual)
     rec = cache.records[0]
     parts, flags = pipeline.sample_parts(kind, rec, tok, np.random.default_rng(0), kw.get("drop", 0.0), 16, kw.get("n_qa", 1))
