@@ -40,8 +40,7 @@ from metrics import psnr, ssim
 from rvq import code_stats
 from text import siglip_tokenizer
 import evaluation
-from evaluation import (blind_baseline, derangement, object_errors, question_type,  # noqa: F401 (tests, eval.X)
-                        scores as _scores)
+from evaluation import blind_baseline, derangement, question_type, scores as _scores
 from pipeline import gen_prompt, image_codes, load_image_tokenizer, load_pair, make_batch, sampling_settings
 import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
@@ -434,7 +433,7 @@ def caption_swap(model, text_tok, image_tok, samples, cfg, device, autocast):
 
 
 @torch.no_grad()
-def ceiling(image_tok, samples, cfg, device, autocast):
+def tokenizer_ceiling(image_tok, samples, cfg, device, autocast):
     """The checker on the tokenizer's own decoding of the true images (encode -> decode pixel codes): no
     generated image can score above what the decoder can draw (evaluation.ceiling, which the trainer runs on
     its cached codes). Same keys as gen_eval."""
@@ -519,7 +518,7 @@ def eval_mllm(cfg):
                     train_qa) if n_qa else {}
         gen_samples = [world.sample(split, i) for i in range(n_gen)]
         if gen_samples:
-            r["tokenizer_ceiling"] = ceiling(image_tok, gen_samples, cfg, device, autocast)
+            r["tokenizer_ceiling"] = tokenizer_ceiling(image_tok, gen_samples, cfg, device, autocast)
             r["caption_swap"] = caption_swap(model, text_tok, image_tok, gen_samples, cfg, device, autocast)
             for name, sc in scales:
                 r[f"gen_{name}"] = dict(gen_eval(model, text_tok, image_tok, gen_samples, cfg, device, autocast,
