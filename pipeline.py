@@ -16,7 +16,7 @@ import torch
 
 from configurator import UserError
 from llm import rope_inv_freq
-from mllm import MLLM, MLLMConfig, build_sequence, collate, make_targets
+from mllm import MLLM, MLLMConfig, build_sequence, collate_sequences, make_targets
 
 # ----------------------------------------------------------------------------------------------------
 # the image sampler's settings
@@ -209,10 +209,10 @@ def loss_mask(mc, parts, flags):
 def make_batch(mc, items):
     """items: (parts, flags, pix (P, Dp), sem (P, Ds)) -> the MLLM.forward keyword dict."""
     seqs = [build_sequence(mc, parts) for parts, _, _, _ in items]
-    b = collate(mc, seqs)
+    b = collate_sequences(mc, seqs)
     T = b["idx"].shape[1]
     lm = torch.zeros(len(items), T, dtype=torch.bool)
-    for i, (parts, flags, _, _) in enumerate(items):  # left padded like collate
+    for i, (parts, flags, _, _) in enumerate(items):  # left padded like collate_sequences
         m = loss_mask(mc, parts, flags)
         lm[i, T - m.numel():] = m
     b["targets"] = make_targets(b["idx"], b["image_mask"], b["attention_mask"], lm)
