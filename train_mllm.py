@@ -249,20 +249,13 @@ def set_trainable(model, mode):
             model.sem_head.requires_grad_(True)
 
 
-def param_groups(model, cfg):
-    """AdamW groups: (LLM, visual) x (decay >= 2-D, no decay), each with its own base lr."""
+def optimizer_groups(model, cfg):
+    """AdamW groups (train_utils.param_groups): the LLM at lr, the visual modules at vis_lr."""
     vis = {id(p) for m in visual_modules(model) for p in m.parameters()}
     if model.image_pos is not None:
         vis.add(id(model.image_pos))
-    groups = []
-    for name, lr, sel in (("llm", cfg.lr, lambda p: id(p) not in vis),
-                          ("vis", cfg.vis_lr or cfg.lr, lambda p: id(p) in vis)):
-        ps = [p for p in model.parameters() if p.requires_grad and sel(p)]
-        for decay in (True, False):
-            g = [p for p in ps if (p.dim() >= 2) == decay]
-            if g:
-                groups.append(dict(params=g, weight_decay=cfg.weight_decay if decay else 0.0, base_lr=lr,
-                                   name=f"{name}_{'decay' if decay else 'no_decay'}"))
+    groups = tu.param_groups(model, cfg.weight_decay, {"llm": (cfg.lr, lambda p: id(p) not in vis),
+                                                       "vis": (cfg.vis_lr or cfg.lr, lambda p: id(p) in vis)})
     if not groups:
         raise UserError(f"trainable={cfg.trainable!r} leaves nothing to train")
     return groups
@@ -390,7 +383,7 @@ def train(cfg):
     mc = raw.config
     set_trainable(raw, cfg.trainable)
     raw = raw.to(device)
-    opt = torch.optim.AdamW(param_groups(raw, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    opt = torch.optim.AdamW(optimizer_groups(raw, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     step, consumed = 0, 0
     if st is not None:
         if st["tokenizer_hash"] != thash:

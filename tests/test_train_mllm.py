@@ -275,7 +275,7 @@ def test_stage_trainable_sets():
     assert {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad} == {"pix_head", "sem_head"}
     tm.set_trainable(m, "all")
     cfg.vis_lr = 1e-3
-    groups = tm.param_groups(m, cfg)
+    groups = tm.optimizer_groups(m, cfg)
     lrs = {g["name"]: g["base_lr"] for g in groups}
     assert lrs["llm_decay"] == cfg.lr and lrs["vis_decay"] == 1e-3
     assert sum(len(g["params"]) for g in groups) == len(list(m.parameters()))
