@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import train_utils as tu
 from configurator import UserError
 from rvq import ResidualVQ
 from siglip import SigLIP, SigLIPConfig
@@ -580,13 +581,12 @@ class DualToken(nn.Module):
             raise ValueError(f"tensors not materialised by the checkpoint: {left}")
 
     def save_pretrained(self, folder):
-        """config.json (our layout) + model.safetensors (our names; a shared codebook is one (1, K, c) tensor)."""
-        from safetensors.torch import save_file
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump(config_to_dict(self.config), f, indent=2)
-        sd = {k: x.detach().contiguous() for k, x in self.state_dict().items()}
-        save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        """config.json (our layout) + model.safetensors (our names; a shared codebook is one (1, K, c) tensor),
+        each written atomically: a crash mid-save leaves the previous export intact (train_tokenizer.py
+        exports here at every checkpoint)."""
+        tu._atomic_write(os.path.join(folder, "config.json"),
+                         lambda f: f.write(json.dumps(config_to_dict(self.config), indent=2).encode()))
+        tu.atomic_save_safetensors(self.state_dict(), os.path.join(folder, "model.safetensors"), {"format": "pt"})
 
     @classmethod
     def from_siglip(cls, path, **overrides):

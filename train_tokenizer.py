@@ -30,7 +30,7 @@ from metrics import psnr, ssim
 from rvq import code_stats
 from siglip import zero_shot_accuracy, zero_shot_classifier
 from text import siglip_tokenizer
-from tokenizer import DecoderConfig, DualToken, QuantizerConfig, config_to_dict, default_config, teacher_features
+from tokenizer import DecoderConfig, DualToken, QuantizerConfig, default_config, teacher_features
 
 
 @dataclass
@@ -296,13 +296,6 @@ def evaluate(raw, teacher, text_tok, cfg, ev, device, teacher_acc=None):
 # training
 
 
-def export(raw, folder):
-    """The product, written atomically: config.json + model.safetensors for DualToken.from_pretrained."""
-    tu._atomic_write(os.path.join(folder, "config.json"),
-                     lambda f: f.write(json.dumps(config_to_dict(raw.config), indent=2).encode()))
-    tu.atomic_save_safetensors(raw.state_dict(), os.path.join(folder, "model.safetensors"), {"format": "pt"})
-
-
 def train(cfg):
     t_start = time.time()
     validate(cfg)
@@ -390,7 +383,7 @@ def train(cfg):
                             "consumed": consumed, "disc": disc.state_dict() if disc is not None else None,
                             "disc_optimizer": d_opt.state_dict() if disc is not None else None,
                             "rng": rngs, "config": config_dict(cfg)}, state_path)
-            export(raw, cfg.out_dir)
+            raw.save_pretrained(cfg.out_dir)  # atomic: config.json + model.safetensors
         last_good = step
 
     teacher_acc, result = None, None
