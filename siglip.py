@@ -1,6 +1,7 @@
 """
 SigLIP (Zhai et al. 2023) from scratch: the ViT image tower, the text tower, the pairwise sigmoid loss,
-Hugging Face weight loading/saving with exact parity, zero-shot classification and image preprocessing.
+Hugging Face weight loading/saving with exact parity and zero-shot classification (image preprocessing: data.py's
+transforms).
 
 DualToken (see shared/spec/DUALTOKEN.md) builds its tokenizer on this vision tower and needs to stop,
 tap and resume it between blocks, so SigLIPVision exposes `embed`, `run_blocks(h, start, stop)` and
@@ -520,28 +521,7 @@ def zero_shot_accuracy(image_emb, classifier, labels, topk=(1, 5)):
     return {k: hit[:, :k].any(1).float().mean().item() for k in topk}
 
 # -----------------------------------------------------------------------------
-# preprocessing
-
-
-def preprocess(image, size, mode="squash"):
-    """PIL image -> (3, size, size) float tensor in [-1, 1] (mean = std = 0.5).
-    mode "squash": resize to size x size, bicubic (HF SiglipImageProcessor; aspect ratio not kept).
-    mode "crop": shortest side to `size`, bicubic, then a center crop (DualToken's evaluation)."""
-    import numpy as np
-    from PIL import Image
-    img = image.convert("RGB")
-    if mode == "squash":
-        img = img.resize((size, size), Image.BICUBIC)
-    elif mode == "crop":
-        w, h = img.size
-        nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)  # torchvision's rounding
-        img = img.resize((nw, nh), Image.BICUBIC)
-        left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
-        img = img.crop((left, top, left + size, top + size))
-    else:
-        raise ValueError(f"preprocess: mode must be 'squash' or 'crop', got {mode!r}")
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)  # (3, H, W)
-    return x / 127.5 - 1.0
+# files
 
 
 def read_safetensors(path):
