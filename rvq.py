@@ -213,14 +213,6 @@ class ResidualVQ(nn.Module):
             raise ValueError(f"codes: expected shape (..., {self.depth}), got {tuple(codes.shape)}")
         return self._lookup(codes).sum(-2)
 
-    def embed_partial(self, codes, k):
-        """Sum of the first k depths of codes (..., n), k <= n <= depth -> (..., D); k = 0 gives zeros.
-        The LLM's depth heads feed this at depth k+1 (spec section 3)."""
-        if not 0 <= k <= min(codes.shape[-1] if codes.ndim else 0, self.depth):
-            raise ValueError(f"embed_partial: k={k} must be in [0, n] for codes {tuple(codes.shape)} "
-                             f"(depth={self.depth})")
-        return self._lookup(codes[..., :k]).sum(-2)
-
     def extra_repr(self):
         return (f"dim={self.dim}, codebook_size={self.codebook_size}, depth={self.depth}, "
                 f"shared_codebook={self.shared_codebook}, decay={self.decay}, eps={self.eps}, "

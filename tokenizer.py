@@ -530,20 +530,6 @@ class DualToken(nn.Module):
     def encode_text(self, input_ids):
         return self.siglip.encode_text(input_ids)
 
-    def pix_code_embed(self, codes, per_depth=False):
-        """codes (..., depth) -> (..., c) sum of codebook vectors, or (..., depth, c) with per_depth."""
-        return self.quantizer_pix.embed_per_depth(codes) if per_depth else self.quantizer_pix.embed(codes)
-
-    def sem_code_embed(self, codes, per_depth=False):
-        q = self.quantizer_pix if self.config.tie_branches else self.quantizer_sem
-        if q is None:
-            raise ValueError("sem_code_embed: this tokenizer has no semantic branch (semantic_branch=False)")
-        return q.embed_per_depth(codes) if per_depth else q.embed(codes)
-
-    def new_parameters(self):
-        """Parameters beyond SigLIP (projections, decoder): what a from_siglip init starts from scratch."""
-        return [p for n, p in self.named_parameters() if not n.startswith("siglip.")]
-
     # ---------------------------------------------------------------- weights
 
     @classmethod
