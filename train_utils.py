@@ -221,18 +221,6 @@ def broadcast_buffers_once(model, src=0):
             dist.broadcast(b, src)
 
 
-def unwrap(model):
-    """The plain module under DDP (`.module`) and torch.compile (`._orig_mod`): save and evaluate this
-    one, so checkpoint keys never carry `module.` / `_orig_mod.` prefixes."""
-    while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
 class ShardedSampler:
     """Infinite, deterministic, resumable batches of dataset indices for one DDP rank.
 
