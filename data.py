@@ -310,12 +310,17 @@ def to_image(x):
     return x.movedim(-3, -1).cpu().numpy()  # (..., H, W, 3)
 
 
-def grid_png(rows, path, labels=None, pad=2, scale=1):
+READABLE_PX = 144  # grid_png's default enlargement makes each image at least this wide (48 px -> x3)
+
+
+def grid_png(rows, path, labels=None, pad=2, scale=0):
     """rows: list of lists of uint8 (H, W, 3) arrays -> one PNG, white padding; labels: one caption per row
     written under it with PIL's default font (long captions are wrapped). scale: each image enlarged by that
-    integer factor, nearest neighbour (every pixel stays a crisp square a person can check). The one grid
-    writer: sample.py's grids, and the trainers' samples/step_*.png (two rows, pad=0)."""
+    integer factor, nearest neighbour (every pixel stays a crisp square a person can check); 0: the smallest
+    factor making each image READABLE_PX wide or more. The one grid writer: sample.py's reconstruct.png and
+    generate.png, and the trainers' samples/step_*.png."""
     from PIL import Image, ImageDraw
+    scale = scale or max(1, -(-READABLE_PX // rows[0][0].shape[1]))
     if scale > 1:
         rows = [[np.repeat(np.repeat(im, scale, 0), scale, 1) for im in r] for r in rows]
     H, W = rows[0][0].shape[:2]

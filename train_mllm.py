@@ -28,7 +28,7 @@ output projectors, on generation). `lr` is the LLM's learning rate, `vis_lr` the
 
 out_dir holds config.json (MLLMConfig + the tokenizer path and hash + the text tokenizer and prompt
 format) and model.safetensors (codebooks included), written by pipeline.export and read strictly by
-pipeline.load_mllm; train_state.pt (exact resume), log.jsonl, samples/step_*.png (decoded cached codes over generations),
+pipeline.load_mllm; train_state.pt (exact resume), log.jsonl, samples/step_*.png (per caption: its codes decoded | drawn),
 eval.json (held-out QA accuracy and checker-judged generation accuracy with the recorded sampler: eval.py mllm's
 protocol, evaluation.py, on the first eval_qa / eval_gen cached val images).
 """
@@ -305,8 +305,8 @@ def evaluate(raw, text_tok, image_tok, cache, cfg, n_qa, n_gen, autocast=None):
 
 
 def save_samples(raw, text_tok, image_tok, cache, cfg, path, n=8):
-    """Top: the tokenizer's decoding of the held-out image's cached codes; bottom: drawn from its caption.
-    Returns the answers to the first question of the first 4 images."""
+    """One row per held-out image, its caption under it: the tokenizer's decoding of the image's cached codes |
+    an image drawn from the caption. Returns the answers to the first question of the first 4 images."""
     import data
     was = raw.training
     raw.eval()
@@ -315,7 +315,7 @@ def save_samples(raw, text_tok, image_tok, cache, cfg, path, n=8):
     g = torch.Generator(device=raw.embed.weight.device).manual_seed(cfg.seed + 1)
     caps = [r["caption"] for r in cache.records[:n]]
     ims, _ = pipeline.generate_images(raw, image_tok, text_tok, caps, g, n, **sampling(cfg))
-    data.grid_png([list(data.to_image(truth)), list(data.to_image(ims))], path, pad=0)
+    data.grid_png([list(pair) for pair in zip(data.to_image(truth), data.to_image(ims))], path, labels=caps)
     rows = [(i, *rec["qa"][0]) for i, rec in enumerate(cache.records[:4]) if rec.get("qa")]
     pred = evaluation.answers(raw, text_tok, rows, cache.pix, cache.sem, 4)
     raw.train(was)

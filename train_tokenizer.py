@@ -479,8 +479,10 @@ def train(cfg):
             bar.set_postfix(loss=f"{sums['total']:.3f}", rec=f"{sums['rec_mse']:.4f}", img_s=f"{seen / dt:.0f}")
             logger.log(event="train", **row)
         if master and cfg.image_interval and (tu.every(step, cfg.image_interval) or step == last_step):
+            shown = psnr(x[:8], out.recon[:8].detach()).mean().item()
             data.grid_png([list(data.to_image(x[:8])), list(data.to_image(out.recon[:8]))],  # originals over recons
-                          os.path.join(cfg.out_dir, "samples", f"step_{step:06d}.png"), pad=0)
+                          os.path.join(cfg.out_dir, "samples", f"step_{step:06d}.png"),
+                          labels=[f"step {step}: training images", f"their reconstructions (PSNR {shown:.2f} dB)"])
         if tu.every(step, cfg.ckpt_interval) or step == last_step:
             checkpoint()
         if tu.every(step, cfg.eval_interval) or step == last_step:

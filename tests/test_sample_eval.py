@@ -148,7 +148,8 @@ def test_cli_reconstruct(tiny_tok, tmp_path):
     assert len(info["images"]) == 2 and all(np.isfinite(r["psnr"]) for r in info["images"])
     assert info["images"][0]["pix_codes_shape"] == [4, 4, 3]
     grid = Image.open(out / "reconstruct.png")
-    assert grid.size == (2 * 34 + 2, 2 * 34 + 2)  # 2 columns (original | recon) x 2 rows of 32 px, 2 px pad
+    # 2 columns (original | recon) x 2 rows of 32 px enlarged x5 (>= 144 px), 2 px pad, a caption line per row
+    assert grid.size == (2 * (160 + 2) + 2, 2 * (160 + 2 + 12) + 2)
     assert len(os.listdir(out / "recon")) == 2
     assert json.load(open(out / "reconstruct.json"))["config"]["images"] == str(folder)
     with pytest.raises(ValueError, match="neither a file nor a folder"):

@@ -239,7 +239,12 @@ def test_train_exports_loadable_model_and_eval(tok_dir, cache_dir, tmp_path, mon
     assert res["qa_images"] == 4 and res["n_qa"] == sum(len(r["qa"]) for r in val[:4]) > 4  # every question
     assert res["n_gen"] == 2 and res["sampling"]["cfg_scale"] == 3.0
     assert json.load(open(out / "eval.json"))["qa_accuracy"] == res["qa_accuracy"]
-    assert os.path.isfile(out / "samples" / "step_000004.png") and read_log(out, "samples")
+    assert read_log(out, "samples")
+    from PIL import Image
+    R = pipeline.load_image_tokenizer(tok_dir).config.siglip.vision.image_size
+    s = -(-144 // R)  # enlarged (nearest neighbour) to >= 144 px, as sample.py's grids
+    grid = Image.open(out / "samples" / "step_000004.png")  # per val image: codes decoded | drawn, caption under
+    assert grid.size[0] == 2 * (R * s + 2) + 2 and grid.size[1] > 8 * (R * s + 2) + 2
     real, normal = [], torch.nn.init.normal_
 
     def spy(tensor, *a, **k):  # built on the meta device: no real tensor is randomly initialised
