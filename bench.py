@@ -10,13 +10,7 @@ import time
 
 import torch
 
-
-def default_device():
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+from train_utils import default_device
 
 
 def sync(device):
@@ -65,7 +59,7 @@ def peak_memory(fn, device):
     return peak
 
 
-def table(rows, header):
+def print_table(rows, header):
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).rjust(w) for c, w in zip(r, widths))
     print(line(header))
@@ -187,7 +181,7 @@ def bench_rvq(argv):
             rows.append([schedule, mode, f"{t_o * 1e3:.0f}", f"{t_b * 1e3:.0f}", f"{t_b / t_o:.2f}x",
                          f"{m_o / 2**20:.0f}", f"{m_b / 2**20:.0f}", f"{m_b / max(m_o, 1):.1f}x"])
             print("  done", schedule, mode, flush=True)
-    table(rows, ["schedule", "step", "ours ms", "one-hot ms", "speedup", "ours MiB", "one-hot MiB",
+    print_table(rows, ["schedule", "step", "ours ms", "one-hot ms", "speedup", "ours MiB", "one-hot MiB",
                  "mem ratio"])
 
 
@@ -251,7 +245,7 @@ def bench_siglip(argv):
         m = peak_memory(fn, dev)
         rows.append([name, t, m])
     t0, m0 = rows[0][1], rows[0][2]
-    table([[n, f"{t * 1e3:.0f}", f"{t / t0:.2f}x", f"{m / 2**20:.0f}", f"{m / max(m0, 1):.2f}x"]
+    print_table([[n, f"{t * 1e3:.0f}", f"{t / t0:.2f}x", f"{m / 2**20:.0f}", f"{m / max(m0, 1):.2f}x"]
            for n, t, m in rows], ["implementation", "forward ms", "time vs ours", "peak MiB", "mem vs ours"])
 
 
@@ -335,7 +329,7 @@ def bench_llm(argv):
     print(f"all continuations identical: {same}")
     rows = [[name, timeit(fn, dev, cfg.warmup, cfg.iters)] for name, fn in runs]
     t0 = rows[0][1]
-    table([[n, f"{t * 1e3:.0f}", f"{cfg.batch * N / t:.1f}", f"{t / t0:.2f}x"] for n, t in rows],
+    print_table([[n, f"{t * 1e3:.0f}", f"{cfg.batch * N / t:.1f}", f"{t / t0:.2f}x"] for n, t in rows],
           ["decode", "ms", "tokens/s", "time vs cache"])
 
     print(f"\nimage generation: {cfg.positions} positions, depth {cfg.depth} pixel + {cfg.depth} semantic, "
@@ -351,7 +345,7 @@ def bench_llm(argv):
     rows = [[name, timeit(lambda: img(c), dev, cfg.warmup, cfg.iters)] for name, c in
             (("KV cache", True), ("no cache", False))]
     t0 = rows[0][1]
-    table([[n, f"{t * 1e3:.0f}", f"{cfg.batch * cfg.positions / t:.1f}", f"{t / t0:.2f}x"] for n, t in rows],
+    print_table([[n, f"{t * 1e3:.0f}", f"{cfg.batch * cfg.positions / t:.1f}", f"{t / t0:.2f}x"] for n, t in rows],
           ["image generation", "ms", "positions/s", "time vs cache"])
 
 

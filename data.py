@@ -310,14 +310,18 @@ def to_image(x):
     return x.movedim(-3, -1).cpu().numpy()  # (..., H, W, 3)
 
 
-def grid_png(rows, path, labels=None, pad=2, scale=1):
+READABLE_PX = 144  # grid_png's default enlargement makes each image at least this wide (48 px -> x3)
+
+
+def grid_png(rows, path, labels=None, pad=2, scale=0):
     """rows: list of lists of uint8 (H, W, 3) arrays -> one PNG, white padding; labels: one caption per row
     written under it with PIL's default font (long captions are wrapped). scale: each image enlarged by that
-    integer factor, nearest neighbour (every pixel stays a crisp square a person can check). The one grid
-    writer: sample.py's grids, and the trainers' samples/step_*.png (two rows, pad=0)."""
+    integer factor, nearest neighbour (every pixel stays a crisp square a person can check); 0: the smallest
+    factor making each image READABLE_PX wide or more. The one grid writer: sample.py's reconstruct.png and
+    generate.png, and the trainers' samples/step_*.png."""
     from PIL import Image, ImageDraw
-    if scale > 1:
-        rows = [[np.repeat(np.repeat(im, scale, 0), scale, 1) for im in r] for r in rows]
+    scale = scale or max(1, -(-READABLE_PX // rows[0][0].shape[1]))
+    rows = [[np.repeat(np.repeat(im, scale, 0), scale, 1) for im in r] for r in rows]
     H, W = rows[0][0].shape[:2]
     ncol = max(len(r) for r in rows)
     width = ncol * (W + pad) + pad
@@ -650,14 +654,12 @@ def _int_arg(argv, i, name, default):
 
 
 def main(argv):
-    # python data.py [n]: a look at the shapes world and its sampling speed on n val renders (the checker's
-    # accuracy on them: python checker.py [n]).
+    # python data.py [n]: the shapes world and its sampling speed on n val renders (checker.py [n]: accuracy)
     import time
 
     if argv and argv[0] == "export":
-        # python data.py export DIR [n] [size]: n held-out val images (size px, default 64) as PNG + same-name
-        # .txt captions (an ImageCaptionDataset folder) + captions.txt (one per line) + questions.jsonl, to
-        # look at or to feed sample.py; export at the tokenizer's image_size so nothing is resampled
+        # python data.py export DIR [n] [size]: n held-out val PNGs + same-name .txt captions (an ImageCaption-
+        # Dataset folder), captions.txt, questions.jsonl; at the tokenizer's image_size nothing is resampled
         if len(argv) < 2:
             raise UserError("usage: python data.py export DIR [N] [SIZE]")
         out, n = argv[1], _int_arg(argv, 2, "N", 16)

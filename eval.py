@@ -43,10 +43,11 @@ import torch
 import checker
 import data
 from metrics import fid_or_reason, psnr, ssim
+from rvq import code_stats
+from text import siglip_tokenizer
 import evaluation
-from evaluation import (blind_baseline, derangement, object_errors, question_type,  # noqa: F401 (tests, eval.X)
-                        scores as _scores)
-from pipeline import gen_prompt, image_codes, load_pair, make_batch, sampling_settings
+from evaluation import blind_baseline, derangement, question_type, scores as _scores
+from pipeline import gen_prompt, image_codes, load_image_tokenizer, load_pair, make_batch, sampling_settings
 import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
 
@@ -54,54 +55,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES_TEMPLATES = ("a {}", "a photo of a {}", "a small {}", "a large {}")  # train_siglip / train_tokenizer's
 
 # -----------------------------------------------------------------------------
-# code statistics (PSNR / SSIM / rFID: metrics.py)
-
-
-def code_stats(codes, K):
-    """codes (M, depth) int -> per-depth usage (share of the K codes used), perplexity exp(H), entropy H
-    in bits (max log2 K), and the share of the book used at any depth (one book is shared by all depths)."""
-    codes = codes.reshape(-1, codes.shape[-1]).long().cpu()
-    L = codes.shape[1]
-    hist = torch.stack([torch.bincount(codes[:, d], minlength=K) for d in range(L)]).double()  # (L, K)
-    p = hist / hist.sum(1, keepdim=True).clamp(min=1)
-    h_nats = -(p * p.clamp(min=1e-300).log()).sum(1)
-    return {"usage": (hist > 0).double().mean(1).tolist(), "perplexity": h_nats.exp().tolist(),
-            "entropy_bits": (h_nats / math.log(2)).tolist(), "max_entropy_bits": math.log2(K),
-            "usage_any_depth": (hist.sum(0) > 0).double().mean().item(), "n_vectors": codes.shape[0]}
+# rFID (PSNR / SSIM: metrics.py; code statistics: rvq.code_stats)
 
 
 # -----------------------------------------------------------------------------
 # loading
-
-
-def load_tokenizer(path, siglip_config="", device="cpu"):
-    from convert import load_dualtoken
-    if not path:
-        raise UserError("--tokenizer is required: a folder from train_tokenizer.py / convert.py, "
-                        "or the authors' release folder")
-    return load_dualtoken(path, siglip_config=siglip_config or None).to(device).eval()
-
-
-def text_tokenizer(spec, data_name, folders, towers=()):
-    """'byte' (the shapes world's), a folder with spiece.model / tokenizer.json, or '' = byte for shapes,
-    else the first of `folders` that holds a tokenizer file. -> (tokenizer, its name); more ids than a
-    SigLIP of `towers` has text embeddings is a UserError (the wrong tokenizer for that SigLIP)."""
-    import text
-    if spec == "byte" or (not spec and data_name == "shapes"):
-        tok, name = text.ByteTokenizer(), "byte"
-    else:
-        has = lambda f: any(os.path.isfile(os.path.join(f, n)) for n in ("spiece.model", "tokenizer.json"))
-        found = [f for f in ([spec] if spec else [f for f in folders if f]) if has(f)]
-        if not found:
-            raise UserError(f"no text tokenizer: --text_tokenizer={spec!r}; looked for spiece.model / tokenizer.json "
-                            f"in {[f for f in folders if f]}")
-        tok, name = text.load_tokenizer(found[0]), found[0]
-    for m in towers:
-        if m is not None and m.text is not None and tok.vocab_size > m.config.text.vocab_size:
-            raise UserError(f"text tokenizer {name!r} has {tok.vocab_size} ids but the text tower's vocabulary has "
-                            f"{m.config.text.vocab_size}: pass --text_tokenizer= the tokenizer the SigLIP was "
-                            f"trained with")
-    return tok, name
 
 
 def zero_shot(image_emb, labels, text_model, text_tok, classes, templates, batch_size=256):
@@ -202,7 +160,7 @@ def eval_tokenizer(cfg):
     from siglip import SigLIP
     t0 = time.time()
     device = cfg.device or tu.default_device()
-    model = load_tokenizer(cfg.tokenizer, cfg.siglip_config, device)
+    model = load_image_tokenizer(cfg.tokenizer, cfg.siglip_config, device)
     R = model.config.siglip.vision.image_size
     teacher = SigLIP.from_pretrained(cfg.teacher).to(device).eval() if cfg.teacher else None
     lpips, lpips_msg = lpips_or_none(cfg.lpips_vgg_path, cfg.lpips_lin_path)
@@ -264,8 +222,9 @@ def eval_tokenizer(cfg):
     elif text_model is None:
         zs["note"] = "unavailable: the tokenizer has no text tower and no --teacher was given"
     else:
-        folders = [cfg.teacher, cfg.siglip_config, cfg.tokenizer]
-        text_tok, zs["text_tokenizer"] = text_tokenizer(cfg.text_tokenizer, cfg.data, folders, (text_model, teacher))
+        text_tok, zs["text_tokenizer"] = siglip_tokenizer(cfg.text_tokenizer, [cfg.teacher, cfg.siglip_config,
+                                                                                cfg.tokenizer], cfg.data == "shapes",
+                                                           (text_model, teacher))
         q_emb, t_emb, labels = [], [], []
         for batch in tqdm(_loader(zs_ds, cfg), desc="zero-shot", dynamic_ncols=True):
             x = batch["image"].to(device)
@@ -286,8 +245,10 @@ def eval_tokenizer(cfg):
             zs["teacher_note"] = "skipped: no --teacher (the original SigLIP folder) given"
         zs["n_images"] = len(labels)
     res["zero_shot"] = zs
-    res["codes_pix"] = code_stats(codes_pix, model.config.vq_pix.codebook_size)
-    res["codes_sem"] = code_stats(codes_sem, model.config.vq_sem.codebook_size)
+    for key, codes, K in (("codes_pix", codes_pix, model.config.vq_pix.codebook_size),
+                          ("codes_sem", codes_sem, model.config.vq_sem.codebook_size)):  # codes (M, depth)
+        res[key] = dict({k: v.tolist() for k, v in code_stats(codes, K).items()}, max_entropy_bits=math.log2(K),
+                        n_vectors=codes.shape[0])
     res.update(data=desc, n_images=len(recon_ds), resolution=R, device=device,
                dtype=cfg.dtype if device.startswith("cuda") else "float32", wall_s=time.time() - t0,
                template_list=templates, config=config_dict(cfg))
@@ -332,8 +293,6 @@ def _write(res, path):
 # python eval.py mllm (shapes world)
 
 
-def _load_pair(cfg, device):
-    return load_pair(cfg, device, lambda path: load_tokenizer(path, cfg.siglip_config, device))
 
 
 def _run_info(cfg, info, device, t0):
@@ -470,7 +429,7 @@ def caption_swap(model, text_tok, image_tok, samples, cfg, device, autocast):
 
 
 @torch.no_grad()
-def ceiling(image_tok, samples, cfg, device, autocast):
+def tokenizer_ceiling(image_tok, samples, cfg, device, autocast):
     """The checker on the tokenizer's own decoding of the true images (encode -> decode pixel codes): no
     generated image can score above what the decoder can draw (evaluation.ceiling, which the trainer runs on
     its cached codes). Same keys as gen_eval."""
@@ -530,7 +489,7 @@ def eval_qa_file(cfg):
     (data.read_image: shortest side to R, centre crop, as train_mllm reads a JSONL) and encoded once."""
     recs = evaluation.read_qa_jsonl(cfg.data)  # every line checked before the model loads
     t0, device = time.time(), cfg.device or tu.default_device()
-    model, text_tok, image_tok, info = _load_pair(cfg, device)
+    model, text_tok, image_tok, info = load_pair(cfg, device)
     R, autocast = image_tok.config.siglip.vision.image_size, tu.autocast_ctx(device, cfg.dtype)
     first = {}  # image path -> the first line that asks about it (named if it does not decode)
     for r in recs:
@@ -565,7 +524,7 @@ def eval_mllm(cfg):
         raise UserError("--qa_images=0 and --gen_captions=0: nothing to evaluate (0 skips one part, not both)")
     t0 = time.time()
     device = cfg.device or tu.default_device()
-    model, text_tok, image_tok, info = _load_pair(cfg, device)
+    model, text_tok, image_tok, info = load_pair(cfg, device)
     R = image_tok.config.siglip.vision.image_size
     if not cfg.holdout_pairs and info.get("holdout_pairs"):  # the pairs the MLLM was trained without
         cfg.holdout_pairs = tuple(tuple(p) for p in info["holdout_pairs"])
@@ -587,7 +546,7 @@ def eval_mllm(cfg):
                     train_qa) if n_qa else {}
         gen_samples = [world.sample(split, i) for i in range(n_gen)]
         if gen_samples:
-            r["tokenizer_ceiling"] = ceiling(image_tok, gen_samples, cfg, device, autocast)
+            r["tokenizer_ceiling"] = tokenizer_ceiling(image_tok, gen_samples, cfg, device, autocast)
             r["caption_swap"] = caption_swap(model, text_tok, image_tok, gen_samples, cfg, device, autocast)
             for name, sc in scales:
                 r[f"gen_{name}"] = dict(gen_eval(model, text_tok, image_tok, gen_samples, cfg, device, autocast,
@@ -654,8 +613,8 @@ def eval_t2i(cfg):
     judge = SigLIP.from_pretrained(cfg.siglip).to(device).eval()
     if judge.text is None:
         raise UserError(f"--siglip={cfg.siglip!r} has no text tower: the judge must embed the captions")
-    judge_tok, tname = text_tokenizer(cfg.text_tokenizer, "", [cfg.siglip], (judge,))
-    model, text_tok, image_tok, info = _load_pair(cfg, device)
+    judge_tok, tname = siglip_tokenizer(cfg.text_tokenizer, [cfg.siglip], towers=(judge,))
+    model, text_tok, image_tok, info = load_pair(cfg, device)
     R, sampling = image_tok.config.siglip.vision.image_size, sampling_settings(cfg, info)
     real = None if recs[0]["image"] is None else \
         data.to_image(torch.stack([data.read_image(r["image"], R, r["where"]) for r in recs]))

@@ -6,7 +6,8 @@ The DualToken tokenizer objective (spec section 2), one piece per block:
     + w_rec * MSE(x_hat, x) + w_lpips * LPIPS(x_hat, x)                           reconstruction
     + w_gan * w * G,  G = -mean(D(x_hat)),  w = adaptive weight                   once the GAN is on
 
-defaults 5 / 1 / 5 / 5 / 1 / 0.75 as in the released trainer. The discriminator is trained separately
+defaults 5 / 1 / 5 / 5 / 1 / 0.75 as in the released trainer, which distils the features after block 26
+(zq_sem replaces that block's output) and the pooled embedding, not the last layer the paper names. The discriminator is trained separately
 with `TokenizerLoss.d_loss` and its own optimizer. LPIPS weights never download: the user names two local
 files (torchvision's `vgg16-397923af.pth` and the `lpips` package's `weights/v0.1/vgg.pth`); without them
 the trainer runs with LPIPS off (`lpips_or_none`).
@@ -41,12 +42,6 @@ def edge_loss(x_hat, x):
     dy = lambda t: t[..., 1:, :] - t[..., :-1, :]
     return (dx(x_hat) - dx(x)).abs().mean() + (dy(x_hat) - dy(x)).abs().mean()
 
-
-def semantic_loss(zq_sem, t_sem, pooled, t_pool, w_tok=5.0, w_pool=1.0):
-    """zq_sem (B, N, C): post-quant semantic features that replace block 26's output; t_sem: the frozen
-    teacher's block-26 output; pooled / t_pool (B, C): MAP-head embeddings. The released code distils
-    the layer-26 features (x5) and the pooled embedding (x1), not the last layer the paper names."""
-    return w_tok * mse_cos(zq_sem, t_sem) + w_pool * mse_cos(pooled, t_pool)
 
 # -----------------------------------------------------------------------------
 # LPIPS (VGG16, v0.1 linear heads)

@@ -2,7 +2,7 @@
 The unified DualToken MLLM (paper section 3.3; spec section 3): a decoder-only LLM (Qwen2 / Qwen2.5 /
 LLaMA compatible) that reads images as dual code stacks and writes them back through two depth heads.
 
-Input format (one interleaved sequence; `build_sequence` + `collate` produce it)
+Input format (one interleaved sequence; `build_sequence` + `collate_sequences` produce it)
     idx            (B, T) long  token ids; at image positions any id (build_sequence writes pad_id)
     image_mask     (B, T) bool  True at image positions (one position per tokenizer grid cell)
     pix_codes      (N, Dp) long pixel codes of the N = image_mask.sum() image positions, in the order
@@ -239,7 +239,7 @@ def build_sequence(cfg, parts):
     return torch.tensor(ids, dtype=torch.long), torch.tensor(img), torch.tensor(gen)
 
 
-def collate(cfg, seqs):
+def collate_sequences(cfg, seqs):
     """List of build_sequence outputs -> dict(idx, image_mask, gen_mask, attention_mask), each (B, T),
     LEFT-padded (what generation needs; training does not care, positions come from attention_mask)."""
     B, T = len(seqs), max(s[0].numel() for s in seqs)
@@ -587,7 +587,7 @@ class MLLM(nn.Module):
         [bos] [<im_start> image <im_end>] prompt. Returns B lists of new ids, each cut before eos."""
         cfg, B = self.config, len(prompt_ids)
         parts = [[list(p)] if images is None else [("und", images[0].shape[1]), list(p)] for p in prompt_ids]
-        batch = collate(cfg, [build_sequence(cfg, ps) for ps in parts])
+        batch = collate_sequences(cfg, [build_sequence(cfg, ps) for ps in parts])
         pix = sem = None
         if images is not None:
             pix, sem = images
@@ -644,7 +644,7 @@ class MLLM(nn.Module):
         if cfg.image_gen_start_id is None:
             raise ValueError("generate_image: config has no image_gen_start_id token")
         caps = [list(p) for p in prompt_ids] + ([[]] * B if cfg_scale is not None else [])
-        batch = collate(cfg, [build_sequence(cfg, [c + [cfg.image_gen_start_id]]) for c in caps])
+        batch = collate_sequences(cfg, [build_sequence(cfg, [c + [cfg.image_gen_start_id]]) for c in caps])
         dev = self.embed.weight.device
         am = batch["attention_mask"].to(dev)
         x = self.embed(batch["idx"].to(dev))  # (B', T, C)

@@ -3,8 +3,9 @@ What connects the image tokenizer, the text tokenizer and the MLLM, for train_ml
 our MLLM export (train_mllm.py's out_dir: config.json + model.safetensors, stamped with the image tokenizer's
 path and hash), loading it back with the image tokenizer it was trained with, the prompts as training formats
 them, image <-> codes, the code cache train_mllm.py trains on (built once, read memory-mapped), and the
-image sampler's settings. The image tokenizer (a tokenizer.DualToken) is always passed in: like mllm.py,
-this file never imports tokenizer.py.
+image sampler's settings. The image tokenizer (a tokenizer.DualToken) is loaded here for every script
+(load_image_tokenizer, through convert.py, imported lazily) and passed in everywhere else: like mllm.py,
+the MLLM side of this file needs no vision code.
 """
 import json
 import os
@@ -15,7 +16,7 @@ import torch
 
 from configurator import UserError
 from llm import rope_inv_freq
-from mllm import MLLM, MLLMConfig, build_sequence, collate, make_targets
+from mllm import MLLM, MLLMConfig, build_sequence, collate_sequences, make_targets
 
 # ----------------------------------------------------------------------------------------------------
 # the image sampler's settings
@@ -40,7 +41,7 @@ def sampling_settings(cfg, info):
 # ----------------------------------------------------------------------------------------------------
 # our export
 
-def tokenizer_hash(dual, path=None):
+def tokenizer_hash(image_tok, path=None):
     """sha256 of the image tokenizer's (a DualToken's) config and every tensor: what the code cache and checkpoints are stamped
     with. With `path` (the folder, or a weights file with config.json beside it) the config is the file's
     JSON as written, so new code-side config fields with defaults do not change the hash of an unchanged
@@ -53,9 +54,9 @@ def tokenizer_hash(dual, path=None):
         with open(conf) as f:
             c = json.load(f)
     else:
-        c = dual.config.to_dict()  # tokenizer.config_to_dict
+        c = image_tok.config.to_dict()  # tokenizer.config_to_dict
     h = hashlib.sha256(json.dumps(c, sort_keys=True).encode())
-    for k, v in sorted(dual.state_dict().items()):
+    for k, v in sorted(image_tok.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
@@ -122,15 +123,26 @@ def load_export(path, device):
     return model, text_tok, info
 
 
-def load_pair(cfg, device, load_image_tok):
+def load_image_tokenizer(path, siglip_config="", device="cpu"):
+    """The frozen image tokenizer (a DualToken in eval mode, no gradients) on device: our folder or the
+    authors' release (convert.load_dualtoken; siglip_config: a SigLIP folder or config.json for the
+    release when the path it records is not here). The one loader of train_mllm.py, sample.py and eval.py."""
+    if not path:
+        raise UserError("--tokenizer is required: a DualToken folder from train_tokenizer.py / convert.py, or the "
+                        "authors' release (for shapes run `python train_tokenizer.py config/shapes.py` first)")
+    from convert import load_dualtoken
+    return load_dualtoken(path, siglip_config=siglip_config or None).to(device).eval().requires_grad_(False)
+
+
+def load_pair(cfg, device):
     """MLLM + the image tokenizer it was trained with -> (model, text_tok, image_tok, info). cfg: .mllm (see
-    load_export), .tokenizer ('' -> the path the export records; set to the one used), .check_hash.
-    load_image_tok(path) -> the DualToken on device, passed in by the script (this file never imports
-    tokenizer.py). A recorded tokenizer hash must match: other codes would be meaningless to the model."""
+    load_export), .tokenizer ('' -> the path the export records; set to the one used), .siglip_config (see
+    load_image_tokenizer), .check_hash. A recorded tokenizer hash must match: other codes would be
+    meaningless to the model."""
     model, text_tok, info = load_export(cfg.mllm, device)
     if not cfg.tokenizer:
         cfg.tokenizer = info.get("tokenizer", "")
-    image_tok = load_image_tok(cfg.tokenizer)
+    image_tok = load_image_tokenizer(cfg.tokenizer, cfg.siglip_config, device)
     check_pair(model, image_tok)
     if info.get("tokenizer_hash"):
         h = tokenizer_hash(image_tok, cfg.tokenizer)  # config.json as written + weights, as train_mllm stamps it
@@ -161,7 +173,7 @@ def check_pair(model, image_tok):
 CAPTION_PROMPT = "describe the image."
 
 
-def sample_parts(kind, rec, tok, rng, caption_dropout, P, qa_per_image=1):
+def sample_parts(kind, rec, text_tok, rng, caption_dropout, P, qa_per_image=1):
     """One training sequence: build_sequence parts and one loss flag per part (an image part's flag trains
     its end delimiter; its codes are trained by gen_mask). An und sample asks up to `qa_per_image` of the
     image's questions in turn, each answer ended by eos: the image (most of the sequence) is paid once."""
@@ -170,14 +182,14 @@ def sample_parts(kind, rec, tok, rng, caption_dropout, P, qa_per_image=1):
         parts, flags = [("und", P)], [False]
         for j in order.tolist():
             q, a = rec["qa"][j]
-            parts += [tok.user_prompt(q), tok.encode(a) + [tok.eos_id]]
+            parts += [text_tok.user_prompt(q), text_tok.encode(a) + [text_tok.eos_id]]
             flags += [False, True]
         return parts, flags
     if kind in ("und", "cap"):  # an image without questions teaches captioning instead
-        return [("und", P), tok.user_prompt(CAPTION_PROMPT), tok.encode(rec["caption"]) + [tok.eos_id]], \
-            [False, False, True]
-    cap = [] if rng.random() < caption_dropout else tok.encode(rec["caption"])
-    return [cap, ("gen", P), [tok.eos_id]], [False, True, True]  # + <image_gen_end>, eos and the codes
+        answer = text_tok.encode(rec["caption"]) + [text_tok.eos_id]
+        return [("und", P), text_tok.user_prompt(CAPTION_PROMPT), answer], [False, False, True]
+    cap = [] if rng.random() < caption_dropout else text_tok.encode(rec["caption"])
+    return [cap, ("gen", P), [text_tok.eos_id]], [False, True, True]  # + <image_gen_end>, eos and the codes
 
 
 def loss_mask(mc, parts, flags):
@@ -222,10 +234,10 @@ def make_batch(mc, items):
     """items: (parts, flags, pix (P, Dp), sem (P, Ds)[, ground words (P, W)]) -> the MLLM.forward keyword
     dict (ground_words when the items carry them)."""
     seqs = [build_sequence(mc, it[0]) for it in items]
-    b = collate(mc, seqs)
+    b = collate_sequences(mc, seqs)
     T = b["idx"].shape[1]
     lm = torch.zeros(len(items), T, dtype=torch.bool)
-    for i, it in enumerate(items):  # left padded like collate
+    for i, it in enumerate(items):  # left padded like collate_sequences
         m = loss_mask(mc, it[0], it[1])
         lm[i, T - m.numel():] = m
     b["targets"] = make_targets(b["idx"], b["image_mask"], b["attention_mask"], lm)
@@ -306,8 +318,8 @@ def source_split(cfg, split, R):
     return len(ds), item
 
 
-def cache_meta(cfg, dual, thash):
-    q = dual.config
+def cache_meta(cfg, image_tok, thash):
+    q = image_tok.config
     return dict(tokenizer_hash=thash, grid=q.grid, pix_depth=q.vq_pix.depth, sem_depth=q.vq_sem.depth,
                 pix_vocab=q.vq_pix.codebook_size, sem_vocab=q.vq_sem.codebook_size,
                 data=dict(data=cfg.data, eval_data=cfg.eval_data, max_objects=cfg.max_objects, seed=cfg.seed,
@@ -321,7 +333,7 @@ def _codes_file(path, dt, shape):
 
 
 @torch.no_grad()
-def prepare_cache(cfg, dual, thash, folder, device, ctx=None, verbose=True):
+def prepare_cache(cfg, image_tok, thash, folder, device, ctx=None, verbose=True):
     """Encode every image once -> the cache in `folder` (train_mllm.py's cache_dir); every rank calls it.
     Under torchrun (ctx.ddp) rank r encodes the contiguous shard [n*r/W, n*(r+1)/W) of each split into
     its own files and rank 0 merges them in rank order, so the build takes 1/W of the time and no rank
@@ -342,8 +354,8 @@ def prepare_cache(cfg, dual, thash, folder, device, ctx=None, verbose=True):
         shutil.rmtree(tmp, ignore_errors=True)  # a build that crashed before
         os.makedirs(tmp)
     barrier()
-    meta = cache_meta(cfg, dual, thash)
-    R, P = dual.config.siglip.vision.image_size, meta["grid"] ** 2
+    meta = cache_meta(cfg, image_tok, thash)
+    R, P = image_tok.config.siglip.vision.image_size, meta["grid"] ** 2
     big = max(meta["pix_vocab"], meta["sem_vocab"]) > np.iinfo(np.int16).max
     dt = np.int32 if big else np.int16
     depth = dict(pix=meta["pix_depth"], sem=meta["sem_depth"])
@@ -361,7 +373,7 @@ def prepare_cache(cfg, dual, thash, folder, device, ctx=None, verbose=True):
             got = [item(i) for i in idx]
             recs += [r for r, _ in got]
             x = torch.stack([im for _, im in got]).to(device)
-            codes = dict(zip(("pix", "sem"), image_codes(dual, x)))  # (B, P, D) each, raster order, fp32
+            codes = dict(zip(("pix", "sem"), image_codes(image_tok, x)))  # (B, P, D) each, raster order, fp32
             for k, a in out.items():
                 a[s - lo:s - lo + len(idx)] = codes[k].cpu().numpy().astype(dt)
         for a in out.values():

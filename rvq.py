@@ -181,7 +181,7 @@ class ResidualVQ(nn.Module):
             commit = torch.stack(losses).mean()
             # value exactly the sum of codewords, gradient the identity to x (x - sg(x) == 0)
             quantized = psum + (xf - xf.detach())
-        self.last_stats = self.code_stats(codes)
+        self.last_stats = code_stats(codes, self.codebook_size)
         return (quantized.to(x.dtype).reshape(shape), codes.reshape(*shape[:-1], self.depth),
                 commit)
 
@@ -213,34 +213,31 @@ class ResidualVQ(nn.Module):
             raise ValueError(f"codes: expected shape (..., {self.depth}), got {tuple(codes.shape)}")
         return self._lookup(codes).sum(-2)
 
-    def embed_partial(self, codes, k):
-        """Sum of the first k depths of codes (..., n), k <= n <= depth -> (..., D); k = 0 gives zeros.
-        The LLM's depth heads feed this at depth k+1 (spec section 3)."""
-        if not 0 <= k <= min(codes.shape[-1] if codes.ndim else 0, self.depth):
-            raise ValueError(f"embed_partial: k={k} must be in [0, n] for codes {tuple(codes.shape)} "
-                             f"(depth={self.depth})")
-        return self._lookup(codes[..., :k]).sum(-2)
-
-    # ---------------------------------------------------------------- statistics
-
-    @torch.no_grad()
-    def code_stats(self, codes):
-        """codes (..., depth) -> {"usage": (depth,) fraction of the K codes used, "perplexity": (depth,)}.
-        Perplexity exp(H) of the code histogram: K when uniform, 1 when collapsed to one code."""
-        K, L = self.codebook_size, self.depth
-        if codes.ndim < 1 or codes.shape[-1] != L:
-            raise ValueError(f"codes: expected shape (..., {L}), got {tuple(codes.shape)}")
-        c = codes.reshape(-1, L).long() + K * torch.arange(L, device=codes.device)  # (N, L)
-        hist = torch.bincount(c.reshape(-1), minlength=L * K).reshape(L, K).float()  # (L, K)
-        p = hist / hist.sum(1, keepdim=True).clamp(min=1)
-        entropy = -(p * torch.log(p.clamp(min=1e-30))).sum(1)
-        return {"usage": (hist > 0).float().mean(1), "perplexity": entropy.exp()}
-
     def extra_repr(self):
         return (f"dim={self.dim}, codebook_size={self.codebook_size}, depth={self.depth}, "
                 f"shared_codebook={self.shared_codebook}, decay={self.decay}, eps={self.eps}, "
                 f"restart_unused={self.restart_unused}, ema_update={self.ema_update!r}, "
                 f"search_chunk={self.search_chunk}")
+
+
+@torch.no_grad()
+def code_stats(codes, K):
+    """codes (..., depth) int in [0, K) -> {"usage": share of the K codes used, "perplexity": exp(H) of the code
+    histogram (K when uniform, 1 when collapsed to one code), "entropy_bits": H in bits (at most log2 K)}, each
+    (depth,), and "usage_any_depth": () the share of the book used at any depth (one book is shared by all
+    depths). The one code statistic: the quantizer records it every forward (last_stats), train_tokenizer's
+    and eval.py's reports convert it to lists. Tensors on the codes' device, so training makes no host sync;
+    fp64 (an entropy over 16384 bins from millions of codes), except on MPS, which has none."""
+    if codes.ndim < 1:
+        raise ValueError(f"codes: expected shape (..., depth), got {tuple(codes.shape)}")
+    L = codes.shape[-1]
+    c = codes.reshape(-1, L).long() + K * torch.arange(L, device=codes.device)  # (N, L): depth d counts in bins d*K..
+    dt = torch.float32 if codes.device.type == "mps" else torch.float64
+    hist = torch.bincount(c.reshape(-1), minlength=L * K).reshape(L, K).to(dt)  # (L, K)
+    p = hist / hist.sum(1, keepdim=True).clamp(min=1)
+    h = -(p * p.clamp(min=1e-30).log()).sum(1)  # (L,) nats
+    return {"usage": (hist > 0).to(dt).mean(1), "perplexity": h.exp(), "entropy_bits": h / 0.6931471805599453,  # ln 2
+            "usage_any_depth": (hist.sum(0) > 0).to(dt).mean()}
 
 
 def tiny_config():

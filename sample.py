@@ -25,8 +25,7 @@ import torch
 
 import data
 from metrics import psnr
-import pipeline
-from pipeline import generate_images, image_codes, qa_prompt, sampling_settings
+from pipeline import generate_images, image_codes, load_image_tokenizer, load_pair, qa_prompt, sampling_settings
 import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
 
@@ -48,13 +47,6 @@ class Common:
 
 def _device(cfg):
     return cfg.device or tu.default_device()
-
-
-def load_tokenizer(path, siglip_config, device):
-    from convert import load_dualtoken
-    if not path:
-        raise UserError("--tokenizer is required (a tokenizer folder, or the authors' release)")
-    return load_dualtoken(path, siglip_config=siglip_config or None).to(device).eval()
 
 
 def list_images(path):
@@ -94,9 +86,6 @@ def text_or_file(value, key):
     return [value]
 
 
-def load_pair(cfg, device):
-    """pipeline.load_pair (the MLLM export + the image tokenizer it was trained with) with this script's loader."""
-    return pipeline.load_pair(cfg, device, lambda path: load_tokenizer(path, cfg.siglip_config, device))
 
 
 def _generator(device, seed):
@@ -121,7 +110,7 @@ class ReconstructConfig(Common):
 @torch.no_grad()
 def reconstruct(cfg):
     device = _device(cfg)
-    model = load_tokenizer(cfg.tokenizer, cfg.siglip_config, device)
+    model = load_image_tokenizer(cfg.tokenizer, cfg.siglip_config, device)
     R = model.config.siglip.vision.image_size
     files = list_images(cfg.images)
     files = files if cfg.max_images <= 0 else files[:cfg.max_images]
@@ -141,7 +130,7 @@ def reconstruct(cfg):
                 yield chunk, torch.stack(xs).to(device)  # (B, 3, R, R)
                 chunk, xs = [], []
 
-    rows, results = [], []
+    rows, labels, results = [], [], []
     os.makedirs(os.path.join(cfg.out_dir, "recon"), exist_ok=True)
     for chunk, x in batches():
         with tu.autocast_ctx(device, cfg.dtype):
@@ -154,13 +143,14 @@ def reconstruct(cfg):
             out = os.path.join(cfg.out_dir, "recon", f"{len(results):04d}_{name}.png")
             Image.fromarray(b).save(out)
             rows.append([a, b])
+            labels.append(f"{name}: PSNR {v:.2f} dB")
             results.append(dict(image=path, recon=out, psnr=v, pix_codes_shape=list(codes.shape)))
             print(f"{path}: PSNR {v:.2f} dB -> {out}")
     if bad:
         print(f"skipped {len(bad)} of {len(files)} files under {cfg.images} that do not decode, e.g. {bad[0]}")
     if not results:
         raise UserError(f"--images={cfg.images!r}: none of its {len(files)} image files decodes")
-    grid = data.grid_png(rows, os.path.join(cfg.out_dir, "reconstruct.png"))
+    grid = data.grid_png(rows, os.path.join(cfg.out_dir, "reconstruct.png"), labels=labels)  # enlarged, captioned
     info = dict(job="reconstruct", grid=grid, resolution=R, mean_psnr=sum(r["psnr"] for r in results) / len(results),
                 images=results, config=config_dict(cfg))
     with open(os.path.join(cfg.out_dir, "reconstruct.json"), "w") as f:
@@ -185,7 +175,7 @@ class GenerateConfig(Common):
     fine_temperature: Optional[float] = None  # depths 2..; < 0: = temperature
     top_k: Optional[int] = None               # <= 0: off (the paper's stage 3 preset: 900)
     top_p: Optional[float] = None             # <= 0 or >= 1: off (the paper's stage 3 preset: 0.96)
-    grid_scale: int = 0        # generate.png enlargement; 0: the smallest integer making each image >= 144 px
+    grid_scale: int = 0        # generate.png enlargement; 0: the smallest making each image >= 144 px (data.grid_png)
 
 
 @torch.no_grad()
@@ -209,9 +199,8 @@ def generate(cfg):
         files.append(os.path.join(cfg.out_dir, "images", f"{i // cfg.num_per_caption:03d}_{i % cfg.num_per_caption:02d}.png"))
         Image.fromarray(a).save(files[-1])
     n = cfg.num_per_caption
-    scale = cfg.grid_scale or max(1, -(-144 // arr.shape[1]))  # 48 px -> x3
-    grid = data.grid_png([list(arr[i * n:(i + 1) * n]) for i in range(len(caps))], os.path.join(cfg.out_dir, "generate.png"),
-                    labels=caps, scale=scale)
+    grid = data.grid_png([list(arr[i * n:(i + 1) * n]) for i in range(len(caps))],
+                         os.path.join(cfg.out_dir, "generate.png"), labels=caps, scale=cfg.grid_scale)
     info = dict(job="generate", grid=grid, captions=caps, images=files, sampling=settings,
                 mllm=cfg.mllm, tokenizer=cfg.tokenizer, device=device, config=config_dict(cfg))
     with open(os.path.join(cfg.out_dir, "generate.json"), "w") as f:

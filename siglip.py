@@ -1,6 +1,7 @@
 """
 SigLIP (Zhai et al. 2023) from scratch: the ViT image tower, the text tower, the pairwise sigmoid loss,
-Hugging Face weight loading/saving with exact parity, zero-shot classification and image preprocessing.
+Hugging Face weight loading/saving with exact parity and zero-shot classification (image preprocessing: data.py's
+transforms).
 
 DualToken (see shared/spec/DUALTOKEN.md) builds its tokenizer on this vision tower and needs to stop,
 tap and resume it between blocks, so SigLIPVision exposes `embed`, `run_blocks(h, start, stop)` and
@@ -527,7 +528,7 @@ def caption_scores(model, tokenizer, images, texts, perm=None, batch_size=64):
       clip_score = mean_i 100 * max(cos_i, 0)  (torchmetrics' scale; Hessel's 2.5 * max(cos, 0) is 0.025 x it),
       sigmoid = mean_i sigmoid(exp(logit_scale) * cos_i + logit_bias)  (SigLIP's own probability that the
         pair matches, what its loss trains; calibrated by the model, where raw cosines are not)).
-    Images are resized to the tower's size as HF's processor does (preprocess "squash"); texts are padded
+    Images are resized to the tower's size as HF's processor does (squashed, not cropped); texts are padded
     to the text tower's full length, as zero_shot_classifier batches them."""
     import numpy as np
     from PIL import Image
@@ -538,9 +539,14 @@ def caption_scores(model, tokenizer, images, texts, perm=None, batch_size=64):
     dev = next(model.parameters()).device
     S, T = model.config.vision.image_size, model.config.text.max_position_embeddings
     texts = [texts[j] for j in perm] if perm is not None else list(texts)
+
+    def squash(im):  # HF SiglipImageProcessor: resize to S x S (bicubic), [-1, 1]
+        im = Image.fromarray(np.asarray(im)).convert("RGB").resize((S, S), Image.BICUBIC)
+        return torch.from_numpy(np.array(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1  # (3, S, S)
+
     cos = []
     for k in range(0, len(texts), batch_size):
-        x = torch.stack([preprocess(Image.fromarray(np.asarray(im)), S) for im in images[k:k + batch_size]]).to(dev)
+        x = torch.stack([squash(im) for im in images[k:k + batch_size]]).to(dev)
         img = F.normalize(model.encode_image(x).float(), dim=-1)  # (B, D)
         txt = F.normalize(model.encode_text(tokenizer(texts[k:k + batch_size], T).to(dev)).float(), dim=-1)
         cos.append((img * txt).sum(-1).cpu())
@@ -550,28 +556,7 @@ def caption_scores(model, tokenizer, images, texts, perm=None, batch_size=64):
                 cos=cos.tolist(), prob=prob.tolist())
 
 # -----------------------------------------------------------------------------
-# preprocessing
-
-
-def preprocess(image, size, mode="squash"):
-    """PIL image -> (3, size, size) float tensor in [-1, 1] (mean = std = 0.5).
-    mode "squash": resize to size x size, bicubic (HF SiglipImageProcessor; aspect ratio not kept).
-    mode "crop": shortest side to `size`, bicubic, then a center crop (DualToken's evaluation)."""
-    import numpy as np
-    from PIL import Image
-    img = image.convert("RGB")
-    if mode == "squash":
-        img = img.resize((size, size), Image.BICUBIC)
-    elif mode == "crop":
-        w, h = img.size
-        nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)  # torchvision's rounding
-        img = img.resize((nw, nh), Image.BICUBIC)
-        left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
-        img = img.crop((left, top, left + size, top + size))
-    else:
-        raise ValueError(f"preprocess: mode must be 'squash' or 'crop', got {mode!r}")
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)  # (3, H, W)
-    return x / 127.5 - 1.0
+# files
 
 
 def read_safetensors(path):

@@ -14,10 +14,12 @@ Text tokenizers behind one interface, for the SigLIP text tower and the MLLM:
   with 1 (pad == eos, as big_vision's `tok(eos="sticky", pad_value=1)`). Needs `sentencepiece`.
 - GemmaTokenizer: SigLIP2's Gemma `tokenizer.json`, lowercased (SigLIP2 was trained on lowercased
   text), no BOS, `<eos>` = 1 appended, padded with `<pad>` = 0. Needs `tokenizers`.
+The SigLIP tower's tokenizer by a folder or "byte": `siglip_tokenizer(spec, folders, shapes)`.
 The MLLM's text side (`prompt_tokenizer(name)`, the name its export records), with `user_prompt(text)`:
 - PromptTokenizer: "bytes" / "words" above plus <bos> and the image delimiters (IMAGE_TOKENS).
 - ChatTokenizer: an LLM's tokenizer.json (Qwen2.5) and its chat template. Needs `tokenizers`.
 """
+import os
 import re
 import string
 
@@ -190,14 +192,32 @@ class GemmaTokenizer(_Batcher):
         return self.tok.decode([i for i in ids if i not in skip], skip_special_tokens=True)
 
 
-def load_tokenizer(folder):
-    """The tokenizer file found in a SigLIP checkpoint folder: spiece.model (v1) or tokenizer.json (v2)."""
-    import os
-    if os.path.isfile(os.path.join(folder, "spiece.model")):
-        return SentencePieceTokenizer(os.path.join(folder, "spiece.model"))
-    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        return GemmaTokenizer(os.path.join(folder, "tokenizer.json"))
-    raise ValueError(f"load_tokenizer: neither spiece.model nor tokenizer.json in {folder!r}")
+def siglip_tokenizer(spec="", folders=(), shapes=False, towers=()):
+    """The SigLIP text tower's tokenizer -> (tokenizer, what was used), for the zero-shot scores of
+    train_tokenizer.py and eval.py. spec: "byte" (the shapes world's ByteTokenizer) or a folder holding
+    spiece.model (SigLIP v1) or tokenizer.json (SigLIP2); "" -> "byte" when `shapes`, else the first of
+    `folders` (the SigLIP checkpoints at hand) that holds one of those files. A tokenizer with more ids than
+    a SigLIP in `towers` has text embeddings is a UserError: it is not the one that SigLIP was trained with."""
+    if spec == "byte" or (not spec and shapes):
+        tok, name = ByteTokenizer(), "byte"
+    else:
+        looked = [spec] if spec else [f for f in folders if f]
+        for f in looked:
+            if os.path.isfile(os.path.join(f, "spiece.model")):
+                tok, name = SentencePieceTokenizer(os.path.join(f, "spiece.model")), f
+                break
+            if os.path.isfile(os.path.join(f, "tokenizer.json")):
+                tok, name = GemmaTokenizer(os.path.join(f, "tokenizer.json")), f
+                break
+        else:
+            raise UserError(f"no SigLIP text tokenizer: --text_tokenizer={spec!r}; looked for spiece.model / "
+                            f"tokenizer.json in {looked}")
+    for m in towers:
+        if m is not None and m.text is not None and tok.vocab_size > m.config.text.vocab_size:
+            raise UserError(f"text tokenizer {name!r} has {tok.vocab_size} ids but the text tower's vocabulary has "
+                            f"{m.config.text.vocab_size}: pass --text_tokenizer= the tokenizer the SigLIP was "
+                            f"trained with")
+    return tok, name
 
 
 # -----------------------------------------------------------------------------

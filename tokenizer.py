@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import train_utils as tu
 from configurator import UserError
 from rvq import ResidualVQ
 from siglip import SigLIP, SigLIPConfig
@@ -356,7 +357,7 @@ class DualTokenOutput(NamedTuple):
     sem_codes: torch.Tensor    # (B, h, w, depth) int64 (None*; the pixel codes when tie_branches)
     commit_pix: torch.Tensor   # () commitment loss of the pixel RVQ
     commit_sem: torch.Tensor   # () commitment loss of the semantic RVQ
-    stats: dict                # {"pix": {...}, "sem": {...}} usage / perplexity per depth (ResidualVQ.code_stats)
+    stats: dict                # {"pix": {...}, "sem": {...}} usage / perplexity per depth (rvq.code_stats)
     # * None when config.semantic_branch is False (the recon-only ablations); commit_sem is then 0
 
 
@@ -529,20 +530,6 @@ class DualToken(nn.Module):
     def encode_text(self, input_ids):
         return self.siglip.encode_text(input_ids)
 
-    def pix_code_embed(self, codes, per_depth=False):
-        """codes (..., depth) -> (..., c) sum of codebook vectors, or (..., depth, c) with per_depth."""
-        return self.quantizer_pix.embed_per_depth(codes) if per_depth else self.quantizer_pix.embed(codes)
-
-    def sem_code_embed(self, codes, per_depth=False):
-        q = self.quantizer_pix if self.config.tie_branches else self.quantizer_sem
-        if q is None:
-            raise ValueError("sem_code_embed: this tokenizer has no semantic branch (semantic_branch=False)")
-        return q.embed_per_depth(codes) if per_depth else q.embed(codes)
-
-    def new_parameters(self):
-        """Parameters beyond SigLIP (projections, decoder): what a from_siglip init starts from scratch."""
-        return [p for n, p in self.named_parameters() if not n.startswith("siglip.")]
-
     # ---------------------------------------------------------------- weights
 
     @classmethod
@@ -580,13 +567,12 @@ class DualToken(nn.Module):
             raise ValueError(f"tensors not materialised by the checkpoint: {left}")
 
     def save_pretrained(self, folder):
-        """config.json (our layout) + model.safetensors (our names; a shared codebook is one (1, K, c) tensor)."""
-        from safetensors.torch import save_file
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump(config_to_dict(self.config), f, indent=2)
-        sd = {k: x.detach().contiguous() for k, x in self.state_dict().items()}
-        save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        """config.json (our layout) + model.safetensors (our names; a shared codebook is one (1, K, c) tensor),
+        each written atomically: a crash mid-save leaves the previous export intact (train_tokenizer.py
+        exports here at every checkpoint)."""
+        tu._atomic_write(os.path.join(folder, "config.json"),
+                         lambda f: f.write(json.dumps(config_to_dict(self.config), indent=2).encode()))
+        tu.atomic_save_safetensors(self.state_dict(), os.path.join(folder, "model.safetensors"), {"format": "pt"})
 
     @classmethod
     def from_siglip(cls, path, **overrides):

@@ -28,7 +28,7 @@ output projectors, on generation). `lr` is the LLM's learning rate, `vis_lr` the
 
 out_dir holds config.json (MLLMConfig + the tokenizer path and hash + the text tokenizer and prompt
 format) and model.safetensors (codebooks included), written by pipeline.export and read strictly by
-pipeline.load_mllm; train_state.pt (exact resume), log.jsonl, samples/step_*.png (decoded cached codes over generations),
+pipeline.load_mllm; train_state.pt (exact resume), log.jsonl, samples/step_*.png (per caption: its codes decoded | drawn),
 eval.json (held-out QA accuracy and checker-judged generation accuracy with the recorded sampler: eval.py mllm's
 protocol, evaluation.py, on the first eval_qa / eval_gen cached val images).
 """
@@ -48,7 +48,8 @@ import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
 import pipeline
 from mllm import MLLM, MLLMConfig
-from pipeline import SAMPLING_KEYS, CodeCache, cache_meta, export, load_mllm, prepare_cache, tokenizer_hash
+from pipeline import (SAMPLING_KEYS, CodeCache, cache_meta, export, load_image_tokenizer, load_mllm, prepare_cache,
+                      tokenizer_hash)
 from text import IMAGE_TOKENS, prompt_tokenizer
 
 KINDS = ("und", "cap", "gen")
@@ -146,14 +147,6 @@ class TrainMLLMConfig:
 # tokenizers: the frozen image tokenizer and the text side
 
 
-def load_image_tokenizer(path, device="cpu"):
-    if not path or not os.path.isdir(path):
-        raise UserError(f"tokenizer={path!r}: need a DualToken folder (config.json + weights); for shapes run "
-                        f"`python train_tokenizer.py config/shapes.py` first")
-    from convert import load_dualtoken
-    return load_dualtoken(path).to(device).eval().requires_grad_(False)
-
-
 def previous_stage(path):
     """The config.json of a train_mllm out_dir, or None (an HF folder, or no folder)."""
     p = os.path.join(path, "config.json") if path else ""
@@ -164,17 +157,14 @@ def previous_stage(path):
     return conf if "mllm" in conf else None
 
 
-def text_tokenizer_name(cfg):
-    """The text tokenizer this run uses: the configured one, else the previous stage's, else "bytes"."""
+def mllm_text_tokenizer(cfg):
+    """-> (the MLLM's text tokenizer, its name as the export records it; text.prompt_tokenizer builds it):
+    the configured one, else the previous stage's, else "bytes"."""
     prev = previous_stage(cfg.init_from)
-    return cfg.text_tokenizer or (prev["text_tokenizer"] if prev else "") or "bytes"
-
-
-def text_tokenizer(cfg):
-    name = text_tokenizer_name(cfg)
-    if name in ("bytes", "words") and cfg.init_from and not previous_stage(cfg.init_from):
+    name = cfg.text_tokenizer or (prev["text_tokenizer"] if prev else "") or "bytes"
+    if name in ("bytes", "words") and cfg.init_from and not prev:
         raise UserError("init_from (a pretrained LLM) needs its text_tokenizer (tokenizer.json)")
-    return prompt_tokenizer(name)
+    return prompt_tokenizer(name), name
 
 
 def kind_counts(mix, micro_batch):
@@ -200,23 +190,23 @@ def kind_counts(mix, micro_batch):
 # model
 
 
-def build_model(cfg, tok, dual, thash=None):
+def build_model(cfg, text_tok, image_tok, thash=None):
     """A new MLLM (from scratch or on an HF LLM folder), or the previous stage's train_mllm out_dir,
     with this run's loss weights."""
-    model = _build_model(cfg, tok, dual, thash)
+    model = _build_model(cfg, text_tok, image_tok, thash)
     for k in ("text_loss_weight", "pix_loss_weight", "sem_loss_weight"):
         setattr(model.config, k, getattr(cfg, k))
     return model
 
 
-def _build_model(cfg, tok, dual, thash=None):
+def _build_model(cfg, text_tok, image_tok, thash=None):
     if previous_stage(cfg.init_from):
         model, info = load_mllm(cfg.init_from)
         if thash is not None and info["tokenizer_hash"] != thash:
             raise UserError(f"init_from={cfg.init_from!r} was trained on tokenizer {info['tokenizer_hash']}, "
                             f"this run uses {thash}")
         return model.train()
-    q = dual.config
+    q = image_tok.config
     vis = dict(pix_vocab=q.vq_pix.codebook_size, pix_dim=q.vq_pix.code_dim, pix_depth=q.vq_pix.depth,
                sem_vocab=q.vq_sem.codebook_size, sem_dim=q.vq_sem.code_dim, sem_depth=q.vq_sem.depth,
                head_n_layer=cfg.head_n_layer, head_n_embd=cfg.head_n_embd, head_n_head=cfg.head_n_head,
@@ -226,18 +216,18 @@ def _build_model(cfg, tok, dual, thash=None):
     if cfg.init_from:
         model = mllm_hf.from_pretrained(cfg.init_from, new_tokens=IMAGE_TOKENS, **vis)
         mc = model.config
-        if tok.vocab_size > mc.vocab_size - len(IMAGE_TOKENS):
-            raise UserError(f"text_tokenizer has {tok.vocab_size} ids, the LLM {mc.vocab_size - 4} before the "
+        if text_tok.vocab_size > mc.vocab_size - len(IMAGE_TOKENS):
+            raise UserError(f"text_tokenizer has {text_tok.vocab_size} ids, the LLM {mc.vocab_size - 4} before the "
                             f"image tokens")
-        mc.eos_id = tok.eos_id  # the chat template's end of turn ends an answer
+        mc.eos_id = text_tok.eos_id  # the chat template's end of turn ends an answer
     else:
         # the one place where the special ids come from the tokenizer (MLLMConfig's defaults differ)
-        ids = {f.strip("<>") + "_id": tok.token_id(f) for f in ("<bos>",) + IMAGE_TOKENS}
-        mc = MLLMConfig(vocab_size=tok.vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
-                        n_kv_head=cfg.n_kv_head, intermediate_size=cfg.intermediate_size, pad_id=tok.pad_id,
-                        eos_id=tok.eos_id, **ids, **vis)
+        ids = {f.strip("<>") + "_id": text_tok.token_id(f) for f in ("<bos>",) + IMAGE_TOKENS}
+        mc = MLLMConfig(vocab_size=text_tok.vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
+                        n_kv_head=cfg.n_kv_head, intermediate_size=cfg.intermediate_size, pad_id=text_tok.pad_id,
+                        eos_id=text_tok.eos_id, **ids, **vis)
         model = MLLM(mc)
-    model.set_codebooks(dual.quantizer_pix.codebook, dual.quantizer_sem.codebook)
+    model.set_codebooks(image_tok.quantizer_pix.codebook, image_tok.quantizer_sem.codebook)
     return model
 
 
@@ -260,20 +250,13 @@ def set_trainable(model, mode):
             model.sem_head.requires_grad_(True)
 
 
-def param_groups(model, cfg):
-    """AdamW groups: (LLM, visual) x (decay >= 2-D, no decay), each with its own base lr."""
+def optimizer_groups(model, cfg):
+    """AdamW groups (train_utils.param_groups): the LLM at lr, the visual modules at vis_lr."""
     vis = {id(p) for m in visual_modules(model) for p in m.parameters()}
     if model.image_pos is not None:
         vis.add(id(model.image_pos))
-    groups = []
-    for name, lr, sel in (("llm", cfg.lr, lambda p: id(p) not in vis),
-                          ("vis", cfg.vis_lr or cfg.lr, lambda p: id(p) in vis)):
-        ps = [p for p in model.parameters() if p.requires_grad and sel(p)]
-        for decay in (True, False):
-            g = [p for p in ps if (p.dim() >= 2) == decay]
-            if g:
-                groups.append(dict(params=g, weight_decay=cfg.weight_decay if decay else 0.0, base_lr=lr,
-                                   name=f"{name}_{'decay' if decay else 'no_decay'}"))
+    groups = tu.param_groups(model, cfg.weight_decay, {"llm": (cfg.lr, lambda p: id(p) not in vis),
+                                                       "vis": (cfg.vis_lr or cfg.lr, lambda p: id(p) in vis)})
     if not groups:
         raise UserError(f"trainable={cfg.trainable!r} leaves nothing to train")
     return groups
@@ -283,9 +266,9 @@ def param_groups(model, cfg):
 # evaluation
 
 
-def _pix(dual, cache, n):
+def _pix(image_tok, cache, n):
     """The first n cached images' pixel codes, (n, h, w, Dp) as the decoder takes them."""
-    g = dual.config.grid
+    g = image_tok.config.grid
     return torch.from_numpy(np.array(cache.pix[:n])).long().view(-1, g, g, cache.pix.shape[-1])
 
 
@@ -294,14 +277,14 @@ def sampling(cfg):
     return {k: getattr(cfg, k) for k in SAMPLING_KEYS}
 
 
-def evaluate(raw, tok, dual, cache, cfg, n_qa, n_gen, autocast=None):
+def evaluate(raw, text_tok, image_tok, cache, cfg, n_qa, n_gen, autocast=None):
     """eval.py's protocol (evaluation.py) on the cached codes: every question of the first n_qa held-out
     images (greedy, exact match), and, where records carry objects (shapes), the first n_gen captions drawn
     with this run's sampler and judged by the checker (gen_accuracy: every attribute of every object)."""
     was = raw.training
     raw.eval()
     res = {}
-    r = evaluation.qa(raw, tok, cache.records, cache.pix, cache.sem, n_qa, cfg.eval_batch, autocast)
+    r = evaluation.qa(raw, text_tok, cache.records, cache.pix, cache.sem, n_qa, cfg.eval_batch, autocast)
     if r["n"]:
         res.update(qa_accuracy=r["accuracy"], n_qa=r["n"], qa_images=min(n_qa, len(cache)),
                    qa_by_type=r["by_type"], qa_examples=[dict(q=q, truth=a, pred=p) for (_, q, a), p in
@@ -309,31 +292,33 @@ def evaluate(raw, tok, dual, cache, cfg, n_qa, n_gen, autocast=None):
     n = min(n_gen, len(cache))
     if n and "objects" in cache.records[0]:
         caps, truth = [rec["caption"] for rec in cache.records[:n]], [rec["objects"] for rec in cache.records[:n]]
-        sc = evaluation.generation(raw, tok, dual, caps, truth, sampling(cfg), cfg.seed, cfg.eval_batch, autocast)
+        sc = evaluation.generation(raw, text_tok, image_tok, caps, truth, sampling(cfg), cfg.seed, cfg.eval_batch,
+                                   autocast)
         res["gen_accuracy"], res["gen_objects_correct"] = sc["all_correct"], sc["objects_correct"]
         res.update({f"gen_{k}": sc[k] for k in ("count",) + checker.ATTRS + ("false_objects", "missed_cells")})
         res["n_gen"], res["sampling"] = n, sampling(cfg)
         # the ceiling the tokenizer sets: the checker on the decoding of the same images' true codes
-        dev = next(dual.parameters()).device
-        res["tokenizer_recon_accuracy"] = evaluation.ceiling(dual, _pix(dual, cache, n), truth, cfg.eval_batch, dev,
-                                                             autocast)["all_correct"]
+        dev = next(image_tok.parameters()).device
+        res["tokenizer_recon_accuracy"] = evaluation.ceiling(image_tok, _pix(image_tok, cache, n), truth,
+                                                             cfg.eval_batch, dev, autocast)["all_correct"]
     raw.train(was)
     return res
 
 
-def save_samples(raw, tok, dual, cache, cfg, path, n=8):
-    """Top: the tokenizer's decoding of the held-out image's cached codes; bottom: drawn from its caption.
-    Returns the answers to the first question of the first 4 images."""
+def save_samples(raw, text_tok, image_tok, cache, cfg, path, n=8):
+    """One row per held-out image, its caption under it: the tokenizer's decoding of the image's cached codes |
+    an image drawn from the caption. Returns the answers to the first question of the first 4 images."""
     import data
     was = raw.training
     raw.eval()
     n = min(n, len(cache))
-    truth = dual.decode(_pix(dual, cache, n).to(next(dual.parameters()).device)).cpu()
+    truth = image_tok.decode(_pix(image_tok, cache, n).to(next(image_tok.parameters()).device)).cpu()
     g = torch.Generator(device=raw.embed.weight.device).manual_seed(cfg.seed + 1)
-    ims, _ = pipeline.generate_images(raw, dual, tok, [r["caption"] for r in cache.records[:n]], g, n, **sampling(cfg))
-    data.grid_png([list(data.to_image(truth)), list(data.to_image(ims))], path, pad=0)
+    caps = [r["caption"] for r in cache.records[:n]]
+    ims, _ = pipeline.generate_images(raw, image_tok, text_tok, caps, g, n, **sampling(cfg))
+    data.grid_png([list(pair) for pair in zip(data.to_image(truth), data.to_image(ims))], path, labels=caps)
     rows = [(i, *rec["qa"][0]) for i, rec in enumerate(cache.records[:4]) if rec.get("qa")]
-    pred = evaluation.answers(raw, tok, rows, cache.pix, cache.sem, 4)
+    pred = evaluation.answers(raw, text_tok, rows, cache.pix, cache.sem, 4)
     raw.train(was)
     return [dict(q=q, truth=a, pred=p) for p, (_, q, a) in zip(pred, rows)]
 
@@ -383,12 +368,12 @@ def train(cfg):
     accum = tu.grad_accum_steps(cfg.batch_size, cfg.micro_batch, ctx.world)
     counts = kind_counts(cfg.mix, cfg.micro_batch)
 
-    dual = load_image_tokenizer(cfg.tokenizer, device)
-    thash = tokenizer_hash(dual, cfg.tokenizer)
+    image_tok = load_image_tokenizer(cfg.tokenizer, device=device)
+    thash = tokenizer_hash(image_tok, cfg.tokenizer)
     folder = cfg.cache_dir or os.path.join(cfg.out_dir, "cache")
-    expect = cache_meta(cfg, dual, thash)
+    expect = cache_meta(cfg, image_tok, thash)
     if cfg.prepare or not os.path.isfile(os.path.join(folder, "meta.json")):
-        prepare_cache(cfg, dual, thash, folder, device, ctx, verbose=master)  # every rank encodes a shard
+        prepare_cache(cfg, image_tok, thash, folder, device, ctx, verbose=master)  # every rank encodes a shard
         if cfg.prepare:
             tu.cleanup_ddp()
             return None, None
@@ -397,12 +382,12 @@ def train(cfg):
     if counts["und"] and not any(r.get("qa") for r in train_c.records):
         print("note: no record has questions; und samples train captioning")
 
-    tok = text_tokenizer(cfg)
-    raw = build_model(cfg, tok, dual, thash)
+    text_tok, text_tok_name = mllm_text_tokenizer(cfg)
+    raw = build_model(cfg, text_tok, image_tok, thash)
     mc = raw.config
     set_trainable(raw, cfg.trainable)
     raw = raw.to(device)
-    opt = torch.optim.AdamW(param_groups(raw, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    opt = torch.optim.AdamW(optimizer_groups(raw, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     step, consumed = 0, 0
     if st is not None:
         if st["tokenizer_hash"] != thash:
@@ -415,10 +400,11 @@ def train(cfg):
     sampler.load_state_dict({"epoch": total // len(train_c), "pos": total % len(train_c), "n": len(train_c),
                              "seed": cfg.seed})
 
-    P = dual.config.grid ** 2
-    if cfg.gen_ground_loss > 0 and dual.config.grid % 3:
-        raise UserError(f"--gen_ground_loss: the tokenizer's {dual.config.grid}x{dual.config.grid} patch grid does "
-                        f"not split into the world's 3x3 cells (the shapes preset's is 6x6)")
+    P = image_tok.config.grid ** 2
+    if cfg.gen_ground_loss > 0 and image_tok.config.grid % 3:
+        g = image_tok.config.grid
+        raise UserError(f"--gen_ground_loss: the tokenizer's {g}x{g} patch grid does not split into the world's "
+                        f"3x3 cells (the shapes preset's is 6x6)")
     kinds = [k for k in KINDS for _ in range(counts[k])]
 
     def next_batch():
@@ -427,10 +413,11 @@ def train(cfg):
         rng = np.random.default_rng([cfg.seed, ctx.rank, consumed])
         items = []
         for kind, i in zip(kinds, idx):
-            parts, flags = pipeline.sample_parts(kind, train_c.records[i], tok, rng, cfg.caption_dropout, P, cfg.qa_per_image)
+            parts, flags = pipeline.sample_parts(kind, train_c.records[i], text_tok, rng, cfg.caption_dropout, P,
+                                                 cfg.qa_per_image)
             items.append((parts, flags, train_c.pix[i], train_c.sem[i]))
             if cfg.gen_ground_loss > 0:
-                items[-1] += (pipeline.ground_words(train_c.records[i], tok, dual.config.grid),)
+                items[-1] += (pipeline.ground_words(train_c.records[i], text_tok, image_tok.config.grid),)
         return {k: v.to(device) for k, v in pipeline.make_batch(mc, items).items()}
 
     use_compile = device.startswith("cuda") if cfg.compile is None else cfg.compile
@@ -443,10 +430,10 @@ def train(cfg):
     autocast = tu.autocast_ctx(device, cfg.dtype)
     logger = tu.JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=master, fresh=st is None)
     extra = dict(tokenizer=os.path.abspath(cfg.tokenizer), tokenizer_hash=thash,
-                 text_tokenizer=text_tokenizer_name(cfg), caption_prompt=pipeline.CAPTION_PROMPT,
+                 text_tokenizer=text_tok_name, caption_prompt=pipeline.CAPTION_PROMPT,
                  prompt_format="und: [bos] <im_start> image <im_end> user_prompt(question); "
                                "gen: [bos] encode(caption) <image_gen_start>",
-                 grid=dual.config.grid, image_size=dual.config.siglip.vision.image_size,
+                 grid=image_tok.config.grid, image_size=image_tok.config.siglip.vision.image_size,
                  holdout_pairs=[list(p) for p in cfg.holdout_pairs],  # eval.py scores these separately
                  sampling=sampling(cfg))  # eval.py / sample.py draw with these by default
     n_params = sum(p.numel() for p in raw.parameters())
@@ -511,20 +498,21 @@ def train(cfg):
         if master and val_c is not None and tu.every(step, cfg.eval_interval) \
                 and step < cfg.max_steps:
             t_ev = time.time()
-            ev = evaluate(raw, tok, dual, val_c, cfg, cfg.eval_qa, cfg.eval_gen, autocast)
+            ev = evaluate(raw, text_tok, image_tok, val_c, cfg, cfg.eval_qa, cfg.eval_gen, autocast)
             ev = {k: v for k, v in ev.items() if k != "qa_examples"}
             logger.log(event="eval", step=step, elapsed_s=time.time() - t_start, eval_s=time.time() - t_ev, **ev)
             bar.write(f"step {step}: held-out QA {ev.get('qa_accuracy', float('nan')):.3f}, generation "
                       f"{ev.get('gen_accuracy', float('nan')):.3f} ({time.time() - t_start:.0f} s)")
         if master and val_c is not None and tu.every(step, cfg.sample_interval):
-            qa = save_samples(raw, tok, dual, val_c, cfg, os.path.join(cfg.out_dir, "samples", f"step_{step:06d}.png"))
+            qa = save_samples(raw, text_tok, image_tok, val_c, cfg,
+                              os.path.join(cfg.out_dir, "samples", f"step_{step:06d}.png"))
             logger.log(event="samples", step=step, qa=qa)
             bar.write(f"step {step}: " + "; ".join(f"{r['q']} -> {r['pred']!r} ({r['truth']})" for r in qa))
     bar.close()
     result = None
     if master and val_c is not None and step >= cfg.max_steps:
         t_ev = time.time()
-        result = dict(step=step, **evaluate(raw, tok, dual, val_c, cfg, cfg.eval_qa, cfg.eval_gen, autocast))
+        result = dict(step=step, **evaluate(raw, text_tok, image_tok, val_c, cfg, cfg.eval_qa, cfg.eval_gen, autocast))
         result.update(eval_s=time.time() - t_ev, wall_s=time.time() - t_start, tokenizer_hash=thash,
                       config=config_dict(cfg))
         with open(os.path.join(cfg.out_dir, "eval.json"), "w") as fh:

@@ -123,11 +123,11 @@ def make_data(cfg):
 
 
 @torch.no_grad()
-def evaluate(model, tok, cfg, ev, device):
+def evaluate(model, text_tok, cfg, ev, device):
     """Zero-shot top-1/top-5 over the class names with the prompt templates averaged (CLIP ensembling)."""
     was_training = model.training
     model.eval()
-    clf = zero_shot_classifier(model, tok, ev["classes"], list(cfg.templates))
+    clf = zero_shot_classifier(model, text_tok, ev["classes"], list(cfg.templates))
     emb = torch.cat([model.encode_image(x.to(device)) for x in ev["images"].split(256)])  # (N, D)
     acc = zero_shot_accuracy(emb, clf, ev["labels"], topk=(1, 5))
     model.train(was_training)
@@ -145,13 +145,13 @@ def train(cfg):
     accum = tu.grad_accum_steps(cfg.batch_size, cfg.micro_batch, ctx.world)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    tok = ByteTokenizer()
+    text_tok = ByteTokenizer()
     train_ds, ev = make_data(cfg)
     random.seed(cfg.seed * 1000 + ctx.rank)  # caption dropout; saved with the RNG state for resume
     sampler = tu.ShardedSampler(len(train_ds), cfg.seed, ctx.rank, ctx.world, cfg.micro_batch)
 
     # build -> load (resume) -> compile -> DDP; always save / evaluate the unwrapped `raw` model
-    raw = build_model(cfg, tok.vocab_size).to(device)
+    raw = build_model(cfg, text_tok.vocab_size).to(device)
     opt = torch.optim.AdamW(tu.param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2))
     step = 0
     if st is not None:
@@ -189,7 +189,7 @@ def train(cfg):
     def run_eval():
         if ev is None or not master:
             return None
-        res = dict(step=step, **evaluate(raw, tok, cfg, ev, device))
+        res = dict(step=step, **evaluate(raw, text_tok, cfg, ev, device))
         print(f"step {step}: zero-shot top-1 {res['zero_shot_top1']:.4f}, top-5 {res['zero_shot_top5']:.4f} "
               f"({res['n_images']} held-out single-object images, {len(ev['classes'])} classes)")
         logger.log(event="eval", **res)
@@ -209,7 +209,7 @@ def train(cfg):
             captions = batch["caption"]
             if cfg.data == "shapes" and cfg.caption_drop > 0:
                 captions = [data.caption(o, cfg.caption_drop, random) for o in batch["objects"]]
-            ids = tok(captions, cfg.max_len).to(device, non_blocking=True)
+            ids = text_tok(captions, cfg.max_len).to(device, non_blocking=True)
             if ctx.ddp:  # all-reduce gradients only on the last micro-step
                 model.require_backward_grad_sync = micro == accum - 1
             with autocast:

@@ -27,8 +27,10 @@ import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
 from losses import Discriminator, LossConfig, TokenizerLoss, lpips_or_none
 from metrics import psnr, ssim
+from rvq import code_stats
 from siglip import zero_shot_accuracy, zero_shot_classifier
-from tokenizer import DecoderConfig, DualToken, QuantizerConfig, config_to_dict, default_config
+from text import siglip_tokenizer
+from tokenizer import DecoderConfig, DualToken, QuantizerConfig, default_config, teacher_features
 
 
 @dataclass
@@ -208,14 +210,6 @@ def enable_grad_checkpointing(vision):
         blk.forward = lambda h, f=f: checkpoint(f, h, use_reentrant=False) if torch.is_grad_enabled() else f(h)
 
 
-@torch.no_grad()
-def teacher_targets(teacher, x, layer_sem):
-    """-> (T_sem (B, N, D) = block layer_sem output, T_pool (B, D)) of the frozen original tower."""
-    vis = teacher.vision
-    h = vis.run_blocks(vis.embed(x), 0, layer_sem)
-    return h, vis.pool(vis.run_blocks(h, layer_sem, None))
-
-
 def make_data(cfg, R):
     """-> (train dataset, eval dict or None). Shapes eval: val-split images (keys disjoint from train by
     construction); zero-shot on single-object images (the 18 "colour shape" classes are unambiguous, the
@@ -244,31 +238,12 @@ def make_data(cfg, R):
     return train, dict(images=torch.stack([it["image"] for it in items]), labels=torch.tensor(labels),
                        classes=classes, multi=torch.stack([multi[i]["image"] for i in range(len(multi))]))
 
-
-def text_tokenizer(cfg):
-    if cfg.data == "shapes":
-        from text import ByteTokenizer
-        return ByteTokenizer()
-    from text import load_tokenizer
-    return load_tokenizer(cfg.init_from)
-
 # -----------------------------------------------------------------------------
 # evaluation and pictures
 
 
-def usage_stats(codes, K):
-    """codes (M, depth) -> per-depth usage fraction and perplexity, plus the share of the (shared) book
-    used at any depth."""
-    L = codes.shape[1]
-    hist = torch.stack([torch.bincount(codes[:, d], minlength=K) for d in range(L)]).float()  # (L, K)
-    p = hist / hist.sum(1, keepdim=True)
-    ppl = torch.exp(-(p * p.clamp(min=1e-30).log()).sum(1))
-    return {"usage": (hist > 0).float().mean(1).tolist(), "perplexity": ppl.tolist(),
-            "usage_any_depth": (hist.sum(0) > 0).float().mean().item()}
-
-
 @torch.no_grad()
-def evaluate(raw, teacher, tok, cfg, ev, device, teacher_acc=None):
+def evaluate(raw, teacher, text_tok, cfg, ev, device, teacher_acc=None):
     """PSNR, SSIM (metrics.py, as eval.py), zero-shot (quantized semantic path; and the teacher, computed once) and codebook usage."""
     was = raw.training
     raw.eval()  # the quantizers must not move their codebooks on held-out data
@@ -294,7 +269,7 @@ def evaluate(raw, teacher, tok, cfg, ev, device, teacher_acc=None):
     multi = ev.get("multi")
     a = run(ev["images"], with_ssim=multi is None)
     # the tokenizer's text tower is the teacher's, frozen: one classifier serves both image embeddings
-    clf = zero_shot_classifier(raw.siglip, tok, ev["classes"], list(cfg.templates))
+    clf = zero_shot_classifier(raw.siglip, text_tok, ev["classes"], list(cfg.templates))
     k5 = (1, 5) if len(ev["classes"]) >= 5 else (1,)
     acc = zero_shot_accuracy(a["pooled"], clf.cpu(), ev["labels"], topk=k5) if sem_on else {1: None}
     if teacher_acc is None:
@@ -310,21 +285,15 @@ def evaluate(raw, teacher, tok, cfg, ev, device, teacher_acc=None):
         res["ssim"] = m["ssim"].mean().item()
         codes_pix = torch.cat([codes_pix, m["pix"]])
         codes_sem = torch.cat([codes_sem, m["sem"]]) if own_sem else None
-    res["codes_pix"] = usage_stats(codes_pix, raw.config.vq_pix.codebook_size)
-    res["codes_sem"] = usage_stats(codes_sem, raw.config.vq_sem.codebook_size) if own_sem else None
+    K_pix, K_sem = raw.config.vq_pix.codebook_size, raw.config.vq_sem.codebook_size
+    res["codes_pix"] = {k: v.tolist() for k, v in code_stats(codes_pix, K_pix).items()}
+    res["codes_sem"] = {k: v.tolist() for k, v in code_stats(codes_sem, K_sem).items()} if own_sem else None
     raw.train(was)
     return res, teacher_acc
 
 
 # -----------------------------------------------------------------------------
 # training
-
-
-def export(raw, folder):
-    """The product, written atomically: config.json + model.safetensors for DualToken.from_pretrained."""
-    tu._atomic_write(os.path.join(folder, "config.json"),
-                     lambda f: f.write(json.dumps(config_to_dict(raw.config), indent=2).encode()))
-    tu.atomic_save_safetensors(raw.state_dict(), os.path.join(folder, "model.safetensors"), {"format": "pt"})
 
 
 def train(cfg):
@@ -346,7 +315,7 @@ def train(cfg):
     R, layer_sem = raw.config.siglip.vision.image_size, raw.config.layer_sem
     sem_on = raw.config.semantic_branch
     train_ds, ev = make_data(cfg, R)
-    tok = text_tokenizer(cfg) if ev is not None else None
+    text_tok = None if ev is None else siglip_tokenizer(folders=[cfg.init_from], shapes=cfg.data == "shapes")[0]
     lpips, lpips_msg = lpips_or_none(cfg.lpips_vgg_path, cfg.lpips_lin_path)
     loss_fn = TokenizerLoss(LossConfig(w_sem_tok=cfg.w_sem_tok, w_sem_pool=cfg.w_sem_pool, w_commit=cfg.w_commit,
                                        w_rec=cfg.w_rec, w_edge=cfg.w_edge, w_lpips=cfg.w_lpips, w_gan=cfg.w_gan,
@@ -414,7 +383,7 @@ def train(cfg):
                             "consumed": consumed, "disc": disc.state_dict() if disc is not None else None,
                             "disc_optimizer": d_opt.state_dict() if disc is not None else None,
                             "rng": rngs, "config": config_dict(cfg)}, state_path)
-            export(raw, cfg.out_dir)
+            raw.save_pretrained(cfg.out_dir)  # atomic: config.json + model.safetensors
         last_good = step
 
     teacher_acc, result = None, None
@@ -423,7 +392,7 @@ def train(cfg):
         nonlocal teacher_acc
         if ev is None or not master:
             return None
-        res, teacher_acc = evaluate(raw, teacher, tok, cfg, ev, device, teacher_acc)
+        res, teacher_acc = evaluate(raw, teacher, text_tok, cfg, ev, device, teacher_acc)
         res = dict(step=step, **res)
         zs, cs = res["zero_shot_top1"], res["codes_sem"]
         zs = "n/a" if zs is None else f"{zs:.4f}"
@@ -451,7 +420,7 @@ def train(cfg):
                 model.require_backward_grad_sync = micro == accum - 1
             with autocast:
                 if sem_on:
-                    t_sem, t_pool = teacher_targets(teacher, x, layer_sem)
+                    t_sem, t_pool = teacher_features(teacher, x, layer_sem)
                 out = model(x)
                 # recon-only runs have no teacher pass and no semantic terms; runs without a semantic
                 # quantizer of their own (recon-only, tied) have no commit_sem term
@@ -510,8 +479,10 @@ def train(cfg):
             bar.set_postfix(loss=f"{sums['total']:.3f}", rec=f"{sums['rec_mse']:.4f}", img_s=f"{seen / dt:.0f}")
             logger.log(event="train", **row)
         if master and cfg.image_interval and (tu.every(step, cfg.image_interval) or step == last_step):
+            shown = psnr(x[:8], out.recon[:8].detach()).mean().item()
             data.grid_png([list(data.to_image(x[:8])), list(data.to_image(out.recon[:8]))],  # originals over recons
-                          os.path.join(cfg.out_dir, "samples", f"step_{step:06d}.png"), pad=0)
+                          os.path.join(cfg.out_dir, "samples", f"step_{step:06d}.png"),
+                          labels=[f"step {step}: training images", f"their reconstructions (PSNR {shown:.2f} dB)"])
         if tu.every(step, cfg.ckpt_interval) or step == last_step:
             checkpoint()
         if tu.every(step, cfg.eval_interval) or step == last_step:

@@ -96,12 +96,24 @@ def cosine_lr(step, warmup, total, lr, min_lr):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * t)) * (lr - min_lr)
 
 
-def param_groups(model, weight_decay):
+def param_groups(model, weight_decay, parts=None):
     """AdamW groups: decay only >=2-D weights (matmuls, embeddings, convs); biases, norm gains and
-    scalar parameters (e.g. SigLIP's logit scale / bias) are not decayed."""
+    scalar parameters (e.g. SigLIP's logit scale / bias) are not decayed. parts: {name: (base_lr, keep(p))}
+    splits the trainable parameters further, a decay and a no-decay group per part, each with its base_lr and
+    a name (train_mllm: the LLM and the visual modules), empty groups left out. Without parts both groups
+    are kept even when empty: the layout train_siglip's and train_tokenizer's optimizer states hold."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if parts is None:
+        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = []
+    for name, (lr, keep) in parts.items():
+        for decay in (True, False):
+            g = [p for p in params if keep(p) and (p.dim() >= 2) == decay]
+            if g:
+                groups.append(dict(params=g, weight_decay=weight_decay if decay else 0.0, base_lr=lr,
+                                   name=f"{name}_{'decay' if decay else 'no_decay'}"))
+    return groups
 
 
 def rng_state():
@@ -207,18 +219,6 @@ def broadcast_buffers_once(model, src=0):
     with torch.no_grad():
         for b in model.buffers():
             dist.broadcast(b, src)
-
-
-def unwrap(model):
-    """The plain module under DDP (`.module`) and torch.compile (`._orig_mod`): save and evaluate this
-    one, so checkpoint keys never carry `module.` / `_orig_mod.` prefixes."""
-    while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 class ShardedSampler:

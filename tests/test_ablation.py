@@ -84,7 +84,6 @@ def test_tied_uses_one_quantizer_for_both():
         pix, sem = m.encode(x)
         assert torch.equal(pix, sem) and torch.equal(pix, o.pix_codes)
         torch.testing.assert_close(m.encode_image(x), o.pooled)
-        torch.testing.assert_close(m.sem_code_embed(sem), m.pix_code_embed(pix))
 
 
 @pytest.mark.parametrize("mode", "bc")
@@ -105,8 +104,6 @@ def test_recon_only_has_no_semantic_path(mode):
     assert calls == []  # only the blocks the pixel branch reads run
     with pytest.raises(ValueError, match="no semantic branch"):
         m.encode_image(x)
-    with pytest.raises(ValueError, match="no semantic branch"):
-        m.sem_code_embed(pix)
 
 
 def test_invalid_switches():

@@ -216,6 +216,16 @@ def test_transforms_shape_and_range():
     assert torch.equal(data.eval_transform(32)(Image.fromarray(arr)), data.to_tensor(arr))
 
 
+def test_eval_transform_is_torchvisions_resize_and_centre_crop():
+    """The reconstruction protocol (DualToken's evaluation): shortest side to size, bicubic, centre crop."""
+    tvt = pytest.importorskip("torchvision.transforms", reason="torchvision is the reference")
+    t = tvt.Compose([tvt.Resize(32, interpolation=tvt.InterpolationMode.BICUBIC), tvt.CenterCrop(32),
+                     tvt.ToTensor(), tvt.Normalize([0.5] * 3, [0.5] * 3)])
+    for w, h in ((60, 40), (40, 60), (47, 33), (32, 32)):
+        img = _photo(w, h)
+        torch.testing.assert_close(data.eval_transform(32)(img), t(img), atol=1e-6, rtol=0)
+
+
 # -- real-data loaders -------------------------------------------------------------------------------
 
 def _odd_folder(d):

@@ -180,7 +180,7 @@ def test_cli_eval_qa_jsonl(tiny_mllm, tmp_path, capsys):
     preds = [p["pred"] for p in first["qa"]["predictions"]]
     # the free answers are the model's greedy answers to the same images, read as data.read_image reads them
     cfg = ev.EvalMLLMConfig(mllm=str(tiny_mllm))
-    model, tok, image_tok, _ = pipeline.load_pair(cfg, "cpu", ev.load_tokenizer)
+    model, tok, image_tok, _ = pipeline.load_pair(cfg, "cpu")
     x = torch.stack([data.read_image(str(tmp_path / n), 32) for n in ("a.png", "b.png")])
     pix, sem = pipeline.image_codes(image_tok, x)  # (2, 16, D)
     img = [0, 1, 0, 0]
@@ -243,8 +243,8 @@ def test_caption_scores_match_a_direct_computation(teacher_dir):
     texts = ["a red circle", "a blue square", "two green triangles", "x", "a small purple star at the top"]
     s = siglip.caption_scores(judge, tok, images, texts, batch_size=2)
     from PIL import Image
-    with torch.no_grad():
-        x = torch.stack([siglip.preprocess(Image.fromarray(im), 32) for im in images])
+    with torch.no_grad():  # square images: eval_transform's shortest side + crop is HF's squash resize
+        x = torch.stack([data.eval_transform(32)(Image.fromarray(im)) for im in images])
         a = judge.encode_image(x).double().numpy()
         b = judge.encode_text(tok(texts, 24)).double().numpy()
         t, bias = judge.logit_scale.exp().item(), judge.logit_bias.item()
@@ -281,7 +281,7 @@ def test_cli_t2i(tiny_mllm, teacher_dir, tmp_path, capsys):
     want = siglip.caption_scores(judge, tok, real, caps)
     assert saved["real"]["clip_score"] == pytest.approx(want["clip_score"], abs=1e-4)
     assert saved["real"]["sigmoid"] == pytest.approx(want["sigmoid"], abs=1e-6)
-    model, text_tok, image_tok, info = pipeline.load_pair(ev.EvalT2IConfig(mllm=str(tiny_mllm)), "cpu", ev.load_tokenizer)
+    model, text_tok, image_tok, info = pipeline.load_pair(ev.EvalT2IConfig(mllm=str(tiny_mllm)), "cpu")
     g = torch.Generator().manual_seed(5)
     sampling = dict(pipeline.sampling_settings(ev.EvalT2IConfig(cfg_scale=2.0), info))
     gen = data.to_image(pipeline.generate_images(model, image_tok, text_tok, caps, g, 2, **sampling)[0])  # batches of 2

@@ -83,3 +83,25 @@ def test_no_file_over_700_lines():
         if n > MAX_LINES:
             long.append(f"{m}.py: {n} lines")
     assert not long, f"files over {MAX_LINES} lines (split them along a seam):\n" + "\n".join(long)
+
+
+# Names every script or model file may define for itself: the per-script skeleton of nanoGPT's train.py
+# (main, train, validate, evaluate, build_model, make_data, set_trainable: each script's own loop over its
+# own model and data), each component's test-sized config (tiny_config), and each transformer's own blocks
+# (SigLIP's LayerNorm/GELU/bias blocks and the LLM's RMSNorm/SwiGLU/RoPE ones are different modules).
+PER_FILE = {"main", "train", "validate", "evaluate", "build_model", "make_data", "set_trainable", "tiny_config",
+            "Attention", "MLP", "Block"}
+
+
+def test_one_home_per_name():
+    """Issue 17, one home per idea: a top-level function or class name defined in two top-level files is
+    either a copied helper (import it from its home instead) or two ideas under one name (rename one)."""
+    homes = {}
+    for m in _modules():
+        with open(os.path.join(ROOT, m + ".py")) as f:
+            tree = ast.parse(f.read(), m + ".py")
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name not in PER_FILE:
+                homes.setdefault(node.name, []).append(f"{m}.py:{node.lineno}")
+    twice = [f"{name}: {', '.join(where)}" for name, where in sorted(homes.items()) if len(where) > 1]
+    assert not twice, "one home per name (import the helper, or rename one of two ideas):\n" + "\n".join(twice)

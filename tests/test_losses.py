@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from losses import (LPIPS, Discriminator, LossConfig, TokenizerLoss, adaptive_weight, g_loss,
-                    hinge_d_loss, lpips_or_none, mse_cos, semantic_loss)
+                    hinge_d_loss, lpips_or_none, mse_cos)
 
 TINY = (4, 8, 8, 16, 16)  # tiny VGG widths: same layer list and taps as VGG16, milliseconds on CPU
 
@@ -24,13 +24,6 @@ def test_mse_cos_matches_hand_computation():
     torch.testing.assert_close(mse_cos(t, t), torch.tensor(-1.0))
     with pytest.raises(ValueError, match=r"pred \(2, 5, 7\).*target \(2, 5, 6\)"):
         mse_cos(p, t[..., :6])
-
-
-def test_semantic_loss_weights():
-    z, t, pz, pt = torch.randn(2, 4, 8), torch.randn(2, 4, 8), torch.randn(2, 8), torch.randn(2, 8)
-    torch.testing.assert_close(semantic_loss(z, t, pz, pt), 5 * mse_cos(z, t) + mse_cos(pz, pt))
-    torch.testing.assert_close(semantic_loss(z, t, pz, pt, w_tok=2.0, w_pool=3.0),
-                               2 * mse_cos(z, t) + 3 * mse_cos(pz, pt))
 
 
 # --- LPIPS ---
@@ -228,6 +221,12 @@ def _batch():
     args = dict(x=x, x_hat=dec(z), zq_sem=zq, t_sem=torch.randn(2, 5, 8), pooled=zq.mean(1),
                 t_pool=torch.randn(2, 8), commit_pix=torch.tensor(0.3), commit_sem=torch.tensor(0.2))
     return dec, args
+
+
+def test_default_weights_are_the_released():
+    """5 x layer-26 tokens + 1 x pooled (the semantic distillation), 5 commitment, 5 MSE, 1 LPIPS, 0.75 GAN."""
+    c = LossConfig()
+    assert (c.w_sem_tok, c.w_sem_pool, c.w_commit, c.w_rec, c.w_lpips, c.w_gan, c.w_edge) == (5, 1, 5, 5, 1, 0.75, 0)
 
 
 def test_tokenizer_loss_total_is_weighted_sum():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import llm
 import mllm
 import mllm_hf
-from mllm import MLLM, build_sequence, collate, make_targets, tiny_config
+from mllm import MLLM, build_sequence, collate_sequences, make_targets, tiny_config
 
 VIS = dict(pix_vocab=32, pix_dim=8, pix_depth=3, sem_vocab=24, sem_dim=6, sem_depth=2, head_n_layer=2,
            head_n_embd=32, head_n_head=2)
@@ -237,8 +237,8 @@ def test_kv_cache_prefill_step_and_token_by_token_match_full():
 def test_left_padded_batch_matches_rows_one_by_one():
     m = tiny_model()
     rows = [torch.randint(0, 256, (n,)) for n in (5, 12, 9)]
-    batch = collate(m.config, [(r, torch.zeros(len(r), dtype=torch.bool), torch.zeros(len(r), dtype=torch.bool))
-                               for r in rows])
+    no = lambda r: torch.zeros(len(r), dtype=torch.bool)  # noqa: E731 (no image, no generation)
+    batch = collate_sequences(m.config, [(r, no(r), no(r)) for r in rows])
     with torch.no_grad():
         cache = m.new_cache(3, 12 + 4)
         h = m.trunk(m.embed(batch["idx"]), batch["attention_mask"], cache)
@@ -318,7 +318,7 @@ def test_set_codebooks_shapes_and_image_embedding():
 
 def test_bad_visual_inputs_are_named():
     m = tiny_model()
-    s = collate(m.config, [build_sequence(m.config, [[1, 2], ("gen", 3)])])
+    s = collate_sequences(m.config, [build_sequence(m.config, [[1, 2], ("gen", 3)])])
     pix, sem = random_codes(m.config, 2)
     with pytest.raises(ValueError, match=r"pix_codes: expected \(3, 3\)"):
         m(s["idx"], image_mask=s["image_mask"], pix_codes=pix, sem_codes=sem)
@@ -352,7 +352,7 @@ def training_batch(m):
     cfg = m.config
     seqs = [build_sequence(cfg, [[65, 66, 67], ("gen", 4), [cfg.eos_id]]),
             build_sequence(cfg, [("und", 3), [70, 71], [cfg.eos_id]])]
-    b = collate(cfg, seqs)
+    b = collate_sequences(cfg, seqs)
     pix, sem = random_codes(cfg, int(b["image_mask"].sum()))
     return b, pix, sem
 
@@ -494,7 +494,7 @@ def test_image_positions_index_each_image_from_zero():
     cfg = tiny_config()
     seqs = [build_sequence(cfg, [[65, 66], ("und", 3), [67], ("gen", 2), [68]]),
             build_sequence(cfg, [("und", 4)])]
-    b = collate(cfg, seqs)  # left-padded
+    b = collate_sequences(cfg, seqs)  # left-padded
     m = b["image_mask"]
     pos = mllm.image_positions(m)
     assert pos[0][m[0]].tolist() == [0, 1, 2, 0, 1] and pos[1][m[1]].tolist() == [0, 1, 2, 3]
@@ -550,7 +550,7 @@ def test_gen_sem_off_generates_and_trains_pixel_codes_only():
     cfg = m.config
     assert m.sem_head is None and not any(k.startswith("sem_head") for k in m.state_dict())
     seq = [build_sequence(cfg, [("und", 4), [65, 66]]), build_sequence(cfg, [[67], ("gen", 4), [cfg.eos_id]])]
-    b = collate(cfg, seq)
+    b = collate_sequences(cfg, seq)
     p, s = random_codes(cfg, 8)
     s2 = s.clone()
     s2[4:] = (s2[4:] + 1) % cfg.sem_vocab  # other semantic codes on the generated image only
@@ -604,7 +604,7 @@ def test_gen_input_drop_hides_generated_inputs_in_training_only():
     with torch.no_grad():
         m.gen_drop.normal_()
     seq = [build_sequence(cfg, [("und", 16), [65]]), build_sequence(cfg, [[67], ("gen", 16), [cfg.eos_id]])]
-    b = collate(cfg, seq)
+    b = collate_sequences(cfg, seq)
     p, s = random_codes(cfg, 32)
     args = (b["idx"], b["image_mask"], p, s, b["gen_mask"])
     with torch.no_grad():
@@ -628,7 +628,7 @@ def test_gen_caption_loss_targets_the_caption_words_of_generated_rows():
     m = tiny_model(gen_caption_loss=1.0, image_pos=4).train()
     cfg = m.config
     seq = [build_sequence(cfg, [("und", 4), [65, 66]]), build_sequence(cfg, [[67, 68, 67], ("gen", 4), [cfg.eos_id]])]
-    b = collate(cfg, seq)  # left-padded: row 0 is longer
+    b = collate_sequences(cfg, seq)  # left-padded: row 0 is longer
     words = m.caption_words(b["idx"], b["image_mask"], b["attention_mask"], b["gen_mask"])
     assert words[0].sum() == 0 and words[1].nonzero().flatten().tolist() == [67, 68]
     p, s = random_codes(cfg, 8)
@@ -640,7 +640,7 @@ def test_gen_caption_loss_targets_the_caption_words_of_generated_rows():
                                             b["attention_mask"]), b["image_mask"], b["attention_mask"], b["gen_mask"])
     cap.backward()
     assert m.cap_head.weight.grad.abs().sum() > 0 and m.embed.weight.grad[67].abs().sum() > 0
-    und = collate(cfg, [seq[0]])
+    und = collate_sequences(cfg, [seq[0]])
     zero = m._caption_loss(und["idx"], torch.zeros(*und["idx"].shape, cfg.n_embd), und["image_mask"],
                            und["attention_mask"], und["gen_mask"])
     assert float(zero) == 0.0
@@ -653,7 +653,7 @@ def test_gen_ground_loss_predicts_each_generated_patchs_object_words():
     assert tiny_model().ground_head is None
     m = tiny_model(gen_ground_loss=1.0, image_pos=4).train()
     cfg = m.config
-    b = collate(cfg, [build_sequence(cfg, [("und", 4), [65, 66]]), build_sequence(cfg, [[67, 68], ("gen", 4), [cfg.eos_id]])])
+    b = collate_sequences(cfg, [build_sequence(cfg, [("und", 4), [65, 66]]), build_sequence(cfg, [[67, 68], ("gen", 4), [cfg.eos_id]])])
     p, s = random_codes(cfg, 8)
     gw = torch.full((8, 2), -1)
     gw[5] = torch.tensor([70, 71])  # the generated image's 2nd patch shows an object; the rest is background
@@ -680,7 +680,8 @@ def test_image_code_nll_is_the_pixel_loss_per_position():
     (each depth's mean CE, summed over depths)."""
     m = tiny_model(gen_sem=False).eval()
     cfg = m.config
-    b = collate(cfg, [build_sequence(cfg, [("und", 4), [65]]), build_sequence(cfg, [[67, 68], ("gen", 5), [cfg.eos_id]])])
+    b = collate_sequences(cfg, [build_sequence(cfg, [("und", 4), [65]]),
+                                build_sequence(cfg, [[67, 68], ("gen", 5), [cfg.eos_id]])])
     p, s = random_codes(cfg, 9)
     nll = m.image_code_nll(b["idx"], b["image_mask"], p, s, b["attention_mask"], b["gen_mask"])
     gen = b["gen_mask"].bool() & b["image_mask"].bool()

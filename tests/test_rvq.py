@@ -2,6 +2,7 @@
 re-statement of RQ-VAE's update, convergence on a toy mixture, dead-code restart, bf16, bad input, and
 a 2-process gloo DDP run."""
 import copy
+import math
 import os
 
 import pytest
@@ -16,6 +17,11 @@ def make(**kw):
     cfg = rvq.tiny_config()
     cfg.update(kw)
     return ResidualVQ(**cfg)
+
+
+def partial(m, codes, d):
+    """The running partial sum after the first d depths (zeros for d = 0), from the per-depth codewords."""
+    return m.embed_per_depth(codes[..., :d]).sum(-2)
 
 
 # ------------------------------------------------------------------ a plain reference of the EMA step
@@ -74,7 +80,6 @@ def test_shapes_dtypes(shared, schedule):
         assert c.shape == (2, 3, 5, 3) and c.dtype == torch.int64
         assert loss.shape == () and torch.isfinite(loss)
         assert m.embed_per_depth(c).shape == (2, 3, 5, 3, 16)
-        assert m.embed_partial(c, 2).shape == (2, 3, 5, 16)
         assert m.last_stats["usage"].shape == (3,) and m.last_stats["perplexity"].shape == (3,)
     q, c, _ = m(torch.randn(7, 16, dtype=torch.bfloat16))
     assert q.dtype == torch.bfloat16 and c.shape == (7, 3)
@@ -86,12 +91,12 @@ def test_quantized_equals_embed_eval(shared):
     x = torch.randn(4, 10, 16)
     q, c, _ = m(x)
     assert torch.equal(q, m.embed(c))
-    assert torch.equal(m.embed_partial(c, 3), m.embed(c))
-    assert torch.equal(m.embed_partial(c, 0), torch.zeros_like(q))
+    assert torch.equal(partial(m, c, 3), m.embed(c))
+    assert torch.equal(partial(m, c, 0), torch.zeros_like(q))
     assert torch.allclose(m.embed_per_depth(c).sum(-2), q)
     # the residual after depth d is x minus the partial sum: each depth picked the nearest code to it
     for d in range(3):
-        r = x - m.embed_partial(c, d)
+        r = x - partial(m, c, d)
         book = m.codebook[m.book_of(d)]
         assert torch.equal(torch.cdist(r.reshape(-1, 16), book).argmin(1), c[..., d].reshape(-1))
 
@@ -137,13 +142,13 @@ def test_commit_loss_by_hand():
     m = make().eval()
     x = torch.randn(2, 6, 16)
     _, c, loss = m(x)
-    hand = sum(((x - m.embed_partial(c, d + 1)) ** 2).mean() for d in range(3)) / 3
+    hand = sum(((x - partial(m, c, d + 1)) ** 2).mean() for d in range(3)) / 3
     assert torch.allclose(loss, hand, rtol=1e-6, atol=0)
     # training mode, deferred: partial sums come from the pre-update book
     m = make(ema_update="deferred")
     before = copy.deepcopy(m).eval()
     _, c, loss = m(x)
-    hand = sum(((x - before.embed_partial(c, d + 1)) ** 2).mean() for d in range(3)) / 3
+    hand = sum(((x - partial(before, c, d + 1)) ** 2).mean() for d in range(3)) / 3
     assert torch.allclose(loss, hand, rtol=1e-6, atol=0)
 
 
@@ -258,11 +263,20 @@ def test_bf16_autocast_same_codes(train):
 
 
 def test_code_stats():
-    m = make(codebook_size=8, depth=2)
-    c = torch.stack([torch.arange(16) % 8, torch.zeros(16, dtype=torch.long)], 1)  # (16, 2)
-    s = m.code_stats(c)
-    assert torch.allclose(s["usage"], torch.tensor([1.0, 1 / 8]))
-    assert torch.allclose(s["perplexity"], torch.tensor([8.0, 1.0]))
+    K = 8
+    c = torch.stack([torch.arange(16) % K, torch.zeros(16, dtype=torch.long)], 1)  # (16, 2)
+    s = rvq.code_stats(c, K)
+    assert torch.allclose(s["usage"], torch.tensor([1.0, 1 / K], dtype=s["usage"].dtype))
+    assert torch.allclose(s["perplexity"], torch.tensor([8.0, 1.0], dtype=s["perplexity"].dtype))
+    uniform = torch.arange(4 * K).remainder(K).view(-1, 1).repeat(1, 2)  # (32, 2): every code 4x per depth
+    uniform[:, 1] = 3  # depth 1 collapsed to one code
+    s = {k: v.tolist() for k, v in rvq.code_stats(uniform, K).items()}
+    assert s["usage"] == [1.0, 1 / K] and s["usage_any_depth"] == 1.0
+    assert math.isclose(s["perplexity"][0], K, rel_tol=1e-9) and math.isclose(s["perplexity"][1], 1.0)
+    assert math.isclose(s["entropy_bits"][0], 3.0) and s["entropy_bits"][1] == 0.0
+    m = make(codebook_size=K, depth=2).eval()
+    m(torch.randn(5, 16))  # the quantizer records the same statistic of the codes it found
+    assert set(m.last_stats) == set(s) and m.last_stats["usage"].shape == (2,)
 
 
 def test_bad_input():
@@ -284,8 +298,6 @@ def test_bad_input():
         m.embed(torch.tensor([[0, 1]]))
     with pytest.raises(ValueError, match="integer"):
         m.embed(torch.zeros(1, 3))
-    with pytest.raises(ValueError, match="k=3"):
-        m.embed_partial(torch.zeros(1, 2, dtype=torch.long), 3)
     with pytest.raises(ValueError, match="ema_update"):
         make(ema_update="sometimes")
 

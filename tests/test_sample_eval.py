@@ -14,6 +14,7 @@ import torch.nn as nn
 import checker
 import data
 import eval as ev
+import evaluation
 import metrics
 import pipeline
 import sample
@@ -76,16 +77,6 @@ def test_ssim_matches_pytorch_msssim():
     assert torch.allclose(metrics.ssim(x, y).double(), want, atol=1e-5)
 
 
-def test_code_stats():
-    K = 8
-    uniform = torch.arange(4 * K).remainder(K).view(-1, 1).repeat(1, 2)  # (32, 2): every code 4x per depth
-    uniform[:, 1] = 3  # depth 1 collapsed to one code
-    s = ev.code_stats(uniform, K)
-    assert s["usage"] == [1.0, 1 / K] and s["usage_any_depth"] == 1.0
-    assert math.isclose(s["perplexity"][0], K, rel_tol=1e-9) and math.isclose(s["perplexity"][1], 1.0)
-    assert math.isclose(s["entropy_bits"][0], 3.0) and s["max_entropy_bits"] == 3.0 and s["n_vectors"] == 32
-
-
 # -----------------------------------------------------------------------------
 # zero-shot with a known answer
 
@@ -146,7 +137,8 @@ def test_cli_reconstruct(tiny_tok, tmp_path):
     assert len(info["images"]) == 2 and all(np.isfinite(r["psnr"]) for r in info["images"])
     assert info["images"][0]["pix_codes_shape"] == [4, 4, 3]
     grid = Image.open(out / "reconstruct.png")
-    assert grid.size == (2 * 34 + 2, 2 * 34 + 2)  # 2 columns (original | recon) x 2 rows of 32 px, 2 px pad
+    # 2 columns (original | recon) x 2 rows of 32 px enlarged x5 (>= 144 px), 2 px pad, a caption line per row
+    assert grid.size == (2 * (160 + 2) + 2, 2 * (160 + 2 + 12) + 2)
     assert len(os.listdir(out / "recon")) == 2
     assert json.load(open(out / "reconstruct.json"))["config"]["images"] == str(folder)
     with pytest.raises(ValueError, match="neither a file nor a folder"):
@@ -206,6 +198,9 @@ def test_cli_eval_tokenizer_image_folder(tiny_tok, tmp_path):
                    f"--out={tmp_path / 'e.json'}"])
     assert res["n_images"] == 4 and res["zero_shot"]["classes"] == 2 and res["zero_shot"]["templates"] == 80
     assert "quantized_top1" in res["zero_shot"]
+    c = res["codes_pix"]  # rvq.code_stats as lists, with the report's own two fields
+    assert set(c) == {"usage", "perplexity", "entropy_bits", "usage_any_depth", "max_entropy_bits", "n_vectors"}
+    assert c["n_vectors"] == 4 * 4 * 4 and len(c["usage"]) == 3 and max(c["entropy_bits"]) <= c["max_entropy_bits"]
     assert res["rfid"] is None and res["rfid_note"].startswith("unavailable: ")  # no clean-fid, or a bad file
     assert len(os.listdir(tmp_path / "eval_images" / "real")) == len(os.listdir(tmp_path / "eval_images" / "recon")) == 4
     names.write_text("only one\n")
@@ -230,7 +225,7 @@ def test_checker_score_on_ground_truth_is_perfect():
 
 def test_question_types_cover_the_world():
     world = data.ShapesWorld(data.ShapesConfig(holdout_pairs=(("red", "triangle"),)))
-    types = {ev.question_type(q) for split in ("val", "holdout") for i in range(60)
+    types = {evaluation.question_type(q) for split in ("val", "holdout") for i in range(60)
              for q, _ in world.sample(split, i)["qa"]}
     assert types == {"count_all", "count_shape", "color", "shape", "position", "size", "exists"}
 
@@ -240,18 +235,18 @@ def test_blind_baseline_majority_and_chance():
         [("what color is the circle?", "blue")] * 2 + [("what color is the square?", "green")] * 4
     asked = ["how many objects are there?", "what color is the circle?", "what color is the triangle?",
              "where is the red circle?"]
-    answers, chance = ev.blind_baseline(train, asked)
+    answers, chance = evaluation.blind_baseline(train, asked)
     # the question's majority (red 3 : blue 2, though green is the type's majority); an unseen question:
     # its type's majority (green 4 of 9); a type train never asks: None
     assert answers == ["one", "red", "green", None]
     assert chance == {"color": 1 / 3, "count_all": 1.0}
-    assert ev.blind_baseline([("is there a red circle?", "no"), ("is there a red circle?", "yes")],
+    assert evaluation.blind_baseline([("is there a red circle?", "no"), ("is there a red circle?", "yes")],
                              ["is there a red circle?"])[0] == ["no"]  # a tie: alphabetical, not train order
     # one object per image: "how many objects" is always "one", the blind baseline gets all of them
     world = data.ShapesWorld(data.ShapesConfig(image_size=32, max_objects=1))
     train_qa = [p for i in range(300) for p in world.sample("train", i)["qa"]]
-    val = [p for i in range(30) for p in world.sample("val", i)["qa"] if ev.question_type(p[0]) == "count_all"]
-    answers, chance = ev.blind_baseline(train_qa, [q for q, _ in val])
+    val = [p for i in range(30) for p in world.sample("val", i)["qa"] if evaluation.question_type(p[0]) == "count_all"]
+    answers, chance = evaluation.blind_baseline(train_qa, [q for q, _ in val])
     assert len(val) == 30 and answers == [a for _, a in val] == ["one"] * 30
     assert chance["count_all"] == 1.0 and chance["exists"] == 0.5 and chance["color"] == 1 / 6
     assert chance["position"] == 1 / 9 and chance["size"] == 0.5 and chance["shape"] == 1 / 3
@@ -260,10 +255,10 @@ def test_blind_baseline_majority_and_chance():
 def test_derangement():
     for n in range(2, 12):
         for seed in range(5):
-            p = ev.derangement(n, seed)
+            p = evaluation.derangement(n, seed)
             assert sorted(p.tolist()) == list(range(n)) and (p != np.arange(n)).all()
-    assert ev.derangement(7, 3).tolist() == ev.derangement(7, 3).tolist()
-    assert ev.derangement(1, 0).tolist() == [0]
+    assert evaluation.derangement(7, 3).tolist() == evaluation.derangement(7, 3).tolist()
+    assert evaluation.derangement(1, 0).tolist() == [0]
 
 
 def test_qa_eval_shuffled_reads_other_images():
@@ -329,12 +324,12 @@ def test_object_errors():
     assert pred == drawn  # the checker reads the render back (cell order)
     asked = [dict(color="red", shape="circle", size="large", cell="top left"),
              dict(color="green", shape="triangle", size="small", cell="bottom right")]
-    assert ev.object_errors([pred], [drawn]) == dict(false_objects=0.0, missed_cells=0.0)
+    assert evaluation.object_errors([pred], [drawn]) == dict(false_objects=0.0, missed_cells=0.0)
     # the square in the center was not asked for (false), the bottom right was asked for and is empty (missed)
-    assert ev.object_errors([pred], [asked]) == dict(false_objects=1.0, missed_cells=0.5)
+    assert evaluation.object_errors([pred], [asked]) == dict(false_objects=1.0, missed_cells=0.5)
     # two predictions in one cell: one matches, the other is false; an empty image misses everything
     two = [dict(color="red", shape="circle", size="small", cell="top")] * 2
-    res = ev.object_errors([two, checker.describe(world.render([]))], [two[:1], asked])
+    res = evaluation.object_errors([two, checker.describe(world.render([]))], [two[:1], asked])
     assert res == dict(false_objects=0.5, missed_cells=2 / 3)
 
 
@@ -399,7 +394,7 @@ def test_cli_eval_mllm(tiny_mllm, tiny_tok, tmp_path, capsys):
             assert c["n"] == q["n"] and set(c["by_type"]) == set(q["by_type"]) and 0 <= c["accuracy"] <= 1
             assert c["accuracy"] == pytest.approx(sum(v["accuracy"] * v["n"] for v in c["by_type"].values()) / c["n"])
         # the blind answers, recomputed from the same 300 train samples
-        answers, _ = ev.blind_baseline([p for i in range(300) for p in world.sample("train", i)["qa"]],
+        answers, _ = evaluation.blind_baseline([p for i in range(300) for p in world.sample("train", i)["qa"]],
                                        [qq for s in samples for qq, _ in s["qa"]])
         truth = [a for s in samples for _, a in s["qa"]]
         assert saved[split]["qa_blind"]["accuracy"] == sum(map(str.__eq__, answers, truth)) / len(truth)
@@ -464,8 +459,8 @@ def test_tokenizer_ceiling_scores_the_decoded_true_images():
         def decode(self, x):
             return torch.full_like(x, 0.9) if self.blank else x
 
-    assert ev.ceiling(Codec(False), samples, cfg, "cpu", nullcontext())["all_correct"] == 1.0
-    assert ev.ceiling(Codec(True), samples, cfg, "cpu", nullcontext())["all_correct"] == 0.0
+    assert ev.tokenizer_ceiling(Codec(False), samples, cfg, "cpu", nullcontext())["all_correct"] == 1.0
+    assert ev.tokenizer_ceiling(Codec(True), samples, cfg, "cpu", nullcontext())["all_correct"] == 0.0
 
 
 def test_sampling_defaults_come_from_the_trained_model():

@@ -278,21 +278,3 @@ def test_zero_shot():
     torch.testing.assert_close(W.norm(dim=0), torch.ones(3))
     with pytest.raises(ValueError, match="topk"):
         siglip.zero_shot_accuracy(img[:, :D], classifier[:, :3], labels % 3, topk=(5,))
-
-
-def test_preprocess():
-    from PIL import Image
-    import numpy as np
-    rng = np.random.default_rng(0)
-    img = Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8))
-    x = siglip.preprocess(img, 32, "squash")
-    assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
-    ref = np.asarray(img.resize((32, 32), Image.BICUBIC), dtype=np.float32).transpose(2, 0, 1) / 255
-    torch.testing.assert_close(x, (torch.from_numpy(ref) - 0.5) / 0.5)
-    y = siglip.preprocess(img, 32, "crop")
-    tvt = pytest.importorskip("torchvision.transforms", reason="crop reference")
-    t = tvt.Compose([tvt.Resize(32, interpolation=tvt.InterpolationMode.BICUBIC), tvt.CenterCrop(32),
-                     tvt.ToTensor(), tvt.Normalize([0.5] * 3, [0.5] * 3)])
-    torch.testing.assert_close(y, t(img), atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match="mode"):
-        siglip.preprocess(img, 32, "stretch")

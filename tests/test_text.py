@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from text import ByteTokenizer, GemmaTokenizer, SentencePieceTokenizer, canonicalize, load_tokenizer
+from text import ByteTokenizer, GemmaTokenizer, SentencePieceTokenizer, canonicalize, siglip_tokenizer
 
 CORPUS = ["a photo of a cat", "A red circle on the left.", "two blue squares and one green triangle",
           "the dog, the bird & the fish!", "hello world", "a small yellow star above a big purple square"]
@@ -71,7 +71,9 @@ def test_sentencepiece_canonicalisation(spiece):
     assert canonicalize("  A  Photo, of a CAT!! ") == "a photo of a cat"
     assert tok.encode("A  Photo, of a CAT!!") == tok.encode("a photo of a cat")
     assert tok.decode(tok(["a cat"], 8)[0]) == "a cat"
-    assert load_tokenizer(str(__import__("pathlib").Path(spiece).parent)).vocab_size == tok.vocab_size
+    folder = str(__import__("pathlib").Path(spiece).parent)
+    found, where = siglip_tokenizer("", ["", folder])  # the first folder that holds a tokenizer file
+    assert isinstance(found, SentencePieceTokenizer) and found.vocab_size == tok.vocab_size and where == folder
 
 
 @pytest.fixture(scope="module")
@@ -103,14 +105,22 @@ def test_gemma_matches_transformers(gemma_json):
     ids = ours.encode("a cat")
     assert batch[0].tolist() == ids + [1] + [0] * (11 - len(ids))
     assert batch[1, -1].item() == 1 and batch.shape == (2, 12)
-    assert isinstance(load_tokenizer(folder), GemmaTokenizer)
+    assert isinstance(siglip_tokenizer(folder)[0], GemmaTokenizer)
     no_eos = GemmaTokenizer(folder + "/tokenizer.json", add_eos=False)
     assert no_eos(["a cat"], 12)[0].tolist() == ids + [0] * (12 - len(ids))
 
 
 def test_missing_tokenizer_file(tmp_path):
     with pytest.raises(ValueError, match="spiece.model"):
-        load_tokenizer(str(tmp_path))
+        siglip_tokenizer(str(tmp_path))
+    with pytest.raises(ValueError, match="spiece.model"):  # no folder holds one: named, never bytes silently
+        siglip_tokenizer("", ["", str(tmp_path)])
+
+
+def test_siglip_tokenizer_bytes_for_shapes(tmp_path):
+    for args in (("byte",), ("", [str(tmp_path)], True)):  # asked for, or the shapes world's default
+        tok, where = siglip_tokenizer(*args)
+        assert isinstance(tok, ByteTokenizer) and where == "byte"
 
 
 def test_word_tokenizer_covers_the_shapes_world():

@@ -66,9 +66,9 @@ def test_loss_drops_for_each_kind(tok_dir, cache_dir, tmp_path, kind, term):
 
 def _batch(tok_dir, cache_dir, kind, **kw):
     cfg = make_cfg(tok_dir, "unused", cache_dir)
-    dual = tm.load_image_tokenizer(tok_dir)
-    cache = tm.CodeCache(cache_dir, "train", tm.cache_meta(cfg, dual, pipeline.tokenizer_hash(dual, tok_dir)))
-    tok = tm.text_tokenizer(cfg)
+    dual = pipeline.load_image_tokenizer(tok_dir)
+    cache = pipeline.CodeCache(cache_dir, "train", pipeline.cache_meta(cfg, dual, pipeline.tokenizer_hash(dual, tok_dir)))
+    tok = tm.mllm_text_tokenizer(cfg)[0]
     model = tm.build_model(cfg, tok, dual)
     rec = cache.records[0]
     parts, flags = pipeline.sample_parts(kind, rec, tok, np.random.default_rng(0), kw.get("drop", 0.0), 16, kw.get("n_qa", 1))
@@ -117,7 +117,7 @@ def test_generation_mask_and_caption_dropout(tok_dir, cache_dir):
 def test_loss_weights_reach_the_model(tok_dir, cache_dir):
     b, _, tok, model, _ = _batch(tok_dir, cache_dir, "gen")
     cfg = make_cfg(tok_dir, "unused", cache_dir, text_loss_weight=8.0, pix_loss_weight=0.5, sem_loss_weight=2.0)
-    weighted = tm.build_model(cfg, tok, tm.load_image_tokenizer(tok_dir))
+    weighted = tm.build_model(cfg, tok, pipeline.load_image_tokenizer(tok_dir))
     weighted.load_state_dict(model.state_dict())
     _, loss = weighted(**b)
     p = weighted.loss_parts
@@ -144,9 +144,9 @@ def test_kind_counts():
 
 def test_cache_round_trip_and_refuses_other_tokenizer(tok_dir, cache_dir, tmp_path):
     cfg = make_cfg(tok_dir, tmp_path, cache_dir)
-    dual = tm.load_image_tokenizer(tok_dir)
+    dual = pipeline.load_image_tokenizer(tok_dir)
     thash = pipeline.tokenizer_hash(dual, tok_dir)
-    cache = tm.CodeCache(cache_dir, "train", tm.cache_meta(cfg, dual, thash))
+    cache = pipeline.CodeCache(cache_dir, "train", pipeline.cache_meta(cfg, dual, thash))
     assert cache.pix.dtype == np.int16 and cache.pix.shape == (48, 16, 3) and len(cache) == 48
     world = data.ShapesWorld(data.ShapesConfig(image_size=32, max_objects=2, seed=0))
     for i in (0, 7, 47):
@@ -164,14 +164,15 @@ def test_cache_round_trip_and_refuses_other_tokenizer(tok_dir, cache_dir, tmp_pa
     with pytest.raises(ValueError, match="made by tokenizer"):
         tm.train(make_cfg(other, tmp_path / "run", cache_dir))
     with pytest.raises(ValueError, match="train_size"):  # same tokenizer, different data
-        tm.CodeCache(cache_dir, "train", tm.cache_meta(make_cfg(tok_dir, tmp_path, train_size=49), tm.load_image_tokenizer(tok_dir), thash))
+        pipeline.CodeCache(cache_dir, "train", pipeline.cache_meta(make_cfg(tok_dir, tmp_path, train_size=49),
+                                                                   pipeline.load_image_tokenizer(tok_dir), thash))
 
 
 def test_cache_codes_are_what_eval_reads_under_autocast(tok_dir, cache_dir):
     """Train/eval agreement: the cached codes (what the MLLM trains on) are exactly the codes eval.py /
     sample.py get for the same image while they run under bf16 autocast (CPU autocast stands in for cuda's)."""
-    dual = tm.load_image_tokenizer(tok_dir)
-    cache = tm.CodeCache(cache_dir, "train", tm.cache_meta(make_cfg(tok_dir, cache_dir), dual,
+    dual = pipeline.load_image_tokenizer(tok_dir)
+    cache = pipeline.CodeCache(cache_dir, "train", pipeline.cache_meta(make_cfg(tok_dir, cache_dir), dual,
                                                            pipeline.tokenizer_hash(dual, tok_dir)))
     world = data.ShapesWorld(data.ShapesConfig(image_size=32, max_objects=2, seed=0))
     x = torch.stack([data.to_tensor(world.sample("train", i)["image"]) for i in range(48)])
@@ -188,9 +189,9 @@ def test_interrupted_prepare_leaves_the_old_cache_whole(tok_dir, tmp_path, monke
     folder = str(tmp_path / "cache")
     cfg = make_cfg(tok_dir, tmp_path / "run", folder, prepare=True)
     tm.train(cfg)
-    dual = tm.load_image_tokenizer(tok_dir)
-    expect = tm.cache_meta(cfg, dual, pipeline.tokenizer_hash(dual, tok_dir))
-    old = tm.CodeCache(folder, "train", expect)
+    dual = pipeline.load_image_tokenizer(tok_dir)
+    expect = pipeline.cache_meta(cfg, dual, pipeline.tokenizer_hash(dual, tok_dir))
+    old = pipeline.CodeCache(folder, "train", expect)
     pix, sem, recs = np.array(old.pix), np.array(old.sem), old.records
     assert pix.any()
     sample = data.ShapesWorld.sample
@@ -203,10 +204,10 @@ def test_interrupted_prepare_leaves_the_old_cache_whole(tok_dir, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         tm.train(cfg)
     monkeypatch.undo()
-    c = tm.CodeCache(folder, "train", expect)
+    c = pipeline.CodeCache(folder, "train", expect)
     assert np.array_equal(c.pix, pix) and np.array_equal(c.sem, sem) and c.records == recs
     tm.train(cfg)  # a leftover partial build is cleared and the rebuild completes
-    c = tm.CodeCache(folder, "train", expect)
+    c = pipeline.CodeCache(folder, "train", expect)
     assert np.array_equal(c.pix, pix) and np.array_equal(c.sem, sem) and sorted(os.listdir(folder)) == sorted(
         ["meta.json"] + [f"{s}_{k}" for s in ("train", "val") for k in ("pix.npy", "sem.npy", "index.json")])
 
@@ -216,8 +217,8 @@ def test_holdout_pairs_never_reach_the_cache(tok_dir, tmp_path):
     cfg = make_cfg(tok_dir, tmp_path / "run", str(tmp_path / "cache"), holdout_pairs=(("red", "circle"),),
                    prepare=True, train_size=64)
     tm.train(cfg)
-    dual = tm.load_image_tokenizer(tok_dir)
-    cache = tm.CodeCache(str(tmp_path / "cache"), "train", tm.cache_meta(cfg, dual, pipeline.tokenizer_hash(dual, tok_dir)))
+    dual = pipeline.load_image_tokenizer(tok_dir)
+    cache = pipeline.CodeCache(str(tmp_path / "cache"), "train", pipeline.cache_meta(cfg, dual, pipeline.tokenizer_hash(dual, tok_dir)))
     pairs = {(o["color"], o["shape"]) for r in cache.records for o in r["objects"]}
     assert ("red", "circle") not in pairs and len(pairs) > 5
     assert all("red circle" not in r["caption"] for r in cache.records)
@@ -225,8 +226,9 @@ def test_holdout_pairs_never_reach_the_cache(tok_dir, tmp_path):
     tm.train(cfg)  # the export records the pairs, so eval.py scores them as the "holdout" split
     assert pipeline.load_mllm(str(tmp_path / "run"))[1]["holdout_pairs"] == [["red", "circle"]]
     with pytest.raises(ValueError, match="holdout_pairs"):  # a cache made without the holdout is refused
-        tm.CodeCache(str(tmp_path / "cache"), "train", tm.cache_meta(make_cfg(tok_dir, tmp_path, train_size=64), dual,
-                                                                     pipeline.tokenizer_hash(dual, tok_dir)))
+        pipeline.CodeCache(str(tmp_path / "cache"), "train",
+                           pipeline.cache_meta(make_cfg(tok_dir, tmp_path, train_size=64), dual,
+                                               pipeline.tokenizer_hash(dual, tok_dir)))
 
 
 def test_train_exports_loadable_model_and_eval(tok_dir, cache_dir, tmp_path, monkeypatch):
@@ -238,7 +240,12 @@ def test_train_exports_loadable_model_and_eval(tok_dir, cache_dir, tmp_path, mon
     assert res["qa_images"] == 4 and res["n_qa"] == sum(len(r["qa"]) for r in val[:4]) > 4  # every question
     assert res["n_gen"] == 2 and res["sampling"]["cfg_scale"] == 3.0
     assert json.load(open(out / "eval.json"))["qa_accuracy"] == res["qa_accuracy"]
-    assert os.path.isfile(out / "samples" / "step_000004.png") and read_log(out, "samples")
+    assert read_log(out, "samples")
+    from PIL import Image
+    R = pipeline.load_image_tokenizer(tok_dir).config.siglip.vision.image_size
+    s = -(-144 // R)  # enlarged (nearest neighbour) to >= 144 px, as sample.py's grids
+    grid = Image.open(out / "samples" / "step_000004.png")  # per val image: codes decoded | drawn, caption under
+    assert grid.size[0] == 2 * (R * s + 2) + 2 and grid.size[1] > 8 * (R * s + 2) + 2
     real, normal = [], torch.nn.init.normal_
 
     def spy(tensor, *a, **k):  # built on the meta device: no real tensor is randomly initialised
@@ -274,7 +281,7 @@ def test_stage_trainable_sets():
     assert {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad} == {"pix_head", "sem_head"}
     tm.set_trainable(m, "all")
     cfg.vis_lr = 1e-3
-    groups = tm.param_groups(m, cfg)
+    groups = tm.optimizer_groups(m, cfg)
     lrs = {g["name"]: g["base_lr"] for g in groups}
     assert lrs["llm_decay"] == cfg.lr and lrs["vis_decay"] == 1e-3
     assert sum(len(g["params"]) for g in groups) == len(list(m.parameters()))

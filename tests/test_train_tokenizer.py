@@ -59,7 +59,11 @@ def test_loss_goes_down_and_outputs_load(teacher_dir, tmp_path):
     for k in ("sem_tok", "sem_pool", "commit_pix", "commit_sem", "rec_mse", "lr", "pix_usage", "sem_perplexity"):
         assert k in last
     assert len(last["pix_usage"]) == 2 and "lpips" not in last and "g" not in last  # LPIPS, GAN off
-    assert os.path.isfile(out / "samples" / "step_000012.png")
+    from PIL import Image
+    R = raw.config.siglip.vision.image_size
+    s = -(-144 // R)  # enlarged (nearest neighbour) to >= 144 px, as sample.py's grids
+    grid = Image.open(out / "samples" / "step_000012.png")  # the 4 images of the batch over their reconstructions
+    assert grid.size[0] == 4 * (R * s + 2) + 2 and grid.size[1] > 2 * (R * s + 2) + 2  # + a caption per row
     ev = json.load(open(out / "eval.json"))
     for k in ("psnr", "zero_shot_top1", "teacher_zero_shot_top1", "codes_pix", "codes_sem", "wall_s"):
         assert k in ev

@@ -102,6 +102,10 @@ def test_param_groups_decay_only_matrices():
     decay, no_decay = tu.param_groups(m, 0.1)
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+    first = {id(p) for p in m[0].parameters()}  # parts: per part a decay and a no-decay group, empty ones left out
+    groups = tu.param_groups(m, 0.1, {"a": (1.0, lambda p: id(p) in first), "b": (2.0, lambda p: id(p) not in first)})
+    assert [(g["name"], g["base_lr"], g["weight_decay"], len(g["params"])) for g in groups] == \
+        [("a_decay", 1.0, 0.1, 1), ("a_no_decay", 1.0, 0.0, 1), ("b_no_decay", 2.0, 0.0, 2)]
 
 
 def test_check_finite_names_term():
@@ -110,14 +114,7 @@ def test_check_finite_names_term():
         tu.check_finite({"a": 1.0, "b": torch.tensor(float("nan"))}, step=7)
 
 
-def test_unwrap_and_logger(tmp_path):
-    m = torch.nn.Linear(2, 2)
-
-    class Compiled(torch.nn.Module):  # stands in for torch.compile's wrapper
-        def __init__(self, inner):
-            super().__init__()
-            self._orig_mod = inner
-    assert tu.unwrap(Compiled(m)) is m
+def test_logger(tmp_path):
     log = tu.JsonlLogger(str(tmp_path / "log" / "train.jsonl"))
     log.log(step=1, loss=torch.tensor(0.5))
     log.log(step=2, loss=0.25)
