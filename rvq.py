@@ -23,7 +23,7 @@ residuals of all depths. In both, the codeword a depth subtracts is the one it f
 before that depth's update (RQ-VAE looks the code up before `_update_embedding`), so `quantized` equals
 `embed(codes)` evaluated on the codebook(s) the search saw.
 
-Memory. Nothing of size (K x N) is ever built: counts use bincount, sums index_add_, and the search runs
+Memory. Nothing of size (K x N) is ever built: counts and sums use index_add_, and the search runs
 over chunks of `search_chunk` vectors through one reused (C, K) fp32 distance block, the largest tensor
 of the whole quantizer. With N vectors, K codes, width D, depth L, chunk C, a training step (forward and
 backward) needs about
@@ -119,7 +119,9 @@ class ResidualVQ(nn.Module):
         K, D = self.codebook_size, self.dim
         stats = torch.zeros(K, D + 1, device=v.device)             # (K, D+1): sums | counts
         stats[:, :D].index_add_(0, codes, v)
-        stats[:, D] = torch.bincount(codes, minlength=K).float()
+        # counts by index_add_ too, not bincount: bincount's output length depends on the largest code
+        # (a data-dependent shape, which splits a torch.compile graph)
+        stats[:, D].index_add_(0, codes, v.new_ones(v.shape[0]))
         ddp = self._ddp()
         if ddp:
             dist.all_reduce(stats)                                  # one collective for both
@@ -141,9 +143,12 @@ class ResidualVQ(nn.Module):
     # ---------------------------------------------------------------- forward
 
     def check_input(self, x):
+        """The finiteness check reads a value back to the host: eager only. Under torch.compile it would
+        split the graph in two every forward; there a nan input shows up at once as a non-finite commitment
+        loss, which the trainers' check_finite stops on by name before anything is saved."""
         if x.ndim < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"ResidualVQ input x: expected shape (..., {self.dim}), got {tuple(x.shape)}")
-        if not torch.isfinite(x).all():
+        if not torch.compiler.is_compiling() and not torch.isfinite(x).all():
             raise ValueError(f"ResidualVQ input x {tuple(x.shape)} has non-finite values (nan/inf)")
 
     def forward(self, x):
@@ -231,7 +236,8 @@ class ResidualVQ(nn.Module):
         if codes.ndim < 1 or codes.shape[-1] != L:
             raise ValueError(f"codes: expected shape (..., {L}), got {tuple(codes.shape)}")
         c = codes.reshape(-1, L).long() + K * torch.arange(L, device=codes.device)  # (N, L)
-        hist = torch.bincount(c.reshape(-1), minlength=L * K).reshape(L, K).float()  # (L, K)
+        hist = torch.zeros(L * K, device=codes.device).index_add_(  # a fixed shape, unlike bincount
+            0, c.reshape(-1), torch.ones(c.numel(), device=codes.device)).reshape(L, K)  # (L, K)
         p = hist / hist.sum(1, keepdim=True).clamp(min=1)
         entropy = -(p * torch.log(p.clamp(min=1e-30))).sum(1)
         return {"usage": (hist > 0).float().mean(1), "perplexity": entropy.exp()}
