@@ -1,0 +1,111 @@
+"""bench.py gpu's arithmetic on the CPU: the analytic FLOP counts of flops.py against torch's FlopCounterMode
+running the real modules forward and backward on tiny configs, the MFU table and its fallbacks, the graph
+breaks of a compiled training step, and `bench.py gpu` without cuda.
+
+Like with like: FlopCounterMode counts matmuls, convolutions and attention, as flops.py does. Two things
+it does not see are handled here: attention runs on SDPA's math backend (the CPU's fused kernel is not in
+the counter's table; math is plain bmm, whose backward is 2x forward, flops.py's convention), and the
+quantizer's in-place addmm_ (not in the table either) is counted by wrapping ResidualVQ.search. With that
+the counts agree EXACTLY: the formulas leave nothing out that the counter counts, so no tolerance is
+needed; a term missing or doubled anywhere (a projection, a decoder level, the backward of a frozen input)
+would show as a difference of at least a fraction of a percent even on these tiny models.
+"""
+import contextlib
+import dataclasses
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import flops
+import mllm
+import tokenizer as tkz
+import train_utils as tu
+from losses import LPIPS, LossConfig, TokenizerLoss
+from rvq import ResidualVQ
+from siglip import SigLIP
+
+
+def measured(fn):
+    fc = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), fc:
+        fn()
+    return fc.get_total_flops()
+
+
+@contextlib.contextmanager
+def count_search(monkeypatch):
+    """Adds up the (N, K) distance products ResidualVQ.search makes (its addmm_ escapes FlopCounterMode)."""
+    seen = []
+    orig = ResidualVQ.search
+
+    def search(self, r, book):
+        seen.append(2 * r.shape[0] * book.shape[0] * book.shape[1])
+        return orig(self, r, book)
+
+    monkeypatch.setattr(ResidualVQ, "search", search)
+    yield seen
+
+
+def _tok_cfg(variant):
+    c = tkz.tiny_config()
+    if variant == "tied":  # ablation run (a): one quantizer, decoded and distilled, no shortcut
+        return dataclasses.replace(c, layer_recon=5, layer_shortcut=None, tie_branches=True)
+    if variant == "recon_only":  # pixel branch on the patches alone, no semantic branch, the patch-skip MLP
+        return dataclasses.replace(c, layer_recon=0, layer_shortcut=None, semantic_branch=False, pix_attn=False,
+                                   decoder=dataclasses.replace(c.decoder, patch_skip=24))
+    return c
+
+
+@pytest.mark.parametrize("variant", ["released", "tied", "recon_only"])
+def test_tokenizer_step_flops_match_the_counter(variant, monkeypatch):
+    torch.manual_seed(0)
+    cfg, B = _tok_cfg(variant), 2
+    model = tkz.DualToken(cfg).train()
+    teacher = SigLIP(cfg.siglip).eval().requires_grad_(False)
+    chns = (8, 16, 16, 16, 16)  # LPIPS's VGG at a tiny width (the formula takes the widths)
+    loss_fn = TokenizerLoss(LossConfig(), LPIPS(chns))
+    x = torch.rand(B, 3, 32, 32) * 2 - 1
+    sem = cfg.semantic_branch
+
+    def step():
+        t_sem, t_pool = tkz.teacher_features(teacher, x, cfg.layer_sem) if sem else (None, None)
+        out = model(x)
+        loss, _ = loss_fn(x, out.recon, out.zq_sem, t_sem, out.pooled, t_pool, out.commit_pix,
+                          out.commit_sem if model.quantizer_sem is not None else None)
+        loss.backward()
+
+    with count_search(monkeypatch) as searches:
+        got = measured(step)
+    want = flops.tokenizer_step(cfg, B)
+    want["lpips"] = 2 * B * flops.lpips(32, chns)
+    assert sum(searches) == want.pop("rvq_search") > 0
+    assert got == sum(want.values()), (got, want)
+    assert ("teacher" in want) == sem
+
+
+@pytest.mark.parametrize("switches", [{}, dict(head_code_logits=True, gen_sem=False, gen_caption_loss=1.0,
+                                               vis_norm=True, image_pos=16, head_n_layer=1)])
+def test_mllm_step_flops_match_the_counter(switches):
+    torch.manual_seed(0)
+    cfg = mllm.tiny_config(**switches)
+    model = mllm.MLLM(cfg).train()
+    g = torch.Generator().manual_seed(0)
+    model.set_codebooks(torch.randn(cfg.pix_vocab, cfg.pix_dim, generator=g),
+                        torch.randn(cfg.sem_vocab, cfg.sem_dim, generator=g))
+    seqs = [mllm.build_sequence(cfg, p) for p in ([[5, 6, 7], ("gen", 16)], [("und", 16), [8, 9, 10, 11, 12]],
+                                                  [[13, 14]])]  # generated, read, text only: padded
+    b = mllm.collate(cfg, seqs)
+    b["targets"] = mllm.make_targets(b["idx"], b["image_mask"], b["attention_mask"])
+    n_img = int(b["image_mask"].sum())
+    b["pix_codes"] = torch.randint(0, cfg.pix_vocab, (n_img, cfg.pix_depth), generator=g)
+    b["sem_codes"] = torch.randint(0, cfg.sem_vocab, (n_img, cfg.sem_depth), generator=g)
+    n_gen = int(model._code_targets(torch.zeros(*b["idx"].shape, 1), b["image_mask"], b["attention_mask"],
+                                    b["gen_mask"])[0].sum())
+    assert n_gen == int((b["gen_mask"] & b["image_mask"]).sum()) == 16  # the caption head's rows too
+    got = measured(lambda: model(**b)[1].backward())
+    B, T = b["idx"].shape
+    want = flops.mllm_step(cfg, B, T, n_img, n_gen)
+    assert got == sum(want.values()), (got, want)
+    assert ("caption_head" in want) == bool(switches)
