@@ -218,7 +218,8 @@ def graph_breaks(fn, *args, **kwargs):
     import torch._dynamo
     e = torch._dynamo.explain(fn)(*args, **kwargs)
     where = lambda st: f"{os.path.basename(st[-1].filename)}:{st[-1].lineno}" if st else "?"
-    return e.graph_break_count, [f"{where(r.user_stack)}: {r.reason.splitlines()[0]}" for r in e.break_reasons]
+    reasons = [f"{where(r.user_stack)}: {r.reason.splitlines()[0]}" for r in e.break_reasons]
+    return e.graph_break_count, reasons
 
 
 def unwrap(model):
