@@ -529,9 +529,10 @@ def _bench_one(name, cfg, ctx, peak):
     dt = times[len(times) // 2]
     total = sum(parts.values())
     items = cfg.tok_batch if name == "tokenizer" else cfg.mllm_batch * cfg.seq_len
-    return dict(what=what, breaks=breaks, why=why, compile=warm[0] - dt if cfg.compile else None, n=len(times), step=dt, per_s=items / dt,
-                tflops=total / dt / 1e12, parts=parts, flops=total, peak=peak, unit="images" if name == "tokenizer"
-                else "tokens", mem=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))
+    return dict(what=what, breaks=breaks, why=why, compile=warm[0] - dt if cfg.compile else None, n=len(times),
+                step=dt, per_s=items / dt, tflops=total / dt / 1e12, parts=parts, flops=total, peak=peak,
+                unit="images" if name == "tokenizer" else "tokens",
+                mem=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))
 
 
 def _report(rows):
