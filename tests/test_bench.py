@@ -131,3 +131,42 @@ def test_compiled_training_steps_break_at_most_where_the_data_decides():
     model = mllm.MLLM(cfg).train()
     n, why = tu.graph_breaks(model, **_mllm_batch(cfg, model))
     assert n <= 1 and all("mllm.py" in w for w in why), why
+
+
+def test_peak_table_and_override():
+    import bench
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == bench.peak_tflops("NVIDIA H200") == 989.0
+    assert bench.peak_tflops("NVIDIA H100 PCIe") == 756.0 and bench.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert bench.peak_tflops("NVIDIA L40S") == 362.0 and bench.peak_tflops("NVIDIA L4") == 121.0  # not L4's for L40S
+    assert bench.peak_tflops("NVIDIA GeForce RTX 4090") == 165.2
+    assert bench.peak_tflops("Tesla T4") is None and bench.peak_tflops("Tesla T4", 65.0) == 65.0
+
+
+def test_gpu_bench_without_cuda_says_so(capsys, monkeypatch):
+    import bench
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["gpu"]) is None
+    assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+TINY_GPU_BENCH = ["--image_size=32", "--patch_size=8", "--width=64", "--layers=8", "--heads=4", "--mlp=128",
+                  "--depth=2", "--codebook_size=64", "--lpips=False", "--tok_batch=2", "--dec_ch=32", "--dec_latent=64",
+                  "--n_layer=2", "--n_embd=64", "--n_head=4", "--n_kv_head=2", "--intermediate_size=128",
+                  "--vocab_size=300", "--seq_len=64", "--mllm_batch=2", "--image_positions=16"]
+
+
+@pytest.mark.slow  # both models built, traced by dynamo and trained a few steps (eager: CPU compiles are minutes)
+def test_gpu_bench_code_runs_on_cpu(capsys):
+    """`bench.py gpu --device=cpu` runs the cuda code path on tiny shapes (the numbers mean nothing on a CPU):
+    both models train, each reports the FLOPs flops.py counts for its config, its graph breaks and an MFU
+    that is 'unknown' without a peak for the device."""
+    import bench
+    res = bench.main(["gpu", "--device=cpu", "--compile=False", "--steps=2", "--warmup=1"] + TINY_GPU_BENCH)
+    (tok,), (m,) = res["tokenizer"], res["mllm"]
+    assert tok["breaks"] == 0 and m["breaks"] <= 1
+    assert m["flops"] == sum(flops.mllm_step(mllm.MLLMConfig(
+        vocab_size=300, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128, pix_vocab=64, sem_vocab=64,
+        pix_depth=2, sem_depth=2), 2, 64, 64, 32).values())  # 2 rows x (one read + one generated image of 16)
+    assert tok["tflops"] > 0 and m["per_s"] > 0 and tok["n"] == m["n"] == 2
+    out = capsys.readouterr().out
+    assert out.count("MFU") == 3 and "unknown" in out and "graph breaks in the compiled forward: 0" in out
