@@ -40,7 +40,7 @@ from metrics import psnr, ssim
 import evaluation
 from evaluation import (blind_baseline, derangement, object_errors, question_type,  # noqa: F401 (tests, eval.X)
                         scores as _scores)
-from pipeline import gen_prompt, image_codes, load_pair, make_batch, sampling_settings
+from pipeline import compile_tokenizer, gen_prompt, image_codes, load_pair, make_batch, sampling_settings
 import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
 
@@ -89,12 +89,13 @@ def fid_or_reason(real_dir, fake_dir, inception_path, device):
 # loading
 
 
-def load_tokenizer(path, siglip_config="", device="cpu"):
+def load_tokenizer(path, siglip_config="", device="cpu", compile=False):
     from convert import load_dualtoken
     if not path:
         raise UserError("--tokenizer is required: a folder from train_tokenizer.py / convert.py, "
                         "or the authors' release folder")
-    return load_dualtoken(path, siglip_config=siglip_config or None).to(device).eval()
+    tok = load_dualtoken(path, siglip_config=siglip_config or None).to(device).eval()
+    return compile_tokenizer(tok) if compile else tok
 
 
 def text_tokenizer(spec, data_name, folders):
@@ -155,6 +156,7 @@ class EvalTokenizerConfig:
     device: str = ""
     dtype: str = "bfloat16"      # autocast dtype on cuda
     threads: int = 0             # CPU intra-op threads; 0 = torch's default
+    compile: bool = False        # torch.compile the image tokenizer's blocks and decoder (pipeline.compile_tokenizer)
     out: str = ""                # JSON path; '' -> <tokenizer>/eval_tokenizer.json
     seed: int = 1234             # the fixed permutation that picks a folder subset
 
@@ -208,7 +210,7 @@ def eval_tokenizer(cfg):
     from siglip import SigLIP
     t0 = time.time()
     device = cfg.device or tu.default_device()
-    model = load_tokenizer(cfg.tokenizer, cfg.siglip_config, device)
+    model = load_tokenizer(cfg.tokenizer, cfg.siglip_config, device, cfg.compile)
     R = model.config.siglip.vision.image_size
     teacher = SigLIP.from_pretrained(cfg.teacher).to(device).eval() if cfg.teacher else None
     lpips, lpips_msg = lpips_or_none(cfg.lpips_vgg_path, cfg.lpips_lin_path)
@@ -369,6 +371,7 @@ class EvalMLLMConfig:
     device: str = ""
     dtype: str = "bfloat16"
     threads: int = 0             # CPU intra-op threads; 0 = torch's default (1 is faster for tiny models)
+    compile: bool = False        # torch.compile the image tokenizer's blocks and decoder (pipeline.compile_tokenizer)
     out: str = ""                # '' -> <mllm>/eval_mllm.json
 
 
@@ -528,7 +531,7 @@ def eval_mllm(cfg):
     t0 = time.time()
     device = cfg.device or tu.default_device()
     model, text_tok, image_tok, info = load_pair(cfg, device,
-                                                 lambda path: load_tokenizer(path, cfg.siglip_config, device))
+                                                 lambda p: load_tokenizer(p, cfg.siglip_config, device, cfg.compile))
     R = image_tok.config.siglip.vision.image_size
     if not cfg.holdout_pairs and info.get("holdout_pairs"):  # the pairs the MLLM was trained without
         cfg.holdout_pairs = tuple(tuple(p) for p in info["holdout_pairs"])

@@ -232,6 +232,21 @@ def image_codes(image_tok, x):
     return pix.flatten(1, 2), sem.flatten(1, 2)
 
 
+def compile_tokenizer(image_tok):
+    """sample.py / eval.py --compile=True: torch.compile, in place, the image tokenizer's heavy fixed-shape
+    parts: each SigLIP block (dynamo serves all blocks of one shape from one graph), the pre- / post-quant
+    projections, the post-quant ResBlock and the conv decoder. Module.compile keeps parameter names. The
+    quantizers' search loop runs eagerly between them, and so does the MLLM: its decoding shapes change every
+    token, so torch.compile would recompile at each (CUDA graphs would be the tool there, not this)."""
+    t = image_tok
+    parts = [*t.siglip.vision.blocks, t.prequant_pix, t.prequant_shortcut, t.prequant_sem, t.postquant_pix,
+             t.postquant_sem, t.post_quant_conv, t.decoder]
+    for m in parts:
+        if m is not None:
+            m.compile()
+    return image_tok
+
+
 @torch.no_grad()
 def generate_images(model, image_tok, text_tok, captions, generator=None, batch_size=16, **sampling):
     """Captions -> decoded images (B, 3, R, R) in about [-1, 1], one per caption, and the pixel codes

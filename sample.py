@@ -41,6 +41,7 @@ class Common:
     seed: int = 0
     batch_size: int = 16
     threads: int = 0           # CPU intra-op threads; 0 = torch's default (1 is faster for tiny models)
+    compile: bool = False      # torch.compile the image tokenizer's blocks and decoder (pipeline.compile_tokenizer)
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -50,11 +51,12 @@ def _device(cfg):
     return cfg.device or tu.default_device()
 
 
-def load_tokenizer(path, siglip_config, device):
+def load_tokenizer(path, siglip_config, device, compile=False):
     from convert import load_dualtoken
     if not path:
         raise UserError("--tokenizer is required (a tokenizer folder, or the authors' release)")
-    return load_dualtoken(path, siglip_config=siglip_config or None).to(device).eval()
+    tok = load_dualtoken(path, siglip_config=siglip_config or None).to(device).eval()
+    return pipeline.compile_tokenizer(tok) if compile else tok
 
 
 def list_images(path):
@@ -104,7 +106,7 @@ def read_image(path, R):
 
 def load_pair(cfg, device):
     """pipeline.load_pair (the MLLM export + the image tokenizer it was trained with) with this script's loader."""
-    return pipeline.load_pair(cfg, device, lambda path: load_tokenizer(path, cfg.siglip_config, device))
+    return pipeline.load_pair(cfg, device, lambda p: load_tokenizer(p, cfg.siglip_config, device, cfg.compile))
 
 
 def _generator(device, seed):
@@ -129,7 +131,7 @@ class ReconstructConfig(Common):
 @torch.no_grad()
 def reconstruct(cfg):
     device = _device(cfg)
-    model = load_tokenizer(cfg.tokenizer, cfg.siglip_config, device)
+    model = load_tokenizer(cfg.tokenizer, cfg.siglip_config, device, cfg.compile)
     R = model.config.siglip.vision.image_size
     files = list_images(cfg.images)
     files = files if cfg.max_images <= 0 else files[:cfg.max_images]
