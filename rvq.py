@@ -44,6 +44,10 @@ rvq.py imports only torch.
 """
 import torch
 import torch.distributed as dist
+try:
+    import torch.distributed._functional_collectives as funcol
+except ImportError:  # a torch built without distributed: _ddp() is then always False
+    funcol = None
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -124,7 +128,9 @@ class ResidualVQ(nn.Module):
         stats[:, D].index_add_(0, codes, v.new_ones(v.shape[0]))
         ddp = self._ddp()
         if ddp:
-            dist.all_reduce(stats)                                  # one collective for both
+            # functional collectives: torch.compile traces them into the graph (c10d's in-place
+            # all_reduce / broadcast split it, twice per depth under torchrun)
+            stats = funcol.all_reduce(stats, "sum", dist.group.WORLD)  # one collective for both
         cse, ema = self.cluster_size_ema[b], self.embed_ema[b]     # (K,), (K, D) views
         cse.mul_(self.decay).add_(stats[:, D], alpha=1 - self.decay)
         ema.mul_(self.decay).add_(stats[:, :D], alpha=1 - self.decay)
@@ -132,7 +138,7 @@ class ResidualVQ(nn.Module):
             # drawn for all K codes, used where dead: no host sync on n_dead, same shape on every rank
             rand = self._random_vectors(v)
             if ddp:
-                dist.broadcast(rand, 0)
+                rand = funcol.broadcast(rand, 0, dist.group.WORLD)
             dead = cse < 1                                          # (K,)
             ema.copy_(torch.where(dead[:, None], rand, ema))
             cse.masked_fill_(dead, 1.0)
