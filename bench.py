@@ -1,9 +1,10 @@
 """
-Benchmarks, one per component: `python bench.py rvq|siglip|llm [--key=value ...]`.
+Benchmarks: `python bench.py rvq|siglip|llm|gpu [--key=value ...]`.
 
-Each benchmark measures on whatever device is present (cuda > mps > cpu), prints one table with the
-project's implementation next to a straightforward or reference implementation, and gives ratios.
-These are measurements, not tests: nothing here asserts a speed.
+rvq, siglip and llm measure one component on whatever device is present (cuda > mps > cpu) and print the
+project's implementation next to a straightforward or reference implementation, with ratios. gpu trains
+both models at realistic widths on cuda (bf16, torch.compile, DDP under torchrun) and prints throughput,
+TFLOP/s and MFU from flops.py's count. These are measurements, not tests: nothing here asserts a speed.
 """
 import dataclasses
 import sys
