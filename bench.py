@@ -1,15 +1,20 @@
 """
-Benchmarks, one per component: `python bench.py rvq|siglip|llm [--key=value ...]`.
+Benchmarks: `python bench.py rvq|siglip|llm|gpu [--key=value ...]`.
 
-Each benchmark measures on whatever device is present (cuda > mps > cpu), prints one table with the
-project's implementation next to a straightforward or reference implementation, and gives ratios.
-These are measurements, not tests: nothing here asserts a speed.
+rvq, siglip and llm measure one component on whatever device is present (cuda > mps > cpu) and print the
+project's implementation next to a straightforward or reference implementation, with ratios. gpu trains
+both models at realistic widths on cuda (bf16, torch.compile, DDP under torchrun) and prints throughput,
+TFLOP/s and MFU from flops.py's count. These are measurements, not tests: nothing here asserts a speed.
 """
+import dataclasses
 import sys
 import time
 
 import torch
 
+import configurator
+import flops
+from configurator import UserError
 from train_utils import default_device
 
 
@@ -347,6 +352,243 @@ def bench_llm(argv):
     t0 = rows[0][1]
     print_table([[n, f"{t * 1e3:.0f}", f"{cfg.batch * cfg.positions / t:.1f}", f"{t / t0:.2f}x"] for n, t in rows],
           ["image generation", "ms", "positions/s", "time vs cache"])
+
+
+# ---------------------------------------------------------------------------------------------- gpu
+
+# dense bf16 tensor-core peak TFLOP/s (no 2:4 sparsity), from the vendors' data sheets, by a substring of
+# torch.cuda.get_device_name(); the first match wins, so specific names precede family names
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0),
+                    ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("RTX 4090", 165.2))
+
+
+def peak_tflops(device_name, override=0.0):
+    """The peak a measured TFLOP/s is compared with for MFU: the override if > 0, else the table's entry for
+    this device, else None (MFU unknown)."""
+    if override > 0:
+        return override
+    return next((v for k, v in PEAK_BF16_TFLOPS if k in device_name), None)
+
+
+@dataclasses.dataclass
+class GPUBench:
+    models: str = "tokenizer,mllm"
+    steps: int = 30            # timed training steps per model ...
+    warmup: int = 3            # ... after these untimed ones (the first compiles)
+    max_seconds: float = 60.0  # timed steps per model are cut to fit this (the whole run stays under 8 minutes)
+    compile: bool = True
+    dtype: str = "bfloat16"
+    peak_tflops: float = 0.0   # > 0: use this peak for MFU instead of the table's entry for the device
+    device: str = ""           # "" = cuda (required); "cpu" runs the same code (tests; its numbers mean nothing)
+    # tokenizer: config/dualtoken_256.py on a SigLIP2-So400m/16-256-shaped tower, random weights, LPIPS on
+    # (a random VGG: the compute is the same), GAN off (the first quarter of the released schedule)
+    tok_batch: int = 16        # images per GPU per step
+    image_size: int = 256
+    patch_size: int = 16
+    width: int = 1152
+    layers: int = 27
+    heads: int = 16
+    mlp: int = 4304
+    depth: int = 4
+    codebook_size: int = 16384
+    lpips: bool = True
+    dec_ch: int = 128          # decoder base width and latent channels (config/dualtoken_256.py)
+    dec_latent: int = 1024
+    # MLLM: a Qwen2.5-0.5B-shaped trunk, random weights, 3-layer depth heads of the LLM width; each sequence
+    # holds one read and one generated image of image_positions (16x16 for the 256-px tokenizer) and text
+    n_layer: int = 24
+    n_embd: int = 896
+    n_head: int = 14
+    n_kv_head: int = 2
+    intermediate_size: int = 4864
+    vocab_size: int = 151936
+    seq_len: int = 1024
+    mllm_batch: int = 8        # sequences per GPU per step
+    image_positions: int = 256
+
+
+def _gpu_tokenizer(cfg, dev):
+    """-> (model, loss_fn, step inputs, params, FLOPs per step, what it is): DualToken as train_tokenizer.py
+    trains it (trainable="vision"), a frozen teacher of the same shape."""
+    from losses import LPIPS, LossConfig, TokenizerLoss
+    from siglip import SigLIP, SigLIPConfig, SigLIPVisionConfig
+    from tokenizer import DecoderConfig, DualToken, QuantizerConfig, default_config
+
+    vc = SigLIPVisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.width,
+                            intermediate_size=cfg.mlp, num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads)
+    sc = SigLIPConfig(vision=vc, text=None)
+    lat = cfg.image_size // 16
+    q = dict(codebook_size=cfg.codebook_size, code_dim=32, depth=cfg.depth)
+    tc = default_config(sc, layer_sem=cfg.layers - 1, vq_pix=QuantizerConfig(**q, ema_update="per_depth"),
+                        vq_sem=QuantizerConfig(**q, ema_update="deferred"),
+                        decoder=DecoderConfig(ch=cfg.dec_ch, latent_channels=cfg.dec_latent,
+                                              resolution=cfg.image_size, attn_resolutions=(lat,)))
+    model = DualToken(tc).to(dev).train()
+    teacher = SigLIP(sc).to(dev).eval().requires_grad_(False)
+    loss_fn = TokenizerLoss(LossConfig(), LPIPS() if cfg.lpips else None).to(dev)
+    x = torch.rand(cfg.tok_batch, 3, cfg.image_size, cfg.image_size, device=dev) * 2 - 1
+    n = sum(p.numel() for p in model.parameters())
+    what = (f"tokenizer: DualToken {cfg.image_size} px, SigLIP {cfg.layers}x{cfg.width} patch {cfg.patch_size}, "
+            f"depth {cfg.depth}, K {cfg.codebook_size}, LPIPS {'on' if cfg.lpips else 'off'}, GAN off; "
+            f"{n / 1e6:.0f}M params, {cfg.tok_batch} images/GPU")
+    return model, (teacher, loss_fn, tc), x, flops.tokenizer_step(tc, cfg.tok_batch, cfg.lpips), what
+
+
+def _tokenizer_loss(model, extra, x):
+    from tokenizer import teacher_features
+    teacher, loss_fn, tc = extra
+    t_sem, t_pool = teacher_features(teacher, x, tc.layer_sem)
+    out = model(x)
+    loss, _ = loss_fn(x, out.recon.float(), out.zq_sem.float(), t_sem.float(), out.pooled.float(),
+                      t_pool.float(), out.commit_pix, out.commit_sem, last_layer=None)
+    return loss
+
+
+def _gpu_mllm(cfg, dev):
+    """-> as _gpu_tokenizer, for the MLLM as train_mllm.py trains it (trainable="all"). Every row is exactly
+    seq_len long: [bos] <im_start> image <im_end> text <image_gen_start> image <image_gen_end> text, so
+    nothing is padded (the attention_mask is dropped, as train_mllm.py does, and SDPA stays fused)."""
+    import mllm
+    V, P, T = cfg.vocab_size, cfg.image_positions, cfg.seq_len
+    sp = dict(zip(("pad_id", "bos_id", "eos_id", "im_start_id", "im_end_id", "image_gen_start_id",
+                   "image_gen_end_id"), range(V - 7, V)))
+    mc = mllm.MLLMConfig(vocab_size=V, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
+                         n_kv_head=cfg.n_kv_head, intermediate_size=cfg.intermediate_size, max_seq_len=T,
+                         pix_vocab=cfg.codebook_size, sem_vocab=cfg.codebook_size, pix_depth=cfg.depth,
+                         sem_depth=cfg.depth, **sp)
+    model = mllm.MLLM(mc)
+    g = torch.Generator().manual_seed(0)
+    model.set_codebooks(torch.randn(mc.pix_vocab, mc.pix_dim, generator=g),
+                        torch.randn(mc.sem_vocab, mc.sem_dim, generator=g))
+    model = model.to(dev).train()
+    n_text = T - 1 - 2 * (P + 2)
+    if n_text < 2:
+        raise UserError(f"--seq_len={T} leaves no room for text beside two images of {P} positions")
+    text = lambda k: torch.randint(0, V - 7, (k,), generator=g).tolist()
+    rows = [mllm.build_sequence(mc, [("und", P), text(n_text // 2), ("gen", P), text(n_text - n_text // 2)])
+            for _ in range(cfg.mllm_batch)]
+    b = mllm.collate_sequences(mc, rows)
+    b["targets"] = mllm.make_targets(b["idx"], b["image_mask"])
+    n_img, n_gen = int(b["image_mask"].sum()), int(b["gen_mask"].sum())
+    b["pix_codes"] = torch.randint(0, mc.pix_vocab, (n_img, mc.pix_depth), generator=g)
+    b["sem_codes"] = torch.randint(0, mc.sem_vocab, (n_img, mc.sem_depth), generator=g)
+    model.check_inputs(**b)
+    del b["attention_mask"]
+    b = {k: v.to(dev) for k, v in b.items()}
+    n = sum(p.numel() for p in model.parameters())
+    what = (f"MLLM: {cfg.n_layer} layers x {cfg.n_embd} ({cfg.n_head}/{cfg.n_kv_head} heads, MLP "
+            f"{cfg.intermediate_size}, vocab {V}), depth heads 3 x {cfg.depth} depths x K {cfg.codebook_size}; "
+            f"{n / 1e6:.0f}M params, {cfg.mllm_batch} x {T} tokens/GPU ({n_img} image positions, {n_gen} generated)")
+    return model, None, b, flops.mllm_step(mc, cfg.mllm_batch, T, n_img, n_gen), what
+
+
+def _bench_one(name, cfg, ctx, peak):
+    """Build, count graph breaks, compile, train warmup + steps; -> this rank's measurements."""
+    import train_utils as tu
+    dev = ctx.device
+    torch.manual_seed(0)
+    cuda = dev.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    build, lossf = (_gpu_tokenizer, _tokenizer_loss) if name == "tokenizer" else \
+        (_gpu_mllm, lambda m, extra, b: m(**b)[1])
+    raw, extra, inp, parts, what = build(cfg, dev)
+    autocast = tu.autocast_ctx(dev, cfg.dtype)
+    with autocast:  # dynamo's explain on one forward (it resets dynamo's caches: before compiling)
+        breaks, why = tu.graph_breaks(lambda: (raw(inp) if name == "tokenizer" else raw(**inp)))
+    if ctx.ddp:
+        tu.broadcast_buffers_once(raw)
+    model = torch.compile(raw, dynamic=True if name == "mllm" else None) if cfg.compile else raw  # as the trainers
+    if ctx.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if cuda else None,
+                                                          broadcast_buffers=False)
+    opt = torch.optim.AdamW(tu.param_groups(raw, 0.1), lr=1e-5)
+
+    def step(i):
+        t0 = time.perf_counter()
+        with autocast:
+            loss = lossf(model, extra, inp)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tu.check_finite({"loss": loss.detach()}, i)  # a host sync per step, as in the trainers
+        return time.perf_counter() - t0
+
+    warm = [step(i) for i in range(max(cfg.warmup, 1))]
+    # the timed count is fixed before timing and agreed by all ranks (a rank that stopped alone would hang DDP)
+    n = torch.tensor(max(1, min(cfg.steps, int(cfg.max_seconds / warm[-1]))), device=dev)
+    if ctx.ddp:
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+    times = sorted(step(len(warm) + i) for i in range(int(n)))
+    dt = times[len(times) // 2]
+    total = sum(parts.values())
+    items = cfg.tok_batch if name == "tokenizer" else cfg.mllm_batch * cfg.seq_len
+    return dict(what=what, breaks=breaks, why=why, compile=warm[0] - dt if cfg.compile else None, n=len(times),
+                step=dt, per_s=items / dt, tflops=total / dt / 1e12, parts=parts, flops=total, peak=peak,
+                unit="images" if name == "tokenizer" else "tokens",
+                mem=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))
+
+
+def _report(rows):
+    r0, mfu = rows[0], lambda tf, peak: "unknown" if peak is None else f"{tf / peak:.1%}"
+    print(f"\n{r0['what']}")
+    print(f"  FLOPs per GPU and step (flops.py): {r0['flops'] / 1e12:.2f} T: " +
+          ", ".join(f"{k} {v / r0['flops']:.0%}" for k, v in r0["parts"].items()))
+    print(f"  graph breaks in the compiled forward: {r0['breaks']}" + "".join(f"\n    {w}" for w in r0["why"]))
+    comp = "off" if r0["compile"] is None else f"{r0['compile']:.0f} s (the first step minus a steady one)"
+    print(f"  compile: {comp}; step = the median of {r0['n']} timed steps")
+    rows_out = [[str(i), f"{r['step'] * 1e3:.0f}", f"{r['per_s']:,.0f}", f"{r['tflops']:.1f}",
+                 mfu(r["tflops"], r["peak"]), f"{r['mem']:.1f}"] for i, r in enumerate(rows)]
+    if len(rows) > 1:
+        tf = sum(r["tflops"] for r in rows)
+        rows_out.append(["all", "", f"{sum(r['per_s'] for r in rows):,.0f}", f"{tf:.1f}",
+                         mfu(tf, None if r0["peak"] is None else r0["peak"] * len(rows)), ""])
+    print_table(rows_out, ["rank", "step ms", f"{r0['unit']}/s", "TFLOP/s", "MFU", "peak GiB"])
+
+
+def bench_gpu(argv):
+    """Train the tokenizer and the MLLM at realistic widths for a few dozen steps on cuda with bf16 autocast
+    and torch.compile, as the trainers do; under torchrun, with DDP. Prints per model and rank: step time,
+    images/s or tokens/s, TFLOP/s from flops.py's count, MFU against the device's peak, peak memory, compile
+    time and graph breaks. Random weights and synthetic batches: throughput does not depend on the values."""
+    import train_utils as tu
+    cfg = configurator.parse_config(GPUBench(), argv)
+    if cfg.device not in ("", "cpu"):
+        raise UserError(f"--device={cfg.device!r}: '' (cuda) or 'cpu' (a test of this code, not a measurement)")
+    if not cfg.device and not torch.cuda.is_available():
+        print("bench.py gpu needs a CUDA GPU (torch.cuda.is_available() is False here): nothing measured")
+        return None
+    names = [m for m in cfg.models.split(",") if m]
+    if set(names) - {"tokenizer", "mllm"}:
+        raise UserError(f"--models={cfg.models!r}: a comma-separated subset of tokenizer,mllm")
+    ctx = tu.setup_ddp(cfg.device or "cuda")
+    dev_name = torch.cuda.get_device_name(ctx.device) if ctx.device.startswith("cuda") else "cpu"
+    peak = peak_tflops(dev_name, cfg.peak_tflops)
+    if ctx.is_master:
+        print(f"{dev_name} x{ctx.world}, torch {torch.__version__}, {cfg.dtype} autocast, compile={cfg.compile}; "
+              f"MFU against {f'{peak:g} TFLOP/s (dense bf16)' if peak else 'an unknown peak (pass --peak_tflops)'}")
+    results = {}
+    for name in names:
+        try:
+            r = _bench_one(name, cfg, ctx, peak)
+        except torch.cuda.OutOfMemoryError as e:
+            r = dict(oom=str(e).splitlines()[0])
+        rows = [r]
+        if ctx.ddp:
+            rows = [None] * ctx.world
+            torch.distributed.all_gather_object(rows, r)
+        if ctx.is_master:
+            oom = [i for i, x in enumerate(rows) if "oom" in x]
+            if oom:
+                print(f"\n{name}: out of memory on rank(s) {oom} ({rows[oom[0]]['oom']}); try a smaller "
+                      f"--{'tok_batch' if name == 'tokenizer' else 'mllm_batch'}")
+            else:
+                _report(rows)
+        results[name] = rows
+        torch._dynamo.reset()  # the next model compiles from a clean slate
+        torch.cuda.empty_cache()
+    tu.cleanup_ddp()
+    return results
 
 
 def main(argv):

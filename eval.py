@@ -47,7 +47,8 @@ from rvq import code_stats
 from text import siglip_tokenizer
 import evaluation
 from evaluation import blind_baseline, derangement, question_type, scores as _scores
-from pipeline import gen_prompt, image_codes, load_image_tokenizer, load_pair, make_batch, sampling_settings
+from pipeline import (compile_tokenizer, gen_prompt, image_codes, load_image_tokenizer, load_pair, make_batch,
+                      sampling_settings)
 import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
 
@@ -107,6 +108,7 @@ class EvalTokenizerConfig:
     device: str = ""
     dtype: str = "bfloat16"      # autocast dtype on cuda
     threads: int = 0             # CPU intra-op threads; 0 = torch's default
+    compile: bool = False        # torch.compile the image tokenizer's blocks and decoder (pipeline.compile_tokenizer)
     out: str = ""                # JSON path; '' -> <tokenizer>/eval_tokenizer.json
     seed: int = 1234             # the fixed permutation that picks a folder subset
 
@@ -161,6 +163,8 @@ def eval_tokenizer(cfg):
     t0 = time.time()
     device = cfg.device or tu.default_device()
     model = load_image_tokenizer(cfg.tokenizer, cfg.siglip_config, device)
+    if cfg.compile:
+        compile_tokenizer(model)
     R = model.config.siglip.vision.image_size
     teacher = SigLIP.from_pretrained(cfg.teacher).to(device).eval() if cfg.teacher else None
     lpips, lpips_msg = lpips_or_none(cfg.lpips_vgg_path, cfg.lpips_lin_path)
@@ -321,6 +325,7 @@ class EvalMLLMCommon:
     device: str = ""
     dtype: str = "bfloat16"
     threads: int = 0             # CPU intra-op threads; 0 = torch's default (1 is faster for tiny models)
+    compile: bool = False        # torch.compile the image tokenizer's blocks and decoder (pipeline.compile_tokenizer)
     out: str = ""                # '' -> <mllm>/eval_mllm.json (eval_qa.json with a .jsonl --data; eval_t2i.json)
 
 

@@ -1,7 +1,7 @@
 """
 The decoder-only LLM's pieces, laid out as Qwen2 / LLaMA (so mllm_hf.py's name table stays one line per
 tensor): RMSNorm, RoPE (with LLaMA 3.1's llama3 scaling), a KV cache, grouped-query attention, the SwiGLU
-MLP and the pre-norm block. mllm.py builds its trunk and its depth transformers from them.
+MLP, the pre-norm block, and the top-k / top-p sampler. mllm.py builds its trunk and depth transformers here.
 """
 import math
 
@@ -120,3 +120,19 @@ class Block(nn.Module):
     def forward(self, x, rope, mask, cache=None, layer=0):
         x = x + self.attn(self.ln1(x), rope, mask, cache, layer)
         return x + self.mlp(self.ln2(x))
+
+
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """(B, V) logits -> (B,) ids. temperature 0 = greedy; top_k / top_p as in VILA-U's sampler."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        srt, order = torch.sort(logits, descending=True)
+        p = F.softmax(srt, -1)
+        drop = p.cumsum(-1) - p > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(-1)

@@ -14,8 +14,7 @@ Input format (one interleaved sequence; `build_sequence` + `collate_sequences` p
                                 all image positions
     targets        (B, T) long  text target of position t (normally idx[t+1]) or -1; `make_targets`
                                 masks image, padding and (optionally) prompt targets
-Images are delimited in the vocabulary: <im_start> ... <im_end> around an image the model reads,
-<image_gen_start> ... <image_gen_end> around an image it writes.
+Delimiters: <im_start> ... <im_end> around an image the model reads, <image_gen_*> around one it writes.
 
 Visual input: e_pix = sum over depths of the pixel codebook vectors of a position, e_sem likewise;
 [e_pix ; e_sem] -> Linear, GELU, Linear -> LLM width, written over the token embedding at that position.
@@ -42,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llm import Block, KVCache, RMSNorm, rope_inv_freq
+from llm import Block, KVCache, RMSNorm, rope_inv_freq, sample_logits
 
 @dataclass
 class MLLMConfig:
@@ -128,11 +127,9 @@ class MLLMConfig:
 
 def tiny_config(**kw):
     """A model that builds in milliseconds: for tests."""
-    d = dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128, max_seq_len=256,
-             pix_vocab=32, pix_dim=8, pix_depth=3, sem_vocab=24, sem_dim=6, sem_depth=2,
-             head_n_layer=2, head_n_embd=32, head_n_head=2)
-    d.update(kw)
-    return MLLMConfig(**d)
+    return MLLMConfig(**dict(dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128, max_seq_len=256,
+                                  pix_vocab=32, pix_dim=8, pix_depth=3, sem_vocab=24, sem_dim=6, sem_depth=2,
+                                  head_n_layer=2, head_n_embd=32, head_n_head=2), **kw))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -193,22 +190,6 @@ class DepthHead(nn.Module):
         if last_only:
             return self.classify(x[:, n], n, book)  # (M, K)
         return torch.stack([self.classify(x[:, i], i, book) for i in range(n + 1)], 1)  # (M, n+1, K)
-
-
-def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """(B, V) logits -> (B,) ids. temperature 0 = greedy; top_k / top_p as in VILA-U's sampler."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        srt, order = torch.sort(logits, descending=True)
-        p = F.softmax(srt, -1)
-        drop = p.cumsum(-1) - p > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -357,7 +338,9 @@ class MLLM(nn.Module):
             valid = cache.valid[:, :L0 + T]
         else:
             valid = am
-        if valid is None or bool(valid.all()):
+        # nothing padded: no mask, SDPA keeps its fused kernels. Compiled, the host read is skipped and the mask
+        # built (train_mllm.py drops an all-ones attention_mask on the host instead, keeping the fused path)
+        if valid is None or (not torch.compiler.is_compiling() and bool(valid.all())):
             mask = None if T == 1 else ("causal" if L0 == 0 else self._mask(None, L0, T, x.device))
         else:
             mask = self._mask(valid, L0, T, x.device)
@@ -399,8 +382,7 @@ class MLLM(nn.Module):
             e_sem = code_vectors(self.sem_book, sem_codes).sum(1)  # (N, ds)
             if sem_off is not None:
                 e_sem = e_sem.masked_fill(sem_off[:, None], 0.0)
-        e = torch.cat([e_pix, e_sem], -1)  # (N, dp + ds)
-        e = e.to(self.embed.weight.dtype)
+        e = torch.cat([e_pix, e_sem], -1).to(self.embed.weight.dtype)  # (N, dp + ds)
         if self.vis_in_norm is not None:
             e = self.vis_in_norm(e)
         y = self.vis_in(e)
@@ -412,21 +394,26 @@ class MLLM(nn.Module):
             if pos is None or pos.shape != y.shape[:1]:
                 raise ValueError(f"embed_images: image_pos={self.config.image_pos} needs pos ({y.shape[0]},), got "
                                  f"{None if pos is None else tuple(pos.shape)}")
-            if pos.numel() and (pos.min() < 0 or pos.max() >= self.config.image_pos):
-                raise ValueError(f"embed_images: image position {int(pos.max())} outside the table of "
-                                 f"{self.config.image_pos} (image_pos); images here are larger")
+            self._check_image_pos(pos)
             y = y + self.image_pos[pos].to(y.dtype)
         return y
 
-    def embed_inputs(self, idx, image_mask=None, pix_codes=None, sem_codes=None, gen_mask=None):
+    def _check_image_pos(self, pos):  # a host read: skipped when compiling (check_inputs serves compiled callers)
+        if not torch.compiler.is_compiling() and pos.numel() and (pos.min() < 0 or pos.max() >= self.config.image_pos):
+            raise ValueError(f"embed_images: image position {int(pos.max())} outside the table of "
+                             f"{self.config.image_pos} (image_pos); images here are larger")
+
+    def check_inputs(self, idx, image_mask=None, pix_codes=None, sem_codes=None, **unused):
+        """embed_inputs' checks that read values back to the host (id / code ranges, image count): eager only,
+        as each would split a compiled graph; a compiled caller runs them on the batch before it goes to the
+        device (train_mllm.py: on the CPU batch, no device sync)."""
         cfg = self.config
         if idx.dim() != 2:
             raise ValueError(f"idx: expected (B, T), got {tuple(idx.shape)}")
         if idx.numel() and (idx.min() < 0 or idx.max() >= cfg.vocab_size):
             raise ValueError(f"idx: ids must lie in [0, {cfg.vocab_size}), got [{idx.min()}, {idx.max()}]")
-        x = self.embed(idx)  # (B, T, C)
         if image_mask is None or not image_mask.any():
-            return x
+            return
         if image_mask.shape != idx.shape:
             raise ValueError(f"image_mask: expected {tuple(idx.shape)}, got {tuple(image_mask.shape)}")
         N = int(image_mask.sum())
@@ -437,15 +424,32 @@ class MLLM(nn.Module):
                                  f"{None if c is None else tuple(c.shape)}")
             if c.min() < 0 or c.max() >= K:
                 raise ValueError(f"{name}: codes must lie in [0, {K}), got [{c.min()}, {c.max()}]")
-        m = image_mask.bool()
-        pos = image_positions(m)[m] if self.image_pos is not None else None
-        off = gen_mask.bool()[m] if gen_mask is not None and not cfg.gen_sem else None  # (N,)
-        drop = None
-        if self.training and self.gen_drop is not None and gen_mask is not None:
-            drop = gen_mask.bool()[m] & (torch.rand(N, device=x.device) < cfg.gen_input_drop)  # (N,)
-        x = x.clone()
-        x[m] = self.embed_images(pix_codes, sem_codes, pos, off, drop).to(x.dtype)  # autocast: the MLP may give bf16
-        return x
+        if self.image_pos is not None:
+            self._check_image_pos(image_positions(image_mask.bool())[image_mask.bool()])
+
+    def embed_inputs(self, idx, image_mask=None, pix_codes=None, sem_codes=None, gen_mask=None):
+        """Token embeddings, image inputs written over the image positions by index_copy: no shape depends on
+        tensor values (no boolean indexing, no .item()), so torch.compile traces one graph."""
+        cfg = self.config
+        if not torch.compiler.is_compiling():
+            self.check_inputs(idx, image_mask, pix_codes, sem_codes)
+        x = self.embed(idx)  # (B, T, C)
+        if image_mask is None or pix_codes is None or pix_codes.shape[0] == 0:
+            return x
+        B, T, C = x.shape
+        N, m = pix_codes.shape[0], image_mask.bool()
+        mf = m.flatten()  # (B*T,)
+        # flat position of each code row; non-image positions scatter into a spare slot N, cut off
+        row = torch.where(mf, mf.cumsum(0) - 1, N)  # (B*T,)
+        at = torch.zeros(N + 1, dtype=torch.long, device=x.device).scatter_(
+            0, row, torch.arange(B * T, device=x.device))[:N]  # (N,)
+        pos = image_positions(m).flatten()[at] if self.image_pos is not None else None
+        g = gen_mask.bool().flatten()[at] if gen_mask is not None else None  # (N,)
+        off = g if g is not None and not cfg.gen_sem else None
+        drop = g & (torch.rand(N, device=x.device) < cfg.gen_input_drop) \
+            if self.training and self.gen_drop is not None and g is not None else None  # (N,)
+        y = self.embed_images(pix_codes, sem_codes, pos, off, drop).to(x.dtype)  # autocast: the MLP may give bf16
+        return x.reshape(B * T, C).index_copy(0, at, y).view(B, T, C)
 
     # --- training forward ------------------------------------------------------------------------
 
@@ -463,19 +467,18 @@ class MLLM(nn.Module):
         if targets.shape != idx.shape:
             raise ValueError(f"targets: expected {tuple(idx.shape)}, got {tuple(targets.shape)}")
         zero = h.new_zeros(())
-        text = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-1) \
-            if (targets != -1).any() else zero
+        t = targets.view(-1)  # mean over kept targets as sum / count (0 if none): no host read, no graph break
+        text = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), t, ignore_index=-1, reduction="sum") \
+            / (t != -1).sum().clamp(min=1)
         pix = sem = ground = zero
-        if self.ground_head is not None and ground_words is None:
-            raise ValueError("ground_words: required in training when gen_ground_loss > 0")
-        if image_mask is not None and image_mask.any():
+        if image_mask is not None and pix_codes is not None and pix_codes.shape[0]:
             sel, rows, hs = self._code_targets(h, image_mask, attention_mask, gen_mask)
             if hs.shape[0]:
                 pix = self._depth_loss(self.pix_head, self.pix_book, hs, pix_codes[rows])
                 if self.sem_head is not None:
                     sem = self._depth_loss(self.sem_head, self.sem_book, hs, sem_codes[rows])
                 if self.ground_head is not None:
-                    ground = self._ground_loss(hs, ground_words, rows, image_mask)
+                    ground = self._ground_loss(hs, ground_words, rows, pix_codes.shape[0])
         loss = cfg.text_loss_weight * text + cfg.pix_loss_weight * pix + cfg.sem_loss_weight * sem
         self.loss_parts = dict(text=text.detach(), pix=pix.detach(), sem=sem.detach())
         if self.cap_head is not None:
@@ -487,11 +490,12 @@ class MLLM(nn.Module):
             self.loss_parts["ground"] = ground.detach()
         return logits, loss
 
-    def _ground_loss(self, hs, ground_words, rows, image_mask):
+    def _ground_loss(self, hs, ground_words, rows, N):
         """Mean BCE of each trained image position's prediction of its object's words (gen_ground_loss)."""
-        N, V = int(image_mask.sum()), self.config.vocab_size
-        if ground_words.dim() != 2 or ground_words.shape[0] != N:
-            raise ValueError(f"ground_words: expected ({N}, W) for {N} image positions, got {tuple(ground_words.shape)}")
+        V = self.config.vocab_size
+        if ground_words is None or ground_words.dim() != 2 or ground_words.shape[0] != N:
+            raise ValueError(f"ground_words: gen_ground_loss > 0 needs ({N}, W) for {N} image positions, got "
+                             f"{None if ground_words is None else tuple(ground_words.shape)}")
         w = ground_words[rows]  # (M, W)
         y = torch.zeros(w.shape[0], V + 1, device=hs.device).scatter_(1, torch.where(w < 0, V, w), 1.0)[:, :V]
         return F.binary_cross_entropy_with_logits(self.ground_head(hs).float(), y)
@@ -516,11 +520,15 @@ class MLLM(nn.Module):
         """Mean BCE of every generated image position's caption-word prediction (gen_caption_loss)."""
         if image_mask is None or gen_mask is None:
             return h.new_zeros(())
-        g = gen_mask.bool() & image_mask.bool()  # (B, T)
-        if not g.any():
-            return h.new_zeros(())
-        y = self.caption_words(idx, image_mask, attention_mask, gen_mask)[g.nonzero()[:, 0]]  # (M, V)
-        return F.binary_cross_entropy_with_logits(self.cap_head(h[g]).float(), y)
+        at = self._gen_positions(image_mask, gen_mask)  # (M,) flat b*T + t
+        y = self.caption_words(idx, image_mask, attention_mask, gen_mask)[at // idx.shape[1]]  # (M, V)
+        bce = F.binary_cross_entropy_with_logits(self.cap_head(h.flatten(0, 1)[at]).float(), y, reduction="sum")
+        return bce / max(y.numel(), 1)  # the mean; 0 when nothing is generated
+
+    @staticmethod
+    @torch.compiler.disable  # M depends on the data (one graph break, as in _code_targets)
+    def _gen_positions(image_mask, gen_mask):
+        return (gen_mask.bool() & image_mask.bool()).flatten().nonzero().squeeze(1)
 
     @torch.no_grad()
     def image_code_nll(self, idx, image_mask, pix_codes, sem_codes, attention_mask=None, gen_mask=None):
@@ -539,6 +547,7 @@ class MLLM(nn.Module):
         return out
 
     @staticmethod
+    @torch.compiler.disable  # M depends on the data: eager here costs a compiled forward one graph break, not three
     def _code_targets(h, image_mask, attention_mask, gen_mask):
         """The image positions whose codes are trained (generated ones when gen_mask is given) -> (sel (B, T)
         bool, rows (M,) each one's row in the flat code tensors, hs (M, C) the state at t-1 that predicts it)."""
@@ -547,8 +556,9 @@ class MLLM(nn.Module):
         if attention_mask is not None:
             sel[:, 1:] &= attention_mask[:, :-1].bool()  # the predictor must be a real position
         sel[:, 0] = False  # nothing predicts position 0
-        rows = (img.flatten().cumsum(0) - 1).view_as(img)[sel]  # code row of each target position
-        return sel, rows, h[:, :-1][sel[:, 1:]]  # the state at t-1 predicts the codes at t
+        at = sel.flatten().nonzero().squeeze(1)  # (M,) flat positions b*T + t, t >= 1
+        rows = (img.flatten().cumsum(0) - 1)[at]  # code row of each target position
+        return sel, rows, h.flatten(0, 1)[at - 1]  # the state at t-1 (same row) predicts the codes at t
 
     @staticmethod
     def _depth_loss(head, book, hs, codes):

@@ -137,8 +137,8 @@ def load_image_tokenizer(path, siglip_config="", device="cpu"):
 def load_pair(cfg, device):
     """MLLM + the image tokenizer it was trained with -> (model, text_tok, image_tok, info). cfg: .mllm (see
     load_export), .tokenizer ('' -> the path the export records; set to the one used), .siglip_config (see
-    load_image_tokenizer), .check_hash. A recorded tokenizer hash must match: other codes would be
-    meaningless to the model."""
+    load_image_tokenizer), .check_hash, .compile (if present and True: compile_tokenizer). A recorded
+    tokenizer hash must match: other codes would be meaningless to the model."""
     model, text_tok, info = load_export(cfg.mllm, device)
     if not cfg.tokenizer:
         cfg.tokenizer = info.get("tokenizer", "")
@@ -154,6 +154,8 @@ def load_pair(cfg, device):
                                        "recipe changed (it covers the config dict: a new config field changes it)")
             print(f"warning: {msg}; continuing (--check_hash=False)")
             info["tokenizer_hash_mismatch"] = h
+    if getattr(cfg, "compile", False):  # after the hash: it reads the uncompiled state dict
+        compile_tokenizer(image_tok)
     return model, text_tok, image_tok, info
 
 
@@ -271,6 +273,21 @@ def image_codes(image_tok, x):
     with autocast off, so codes do not depend on the caller's autocast (bf16 changes deep residual codes)."""
     pix, sem = image_tok.encode(x)  # (B, h, w, D) each
     return pix.flatten(1, 2), sem.flatten(1, 2)
+
+
+def compile_tokenizer(image_tok):
+    """sample.py / eval.py --compile=True: torch.compile, in place, the image tokenizer's heavy fixed-shape
+    parts: each SigLIP block (dynamo serves all blocks of one shape from one graph), the pre- / post-quant
+    projections, the post-quant ResBlock and the conv decoder. Module.compile keeps parameter names. The
+    quantizers' search loop runs eagerly between them, and so does the MLLM: its decoding shapes change every
+    token, so torch.compile would recompile at each (CUDA graphs would be the tool there, not this)."""
+    t = image_tok
+    parts = [*t.siglip.vision.blocks, t.prequant_pix, t.prequant_shortcut, t.prequant_sem, t.postquant_pix,
+             t.postquant_sem, t.post_quant_conv, t.decoder]
+    for m in parts:
+        if m is not None:
+            m.compile()
+    return image_tok
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ residuals of all depths. In both, the codeword a depth subtracts is the one it f
 before that depth's update (RQ-VAE looks the code up before `_update_embedding`), so `quantized` equals
 `embed(codes)` evaluated on the codebook(s) the search saw.
 
-Memory. Nothing of size (K x N) is ever built: counts use bincount, sums index_add_, and the search runs
+Memory. Nothing of size (K x N) is ever built: counts and sums use index_add_, and the search runs
 over chunks of `search_chunk` vectors through one reused (C, K) fp32 distance block, the largest tensor
 of the whole quantizer. With N vectors, K codes, width D, depth L, chunk C, a training step (forward and
 backward) needs about
@@ -44,6 +44,10 @@ rvq.py imports only torch.
 """
 import torch
 import torch.distributed as dist
+try:
+    import torch.distributed._functional_collectives as funcol
+except ImportError:  # a torch built without distributed: _ddp() is then always False
+    funcol = None
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -119,10 +123,14 @@ class ResidualVQ(nn.Module):
         K, D = self.codebook_size, self.dim
         stats = torch.zeros(K, D + 1, device=v.device)             # (K, D+1): sums | counts
         stats[:, :D].index_add_(0, codes, v)
-        stats[:, D] = torch.bincount(codes, minlength=K).float()
+        # counts by index_add_ too, not bincount: bincount's output length depends on the largest code
+        # (a data-dependent shape, which splits a torch.compile graph)
+        stats[:, D].index_add_(0, codes, v.new_ones(v.shape[0]))
         ddp = self._ddp()
         if ddp:
-            dist.all_reduce(stats)                                  # one collective for both
+            # functional collectives: torch.compile traces them into the graph (c10d's in-place
+            # all_reduce / broadcast split it, twice per depth under torchrun)
+            stats = funcol.all_reduce(stats, "sum", dist.group.WORLD)  # one collective for both
         cse, ema = self.cluster_size_ema[b], self.embed_ema[b]     # (K,), (K, D) views
         cse.mul_(self.decay).add_(stats[:, D], alpha=1 - self.decay)
         ema.mul_(self.decay).add_(stats[:, :D], alpha=1 - self.decay)
@@ -130,7 +138,7 @@ class ResidualVQ(nn.Module):
             # drawn for all K codes, used where dead: no host sync on n_dead, same shape on every rank
             rand = self._random_vectors(v)
             if ddp:
-                dist.broadcast(rand, 0)
+                rand = funcol.broadcast(rand, 0, dist.group.WORLD)
             dead = cse < 1                                          # (K,)
             ema.copy_(torch.where(dead[:, None], rand, ema))
             cse.masked_fill_(dead, 1.0)
@@ -141,9 +149,12 @@ class ResidualVQ(nn.Module):
     # ---------------------------------------------------------------- forward
 
     def check_input(self, x):
+        """The finiteness check reads a value back to the host: eager only. Under torch.compile it would
+        split the graph in two every forward; there a nan input shows up at once as a non-finite commitment
+        loss, which the trainers' check_finite stops on by name before anything is saved."""
         if x.ndim < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"ResidualVQ input x: expected shape (..., {self.dim}), got {tuple(x.shape)}")
-        if not torch.isfinite(x).all():
+        if not torch.compiler.is_compiling() and not torch.isfinite(x).all():
             raise ValueError(f"ResidualVQ input x {tuple(x.shape)} has non-finite values (nan/inf)")
 
     def forward(self, x):
@@ -233,7 +244,8 @@ def code_stats(codes, K):
     L = codes.shape[-1]
     c = codes.reshape(-1, L).long() + K * torch.arange(L, device=codes.device)  # (N, L): depth d counts in bins d*K..
     dt = torch.float32 if codes.device.type == "mps" else torch.float64
-    hist = torch.bincount(c.reshape(-1), minlength=L * K).reshape(L, K).to(dt)  # (L, K)
+    hist = torch.zeros(L * K, dtype=dt, device=codes.device).index_add_(  # a fixed shape, unlike bincount's
+        0, c.reshape(-1), torch.ones(c.numel(), dtype=dt, device=codes.device)).reshape(L, K)  # (L, K)
     p = hist / hist.sum(1, keepdim=True).clamp(min=1)
     h = -(p * p.clamp(min=1e-30).log()).sum(1)  # (L,) nats
     return {"usage": (hist > 0).to(dt).mean(1), "perplexity": h.exp(), "entropy_bits": h / 0.6931471805599453,  # ln 2

@@ -25,7 +25,7 @@ import torch
 
 import data
 from metrics import psnr
-from pipeline import generate_images, image_codes, load_image_tokenizer, load_pair, qa_prompt, sampling_settings
+from pipeline import compile_tokenizer, generate_images, image_codes, load_image_tokenizer, load_pair, qa_prompt, sampling_settings
 import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
 
@@ -40,6 +40,7 @@ class Common:
     seed: int = 0
     batch_size: int = 16
     threads: int = 0           # CPU intra-op threads; 0 = torch's default (1 is faster for tiny models)
+    compile: bool = False      # torch.compile the image tokenizer's blocks and decoder (pipeline.compile_tokenizer)
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -111,6 +112,8 @@ class ReconstructConfig(Common):
 def reconstruct(cfg):
     device = _device(cfg)
     model = load_image_tokenizer(cfg.tokenizer, cfg.siglip_config, device)
+    if cfg.compile:
+        compile_tokenizer(model)
     R = model.config.siglip.vision.image_size
     files = list_images(cfg.images)
     files = files if cfg.max_images <= 0 else files[:cfg.max_images]

@@ -293,13 +293,20 @@ class SigLIPText(nn.Module):
         self.final_ln = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.head = nn.Linear(d, cfg.projection_size)
 
-    def forward(self, ids):
-        """ids (B, T) with T <= max_position_embeddings -> dict(last_hidden_state (B, T, D), pooler_output (B, P))."""
-        T_max, V = self.cfg.max_position_embeddings, self.cfg.vocab_size
-        if ids.dim() != 2 or ids.shape[1] > T_max or ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"ids: expected integer (B, T) with T <= {T_max}, got {tuple(ids.shape)} {ids.dtype}")
+    def check_ids(self, ids):
+        """The id range check reads values back to the host: forward runs it in eager mode only (under
+        torch.compile it would split the graph); train_siglip.py runs it on each CPU batch instead."""
+        V = self.cfg.vocab_size
         if ids.numel() and (ids.min() < 0 or ids.max() >= V):
             raise ValueError(f"ids: token ids must be in [0, {V}), got [{ids.min().item()}, {ids.max().item()}]")
+
+    def forward(self, ids):
+        """ids (B, T) with T <= max_position_embeddings -> dict(last_hidden_state (B, T, D), pooler_output (B, P))."""
+        T_max = self.cfg.max_position_embeddings
+        if ids.dim() != 2 or ids.shape[1] > T_max or ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"ids: expected integer (B, T) with T <= {T_max}, got {tuple(ids.shape)} {ids.dtype}")
+        if not torch.compiler.is_compiling():
+            self.check_ids(ids)
         h = self.tok(ids) + self.pos[: ids.shape[1]]  # (B, T, D)
         for blk in self.blocks:
             h = blk(h)

@@ -418,7 +418,11 @@ def train(cfg):
             items.append((parts, flags, train_c.pix[i], train_c.sem[i]))
             if cfg.gen_ground_loss > 0:
                 items[-1] += (pipeline.ground_words(train_c.records[i], text_tok, image_tok.config.grid),)
-        return {k: v.to(device) for k, v in pipeline.make_batch(mc, items).items()}
+        b = pipeline.make_batch(mc, items)
+        raw.check_inputs(**b)  # here, on the CPU batch: the compiled forward skips these host reads
+        if bool(b["attention_mask"].all()):  # nothing padded: no mask keeps SDPA on its fused causal kernels
+            del b["attention_mask"]
+        return {k: v.to(device) for k, v in b.items()}
 
     use_compile = device.startswith("cuda") if cfg.compile is None else cfg.compile
     model = torch.compile(raw, dynamic=True) if use_compile else raw

@@ -209,7 +209,9 @@ def train(cfg):
             captions = batch["caption"]
             if cfg.data == "shapes" and cfg.caption_drop > 0:
                 captions = [data.caption(o, cfg.caption_drop, random) for o in batch["objects"]]
-            ids = text_tok(captions, cfg.max_len).to(device, non_blocking=True)
+            ids = text_tok(captions, cfg.max_len)
+            raw.text.check_ids(ids)  # on the CPU batch: the compiled forward skips this host read
+            ids = ids.to(device, non_blocking=True)
             if ctx.ddp:  # all-reduce gradients only on the last micro-step
                 model.require_backward_grad_sync = micro == accum - 1
             with autocast:

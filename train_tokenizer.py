@@ -351,6 +351,11 @@ def train(cfg):
     n_params = sum(p.numel() for p in raw.parameters())
     n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     use_compile = device.startswith("cuda") if cfg.compile is None else cfg.compile
+    if use_compile and disc is not None:
+        # the GAN's adaptive weight differentiates the losses through the compiled decoder with
+        # retain_graph=True, which AOTAutograd's donated buffers (a memory saving) refuse at the first GAN step
+        from torch._functorch import config as functorch_config
+        functorch_config.donated_buffer = False
     model = torch.compile(raw) if use_compile else raw
     d_model = disc
     if ctx.ddp:

@@ -221,6 +221,19 @@ def broadcast_buffers_once(model, src=0):
             dist.broadcast(b, src)
 
 
+def graph_breaks(fn, *args, **kwargs):
+    """Dynamo graph breaks in one call fn(*args, **kwargs) -> (count, [one "file:line: reason" per break]).
+    torch._dynamo.explain traces fn as torch.compile would, without generating code, and runs it once. A
+    break splits the compiled region: the host waits for the device there and inductor cannot fuse across
+    it, so a training step should keep only the breaks its data forces (bench.py gpu prints the count,
+    tests/test_bench.py keeps it from growing). explain resets dynamo's caches: call it before compiling."""
+    import torch._dynamo
+    e = torch._dynamo.explain(fn)(*args, **kwargs)
+    where = lambda st: f"{os.path.basename(st[-1].filename)}:{st[-1].lineno}" if st else "?"
+    reasons = [f"{where(r.user_stack)}: {r.reason.splitlines()[0]}" for r in e.break_reasons]
+    return e.graph_break_count, reasons
+
+
 class ShardedSampler:
     """Infinite, deterministic, resumable batches of dataset indices for one DDP rank.
 

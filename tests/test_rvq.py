@@ -322,10 +322,15 @@ def _ddp_worker(rank, world, port, out_dir, xs, init_state):
                 res[key + "_codebook"] = m.codebook.clone()
                 res[key + "_cse"] = m.cluster_size_ema.clone()
                 res[key + "_codes"] = c
+        # the collectives are traced into the compiled graph (functional), not split around
+        import train_utils as tu
+        res["graph_breaks"] = tu.graph_breaks(m, xs[0].chunk(world)[rank])
         # no collective in eval mode or with sync_ddp off: any call would raise here
         def boom(*a, **k):
             raise RuntimeError("collective called")
+        import rvq
         dist.all_reduce, dist.broadcast = boom, boom
+        rvq.funcol.all_reduce, rvq.funcol.broadcast = boom, boom  # what rvq calls (traceable by torch.compile)
         m.eval()
         m(xs[0])
         m.train()
@@ -346,6 +351,7 @@ def test_ddp_two_processes(tmp_path, free_port):
     init_state = make().state_dict()
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path), xs, init_state), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert r0["graph_breaks"][0] == 0, r0["graph_breaks"]  # c10d's in-place collectives broke it 3x here
     for schedule in ("per_depth", "deferred"):
         for restart in (False, True):
             key = f"{schedule}_{restart}"

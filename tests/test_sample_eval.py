@@ -530,3 +530,36 @@ def test_sample_and_eval_run_under_bf16_autocast(tiny_mllm, tiny_tok, tmp_path, 
     tok = ev.main(["tokenizer", f"--tokenizer={tiny_tok / 'tok'}", "--data=shapes", "--num_images=4", "--device=cpu",
                    f"--out={tmp_path / 't.json'}"])
     assert math.isfinite(tok["psnr"])
+
+
+@pytest.mark.slow  # inductor compiles the tiny tokenizer's blocks, projections and decoder on CPU
+def test_sample_and_eval_with_the_tokenizer_compiled(tiny_mllm, tiny_tok, tmp_path):
+    """--compile=True (pipeline.compile_tokenizer: the tokenizer's blocks, projections and decoder compiled in
+    place) gives what the eager runs give: sample.py reconstruct and eval.py tokenizer the same PSNR and codes,
+    sample.py generate (the MLLM eager, the decoder compiled) the same pictures. Batches of 2 throughout, so
+    every graph compiles once."""
+    from PIL import Image
+    import tokenizer
+    t = tokenizer.DualToken(tokenizer.tiny_config())
+    keys = list(t.state_dict())
+    pipeline.compile_tokenizer(t)  # in place: the same parameter names (no `_orig_mod.`), the heavy parts compiled
+    assert list(t.state_dict()) == keys and t.decoder._compiled_call_impl is not None
+    assert all(b._compiled_call_impl is not None for b in t.siglip.vision.blocks)
+    world = data.ShapesWorld(data.ShapesConfig(image_size=32))
+    (tmp_path / "imgs").mkdir()
+    for i in range(2):
+        Image.fromarray(np.asarray(world.sample("val", i)["image"])).save(tmp_path / "imgs" / f"{i}.png")
+    runs = {}
+    for c in ("False", "True"):
+        common = ["--device=cpu", "--batch_size=2", f"--compile={c}"]
+        rec = sample.main(["reconstruct", f"--tokenizer={tiny_tok / 'tok'}", f"--images={tmp_path / 'imgs'}",
+                           f"--out_dir={tmp_path / ('r' + c)}"] + common)
+        tok = ev.main(["tokenizer", f"--tokenizer={tiny_tok / 'tok'}", "--num_images=2",
+                       f"--out={tmp_path / ('t' + c + '.json')}"] + common)
+        gen = sample.main(["generate", f"--mllm={tiny_mllm}", "--captions=a large red circle in the center",
+                           "--num_per_caption=2", "--seed=1", f"--out_dir={tmp_path / ('g' + c)}"] + common)
+        pics = [np.asarray(Image.open(p), dtype=np.int16) for p in gen["images"]]
+        runs[c] = ([r["psnr"] for r in rec["images"]], tok["psnr"], tok["codes_pix"], pics)
+    (pe, te, ce, ge), (pc, tc, cc, gc) = runs["False"], runs["True"]
+    assert pc == pytest.approx(pe, abs=1e-3) and tc == pytest.approx(te, abs=1e-3) and cc == ce
+    assert len(gc) == 2 and all(np.abs(a - b).max() <= 1 for a, b in zip(ge, gc))  # uint8 rounding at most

@@ -110,3 +110,21 @@ def test_trains_under_bf16_autocast(tmp_path, monkeypatch):
     st = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), weights_only=True)
     for k, v in model.state_dict().items():
         assert v.dtype == torch.float32 and torch.equal(v, st["model"][k]), k
+
+
+@pytest.mark.slow  # inductor compiles the model on CPU
+def test_trains_compiled(tmp_path):
+    """compile=True (the cuda default) on CPU's inductor: the compiled step computes what the eager one does
+    (same first loss), training runs on, and the export is the unwrapped model's weights (no `_orig_mod.`)."""
+    logs = {}
+    for name, comp in (("eager", False), ("compiled", True)):
+        cfg = tiny(tmp_path / name, max_steps=2, compile=comp, eval_interval=2)
+        train(cfg)
+        logs[name] = [json.loads(l) for l in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    first = [[r["loss"] for r in logs[n] if r["event"] == "train"][0] for n in ("eager", "compiled")]
+    assert abs(first[0] - first[1]) <= 1e-4 * abs(first[0]), first
+    model = SigLIP.from_pretrained(str(tmp_path / "compiled"))
+    st = torch.load(os.path.join(tmp_path / "compiled", "train_state.pt"), weights_only=True)
+    assert not any("_orig_mod" in k for k in st["model"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, st["model"][k]), k

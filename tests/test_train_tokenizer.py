@@ -194,3 +194,23 @@ def test_trains_with_gan_under_bf16_autocast(teacher_dir, tmp_path, monkeypatch)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     for k, v in raw.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
+
+
+@pytest.mark.slow  # inductor compiles the tokenizer on CPU
+def test_trains_compiled(teacher_dir, tmp_path):
+    """compile=True (the cuda default) on CPU's inductor, with the GAN on: both optimisers step, the export is
+    the unwrapped model, and the compiled forward computes what the eager one does. Compared on step 1's
+    semantic terms: the semantic quantizer searches every depth with the initial book (deferred update), so
+    they do not depend on the random restart vectors, which inductor draws from another generator stream."""
+    logs = {}
+    for name, comp in (("eager", False), ("compiled", True)):
+        raw, res = tt.train(make_cfg(teacher_dir, tmp_path / name, max_steps=2, gan_start=1, eval_interval=2,
+                                     compile=comp))
+        logs[name] = read_log(tmp_path / name)
+    a, b = logs["eager"][0], logs["compiled"][0]
+    for k in ("sem_tok", "sem_pool", "commit_sem"):
+        assert abs(a[k] - b[k]) <= 1e-4 * abs(a[k]), (k, a[k], b[k])
+    assert len(logs["compiled"]) == 2 and "d_loss" in logs["compiled"][1] and torch.isfinite(torch.tensor(res["psnr"]))
+    model = DualToken.from_pretrained(str(tmp_path / "compiled"))
+    for k, v in raw.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
