@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from configurator import UserError
-from llm import rope_inv_freq
 from mllm import MLLM, MLLMConfig, build_sequence, collate, make_targets
 
 # ----------------------------------------------------------------------------------------------------
@@ -76,8 +75,8 @@ def export(raw, folder, extra):
 
 def load_mllm(folder, device="cpu"):
     """-> (MLLM, info dict: tokenizer, tokenizer_hash, text_tokenizer, caption_prompt, ...) from an out_dir.
-    Strict: every key used, every shape checked. Built on the meta device and the file's tensors assigned:
-    the weights live once (a 3B export costs one copy, not a random model plus the file)."""
+    Strict: every key used, every shape checked. Built on the meta device and the file's tensors assigned
+    (MLLM.from_state_dict): the weights live once (a 3B export costs one copy, not a random model plus the file)."""
     from siglip import read_safetensors
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
@@ -86,22 +85,18 @@ def load_mllm(folder, device="cpu"):
         conf = json.load(f)
     if "mllm" not in conf:
         raise UserError(f"{path}: no 'mllm' section (not written by train_mllm.py)")
-    with torch.device("meta"):  # no allocation, no random init: the file's tensors are assigned below
-        model = MLLM(MLLMConfig(**conf.pop("mllm")))
-    model.inv_freq = rope_inv_freq(model.config)  # a plain fp32 tensor, not in the state dict
+    mc = MLLMConfig(**conf.pop("mllm"))
+    with torch.device("meta"):  # the expected names and shapes, without memory
+        own = MLLM(mc).state_dict()
     sd = read_safetensors(os.path.join(folder, "model.safetensors"))
-    if model.config.tie_word_embeddings and "embed.weight" in sd:
+    if mc.tie_word_embeddings and "embed.weight" in sd:
         sd["lm_head.weight"] = sd["embed.weight"]
-    own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     bad = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
     if missing or unexpected or bad:
         raise UserError(f"{folder}/model.safetensors does not match its config: missing {missing}, "
                         f"unexpected {unexpected}, wrong shape {bad}")
-    model.load_state_dict(sd, strict=True, assign=True)
-    if model.config.tie_word_embeddings:  # assign gave the head its own Parameter: one tensor, one Parameter
-        model.lm_head.weight = model.embed.weight
-    return model.to(device).eval(), conf
+    return MLLM.from_state_dict(mc, sd).to(device).eval(), conf
 
 
 def load_export(path, device):

@@ -47,7 +47,7 @@ import mllm_hf
 import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
 import pipeline
-from mllm import MLLM, MLLMConfig
+from mllm import MLLM, MLLMConfig, set_trainable, visual_modules
 from pipeline import SAMPLING_KEYS, CodeCache, cache_meta, export, load_mllm, prepare_cache, tokenizer_hash
 from text import IMAGE_TOKENS, prompt_tokenizer
 
@@ -238,25 +238,6 @@ def _build_model(cfg, tok, dual, thash=None):
         model = MLLM(mc)
     model.set_codebooks(dual.quantizer_pix.codebook, dual.quantizer_sem.codebook)
     return model
-
-
-def visual_modules(model):
-    return model.visual_input_modules() + [m for m in (model.pix_head, model.sem_head) if m is not None]
-
-
-def set_trainable(model, mode):
-    if mode not in ("all", "input", "output"):
-        raise UserError(f"trainable={mode!r}: expected 'all', 'input' or 'output'")
-    model.requires_grad_(mode == "all")
-    if mode == "input":
-        for m in model.visual_input_modules():
-            m.requires_grad_(True)
-        if model.image_pos is not None:
-            model.image_pos.requires_grad_(True)
-    elif mode == "output":
-        model.pix_head.requires_grad_(True)
-        if model.sem_head is not None:
-            model.sem_head.requires_grad_(True)
 
 
 def param_groups(model, cfg):
