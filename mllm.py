@@ -671,16 +671,14 @@ class MLLM(nn.Module):
 
     @classmethod
     def from_state_dict(cls, cfg, sd):
-        """A model whose tensors ARE sd's: built on the meta device (no allocation, no random init) and sd
-        assigned strictly (every key, every shape), so the weights live once. A tied head may be absent from
-        sd (an export stores it once, as embed.weight) and is re-tied to the embedding."""
+        """A model whose tensors ARE sd's, strictly (every key and shape): built on the meta device, no random
+        init, the weights live once. A tied head may be absent (an export stores it as embed.weight only)."""
         with torch.device("meta"):
             model = cls(cfg)
         model.inv_freq = rope_inv_freq(cfg)  # a plain fp32 tensor, not in the state dict
-        if cfg.tie_word_embeddings and "embed.weight" in sd:
-            sd = {**sd, "lm_head.weight": sd["embed.weight"]}
-        model.load_state_dict(sd, strict=True, assign=True)
-        if cfg.tie_word_embeddings:  # assign gave the head its own Parameter: one tensor, one Parameter
+        tied = cfg.tie_word_embeddings
+        model.load_state_dict({**sd, "lm_head.weight": sd["embed.weight"]} if tied else sd, strict=True, assign=True)
+        if tied:  # assign gave the head its own Parameter: one tensor, one Parameter
             model.lm_head.weight = model.embed.weight
         return model
 
@@ -695,28 +693,3 @@ class MLLM(nn.Module):
         model = cls(MLLMConfig(**json.loads(meta["mllm_config"])))
         missing, unexpected = load_model(model, path, strict=True, device=device)
         return model.to(device)
-
-
-# ----------------------------------------------------------------------------------------------------
-# what trains in each stage (paper 3.4)
-
-def visual_modules(model):
-    """The visual input projector and the depth heads: the modules `vis_lr` applies to."""
-    return model.visual_input_modules() + [m for m in (model.pix_head, model.sem_head) if m is not None]
-
-
-def set_trainable(model, mode):
-    """requires_grad per stage: "all" (stages 2 and 4), "input" (stage 1: the visual input projector and the
-    image position table only), "output" (stage 3: the depth heads, their output projectors included)."""
-    if mode not in ("all", "input", "output"):
-        raise ValueError(f"trainable={mode!r}: expected 'all', 'input' or 'output'")
-    model.requires_grad_(mode == "all")
-    if mode == "input":
-        for m in model.visual_input_modules():
-            m.requires_grad_(True)
-        if model.image_pos is not None:
-            model.image_pos.requires_grad_(True)
-    elif mode == "output":
-        model.pix_head.requires_grad_(True)
-        if model.sem_head is not None:
-            model.sem_head.requires_grad_(True)

@@ -154,6 +154,31 @@ def check_pair(model, image_tok):
 
 
 # ----------------------------------------------------------------------------------------------------
+# what trains in each stage (paper 3.4): train_mllm.py's `trainable`, bench.py memory's table
+
+def visual_modules(model):
+    """The visual input projector and the depth heads: the modules `vis_lr` applies to."""
+    return model.visual_input_modules() + [m for m in (model.pix_head, model.sem_head) if m is not None]
+
+
+def set_trainable(model, mode):
+    """requires_grad per stage: "all" (stages 2 and 4), "input" (stage 1: the visual input projector and the
+    image position table only), "output" (stage 3: the depth heads, their output projectors included)."""
+    if mode not in ("all", "input", "output"):
+        raise ValueError(f"trainable={mode!r}: expected 'all', 'input' or 'output'")
+    model.requires_grad_(mode == "all")
+    if mode == "input":
+        for m in model.visual_input_modules():
+            m.requires_grad_(True)
+        if model.image_pos is not None:
+            model.image_pos.requires_grad_(True)
+    elif mode == "output":
+        model.pix_head.requires_grad_(True)
+        if model.sem_head is not None:
+            model.sem_head.requires_grad_(True)
+
+
+# ----------------------------------------------------------------------------------------------------
 # training sequences: what train_mllm.py feeds the MLLM
 
 CAPTION_PROMPT = "describe the image."
