@@ -1,5 +1,5 @@
 """
-Benchmarks: `python bench.py rvq|siglip|llm|gpu [--key=value ...]`.
+Benchmarks: `python bench.py rvq|siglip|llm|gpu|memory [--key=value ...]`.
 
 rvq, siglip and llm measure one component on whatever device is present (cuda > mps > cpu) and print the
 project's implementation next to a straightforward or reference implementation, with ratios. gpu trains
@@ -72,6 +72,90 @@ def print_table(rows, header):
     for r in rows:
         print(line(r))
 
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+GPU_GB = (24, 40, 80, 141)
+
+
+def stage_model(preset, llm="qwen2.5-3b", tokenizer="config/dualtoken_384.py"):
+    """The MLLM a train_mllm stage preset trains, built on the meta device (no memory): the released LLM shape
+    `llm` (mllm_hf.PRESETS) plus the image tokens, the code vocabularies of a train_tokenizer preset, the
+    preset's visual-side keys, and its trainable set. -> (model, trainable)."""
+    import dataclasses
+
+    import configurator
+    import mllm
+    import mllm_hf
+    import pipeline
+    from text import IMAGE_TOKENS
+    st, tk = configurator.preset_values(preset, "mllm"), configurator.preset_values(tokenizer, "tokenizer")
+    miss = [k for k in ("codebook_size", "code_dim", "depth") if k not in tk]
+    if miss or llm not in mllm_hf.PRESETS:
+        raise configurator.UserError(f"memory: {tokenizer} lacks {miss}" if miss else
+                                     f"--llm={llm!r}: expected one of {sorted(mllm_hf.PRESETS)}")
+    vis = dict(pix_vocab=tk["codebook_size"], sem_vocab=tk["codebook_size"], pix_dim=tk["code_dim"],
+               sem_dim=tk["code_dim"], pix_depth=tk.get("pix_depth") or tk["depth"], sem_depth=tk["depth"])
+    # the preset's MLLMConfig keys that are not the LLM's (head sizes, gen_sem, ...): what build_model passes on
+    own = {f.name for f in dataclasses.fields(mllm.MLLMConfig)} - set(mllm_hf.PRESETS[llm])
+    vis.update({k: v for k, v in st.items() if k in own and k not in vis})
+    cfg = mllm_hf.preset_config(llm, **vis)
+    cfg.vocab_size += len(IMAGE_TOKENS)  # from_pretrained(new_tokens=IMAGE_TOKENS) appends them
+    with torch.device("meta"):
+        model = mllm.MLLM(cfg)
+    trainable = st.get("trainable", "all")  # train_mllm's default
+    pipeline.set_trainable(model, trainable)
+    return model, trainable
+
+
+def memory_rows(model, worlds=(1, 2, 4, 8)):
+    """[(setup, {params, grads, adam, buffers, total} in bytes per GPU)]: DDP (the same on any number of GPUs),
+    then FSDP over each N in `worlds` (train_utils.state_bytes)."""
+    import train_utils as tu
+    out = []
+    for name, world, fsdp in [("ddp, any N", 1, False)] + [(f"fsdp, N={n}", n, True) for n in worlds]:
+        b = tu.state_bytes(model, world, fsdp)
+        out.append((name, {**b, "total": sum(b.values())}))
+    return out
+
+
+def bench_memory(argv):
+    """Per-GPU memory of what MLLM training keeps between steps (fp32 master weights, fp32 gradients and AdamW's
+    two fp32 moments per trainable parameter, the codebook buffers), DDP vs FSDP over N GPUs, for train_mllm
+    stage presets built on the meta device (default: every config/mllm_stage*.py), and the cards it fits on
+    before activations. `python bench.py memory [config/mllm_stage2.py ...] [--llm=qwen2.5-3b]
+    [--tokenizer=config/dualtoken_384.py]`. Arithmetic, no device: it runs anywhere."""
+    import dataclasses
+    import glob
+
+    import configurator
+
+    @dataclasses.dataclass
+    class MemoryBench:
+        llm: str = "qwen2.5-3b"  # mllm_hf.PRESETS (the paper: Qwen2.5-3B)
+        tokenizer: str = "config/dualtoken_384.py"  # a train_tokenizer preset: the code vocabularies
+
+    presets = [a for a in argv if not a.startswith("--")] or sorted(glob.glob("config/mllm_stage*.py"))
+    cfg = configurator.parse_config(MemoryBench(), [a for a in argv if a.startswith("--")])
+    gb = lambda b: f"{b / 1e9:.1f}"
+    print(f"per GPU, before activations (GB = 1e9 bytes); fits: the cards of {'/'.join(map(str, GPU_GB))} GB "
+          f"whose memory exceeds the total. LLM {cfg.llm}, code vocabularies of {cfg.tokenizer}")
+    for preset in presets:
+        model, trainable = stage_model(preset, cfg.llm, cfg.tokenizer)
+        n = sum(p.numel() for p in model.parameters())
+        k = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"\n{preset}: trainable={trainable}, {n / 1e9:.2f} B parameters, {k / 1e9:.3f} B trainable")
+        print_table([[name, gb(b["params"]), gb(b["grads"]), gb(b["adam"]), gb(b["total"]),
+                      ", ".join(str(g) for g in GPU_GB if b["total"] < g * 1e9) or "none"]
+                     for name, b in memory_rows(model)], ["setup", "params", "grads", "AdamW", "total", "fits"])
+    units = dict(root=sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] not in
+                          ("layers", "pix_head", "sem_head")),
+                 block=sum(p.numel() for p in model.layers[0].parameters()),
+                 head=sum(p.numel() for p in model.pix_head.parameters()))
+    print(f"\nFSDP also holds the unit being computed unsharded (bf16 under fsdp_bf16, and its gradient in the "
+          f"backward): the root (embeddings, tied head, visual input) {gb(2 * units['root'])} GB, a decoder block "
+          f"{gb(2 * units['block'])} GB, a depth head {gb(2 * units['head'])} GB; activations come on top of all this")
 
 
 # ---------------------------------------------------------------------------------------------- rvq

@@ -96,8 +96,8 @@ def _check_keys(cfg, keys, where):
         raise UserError(f"unknown config key(s) {unknown} in {where}; valid keys: {sorted(valid)}")
 
 
-def apply_preset(cfg, path):
-    """Run the preset file and copy the names it assigns onto `cfg` (a dataclass instance)."""
+def preset_values(path, section=None):
+    """The names a preset file assigns (its `<section>_config` dict merged in), as a dict."""
     if not os.path.isfile(path):
         raise UserError(f"preset file {path!r} does not exist")
     scope = {}
@@ -105,9 +105,14 @@ def apply_preset(cfg, path):
         exec(compile(f.read(), path, "exec"), scope)
     values = {k: v for k, v in scope.items() if not k.startswith("_") and not callable(v)
               and not isinstance(v, type(sys)) and not k.endswith("_config")}
-    section = getattr(cfg, "SECTION", None)
     if section is not None and isinstance(scope.get(section + "_config"), dict):
         values.update(scope[section + "_config"])
+    return values
+
+
+def apply_preset(cfg, path):
+    """Run the preset file and copy the names it assigns onto `cfg` (a dataclass instance)."""
+    values = preset_values(path, getattr(cfg, "SECTION", None))
     _check_keys(cfg, values, path)
     for k, v in values.items():
         setattr(cfg, k, v)

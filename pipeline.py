@@ -75,10 +75,23 @@ def export(raw, folder, extra):
     tu.atomic_save_safetensors(sd, os.path.join(folder, "model.safetensors"), {"format": "pt"})
 
 
+def mllm_from_state_dict(cfg, sd):
+    """An MLLM whose tensors ARE sd's, strictly (every key and shape): built on the meta device, no random
+    init, the weights live once. A tied head may be absent (an export stores it as embed.weight only)."""
+    with torch.device("meta"):
+        model = MLLM(cfg)
+    model.inv_freq = rope_inv_freq(cfg)  # a plain fp32 tensor, not in the state dict
+    tied = cfg.tie_word_embeddings
+    model.load_state_dict({**sd, "lm_head.weight": sd["embed.weight"]} if tied else sd, strict=True, assign=True)
+    if tied:  # assign gave the head its own Parameter: one tensor, one Parameter
+        model.lm_head.weight = model.embed.weight
+    return model
+
+
 def load_mllm(folder, device="cpu"):
     """-> (MLLM, info dict: tokenizer, tokenizer_hash, text_tokenizer, caption_prompt, ...) from an out_dir.
-    Strict: every key used, every shape checked. Built on the meta device and the file's tensors assigned:
-    the weights live once (a 3B export costs one copy, not a random model plus the file)."""
+    Strict: every key used, every shape checked. Built on the meta device and the file's tensors assigned
+    (mllm_from_state_dict): the weights live once (a 3B export costs one copy, not a random model plus the file)."""
     from siglip import read_safetensors
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
@@ -87,22 +100,18 @@ def load_mllm(folder, device="cpu"):
         conf = json.load(f)
     if "mllm" not in conf:
         raise UserError(f"{path}: no 'mllm' section (not written by train_mllm.py)")
-    with torch.device("meta"):  # no allocation, no random init: the file's tensors are assigned below
-        model = MLLM(MLLMConfig(**conf.pop("mllm")))
-    model.inv_freq = rope_inv_freq(model.config)  # a plain fp32 tensor, not in the state dict
+    mc = MLLMConfig(**conf.pop("mllm"))
+    with torch.device("meta"):  # the expected names and shapes, without memory
+        own = MLLM(mc).state_dict()
     sd = read_safetensors(os.path.join(folder, "model.safetensors"))
-    if model.config.tie_word_embeddings and "embed.weight" in sd:
+    if mc.tie_word_embeddings and "embed.weight" in sd:
         sd["lm_head.weight"] = sd["embed.weight"]
-    own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     bad = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
     if missing or unexpected or bad:
         raise UserError(f"{folder}/model.safetensors does not match its config: missing {missing}, "
                         f"unexpected {unexpected}, wrong shape {bad}")
-    model.load_state_dict(sd, strict=True, assign=True)
-    if model.config.tie_word_embeddings:  # assign gave the head its own Parameter: one tensor, one Parameter
-        model.lm_head.weight = model.embed.weight
-    return model.to(device).eval(), conf
+    return mllm_from_state_dict(mc, sd).to(device).eval(), conf
 
 
 def load_export(path, device):
@@ -167,6 +176,31 @@ def check_pair(model, image_tok):
     bad = {k: (getattr(c, k), v) for k, v in want.items() if getattr(c, k) != v}
     if bad:
         raise UserError(f"MLLM and tokenizer do not match (mllm, tokenizer): {bad}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# what trains in each stage (paper 3.4): train_mllm.py's `trainable`, bench.py memory's table
+
+def visual_modules(model):
+    """The visual input projector and the depth heads: the modules `vis_lr` applies to."""
+    return model.visual_input_modules() + [m for m in (model.pix_head, model.sem_head) if m is not None]
+
+
+def set_trainable(model, mode):
+    """requires_grad per stage: "all" (stages 2 and 4), "input" (stage 1: the visual input projector and the
+    image position table only), "output" (stage 3: the depth heads, their output projectors included)."""
+    if mode not in ("all", "input", "output"):
+        raise ValueError(f"trainable={mode!r}: expected 'all', 'input' or 'output'")
+    model.requires_grad_(mode == "all")
+    if mode == "input":
+        for m in model.visual_input_modules():
+            m.requires_grad_(True)
+        if model.image_pos is not None:
+            model.image_pos.requires_grad_(True)
+    elif mode == "output":
+        model.pix_head.requires_grad_(True)
+        if model.sem_head is not None:
+            model.sem_head.requires_grad_(True)
 
 
 # ----------------------------------------------------------------------------------------------------

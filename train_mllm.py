@@ -6,6 +6,7 @@ Teach the unified LLM to read and draw with dual tokens (paper section 3.4; spec
     torchrun --standalone --nproc_per_node=8 train_mllm.py config/mllm_stage1.py \\
         --tokenizer=/path/to/dualtoken --init_from=/path/to/Qwen2.5-3B --data=/path/to/train.jsonl
     python train_mllm.py config/shapes.py --resume=True       # continue exactly where it stopped
+    torchrun --standalone --nproc_per_node=8 train_mllm.py config/mllm_stage2.py --parallel=fsdp ...  # sharded
 
 The frozen DualToken tokenizer runs ONCE over the data (the code cache: memory-mapped int16/int32 .npy
 stacks of both vocabularies + a JSON index of the texts, stamped with a hash of the tokenizer's config
@@ -31,11 +32,18 @@ format) and model.safetensors (codebooks included), written by pipeline.export a
 pipeline.load_mllm; train_state.pt (exact resume), log.jsonl, samples/step_*.png (per caption: its codes decoded | drawn),
 eval.json (held-out QA accuracy and checker-judged generation accuracy with the recorded sampler: eval.py mllm's
 protocol, evaluation.py, on the first eval_qa / eval_gen cached val images).
+
+--parallel=fsdp (under torchrun): FSDP2 instead of DDP, for models whose weights, gradients and AdamW state do
+not fit one GPU (`python bench.py memory` prints the table for the stage presets). build_sharded makes the
+model; the training loop is the same; train_state.pt then names a folder of per-rank shards (exact resume,
+train_utils.save_sharded), and the export, evaluation and samples run on the weights gathered to rank 0
+(`gathered`), so model.safetensors is the same file a DDP run writes.
 """
+import contextlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
@@ -47,9 +55,10 @@ import mllm_hf
 import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
 import pipeline
+from llm import rope_inv_freq
 from mllm import MLLM, MLLMConfig
-from pipeline import (SAMPLING_KEYS, CodeCache, cache_meta, export, load_image_tokenizer, load_mllm, prepare_cache,
-                      tokenizer_hash)
+from pipeline import (SAMPLING_KEYS, CodeCache, cache_meta, export, load_image_tokenizer, load_mllm,
+                      mllm_from_state_dict, prepare_cache, set_trainable, tokenizer_hash, visual_modules)
 from text import IMAGE_TOKENS, prompt_tokenizer
 
 KINDS = ("und", "cap", "gen")
@@ -139,6 +148,12 @@ class TrainMLLMConfig:
     log_interval: int = 10
     sample_interval: int = 500       # a few held-out answers + a PNG of drawn captions; 0: never
     ckpt_interval: int = 500
+    # under torchrun: "ddp" (each GPU holds the whole model, its gradients and AdamW state) or "fsdp" (FSDP2:
+    # all three sharded over the GPUs, each decoder block and depth head its own unit; see build_sharded)
+    parallel: str = "ddp"
+    fsdp_bf16: bool = True           # fsdp + dtype=bfloat16 on cuda: FSDP2's MixedPrecisionPolicy (bf16 gather and
+                                     # compute, fp32 reduce-scatter and master weights) instead of autocast
+    activation_checkpointing: bool = False  # recompute each decoder block's activations in the backward
     resume: bool = False
     overwrite: bool = False          # replace a model already in out_dir (else: refused, see tu.guard_out_dir)
 
@@ -231,23 +246,35 @@ def _build_model(cfg, text_tok, image_tok, thash=None):
     return model
 
 
-def visual_modules(model):
-    return model.visual_input_modules() + [m for m in (model.pix_head, model.sem_head) if m is not None]
+def build_sharded(cfg, text_tok, image_tok, thash, ctx, policy):
+    """--parallel=fsdp: the model every rank trains, sharded. Rank 0 builds the plain model in CPU memory exactly
+    as build_model does (the seeded init from scratch, the same numbers as a single-process run; or the previous
+    stage's export / an HF folder, read strictly), every rank builds the same architecture on the meta device
+    (no memory), shards it (each decoder block and each depth head one FSDP unit, then the root) and takes its
+    own rows of rank 0's tensors as they are broadcast one by one (tu.fsdp_load_full): the full model is never
+    on a GPU, and in CPU memory on rank 0 only. A resume then overwrites the shards from its checkpoint."""
+    import torch.distributed as dist
+    plain = build_model(cfg, text_tok, image_tok, thash) if ctx.is_master else None
+    conf = [asdict(plain.config) if plain is not None else None]
+    dist.broadcast_object_list(conf, src=0)
+    with torch.device("meta"):
+        model = MLLM(MLLMConfig(**conf[0]))
+    model.inv_freq = rope_inv_freq(model.config)  # a plain tensor (not a buffer): made here, not sharded
+    set_trainable(model, cfg.trainable)
+    if cfg.activation_checkpointing:
+        tu.checkpoint_blocks(model.layers)  # before sharding: the recomputation runs inside each unit
+    tu.fsdp_shard(model, [*model.layers, *(h for h in (model.pix_head, model.sem_head) if h is not None)], policy)
+    tu.fsdp_load_full(model, plain.state_dict() if plain is not None else None, ctx.device)
+    return model
 
 
-def set_trainable(model, mode):
-    if mode not in ("all", "input", "output"):
-        raise UserError(f"trainable={mode!r}: expected 'all', 'input' or 'output'")
-    model.requires_grad_(mode == "all")
-    if mode == "input":
-        for m in model.visual_input_modules():
-            m.requires_grad_(True)
-        if model.image_pos is not None:
-            model.image_pos.requires_grad_(True)
-    elif mode == "output":
-        model.pix_head.requires_grad_(True)
-        if model.sem_head is not None:
-            model.sem_head.requires_grad_(True)
+def gathered(model):
+    """Under FSDP (a collective: every rank calls it): the trained weights gathered into a plain MLLM in rank
+    0's CPU memory, which the export writes; None on the other ranks. The evaluation and the samples move it to
+    rank 0's GPU, which must then hold the whole fp32 model once more (16 GB for the 3B model): on smaller
+    cards set eval_qa = eval_gen = sample_interval = 0 and run eval.py on the export."""
+    sd = tu.fsdp_full_state_dict(model)
+    return mllm_from_state_dict(MLLMConfig(**asdict(model.config)), sd) if sd else None
 
 
 def optimizer_groups(model, cfg):
@@ -347,6 +374,11 @@ def validate(cfg):
         tu.require_path(cfg.text_tokenizer, "text_tokenizer", "file", "'bytes', 'words' or a tokenizer.json")
     if cfg.trainable not in ("all", "input", "output"):
         raise UserError(f"--trainable={cfg.trainable!r}: expected 'all', 'input' or 'output'")
+    if cfg.parallel not in ("ddp", "fsdp"):
+        raise UserError(f"--parallel={cfg.parallel!r}: expected 'ddp' or 'fsdp'")
+    if cfg.parallel == "fsdp" and int(os.environ.get("RANK", -1)) == -1 and not cfg.prepare:
+        raise UserError("--parallel=fsdp shards over the processes torchrun starts: run under torchrun "
+                        "(--nproc_per_node=1 on one GPU)")
     kind_counts(cfg.mix, cfg.micro_batch)
     if cfg.gen_ground_loss > 0 and cfg.data != "shapes":
         raise UserError(f"--gen_ground_loss={cfg.gen_ground_loss}: needs each image's objects, which only "
@@ -356,6 +388,8 @@ def validate(cfg):
 
 
 def train(cfg):
+    """-> (the trained model, the final evaluation or None). Under --parallel=fsdp the model is the sharded one,
+    whose process group is gone on return: read the export (load_mllm) instead."""
     t_start = time.time()
     validate(cfg)
     state_path = os.path.join(cfg.out_dir, "train_state.pt")
@@ -383,17 +417,29 @@ def train(cfg):
         print("note: no record has questions; und samples train captioning")
 
     text_tok, text_tok_name = mllm_text_tokenizer(cfg)
-    raw = build_model(cfg, text_tok, image_tok, thash)
+    fsdp = cfg.parallel == "fsdp"
+    policy = tu.fsdp_policy(device, cfg.dtype) if fsdp and cfg.fsdp_bf16 else None
+    if fsdp:
+        raw = build_sharded(cfg, text_tok, image_tok, thash, ctx, policy)
+    else:
+        raw = build_model(cfg, text_tok, image_tok, thash)
+        set_trainable(raw, cfg.trainable)
+        if cfg.activation_checkpointing:
+            tu.checkpoint_blocks(raw.layers)
+        raw = raw.to(device)
     mc = raw.config
-    set_trainable(raw, cfg.trainable)
-    raw = raw.to(device)
     opt = torch.optim.AdamW(optimizer_groups(raw, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    if fsdp:
+        tu.init_optimizer_state(opt)  # every trainable shard has AdamW state: the sharded checkpoint is complete
     step, consumed = 0, 0
     if st is not None:
         if st["tokenizer_hash"] != thash:
             raise UserError(f"{state_path} was trained with tokenizer {st['tokenizer_hash']}, this run has {thash}")
-        raw.load_state_dict(st["model"], strict=True)
-        opt.load_state_dict(st["optimizer"])
+        if fsdp:
+            tu.load_sharded(raw, opt, state_path, st)
+        else:
+            raw.load_state_dict(st["model"], strict=True)
+            opt.load_state_dict(st["optimizer"])
         step, consumed = st["step"], st["consumed"]
     sampler = tu.ShardedSampler(len(train_c), cfg.seed, ctx.rank, ctx.world, cfg.micro_batch)
     total = consumed * ctx.world * cfg.micro_batch
@@ -426,12 +472,13 @@ def train(cfg):
 
     use_compile = device.startswith("cuda") if cfg.compile is None else cfg.compile
     model = torch.compile(raw, dynamic=True) if use_compile else raw
-    if ctx.ddp:
+    if ctx.ddp and not fsdp:
         ids = [ctx.local_rank] if device.startswith("cuda") else None
         heads_idle = counts["gen"] == 0 and any(p.requires_grad for p in raw.pix_head.parameters())
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False,
                                                           find_unused_parameters=heads_idle)
     autocast = tu.autocast_ctx(device, cfg.dtype)
+    train_autocast = contextlib.nullcontext() if policy is not None else autocast  # the policy sets bf16 compute
     logger = tu.JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=master, fresh=st is None)
     extra = dict(tokenizer=os.path.abspath(cfg.tokenizer), tokenizer_hash=thash,
                  text_tokenizer=text_tok_name, caption_prompt=pipeline.CAPTION_PROMPT,
@@ -444,21 +491,25 @@ def train(cfg):
     n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     if master:
         print(f"MLLM {n_params / 1e6:.2f}M params ({n_train / 1e6:.2f}M trainable, {cfg.trainable}), device "
-              f"{device} x{ctx.world}, accum {accum}, micro-batch {counts}, {len(train_c)} cached images, "
-              f"tokenizer {thash}, from step {step}")
+              f"{device} x{ctx.world} ({cfg.parallel if ctx.ddp else 'one process'}), accum {accum}, micro-batch "
+              f"{counts}, {len(train_c)} cached images, tokenizer {thash}, from step {step}")
         logger.log(event="start", step=step, params=n_params, trainable=n_train, world=ctx.world, counts=counts,
                    config=config_dict(cfg))
 
-    def checkpoint():
+    def checkpoint(plain):
+        meta = {"step": step, "consumed": consumed, "tokenizer_hash": thash, "config": config_dict(cfg)}
+        if fsdp:  # every rank writes its shards
+            tu.save_sharded(raw, opt, state_path, meta)
+        elif master:
+            tu.atomic_save({"model": raw.state_dict(), "optimizer": opt.state_dict(), **meta}, state_path)
         if master:
-            tu.atomic_save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                            "consumed": consumed, "tokenizer_hash": thash, "config": config_dict(cfg)}, state_path)
-            export(raw, cfg.out_dir, extra)
+            export(plain, cfg.out_dir, extra)
 
     last_step = cfg.stop_step or cfg.max_steps
     from tqdm import tqdm
     bar = tqdm(total=last_step, initial=step, disable=not master, desc="mllm", dynamic_ncols=True)
     t0, seen, last_good = time.time(), 0, step if st is not None else None
+    plain, plain_step = (None, None) if fsdp else (raw, step)  # what the export, evaluation and samples read
     while step < last_step:
         f = tu.cosine_lr(step, cfg.warmup, cfg.max_steps, 1.0, cfg.min_lr_frac)
         for g in opt.param_groups:
@@ -467,9 +518,9 @@ def train(cfg):
         for micro in range(accum):
             b = next_batch()
             consumed += 1
-            if ctx.ddp:
+            if ctx.ddp and not fsdp:  # FSDP reduce-scatters every micro-step (see train_utils' FSDP2 section)
                 model.require_backward_grad_sync = micro == accum - 1
-            with autocast:
+            with train_autocast:
                 _, loss = model(**b)
             terms = dict(loss=loss.detach(), **raw.loss_parts)
             try:
@@ -496,27 +547,36 @@ def train(cfg):
                        elapsed_s=time.time() - t_start, **sums)
             bar.set_postfix(loss=f"{sums['loss']:.3f}", text=f"{sums['text']:.3f}", pix=f"{sums['pix']:.2f}",
                             sem=f"{sums['sem']:.2f}")
-        if tu.every(step, cfg.ckpt_interval) or step == last_step:
-            checkpoint()
+        save = tu.every(step, cfg.ckpt_interval) or step == last_step
+        ev_now = val_c is not None and tu.every(step, cfg.eval_interval) and step < cfg.max_steps
+        samples_now = val_c is not None and tu.every(step, cfg.sample_interval)
+        if fsdp:  # every rank takes part in the gather, rank 0 gets the copy (None elsewhere)
+            plain, plain_step = (gathered(raw), step) if save or ev_now or samples_now else (None, None)
+        if save:
+            checkpoint(plain)
             last_good = step
-        if master and val_c is not None and tu.every(step, cfg.eval_interval) \
-                and step < cfg.max_steps:
+        if master and (ev_now or samples_now):
+            plain = plain.to(device)  # the gathered copy (a no-op for the DDP model)
+        if master and ev_now:
             t_ev = time.time()
-            ev = evaluate(raw, text_tok, image_tok, val_c, cfg, cfg.eval_qa, cfg.eval_gen, autocast)
+            ev = evaluate(plain, text_tok, image_tok, val_c, cfg, cfg.eval_qa, cfg.eval_gen, autocast)
             ev = {k: v for k, v in ev.items() if k != "qa_examples"}
             logger.log(event="eval", step=step, elapsed_s=time.time() - t_start, eval_s=time.time() - t_ev, **ev)
             bar.write(f"step {step}: held-out QA {ev.get('qa_accuracy', float('nan')):.3f}, generation "
                       f"{ev.get('gen_accuracy', float('nan')):.3f} ({time.time() - t_start:.0f} s)")
-        if master and val_c is not None and tu.every(step, cfg.sample_interval):
-            qa = save_samples(raw, text_tok, image_tok, val_c, cfg,
+        if master and samples_now:
+            qa = save_samples(plain, text_tok, image_tok, val_c, cfg,
                               os.path.join(cfg.out_dir, "samples", f"step_{step:06d}.png"))
             logger.log(event="samples", step=step, qa=qa)
             bar.write(f"step {step}: " + "; ".join(f"{r['q']} -> {r['pred']!r} ({r['truth']})" for r in qa))
     bar.close()
     result = None
+    if fsdp and plain_step != step and val_c is not None and step >= cfg.max_steps:
+        plain = gathered(raw)  # a resume that had nothing left to train
     if master and val_c is not None and step >= cfg.max_steps:
         t_ev = time.time()
-        result = dict(step=step, **evaluate(raw, text_tok, image_tok, val_c, cfg, cfg.eval_qa, cfg.eval_gen, autocast))
+        plain = plain.to(device)
+        result = dict(step=step, **evaluate(plain, text_tok, image_tok, val_c, cfg, cfg.eval_qa, cfg.eval_gen, autocast))
         result.update(eval_s=time.time() - t_ev, wall_s=time.time() - t_start, tokenizer_hash=thash,
                       config=config_dict(cfg))
         with open(os.path.join(cfg.out_dir, "eval.json"), "w") as fh:

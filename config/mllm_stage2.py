@@ -4,6 +4,9 @@
 #       --data=/path/to/vqa.jsonl --eval_data=/path/to/vqa_val.jsonl
 # The depth heads get no gradient here (no generation samples): DDP runs with find_unused_parameters.
 # Paper: lr 2e-5, batch 256.
+# Memory (python bench.py memory): weights + gradients + AdamW of the 3B model take up to ~65 GB per GPU under
+# DDP, before activations; on smaller cards add --parallel=fsdp (8 GPUs: ~8 GB each) and, for activations,
+# --activation_checkpointing=True.
 out_dir = "out-mllm/stage2"
 trainable = "all"
 mix = (0.8, 0.2, 0.0)        # questions, plus some captions

@@ -4,6 +4,9 @@
 #       --data=/path/to/mixed.jsonl --eval_data=/path/to/val.jsonl
 # Paper: lr 1e-5, batch 512 then 256 (run twice: the second time --batch_size=256 --init_from=out-mllm/stage4
 # --out_dir=out-mllm/stage4b). The paper's pure-text samples are not a sample kind here.
+# Memory (python bench.py memory): weights + gradients + AdamW of the 3B model take up to ~65 GB per GPU under
+# DDP, before activations; on smaller cards add --parallel=fsdp (8 GPUs: ~8 GB each) and, for activations,
+# --activation_checkpointing=True.
 out_dir = "out-mllm/stage4"
 trainable = "all"
 mix = (0.4, 0.1, 0.5)
