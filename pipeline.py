@@ -149,8 +149,9 @@ def load_pair(cfg, device):
     load_image_tokenizer), .check_hash, .compile (if present and True: compile_tokenizer). A recorded
     tokenizer hash must match: other codes would be meaningless to the model."""
     model, text_tok, info = load_export(cfg.mllm, device)
-    if not cfg.tokenizer:
-        cfg.tokenizer = info.get("tokenizer", "")
+    if not cfg.tokenizer and info.get("tokenizer"):  # recorded relative to the run folder (older runs: absolute)
+        here = os.path.join(cfg.mllm, info["tokenizer"])
+        cfg.tokenizer = here if os.path.exists(here) else info["tokenizer"]
     image_tok = load_image_tokenizer(cfg.tokenizer, cfg.siglip_config, device)
     check_pair(model, image_tok)
     if info.get("tokenizer_hash"):

@@ -480,7 +480,7 @@ def train(cfg):
     autocast = tu.autocast_ctx(device, cfg.dtype)
     train_autocast = contextlib.nullcontext() if policy is not None else autocast  # the policy sets bf16 compute
     logger = tu.JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=master, fresh=st is None)
-    extra = dict(tokenizer=os.path.abspath(cfg.tokenizer), tokenizer_hash=thash,
+    extra = dict(tokenizer=os.path.relpath(cfg.tokenizer, cfg.out_dir), tokenizer_hash=thash,  # moves with both
                  text_tokenizer=text_tok_name, caption_prompt=pipeline.CAPTION_PROMPT,
                  prompt_format="und: [bos] <im_start> image <im_end> user_prompt(question); "
                                "gen: [bos] encode(caption) <image_gen_start>",

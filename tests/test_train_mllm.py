@@ -262,6 +262,18 @@ def test_train_exports_loadable_model_and_eval(tok_dir, cache_dir, tmp_path, mon
     for k, v in raw.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
     assert model.lm_head.weight is model.embed.weight  # tie restored
+    # the tokenizer is recorded relative to the run folder: the two copied elsewhere together still pair up
+    rel = info["tokenizer"]
+    assert not os.path.isabs(rel) and os.path.samefile(os.path.join(out, rel), tok_dir)
+    import shutil
+    from types import SimpleNamespace
+    run2 = tmp_path.joinpath("moved", *["d"] * rel.count(".."), "run")
+    shutil.copytree(out, run2)
+    shutil.copytree(tok_dir, os.path.normpath(os.path.join(run2, rel)))
+    cfg = SimpleNamespace(mllm=str(run2), tokenizer="", siglip_config="", check_hash=True)
+    pipeline.load_pair(cfg, "cpu")  # the hash check passes: the same tokenizer, found at its new place
+    assert os.path.samefile(cfg.tokenizer, os.path.normpath(os.path.join(run2, rel)))
+    assert str(tmp_path / "moved") in os.path.abspath(cfg.tokenizer)
     from safetensors.torch import load_file, save_file
     sd = load_file(str(out / "model.safetensors"))
     sd.pop("vis_in.0.bias")
