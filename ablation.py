@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 import train_tokenizer as tt
+import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
 
 # the paper's numbers (spec section 4, SigLIP-So/14-384 on ImageNet val; "-" = not reported)
@@ -105,8 +106,7 @@ def run_one(base, run, layer_sem, digest):
            "codes_pix": res["codes_pix"], "codes_sem": res["codes_sem"],
            "n_images": res["n_images"], "wall_s": time.time() - t0,
            "teacher_sha256": digest, "config": config_dict(cfg)}
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
+    tu.write_json(out, path)
     return out
 
 
@@ -156,8 +156,7 @@ def main(cfg):
     print("\n" + text)
     summary = {"rows": rows, "table": text, "paper": PAPER, "wall_s": time.time() - t0, "threads": cfg.threads,
                "teacher": cfg.init_from, "teacher_sha256": digest, "config": config_dict(cfg)}
-    with open(os.path.join(cfg.ablation_dir, "ablation.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    tu.write_json(summary, os.path.join(cfg.ablation_dir, "ablation.json"))
     print(f"\n{len(rows)} runs in {summary['wall_s']:.0f} s; wrote {cfg.ablation_dir}/ablation.json")
     return summary
 

@@ -138,6 +138,18 @@ def parse_config(cfg, argv=None):
     return cfg
 
 
+def read_lines(path, what):
+    """A list argument given as a file (class names, templates, captions) -> its non-empty lines, stripped;
+    a missing or empty file is a UserError naming `what`."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} file {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        lines = [ln.strip() for ln in f if ln.strip()]
+    if not lines:
+        raise UserError(f"{what} file {path!r}: the file has no non-empty line")
+    return lines
+
+
 def config_dict(cfg):
     """Plain dict of a config, for JSON logs and checkpoints."""
     return dataclasses.asdict(cfg)

@@ -50,7 +50,7 @@ from evaluation import blind_baseline, derangement, question_type, scores as _sc
 from pipeline import (compile_tokenizer, gen_prompt, image_codes, load_image_tokenizer, load_pair, make_batch,
                       sampling_settings)
 import train_utils as tu
-from configurator import UserError, config_dict, parse_config, run_main
+from configurator import UserError, config_dict, parse_config, read_lines, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES_TEMPLATES = ("a {}", "a photo of a {}", "a small {}", "a large {}")  # train_siglip / train_tokenizer's
@@ -71,15 +71,6 @@ def zero_shot(image_emb, labels, text_model, text_tok, classes, templates, batch
     topk = (1, 5) if len(classes) >= 5 else (1,)
     return {f"top{k}": v for k, v in zero_shot_accuracy(image_emb.float(), clf.float().cpu(), labels, topk).items()}
 
-
-def read_lines(path, what):
-    if not os.path.isfile(path):
-        raise UserError(f"{what} file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        lines = [ln.rstrip("\n") for ln in f if ln.strip()]
-    if not lines:
-        raise UserError(f"{what} file {path!r} is empty")
-    return lines
 
 # -----------------------------------------------------------------------------
 # python eval.py tokenizer
@@ -288,7 +279,7 @@ def eval_tokenizer(cfg):
 
 def _write(res, path):
     """Atomically: an eval JSON a user keeps is never left half-written by a crash."""
-    tu._atomic_write(path, lambda f: f.write(json.dumps(res, indent=2).encode()))
+    tu.write_json(res, path)
     print(f"wrote {path}")
     return res
 

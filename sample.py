@@ -27,7 +27,7 @@ import data
 from metrics import psnr
 from pipeline import compile_tokenizer, generate_images, image_codes, load_image_tokenizer, load_pair, qa_prompt, sampling_settings
 import train_utils as tu
-from configurator import UserError, config_dict, parse_config, run_main
+from configurator import UserError, config_dict, parse_config, read_lines, run_main
 
 
 @dataclass
@@ -74,10 +74,7 @@ def text_or_file(value, key):
     if not value:
         raise UserError(f"--{key} is required: the text itself or a file with one per line")
     if os.path.isfile(value):
-        with open(value, encoding="utf-8") as f:
-            lines = [l.strip() for l in f if l.strip()]
-        if not lines:
-            raise UserError(f"--{key}={value!r}: the file has no non-empty line")
+        lines = read_lines(value, f"--{key}")
         print(f"--{key}: {len(lines)} line(s) read from the file {value}")
         return lines
     if looks_like_path(value):
@@ -156,8 +153,7 @@ def reconstruct(cfg):
     grid = data.grid_png(rows, os.path.join(cfg.out_dir, "reconstruct.png"), labels=labels)  # enlarged, captioned
     info = dict(job="reconstruct", grid=grid, resolution=R, mean_psnr=sum(r["psnr"] for r in results) / len(results),
                 images=results, config=config_dict(cfg))
-    with open(os.path.join(cfg.out_dir, "reconstruct.json"), "w") as f:
-        json.dump(info, f, indent=2)
+    tu.write_json(info, os.path.join(cfg.out_dir, "reconstruct.json"))
     print(f"{len(results)} images at {R} px, mean PSNR {info['mean_psnr']:.2f} dB; grid (original | reconstruction): {grid}")
     return info
 
@@ -206,8 +202,7 @@ def generate(cfg):
                          os.path.join(cfg.out_dir, "generate.png"), labels=caps, scale=cfg.grid_scale)
     info = dict(job="generate", grid=grid, captions=caps, images=files, sampling=settings,
                 mllm=cfg.mllm, tokenizer=cfg.tokenizer, device=device, config=config_dict(cfg))
-    with open(os.path.join(cfg.out_dir, "generate.json"), "w") as f:
-        json.dump(info, f, indent=2)
+    tu.write_json(info, os.path.join(cfg.out_dir, "generate.json"))
     print(f"{len(files)} images for {len(caps)} caption(s), sampling {settings}: {grid}")
     return info
 
@@ -248,8 +243,7 @@ def answer(cfg):
     text = text_tok.decode(ids).strip()
     info = dict(job="answer", image=cfg.image, question=cfg.question, answer=text, config=config_dict(cfg))
     os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "answer.json"), "w") as f:
-        json.dump(info, f, indent=2)
+    tu.write_json(info, os.path.join(cfg.out_dir, "answer.json"))
     print(f"Q: {cfg.question}\nA: {text}")
     return info
 

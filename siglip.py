@@ -480,13 +480,12 @@ class SigLIP(nn.Module):
         return model
 
     def save_pretrained(self, folder):
-        """Write config.json + model.safetensors in Hugging Face's layout and names."""
-        from safetensors.torch import save_file
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump(self.config.to_hf(), f, indent=2)
-        sd = {k: x.contiguous().clone() for k, x in self.hf_state_dict().items()}
-        save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        """Write config.json + model.safetensors in Hugging Face's layout and names, each atomically (a crash
+        mid-save leaves the previous files whole)."""
+        import train_utils as tu
+        tu.write_json(self.config.to_hf(), os.path.join(folder, "config.json"))
+        sd = {k: x.clone() for k, x in self.hf_state_dict().items()}  # no shared storage (safetensors refuses it)
+        tu.atomic_save_safetensors(sd, os.path.join(folder, "model.safetensors"), {"format": "pt"})
 
 # -----------------------------------------------------------------------------
 # zero-shot classification

@@ -570,8 +570,7 @@ class DualToken(nn.Module):
         """config.json (our layout) + model.safetensors (our names; a shared codebook is one (1, K, c) tensor),
         each written atomically: a crash mid-save leaves the previous export intact (train_tokenizer.py
         exports here at every checkpoint)."""
-        tu._atomic_write(os.path.join(folder, "config.json"),
-                         lambda f: f.write(json.dumps(config_to_dict(self.config), indent=2).encode()))
+        tu.write_json(config_to_dict(self.config), os.path.join(folder, "config.json"))
         tu.atomic_save_safetensors(self.state_dict(), os.path.join(folder, "model.safetensors"), {"format": "pt"})
 
     @classmethod

@@ -579,8 +579,7 @@ def train(cfg):
         result = dict(step=step, **evaluate(plain, text_tok, image_tok, val_c, cfg, cfg.eval_qa, cfg.eval_gen, autocast))
         result.update(eval_s=time.time() - t_ev, wall_s=time.time() - t_start, tokenizer_hash=thash,
                       config=config_dict(cfg))
-        with open(os.path.join(cfg.out_dir, "eval.json"), "w") as fh:
-            json.dump(result, fh, indent=2)
+        tu.write_json(result, os.path.join(cfg.out_dir, "eval.json"))
         logger.log(event="eval", **{k: v for k, v in result.items() if k != "config"})
         print(f"held-out QA accuracy {result.get('qa_accuracy', float('nan')):.3f} ({result.get('n_qa', 0)} "
               f"questions), generation accuracy {result.get('gen_accuracy', float('nan')):.3f} "

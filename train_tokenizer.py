@@ -496,8 +496,7 @@ def train(cfg):
     if master and result is not None:
         result.update(wall_s=time.time() - t_start, templates=list(cfg.templates), classes=ev["classes"],
                       lpips=lpips_msg, config=config_dict(cfg))
-        with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        tu.write_json(result, os.path.join(cfg.out_dir, "eval.json"))
         print(f"done in {result['wall_s']:.0f} s; wrote {cfg.out_dir}/eval.json")
     tu.cleanup_ddp()
     return raw, result

@@ -174,6 +174,11 @@ def atomic_save(obj, path):
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def write_json(obj, path):
+    """A JSON file a user keeps (results, exports' config.json), written atomically, indented."""
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
 def atomic_save_safetensors(tensors, path, metadata=None):
     from safetensors.torch import save
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}

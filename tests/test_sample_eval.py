@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 import checker
+import configurator
 import data
 import eval as ev
 import evaluation
@@ -114,8 +115,8 @@ def test_zero_shot_known_answer():
 
 
 def test_imagenet_data_files():
-    classes = ev.read_lines(os.path.join(ROOT, "data", "imagenet_classes.txt"), "classnames")
-    templates = ev.read_lines(os.path.join(ROOT, "data", "imagenet_templates.txt"), "templates")
+    classes = configurator.read_lines(os.path.join(ROOT, "data", "imagenet_classes.txt"), "classnames")
+    templates = configurator.read_lines(os.path.join(ROOT, "data", "imagenet_templates.txt"), "templates")
     assert len(classes) == 1000 and classes[0] == "tench" and classes[-1] == "toilet paper"
     assert len(templates) == 80 and len(set(templates)) == 80 and all("{}" in t for t in templates)
     assert templates[0] == "a bad photo of a {}." and "a photo of a {}." in templates
