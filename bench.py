@@ -83,9 +83,6 @@ def stage_model(preset, llm="qwen2.5-3b", tokenizer="config/dualtoken_384.py"):
     """The MLLM a train_mllm stage preset trains, built on the meta device (no memory): the released LLM shape
     `llm` (mllm_hf.PRESETS) plus the image tokens, the code vocabularies of a train_tokenizer preset, the
     preset's visual-side keys, and its trainable set. -> (model, trainable)."""
-    import dataclasses
-
-    import configurator
     import mllm
     import mllm_hf
     import pipeline
@@ -126,10 +123,7 @@ def bench_memory(argv):
     stage presets built on the meta device (default: every config/mllm_stage*.py), and the cards it fits on
     before activations. `python bench.py memory [config/mllm_stage2.py ...] [--llm=qwen2.5-3b]
     [--tokenizer=config/dualtoken_384.py]`. Arithmetic, no device: it runs anywhere."""
-    import dataclasses
     import glob
-
-    import configurator
 
     @dataclasses.dataclass
     class MemoryBench:
@@ -211,9 +205,6 @@ def _onehot_rvq(book, cse, ema, x, depth, schedule, train, decay=0.99, eps=1e-5)
 def bench_rvq(argv):
     """Training and inference step of rvq.ResidualVQ vs the one-hot baseline above at the released
     configuration (B=8 images x 729 positions, K=16384, D=32, depth 8, shared book)."""
-    import dataclasses
-
-    import configurator
     from rvq import ResidualVQ
 
     @dataclasses.dataclass
@@ -279,9 +270,6 @@ def bench_rvq(argv):
 def bench_siglip(argv):
     """Forward of siglip.SigLIPVision vs transformers' SiglipVisionModel (same weights, SDPA attention
     in both, eval, no grad) at a So400m-like width: time and peak memory side by side."""
-    import dataclasses
-
-    import configurator
     from siglip import SigLIP, SigLIPConfig, SigLIPVisionConfig
 
     @dataclasses.dataclass
@@ -344,10 +332,8 @@ def bench_llm(argv):
     """mllm.MLLM decoding: KV-cache decode vs a no-cache loop (whole sequence every step) vs
     transformers' Qwen2ForCausalLM.generate, same weights (loaded through from_pretrained), greedy;
     then image generation (both depth heads, CFG doubled batch) with and without the LLM KV cache."""
-    import dataclasses
     import tempfile
 
-    import configurator
     import mllm
     import mllm_hf
 
