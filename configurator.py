@@ -5,9 +5,10 @@ A script declares its settings as a dataclass with defaults. The command line is
     python train_x.py [config/preset.py] [--key=value ...]
 A preset file is plain Python that assigns some of the keys (`batch_size = 32`). One preset can
 describe a whole pipeline: a dict named `<section>_config` (e.g. `tokenizer_config = dict(...)`) applies
-only to the config class whose `SECTION` class attribute is `<section>`; other sections are ignored, so
-`python train_siglip.py config/shapes.py` and `python train_tokenizer.py config/shapes.py` share a file.
-Then each
+only to the config class whose `SECTION` class attribute is `<section>`; the other sections of SECTIONS
+are skipped, so `python train_siglip.py config/shapes.py` and `python train_tokenizer.py config/shapes.py`
+share a file. A dict named `<x>_config` for an x that is no section (`tokenzier_config`) is an error; any
+other `..._config` value (eval.py's `siglip_config = "DIR"`) is an ordinary key. Then each
 `--key=value` is parsed with the type of the dataclass field (so `--lr=3e-4` is a float and
 `--compile=False` is a bool). An unknown key, in a preset or on the command line, is an error that
 names the key and lists the valid ones: a typo must never train with the default silently.
@@ -96,17 +97,31 @@ def _check_keys(cfg, keys, where):
         raise UserError(f"unknown config key(s) {unknown} in {where}; valid keys: {sorted(valid)}")
 
 
+SECTIONS = ("siglip", "tokenizer", "mllm")  # the `<section>_config` dicts of a pipeline preset (config/shapes.py)
+
+
 def preset_values(path, section=None):
-    """The names a preset file assigns (its `<section>_config` dict merged in), as a dict."""
+    """The names a preset file assigns (its `<section>_config` dict merged in), as a dict. Dicts of the
+    other SECTIONS are skipped; a `<x>_config` dict for an unknown x is a UserError (a misspelt section
+    would otherwise be skipped too, and the script would train with its defaults)."""
     if not os.path.isfile(path):
         raise UserError(f"preset file {path!r} does not exist")
     scope = {}
     with open(path) as f:
         exec(compile(f.read(), path, "exec"), scope)
-    values = {k: v for k, v in scope.items() if not k.startswith("_") and not callable(v)
-              and not isinstance(v, type(sys)) and not k.endswith("_config")}
-    if section is not None and isinstance(scope.get(section + "_config"), dict):
-        values.update(scope[section + "_config"])
+    values, sections = {}, {}
+    for k, v in scope.items():
+        if k.startswith("_") or callable(v) or isinstance(v, type(sys)):
+            continue
+        if k.endswith("_config") and isinstance(v, dict):
+            sections[k[:-len("_config")]] = v
+        else:
+            values[k] = v
+    unknown = sorted(set(sections) - set(SECTIONS) - {section})
+    if unknown:
+        raise UserError(f"{path}: unknown section(s) {[s + '_config' for s in unknown]}; the sections are "
+                        f"{[s + '_config' for s in SECTIONS]}")
+    values.update(sections.get(section, {}) if section is not None else {})
     return values
 
 

@@ -62,10 +62,10 @@ class MLLMConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = True
     max_seq_len: int = 2048
-    # special token ids (None = the vocabulary has no such token)
+    # special token ids (None = the vocabulary has no such token); defaults: text.PromptTokenizer("bytes")'s
     pad_id: Optional[int] = 256
-    bos_id: Optional[int] = 257
-    eos_id: Optional[int] = 258
+    eos_id: Optional[int] = 257
+    bos_id: Optional[int] = 258
     im_start_id: Optional[int] = 259
     im_end_id: Optional[int] = 260
     image_gen_start_id: Optional[int] = 261

@@ -47,9 +47,28 @@ class SectionCfg:
 
 def test_preset_sections(tmp_path):
     preset = tmp_path / "p.py"
-    preset.write_text("lr = 0.5\ntok_config = dict(steps=7)\nother_config = dict(nonsense=1)\n")
+    preset.write_text("lr = 0.5\ntok_config = dict(steps=7)\nmllm_config = dict(nonsense=1)\n")
     cfg = parse_config(SectionCfg(), [str(preset)])
-    assert (cfg.steps, cfg.lr) == (7, 0.5)
+    assert (cfg.steps, cfg.lr) == (7, 0.5)  # another script's section is skipped
     preset.write_text("tok_config = dict(stepz=7)\n")
     with pytest.raises(ValueError, match="stepz"):
         parse_config(SectionCfg(), [str(preset)])
+
+
+@dataclass
+class EvalLikeCfg:
+    siglip_config: str = ""  # a real field whose name ends in _config (eval.py / sample.py)
+    lr: float = 0.1
+
+
+def test_config_named_fields_and_misspelt_sections(tmp_path):
+    """A `..._config` value that is not a section dict is an ordinary key (it was dropped: eval.py's
+    siglip_config could not be set from a preset); a misspelt section is an error (it was skipped)."""
+    preset = tmp_path / "p.py"
+    preset.write_text("siglip_config = '/weights/siglip'\nlr = 0.5\n")
+    assert parse_config(EvalLikeCfg(), [str(preset)]).siglip_config == "/weights/siglip"
+    preset.write_text("tokenzier_config = dict(steps=7)\n")
+    with pytest.raises(ValueError, match="unknown section.*tokenzier_config"):
+        parse_config(SectionCfg(), [str(preset)])
+    with pytest.raises(ValueError, match="tokenzier_config"):
+        parse_config(EvalLikeCfg(), [str(preset)])

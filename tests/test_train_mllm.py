@@ -12,8 +12,10 @@ import torch
 from configurator import UserError
 import data
 import pipeline
+import text
 import tokenizer as tkz
 import train_mllm as tm
+from mllm import MLLMConfig
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +134,12 @@ def test_special_ids_come_from_the_text_tokenizer(tok_dir, cache_dir):
     mc = model.config
     assert (mc.pad_id, mc.eos_id, mc.vocab_size) == (tok.pad_id, tok.eos_id, tok.vocab_size)
     assert mc.image_gen_start_id == tok.token_id("<image_gen_start>") and mc.bos_id == tok.token_id("<bos>")
+    # MLLMConfig's defaults are the byte model's ids, so a config written by hand means what the trainer writes
+    byte, d = text.PromptTokenizer("bytes"), MLLMConfig()
+    assert (d.pad_id, d.eos_id, d.bos_id, d.vocab_size) == (byte.pad_id, byte.eos_id, byte.token_id("<bos>"),
+                                                            byte.vocab_size)
+    assert [d.im_start_id, d.im_end_id, d.image_gen_start_id, d.image_gen_end_id] == \
+        [byte.token_id(n) for n in text.IMAGE_TOKENS]
 
 
 def test_kind_counts():
