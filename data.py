@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from configurator import UserError, run_main
+from configurator import UserError, read_lines, run_main
 
 # -----------------------------------------------------------------------------
 # the shapes world
@@ -113,15 +113,13 @@ class ShapesWorld:
             raise UserError(f"ShapesConfig.holdout_pairs: {bad} are not (colour, shape) pairs of this world")
         if not 0.0 < cfg.val_fraction < 1.0:
             raise UserError(f"ShapesConfig.val_fraction={cfg.val_fraction}: need 0 < val_fraction < 1")
-        self.cfg = cfg
-        self.holdout, self.pairs = holdout, pairs
+        self.cfg, self.holdout, self.pairs = cfg, holdout, pairs
         self.allowed = [p for p in pairs if p not in holdout]
         if not self.allowed:
             raise UserError("ShapesConfig.holdout_pairs: every pair is held out, train would be empty")
         S = cfg.image_size
         ys, xs = np.mgrid[0:S, 0:S].astype(np.float32) + 0.5  # pixel centres, (S, S) each
-        self._X, self._Y = xs, ys
-        self._bg_cache = {}
+        self._X, self._Y, self._bg_cache = xs, ys, {}
 
     def class_names(self):
         """The zero-shot classes, "colour shape", colour-major: 18 with the default 3 shapes."""
@@ -435,8 +433,7 @@ class eval_transform:
     def __call__(self, img):
         from PIL import Image
         img = to_rgb(img)
-        W, H = img.size
-        s = self.size
+        (W, H), s = img.size, self.size
         w, h = (s, max(s, int(s * H / W))) if W <= H else (max(s, int(s * W / H)), s)
         img = img.resize((w, h), Image.BICUBIC)
         top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
@@ -459,9 +456,7 @@ def to_rgb(img):
         a = np.asarray(img, dtype=np.float32)
         top = 65535.0 if img.mode.startswith("I;16") else max(float(a.max()), 255.0)
         img = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).round().astype(np.uint8), "L")
-    if img.mode == "P" or img.mode == "PA":
-        img = img.convert("RGBA")  # applies the palette and its transparency
-    if img.mode in ("RGBA", "LA", "RGBa", "La"):
+    if img.mode in ("P", "PA", "RGBA", "LA", "RGBa", "La"):  # convert("RGBA") applies a palette's transparency
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(bg, rgba).convert("RGB")
@@ -473,8 +468,7 @@ def load_image(path):
     from PIL import Image, ImageOps
     with Image.open(path) as im:
         im.load()
-        im = ImageOps.exif_transpose(im)
-        return to_rgb(im)
+        return to_rgb(ImageOps.exif_transpose(im))
 
 
 def read_image(path, size, where=""):
@@ -508,8 +502,7 @@ class _ImageFiles(torch.utils.data.Dataset):
                 if verify:
                     load_image(it[0])
                 else:
-                    with Image.open(it[0]):
-                        pass
+                    Image.open(it[0]).close()  # the header only
                 good.append(it)
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on broken files
                 bad.append((it[0], e))
@@ -570,8 +563,18 @@ class ImageFolderDataset(_ImageFiles):
         items = []
         for label, c in enumerate(classes):
             items += [(p, c.replace("_", " "), label) for p in _list_images(os.path.join(root, c))]
-        self.classes, self.transform = classes, transform
+        self.classes, self.transform, self.root = classes, transform, root
         self._check(items, root, verify, 0)
+
+    def class_names(self, path=""):
+        """Zero-shot names, one per class folder: the lines of `path`, ImageNet's (data/imagenet_classes.txt,
+        OpenAI's order = the sorted synset folders n01440764 ...) for 1000 folders, else the folder names."""
+        imagenet = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "imagenet_classes.txt")
+        names = read_lines(path or imagenet, "classnames") if path or len(self.classes) == 1000 else \
+            [c.replace("_", " ") for c in self.classes]
+        if len(names) != len(self.classes):
+            raise UserError(f"classnames: {len(names)} names for {len(self.classes)} class folders in {self.root}")
+        return names
 
 
 def read_jsonl(path, with_qa=False):
@@ -644,13 +647,14 @@ class ImageCaptionDataset(_ImageFiles):
 
 
 def _int_arg(argv, i, name, default):
-    """Command-line integer i of `python data.py ...`, named in the error when it is not one."""
-    if len(argv) <= i:
-        return default
+    """Command-line integer i (>= 1) of `python data.py ...`, named in the error when it is not one."""
     try:
-        return int(argv[i])
+        n = int(argv[i]) if len(argv) > i else default
     except ValueError:
         raise UserError(f"{name} must be an integer, got {argv[i]!r} (python data.py [N] | export DIR [N] [SIZE])") from None
+    if n < 1:
+        raise UserError(f"{name}={n}: need at least 1")
+    return n
 
 
 def main(argv):
@@ -664,8 +668,6 @@ def main(argv):
             raise UserError("usage: python data.py export DIR [N] [SIZE]")
         out, n = argv[1], _int_arg(argv, 2, "N", 16)
         size = _int_arg(argv, 3, "SIZE", ShapesConfig.image_size)
-        if n < 1:
-            raise UserError(f"N={n}: need at least 1 image to export")
         from PIL import Image
         world = ShapesWorld(ShapesConfig(image_size=size))
         os.makedirs(out, exist_ok=True)
@@ -684,8 +686,6 @@ def main(argv):
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]} (python data.py [N] | export DIR [N] [SIZE])")
     n = _int_arg(argv, 0, "N", 1000)
-    if n < 1:
-        raise UserError(f"N={n}: need at least 1 image")
     world = ShapesWorld(ShapesConfig())
     for i in range(3):
         s = world.sample("train", i)

@@ -123,14 +123,7 @@ def tokenizer_sets(cfg, R):
     n = len(ds) if cfg.num_images <= 0 else min(cfg.num_images, len(ds))
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:n].sort().values.tolist()
     sub = torch.utils.data.Subset(ds, idx)
-    if cfg.classnames:
-        classes = read_lines(cfg.classnames, "classnames")
-    elif len(ds.classes) == 1000:  # ImageNet's sorted synset folders are OpenAI's class order
-        classes = read_lines(os.path.join(HERE, "data", "imagenet_classes.txt"), "classnames")
-    else:
-        classes = [c.replace("_", " ") for c in ds.classes]
-    if len(classes) != len(ds.classes):
-        raise UserError(f"classnames: {len(classes)} names for {len(ds.classes)} class folders in {cfg.data}")
+    classes = ds.class_names(cfg.classnames)
     desc = f"ImageFolder {cfg.data} ({n} of {len(ds)} images, {len(classes)} classes, resize short side + crop {R})"
     return sub, sub, classes, desc
 

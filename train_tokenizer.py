@@ -42,6 +42,7 @@ class TrainTokenizerConfig:
     # source (folder of image + same-name .txt, or .jsonl); captions are not used by this stage
     data: str = "shapes"
     eval_data: str = ""              # real data: an ImageFolder root for held-out PSNR / zero-shot
+    classnames: str = ""             # eval_data's zero-shot names, one per line ('' -> ImageNet's for 1000 folders)
     max_objects: int = 2             # shapes: 1..max_objects objects per training image
     train_size: int = 1_000_000      # shapes: length of the (procedural) train split
     eval_size: int = 540             # held-out images for PSNR and zero-shot (single-object for shapes)
@@ -138,6 +139,8 @@ def validate(cfg):
             data.read_jsonl(cfg.data)  # every record checked now (file:line), before the teacher loads
     if cfg.eval_data:
         tu.require_path(cfg.eval_data, "eval_data", "dir", "an ImageFolder root")
+    elif cfg.classnames:
+        raise UserError(f"--classnames={cfg.classnames!r} names --eval_data's class folders; give --eval_data too")
     if cfg.data == "shapes" and cfg.eval_size < 1:
         raise UserError(f"--eval_size={cfg.eval_size}: need >= 1 held-out image")
     if cfg.trainable not in ("vision", "after_sem"):
@@ -227,7 +230,7 @@ def make_data(cfg, R):
         items = [ds[i] for i in idx]
         return train, dict(images=torch.stack([it["image"] for it in items]),
                            labels=torch.tensor([it["label"] for it in items]),
-                           classes=[c.replace("_", " ") for c in ds.classes], multi=None)
+                           classes=ds.class_names(cfg.classnames), multi=None)
     world = data.ShapesWorld(data.ShapesConfig(image_size=R, max_objects=cfg.max_objects, seed=cfg.seed))
     train = data.ShapesDataset(world, "train", cfg.train_size)
     single = data.ShapesDataset(world, "val", cfg.eval_size, num_objects=1)

@@ -453,8 +453,8 @@ class ShardedSampler:
 RESUME_MAY_CHANGE = frozenset({
     "max_steps", "stop_step", "resume", "overwrite", "out_dir", "cache_dir", "prepare", "prepare_batch",
     "log_interval", "eval_interval", "ckpt_interval", "sample_interval", "image_interval",
-    "eval_size", "eval_data", "eval_batch", "eval_qa", "eval_gen", "device", "dtype", "compile", "threads",
-    "num_workers", "cfg_scale", "temperature", "fine_temperature", "top_k", "top_p", "tokenizer",
+    "eval_size", "eval_data", "classnames", "eval_batch", "eval_qa", "eval_gen", "device", "dtype", "compile",
+    "threads", "num_workers", "cfg_scale", "temperature", "fine_temperature", "top_k", "top_p", "tokenizer",
     "activation_checkpointing", "fsdp_bf16"})
 
 # the files whose presence means an out_dir holds a model (or a run that can be resumed)

@@ -267,6 +267,31 @@ def test_image_folder_survives_broken_and_odd_images(tmp_path, capsys):
     assert full.n_skipped == 2 and len(full) == len(ds) - 1
 
 
+def _synset_root(root, n):
+    """n class folders named like ImageNet's sorted synsets, one small image in the first."""
+    for k in range(n):
+        (root / f"n{k:08d}").mkdir(parents=True)
+    _photo(20, 20).save(root / "n00000000" / "a.png")
+    return str(root)
+
+
+def test_class_names_are_readable(tmp_path):
+    """Zero-shot prompts need names, not folder ids: a file's lines, ImageNet's 1000 for a 1000-folder root
+    (its synset folders sort into OpenAI's order), else the folder names with '_' as spaces."""
+    ds = data.ImageFolderDataset(_synset_root(tmp_path / "in", 1000))
+    names = ds.class_names()
+    assert len(names) == 1000 and names[0] == "tench" and names[1] == "goldfish"
+    _photo(20, 20).save((tmp_path / "two" / "red_fox").mkdir(parents=True) or tmp_path / "two" / "red_fox" / "a.png")
+    (tmp_path / "two" / "cat").mkdir()
+    two = data.ImageFolderDataset(str(tmp_path / "two"))
+    assert two.class_names() == ["cat", "red fox"]
+    (tmp_path / "names.txt").write_text("a cat\n\na red fox\n")
+    assert two.class_names(str(tmp_path / "names.txt")) == ["a cat", "a red fox"]
+    (tmp_path / "names.txt").write_text("a cat\n")
+    with pytest.raises(ValueError, match="classnames: 1 names for 2 class folders in .*two"):
+        two.class_names(str(tmp_path / "names.txt"))
+
+
 def test_empty_or_unusable_folders_are_errors(tmp_path):
     with pytest.raises(ValueError, match="no usable images found in .*empty"):
         data.ImageFolderDataset(str((tmp_path / "empty").mkdir() or tmp_path / "empty"))

@@ -78,6 +78,25 @@ def test_loss_goes_down_and_outputs_load(teacher_dir, tmp_path):
     assert torch.equal(raw.siglip.logit_scale, teacher.logit_scale)
 
 
+def test_real_eval_data_zero_shot_uses_class_names(teacher_dir, tmp_path):
+    """ImageNet-style eval_data: the trainer's zero-shot prompts read "tench", not the folder id n01440764
+    (eval.py's rule, data.ImageFolderDataset.class_names); --classnames overrides it."""
+    from PIL import Image
+    root = tmp_path / "val"
+    for k in range(1000):
+        (root / f"n{k:08d}").mkdir(parents=True)
+    Image.new("RGB", (20, 20), (200, 30, 30)).save(root / "n00000000" / "a.png")
+    cfg = make_cfg(teacher_dir, tmp_path / "out", data=str(root), eval_data=str(root))
+    _, ev = tt.make_data(cfg, 16)
+    assert ev["classes"][:2] == ["tench", "goldfish"] and len(ev["classes"]) == 1000
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"class {k}\n" for k in range(1000)))
+    cfg.classnames = str(names)
+    assert tt.make_data(cfg, 16)[1]["classes"][0] == "class 0"
+    with pytest.raises(ValueError, match="give --eval_data too"):
+        tt.validate(make_cfg(teacher_dir, tmp_path / "o2", classnames=str(names)))
+
+
 def test_gan_updates_generator_and_discriminator(teacher_dir, tmp_path):
     out = tmp_path / "gan"
     tt.train(make_cfg(teacher_dir, out, gan_start=1, stop_step=1))
