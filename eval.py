@@ -183,7 +183,8 @@ def eval_tokenizer(cfg):
         if lpips is not None:
             lp.append(lpips(x.float(), rec.clamp(-1, 1), reduction="none").float().cpu())
         pix.append(out.pix_codes.reshape(-1, out.pix_codes.shape[-1]).cpu())
-        sem.append(out.sem_codes.reshape(-1, out.sem_codes.shape[-1]).cpu())
+        if out.sem_codes is not None:  # None: a reconstruction-only tokenizer (ablation.py's runs b and c)
+            sem.append(out.sem_codes.reshape(-1, out.sem_codes.shape[-1]).cpu())
         if fid_on or cfg.save_images:
             from PIL import Image
             for a, b in zip(data.to_image(x), data.to_image(rec)):
@@ -196,7 +197,7 @@ def eval_tokenizer(cfg):
                                                   cfg.inception_path, device)
     if res["rfid"] is not None and n < 2048:
         res["rfid_note"] += f" (only {n} images: FID is biased upward below ~10k and rank-deficient below 2048)"
-    codes_pix, codes_sem = torch.cat(pix), torch.cat(sem)
+    codes_pix, codes_sem = torch.cat(pix), torch.cat(sem) if sem else None
     if cfg.data == "shapes":  # the first (at most 200) reconstruction samples, with their objects and background
         cs = [recon_ds.world.sample("val", i) for i in range(min(len(recon_ds), 200))]
         res["code_structure"] = code_structure(model, cs, cfg, device, autocast)
@@ -218,13 +219,17 @@ def eval_tokenizer(cfg):
             x = batch["image"].to(device)
             labels.append(_labels(batch, classes))
             with autocast:
-                q_emb.append(model.encode_image(x).float().cpu())
+                if model.config.semantic_branch:
+                    q_emb.append(model.encode_image(x).float().cpu())
                 if teacher is not None:
                     t_emb.append(teacher.encode_image(x).float().cpu())
         labels = torch.cat(labels)
         bs = max(cfg.batch_size, 64)
-        zs.update({f"quantized_{k}": v for k, v in
-                   zero_shot(torch.cat(q_emb), labels, text_model, text_tok, classes, templates, bs).items()})
+        if q_emb:
+            zs.update({f"quantized_{k}": v for k, v in
+                       zero_shot(torch.cat(q_emb), labels, text_model, text_tok, classes, templates, bs).items()})
+        else:
+            zs["note"] = "n/a for the tokenizer: reconstruction-only (semantic_branch=False), no semantic codes"
         if teacher is not None:
             t_text = teacher if teacher.text is not None else text_model
             zs.update({f"teacher_{k}": v for k, v in
@@ -235,7 +240,7 @@ def eval_tokenizer(cfg):
     res["zero_shot"] = zs
     for key, codes, K in (("codes_pix", codes_pix, model.config.vq_pix.codebook_size),
                           ("codes_sem", codes_sem, model.config.vq_sem.codebook_size)):  # codes (M, depth)
-        res[key] = dict({k: v.tolist() for k, v in code_stats(codes, K).items()}, max_entropy_bits=math.log2(K),
+        res[key] = None if codes is None else dict({k: v.tolist() for k, v in code_stats(codes, K).items()}, max_entropy_bits=math.log2(K),
                         n_vectors=codes.shape[0])
     res.update(data=desc, n_images=len(recon_ds), resolution=R, device=device,
                dtype=cfg.dtype if device.startswith("cuda") else "float32", wall_s=time.time() - t0,
@@ -255,6 +260,9 @@ def eval_tokenizer(cfg):
             print(f"zero-shot: {zs[k]}")
     for q in ("pix", "sem"):
         c = res[f"codes_{q}"]
+        if c is None:
+            print(f"codes {q}: none (reconstruction-only tokenizer)")
+            continue
         print(f"codes {q}: usage/depth {[round(v, 4) for v in c['usage']]}, perplexity/depth "
               f"{[round(v, 1) for v in c['perplexity']]}, entropy bits/depth {[round(v, 2) for v in c['entropy_bits']]}"
               f" (max {c['max_entropy_bits']:.2f}), any depth {c['usage_any_depth']:.4f}   [{c['n_vectors']} vectors, {s}]")

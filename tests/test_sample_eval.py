@@ -180,6 +180,24 @@ def test_cli_eval_tokenizer_shapes(tiny_tok, tmp_path, capsys):
     assert "teacher_top1" not in res2["zero_shot"] and "teacher_note" in res2["zero_shot"]
 
 
+def test_cli_eval_tokenizer_reconstruction_only(tmp_path):
+    """ablation.py's runs b and c have no semantic branch: eval.py tokenizer reports reconstruction, pixel
+    codes and the teacher's zero-shot, and says the tokenizer's own zero-shot is n/a (it crashed on the
+    missing semantic codes)."""
+    import dataclasses
+    import tokenizer
+    torch.manual_seed(0)
+    m = tokenizer.DualToken(dataclasses.replace(tokenizer.tiny_config(), semantic_branch=False))
+    m.save_pretrained(str(tmp_path / "tok"))
+    m.siglip.save_pretrained(str(tmp_path / "siglip"))
+    res = ev.main(["tokenizer", f"--tokenizer={tmp_path / 'tok'}", f"--teacher={tmp_path / 'siglip'}",
+                   "--data=shapes", "--num_images=8", "--text_tokenizer=byte", "--device=cpu", f"--out={tmp_path / 'e.json'}"])
+    assert res["codes_sem"] is None and len(res["codes_pix"]["usage"]) == m.config.vq_pix.depth
+    assert "quantized_top1" not in res["zero_shot"] and "reconstruction-only" in res["zero_shot"]["note"]
+    assert 0 <= res["zero_shot"]["teacher_top1"] <= 1 and res["psnr"] > 0
+    assert json.load(open(tmp_path / "e.json"))["codes_sem"] is None
+
+
 def test_cli_eval_tokenizer_image_folder(tiny_tok, tmp_path):
     from PIL import Image
     root = tmp_path / "val"
