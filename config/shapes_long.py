@@ -5,11 +5,11 @@
 # - tokenizer, 2000 steps (312 s): 33.3 dB / SSIM 0.972, zero-shot 99.6 % (teacher 99.6 %), ceiling (the
 #   checker on decodings of true codes) 0.92 (the quick start's 1000 steps: 0.60-0.72);
 # - MLLM, 30000 steps (53 min, cosine over the 30000) on that tokenizer: eval.py mllm QA 0.863 (one object
-#   0.99, two 0.79), generation all-correct 0.67 with CFG 1.5 at temperature 1 (depths 2.. greedy;
-#   0.70 unguided; 0.76 of 300 captions with the sampler recorded below). Issue 15's targets (QA >= 0.95,
-#   generation >= 0.80) are not reached; the curve rose to the end (trainer's eval: QA 0.67 / 0.74 / 0.84 / 0.85 / 0.88 / 0.90, generation 0.01 / 0.33 / 0.51
-#   / 0.58 / 0.63 / 0.65 at 5 / 11 / 22 / 27 / 36 / 53 min). At 15000 steps (2026-11-30): QA 0.820,
-#   generation 0.50.
+#   0.99, two 0.79), generation all-correct 0.67 with CFG 1.5 at temperature 1 (depths 2.. greedy; 0.70
+#   unguided; 0.76 of 300 captions with the sampler recorded below). Issue 15's targets (QA >= 0.95,
+#   generation >= 0.80) are not reached; the curve rose to the end (trainer's eval: QA 0.67 / 0.74 / 0.84
+#   / 0.85 / 0.88 / 0.90, generation 0.01 / 0.33 / 0.51 / 0.58 / 0.63 / 0.65 at 5 / 11 / 22 / 27 / 36 / 53
+#   min). At 15000 steps (2026-11-30): QA 0.820, generation 0.50.
 tokenizer_config = dict(
     out_dir="out-shapes/tokenizer-long",
     max_steps=2000,
