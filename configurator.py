@@ -19,6 +19,7 @@ no traceback (`--debug=True` or NANO_DEBUG=1 shows it). Anything else is a bug a
 """
 import ast
 import dataclasses
+import json
 import os
 import sys
 import typing
@@ -163,6 +164,29 @@ def read_lines(path, what):
     if not lines:
         raise UserError(f"{what} file {path!r}: the file has no non-empty line")
     return lines
+
+
+def read_jsonl_records(path, need=""):
+    """A JSONL file the user gives (training pairs, QA lines) -> [(where "file:line", record dict)] of its
+    non-blank lines. A missing file, a line that is not a JSON object, or no record at all is a UserError
+    naming the file and line; `need` (what a record must hold) is added to those messages."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path!r} does not exist")
+    hint, out = f" (one JSON object per line: {need})" if need else "", []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n} is not JSON ({e})") from None
+            if not isinstance(rec, dict):
+                raise UserError(f"{path}:{n}: expected a JSON object{hint}, got {line.strip()[:80]!r}")
+            out.append((f"{path}:{n}", rec))
+    if not out:
+        raise UserError(f"{path} holds no records{hint}")
+    return out
 
 
 def config_dict(cfg):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from configurator import UserError, read_lines, run_main
+from configurator import UserError, read_jsonl_records, read_lines, run_main
 
 # -----------------------------------------------------------------------------
 # the shapes world
@@ -582,37 +582,25 @@ def read_jsonl(path, with_qa=False):
     "qa": [[question, answer], ...], and a caption OR questions suffice), image paths relative to the
     file. Every record is checked here, before any work, and a wrong one is a UserError naming file:line
     (a null caption must not train as the text "None"). -> list of dicts: image (absolute path), caption
-    (str, stripped; "" when absent), qa (list of [q, a]), line. Whether the image file exists and decodes
-    is the caller's skip-and-count (_ImageFiles), as for folders."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path!r} does not exist")
-    base, out = os.path.dirname(os.path.abspath(path)), []
+    (str, stripped; "" when absent), qa (list of [q, a]), where (file:line). Whether the image file exists
+    and decodes is the caller's skip-and-count (_ImageFiles), as for folders."""
     need = "'image' and a 'caption' and/or 'qa' list" if with_qa else "keys 'image' and 'caption'"
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where} is not JSON ({e})") from None
-            if not isinstance(rec, dict) or "image" not in rec or not ("caption" in rec or with_qa and "qa" in rec):
-                raise UserError(f"{where} needs {need}, got {line.strip()[:80]!r}")
-            if not isinstance(rec["image"], str) or not rec["image"]:
-                raise UserError(f"{where}: 'image' must be a file path (a string), got {rec['image']!r}")
-            cap = rec.get("caption", "")
-            if not isinstance(cap, str):
-                raise UserError(f"{where}: 'caption' must be a string, got {cap!r}")
-            qa = rec.get("qa", []) if with_qa else []
-            if not isinstance(qa, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2 and
-                                                   all(isinstance(t, str) for t in p) for p in qa):
-                raise UserError(f"{where}: 'qa' must be a list of [question, answer] string pairs, got "
-                                f"{json.dumps(qa)[:80]}")
-            out.append(dict(image=os.path.join(base, rec["image"]), caption=cap.strip(), qa=[list(p) for p in qa],
-                            line=n))
-    if not out:
-        raise UserError(f"{path} holds no records (one JSON object per line: {need})")
+    base, out = os.path.dirname(os.path.abspath(path)), []
+    for where, rec in read_jsonl_records(path, need):
+        if "image" not in rec or not ("caption" in rec or with_qa and "qa" in rec):
+            raise UserError(f"{where} needs {need}, got {json.dumps(rec)[:80]}")
+        if not isinstance(rec["image"], str) or not rec["image"]:
+            raise UserError(f"{where}: 'image' must be a file path (a string), got {rec['image']!r}")
+        cap = rec.get("caption", "")
+        if not isinstance(cap, str):
+            raise UserError(f"{where}: 'caption' must be a string, got {cap!r}")
+        qa = rec.get("qa", []) if with_qa else []
+        if not isinstance(qa, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2 and
+                                               all(isinstance(t, str) for t in p) for p in qa):
+            raise UserError(f"{where}: 'qa' must be a list of [question, answer] string pairs, got "
+                            f"{json.dumps(qa)[:80]}")
+        out.append(dict(image=os.path.join(base, rec["image"]), caption=cap.strip(), qa=[list(p) for p in qa],
+                        where=where))
     return out
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import checker
 import data
-from configurator import UserError
+from configurator import UserError, read_jsonl_records
 from pipeline import generate_images, make_batch, qa_prompt
 
 MAX_ANSWER_TOKENS = 16  # the shapes world's answers are one or two words
@@ -165,29 +165,6 @@ def ceiling(image_tok, pix, objects, batch_size, device, autocast=None):
 # the user's own files
 
 
-def _jsonl(path):
-    """-> [(where "file:line", record dict)] of every non-blank line; not JSON or not an object is a
-    UserError naming the line."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path!r} does not exist")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where} is not JSON ({e})") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"{where}: expected a JSON object, got {line.strip()[:80]!r}")
-            out.append((where, rec))
-    if not out:
-        raise UserError(f"{path} holds no records")
-    return out
-
-
 def _text(rec, key, where, optional=False):
     v = rec.get(key)
     if v is None and optional:
@@ -219,7 +196,7 @@ def read_qa_jsonl(path):
     decodes is checked when it is read: data.read_image with the same file:line). -> records: image
     (path), question, answer, choices (list or None), where."""
     base, out = os.path.dirname(os.path.abspath(path)), []
-    for where, rec in _jsonl(path):
+    for where, rec in read_jsonl_records(path):
         r = dict(image=_image(rec, where, base), question=_text(rec, "question", where),
                  answer=_text(rec, "answer", where), choices=rec.get("choices"), where=where)
         c = r["choices"]
@@ -250,7 +227,7 @@ def read_captions(path):
         if not recs:
             raise UserError(f"{path} holds no captions")
         return recs
-    base, lines = os.path.dirname(os.path.abspath(path)), _jsonl(path)
+    base, lines = os.path.dirname(os.path.abspath(path)), read_jsonl_records(path)
     with_image = "image" in lines[0][1]
     recs = []
     for where, rec in lines:
