@@ -31,6 +31,25 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def broken_safetensors(monkeypatch):
+    """safetensors' writers fail as a full disk or a killed job would: save_file leaves a partial file at
+    the name it was given, save raises. Returns monkeypatch (undo() restores the real writers)."""
+    import safetensors.torch as st
+
+    def broken_save_file(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full (simulated)")
+
+    def broken_save(tensors, metadata=None):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(st, "save_file", broken_save_file)
+    monkeypatch.setattr(st, "save", broken_save)
+    return monkeypatch
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_one_thread():
     """Every test starts seeded and single-threaded, even after a trainer set its own `threads`."""

@@ -280,30 +280,19 @@ def test_zero_shot():
         siglip.zero_shot_accuracy(img[:, :D], classifier[:, :3], labels % 3, topk=(5,))
 
 
-def test_save_pretrained_is_atomic(tmp_path, monkeypatch):
+def test_save_pretrained_is_atomic(tmp_path, request):
     """A crash while the weights are written leaves the previous export loadable and no temporary file
     (train_siglip.py re-exports into the same folder at every checkpoint)."""
-    import safetensors.torch as st
     torch.manual_seed(0)
     m = siglip.SigLIP(siglip.tiny_config())
     m.save_pretrained(str(tmp_path))
     before = {k: v.clone() for k, v in m.state_dict().items()}
-
-    def broken_save_file(tensors, filename, metadata=None):  # writes part of the file, then fails
-        with open(filename, "wb") as f:
-            f.write(b"partial")
-        raise OSError("disk full (simulated)")
-
-    def broken_save(tensors, metadata=None):
-        raise OSError("disk full (simulated)")
-
-    monkeypatch.setattr(st, "save_file", broken_save_file)
-    monkeypatch.setattr(st, "save", broken_save)
+    broken = request.getfixturevalue("broken_safetensors")  # from here on every write fails
     with torch.no_grad():
         m.logit_bias.add_(1.0)
     with pytest.raises(OSError, match="simulated"):
         m.save_pretrained(str(tmp_path))
-    monkeypatch.undo()
+    broken.undo()
     loaded = siglip.SigLIP.from_pretrained(str(tmp_path)).state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in before.items())
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]

@@ -91,29 +91,18 @@ def test_save_load_round_trip_and_convert(ref_model, outputs, tmp_path):
         T.DualToken.from_pretrained(REF)
 
 
-def test_save_pretrained_is_atomic(tmp_path, monkeypatch):
+def test_save_pretrained_is_atomic(tmp_path, request):
     """A crash while the weights are written (disk full, a killed job) leaves the previous export loadable:
     train_tokenizer.py re-exports into the same folder at every checkpoint."""
-    import safetensors.torch as st
     m = T.DualToken(T.tiny_config())
     m.save_pretrained(str(tmp_path))
     before = {k: v.clone() for k, v in m.state_dict().items()}
-
-    def broken_save_file(tensors, filename, metadata=None):  # writes part of the file, then fails
-        with open(filename, "wb") as f:
-            f.write(b"partial")
-        raise OSError("disk full (simulated)")
-
-    def broken_save(tensors, metadata=None):
-        raise OSError("disk full (simulated)")
-
-    monkeypatch.setattr(st, "save_file", broken_save_file)
-    monkeypatch.setattr(st, "save", broken_save)
+    broken = request.getfixturevalue("broken_safetensors")  # from here on every write fails
     with torch.no_grad():
         m.decoder.conv_out.bias.add_(1.0)
     with pytest.raises(OSError, match="simulated"):
         m.save_pretrained(str(tmp_path))
-    monkeypatch.undo()
+    broken.undo()
     loaded = T.DualToken.from_pretrained(str(tmp_path)).state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in before.items())
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]  # no temporary file left
