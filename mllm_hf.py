@@ -142,7 +142,7 @@ def load_hf_state_dict(model, sd, where="state_dict", assign=False):
     if bad:
         raise ValueError(f"{where}: shape mismatch (checkpoint vs model): {bad}")
     if assign:  # keys already checked: each trunk parameter becomes the checkpoint's tensor, by name (the
-        # visual side and a tied lm_head are not in the table; a partial load_state_dict would need strict=False)
+        # visual side and a tied lm_head are not in the table, so a whole-model load_state_dict cannot be used here)
         for k, v in table.items():
             mod, _, name = v.rpartition(".")
             m = model.get_submodule(mod)

@@ -116,7 +116,7 @@ def runs(tok_dir, cache_dir, tmp_path_factory):  # noqa: F811
     for s in socks:
         s.close()
     torch.multiprocessing.spawn(_worker, args=(2, ports, tok_dir, cache_dir, root, hf_dir), nprocs=2, join=True)
-    res = [torch.load(os.path.join(root, f"rank{r}.pt"), weights_only=False) for r in range(2)]  # ours
+    res = [torch.load(os.path.join(root, f"rank{r}.pt"), weights_only=True) for r in range(2)]  # ours
     return SimpleNamespace(root=root, hf_dir=hf_dir, res=res)
 
 
@@ -155,7 +155,7 @@ def test_fsdp_resume_is_exact(runs):
     full = []
     for d, s in ((a, sa), (b, sb)):
         dcp_to_torch_save(os.path.join(d, s["sharded"]), os.path.join(d, "full.pt"))
-        full.append(torch.load(os.path.join(d, "full.pt"), weights_only=False))
+        full.append(torch.load(os.path.join(d, "full.pt"), weights_only=True))
     fa, fb = full
     assert fa["model"].keys() == fb["model"].keys() and len(fa["optimizer"]["state"]) > 10
     for k, v in fa["model"].items():
