@@ -330,6 +330,8 @@ class EvalMLLMConfig(EvalMLLMCommon):
     qa_images: int = 100         # val images; every question of each is asked
     gen_captions: int = 100      # val captions drawn, with and without CFG
     holdout_images: int = 100    # holdout split: questions and captions (needs holdout_pairs)
+    train_images: int = 100      # train-split images 0.., every question (in the trainer's cache if its train_size
+    #                              covers them): QA on images it trained on beside val tells memorising from learning
     max_new_tokens: int = evaluation.MAX_ANSWER_TOKENS  # answers are one or two words (the trainer asks the same)
     blind_samples: int = 2000    # train samples whose QA pairs give the blind baseline and the chance levels
 
@@ -532,7 +534,7 @@ def eval_mllm(cfg):
     scales = [("cfg", sampler["cfg_scale"]), ("no_cfg", None)]
     sampling = dict(sampler, seed=cfg.seed)
     res = {"world": f"shapes (seed {cfg.shapes_seed}, {R} px, 1..{cfg.max_objects} objects)", "sampling": sampling}
-    splits = [("val", cfg.qa_images, cfg.gen_captions)]
+    splits = [("val", cfg.qa_images, cfg.gen_captions)] + ([("train", cfg.train_images, 0)] if cfg.train_images else [])
     if cfg.holdout_pairs:
         splits.append(("holdout", cfg.holdout_images, cfg.holdout_images))
     else:

@@ -393,12 +393,13 @@ def test_cli_eval_mllm(tiny_mllm, tiny_tok, tmp_path, capsys):
     out = tmp_path / "m.json"
     res = ev.main(["mllm", f"--mllm={tiny_mllm}", "--qa_images=3", "--gen_captions=2", "--max_new_tokens=3",
                    "--holdout_pairs=(('red', 'triangle'),)", "--holdout_images=2", "--blind_samples=300",
-                   "--device=cpu", f"--out={out}"])
+                   "--train_images=2", "--device=cpu", f"--out={out}"])
     saved = json.load(open(out))
     world = data.ShapesWorld(data.ShapesConfig(image_size=32, holdout_pairs=(("red", "triangle"),)))
     chance = {"count_all": 1 / 2, "exists": 1 / 2, "color": 1 / 6, "shape": 1 / 3, "position": 1 / 9, "size": 1 / 2,
               "count_shape": 1 / 3}  # zero, one or two of a shape
-    for split, n_qa in (("val", 3), ("holdout", 2)):
+    assert not any(k.startswith(("gen_", "tokenizer_ceiling")) for k in saved["train"])  # train: QA only
+    for split, n_qa in (("val", 3), ("holdout", 2), ("train", 2)):  # train: images the trainer's cache holds
         samples = [world.sample(split, i) for i in range(n_qa)]
         q = saved[split]["qa"]
         assert q["n"] == sum(len(s["qa"]) for s in samples) == sum(v["n"] for v in q["by_type"].values())
@@ -417,6 +418,8 @@ def test_cli_eval_mllm(tiny_mllm, tiny_tok, tmp_path, capsys):
                                        [qq for s in samples for qq, _ in s["qa"]])
         truth = [a for s in samples for _, a in s["qa"]]
         assert saved[split]["qa_blind"]["accuracy"] == sum(map(str.__eq__, answers, truth)) / len(truth)
+        if split == "train":
+            continue
         assert saved[split]["gen_cfg"]["cfg_scale"] == 3.0 and saved[split]["gen_no_cfg"]["cfg_scale"] is None
         for k in ("all_correct", "count", "color", "shape", "size", "cell", "missed_cells"):
             assert 0 <= saved[split]["gen_cfg"][k] <= 1
@@ -424,10 +427,11 @@ def test_cli_eval_mllm(tiny_mllm, tiny_tok, tmp_path, capsys):
     assert saved["val"]["gen_cfg"]["n"] == 2 and saved["holdout"]["gen_no_cfg"]["n"] == 2
     assert saved["val"]["tokenizer_ceiling"]["n"] == 2 and 0 <= saved["val"]["tokenizer_ceiling"]["all_correct"] <= 1
     printed = capsys.readouterr().out
-    assert "QA val: accuracy" in printed and "shuffled images" in printed and "by objects in the image" in printed
+    assert "QA val: accuracy" in printed and "QA train: accuracy" in printed
+    assert "shuffled images" in printed and "by objects in the image" in printed
     res = ev.main(["mllm", f"--mllm={tiny_mllm}", "--qa_images=1", "--gen_captions=1", "--max_new_tokens=2",
-                   "--device=cpu", f"--out={out}"])
-    assert "holdout" not in res and res["holdout_note"].startswith("skipped")
+                   "--train_images=0", "--device=cpu", f"--out={out}"])
+    assert "holdout" not in res and "train" not in res and res["holdout_note"].startswith("skipped")
     # a different tokenizer than the one the MLLM was trained with is refused
     import tokenizer
     torch.manual_seed(1)
@@ -435,7 +439,8 @@ def test_cli_eval_mllm(tiny_mllm, tiny_tok, tmp_path, capsys):
     with pytest.raises(ValueError, match="the MLLM was trained with"):
         ev.main(["mllm", f"--mllm={tiny_mllm}", f"--tokenizer={tmp_path / 'other'}", "--device=cpu"])
     res = ev.main(["mllm", f"--mllm={tiny_mllm}", f"--tokenizer={tmp_path / 'other'}", "--check_hash=False",
-                   "--qa_images=1", "--gen_captions=1", "--max_new_tokens=2", "--device=cpu", f"--out={out}"])
+                   "--train_images=1", "--qa_images=1", "--gen_captions=1", "--max_new_tokens=2", "--device=cpu",
+                   f"--out={out}"])
     assert res["tokenizer_hash_mismatch"] and res["tokenizer_hash_mismatch"] != res["tokenizer_hash"]
 
 
@@ -543,8 +548,9 @@ def test_sample_and_eval_run_under_bf16_autocast(tiny_mllm, tiny_tok, tmp_path, 
     ans = sample.main(["answer", f"--mllm={tiny_mllm}", f"--image={img}", "--question=how many objects are there?",
                        "--device=cpu", "--max_new_tokens=3", f"--out_dir={tmp_path / 'a'}"])
     assert isinstance(ans["answer"], str)
-    res = ev.main(["mllm", f"--mllm={tiny_mllm}", "--qa_images=2", "--gen_captions=2", "--max_new_tokens=2",
-                   "--blind_samples=50", "--device=cpu", f"--out={tmp_path / 'm.json'}"])
+    res = ev.main(["mllm", f"--mllm={tiny_mllm}", "--train_images=1", "--qa_images=2", "--gen_captions=2",
+                   "--max_new_tokens=2", "--blind_samples=50",
+                   "--device=cpu", f"--out={tmp_path / 'm.json'}"])
     assert 0 <= res["val"]["qa"]["accuracy"] <= 1 and 0 <= res["val"]["gen_cfg"]["all_correct"] <= 1
     tok = ev.main(["tokenizer", f"--tokenizer={tiny_tok / 'tok'}", "--data=shapes", "--num_images=4", "--device=cpu",
                    f"--out={tmp_path / 't.json'}"])

@@ -432,8 +432,9 @@ def test_trainer_and_eval_py_share_one_protocol(tok_dir, cache_dir, tmp_path):
     out = tmp_path / "run"
     _, res = tm.train(make_cfg(tok_dir, out, cache_dir, mix=(0.75, 0, 0.25), max_steps=150, eval_qa=3,
                                text_tokenizer="words", eval_gen=2))
-    got = ev.main(["mllm", f"--mllm={out}", "--qa_images=3", "--gen_captions=2", "--batch_size=4",
-                   "--blind_samples=10", "--device=cpu", f"--out={tmp_path / 'eval_mllm.json'}"])["val"]
+    got = ev.main(["mllm", f"--mllm={out}", "--train_images=1", "--qa_images=3", "--gen_captions=2",
+                   "--batch_size=4", "--blind_samples=10",
+                   "--device=cpu", f"--out={tmp_path / 'eval_mllm.json'}"])["val"]
     q = got["qa"]
     assert res["n_qa"] == q["n"] > 3 and res["qa_accuracy"] == q["accuracy"] > 0  # the model answers something
     assert res["qa_examples"][:6] == q["examples"]
