@@ -189,6 +189,25 @@ def read_jsonl_records(path, need=""):
     return out
 
 
+def atomic_write(path, write):
+    """Every file a user keeps goes through here: write(f) fills a temporary file in the same folder (same
+    filesystem, so os.replace is atomic), which is fsynced, then replaces `path`. A crash mid-write leaves
+    the previous file (a checkpoint, a result, a picture) intact and no half-written one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def config_dict(cfg):
     """Plain dict of a config, for JSON logs and checkpoints."""
     return dataclasses.asdict(cfg)

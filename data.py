@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from configurator import UserError, read_jsonl_records, read_lines, run_main
+from configurator import UserError, atomic_write, read_jsonl_records, read_lines, run_main
 
 # -----------------------------------------------------------------------------
 # the shapes world
@@ -308,6 +308,15 @@ def to_image(x):
     return x.movedim(-3, -1).cpu().numpy()  # (..., H, W, 3)
 
 
+def save_png(img, path):
+    """uint8 (H, W, 3) array or PIL image -> PNG at path, atomically (configurator.atomic_write): the one
+    PNG writer, so no picture a user keeps is ever left half-written."""
+    from PIL import Image
+    im = Image.fromarray(img) if isinstance(img, np.ndarray) else img
+    atomic_write(path, lambda f: im.save(f, format="PNG"))
+    return path
+
+
 READABLE_PX = 144  # grid_png's default enlargement makes each image at least this wide (48 px -> x3)
 
 
@@ -335,9 +344,7 @@ def grid_png(rows, path, labels=None, pad=2, scale=0):
         for k, line in enumerate(text):
             draw.text((pad, y + H + 1 + k * line_h), line, fill=(0, 0, 0))
         y += h
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    canvas.save(path)
-    return path
+    return save_png(canvas, path)
 
 
 class ShapesDataset(torch.utils.data.Dataset):
@@ -656,19 +663,16 @@ def main(argv):
             raise UserError("usage: python data.py export DIR [N] [SIZE]")
         out, n = argv[1], _int_arg(argv, 2, "N", 16)
         size = _int_arg(argv, 3, "SIZE", ShapesConfig.image_size)
-        from PIL import Image
         world = ShapesWorld(ShapesConfig(image_size=size))
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "questions.jsonl"), "w") as f, \
-                open(os.path.join(out, "captions.txt"), "w") as c:
-            for i in range(n):
-                s = world.sample("val", i)
-                c.write(s["caption"] + "\n")
-                Image.fromarray(s["image"]).save(os.path.join(out, f"val_{i:04d}.png"))
-                with open(os.path.join(out, f"val_{i:04d}.txt"), "w") as g:
-                    g.write(s["caption"] + "\n")
-                for q, a in s["qa"]:
-                    f.write(json.dumps({"image": f"val_{i:04d}.png", "question": q, "answer": a}) + "\n")
+        caps, qs = [], []
+        for i in range(n):
+            s = world.sample("val", i)
+            caps.append(s["caption"] + "\n")
+            save_png(s["image"], os.path.join(out, f"val_{i:04d}.png"))
+            atomic_write(os.path.join(out, f"val_{i:04d}.txt"), lambda f: f.write(caps[-1].encode()))
+            qs += [json.dumps({"image": f"val_{i:04d}.png", "question": q, "answer": a}) + "\n" for q, a in s["qa"]]
+        atomic_write(os.path.join(out, "captions.txt"), lambda f: f.write("".join(caps).encode()))
+        atomic_write(os.path.join(out, "questions.jsonl"), lambda f: f.write("".join(qs).encode()))
         print(f"wrote {n} held-out val images, captions and questions to {out}")
         return
     if len(argv) > 1:

@@ -30,7 +30,6 @@ Order is deterministic (no shuffling; a subset of a folder and the shuffled-imag
 permutations), batches run under bf16 autocast on cuda only (fp32 elsewhere); image codes are always fp32
 (DualToken.encode turns autocast off), the precision the MLLM's code cache was built in.
 """
-import json
 import math
 import os
 import time
@@ -186,10 +185,9 @@ def eval_tokenizer(cfg):
         if out.sem_codes is not None:  # None: a reconstruction-only tokenizer (ablation.py's runs b and c)
             sem.append(out.sem_codes.reshape(-1, out.sem_codes.shape[-1]).cpu())
         if fid_on or cfg.save_images:
-            from PIL import Image
             for a, b in zip(data.to_image(x), data.to_image(rec)):
-                Image.fromarray(a).save(os.path.join(img_dir, "real", f"{n:06d}.png"))
-                Image.fromarray(b).save(os.path.join(img_dir, "recon", f"{n:06d}.png"))
+                data.save_png(a, os.path.join(img_dir, "real", f"{n:06d}.png"))
+                data.save_png(b, os.path.join(img_dir, "recon", f"{n:06d}.png"))
                 n += 1
     res = {"psnr": torch.cat(ps).mean().item(), "ssim": torch.cat(ss).mean().item(),
            "lpips": torch.cat(lp).mean().item() if lp else None, "lpips_note": lpips_msg}

@@ -68,7 +68,7 @@ def export(raw, folder, extra):
     once (as embed.weight); load_mllm re-ties it."""
     import train_utils as tu
     conf = dict(mllm=asdict(raw.config), **extra)
-    tu._atomic_write(os.path.join(folder, "config.json"), lambda f: f.write(json.dumps(conf, indent=2).encode()))
+    tu.write_json(conf, os.path.join(folder, "config.json"))
     sd = raw.state_dict()
     if raw.config.tie_word_embeddings:
         sd.pop("lm_head.weight")
@@ -459,7 +459,7 @@ def prepare_cache(cfg, image_tok, thash, folder, device, ctx=None, verbose=True)
             meta[f"{split}_size"] = n
             if verbose:
                 print(f"cache: {split} {n} images encoded on {world} process(es) ({time.time() - t0:.0f} s)")
-        tu._atomic_write(os.path.join(tmp, "meta.json"), lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        tu.write_json(meta, os.path.join(tmp, "meta.json"))
         if os.path.exists(os.path.join(folder, "meta.json")):
             os.remove(os.path.join(folder, "meta.json"))  # from here until the last replace: no cache
         for name in sorted(os.listdir(tmp), key=lambda f: f == "meta.json"):  # meta.json last

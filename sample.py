@@ -16,7 +16,6 @@ image and a question -> the MLLM's text answer (greedy by default).
 Tokenizer: our folder or the authors' release (`convert.load_dualtoken`; `--siglip_config` when the
 release's absolute SigLIP path is not on this machine). MLLM: a folder/file written by train_mllm.py.
 """
-import json
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -137,11 +136,10 @@ def reconstruct(cfg):
             pix, _ = model.encode(x)  # (B, h, w, depth)
             rec = model.decode(pix).float()
         p = psnr(x, rec).tolist()
-        from PIL import Image
         for path, a, b, v, codes in zip(chunk, data.to_image(x), data.to_image(rec), p, pix):
             name = os.path.splitext(os.path.basename(path))[0]
             out = os.path.join(cfg.out_dir, "recon", f"{len(results):04d}_{name}.png")
-            Image.fromarray(b).save(out)
+            data.save_png(b, out)
             rows.append([a, b])
             labels.append(f"{name}: PSNR {v:.2f} dB")
             results.append(dict(image=path, recon=out, psnr=v, pix_codes_shape=list(codes.shape)))
@@ -190,13 +188,11 @@ def generate(cfg):
     with tu.autocast_ctx(device, cfg.dtype):
         imgs, _ = generate_images(model, image_tok, text_tok, flat, _generator(device, cfg.seed), cfg.batch_size,
                                   **sampling)
-    from PIL import Image
     arr = data.to_image(imgs)  # (B, H, W, 3) uint8
-    os.makedirs(os.path.join(cfg.out_dir, "images"), exist_ok=True)
     files = []
     for i, a in enumerate(arr):
         files.append(os.path.join(cfg.out_dir, "images", f"{i // cfg.num_per_caption:03d}_{i % cfg.num_per_caption:02d}.png"))
-        Image.fromarray(a).save(files[-1])
+        data.save_png(a, files[-1])
     n = cfg.num_per_caption
     grid = data.grid_png([list(arr[i * n:(i + 1) * n]) for i in range(len(caps))],
                          os.path.join(cfg.out_dir, "generate.png"), labels=caps, scale=cfg.grid_scale)

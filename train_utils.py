@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from configurator import UserError
+from configurator import UserError, atomic_write
 
 
 def default_device():
@@ -152,37 +152,19 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_write(path, write):
-    """Write to a temporary file in the same folder (same filesystem, so os.replace is atomic), fsync
-    it, then replace: a crash mid-save leaves the previous checkpoint intact."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def atomic_save(obj, path):
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def write_json(obj, path):
     """A JSON file a user keeps (results, exports' config.json), written atomically, indented."""
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 def atomic_save_safetensors(tensors, path, metadata=None):
     from safetensors.torch import save
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write(path, lambda f: f.write(save(tensors, metadata=metadata)))
+    atomic_write(path, lambda f: f.write(save(tensors, metadata=metadata)))
 
 
 class JsonlLogger:

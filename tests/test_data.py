@@ -367,3 +367,32 @@ def test_patch_objects_marks_the_patches_each_object_is_drawn_in():
             assert g[p][g[p] >= 0].tolist() == want
     with pytest.raises(ValueError, match="3x3"):
         pipeline.patch_objects([], 4)
+
+
+def test_pictures_and_the_export_are_written_atomically(tmp_path, monkeypatch):
+    """grid_png / save_png / `python data.py export` write through configurator.atomic_write: a write that
+    dies half-way (full disk, killed job) leaves the earlier file whole and no temporary file behind."""
+    from PIL import Image
+    world, out = ShapesWorld(ShapesConfig(image_size=48)), tmp_path / "export"
+    data.main(["export", str(out), "2", "48"])
+    for i in range(2):
+        s = world.sample("val", i)
+        assert np.array_equal(np.asarray(Image.open(out / f"val_{i:04d}.png").convert("RGB")), s["image"])
+        assert (out / f"val_{i:04d}.txt").read_text() == s["caption"] + "\n"
+    rows = [json.loads(ln) for ln in (out / "questions.jsonl").read_text().splitlines()]
+    assert [(r["question"], r["answer"]) for r in rows] == [qa for i in range(2) for qa in world.sample("val", i)["qa"]]
+    assert (out / "captions.txt").read_text().splitlines() == [world.sample("val", i)["caption"] for i in range(2)]
+    grid = data.grid_png([[world.sample("val", 0)["image"]]], str(tmp_path / "grid.png"), labels=["one"])
+    before = {p: open(p, "rb").read() for p in [grid, *map(str, out.iterdir())]}
+
+    def dying_save(self, fp, format=None, **kw):
+        (open(fp, "wb") if isinstance(fp, str) else fp).write(b"\x89PNG partial")
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(Image.Image, "save", dying_save)
+    with pytest.raises(OSError, match="simulated"):
+        data.grid_png([[world.sample("val", 1)["image"]]], grid, labels=["two"])
+    with pytest.raises(OSError, match="simulated"):
+        data.main(["export", str(out), "2", "48"])
+    assert {p: open(p, "rb").read() for p in before} == before  # every earlier file whole
+    assert sorted(os.listdir(tmp_path)) == ["export", "grid.png"] and len(os.listdir(out)) == len(before) - 1
