@@ -10,7 +10,8 @@
 #   generation >= 0.80) are not reached; the curve rose to the end (trainer's eval: QA 0.67 / 0.74 / 0.84
 #   / 0.85 / 0.88 / 0.90, generation 0.01 / 0.33 / 0.51 / 0.58 / 0.63 / 0.65 at 5 / 11 / 22 / 27 / 36 / 53
 #   min). At 15000 steps (2026-11-30): QA 0.820, generation 0.50.
-# - 2026-12-01 at commit a9ea51f: MLLM 45000 steps on 40000 cached images (4536 s incl. its evals): eval.py mllm
+# - 2026-12-01, MLLM trained at d63e1ca, eval.py of a6e02a3, the 2-core Intel Xeon VM: 45000 steps on 40000
+#   cached images (4536 s incl. its evals): eval.py mllm
 #   QA 0.925 (one object 1.00, two 0.885; position 0.80, every other type >= 0.88), generation all-correct
 #   0.89 with CFG 1.2 / T 0.6 (0.93 unguided; 300 captions: 0.877 both), ceiling 0.92-0.94. Generation and
 #   ceiling targets met; QA (>= 0.95) not. docs/experiments.md.
@@ -25,7 +26,7 @@ mllm_config = dict(
     out_dir="out-shapes/mllm-long",
     tokenizer="out-shapes/tokenizer-long",
     max_steps=45000,
-    train_size=40000,            # 10x the quick start's cache: the 4000-image run memorised (train QA 0.968 vs val 0.921)
+    train_size=40000,            # 10x the quick start's: on 4000 the long run memorised (train QA 0.968, val 0.921)
     eval_interval=3000,
     sample_interval=6000,
     ckpt_interval=3000,
