@@ -514,11 +514,12 @@ def eval_mllm(cfg):
         if not cfg.data.endswith(".jsonl"):
             raise UserError(f"--data={cfg.data!r}: expected 'shapes' or a .jsonl of question lines")
         return eval_qa_file(cfg)
-    for k in ("qa_images", "gen_captions", "holdout_images"):
+    for k in ("qa_images", "gen_captions", "train_images", "holdout_images"):
         if getattr(cfg, k) < 0:
             raise UserError(f"--{k}={getattr(cfg, k)}: need >= 0 (0 skips that part)")
-    if cfg.qa_images == 0 and cfg.gen_captions == 0 and not (cfg.holdout_pairs and cfg.holdout_images):
-        raise UserError("--qa_images=0 and --gen_captions=0: nothing to evaluate (0 skips one part, not both)")
+    if not (cfg.qa_images or cfg.gen_captions or cfg.train_images or (cfg.holdout_pairs and cfg.holdout_images)):
+        raise UserError("--qa_images=0, --gen_captions=0 and --train_images=0: nothing to evaluate (0 skips one "
+                        "part, not all)")
     t0 = time.time()
     device = cfg.device or tu.default_device()
     model, text_tok, image_tok, info = load_pair(cfg, device)
