@@ -121,6 +121,9 @@ class TrainMLLMConfig:
     lr: float = 1e-4                 # LLM trunk (embeddings included)
     vis_lr: Optional[float] = None   # vis_in + depth heads; None -> lr
     min_lr_frac: float = 0.1         # cosine to lr * min_lr_frac
+    # warm restarts: ((steps, peak), ...) summing to max_steps, each cycle a warmup to lr * peak then cosine to
+    # lr * peak * min_lr_frac (tu.cycle_lr); () = one cycle of max_steps at peak 1 (the released recipe's shape)
+    lr_cycles: tuple = ()
     warmup: int = 100
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -380,6 +383,7 @@ def validate(cfg):
         raise UserError("--parallel=fsdp shards over the processes torchrun starts: run under torchrun "
                         "(--nproc_per_node=1 on one GPU)")
     kind_counts(cfg.mix, cfg.micro_batch)
+    tu.check_cycles(cfg.lr_cycles, cfg.max_steps)
     if cfg.gen_ground_loss > 0 and cfg.data != "shapes":
         raise UserError(f"--gen_ground_loss={cfg.gen_ground_loss}: needs each image's objects, which only "
                         f"--data=shapes gives (got --data={cfg.data!r})")
@@ -510,8 +514,9 @@ def train(cfg):
     bar = tqdm(total=last_step, initial=step, disable=not master, desc="mllm", dynamic_ncols=True)
     t0, seen, last_good = time.time(), 0, step if st is not None else None
     plain, plain_step = (None, None) if fsdp else (raw, step)  # what the export, evaluation and samples read
+    cycles = cfg.lr_cycles or ((cfg.max_steps, 1.0),)
     while step < last_step:
-        f = tu.cosine_lr(step, cfg.warmup, cfg.max_steps, 1.0, cfg.min_lr_frac)
+        f = tu.cycle_lr(step, cfg.warmup, cycles, cfg.min_lr_frac)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * f
         sums = dict(loss=0.0, text=0.0, pix=0.0, sem=0.0)

@@ -96,6 +96,34 @@ def cosine_lr(step, warmup, total, lr, min_lr):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * t)) * (lr - min_lr)
 
 
+def cycle_lr(step, warmup, cycles, min_frac):
+    """Warm restarts (SGDR, Loshchilov & Hutter 2017) -> the lr factor at `step`. cycles: ((steps, peak), ...)
+    run in turn, each a warmup to `peak` then cosine to peak * min_frac (cosine_lr restarted); min_frac of the
+    last peak after them. A restart at a lower peak lets a model that plateaued at the end of one decay
+    settle further without starting over (train_mllm's long shapes preset)."""
+    start = 0
+    for n, peak in cycles:
+        if step < start + n:
+            return cosine_lr(step - start, warmup, n, peak, peak * min_frac)
+        start += n
+    return cycles[-1][1] * min_frac
+
+
+def check_cycles(cycles, max_steps):
+    """lr_cycles must be ((steps >= 1, peak > 0), ...) whose steps sum to max_steps: a schedule that ends
+    before or after the run would silently train at a rate nobody chose."""
+    try:
+        ok = all(len(c) == 2 and int(c[0]) == c[0] >= 1 and c[1] > 0 for c in cycles)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise UserError(f"--lr_cycles={cycles!r}: expected ((steps, peak), ...) with steps >= 1 and peak > 0, "
+                        f"e.g. ((4000, 1.0), (1000, 0.3))")
+    if cycles and sum(int(c[0]) for c in cycles) != max_steps:
+        raise UserError(f"--lr_cycles={cycles!r}: its steps sum to {sum(int(c[0]) for c in cycles)}, "
+                        f"--max_steps={max_steps}: they must be equal")
+
+
 def param_groups(model, weight_decay, parts=None):
     """AdamW groups: decay only >=2-D weights (matmuls, embeddings, convs); biases, norm gains and
     scalar parameters (e.g. SigLIP's logit scale / bias) are not decayed. parts: {name: (base_lr, keep(p))}
