@@ -465,7 +465,7 @@ RESUME_MAY_CHANGE = frozenset({
     "log_interval", "eval_interval", "ckpt_interval", "sample_interval", "image_interval",
     "eval_size", "eval_data", "classnames", "eval_batch", "eval_qa", "eval_gen", "device", "dtype", "compile",
     "threads", "num_workers", "cfg_scale", "temperature", "fine_temperature", "top_k", "top_p", "tokenizer",
-    "activation_checkpointing", "fsdp_bf16"})
+    "activation_checkpointing", "fsdp_bf16", "lr_cycles"})  # lr_cycles: the schedule, like max_steps
 
 # the files whose presence means an out_dir holds a model (or a run that can be resumed)
 MODEL_FILES = ("train_state.pt", "model.safetensors")

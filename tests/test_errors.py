@@ -171,6 +171,8 @@ ROWS = [
     ("max_steps_negative", T, ["{preset}", NEW, "--init_from={siglip}", "--max_steps=-3"], 2, r"--max_steps=-3", None,
      False),
     ("stop_after_max", S, ["{preset}", NEW, "--stop_step=5"], 2, r"--stop_step=5: need 0 .*max_steps=2", None, False),
+    ("lr_cycles_not_max_steps", M, ["{preset}", NEW, "--tokenizer={tok}", "--lr_cycles=((1, 1.0), (1, 0.5))"], 2,
+     r"--lr_cycles=\(\(1, 1.0\), \(1, 0.5\)\): its steps sum to 2, --max_steps=1: they must be equal", None, False),
     ("interval_negative", M, ["{preset}", NEW, "--tokenizer={tok}", "--log_interval=-1"], 2, r"--log_interval=-1",
      None, False),
     ("intervals_0_mean_off", S, ["{preset}", NEW, "--log_interval=0", "--eval_interval=0", "--ckpt_interval=0"], 0,

@@ -15,6 +15,7 @@ import pipeline
 import text
 import tokenizer as tkz
 import train_mllm as tm
+import train_utils as tu
 from mllm import MLLMConfig
 
 
@@ -318,6 +319,19 @@ def test_resume_is_bit_exact(tok_dir, cache_dir, tmp_path):
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert [r["loss"] for r in read_log(tmp_path / "a")] == [r["loss"] for r in read_log(tmp_path / "b")]
+
+
+def test_lr_cycles_restart_the_schedule(tok_dir, cache_dir, tmp_path):
+    """Warm restarts reach the optimizer: the logged lr (what the param groups were set to) restarts at the
+    second cycle's peak; the default is the one-cycle cosine."""
+    kw = dict(max_steps=6, eval_qa=0, eval_gen=0)
+    tm.train(make_cfg(tok_dir, tmp_path / "c", cache_dir, lr_cycles=((4, 1.0), (2, 0.5)), **kw))
+    want = [1.0, 1.0, 0.775, 0.325, 0.5, 0.5]  # warmup 1, cosine to 0.1 of each peak (then 0.05, never reached)
+    assert [r["lr"] for r in read_log(tmp_path / "c")] == pytest.approx([3e-3 * f for f in want])
+    assert load_state(tmp_path / "c")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(3e-3 * 0.5)
+    tm.train(make_cfg(tok_dir, tmp_path / "d", cache_dir, **kw))
+    one = [r["lr"] for r in read_log(tmp_path / "d")]
+    assert one == pytest.approx([3e-3 * tu.cosine_lr(s, 1, 6, 1.0, 0.1) for s in range(6)]) and one[4] < one[3]
 
 
 def _ddp_worker(rank, world, port, tok_dir, cache_dir, out_dir):

@@ -2,12 +2,14 @@
 import json
 import os
 import random
+import re
 
 import numpy as np
 import pytest
 import torch
 
 import train_utils as tu
+from configurator import UserError
 
 
 def test_atomic_save_survives_crash_mid_save(tmp_path, monkeypatch):
@@ -95,6 +97,27 @@ def test_cosine_schedule_endpoints():
     assert tu.cosine_lr(55, 10, 100, lr, lo) == pytest.approx((lr + lo) / 2)
     assert tu.cosine_lr(100, 10, 100, lr, lo) == pytest.approx(lo)
     assert tu.cosine_lr(500, 10, 100, lr, lo) == pytest.approx(lo)
+
+
+def test_cycle_lr_warm_restarts():
+    c = ((100, 1.0), (50, 0.3))
+    for s in (0, 9, 10, 55, 99):  # the first cycle is cosine_lr itself
+        assert tu.cycle_lr(s, 10, c, 0.1) == pytest.approx(tu.cosine_lr(s, 10, 100, 1.0, 0.1))
+    assert tu.cycle_lr(100, 10, c, 0.1) == pytest.approx(0.03)  # the restart warms up again from peak / warmup
+    assert tu.cycle_lr(109, 10, c, 0.1) == pytest.approx(0.3)
+    assert tu.cycle_lr(130, 10, c, 0.1) == pytest.approx((0.3 + 0.03) / 2)
+    assert tu.cycle_lr(150, 10, c, 0.1) == tu.cycle_lr(900, 10, c, 0.1) == pytest.approx(0.03)
+
+
+@pytest.mark.parametrize("cycles,msg", [(((100, 1.0), (40, 0.3)), "sum to 140, --max_steps=150"),
+                                        (((150, 0.0),), "peak > 0"), (((150,),), "expected"),
+                                        (((0, 1.0), (150, 1.0)), "steps >= 1"), ((("a", 1.0),), "expected"),
+                                        (((149.5, 1.0),), "expected")])
+def test_check_cycles_refuses(cycles, msg):
+    with pytest.raises(UserError, match=re.escape(msg)):
+        tu.check_cycles(cycles, 150)
+    tu.check_cycles((), 150)
+    tu.check_cycles(((100, 1.0), (50, 0.3)), 150)
 
 
 def test_param_groups_decay_only_matrices():
