@@ -122,7 +122,7 @@ class TrainMLLMConfig:
     vis_lr: Optional[float] = None   # vis_in + depth heads; None -> lr
     min_lr_frac: float = 0.1         # cosine to lr * min_lr_frac
     # warm restarts: ((steps, peak), ...) summing to max_steps, each cycle a warmup to lr * peak then cosine to
-    # lr * peak * min_lr_frac (tu.cycle_lr); () = one cycle of max_steps at peak 1 (the released recipe's shape)
+    # lr * peak * min_lr_frac (tu.cycle_lr); () = one cycle of max_steps at peak 1 (plain cosine)
     lr_cycles: tuple = ()
     warmup: int = 100
     weight_decay: float = 0.1
