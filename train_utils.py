@@ -119,9 +119,10 @@ def check_cycles(cycles, max_steps):
     if not ok:
         raise UserError(f"--lr_cycles={cycles!r}: expected ((steps, peak), ...) with steps >= 1 and peak > 0, "
                         f"e.g. ((4000, 1.0), (1000, 0.3))")
-    if cycles and sum(int(c[0]) for c in cycles) != max_steps:
-        raise UserError(f"--lr_cycles={cycles!r}: its steps sum to {sum(int(c[0]) for c in cycles)}, "
-                        f"--max_steps={max_steps}: they must be equal")
+    total = sum(int(c[0]) for c in cycles)
+    if cycles and total != max_steps:
+        raise UserError(f"--lr_cycles={cycles!r}: its steps sum to {total}, --max_steps={max_steps}: they must "
+                        f"be equal")
 
 
 def param_groups(model, weight_decay, parts=None):
