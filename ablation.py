@@ -19,10 +19,26 @@ All four are evaluated by train_tokenizer.evaluate on the same held-out shapes i
 through the quantized semantic path on eval_size single-object images next to the teacher's (n/a
 without a semantic branch: no number is made up from another path), and codebook usage.
 Outputs: <ablation_dir>/<run>/ (a train_tokenizer out_dir each) and <ablation_dir>/ablation.json.
+
+`python ablation.py mllm config/shapes.py`: why two vocabularies (docs/design.md), the MLLM side. One teacher,
+one tokenizer of each kind (the released two-vocabulary layout and a one-vocabulary tied one, the run (a) above)
+and, for every variant x seed, an MLLM trained at one fixed budget and evaluated by eval.py mllm:
+    dual          reads both stacks, draws both (gen_sem=True): the paper's model
+    pix_gen       reads both, draws pixel codes only (gen_sem=False)
+    sem_input     reads semantic codes only (draws both: what it reads back must be drawn)
+    pix_input     reads pixel codes only, draws pixel codes only
+    single_vocab  the tied tokenizer's one stack, read and drawn
+Every stage is a subprocess of the project's own scripts with the preset(s) given here plus a few keys (the
+command is in <stage>/ablation_args.json); a stage with its result is skipped, an interrupted one resumes
+(--resume=True), so the command can be stopped and run again. Outputs: <ablation_dir>/ablation_mllm.json (one
+entry per run) and ablation_mllm.md (mean and standard deviation over seeds, the paper's numbers beside).
 """
 import dataclasses
 import json
 import os
+import platform
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -30,6 +46,7 @@ import torch
 
 import train_tokenizer as tt
 import train_utils as tu
+import configurator
 from configurator import UserError, config_dict, parse_config, run_main
 
 # the paper's numbers (spec section 4, SigLIP-So/14-384 on ImageNet val; "-" = not reported)
@@ -161,5 +178,213 @@ def main(cfg):
     return summary
 
 
+# -----------------------------------------------------------------------------
+# python ablation.py mllm: why two vocabularies
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# variant: (tokenizer kind, train_mllm keys)
+VARIANTS = {
+    "dual": ("dual", dict(input_codes="both", gen_sem=True)),
+    "pix_gen": ("dual", dict(input_codes="both", gen_sem=False)),
+    "sem_input": ("dual", dict(input_codes="sem", gen_sem=True)),
+    "pix_input": ("dual", dict(input_codes="pix", gen_sem=False)),
+    "single_vocab": ("single", dict(input_codes="pix", gen_sem=False)),
+}
+# the paper's figures for the nearest rows (DualToken, ICLR 2026): understanding = the average of ten benchmarks
+# in its controlled LLaVA-1.5 study; generation = GenAI-Bench, advanced prompts, 3B models
+PAPER_MLLM = {"dual": {"understanding": 53.9, "generation": 0.68}, "pix_gen": {"generation": 0.55},
+              "single_vocab": {"understanding": 48.1, "generation": 0.60}}
+
+
+@dataclass
+class AblationMLLMConfig:
+    ablation_dir: str = "out/ablation_mllm"
+    variants: str = "dual,pix_gen,sem_input,pix_input,single_vocab"  # comma-separated names of VARIANTS
+    seeds: tuple = (0, 1, 2)           # each variant trains once per seed (MLLM init, data order and images)
+    steps: int = 8000                  # MLLM optimizer steps of every run (the fixed budget)
+    train_size: int = 10000            # cached train images per seed
+    tokenizer_steps: int = 2000        # both tokenizers (the preset's recipe, this many steps)
+    detail_qa: bool = True             # train and ask the background question (data.ShapesConfig.detail_qa)
+    cfg_scale: float = 1.2             # the sampler every run records and is evaluated with
+    temperature: float = 0.6
+    qa_images: int = 100               # eval.py mllm: val images (every question of each) ...
+    gen_captions: int = 100            # ... and val captions drawn, the same for every run
+    threads: int = 0                   # passed to every stage; 0: torch's default
+    results: str = ""                  # '' -> <ablation_dir>/ablation_mllm.json (the .md beside it)
+
+
+def stage(cmd, folder, done_file, resumable=True):
+    """Run one project script unless `folder`/`done_file` exists. The arguments are recorded in
+    `folder`/ablation_args.json; a folder made with other arguments is refused, not mixed. An interrupted
+    trainer (train_state.pt, no result) resumes. Output goes to `folder`/ablation.log."""
+    args_path = os.path.join(folder, "ablation_args.json")
+    if os.path.isfile(args_path):
+        with open(args_path) as f:
+            old = json.load(f)
+        if old != cmd:
+            raise UserError(f"{folder} was made by another command ({' '.join(old)}); remove it or choose another "
+                            f"--ablation_dir")
+    if os.path.isfile(os.path.join(folder, done_file)):
+        return False
+    resume = resumable and os.path.isfile(os.path.join(folder, "train_state.pt"))
+    os.makedirs(folder, exist_ok=True)
+    tu.write_json(cmd, args_path)
+    full = [sys.executable] + cmd + (["--resume=True"] if resume else [])
+    print(("resuming: " if resume else "running: ") + " ".join(cmd), flush=True)
+    with open(os.path.join(folder, "ablation.log"), "a") as log:
+        rc = subprocess.run(full, cwd=HERE, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc != 0 or not os.path.isfile(os.path.join(folder, done_file)):
+        raise UserError(f"{' '.join(cmd)} failed (exit {rc}); see {os.path.join(folder, 'ablation.log')}")
+    return True
+
+
+def variant_list(cfg):
+    names = [v.strip() for v in cfg.variants.split(",") if v.strip()]
+    bad = [v for v in names if v not in VARIANTS]
+    if bad or not names:
+        raise UserError(f"--variants={cfg.variants!r}: unknown {bad}; expected comma-separated names from "
+                        f"{list(VARIANTS)}")
+    if not cfg.seeds or not all(isinstance(x, int) and x >= 0 for x in cfg.seeds):
+        raise UserError(f"--seeds={cfg.seeds!r}: expected a tuple of non-negative ints, e.g. '(0, 1, 2)'")
+    for k in ("steps", "train_size", "tokenizer_steps"):
+        if getattr(cfg, k) <= 0:
+            raise UserError(f"--{k}={getattr(cfg, k)}: need > 0")
+    return names
+
+
+def mllm_entry(variant, seed, folder, cfg):
+    """One run's row of ablation_mllm.json from its trainer's eval.json and eval.py's eval_ablation.json."""
+    with open(os.path.join(folder, "eval.json")) as f:
+        tr = json.load(f)
+    with open(os.path.join(folder, "eval_ablation.json")) as f:
+        ev = json.load(f)["val"]
+    gen = ev.get("gen_cfg")
+    e = dict(variant=variant, seed=seed, steps=tr["step"], wall_s=tr["wall_s"], eval_wall_s=None,
+             qa_accuracy=ev["qa"]["accuracy"], n_qa=ev["qa"]["n"],
+             qa_by_type={t: v["accuracy"] for t, v in ev["qa"]["by_type"].items()},
+             qa_shuffled=ev["qa_shuffled"]["accuracy"], qa_blind=ev["qa_blind"]["accuracy"],
+             qa_blind_by_type={t: v["accuracy"] for t, v in ev["qa_blind"]["by_type"].items()},
+             gen_all_correct=None if gen is None else gen["all_correct"],
+             gen_by_attribute=None if gen is None else {k: gen[k] for k in ("count", "color", "shape", "size", "cell")},
+             gen_false_objects=None if gen is None else gen["false_objects"],
+             gen_unguided=None if ev.get("gen_no_cfg") is None else ev["gen_no_cfg"]["all_correct"],
+             tokenizer_ceiling=ev["tokenizer_ceiling"]["all_correct"] if "tokenizer_ceiling" in ev else None)
+    for k in ("qa_pix_swapped", "qa_sem_swapped"):
+        if k in ev:
+            e[k] = ev[k]["accuracy"]
+            e[k + "_by_type"] = {t: v["accuracy"] for t, v in ev[k]["by_type"].items()}
+    with open(os.path.join(folder, "eval_ablation.json")) as f:
+        e["eval_wall_s"] = json.load(f)["wall_s"]
+    return e
+
+
+def _ms(xs):
+    """'mean +- sd (n)' of the non-None values; sd over seeds (n - 1 denominator), '-' when none."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    m = sum(xs) / len(xs)
+    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else None
+    return f"{m:.3f}" + ("" if sd is None else f" ± {sd:.3f}") + f" ({len(xs)})"
+
+
+def mllm_table(runs, variants):
+    """Markdown: one row per variant, mean ± sd over its seeds (the count in brackets)."""
+    types = sorted({t for r in runs for t in r["qa_by_type"]})
+    attrs = ("count", "color", "shape", "size", "cell")
+    head = ["variant", "seeds", "QA", *types, "pix swapped", "sem swapped", "drawn all-correct", *attrs,
+            "paper und. (avg 10)", "paper GenAI-Bench adv."]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    blind = {t: _ms([r["qa_blind_by_type"].get(t) for r in runs]) for t in types}
+    for v in variants:
+        rs = [r for r in runs if r["variant"] == v]
+        if not rs:
+            continue
+        p = PAPER_MLLM.get(v, {})
+        row = [f"`{v}`", ",".join(str(r["seed"]) for r in rs), _ms([r["qa_accuracy"] for r in rs]),
+               *[_ms([r["qa_by_type"].get(t) for r in rs]) for t in types],
+               _ms([r.get("qa_pix_swapped") for r in rs]), _ms([r.get("qa_sem_swapped") for r in rs]),
+               _ms([r["gen_all_correct"] for r in rs]),
+               *[_ms([(r["gen_by_attribute"] or {}).get(a) for r in rs]) for a in attrs],
+               str(p.get("understanding", "-")), str(p.get("generation", "-"))]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("| blind baseline | | " + _ms([r["qa_blind"] for r in runs]) + " | "
+                 + " | ".join(blind[t] for t in types) + " |" + " |" * (len(head) - 3 - len(types)))
+    return "\n".join(lines)
+
+
+def main_mllm(argv):
+    presets = [a for a in argv if not a.startswith("--")]
+    cfg = parse_config(AblationMLLMConfig(), argv)
+    variants = variant_list(cfg)
+    if not presets:
+        raise UserError("python ablation.py mllm needs the pipeline preset, e.g. config/shapes.py")
+    D, t0 = cfg.ablation_dir, time.time()
+    th = [f"--threads={cfg.threads}"] if cfg.threads else []
+    teacher, toks = os.path.join(D, "siglip"), {"dual": os.path.join(D, "tok_dual"), "single": os.path.join(D, "tok_single")}
+    stage(["train_siglip.py", *presets, f"--out_dir={teacher}", *th], teacher, "eval.json")
+    kinds = sorted({VARIANTS[v][0] for v in variants})
+    for kind in kinds:
+        extra = ["--layer_recon=3", "--tie_branches=True"] if kind == "single" else []
+        stage(["train_tokenizer.py", *presets, f"--init_from={teacher}", f"--out_dir={toks[kind]}",
+               f"--max_steps={cfg.tokenizer_steps}", f"--eval_interval={cfg.tokenizer_steps}",
+               f"--image_interval={cfg.tokenizer_steps}", f"--ckpt_interval={min(1000, cfg.tokenizer_steps)}",
+               *extra, *th], toks[kind], "eval.json")
+    results = cfg.results or os.path.join(D, "ablation_mllm.json")
+    runs = []
+    for seed in cfg.seeds:  # seed-major: a stopped command has every variant of the first seeds
+        for v in variants:
+            kind, keys = VARIANTS[v]
+            run = os.path.join(D, f"{v}_s{seed}")
+            stage(["train_mllm.py", *presets, f"--tokenizer={toks[kind]}", f"--out_dir={run}", f"--seed={seed}",
+                   f"--max_steps={cfg.steps}", f"--train_size={cfg.train_size}", f"--detail_qa={cfg.detail_qa}",
+                   f"--cache_dir={os.path.join(D, f'cache_{kind}_s{seed}')}", f"--cfg_scale={cfg.cfg_scale}",
+                   f"--temperature={cfg.temperature}", "--eval_qa=0", "--eval_gen=0", "--eval_interval=0",
+                   "--sample_interval=0", f"--ckpt_interval={min(1000, cfg.steps)}",
+                   *[f"--{k}={val}" for k, val in keys.items()], *th], run, "eval.json")
+            stage(["eval.py", "mllm", f"--mllm={run}", f"--out={os.path.join(run, 'eval_ablation.json')}",
+                   f"--qa_images={cfg.qa_images}", f"--gen_captions={cfg.gen_captions}", "--train_images=0",
+                   *th], run, "eval_ablation.json", resumable=False)
+            runs.append(mllm_entry(v, seed, run, cfg))
+            write_results(cfg, runs, variants, results, t0)
+    return write_results(cfg, runs, variants, results, t0, final=True)
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_results(cfg, runs, variants, path, t0, final=False):
+    """The JSON (every finished run) and the markdown table beside it, rewritten after each run."""
+    text = mllm_table(runs, variants)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    out = dict(command="python ablation.py mllm " + " ".join(sys.argv[2:]), date=time.strftime("%Y-%m-%d"),
+               commit=git_commit(), machine=f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}",
+               budget=dict(steps=cfg.steps, train_size=cfg.train_size, tokenizer_steps=cfg.tokenizer_steps),
+               paper=PAPER_MLLM, config=config_dict(cfg), runs=runs, table=text)
+    tu.write_json(out, path)
+    configurator.atomic_write(os.path.splitext(path)[0] + ".md", lambda f: f.write((text + "\n").encode()))
+    if final:
+        print("\n" + text + f"\n\n{len(runs)} runs; wrote {path} ({time.time() - t0:.0f} s)")
+    return out
+
+
+def main_cli(argv):
+    if argv and argv[0] == "mllm":
+        return main_mllm(argv[1:])
+    if argv and argv[0] == "tokenizer":
+        argv = argv[1:]
+    return main(parse_config(AblationConfig(), argv))
+
+
 if __name__ == "__main__":
-    run_main(lambda argv: main(parse_config(AblationConfig(), argv)))
+    run_main(main_cli)

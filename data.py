@@ -52,6 +52,7 @@ CELL_PHRASES = ("in the top left", "at the top", "in the top right", "on the lef
                 "on the right", "in the bottom left", "at the bottom", "in the bottom right")
 # light backgrounds with chroma <= 25, so no blend of them can look like an object colour
 BACKGROUNDS = ((245, 245, 245), (225, 225, 225), (245, 238, 220), (220, 232, 245), (225, 240, 225))
+BACKGROUND_NAMES = ("white", "gray", "cream", "sky", "mint")  # the detail question's answers (detail_qa)
 GRADIENT_DIRS = ((1, 0), (1, 1), (0, 1), (-1, 1))  # half-circle only: (a->b, d) == (b->a, -d)
 # half-extent of an object as a fraction of the image side; a cell is 1/3 of the side
 RADIUS = {"small": 0.075, "large": 0.13}
@@ -69,6 +70,10 @@ class ShapesConfig:
     holdout_pairs: tuple = ()  # ((colour, shape), ...) never in train/val; only in the "holdout" split
     shapes: tuple = SHAPES     # ALL_SHAPES adds "diamond"
     val_fraction: float = 0.1  # share of the key space (by hash) that belongs to val
+    # True: a sample with a solid background also asks "what color is the background?" (BACKGROUND_NAMES).
+    # No caption names the background, so the teacher was never taught to keep it: linear probes read it
+    # from the pixel codes and barely from the semantic codes (docs/design.md, "Why two vocabularies")
+    detail_qa: bool = False
 
 
 def _shape_mask(shape, X, Y, cx, cy, rx, ry):
@@ -180,7 +185,7 @@ class ShapesWorld:
         objects = [dict(color=o[0], shape=o[1], size=o[2], cell=o[3]) for o in objs]
         jitter = [(o[4], o[5]) for o in objs]
         image = self.render(objects, jitter=jitter, background=bg)
-        return dict(image=image, objects=objects, caption=caption(objects), qa=self.questions(objects, rng),
+        return dict(image=image, objects=objects, caption=caption(objects), qa=self.questions(objects, rng, bg),
                     jitter=jitter, background=bg)
 
     # -- rendering ------------------------------------------------------------------------------------
@@ -233,9 +238,10 @@ class ShapesWorld:
 
     # -- language -------------------------------------------------------------------------------------
 
-    def questions(self, objects, rng):
+    def questions(self, objects, rng, background=None):
         """Question/answer pairs with single-word or short answers. A question is asked only when its
-        answer is unique (e.g. "what color is the circle?" only with exactly one circle)."""
+        answer is unique (e.g. "what color is the circle?" only with exactly one circle). With detail_qa and
+        a solid background key, the background question comes last (it draws nothing from rng)."""
         qa = [("how many objects are there?", NUMBERS[len(objects)])]
         n_shape = {s: sum(o["shape"] == s for o in objects) for s in self.cfg.shapes}
         n_color = {c: sum(o["color"] == c for o in objects) for c in COLORS}
@@ -260,6 +266,8 @@ class ShapesWorld:
             qa.append((f"is there {_a(c)} {c} {s}?", "no"))
         s = self.cfg.shapes[rng.integers(len(self.cfg.shapes))]
         qa.append((f"how many {s}s are there?", NUMBERS[n_shape[s]]))
+        if self.cfg.detail_qa and background is not None and background[0] == "solid":
+            qa.append(("what color is the background?", BACKGROUND_NAMES[background[1]]))
         return qa
 
 
@@ -270,6 +278,7 @@ def vocabulary(shapes=ALL_SHAPES):
              "size", "object", "objects", "yes", "no", "in", "at", "on", "describe", "image", "?", ".", ","]
     words += list(COLORS) + list(shapes) + [s + "s" for s in shapes] + list(SIZES) + list(NUMBERS)
     words += [w for p in CELLS + CELL_PHRASES for w in p.split()]
+    words += ["background", *BACKGROUND_NAMES]  # the detail question (ShapesConfig.detail_qa)
     return tuple(dict.fromkeys(words))  # first occurrence order, no duplicates
 
 

@@ -325,6 +325,7 @@ class EvalMLLMConfig(EvalMLLMCommon):
     max_objects: int = 2         # the shapes world the MLLM was trained on (train_mllm's max_objects / seed)
     shapes_seed: int = 0
     holdout_pairs: tuple = ()    # e.g. (("red", "triangle"),): pairs kept out of training; () -> no holdout eval
+    detail_qa: Optional[bool] = None  # ask the background's colour too; None: as the MLLM was trained (config.json)
     qa_images: int = 100         # val images; every question of each is asked
     gen_captions: int = 100      # val captions drawn, with and without CFG
     holdout_images: int = 100    # holdout split: questions and captions (needs holdout_pairs)
@@ -344,7 +345,10 @@ def qa_eval(model, text_tok, image_tok, samples, cfg, device, autocast, train_qa
     "qa_shuffled": accuracy, n, by_type {type: {accuracy, n}}: the same questions, each reading another
       image's codes (derangement seeded by cfg.seed). A model that reads the image falls to about the
       blind baseline; one that answers from the question alone stays at "qa" (+ note with one image);
-    "qa_blind": accuracy, n, by_type {type: {accuracy, n}}: no model, blind_baseline's answers."""
+    "qa_blind": accuracy, n, by_type {type: {accuracy, n}}: no model, blind_baseline's answers;
+    "qa_pix_swapped" / "qa_sem_swapped" (a model that reads both stacks): the same questions with only the
+      pixel (semantic) codes taken from the deranged image, the other stack the image's own: which stack the
+      model reads for what (a type that falls to about the blind baseline reads the swapped stack)."""
     codes = []
     for k in range(0, len(samples), cfg.batch_size):
         x = torch.stack([data.to_tensor(s["image"]) for s in samples[k:k + cfg.batch_size]]).to(device)
@@ -354,7 +358,15 @@ def qa_eval(model, text_tok, image_tok, samples, cfg, device, autocast, train_qa
     r = evaluation.qa(model, text_tok, samples, pix, sem, len(samples), desc="qa", **run)  # the trainer's QA too
     rows, pred = r["rows"], r["pred"]
     perm = torch.from_numpy(derangement(len(samples), cfg.seed))
-    shuffled = evaluation.answers(model, text_tok, rows, pix[perm], sem[perm], desc="qa shuffled images", **run)
+    shuffled = evaluation.answers(model, text_tok, rows, pix[perm], None if sem is None else sem[perm],
+                                  desc="qa shuffled images", **run)
+    # per-stack controls: one stack from the deranged image, the other kept (only a model that reads both)
+    swaps = {}
+    if model.reads_pix and model.reads_sem:
+        swaps["qa_pix_swapped"] = evaluation.answers(model, text_tok, rows, pix[perm], sem,
+                                                     desc="qa pixel codes swapped", **run)
+        swaps["qa_sem_swapped"] = evaluation.answers(model, text_tok, rows, pix, sem[perm],
+                                                     desc="qa semantic codes swapped", **run)
     blind, chance = blind_baseline(train_qa, [q for _, q, _ in rows])
     truth = [a for _, _, a in rows]
     types = [question_type(q) for _, q, _ in rows]
@@ -366,9 +378,11 @@ def qa_eval(model, text_tok, image_tok, samples, cfg, device, autocast, train_qa
               by_type=by_type, by_objects=_scores(pred, truth, [str(len(samples[i]["objects"])) for i, _, _ in rows])[1],
               examples=[dict(q=q, truth=a, pred=p) for (_, q, a), p in list(zip(rows, pred))[:6]])
     res = {"qa": qa}
-    for name, p in (("qa_shuffled", shuffled), ("qa_blind", blind)):
+    for name, p in (("qa_shuffled", shuffled), ("qa_blind", blind), *swaps.items()):
         acc, by_type = _scores(p, truth, types)
         res[name] = dict(accuracy=acc, n=len(rows), by_type=by_type)
+    if not swaps:
+        res["qa_stack_note"] = f"the model reads one stack (input_codes={model.config.input_codes!r}): no per-stack swap"
     if len(samples) < 2:
         res["qa_shuffled"]["note"] = "one image: nothing to shuffle, the same as qa"
     return res
@@ -403,11 +417,11 @@ def caption_swap(model, text_tok, image_tok, samples, cfg, device, autocast):
 
     def first_patch_nll(objs):
         caps = [data.caption([o]) for o in objs]
-        items = [([gen_prompt(text_tok, c), ("gen", P), [mc.eos_id]], [False, True, True], p.cpu(), q.cpu())
-                 for c, p, q in zip(caps, pix, sem)]
+        items = [([gen_prompt(text_tok, c), ("gen", P), [mc.eos_id]], [False, True, True], pix[i].cpu(),
+                  None if sem is None else sem[i].cpu()) for i, c in enumerate(caps)]
         b = {k: v.to(device) for k, v in make_batch(mc, items).items()}
         with autocast:
-            nll = model.image_code_nll(b["idx"], b["image_mask"], b["pix_codes"], b["sem_codes"],
+            nll = model.image_code_nll(b["idx"], b["image_mask"], b["pix_codes"], b.get("sem_codes"),
                                        b["attention_mask"], b["gen_mask"])
         out = []
         for i, o in enumerate(objs):
@@ -526,7 +540,10 @@ def eval_mllm(cfg):
     R = image_tok.config.siglip.vision.image_size
     if not cfg.holdout_pairs and info.get("holdout_pairs"):  # the pairs the MLLM was trained without
         cfg.holdout_pairs = tuple(tuple(p) for p in info["holdout_pairs"])
+    if cfg.detail_qa is None:
+        cfg.detail_qa = bool(info.get("detail_qa", False))
     world = data.ShapesWorld(data.ShapesConfig(image_size=R, max_objects=cfg.max_objects, seed=cfg.shapes_seed,
+                                               detail_qa=cfg.detail_qa,
                                                holdout_pairs=tuple(tuple(p) for p in cfg.holdout_pairs)))
     autocast = tu.autocast_ctx(device, cfg.dtype)
     sampler = sampling_settings(cfg, info)
@@ -559,10 +576,13 @@ def eval_mllm(cfg):
             print(f"QA {split}: accuracy {q['accuracy']:.4f}, shuffled images {sh['accuracy']:.4f}, blind {bl['accuracy']:.4f}"
                   f", chance {f(q['chance'])} on {q['n']} questions (greedy, exact match; blind and chance from "
                   f"{cfg.blind_samples} train samples)   {where}")
-            print(f"   {'type':12s} {'model':6s}  {'shuffl':6s}  {'blind':6s}  {'chance':6s}")
+            sw = [r[k] for k in ("qa_pix_swapped", "qa_sem_swapped") if k in r]
+            print(f"   {'type':12s} {'model':6s}  {'shuffl':6s}  {'blind':6s}  {'chance':6s}"
+                  + ("  pix swapped  sem swapped" if sw else ""))
             for t, v in q["by_type"].items():
                 print(f"   {t:12s} {v['accuracy']:.4f}  {sh['by_type'][t]['accuracy']:.4f}  "
-                      f"{bl['by_type'][t]['accuracy']:.4f}  {f(v['chance'])}  (n={v['n']})")
+                      f"{bl['by_type'][t]['accuracy']:.4f}  {f(v['chance'])}"
+                      + "".join(f"  {x['by_type'][t]['accuracy']:11.4f}" for x in sw) + f"  (n={v['n']})")
             print("   by objects in the image: " + ", ".join(f"{k}: {v['accuracy']:.4f} (n={v['n']})"
                                                             for k, v in q["by_objects"].items()))
         if "tokenizer_ceiling" in r:
@@ -634,8 +654,123 @@ def eval_t2i(cfg):
     return _write(res, out)
 
 
+# -----------------------------------------------------------------------------
+# python eval.py probes (what each code stack carries, shapes world)
+
+
+@dataclass
+class EvalProbesConfig:
+    tokenizer: str = ""          # a DualToken folder (two vocabularies, or one: tied / no semantic branch)
+    siglip_config: str = ""
+    images: int = 3000           # shapes train-split images encoded; the first 3/4 fit the probes, the rest score them
+    max_objects: int = 2
+    shapes_seed: int = 0
+    l2: float = 1e-3             # the probes' weight penalty (evaluation.linear_probe)
+    batch_size: int = 128
+    device: str = ""
+    threads: int = 0
+    out: str = ""                # '' -> <tokenizer>/probes.json
+
+
+PROBES = {  # name: (what is probed, the features it reads)
+    "color": ("the object's colour (6)", "its cell's positions, concatenated"),
+    "shape": ("the object's shape (3)", "its cell's positions, concatenated"),
+    "size": ("the object's size (2)", "its cell's positions, concatenated"),
+    "offset_x": ("a small object's horizontal offset in its cell (pixels)", "its cell's positions, concatenated"),
+    "offset_y": ("a small object's vertical offset in its cell (pixels)", "its cell's positions, concatenated"),
+    "cell": ("which of the 9 cells a position of an object's cell lies in", "one position"),
+    "background_color": ("the background colour (5) of a solid background", "one object-free position"),
+    "background_shading": ("plain or shaded (gradient) background", "every position of the image, concatenated"),
+}
+
+
+def probe_sets(samples, emb, g):
+    """emb (n, g, g, d) per-position code embeddings -> {probe: (features (m, f), labels (m,), image of each row)}."""
+    c = g // 3  # positions per cell side
+    rows = {k: ([], [], []) for k in PROBES}
+
+    def add(k, f, y, i):
+        rows[k][0].append(f)
+        rows[k][1].append(y)
+        rows[k][2].append(i)
+    for i, s in enumerate(samples):
+        e = emb[i]  # (g, g, d)
+        taken = set()
+        for o, (dx, dy) in zip(s["objects"], s["jitter"]):
+            r, col = divmod(data.CELLS.index(o["cell"]), 3)
+            taken.add((r, col))
+            f = e[r * c:(r + 1) * c, col * c:(col + 1) * c].reshape(-1)  # (c*c*d,)
+            add("color", f, list(data.COLORS).index(o["color"]), i)
+            add("shape", f, data.ALL_SHAPES.index(o["shape"]), i)
+            add("size", f, data.SIZES.index(o["size"]), i)
+            if o["size"] == "small":
+                add("offset_x", f, dx, i)
+                add("offset_y", f, dy, i)
+            for pr in range(r * c, (r + 1) * c):
+                for pc in range(col * c, (col + 1) * c):
+                    add("cell", e[pr, pc], 3 * r + col, i)
+        if s["background"][0] == "solid":
+            for pr in range(g):
+                for pc in range(g):
+                    if (pr // c, pc // c) not in taken:
+                        add("background_color", e[pr, pc], s["background"][1], i)
+        add("background_shading", e.reshape(-1), int(s["background"][0] == "gradient"), i)
+    return {k: (torch.stack(f), torch.tensor(y), torch.tensor(im)) for k, (f, y, im) in rows.items() if f}
+
+
+@torch.no_grad()
+def code_embeddings(image_tok, samples, cfg, device):
+    """-> {stack: (n, g, g, d)}: each position's code embedding (the sum of its codebook vectors over the
+    depths, what the MLLM's projector reads) for every stack the tokenizer has."""
+    from pipeline import two_vocabularies
+    out = {"pix": [], "sem": []} if two_vocabularies(image_tok) else {"pix": []}
+    for k in range(0, len(samples), cfg.batch_size):
+        x = torch.stack([data.to_tensor(s["image"]) for s in samples[k:k + cfg.batch_size]]).to(device)
+        pix, sem = image_tok.encode(x)  # (B, g, g, D) each
+        out["pix"].append(image_tok.quantizer_pix.embed_per_depth(pix).sum(-2).float().cpu())
+        if "sem" in out:
+            out["sem"].append(image_tok.quantizer_sem.embed_per_depth(sem).sum(-2).float().cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def eval_probes(cfg):
+    """Linear probes (evaluation.linear_probe) on the per-position code embeddings of each stack: which
+    attributes of a shapes image a stack makes linearly readable. Images are split (not positions), so no
+    probe scores an image it was fit on."""
+    if cfg.images < 8:
+        raise UserError(f"--images={cfg.images}: need at least 8 (3/4 fit the probes, 1/4 score them)")
+    t0, device = time.time(), cfg.device or tu.default_device()
+    image_tok = load_image_tokenizer(cfg.tokenizer, cfg.siglip_config, device)
+    R, g = image_tok.config.siglip.vision.image_size, image_tok.config.grid
+    if g % 3:
+        raise UserError(f"--tokenizer={cfg.tokenizer!r}: its {g}x{g} grid does not split into the world's 3x3 cells")
+    world = data.ShapesWorld(data.ShapesConfig(image_size=R, max_objects=cfg.max_objects, seed=cfg.shapes_seed))
+    samples = [world.sample("train", i) for i in range(cfg.images)]
+    n_fit = cfg.images * 3 // 4
+    res = dict(tokenizer=cfg.tokenizer, layers=dict(pix=image_tok.config.layer_recon, sem=image_tok.config.layer_sem),
+               tied=image_tok.config.tie_branches, images=cfg.images, n_fit_images=n_fit,
+               probes={k: dict(target=t, features=f) for k, (t, f) in PROBES.items()}, results={})
+    for stack, emb in code_embeddings(image_tok, samples, cfg, device).items():
+        res["results"][stack] = {}
+        for k, (x, y, im) in probe_sets(samples, emb, g).items():
+            fit, test = im < n_fit, im >= n_fit
+            if len(torch.unique(y[fit])) < 2 or not test.any():
+                continue
+            res["results"][stack][k] = evaluation.linear_probe(x[fit], y[fit], x[test], y[test], cfg.l2)
+    stacks = list(res["results"])
+    print(f"linear probes on {cfg.tokenizer} ({cfg.images} shapes train images, {n_fit} fit / {cfg.images - n_fit} "
+          f"scored; accuracy on the scored images, majority-class baseline in brackets)")
+    print(f"   {'probe':20s} " + "  ".join(f"{s:>16s}" for s in stacks))
+    for k in PROBES:
+        cells = [res["results"][s].get(k) for s in stacks]
+        print(f"   {k:20s} " + "  ".join("             n/a" if r is None else
+                                         f"{r['accuracy']:.3f} ({r['majority']:.3f})" for r in cells))
+    res.update(wall_s=time.time() - t0, config=config_dict(cfg))
+    return _write(res, cfg.out or os.path.join(cfg.tokenizer, "probes.json"))
+
+
 JOBS = {"tokenizer": (EvalTokenizerConfig, eval_tokenizer), "mllm": (EvalMLLMConfig, eval_mllm),
-        "t2i": (EvalT2IConfig, eval_t2i)}
+        "t2i": (EvalT2IConfig, eval_t2i), "probes": (EvalProbesConfig, eval_probes)}
 
 
 def main(argv):

@@ -40,7 +40,8 @@ def qa_rows(records, n_images):
 
 def question_type(q):
     """The shapes world's question templates (data.ShapesWorld.questions) -> a type name."""
-    for prefix, name in (("how many objects", "count_all"), ("how many", "count_shape"), ("what color", "color"),
+    for prefix, name in (("how many objects", "count_all"), ("how many", "count_shape"),
+                         ("what color is the background", "background"), ("what color", "color"),
                          ("what shape", "shape"), ("where is", "position"), ("what size", "size"),
                          ("is there", "exists")):
         if q.startswith(prefix):
@@ -58,7 +59,10 @@ def scores(pred, truth, groups):
 
 
 def _take(a, idx):
-    """Rows idx of codes held as a tensor or a (memory-mapped) numpy array -> a long tensor."""
+    """Rows idx of codes held as a tensor or a (memory-mapped) numpy array -> a long tensor (None stays None:
+    a stack the model does not have)."""
+    if a is None:
+        return None
     if isinstance(a, np.ndarray):
         return torch.from_numpy(np.asarray(a[idx])).long()
     return a[torch.tensor(idx)].long()
@@ -252,11 +256,11 @@ def choice_logprobs(model, text_tok, rows, pix, sem, batch_size, autocast=None):
     for k in range(0, len(rows), batch_size):
         chunk = rows[k:k + batch_size]
         items = [([("und", pix.shape[1]), qa_prompt(text_tok, q), text_tok.encode(c) + [text_tok.eos_id]],
-                  [False, False, True], _take(pix, [i])[0], _take(sem, [i])[0]) for i, q, c in chunk]
+                  [False, False, True], _take(pix, [i])[0], None if sem is None else _take(sem, [i])[0]) for i, q, c in chunk]
         b = {n: v.to(dev) for n, v in make_batch(mc, items).items()}
         sel = b["targets"] != -1  # (B, T): the positions that predict the choice's tokens and eos
         with autocast or nullcontext():
-            x = model.embed_inputs(b["idx"], b["image_mask"], b["pix_codes"], b["sem_codes"], b["gen_mask"])
+            x = model.embed_inputs(b["idx"], b["image_mask"], b["pix_codes"], b.get("sem_codes"), b["gen_mask"])
             h = model.trunk(x, b["attention_mask"])[sel]  # (M, C)
             lp = F.log_softmax(model.lm_head(h).float(), -1).gather(1, b["targets"][sel][:, None])[:, 0]  # (M,)
         out += torch.zeros(len(chunk), device=dev).index_add_(0, sel.nonzero()[:, 0], lp).tolist()
@@ -315,3 +319,34 @@ def t2i(model, text_tok, image_tok, judge, judge_tok, captions, sampling, seed, 
         return {k: s[k] for k in ("n", "clip_score", "sigmoid")}
     return dict(generated=score(gen), real=None if real is None else score(real),
                 shuffled_captions=score(gen, derangement(len(captions), seed)) if len(captions) > 1 else None), gen
+
+
+# ----------------------------------------------------------------------------------------------------
+# linear probes: what a code stack carries (eval.py probes)
+
+
+def linear_probe(x_fit, y_fit, x_test, y_test, l2=1e-3, iters=200):
+    """A multinomial logistic regression fit on (x_fit (n, f), y_fit (n,)) by L-BFGS, full batch, features
+    standardised with the fit set's statistics; -> dict(accuracy on the test rows, majority: the share of
+    the fit set's most common label among the test rows, classes, n_fit, n_test). Deterministic: a zero
+    start and no sampling."""
+    x_fit, x_test = x_fit.double(), x_test.double()
+    mu, sd = x_fit.mean(0), x_fit.std(0).clamp(min=1e-6)
+    x_fit, x_test = (x_fit - mu) / sd, (x_test - mu) / sd
+    classes = torch.unique(y_fit)
+    yf = torch.searchsorted(classes, y_fit)
+    W = torch.zeros(x_fit.shape[1], len(classes), dtype=torch.double, requires_grad=True)
+    b = torch.zeros(len(classes), dtype=torch.double, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x_fit @ W + b, yf) + l2 * W.pow(2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    with torch.no_grad():
+        pred = classes[(x_test @ W + b).argmax(1)]
+    top = torch.mode(y_fit).values
+    return dict(accuracy=float((pred == y_test).double().mean()), majority=float((y_test == top).double().mean()),
+                classes=len(classes), n_fit=len(y_fit), n_test=len(y_test))

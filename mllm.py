@@ -89,6 +89,13 @@ class MLLMConfig:
     vis_norm: bool = False
     vis_gain: float = 0.1
     image_pos: int = 0
+    # input_codes: the code stacks an image position reads. "both" (the paper): the pixel and semantic
+    # embeddings concatenated. "pix" / "sem": that stack alone; the projector's first Linear then has only
+    # that stack's input columns, so the other stack is absent from the model (not zeros fed through
+    # trained weights). "sem" needs gen_sem (an image being drawn must carry the stack the model reads
+    # back). input_codes="pix" with gen_sem False uses no semantic stack at all: the model of a
+    # one-vocabulary tokenizer (docs/design.md, "Why two vocabularies")
+    input_codes: str = "both"
     # gen_sem False (not in the paper): an image being generated carries its pixel codes only: no semantic
     # depth head, no semantic loss on it, and the semantic half of its input is zero. The decoder reads only
     # pixel codes; the semantic stack of a generated image is high-entropy (deep, global features) and,
@@ -123,6 +130,9 @@ class MLLMConfig:
     text_loss_weight: float = 1.0
     pix_loss_weight: float = 1.0
     sem_loss_weight: float = 1.0
+
+
+INPUT_CODES = ("both", "pix", "sem")
 
 
 def tiny_config(**kw):
@@ -277,10 +287,22 @@ class MLLM(nn.Module):
         # a plain fp32 tensor, not a buffer: model.to(bfloat16) must not round the RoPE frequencies
         self.inv_freq = rope_inv_freq(cfg)
         # visual side: frozen codebooks (set_codebooks), input projector, two depth heads
+        if cfg.input_codes not in INPUT_CODES:
+            raise ValueError(f"input_codes={cfg.input_codes!r}: expected one of {INPUT_CODES}")
+        if cfg.input_codes == "sem" and not cfg.gen_sem:
+            raise ValueError("input_codes='sem' needs gen_sem=True: a drawn image is read back through its "
+                             "semantic codes, so they must be generated")
+        self.reads_pix = cfg.input_codes in ("both", "pix")
+        self.reads_sem = cfg.input_codes in ("both", "sem")
         self.register_buffer("pix_book", torch.zeros(cfg.pix_depth, cfg.pix_vocab, cfg.pix_dim))
-        self.register_buffer("sem_book", torch.zeros(cfg.sem_depth, cfg.sem_vocab, cfg.sem_dim))
-        self.vis_in = mlp2(cfg.pix_dim + cfg.sem_dim, C, C)
-        self.vis_in_norm = nn.LayerNorm(cfg.pix_dim + cfg.sem_dim) if cfg.vis_norm else None
+        uses_sem = self.reads_sem or cfg.gen_sem  # else no semantic stack anywhere: no book to hold
+        if uses_sem:
+            self.register_buffer("sem_book", torch.zeros(cfg.sem_depth, cfg.sem_vocab, cfg.sem_dim))
+        else:
+            self.sem_book = None
+        d_in = cfg.pix_dim * self.reads_pix + cfg.sem_dim * self.reads_sem  # the stacks read, concatenated
+        self.vis_in = mlp2(d_in, C, C)
+        self.vis_in_norm = nn.LayerNorm(d_in) if cfg.vis_norm else None
         self.vis_out_norm = RMSNorm(C, cfg.rms_norm_eps) if cfg.vis_norm else None
         self.image_pos = nn.Parameter(torch.randn(cfg.image_pos, C) * 0.02) if cfg.image_pos else None
         if not 0.0 <= cfg.gen_input_drop < 1.0:
@@ -304,13 +326,16 @@ class MLLM(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def set_codebooks(self, pix_codebook, sem_codebook):
-        """(K, d) shared book, or (n_books, K, d) with n_books 1 (shared) or depth (one per depth)."""
+    def set_codebooks(self, pix_codebook, sem_codebook=None):
+        """(K, d) shared book, or (n_books, K, d) with n_books 1 (shared) or depth (one per depth).
+        sem_codebook may be None only for a model without a semantic stack (see input_codes)."""
         cfg = self.config
-        for name, book, buf, K, d, D in (("pix_codebook", pix_codebook, self.pix_book, cfg.pix_vocab,
-                                          cfg.pix_dim, cfg.pix_depth),
-                                         ("sem_codebook", sem_codebook, self.sem_book, cfg.sem_vocab,
-                                          cfg.sem_dim, cfg.sem_depth)):
+        if self.sem_book is not None and sem_codebook is None:
+            raise ValueError("set_codebooks: this model reads or draws semantic codes and needs sem_codebook")
+        books = [("pix_codebook", pix_codebook, self.pix_book, cfg.pix_vocab, cfg.pix_dim, cfg.pix_depth)]
+        if self.sem_book is not None:
+            books.append(("sem_codebook", sem_codebook, self.sem_book, cfg.sem_vocab, cfg.sem_dim, cfg.sem_depth))
+        for name, book, buf, K, d, D in books:
             b = book.detach()[None] if book.dim() == 2 else book.detach()
             if b.dim() != 3 or b.shape[0] not in (1, D) or tuple(b.shape[1:]) != (K, d):
                 raise ValueError(f"{name}: expected ({K}, {d}) or (1 or {D}, {K}, {d}), got "
@@ -371,18 +396,25 @@ class MLLM(nn.Module):
         return [m for m in (self.vis_in, self.vis_in_norm, self.vis_out_norm) if m is not None]
 
     def embed_images(self, pix_codes, sem_codes, pos=None, sem_off=None, drop=None):
-        """(N, Dp), (N, Ds) codes -> (N, C) LLM inputs. pos (N,): each position's index inside its image
-        (used when config.image_pos > 0; required then). sem_codes None, or sem_off (N,) bool True: that
-        row's semantic half is zero (a generated image without semantic codes, config.gen_sem False).
-        drop (N,) bool True: that row's codes are hidden behind the learned gen_drop vector."""
-        e_pix = code_vectors(self.pix_book, pix_codes).sum(1)  # (N, dp)
-        if sem_codes is None:
-            e_sem = e_pix.new_zeros(e_pix.shape[0], self.config.sem_dim)
-        else:
-            e_sem = code_vectors(self.sem_book, sem_codes).sum(1)  # (N, ds)
-            if sem_off is not None:
-                e_sem = e_sem.masked_fill(sem_off[:, None], 0.0)
-        e = torch.cat([e_pix, e_sem], -1).to(self.embed.weight.dtype)  # (N, dp + ds)
+        """(N, Dp), (N, Ds) codes -> (N, C) LLM inputs, from the stacks config.input_codes reads (the other
+        may be None). pos (N,): each position's index inside its image (used when config.image_pos > 0;
+        required then). Reading both, sem_codes None or sem_off (N,) bool True: that row's semantic half is
+        zero (a generated image without semantic codes, config.gen_sem False). drop (N,) bool True: that
+        row's codes are hidden behind the learned gen_drop vector."""
+        e = []
+        if self.reads_pix:
+            e.append(code_vectors(self.pix_book, pix_codes).sum(1))  # (N, dp)
+        if self.reads_sem:
+            if sem_codes is None:
+                if not self.reads_pix:
+                    raise ValueError("embed_images: input_codes='sem' needs sem_codes")
+                e_sem = e[0].new_zeros(e[0].shape[0], self.config.sem_dim)
+            else:
+                e_sem = code_vectors(self.sem_book, sem_codes).sum(1)  # (N, ds)
+                if sem_off is not None:
+                    e_sem = e_sem.masked_fill(sem_off[:, None], 0.0)
+            e.append(e_sem)
+        e = torch.cat(e, -1).to(self.embed.weight.dtype)  # (N, dp + ds), or one stack's width
         if self.vis_in_norm is not None:
             e = self.vis_in_norm(e)
         y = self.vis_in(e)
@@ -417,8 +449,10 @@ class MLLM(nn.Module):
         if image_mask.shape != idx.shape:
             raise ValueError(f"image_mask: expected {tuple(idx.shape)}, got {tuple(image_mask.shape)}")
         N = int(image_mask.sum())
-        for name, c, D, K in (("pix_codes", pix_codes, cfg.pix_depth, cfg.pix_vocab),
-                              ("sem_codes", sem_codes, cfg.sem_depth, cfg.sem_vocab)):
+        stacks = [("pix_codes", pix_codes, cfg.pix_depth, cfg.pix_vocab)]
+        if self.reads_sem or (self.sem_book is not None and sem_codes is not None):  # needed, or given and used
+            stacks.append(("sem_codes", sem_codes, cfg.sem_depth, cfg.sem_vocab))
+        for name, c, D, K in stacks:
             if c is None or tuple(c.shape) != (N, D):
                 raise ValueError(f"{name}: expected ({N}, {D}) for {N} image positions, got "
                                  f"{None if c is None else tuple(c.shape)}")
@@ -476,6 +510,8 @@ class MLLM(nn.Module):
             if hs.shape[0]:
                 pix = self._depth_loss(self.pix_head, self.pix_book, hs, pix_codes[rows])
                 if self.sem_head is not None:
+                    if sem_codes is None:
+                        raise ValueError("sem_codes: gen_sem=True trains the semantic head on them; got None")
                     sem = self._depth_loss(self.sem_head, self.sem_book, hs, sem_codes[rows])
                 if self.ground_head is not None:
                     ground = self._ground_loss(hs, ground_words, rows, pix_codes.shape[0])
@@ -593,20 +629,23 @@ class MLLM(nn.Module):
     def generate_text(self, prompt_ids, images=None, max_new_tokens=64, temperature=0.0, top_k=None,
                       top_p=None, generator=None):
         """Image + question -> answer. prompt_ids: list of B token lists (the question in the caller's
-        template); images: None or (pix (B, N, Dp), sem (B, N, Ds)) codes. Sequence per row:
-        [bos] [<im_start> image <im_end>] prompt. Returns B lists of new ids, each cut before eos."""
+        template); images: None or (pix (B, N, Dp), sem (B, N, Ds)) codes (sem may be None when the model
+        does not read it: config.input_codes). Sequence per row: [bos] [<im_start> image <im_end>] prompt.
+        Returns B lists of new ids, each cut before eos."""
         cfg, B = self.config, len(prompt_ids)
         parts = [[list(p)] if images is None else [("und", images[0].shape[1]), list(p)] for p in prompt_ids]
         batch = collate_sequences(cfg, [build_sequence(cfg, ps) for ps in parts])
         pix = sem = None
+        dev = self.embed.weight.device
         if images is not None:
             pix, sem = images
-            if pix.shape[0] != B or sem.shape[0] != B or pix.shape[1] != sem.shape[1]:
+            if sem is None and self.reads_sem:
+                raise ValueError(f"images: input_codes={cfg.input_codes!r} reads semantic codes; got None")
+            if pix.shape[0] != B or (sem is not None and (sem.shape[0] != B or pix.shape[1] != sem.shape[1])):
                 raise ValueError(f"images: expected pix (B={B}, N, Dp) and sem (B, N, Ds), got "
-                                 f"{tuple(pix.shape)} and {tuple(sem.shape)}")
-            pix, sem = pix.reshape(-1, pix.shape[-1]), sem.reshape(-1, sem.shape[-1])  # (B*N, D)
-        dev = self.embed.weight.device
-        pix, sem = (None, None) if pix is None else (pix.to(dev), sem.to(dev))
+                                 f"{tuple(pix.shape)} and {None if sem is None else tuple(sem.shape)}")
+            pix = pix.reshape(-1, pix.shape[-1]).to(dev)  # (B*N, Dp)
+            sem = None if sem is None else sem.reshape(-1, sem.shape[-1]).to(dev)  # (B*N, Ds)
         batch = {k: v.to(dev) for k, v in batch.items()}
         cache = self.new_cache(B, batch["idx"].shape[1] + max_new_tokens)
         x = self.embed_inputs(batch["idx"], batch["image_mask"], pix, sem)

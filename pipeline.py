@@ -169,11 +169,22 @@ def load_pair(cfg, device):
     return model, text_tok, image_tok, info
 
 
+def two_vocabularies(image_tok):
+    """True when the image tokenizer has a semantic code stack of its own (the released layout); False for
+    one vocabulary: tied branches (one RVQ at the deep layer, decoded and distilled: VILA-U-like) or no
+    semantic branch. Such a tokenizer gives the MLLM pixel codes only (image_codes' sem is None)."""
+    return image_tok.quantizer_sem is not None
+
+
 def check_pair(model, image_tok):
     """The MLLM's code vocabularies and depths must be the image tokenizer's."""
     c, t = model.config, image_tok.config
-    want = dict(pix_vocab=t.vq_pix.codebook_size, pix_depth=t.vq_pix.depth, pix_dim=t.vq_pix.code_dim,
-                sem_vocab=t.vq_sem.codebook_size, sem_depth=t.vq_sem.depth, sem_dim=t.vq_sem.code_dim)
+    want = dict(pix_vocab=t.vq_pix.codebook_size, pix_depth=t.vq_pix.depth, pix_dim=t.vq_pix.code_dim)
+    if model.sem_book is not None:
+        if not two_vocabularies(image_tok):
+            raise UserError(f"the MLLM reads or draws semantic codes (input_codes={c.input_codes!r}, gen_sem="
+                            f"{c.gen_sem}) but the tokenizer has one vocabulary (tied or no semantic branch)")
+        want.update(sem_vocab=t.vq_sem.codebook_size, sem_depth=t.vq_sem.depth, sem_dim=t.vq_sem.code_dim)
     bad = {k: (getattr(c, k), v) for k, v in want.items() if getattr(c, k) != v}
     if bad:
         raise UserError(f"MLLM and tokenizer do not match (mllm, tokenizer): {bad}")
@@ -268,8 +279,8 @@ def ground_words(rec, text_tok, grid):
 
 
 def make_batch(mc, items):
-    """items: (parts, flags, pix (P, Dp), sem (P, Ds)[, ground words (P, W)]) -> the MLLM.forward keyword
-    dict (ground_words when the items carry them)."""
+    """items: (parts, flags, pix (P, Dp), sem (P, Ds) or None[, ground words (P, W)]) -> the MLLM.forward
+    keyword dict (sem_codes when the items carry them, ground_words likewise)."""
     seqs = [build_sequence(mc, it[0]) for it in items]
     b = collate_sequences(mc, seqs)
     T = b["idx"].shape[1]
@@ -279,7 +290,8 @@ def make_batch(mc, items):
         lm[i, T - m.numel():] = m
     b["targets"] = make_targets(b["idx"], b["image_mask"], b["attention_mask"], lm)
     b["pix_codes"] = torch.cat([torch.from_numpy(np.array(it[2])).long() for it in items])  # (N, Dp)
-    b["sem_codes"] = torch.cat([torch.from_numpy(np.array(it[3])).long() for it in items])
+    if items[0][3] is not None:  # None: a one-vocabulary tokenizer's cache (pixel codes only)
+        b["sem_codes"] = torch.cat([torch.from_numpy(np.array(it[3])).long() for it in items])
     if len(items[0]) > 4:
         W = max(it[4].shape[1] for it in items)
         b["ground_words"] = torch.from_numpy(np.concatenate(
@@ -305,9 +317,10 @@ def image_codes(image_tok, x):
     """(B, 3, R, R) -> (pix (B, N, Dp), sem (B, N, Ds)) in raster order, what the MLLM reads: the code cache
     (train_mllm.py), eval.py's QA / caption swap and sample.py answer take codes from here (eval.py's
     tokenizer ceiling and sample.py reconstruct call DualToken.encode itself). DualToken.encode runs in fp32
-    with autocast off, so codes do not depend on the caller's autocast (bf16 changes deep residual codes)."""
+    with autocast off, so codes do not depend on the caller's autocast (bf16 changes deep residual codes).
+    sem is None for a one-vocabulary tokenizer (two_vocabularies): a tied one's semantic codes ARE its pixel codes."""
     pix, sem = image_tok.encode(x)  # (B, h, w, D) each
-    return pix.flatten(1, 2), sem.flatten(1, 2)
+    return pix.flatten(1, 2), sem.flatten(1, 2) if two_vocabularies(image_tok) else None
 
 
 def compile_tokenizer(image_tok):
@@ -346,10 +359,11 @@ def generate_images(model, image_tok, text_tok, captions, generator=None, batch_
 
 def source_split(cfg, split, R):
     """-> (n, item(i) -> (record dict with caption / qa (/ objects for shapes), image (3, R, R) tensor)).
-    cfg: train_mllm's config (data, eval_data, max_objects, seed, holdout_pairs, train_size, eval_size)."""
+    cfg: train_mllm's config (data, eval_data, max_objects, seed, holdout_pairs, detail_qa, train_size, eval_size)."""
     import data
     if cfg.data == "shapes":
         world = data.ShapesWorld(data.ShapesConfig(image_size=R, max_objects=cfg.max_objects, seed=cfg.seed,
+                                                   detail_qa=cfg.detail_qa,
                                                    holdout_pairs=tuple(tuple(p) for p in cfg.holdout_pairs)))
 
         def item(i):
@@ -371,10 +385,11 @@ def source_split(cfg, split, R):
 
 
 def cache_meta(cfg, image_tok, thash):
-    q = image_tok.config
-    return dict(tokenizer_hash=thash, grid=q.grid, pix_depth=q.vq_pix.depth, sem_depth=q.vq_sem.depth,
-                pix_vocab=q.vq_pix.codebook_size, sem_vocab=q.vq_sem.codebook_size,
+    q, two = image_tok.config, two_vocabularies(image_tok)
+    return dict(tokenizer_hash=thash, grid=q.grid, pix_depth=q.vq_pix.depth, sem_depth=q.vq_sem.depth if two else None,
+                pix_vocab=q.vq_pix.codebook_size, sem_vocab=q.vq_sem.codebook_size if two else None,
                 data=dict(data=cfg.data, eval_data=cfg.eval_data, max_objects=cfg.max_objects, seed=cfg.seed,
+                          **({"detail_qa": True} if cfg.detail_qa else {}),  # absent when off: older caches stay valid
                           holdout_pairs=[list(p) for p in cfg.holdout_pairs],
                           train_size=cfg.train_size if cfg.data == "shapes" else None,
                           eval_size=cfg.eval_size if cfg.data == "shapes" else None))
@@ -408,9 +423,9 @@ def prepare_cache(cfg, image_tok, thash, folder, device, ctx=None, verbose=True)
     barrier()
     meta = cache_meta(cfg, image_tok, thash)
     R, P = image_tok.config.siglip.vision.image_size, meta["grid"] ** 2
-    big = max(meta["pix_vocab"], meta["sem_vocab"]) > np.iinfo(np.int16).max
+    big = max(meta["pix_vocab"], meta["sem_vocab"] or 0) > np.iinfo(np.int16).max
     dt = np.int32 if big else np.int16
-    depth = dict(pix=meta["pix_depth"], sem=meta["sem_depth"])
+    depth = dict(pix=meta["pix_depth"], **({"sem": meta["sem_depth"]} if meta["sem_depth"] else {}))
     splits = ("train", "val") if cfg.data == "shapes" or cfg.eval_data else ("train",)
     t0 = time.time()
     sizes = {}
@@ -470,7 +485,8 @@ def prepare_cache(cfg, image_tok, thash, folder, device, ctx=None, verbose=True)
 
 
 class CodeCache:
-    """Read side of the cache: pix / sem memory-mapped (N, P, D) arrays and the records of one split."""
+    """Read side of the cache: pix / sem memory-mapped (N, P, D) arrays and the records of one split (sem is
+    None for a one-vocabulary tokenizer)."""
 
     def __init__(self, folder, split, expect):
         path = os.path.join(folder, "meta.json")
@@ -488,12 +504,13 @@ class CodeCache:
         if f"{split}_size" not in meta:
             raise UserError(f"code cache {folder} has no {split!r} split")
         self.pix = np.load(os.path.join(folder, f"{split}_pix.npy"), mmap_mode="r")
-        self.sem = np.load(os.path.join(folder, f"{split}_sem.npy"), mmap_mode="r")
+        self.sem = np.load(os.path.join(folder, f"{split}_sem.npy"), mmap_mode="r") if meta["sem_depth"] else None
         with open(os.path.join(folder, f"{split}_index.json")) as f:
             self.records = json.load(f)
         n = meta[f"{split}_size"]
-        if not (len(self.pix) == len(self.sem) == len(self.records) == n):
-            raise UserError(f"code cache {folder}/{split}: {len(self.pix)} pix, {len(self.sem)} sem, "
+        n_sem = len(self.pix) if self.sem is None else len(self.sem)
+        if not (len(self.pix) == n_sem == len(self.records) == n):
+            raise UserError(f"code cache {folder}/{split}: {len(self.pix)} pix, {n_sem} sem, "
                             f"{len(self.records)} records, meta says {n}")
         if split == "train" and n == 0:
             raise UserError(f"code cache {folder}: the train split has no images")

@@ -56,7 +56,7 @@ import train_utils as tu
 from configurator import UserError, config_dict, parse_config, run_main
 import pipeline
 from llm import rope_inv_freq
-from mllm import MLLM, MLLMConfig
+from mllm import INPUT_CODES, MLLM, MLLMConfig
 from pipeline import (SAMPLING_KEYS, CodeCache, cache_meta, export, load_image_tokenizer, load_mllm,
                       mllm_from_state_dict, prepare_cache, set_trainable, tokenizer_hash, visual_modules)
 from text import IMAGE_TOKENS, prompt_tokenizer
@@ -78,6 +78,7 @@ class TrainMLLMConfig:
     prepare_batch: int = 128
     max_objects: int = 2             # shapes
     holdout_pairs: tuple = ()        # shapes: ((colour, shape), ...) never in training (eval.py's holdout split)
+    detail_qa: bool = False          # shapes: also ask the background's colour (data.ShapesConfig.detail_qa)
     train_size: int = 20_000         # shapes: images in the train cache
     eval_size: int = 200             # held-out images (shapes: val split)
     # LLM: from scratch (the fields below) or a local HF Qwen2 / LLaMA folder
@@ -96,6 +97,7 @@ class TrainMLLMConfig:
     vis_norm: bool = False
     vis_gain: float = 0.1
     image_pos: int = 0
+    input_codes: str = "both"        # the code stacks an image position reads: "both" (paper), "pix", "sem" (mllm)
     gen_sem: bool = True             # False: generated images carry pixel codes only (mllm.MLLMConfig)
     head_code_logits: bool = False   # True: depth heads score codes by distance to the frozen books (mllm)
     gen_input_drop: float = 0.0      # > 0: hide that share of a generated image's input codes in training (mllm)
@@ -229,6 +231,7 @@ def _build_model(cfg, text_tok, image_tok, thash=None):
                sem_vocab=q.vq_sem.codebook_size, sem_dim=q.vq_sem.code_dim, sem_depth=q.vq_sem.depth,
                head_n_layer=cfg.head_n_layer, head_n_embd=cfg.head_n_embd, head_n_head=cfg.head_n_head,
                vis_norm=cfg.vis_norm, vis_gain=cfg.vis_gain, image_pos=cfg.image_pos, gen_sem=cfg.gen_sem,
+               input_codes=cfg.input_codes,
                head_code_logits=cfg.head_code_logits, gen_input_drop=cfg.gen_input_drop,
                gen_caption_loss=cfg.gen_caption_loss, gen_ground_loss=cfg.gen_ground_loss)
     if cfg.init_from:
@@ -245,7 +248,8 @@ def _build_model(cfg, text_tok, image_tok, thash=None):
                         n_kv_head=cfg.n_kv_head, intermediate_size=cfg.intermediate_size, pad_id=text_tok.pad_id,
                         eos_id=text_tok.eos_id, **ids, **vis)
         model = MLLM(mc)
-    model.set_codebooks(image_tok.quantizer_pix.codebook, image_tok.quantizer_sem.codebook)
+    model.set_codebooks(image_tok.quantizer_pix.codebook,
+                        image_tok.quantizer_sem.codebook if pipeline.two_vocabularies(image_tok) else None)
     return model
 
 
@@ -377,6 +381,10 @@ def validate(cfg):
         tu.require_path(cfg.text_tokenizer, "text_tokenizer", "file", "'bytes', 'words' or a tokenizer.json")
     if cfg.trainable not in ("all", "input", "output"):
         raise UserError(f"--trainable={cfg.trainable!r}: expected 'all', 'input' or 'output'")
+    if cfg.input_codes not in INPUT_CODES:
+        raise UserError(f"--input_codes={cfg.input_codes!r}: expected one of {INPUT_CODES}")
+    if cfg.input_codes == "sem" and not cfg.gen_sem:
+        raise UserError("--input_codes=sem needs --gen_sem=True: a drawn image is read back through its semantic codes")
     if cfg.parallel not in ("ddp", "fsdp"):
         raise UserError(f"--parallel={cfg.parallel!r}: expected 'ddp' or 'fsdp'")
     if cfg.parallel == "fsdp" and int(os.environ.get("RANK", -1)) == -1 and not cfg.prepare:
@@ -407,6 +415,10 @@ def train(cfg):
     counts = kind_counts(cfg.mix, cfg.micro_batch)
 
     image_tok = load_image_tokenizer(cfg.tokenizer, device=device)
+    if not pipeline.two_vocabularies(image_tok) and (cfg.input_codes != "pix" or cfg.gen_sem):
+        raise UserError(f"--tokenizer={cfg.tokenizer!r} has one vocabulary (tied branches or no semantic branch): "
+                        f"the MLLM can read and draw only its codes, --input_codes=pix --gen_sem=False (got "
+                        f"input_codes={cfg.input_codes!r}, gen_sem={cfg.gen_sem})")
     thash = tokenizer_hash(image_tok, cfg.tokenizer)
     folder = cfg.cache_dir or os.path.join(cfg.out_dir, "cache")
     expect = cache_meta(cfg, image_tok, thash)
@@ -465,7 +477,7 @@ def train(cfg):
         for kind, i in zip(kinds, idx):
             parts, flags = pipeline.sample_parts(kind, train_c.records[i], text_tok, rng, cfg.caption_dropout, P,
                                                  cfg.qa_per_image)
-            items.append((parts, flags, train_c.pix[i], train_c.sem[i]))
+            items.append((parts, flags, train_c.pix[i], None if train_c.sem is None else train_c.sem[i]))
             if cfg.gen_ground_loss > 0:
                 items[-1] += (pipeline.ground_words(train_c.records[i], text_tok, image_tok.config.grid),)
         b = pipeline.make_batch(mc, items)
@@ -490,6 +502,7 @@ def train(cfg):
                                "gen: [bos] encode(caption) <image_gen_start>",
                  grid=image_tok.config.grid, image_size=image_tok.config.siglip.vision.image_size,
                  holdout_pairs=[list(p) for p in cfg.holdout_pairs],  # eval.py scores these separately
+                 detail_qa=cfg.detail_qa,  # eval.py asks the same questions
                  sampling=sampling(cfg))  # eval.py / sample.py draw with these by default
     n_params = sum(p.numel() for p in raw.parameters())
     n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
