@@ -29,7 +29,7 @@ and, for every variant x seed, an MLLM trained at one fixed budget and evaluated
     pix_input     reads pixel codes only, draws pixel codes only
     single_vocab  the tied tokenizer's one stack, read and drawn
 Every stage is a subprocess of the project's own scripts with the preset(s) given here plus a few keys (the
-command is in <stage>/ablation_args.json); a stage with its result is skipped, an interrupted one resumes
+command is in <stage>/ablation_<script>.json); a stage with its result is skipped, an interrupted one resumes
 (--resume=True), so the command can be stopped and run again. Outputs: <ablation_dir>/ablation_mllm.json (one
 entry per run) and ablation_mllm.md (mean and standard deviation over seeds, the paper's numbers beside).
 """
@@ -209,15 +209,15 @@ class AblationMLLMConfig:
     temperature: float = 0.6
     qa_images: int = 100               # eval.py mllm: val images (every question of each) ...
     gen_captions: int = 100            # ... and val captions drawn, the same for every run
-    threads: int = 0                   # passed to every stage; 0: torch's default
+    threads: int = 0                   # every stage's OMP_NUM_THREADS; 0: torch's default
     results: str = ""                  # '' -> <ablation_dir>/ablation_mllm.json (the .md beside it)
 
 
 def stage(cmd, folder, done_file, resumable=True):
     """Run one project script unless `folder`/`done_file` exists. The arguments are recorded in
-    `folder`/ablation_args.json; a folder made with other arguments is refused, not mixed. An interrupted
+    `folder`/ablation_<script>.json; a folder made with other arguments is refused, not mixed. An interrupted
     trainer (train_state.pt, no result) resumes. Output goes to `folder`/ablation.log."""
-    args_path = os.path.join(folder, "ablation_args.json")
+    args_path = os.path.join(folder, f"ablation_{os.path.splitext(cmd[0])[0]}.json")
     if os.path.isfile(args_path):
         with open(args_path) as f:
             old = json.load(f)
@@ -313,6 +313,20 @@ def mllm_table(runs, variants):
     return "\n".join(lines)
 
 
+def tokenizer_layer_sem(presets, teacher):
+    """The deep layer the presets' tokenizer takes semantic codes from (0: the teacher's second-to-last block):
+    where the one-vocabulary tokenizer puts its single quantizer (run (a))."""
+    from siglip import SigLIPConfig
+    layer = 0
+    for p in presets:
+        layer = configurator.preset_values(p, "tokenizer").get("layer_sem", layer)
+    if layer:
+        return layer
+    path = os.path.join(teacher, "config.json")
+    with open(path) as f:
+        return SigLIPConfig.from_hf(json.load(f), where=path).vision.num_hidden_layers - 1
+
+
 def main_mllm(argv):
     presets = [a for a in argv if not a.startswith("--")]
     cfg = parse_config(AblationMLLMConfig(), argv)
@@ -320,16 +334,17 @@ def main_mllm(argv):
     if not presets:
         raise UserError("python ablation.py mllm needs the pipeline preset, e.g. config/shapes.py")
     D, t0 = cfg.ablation_dir, time.time()
-    th = [f"--threads={cfg.threads}"] if cfg.threads else []
+    if cfg.threads:  # as the environment: every stage's torch reads it, not every script has a threads key
+        os.environ["OMP_NUM_THREADS"] = str(cfg.threads)
     teacher, toks = os.path.join(D, "siglip"), {"dual": os.path.join(D, "tok_dual"), "single": os.path.join(D, "tok_single")}
-    stage(["train_siglip.py", *presets, f"--out_dir={teacher}", *th], teacher, "eval.json")
+    stage(["train_siglip.py", *presets, f"--out_dir={teacher}"], teacher, "eval.json")
     kinds = sorted({VARIANTS[v][0] for v in variants})
     for kind in kinds:
-        extra = ["--layer_recon=3", "--tie_branches=True"] if kind == "single" else []
+        extra = [f"--layer_recon={tokenizer_layer_sem(presets, teacher)}", "--tie_branches=True"] if kind == "single" else []
         stage(["train_tokenizer.py", *presets, f"--init_from={teacher}", f"--out_dir={toks[kind]}",
                f"--max_steps={cfg.tokenizer_steps}", f"--eval_interval={cfg.tokenizer_steps}",
                f"--image_interval={cfg.tokenizer_steps}", f"--ckpt_interval={min(1000, cfg.tokenizer_steps)}",
-               *extra, *th], toks[kind], "eval.json")
+               *extra], toks[kind], "eval.json")
     results = cfg.results or os.path.join(D, "ablation_mllm.json")
     runs = []
     for seed in cfg.seeds:  # seed-major: a stopped command has every variant of the first seeds
@@ -341,10 +356,10 @@ def main_mllm(argv):
                    f"--cache_dir={os.path.join(D, f'cache_{kind}_s{seed}')}", f"--cfg_scale={cfg.cfg_scale}",
                    f"--temperature={cfg.temperature}", "--eval_qa=0", "--eval_gen=0", "--eval_interval=0",
                    "--sample_interval=0", f"--ckpt_interval={min(1000, cfg.steps)}",
-                   *[f"--{k}={val}" for k, val in keys.items()], *th], run, "eval.json")
+                   *[f"--{k}={val}" for k, val in keys.items()]], run, "eval.json")
             stage(["eval.py", "mllm", f"--mllm={run}", f"--out={os.path.join(run, 'eval_ablation.json')}",
                    f"--qa_images={cfg.qa_images}", f"--gen_captions={cfg.gen_captions}", "--train_images=0",
-                   *th], run, "eval_ablation.json", resumable=False)
+                   ], run, "eval_ablation.json", resumable=False)
             runs.append(mllm_entry(v, seed, run, cfg))
             write_results(cfg, runs, variants, results, t0)
     return write_results(cfg, runs, variants, results, t0, final=True)

@@ -335,6 +335,13 @@ class EvalMLLMConfig(EvalMLLMCommon):
     blind_samples: int = 2000    # train samples whose QA pairs give the blind baseline and the chance levels
 
 
+def cat_codes(batches):
+    """[(pix, sem), ...] per batch (pipeline.image_codes) -> (pix, sem) on the CPU; sem None for a
+    one-vocabulary tokenizer."""
+    pix = torch.cat([p.cpu() for p, _ in batches])
+    return pix, None if batches[0][1] is None else torch.cat([s.cpu() for _, s in batches])
+
+
 @torch.no_grad()
 def qa_eval(model, text_tok, image_tok, samples, cfg, device, autocast, train_qa=()):
     """Every question of every sample, greedy, exact match after strip, with the controls that say whether
@@ -352,8 +359,8 @@ def qa_eval(model, text_tok, image_tok, samples, cfg, device, autocast, train_qa
     codes = []
     for k in range(0, len(samples), cfg.batch_size):
         x = torch.stack([data.to_tensor(s["image"]) for s in samples[k:k + cfg.batch_size]]).to(device)
-        codes.append([c.cpu() for c in image_codes(image_tok, x)])  # fp32, like the training cache
-    pix, sem = torch.cat([c[0] for c in codes]), torch.cat([c[1] for c in codes])  # (n, N, D)
+        codes.append(image_codes(image_tok, x))  # fp32, like the training cache
+    pix, sem = cat_codes(codes)  # (n, N, D)
     run = dict(batch_size=cfg.batch_size, autocast=autocast, max_new_tokens=cfg.max_new_tokens)
     r = evaluation.qa(model, text_tok, samples, pix, sem, len(samples), desc="qa", **run)  # the trainer's QA too
     rows, pred = r["rows"], r["pred"]
@@ -508,8 +515,8 @@ def eval_qa_file(cfg):
     paths, codes = list(first), []
     for k in range(0, len(paths), cfg.batch_size):
         x = torch.stack([data.read_image(p, R, first[p]) for p in paths[k:k + cfg.batch_size]]).to(device)
-        codes.append([c.cpu() for c in image_codes(image_tok, x)])  # fp32, like the training cache
-    pix, sem = torch.cat([c[0] for c in codes]), torch.cat([c[1] for c in codes])  # (n_images, N, D)
+        codes.append(image_codes(image_tok, x))  # fp32, like the training cache
+    pix, sem = cat_codes(codes)  # (n_images, N, D)
     index = {p: j for j, p in enumerate(paths)}
     r = evaluation.qa_file(model, text_tok, recs, [index[q["image"]] for q in recs], pix, sem, cfg.batch_size,
                            autocast, cfg.max_new_tokens, desc="qa")

@@ -230,3 +230,46 @@ def test_ablation_config_errors(teacher_dir, tmp_path):
         ablation.main(tiny_ablation(teacher_dir, tmp_path, layer_recon=3))
     with pytest.raises(ValueError, match="init_from"):
         ablation.main(tiny_ablation(str(tmp_path / "nope"), tmp_path))
+
+
+# --- python ablation.py mllm: why two vocabularies ----------------------------------------------------
+
+def test_ablation_mllm_tiny_end_to_end(tmp_path, capsys):
+    """Every variant trains and evaluates from the one command (tiny preset, a few steps, one seed), the results
+    JSON has one entry per run with the issue's keys, the single_vocab MLLM holds one stack and one head, a second
+    call retrains nothing, and a folder made by other arguments is refused."""
+    from safetensors import safe_open
+    from test_errors import PRESET
+    preset = tmp_path / "tiny.py"
+    preset.write_text(PRESET)
+    D = tmp_path / "abl"
+    argv = ["mllm", str(preset), f"--ablation_dir={D}", "--seeds=(0,)", "--steps=2", "--train_size=12",
+            "--tokenizer_steps=1", "--qa_images=2", "--gen_captions=2", "--threads=1"]
+    out = ablation.main_cli(argv)
+    runs = {r["variant"]: r for r in out["runs"]}
+    assert sorted(runs) == sorted(ablation.VARIANTS) and all(r["seed"] == 0 and r["steps"] == 2 for r in runs.values())
+    for r in runs.values():
+        assert 0 <= r["qa_accuracy"] <= 1 and r["n_qa"] > 0 and "background" in r["qa_by_type"]
+        assert r["gen_all_correct"] is not None and set(r["gen_by_attribute"]) == {"count", "color", "shape", "size", "cell"}
+    assert "qa_pix_swapped" in runs["dual"] and "qa_pix_swapped" not in runs["pix_input"]
+    saved = json.load(open(D / "ablation_mllm.json"))
+    assert len(saved["runs"]) == 5 and saved["commit"] and saved["machine"] and "| `dual` |" in saved["table"]
+    assert (D / "ablation_mllm.md").read_text().startswith("| variant |")
+
+    def keys(run):
+        with safe_open(str(D / run / "model.safetensors"), "pt") as f:
+            return set(f.keys())
+    single, dual = keys("single_vocab_s0"), keys("dual_s0")
+    assert not any(k.startswith(("sem_book", "sem_head")) for k in single)
+    assert any(k.startswith("sem_head") for k in dual) and "sem_book" in dual
+    assert json.load(open(D / "single_vocab_s0" / "config.json"))["mllm"]["input_codes"] == "pix"
+
+    stamp = os.path.getmtime(D / "dual_s0" / "model.safetensors")
+    capsys.readouterr()
+    ablation.main_cli(argv)
+    assert "running:" not in capsys.readouterr().out  # every stage found finished
+    assert os.path.getmtime(D / "dual_s0" / "model.safetensors") == stamp
+    with pytest.raises(ablation.UserError, match="another command"):
+        ablation.main_cli([a if not a.startswith("--steps") else "--steps=3" for a in argv])
+    with pytest.raises(ablation.UserError, match="unknown"):
+        ablation.main_cli(argv + ["--variants=dual,duel"])

@@ -690,3 +690,60 @@ def test_image_code_nll_is_the_pixel_loss_per_position():
         m(b["idx"], make_targets(b["idx"], b["image_mask"], b["attention_mask"]), image_mask=b["image_mask"],
           attention_mask=b["attention_mask"], gen_mask=b["gen_mask"], pix_codes=p, sem_codes=s)
     torch.testing.assert_close(nll[gen].mean(), m.loss_parts["pix"], rtol=1e-5, atol=1e-5)
+
+
+# --- input_codes: which stack a model reads ------------------------------------------------------------
+
+def _und_logits(m, p, s):
+    """Logits of one understood image (4 positions) and two question tokens, reading codes p / s."""
+    cfg = m.config
+    b = collate_sequences(cfg, [build_sequence(cfg, [("und", 4), [65, 66]])])
+    with torch.no_grad():
+        return m(b["idx"], image_mask=b["image_mask"], pix_codes=p, sem_codes=s)[0]
+
+
+@pytest.mark.parametrize("mode", ["both", "pix", "sem"])
+def test_input_codes_reads_only_its_stack(mode):
+    """A model reads exactly the stacks input_codes names: changing the other stack's codes leaves every logit
+    unchanged, changing a read stack changes them; the projector has only the read stacks' input columns."""
+    m = tiny_model(input_codes=mode)
+    cfg = m.config
+    p, s = random_codes(cfg, 4)
+    p2, s2 = (p + 1) % cfg.pix_vocab, (s + 1) % cfg.sem_vocab
+    ref = _und_logits(m, p, s)
+    same_pix, same_sem = torch.equal(ref, _und_logits(m, p2, s)), torch.equal(ref, _und_logits(m, p, s2))
+    assert same_pix == (mode == "sem") and same_sem == (mode == "pix")
+    width = {"both": cfg.pix_dim + cfg.sem_dim, "pix": cfg.pix_dim, "sem": cfg.sem_dim}[mode]
+    assert m.vis_in[0].in_features == width
+    if mode == "pix":  # the unread stack may be absent altogether
+        assert torch.equal(ref, _und_logits(m, p, None))
+        out = m.generate_text([[65]], images=(p.view(1, 4, -1), None), max_new_tokens=2)
+        assert len(out) == 1
+
+
+def test_one_vocabulary_model_has_one_stack_and_one_head(tmp_path):
+    """input_codes='pix' with gen_sem=False (the single_vocab / pix_input layout) holds no semantic book and no
+    semantic head, trains and draws without semantic codes and survives export / load; 'sem' without gen_sem
+    is refused (a drawn image could not be read back)."""
+    import pipeline
+    m = tiny_model(input_codes="pix", gen_sem=False).train()
+    cfg = m.config
+    assert m.sem_book is None and m.sem_head is None
+    assert not any(k.startswith(("sem_book", "sem_head")) for k in m.state_dict())
+    seq = [build_sequence(cfg, [("und", 4), [65, 66]]), build_sequence(cfg, [[67], ("gen", 4), [cfg.eos_id]])]
+    b = collate_sequences(cfg, seq)
+    t = make_targets(b["idx"], b["image_mask"], b["attention_mask"])
+    p, _ = random_codes(cfg, 8)
+    _, loss = m(b["idx"], t, b["image_mask"], p, None, b["attention_mask"], b["gen_mask"])
+    loss.backward()
+    assert float(m.loss_parts["pix"]) > 0 and float(m.loss_parts["sem"]) == 0.0
+    m.eval()
+    pix, sem = m.generate_image([[65]], 4, generator=torch.Generator().manual_seed(0))
+    assert sem is None and pix.shape == (1, 4, cfg.pix_depth)
+    pipeline.export(m, str(tmp_path), {})
+    back, _ = pipeline.load_mllm(str(tmp_path))
+    assert back.sem_book is None and back.config.input_codes == "pix"
+    with pytest.raises(ValueError, match="gen_sem"):
+        MLLM(tiny_config(input_codes="sem", gen_sem=False))
+    with pytest.raises(ValueError, match="input_codes"):
+        MLLM(tiny_config(input_codes="pixel"))
