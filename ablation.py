@@ -20,7 +20,7 @@ through the quantized semantic path on eval_size single-object images next to th
 without a semantic branch: no number is made up from another path), and codebook usage.
 Outputs: <ablation_dir>/<run>/ (a train_tokenizer out_dir each) and <ablation_dir>/ablation.json.
 
-`python ablation.py mllm config/shapes.py`: why two vocabularies (docs/design.md), the MLLM side. One teacher,
+`python ablation.py mllm config/shapes.py`: why two vocabularies (design §9), the MLLM side. One teacher,
 one tokenizer of each kind (the released two-vocabulary layout and a one-vocabulary tied one, the run (a) above)
 and, for every variant x seed, an MLLM trained at one fixed budget and evaluated by eval.py mllm:
     dual          reads both stacks, draws both (gen_sem=True): the paper's model

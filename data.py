@@ -72,7 +72,7 @@ class ShapesConfig:
     val_fraction: float = 0.1  # share of the key space (by hash) that belongs to val
     # True: a sample with a solid background also asks "what color is the background?" (BACKGROUND_NAMES).
     # No caption names the background, so the teacher was never taught to keep it: linear probes read it
-    # from the pixel codes and barely from the semantic codes (docs/design.md, "Why two vocabularies")
+    # from the pixel codes and barely from the semantic codes (design §9)
     detail_qa: bool = False
 
 

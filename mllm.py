@@ -18,6 +18,7 @@ Delimiters: <im_start> ... <im_end> around an image the model reads, <image_gen_
 
 Visual input: e_pix = sum over depths of the pixel codebook vectors of a position, e_sem likewise;
 [e_pix ; e_sem] -> Linear, GELU, Linear -> LLM width, written over the token embedding at that position.
+config.input_codes "pix" / "sem" reads one stack: the MLP's input is that stack's embedding alone (design §9).
 
 Visual output, next-token style: the hidden state at position t predicts the codes of image position
 t + 1 (so <image_gen_start> predicts the first image position, and the last image position predicts
@@ -94,7 +95,7 @@ class MLLMConfig:
     # that stack's input columns, so the other stack is absent from the model (not zeros fed through
     # trained weights). "sem" needs gen_sem (an image being drawn must carry the stack the model reads
     # back). input_codes="pix" with gen_sem False uses no semantic stack at all: the model of a
-    # one-vocabulary tokenizer (docs/design.md, "Why two vocabularies")
+    # one-vocabulary tokenizer (design §9)
     input_codes: str = "both"
     # gen_sem False (not in the paper): an image being generated carries its pixel codes only: no semantic
     # depth head, no semantic loss on it, and the semantic half of its input is zero. The decoder reads only
