@@ -362,7 +362,43 @@ def main_mllm(argv):
                    ], run, "eval_ablation.json", resumable=False)
             runs.append(mllm_entry(v, seed, run, cfg))
             write_results(cfg, runs, variants, results, t0)
+    pic = os.path.splitext(results)[0] + ".png"
+    if comparison_picture(D, cfg.seeds[0], pic) is not None:
+        print(f"wrote {pic}")
     return write_results(cfg, runs, variants, results, t0, final=True)
+
+
+PICTURE_VARIANTS = ("dual", "pix_gen", "single_vocab")
+
+
+@torch.no_grad()
+def comparison_picture(D, seed, path, n=8):
+    """The same n held-out captions (the val split eval.py draws from) drawn by the seed's dual, pix_gen and
+    single_vocab models, each with its recorded sampler and one generator seeded alike: one row per caption,
+    the true image first. Skipped (None) until those three runs exist."""
+    from types import SimpleNamespace
+    import data
+    import pipeline
+    folders = [os.path.join(D, f"{v}_s{seed}") for v in PICTURE_VARIANTS]
+    if not all(os.path.isfile(os.path.join(f, "eval.json")) for f in folders):
+        return None
+    cols, samples = [], None
+    for f in folders:
+        model, text_tok, image_tok, info = pipeline.load_pair(
+            SimpleNamespace(mllm=f, tokenizer="", siglip_config="", check_hash=True), "cpu")
+        if samples is None:
+            R = image_tok.config.siglip.vision.image_size
+            world = data.ShapesWorld(data.ShapesConfig(image_size=R, max_objects=2, seed=0))
+            samples = [world.sample("val", i) for i in range(n)]
+            cols.append([s["image"] for s in samples])
+        g = torch.Generator().manual_seed(0)
+        ims, _ = pipeline.generate_images(model, image_tok, text_tok, [s["caption"] for s in samples], g, n,
+                                          **pipeline.sampling_settings(SimpleNamespace(**dict.fromkeys(
+                                              pipeline.SAMPLING_KEYS)), info))
+        cols.append(list(data.to_image(ims)))
+    rows = [list(r) for r in zip(*cols)]
+    labels = [f"{s['caption']}  (true | " + " | ".join(PICTURE_VARIANTS) + ")" for s in samples]
+    return data.grid_png(rows, path, labels=labels)
 
 
 def git_commit():

@@ -23,6 +23,7 @@ Why it is built the way it is:
 import hashlib
 import json
 import os
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
@@ -343,7 +344,7 @@ def grid_png(rows, path, labels=None, pad=2, scale=0):
     width = ncol * (W + pad) + pad
     line_h, chars = 12, max(8, width // 6)
     wrapped = [[]] * len(rows) if labels is None else \
-        [[lab[i:i + chars] for i in range(0, len(lab), chars)] or [""] for lab in labels]
+        [textwrap.wrap(lab, chars, break_long_words=True) or [""] for lab in labels]  # at word boundaries
     heights = [H + pad + len(w) * line_h for w in wrapped]
     canvas = Image.new("RGB", (width, sum(heights) + pad), (255, 255, 255))
     draw, y = ImageDraw.Draw(canvas), pad
