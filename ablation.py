@@ -252,6 +252,20 @@ def variant_list(cfg):
     return names
 
 
+def train_wall(log_path):
+    """-> (seconds the trainer ran, summed over its processes, steps redone after a resume included; the
+    number of processes): from log.jsonl, where each process starts with a "start" event and logs its own
+    elapsed_s."""
+    total, last, procs = 0.0, 0.0, 0
+    with open(log_path) as f:
+        for line in f:
+            ev = json.loads(line)
+            if ev.get("event") == "start":
+                total, last, procs = total + last, 0.0, procs + 1
+            last = max(last, ev.get("elapsed_s", 0.0))
+    return total + last, procs
+
+
 def mllm_entry(variant, seed, folder, cfg):
     """One run's row of ablation_mllm.json from its trainer's eval.json and eval.py's eval_ablation.json."""
     with open(os.path.join(folder, "eval.json")) as f:
@@ -259,7 +273,8 @@ def mllm_entry(variant, seed, folder, cfg):
     with open(os.path.join(folder, "eval_ablation.json")) as f:
         ev = json.load(f)["val"]
     gen = ev.get("gen_cfg")
-    e = dict(variant=variant, seed=seed, steps=tr["step"], wall_s=tr["wall_s"], eval_wall_s=None,
+    wall, procs = train_wall(os.path.join(folder, "log.jsonl"))
+    e = dict(variant=variant, seed=seed, steps=tr["step"], wall_s=wall, processes=procs, eval_wall_s=None,
              qa_accuracy=ev["qa"]["accuracy"], n_qa=ev["qa"]["n"],
              qa_by_type={t: v["accuracy"] for t, v in ev["qa"]["by_type"].items()},
              qa_shuffled=ev["qa_shuffled"]["accuracy"], qa_blind=ev["qa_blind"]["accuracy"],
