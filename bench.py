@@ -331,7 +331,9 @@ def bench_siglip(argv):
 def bench_llm(argv):
     """mllm.MLLM decoding: KV-cache decode vs a no-cache loop (whole sequence every step) vs
     transformers' Qwen2ForCausalLM.generate, same weights (loaded through from_pretrained), greedy;
-    then image generation (both depth heads, CFG doubled batch) with and without the LLM KV cache."""
+    then image generation (both depth heads, CFG doubled batch): KV caches in the trunk and along the depths,
+    the trunk's alone (the depth heads re-run over every earlier depth), none (the reference). The release's
+    shapes: --positions=256 --depth=4 (256 px), --positions=729 --depth=8 (384 px)."""
     import tempfile
 
     import mllm
@@ -411,14 +413,17 @@ def bench_llm(argv):
           f"codebook {cfg.codebook}, CFG {cfg.cfg_scale} (batch x2), top-k 900, top-p 0.96")
     caps = [list(range(1, 17))] * cfg.batch
 
-    def img(use_cache):
+    def img(use_cache, depth_cache=None):
         return ours.generate_image(caps, cfg.positions, cfg_scale=cfg.cfg_scale, top_k=900, top_p=0.96,
-                                   generator=torch.Generator(device=dev).manual_seed(0), use_cache=use_cache)
+                                   generator=torch.Generator(device=dev).manual_seed(0), use_cache=use_cache,
+                                   depth_cache=depth_cache)
 
-    a, b = img(True), img(False)
-    print(f"cache and no-cache codes identical: {torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])}")
-    rows = [[name, timeit(lambda: img(c), dev, cfg.warmup, cfg.iters)] for name, c in
-            (("KV cache", True), ("no cache", False))]
+    variants = (("KV cache, trunk + depth", True, True), ("KV cache, trunk only", True, False),
+                ("no cache", False, False))
+    outs = [img(c, d) for _, c, d in variants]
+    same = all(torch.equal(o[0], outs[0][0]) and torch.equal(o[1], outs[0][1]) for o in outs)
+    print(f"codes identical on every path: {same}")
+    rows = [[name, timeit(lambda: img(c, d), dev, cfg.warmup, cfg.iters)] for name, c, d in variants]
     t0 = rows[0][1]
     print_table([[n, f"{t * 1e3:.0f}", f"{cfg.batch * cfg.positions / t:.1f}", f"{t / t0:.2f}x"] for n, t in rows],
           ["image generation", "ms", "positions/s", "time vs cache"])

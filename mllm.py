@@ -202,6 +202,22 @@ class DepthHead(nn.Module):
             return self.classify(x[:, n], n, book)  # (M, K)
         return torch.stack([self.classify(x[:, i], i, book) for i in range(n + 1)], 1)  # (M, n+1, K)
 
+    def new_cache(self, M, device, dtype):
+        """A KV cache over the D depths of M positions (sampling: one head pass per depth)."""
+        blk = self.blocks[0].attn if len(self.blocks) else None
+        nh, hd = (blk.nh, blk.hd) if blk is not None else (1, 1)
+        return KVCache(len(self.blocks), M, nh, self.pos.shape[0], hd, device, dtype)
+
+    def step(self, x_in, d, cache, book=None):
+        """Depth d of the sampling loop: x_in (M, Ch), this depth's input before its depth embedding (proj(h)
+        at d = 0, code_in(partial sum of depths < d) after) -> logits (M, K). The keys and values of depths
+        < d come from `cache`; attending to all of them is the causal mask of forward."""
+        x = (x_in + self.pos[d])[:, None]  # (M, 1, Ch)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, None, None, cache, i)
+        cache.len += 1
+        return self.classify(self.norm(x)[:, 0], d, book)
+
 
 # ----------------------------------------------------------------------------------------------------
 # sequence helpers shared by training, sampling and evaluation
@@ -664,15 +680,25 @@ class MLLM(nn.Module):
         return out
 
     def _sample_depths(self, head, book, h, B, cfg_scale, temperature, top_k, top_p, generator,
-                       fine_temperature=None):
+                       fine_temperature=None, use_cache=True):
         """Sample all depths of one position. h (B or 2B, C); with CFG rows [cond; uncond] and the
         guided logits u + s * (c - u) at every depth; the sampled code is written to both halves.
-        fine_temperature (None = temperature) applies to depths 2.. (0 = greedy there)."""
+        fine_temperature (None = temperature) applies to depths 2.. (0 = greedy there). use_cache: one head
+        pass per depth over a KV cache (DepthHead.step); False re-runs the head over every earlier depth
+        at each depth (D(D+1)/2 passes: the reference the cache is tested and benchmarked against)."""
         D = book.shape[0]
         codes = torch.zeros(h.shape[0], D, dtype=torch.long, device=h.device)
+        cache = head.new_cache(h.shape[0], h.device, h.dtype) if use_cache else None
+        x, run = (head.proj(h), 0.0) if use_cache else (None, None)
         for d in range(D):
-            cum = code_vectors(book, codes[:, :d]).cumsum(1).to(h.dtype)  # (B', d, dim)
-            logits = head(h, cum, last_only=True, book=book).float()  # (B', K)
+            if use_cache:
+                if d:
+                    run = run + book[d - 1][codes[:, d - 1]]  # (B', dim) partial sum of depths < d, in the book's dtype
+                    x = head.code_in(run.to(h.dtype))
+                logits = head.step(x, d, cache, book).float()  # (B', K)
+            else:
+                cum = code_vectors(book, codes[:, :d]).cumsum(1).to(h.dtype)  # (B', d, dim)
+                logits = head(h, cum, last_only=True, book=book).float()  # (B', K)
             if cfg_scale is not None:
                 c, u = logits[:B], logits[B:]
                 logits = u + cfg_scale * (c - u)
@@ -683,16 +709,19 @@ class MLLM(nn.Module):
 
     @torch.no_grad()
     def generate_image(self, prompt_ids, num_positions, cfg_scale=3.0, temperature=1.0, top_k=None,
-                       top_p=None, generator=None, use_cache=True, fine_temperature=None):
+                       top_p=None, generator=None, use_cache=True, fine_temperature=None, depth_cache=None):
         """Caption -> (pix_codes (B, N, Dp), sem_codes (B, N, Ds)). prompt_ids: list of B caption token
         lists; sequence per row: [bos] caption <image_gen_start>, then N positions. CFG doubles the batch
         with the empty caption ([bos] <image_gen_start>); cfg_scale=None turns guidance (and the extra
-        half) off. Only the pixel codes go to the decoder; that is the caller's job. sem_codes is None when
+        half) off. use_cache=False: no KV cache in the trunk nor along the depths (the reference path);
+        depth_cache (None = use_cache) sets the depth heads' cache alone. Only the pixel codes go to the
+        decoder; that is the caller's job. sem_codes is None when
         config.gen_sem is False. fine_temperature (None = temperature): the temperature of depths 2.., e.g.
         0 to sample only the first (coarse) code of each position and take the most likely refinement."""
         cfg, B = self.config, len(prompt_ids)
         if cfg.image_gen_start_id is None:
             raise ValueError("generate_image: config has no image_gen_start_id token")
+        dc = use_cache if depth_cache is None else depth_cache
         caps = [list(p) for p in prompt_ids] + ([[]] * B if cfg_scale is not None else [])
         batch = collate_sequences(cfg, [build_sequence(cfg, [c + [cfg.image_gen_start_id]]) for c in caps])
         dev = self.embed.weight.device
@@ -703,10 +732,10 @@ class MLLM(nn.Module):
         pix, sem = [], []
         for n in range(num_positions):
             p = self._sample_depths(self.pix_head, self.pix_book, h, B, cfg_scale, temperature, top_k, top_p,
-                                    generator, fine_temperature)
+                                    generator, fine_temperature, dc)
             s = None if self.sem_head is None else \
                 self._sample_depths(self.sem_head, self.sem_book, h, B, cfg_scale, temperature, top_k, top_p, generator,
-                                    fine_temperature)
+                                    fine_temperature, dc)
             pix.append(p[:B])
             sem.append(None if s is None else s[:B])
             if n + 1 == num_positions:
