@@ -71,9 +71,8 @@ class ShapesConfig:
     holdout_pairs: tuple = ()  # ((colour, shape), ...) never in train/val; only in the "holdout" split
     shapes: tuple = SHAPES     # ALL_SHAPES adds "diamond"
     val_fraction: float = 0.1  # share of the key space (by hash) that belongs to val
-    # True: a sample with a solid background also asks "what color is the background?" (BACKGROUND_NAMES).
-    # No caption names the background, so the teacher was never taught to keep it: linear probes read it
-    # from the pixel codes and barely from the semantic codes (design §9)
+    # True: a solid background is also asked about, "what color is the background?": no caption names it,
+    # and probes read it from the pixel codes, barely from the semantic ones (design §9)
     detail_qa: bool = False
 
 
@@ -278,8 +277,7 @@ def vocabulary(shapes=ALL_SHAPES):
     words = ["a", "an", "and", "the", "is", "are", "there", "what", "where", "how", "many", "color", "shape",
              "size", "object", "objects", "yes", "no", "in", "at", "on", "describe", "image", "?", ".", ","]
     words += list(COLORS) + list(shapes) + [s + "s" for s in shapes] + list(SIZES) + list(NUMBERS)
-    words += [w for p in CELLS + CELL_PHRASES for w in p.split()]
-    words += ["background", *BACKGROUND_NAMES]  # the detail question (ShapesConfig.detail_qa)
+    words += [w for p in CELLS + CELL_PHRASES for w in p.split()] + ["background", *BACKGROUND_NAMES]
     return tuple(dict.fromkeys(words))  # first occurrence order, no duplicates
 
 

@@ -31,7 +31,8 @@ Loss = w_text * text CE + w_pix * sum_d pixel CE_d + w_sem * sum_d semantic CE_d
 The frozen tokenizer codebooks enter as tensors through `set_codebooks` (this file never imports the
 tokenizer); they are stored as buffers of shape (depth, K, d), a shared book repeated per depth.
 
-The decoder blocks (RMSNorm, RoPE, KV cache, attention, MLP) live in llm.py; loading Hugging Face
+The decoder blocks (RMSNorm, RoPE, KV cache, attention, MLP) live in llm.py, the depth heads in
+depth_head.py; loading Hugging Face
 checkpoints in mllm_hf.py; our export and its use with the image and text tokenizers in pipeline.py.
 """
 import contextlib
@@ -42,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from depth_head import DepthHead, code_vectors, mlp2
 from llm import Block, KVCache, RMSNorm, rope_inv_freq, sample_logits
 
 @dataclass
@@ -141,82 +143,6 @@ def tiny_config(**kw):
     return MLLMConfig(**dict(dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128, max_seq_len=256,
                                   pix_vocab=32, pix_dim=8, pix_depth=3, sem_vocab=24, sem_dim=6, sem_depth=2,
                                   head_n_layer=2, head_n_embd=32, head_n_head=2), **kw))
-
-
-# ----------------------------------------------------------------------------------------------------
-# depth heads
-
-def mlp2(n_in, n_hidden, n_out):
-    """The paper's 2-layer projector (Linear, GELU, Linear)."""
-    return nn.Sequential(nn.Linear(n_in, n_hidden), nn.GELU(), nn.Linear(n_hidden, n_out))
-
-
-def code_vectors(book, codes):
-    """book (D, K, d), codes (N, D) -> the codebook vector of every depth (N, D, d)."""
-    return book[torch.arange(codes.shape[1], device=codes.device)[None], codes]
-
-
-class DepthHead(nn.Module):
-    """Causal transformer over the depth axis of one position (RQ-Transformer / VILA-U style)."""
-
-    def __init__(self, cfg, K, d, D):
-        super().__init__()
-        self.code_logits = cfg.head_code_logits
-        Ch = cfg.head_n_embd or cfg.n_embd
-        nh = cfg.head_n_head or cfg.n_head
-        if Ch % nh:
-            raise ValueError(f"head_n_embd {Ch} is not divisible by head_n_head {nh}")
-        self.proj = mlp2(cfg.n_embd, Ch, Ch)  # LLM hidden state -> depth 1
-        self.code_in = nn.Linear(d, Ch)  # partial sum of code vectors -> depth d > 1
-        self.pos = nn.Parameter(torch.randn(D, Ch) * 0.02)
-        self.blocks = nn.ModuleList(Block(Ch, nh, nh, Ch // nh, 4 * Ch, cfg.rms_norm_eps)
-                                    for _ in range(cfg.head_n_layer))
-        self.norm = RMSNorm(Ch, cfg.rms_norm_eps)
-        self.cls = nn.ModuleList(nn.Linear(Ch, K, bias=False) for _ in range(D))
-        self.to_code = nn.ModuleList(nn.Linear(Ch, d, bias=False) for _ in range(D)) if self.code_logits else None
-        self.log_scale = nn.Parameter(torch.zeros(D)) if self.code_logits else None
-
-    def classify(self, x, i, book):
-        """x (M, Ch) at depth i -> logits (M, K): a free linear classifier, plus with code_logits the
-        negative squared distance of a predicted code-space vector z to book[i]'s codes, scaled. The free
-        part keeps a multimodal choice possible (a distance to one z alone is unimodal: under doubt z drifts
-        to the mean of the candidates and the nearest code to that mean can be anything: measured with the
-        distance term alone, 5.7 false objects per generated image, docs/experiments.md run p4)."""
-        logits = self.cls[i](x)
-        if not self.code_logits:
-            return logits
-        z = self.to_code[i](x).float()  # (M, d)
-        c = book[i].float()  # (K, d)
-        return logits.float() + self.log_scale[i].exp() * (2 * z @ c.t() - c.pow(2).sum(-1))  # -|z-c|^2 + |z|^2
-
-    def forward(self, h, cum, last_only=False, book=None):
-        """h (M, C) hidden states, cum (M, n, d) partial sums for depths 1..n -> logits of depths
-        1..n+1 (M, n+1, K), or only depth n+1 (M, K) when sampling. book (D, K, d): the codebooks (needed
-        with code_logits)."""
-        n = cum.shape[1]
-        x = torch.cat([self.proj(h)[:, None], self.code_in(cum)], 1) + self.pos[:n + 1]  # (M, n+1, Ch)
-        for blk in self.blocks:
-            x = blk(x, None, "causal" if n else None)
-        x = self.norm(x)
-        if last_only:
-            return self.classify(x[:, n], n, book)  # (M, K)
-        return torch.stack([self.classify(x[:, i], i, book) for i in range(n + 1)], 1)  # (M, n+1, K)
-
-    def new_cache(self, M, device, dtype):
-        """A KV cache over the D depths of M positions (sampling: one head pass per depth)."""
-        blk = self.blocks[0].attn if len(self.blocks) else None
-        nh, hd = (blk.nh, blk.hd) if blk is not None else (1, 1)
-        return KVCache(len(self.blocks), M, nh, self.pos.shape[0], hd, device, dtype)
-
-    def step(self, x_in, d, cache, book=None):
-        """Depth d of the sampling loop: x_in (M, Ch), this depth's input before its depth embedding (proj(h)
-        at d = 0, code_in(partial sum of depths < d) after) -> logits (M, K). The keys and values of depths
-        < d come from `cache`; attending to all of them is the causal mask of forward."""
-        x = (x_in + self.pos[d])[:, None]  # (M, 1, Ch)
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, None, None, cache, i)
-        cache.len += 1
-        return self.classify(self.norm(x)[:, 0], d, book)
 
 
 # ----------------------------------------------------------------------------------------------------
