@@ -150,6 +150,8 @@ def table(rows):
 
 
 def main(cfg):
+    """The tokenizer ablation: runs (a) to (d) trained from one teacher with one recipe and evaluated on the same
+    held-out images, in a table beside the paper's numbers."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
@@ -343,8 +345,10 @@ def tokenizer_layer_sem(presets, teacher):
 
 
 def main_mllm(argv):
-    presets = [a for a in argv if not a.startswith("--")]
-    cfg = parse_config(AblationMLLMConfig(), argv)
+    """The MLLM ablation: each variant (what an image position reads, what is drawn, one vocabulary or two) trained
+    once per seed at one budget and evaluated by eval.py mllm, in a table beside the paper's numbers."""
+    presets = [a for a in argv if not a.startswith("-")]
+    cfg = parse_config(AblationMLLMConfig(), argv, "mllm", COMMANDS)
     variants = variant_list(cfg)
     if not presets:
         raise UserError("python ablation.py mllm needs the pipeline preset, e.g. config/shapes.py")
@@ -444,12 +448,14 @@ def write_results(cfg, runs, variants, path, t0, final=False):
     return out
 
 
+COMMANDS = {"tokenizer": main, "mllm": main_mllm}
+
+
 def main_cli(argv):
-    if argv and argv[0] == "mllm":
-        return main_mllm(argv[1:])
-    if argv and argv[0] == "tokenizer":
-        argv = argv[1:]
-    return main(parse_config(AblationConfig(), argv))
+    name, argv = configurator.command(argv, COMMANDS, optional=True)  # no command: the tokenizer ablation
+    if name == "mllm":
+        return main_mllm(argv)
+    return main(parse_config(AblationConfig(), argv, name, COMMANDS))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from evaluation import blind_baseline, derangement, question_type, scores as _sc
 from pipeline import (compile_tokenizer, gen_prompt, image_codes, load_image_tokenizer, load_pair, make_batch,
                       sampling_settings)
 import train_utils as tu
-from configurator import UserError, config_dict, parse_config, read_lines, run_main
+from configurator import UserError, command, config_dict, parse_config, read_lines, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES_TEMPLATES = ("a {}", "a photo of a {}", "a small {}", "a large {}")  # train_siglip / train_tokenizer's
@@ -140,6 +140,7 @@ def _labels(batch, classes):
 
 @torch.no_grad()
 def eval_tokenizer(cfg):
+    """A tokenizer's reconstruction (PSNR, SSIM, LPIPS, rFID), zero-shot through its semantic codes, code statistics."""
     from tqdm import tqdm
     from losses import lpips_or_none
     from siglip import SigLIP
@@ -488,6 +489,7 @@ def eval_qa_file(cfg):
 
 
 def eval_mllm(cfg):
+    """An MLLM's QA and drawings on the shapes world beside their controls, or its QA on your questions."""
     if cfg.data != "shapes":
         if not cfg.data.endswith(".jsonl"):
             raise UserError(f"--data={cfg.data!r}: expected 'shapes' or a .jsonl of question lines")
@@ -583,8 +585,8 @@ class EvalT2IConfig(EvalMLLMCommon):
 
 
 def eval_t2i(cfg):
-    """evaluation.t2i on the user's captions; real images are read at the tokenizer's resolution R like the
-    MLLM's training data (data.read_image), so real and generated lose the same detail before the judge."""
+    """Text to image on your captions, scored by a SigLIP judge (evaluation.t2i); real images are read at the
+    tokenizer's resolution R like the MLLM's training data (data.read_image): both lose the same detail."""
     from siglip import SigLIP
     if not cfg.captions or not cfg.siglip:
         raise UserError("eval.py t2i needs --captions=FILE and --siglip=FOLDER (a SigLIP with its text tower)")
@@ -677,10 +679,10 @@ JOBS = {"tokenizer": (EvalTokenizerConfig, eval_tokenizer), "mllm": (EvalMLLMCon
 
 
 def main(argv):
-    if not argv or argv[0] not in JOBS:
-        raise UserError(f"usage: python eval.py {{{'|'.join(JOBS)}}} [config/preset.py] [--key=value ...]")
-    klass, fn = JOBS[argv[0]]
-    cfg = parse_config(klass(), argv[1:])
+    commands = {name: fn for name, (_, fn) in JOBS.items()}
+    name, argv = command(argv, commands)
+    klass, fn = JOBS[name]
+    cfg = parse_config(klass(), argv, name, commands)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     return fn(cfg)
