@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from configurator import UserError, atomic_write, read_jsonl_records, read_lines, run_main
+from configurator import UserError, atomic_write, positional_help, read_jsonl_records, read_lines, run_main
 
 # -----------------------------------------------------------------------------
 # the shapes world
@@ -661,12 +661,12 @@ def _int_arg(argv, i, name, default):
 
 
 def main(argv):
-    # python data.py [n]: the shapes world and its sampling speed on n val renders (checker.py [n]: accuracy)
     import time
-
+    positional_help(argv, __name__, {
+        "[N]": "three train samples of the shapes world and its sampling speed on N val renders (default 1000)",
+        "export DIR [N] [SIZE]": f"N (default 16) held-out val PNGs of SIZE px (default {ShapesConfig.image_size}; the "
+        "tokenizer's image_size: nothing is resampled), same-name .txt captions, captions.txt, questions.jsonl"})
     if argv and argv[0] == "export":
-        # python data.py export DIR [n] [size]: n held-out val PNGs + same-name .txt captions (an ImageCaption-
-        # Dataset folder), captions.txt, questions.jsonl; at the tokenizer's image_size nothing is resampled
         if len(argv) < 2:
             raise UserError("usage: python data.py export DIR [N] [SIZE]")
         out, n = argv[1], _int_arg(argv, 2, "N", 16)
