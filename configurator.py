@@ -223,6 +223,12 @@ def _width():
     return max(80, min(shutil.get_terminal_size((120, 24)).columns, 120))
 
 
+def _wrap(text, width, indent="", first=None):
+    """Lines of at most `width` characters, never broken inside a word, a path or a key-name-with-hyphens."""
+    return textwrap.wrap(text, width, initial_indent=indent if first is None else first, subsequent_indent=indent,
+                         break_long_words=False, break_on_hyphens=False)
+
+
 def _script_head(obj, command=None, commands=None, every=False):
     """The top of a script's help: the first paragraph of its docstring, a usage line, the docstring's command
     lines (`    python eval.py mllm ...`, with their `\\` continuations) that run `command` (None: the ones that
@@ -246,13 +252,13 @@ def _script_head(obj, command=None, commands=None, every=False):
     out = [doc.split("\n\n")[0], "", f"usage: {_prog(obj, command)} {synopsis}"] + lines
     about = {name: (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ") for name, fn in (commands or {}).items()}
     if command in about:  # one command's help: what it does
-        out += [""] + textwrap.wrap(f"{command}: {about[command]}", _width())
+        out += [""] + _wrap(f"{command}: {about[command]}", _width())
     elif commands:  # the script's: every command, the first sentence of what it does
         out += ["", "commands:"]
         width = max(len(c) for c in commands) + 2
         for name, text in about.items():
-            out += textwrap.wrap(text.split(". ")[0].rstrip("."), _width(), initial_indent=f"  {name:<{width}}",
-                                 subsequent_indent=" " * (width + 2)) or [f"  {name}"]
+            out += _wrap(text.split(". ")[0].rstrip("."), _width(), " " * (width + 2), f"  {name:<{width}}") or [
+                f"  {name}"]
     return out
 
 
@@ -374,16 +380,16 @@ def config_help(defaults, cfg, keys, argv, command=None, commands=None):
     def row_lines(cells, about):
         left = "  " + "".join(f"{c:<{w}}  " for c, w in zip(cells, widths)).rstrip()
         if len(left) > mcol - 2 and about:
-            return [left] + textwrap.wrap(about, W, initial_indent=" " * mcol, subsequent_indent=" " * mcol)
-        wrapped = textwrap.wrap(about, max(W - mcol, 30)) or [""]
+            return [left] + _wrap(about, W, " " * mcol)
+        wrapped = _wrap(about, max(W - mcol, 30)) or [""]
         return [f"{left:<{mcol}}{wrapped[0]}".rstrip()] + [" " * mcol + w for w in wrapped[1:]]
 
     section = getattr(cls, "SECTION", None)
     out = _script_head(cls, command, commands) + [""]
-    out += textwrap.wrap(f"keys: --key=value on the command line, or `key = value` in a preset file"
-                         + (f" (or in its `{section}_config = dict(...)` section)" if section else "")
-                         + "; a value is a Python literal of the type shown, and an unknown key is an error."
-                         + (f" set: what `{given}` gives." if set_keys else ""), W)
+    out += _wrap(f"keys: --key=value on the command line, or `key = value` in a preset file"
+                 + (f" (or in its `{section}_config = dict(...)` section)" if section else "")
+                 + "; a value is a Python literal of the type shown, and an unknown key is an error."
+                 + (f" set: what `{given}` gives." if set_keys else ""), W)
     out += [""] + row_lines(cols, "meaning")
     for c, items in groups:
         doc = layouts[c][0]
@@ -413,7 +419,7 @@ def positional_help(argv, module, usage):
     prog, W = f"python {os.path.basename(mod.__file__)}", _width()
     out = [textwrap.dedent(mod.__doc__ or "").strip("\n").split("\n\n")[0], "", "usage:"]
     for form, about in usage.items():
-        out += [f"  {prog} {form}"] + textwrap.wrap(about, W, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        out += [f"  {prog} {form}"] + _wrap(about, W, " " * 6)
     _print_and_exit("\n".join(out))
 
 
