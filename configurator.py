@@ -161,7 +161,10 @@ def _assign(cfg, argv, command=None):
     for arg in argv:
         if not arg.startswith("--"):
             if not arg.endswith(".py"):
-                raise UserError(f"expected a preset file (*.py) or --key=value, got {arg!r}")
+                key = arg.split("=", 1)[0].lstrip("-").replace("-", "_")
+                hint = f"; did you mean --{arg.lstrip('-')}?" if "=" in arg and key in hints else ""
+                raise UserError(f"expected a preset file (*.py) or --key=value, got {arg!r}{hint} "
+                                f"(`{_prog(type(cfg), command)} --help` lists the keys)")
             values = preset_values(arg, getattr(cfg, "SECTION", None))
             _check_keys(cfg, values, f"in {arg}", command)
             for k, v in values.items():
@@ -250,7 +253,8 @@ def _script_head(obj, command=None, commands=None, every=False):
         names = "|".join(commands)
         synopsis = (f"{{{names}}} " if every else f"[{names}] ") + synopsis
     out = [doc.split("\n\n")[0], "", f"usage: {_prog(obj, command)} {synopsis}"] + lines
-    about = {name: (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ") for name, fn in (commands or {}).items()}
+    about = {name: (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ")
+             for name, fn in (commands or {}).items()}
     if command in about:  # one command's help: what it does
         out += [""] + _wrap(f"{command}: {about[command]}", _width())
     elif commands:  # the script's: every command, the first sentence of what it does
