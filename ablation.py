@@ -213,9 +213,10 @@ class AblationMLLMConfig:
     gen_captions: int = 100            # ... and val captions drawn, the same for every run
     threads: int = 0                   # every stage's OMP_NUM_THREADS; 0: torch's default
     results: str = ""                  # '' -> <ablation_dir>/ablation_mllm.json (the .md beside it)
+    collect: bool = False              # only rebuild the results from the runs already finished; train nothing
 
 
-def stage(cmd, folder, done_file, resumable=True):
+def run_stage(cmd, folder, done_file, resumable=True):
     """Run one project script unless `folder`/`done_file` exists. The arguments are recorded in
     `folder`/ablation_<script>.json; a folder made with other arguments is refused, not mixed. An interrupted
     trainer (train_state.pt, no result) resumes. Output goes to `folder`/ablation.log."""
@@ -356,6 +357,7 @@ def main_mllm(argv):
     if cfg.threads:  # as the environment: every stage's torch reads it, not every script has a threads key
         os.environ["OMP_NUM_THREADS"] = str(cfg.threads)
     teacher, toks = os.path.join(D, "siglip"), {"dual": os.path.join(D, "tok_dual"), "single": os.path.join(D, "tok_single")}
+    stage = (lambda *a, **k: None) if cfg.collect else run_stage
     stage(["train_siglip.py", *presets, f"--out_dir={teacher}"], teacher, "eval.json")
     kinds = sorted({VARIANTS[v][0] for v in variants})
     for kind in kinds:
@@ -379,8 +381,9 @@ def main_mllm(argv):
             stage(["eval.py", "mllm", f"--mllm={run}", f"--out={os.path.join(run, 'eval_ablation.json')}",
                    f"--qa_images={cfg.qa_images}", f"--gen_captions={cfg.gen_captions}", "--train_images=0",
                    ], run, "eval_ablation.json", resumable=False)
-            runs.append(mllm_entry(v, seed, run, cfg))
-            write_results(cfg, runs, variants, results, t0)
+            if os.path.isfile(os.path.join(run, "eval_ablation.json")):  # (collect: only the finished ones)
+                runs.append(mllm_entry(v, seed, run, cfg))
+                write_results(cfg, runs, variants, results, t0)
     pic = os.path.splitext(results)[0] + ".png"
     if comparison_picture(D, cfg.seeds[0], pic) is not None:
         print(f"wrote {pic}")
@@ -437,7 +440,8 @@ def write_results(cfg, runs, variants, path, t0, final=False):
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    out = dict(command="python ablation.py mllm " + " ".join(sys.argv[2:]), date=time.strftime("%Y-%m-%d"),
+    argv = [a for a in sys.argv[2:] if not a.startswith("--collect")]  # the command that trains these runs
+    out = dict(command="python ablation.py mllm " + " ".join(argv), date=time.strftime("%Y-%m-%d"),
                commit=git_commit(), machine=f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}",
                budget=dict(steps=cfg.steps, train_size=cfg.train_size, tokenizer_steps=cfg.tokenizer_steps),
                paper=PAPER_MLLM, config=config_dict(cfg), runs=runs, table=text)
