@@ -1,5 +1,5 @@
 """
-The paper's core ablation (spec section 4, "objective and layer"): where do pixel codes and semantic
+The paper's core ablation ("objective and layer", design §9): where do pixel codes and semantic
 codes come from, and what happens when one codebook must serve both?
 
     (a) one codebook at the DEEP layer, both losses (VILA-U-like): a single RVQ at layer_sem whose codes
@@ -15,12 +15,12 @@ Every run starts from the same teacher with the same recipe (the preset's `token
 batch, lr schedule, decoder, trainable blocks, seed, hence the same training images in the same order);
 only `steps` replaces the preset's max_steps, because the preset budgets one run and this trains four.
 All four are evaluated by train_tokenizer.evaluate on the same held-out shapes images: PSNR and SSIM
-(spec section 5; SSIM is eval.py's) on eval_size images with 1..max_objects objects, zero-shot top-1
+(design §7; SSIM is eval.py's) on eval_size images with 1..max_objects objects, zero-shot top-1
 through the quantized semantic path on eval_size single-object images next to the teacher's (n/a
 without a semantic branch: no number is made up from another path), and codebook usage.
 Outputs: <ablation_dir>/<run>/ (a train_tokenizer out_dir each) and <ablation_dir>/ablation.json.
 
-`python ablation.py mllm config/shapes.py`: why two vocabularies (design §9), the MLLM side. One teacher,
+`python ablation.py mllm config/shapes.py`: why two vocabularies (design §10), the MLLM side. One teacher,
 one tokenizer of each kind (the released two-vocabulary layout and a one-vocabulary tied one, the run (a) above)
 and, for every variant x seed, an MLLM trained at one fixed budget and evaluated by eval.py mllm:
     dual          reads both stacks, draws both (gen_sem=True): the paper's model
@@ -49,7 +49,7 @@ import train_utils as tu
 import configurator
 from configurator import UserError, config_dict, parse_config, run_main
 
-# the paper's numbers (spec section 4, SigLIP-So/14-384 on ImageNet val; "-" = not reported)
+# the paper's numbers (design §9, SigLIP-So/14-384 on ImageNet val; "-" = not reported)
 PAPER = {"a": {"zero_shot": 72.3, "psnr": 12.64}, "b": {"zero_shot": None, "psnr": 27.88},
          "c": {"zero_shot": None, "psnr": 28.12}, "d": {"zero_shot": 82.0, "psnr": 28.69}}
 RUNS = {

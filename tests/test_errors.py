@@ -1,4 +1,4 @@
-"""Issue 19: a user's mistake never loses a model, and every command answers it with one line.
+"""A user's mistake never loses a model, and every command answers it with one line.
 
 One row per case: the command (script + arguments, with {placeholders} filled from the `world` fixture),
 the exit code, a pattern the message must match (on stderr for errors: one `error: ...` line naming what
