@@ -15,12 +15,19 @@ names the key and lists the valid ones: a typo must never train with the default
 
 A user's mistake (a bad value, a missing file, a damaged checkpoint) is a `UserError`; every command runs
 under `run_main`, which prints it as one `error: <what> (<where>)` line on stderr and exits with code 2,
-no traceback (`--debug=True` or NANO_DEBUG=1 shows it). Anything else is a bug and raises as usual.
+no traceback (`--debug=True` or NANO_DEBUG=1 shows it). Ctrl-C is one line too (the step reached and the
+last checkpoint, from PROGRESS), exit 130. Anything else is a bug and raises as usual.
+
+What a command writes goes through here as well: check_outputs (an output never lands on an input or on a
+model's files), hold_folder (one writer per folder, an OS lock the kernel drops when the process dies) and
+atomic_write (a file is replaced whole or not at all).
 """
 import ast
+import contextlib
 import dataclasses
 import json
 import os
+import re
 import sys
 import typing
 
@@ -30,10 +37,31 @@ class UserError(ValueError):
     ValueError, so callers that catch ValueError keep working."""
 
 
+# What a long command has reached, for the line Ctrl-C prints: a trainer keeps "step", "out_dir" and
+# "checkpoint" (the step of its last train_state.pt, None before the first) up to date; an orchestrator
+# (ablation.py) keeps "doing", what it is running now.
+PROGRESS = {}
+
+
+def interrupted_message():
+    p = PROGRESS
+    msg = "interrupted (Ctrl-C)"
+    if p.get("doing"):
+        msg += f" while {p['doing']}"
+    if "step" in p:
+        msg += f" at step {p['step']}"
+        ck = p.get("checkpoint")
+        state = os.path.join(p.get("out_dir", ""), "train_state.pt")
+        msg += (f"; the last checkpoint is step {ck} ({state}): continue with --resume=True" if ck is not None
+                else "; no checkpoint was written yet")
+    return msg
+
+
 def run_main(main, argv=None):
     """Run `main(argv)` the way every command does: a UserError becomes `error: ...` on stderr and exit
-    code 2. `--debug=True` (taken out of argv here, so no config needs the key) or NANO_DEBUG=1 re-raises
-    it with its traceback instead."""
+    code 2; Ctrl-C becomes `error: interrupted ...` (interrupted_message) and exit code 130, the shell's
+    code for SIGINT. `--debug=True` (taken out of argv here, so no config needs the key) or NANO_DEBUG=1
+    re-raises either with its traceback instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("NANO_DEBUG", "") not in ("", "0")
     rest = []
@@ -43,6 +71,7 @@ def run_main(main, argv=None):
             debug = val.lower() in ("", "1", "true", "yes", "on")
         else:
             rest.append(a)
+    PROGRESS.clear()
     try:
         return main(rest)
     except UserError as e:
@@ -50,6 +79,12 @@ def run_main(main, argv=None):
             raise
         print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        # a newline first: a progress bar may hold the current line of the terminal
+        print("\nerror: " + interrupted_message(), file=sys.stderr)
+        sys.exit(130)
 
 
 def _parse_value(name, text, ftype):
@@ -211,3 +246,162 @@ def atomic_write(path, write):
 def config_dict(cfg):
     """Plain dict of a config, for JSON logs and checkpoints."""
     return dataclasses.asdict(cfg)
+
+
+# -----------------------------------------------------------------------------
+# outputs: never on an input or on a model's files; one writer per folder
+
+# A folder holding one of these is a model folder (ours, the authors' release, a Hugging Face one); a file of it
+# with one of these names or endings is a model file, which no command's output may replace.
+MODEL_MARKERS = ("config.json", "model.safetensors", "train_state.pt", "model.pt")
+MODEL_FILE_ENDINGS = (".safetensors", ".pt", ".pth", ".bin", ".model", "config.json", "tokenizer.json")
+
+
+def is_model_folder(path):
+    return os.path.isdir(path) and (any(os.path.isfile(os.path.join(path, f)) for f in MODEL_MARKERS)
+                                    or any(f.endswith(".safetensors") for f in os.listdir(path)))
+
+
+def _inside(path, folder):
+    """True when the resolved `path` is `folder` or lies under it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def path_fields(cfg, skip=()):
+    """(--key, value) of every string field of a config naming an existing file or folder: what the command
+    reads (check_outputs' `reads`), found from the values themselves, so a new path key is covered too."""
+    return [(f"--{k}", v) for k, v in config_dict(cfg).items()
+            if k not in skip and isinstance(v, str) and v and os.path.exists(v)]
+
+
+def check_outputs(reads=(), dirs=(), files=()):
+    """Refuse, before any work, an output that would land on what the command reads or on a model.
+    reads, dirs, files: (name as the user wrote it, path) pairs; empty paths are skipped. Paths are compared
+    resolved (symlinks, '..'). A folder output (an out_dir) must not be a file, nor be or lie inside a folder
+    the command reads (a trainer writing into its teacher replaces it). A file output (an evaluation's --out)
+    must not be a folder, an input itself, or a model file (MODEL_FILE_ENDINGS) of a model folder; a result
+    file beside a model is fine, it is what the evaluations write by default (<mllm>/eval_mllm.json). This
+    holds with --overwrite=True too: overwrite replaces an earlier result of the same command, never an input."""
+    reads = [(n, p, os.path.realpath(p)) for n, p in reads if p]
+    for name, p in dirs:
+        if not p:
+            continue
+        if os.path.exists(p) and not os.path.isdir(p):
+            raise UserError(f"{name}={p!r} is a file: need a folder to write into")
+        rp = os.path.realpath(p)
+        for rname, r, rr in reads:
+            if rp == rr:
+                raise UserError(f"{name}={p!r} is {rname}, which this command reads: write into another folder")
+            if os.path.isdir(rr) and _inside(rp, rr):
+                raise UserError(f"{name}={p!r} is inside {rname}={r!r}, which this command reads: write into a "
+                                f"folder outside it")
+    for name, p in files:
+        if not p:
+            continue
+        if os.path.isdir(p):
+            raise UserError(f"{name}={p!r} is a folder: need a file path (e.g. {os.path.join(p, 'result.json')})")
+        rp = os.path.realpath(p)
+        for rname, r, rr in reads:
+            if rp == rr:
+                raise UserError(f"{name}={p!r} is {rname}, which this command reads: write to another file")
+        folder = os.path.dirname(rp)
+        if os.path.basename(rp).endswith(MODEL_FILE_ENDINGS) and is_model_folder(folder):
+            raise UserError(f"{name}={p!r} would replace a file of the model in {folder}: write to another file "
+                            f"(a result beside the model is fine, e.g. {os.path.join(os.path.dirname(p), 'result.json')})")
+
+
+LOCK_FILE = ".writer.lock"
+_HELD = {}  # resolved folder -> [open lock file, depth]: a process re-entering a folder it holds (ablation.py)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder):
+    """Temporary files a killed save left (atomic_write's `.<name>.tmp<pid>` of a process that is gone, a
+    sharded save's `<state>.shards.<step>.tmp` folder): call it holding the folder, so no live writer of ours
+    owns them. A temporary of a live process (an evaluation writing its result beside a model) is kept."""
+    import shutil
+    for d, subdirs, names in os.walk(folder):
+        for n in names:
+            m = re.fullmatch(r"\..+\.tmp(\d+)", n)
+            if m and not _alive(int(m.group(1))):
+                os.remove(os.path.join(d, n))
+        for n in list(subdirs):
+            if re.fullmatch(r".+\.shards\.\d+\.tmp", n):
+                shutil.rmtree(os.path.join(d, n))
+                subdirs.remove(n)
+
+
+@contextlib.contextmanager
+def hold_folder(folder):
+    """One writer per folder: an exclusive flock on `folder`/.writer.lock for the life of the block, created with
+    the folder if needed. The kernel drops the lock when the process dies, so a crash or a kill never leaves a
+    stale one; a second process is refused with one line naming the folder and the holder's pid and command.
+    The folder is probed for writing on the way (a read-only folder is refused before any work), and the
+    temporaries of an earlier killed save are removed. Re-entrant within a process (ablation.py trains in
+    process); under torchrun only global rank 0, the one that writes, takes it. On release the lock file is
+    removed, and the folder too if the block created it and left it empty (a refused command leaves nothing)."""
+    import fcntl
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{folder!r} is a file: need a folder to write into")
+    key = os.path.realpath(folder)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    created = not os.path.exists(folder)
+    path = os.path.join(folder, LOCK_FILE)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        while True:
+            f = open(path, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "a process that has not written its pid yet"
+                f.close()
+                raise UserError(f"{folder} is being written by another process ({holder[:160]}): one writer per "
+                                f"folder; wait for it to finish, stop it, or choose another folder") from None
+            # the holder before us may have removed the file after we opened it: then ours is an orphan
+            try:
+                same = os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            f.close()
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}: {' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])}\n")
+        f.flush()
+    except OSError as e:
+        if created and os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+        raise UserError(f"cannot write into {folder!r} ({e.strerror or type(e).__name__}): need a folder this user "
+                        f"may write") from None
+    _HELD[key] = [f, 1]
+    try:
+        remove_stale_temporaries(folder)
+        yield
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)  # before the unlock: a process that opened it meanwhile then sees it is an orphan
+        f.close()
+        if created and os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)

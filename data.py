@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from configurator import UserError, atomic_write, read_jsonl_records, read_lines, run_main
+from configurator import UserError, atomic_write, hold_folder, read_jsonl_records, read_lines, run_main
 
 # -----------------------------------------------------------------------------
 # the shapes world
@@ -674,14 +674,15 @@ def main(argv):
         size = _int_arg(argv, 3, "SIZE", ShapesConfig.image_size)
         world = ShapesWorld(ShapesConfig(image_size=size))
         caps, qs = [], []
-        for i in range(n):
-            s = world.sample("val", i)
-            caps.append(s["caption"] + "\n")
-            save_png(s["image"], os.path.join(out, f"val_{i:04d}.png"))
-            atomic_write(os.path.join(out, f"val_{i:04d}.txt"), lambda f: f.write(caps[-1].encode()))
-            qs += [json.dumps({"image": f"val_{i:04d}.png", "question": q, "answer": a}) + "\n" for q, a in s["qa"]]
-        atomic_write(os.path.join(out, "captions.txt"), lambda f: f.write("".join(caps).encode()))
-        atomic_write(os.path.join(out, "questions.jsonl"), lambda f: f.write("".join(qs).encode()))
+        with hold_folder(out):
+            for i in range(n):
+                s = world.sample("val", i)
+                caps.append(s["caption"] + "\n")
+                save_png(s["image"], os.path.join(out, f"val_{i:04d}.png"))
+                atomic_write(os.path.join(out, f"val_{i:04d}.txt"), lambda f: f.write(caps[-1].encode()))
+                qs += [json.dumps({"image": f"val_{i:04d}.png", "question": q, "answer": a}) + "\n" for q, a in s["qa"]]
+            atomic_write(os.path.join(out, "captions.txt"), lambda f: f.write("".join(caps).encode()))
+            atomic_write(os.path.join(out, "questions.jsonl"), lambda f: f.write("".join(qs).encode()))
         print(f"wrote {n} held-out val images, captions and questions to {out}")
         return
     if len(argv) > 1:

@@ -49,7 +49,7 @@ from evaluation import blind_baseline, derangement, question_type, scores as _sc
 from pipeline import (compile_tokenizer, gen_prompt, image_codes, load_image_tokenizer, load_pair, make_batch,
                       sampling_settings)
 import train_utils as tu
-from configurator import UserError, config_dict, parse_config, read_lines, run_main
+from configurator import UserError, check_outputs, config_dict, parse_config, path_fields, read_lines, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES_TEMPLATES = ("a {}", "a photo of a {}", "a small {}", "a large {}")  # train_siglip / train_tokenizer's
@@ -785,6 +785,8 @@ def main(argv):
         raise UserError(f"usage: python eval.py {{{'|'.join(JOBS)}}} [config/preset.py] [--key=value ...]")
     klass, fn = JOBS[argv[0]]
     cfg = parse_config(klass(), argv[1:])
+    # the default --out is a result file beside the model; one the user names must not replace an input or a model
+    check_outputs(path_fields(cfg, skip=("out",)), files=[("--out", cfg.out)])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     return fn(cfg)

@@ -26,7 +26,7 @@ import data
 from metrics import psnr
 from pipeline import compile_tokenizer, generate_images, image_codes, load_image_tokenizer, load_pair, qa_prompt, sampling_settings
 import train_utils as tu
-from configurator import UserError, config_dict, parse_config, read_lines, run_main
+from configurator import UserError, check_outputs, config_dict, hold_folder, parse_config, path_fields, read_lines, run_main
 
 
 @dataclass
@@ -253,10 +253,12 @@ def main(argv):
         raise UserError(f"usage: python sample.py {{{'|'.join(JOBS)}}} [config/preset.py] [--key=value ...]")
     klass, fn = JOBS[argv[0]]
     cfg = parse_config(klass(), argv[1:])
+    check_outputs(path_fields(cfg, skip=("out_dir",)), dirs=[("--out_dir", cfg.out_dir)])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    return fn(cfg)
+    with hold_folder(cfg.out_dir):
+        return fn(cfg)
 
 
 if __name__ == "__main__":

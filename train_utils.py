@@ -8,6 +8,8 @@ before any work, an out_dir that already holds one, a resume with another config
 convention it follows so the three trainers agree.
 """
 import contextlib
+import functools
+import hashlib
 import json
 import math
 import os
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from configurator import UserError, atomic_write
+from configurator import UserError, atomic_write, check_outputs, hold_folder, path_fields
 
 
 def default_device():
@@ -185,6 +187,40 @@ def atomic_save(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def state_digest(obj):
+    """sha256 of a checkpoint's contents, in order: every tensor's dtype, shape and bytes, every other value's
+    repr (a list and a tuple alike: a tuple may come back as either). Computed from the objects, not the file,
+    so it says whether what torch.load returned is what was saved, whatever the zip container holds."""
+    h = hashlib.sha256()
+
+    def walk(o):
+        if torch.is_tensor(o):
+            t = o.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(o, dict):
+            h.update(b"{")
+            for k, v in o.items():
+                walk(k)
+                walk(v)
+            h.update(b"}")
+        elif isinstance(o, (list, tuple)):
+            h.update(b"[")
+            for v in o:
+                walk(v)
+            h.update(b"]")
+        else:
+            h.update(repr(o).encode() + b";")
+    walk(obj)
+    return h.hexdigest()
+
+
+def save_train_state(state, path):
+    """A trainer's train_state.pt: `state` (a dict) with its state_digest under "sha256", written atomically.
+    load_train_state checks the digest, so a damaged checkpoint is refused instead of resumed."""
+    atomic_save({**state, "sha256": state_digest(state)}, path)
+
+
 def write_json(obj, path):
     """A JSON file a user keeps (results, exports' config.json), written atomically, indented."""
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
@@ -200,14 +236,30 @@ class JsonlLogger:
     """One JSON object per line, appended and closed at every write so a crash loses at most the line
     being written. Only the master process writes (enabled=ctx.is_master). fresh=True (a run that does
     not resume): an earlier run's log in the same out_dir is emptied, so the log describes the model
-    beside it (the out_dir guard already required --overwrite=True to replace that model)."""
+    beside it (the out_dir guard already required --overwrite=True to replace that model). resume_step
+    (a run resumed from the checkpoint of that step): the rows of later steps, which the resumed run
+    logs again, are dropped first (and a line a crash cut short), so no step appears twice."""
 
-    def __init__(self, path, enabled=True, fresh=False):
+    def __init__(self, path, enabled=True, fresh=False, resume_step=None):
         self.path, self.enabled = path, enabled
         if enabled:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             if fresh and os.path.exists(path):
                 open(path, "w").close()
+            elif resume_step is not None and os.path.exists(path):
+                self._keep_until(resume_step)
+
+    def _keep_until(self, step):
+        keep = []
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)) or row["step"] <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+        atomic_write(self.path, lambda f: f.write("".join(keep).encode()))
 
     def log(self, **row):
         if not self.enabled:
@@ -354,7 +406,7 @@ def save_sharded(model, opt, path, extra):
     dist.barrier()
     if master:
         os.replace(tmp, final)
-        atomic_save({**extra, "sharded": name}, path)
+        save_train_state({**extra, "sharded": name}, path)
         for d in os.listdir(root):
             if d.startswith(f"{base}.shards.") and d != name:
                 shutil.rmtree(os.path.join(root, d))
@@ -506,6 +558,23 @@ def require_path(value, key, kind="dir", hint=""):
         raise UserError(f"--{key}={value!r} {got}: need {what}" + (f"; {hint}" if hint else ""))
 
 
+def holds(key, also=(), unused=()):
+    """Decorator for a command `fn(cfg)` that writes the folder cfg.<key> (and the folders cfg.<also>): before
+    any work its outputs are checked against every path the config reads (configurator.check_outputs; the
+    keys `unused` are neither), then it runs holding cfg.<key> (configurator.hold_folder: one writer per
+    folder, released on return, on an error and when the process dies)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(cfg, *args, **kwargs):
+            outs = (key, *also)
+            reads = path_fields(cfg, skip=(*outs, *unused))
+            check_outputs(reads, dirs=[(f"--{k}", getattr(cfg, k)) for k in outs])
+            with hold_folder(getattr(cfg, key)):
+                return fn(cfg, *args, **kwargs)
+        return run
+    return wrap
+
+
 def guard_out_dir(cfg):
     """Training into an out_dir that already holds a model needs --resume=True (continue it) or
     --overwrite=True (replace it): a finished model is never replaced by accident."""
@@ -542,6 +611,11 @@ def load_train_state(path, cfg, map_location="cpu"):
         raise UserError(f"cannot read {path} ({type(e).__name__}: {first}); it is damaged or not a train_state.pt") from None
     if not isinstance(st, dict) or ("model" not in st and "sharded" not in st):
         raise UserError(f"{path} is not a train_state.pt written by these trainers")
+    saved = st.pop("sha256", None)  # None: written before checkpoints carried a digest
+    if saved is not None and state_digest(st) != saved:
+        raise UserError(f"{path} is damaged: its contents do not match the sha256 recorded when it was saved (step "
+                        f"{st.get('step', '?')}); no earlier checkpoint is kept (each save replaces the previous "
+                        f"one): train again with --overwrite=True or into another --out_dir")
     diff = config_changes(st.get("config") or {}, config_dict(cfg))
     if diff:
         shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in sorted(diff.items())))
