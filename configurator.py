@@ -77,14 +77,25 @@ def run_main(main, argv=None):
     except UserError as e:
         if debug:
             raise
+        _close_progress_bars()
         print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         if debug:
             raise
-        # a newline first: a progress bar may hold the current line of the terminal
-        print("\nerror: " + interrupted_message(), file=sys.stderr)
+        # without a bar to close, a newline: the terminal's line holds the echoed ^C
+        print(("" if _close_progress_bars() else "\n") + "error: " + interrupted_message(), file=sys.stderr)
         sys.exit(130)
+
+
+def _close_progress_bars():
+    """Close the tqdm bars a loop left open when it was left by an exception (they would redraw themselves at
+    exit, after the error line, which must be the last). -> how many were open."""
+    tqdm = sys.modules.get("tqdm")
+    bars = list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()))
+    for bar in bars:
+        bar.close()
+    return len(bars)
 
 
 def _parse_value(name, text, ftype):
@@ -306,8 +317,9 @@ def check_outputs(reads=(), dirs=(), files=()):
                 raise UserError(f"{name}={p!r} is {rname}, which this command reads: write to another file")
         folder = os.path.dirname(rp)
         if os.path.basename(rp).endswith(MODEL_FILE_ENDINGS) and is_model_folder(folder):
+            beside = os.path.join(os.path.dirname(p), "result.json")
             raise UserError(f"{name}={p!r} would replace a file of the model in {folder}: write to another file "
-                            f"(a result beside the model is fine, e.g. {os.path.join(os.path.dirname(p), 'result.json')})")
+                            f"(a result beside the model is fine, e.g. {beside})")
 
 
 LOCK_FILE = ".writer.lock"

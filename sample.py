@@ -26,7 +26,8 @@ import data
 from metrics import psnr
 from pipeline import compile_tokenizer, generate_images, image_codes, load_image_tokenizer, load_pair, qa_prompt, sampling_settings
 import train_utils as tu
-from configurator import UserError, check_outputs, config_dict, hold_folder, parse_config, path_fields, read_lines, run_main
+from configurator import (UserError, check_outputs, config_dict, hold_folder, parse_config, path_fields, read_lines,
+                          run_main)
 
 
 @dataclass
