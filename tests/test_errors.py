@@ -1,4 +1,4 @@
-"""Issue 19: a user's mistake never loses a model, and every command answers it with one line.
+"""A user's mistake never loses a model, and every command answers it with one line.
 
 One row per case: the command (script + arguments, with {placeholders} filled from the `world` fixture),
 the exit code, a pattern the message must match (on stderr for errors: one `error: ...` line naming what
@@ -20,6 +20,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from configurator import run_main
 from conftest import ROOT
@@ -53,7 +54,7 @@ def run(script, argv, sub=False, env=None):
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            run_main(mod.main, argv)
+            run_main(getattr(mod, "main_cli", mod.main), argv)  # ablation.py's command line is main_cli
             rc = 0
         except SystemExit as e:
             rc = e.code
@@ -135,6 +136,24 @@ def world(tmp_path_factory):
     for name in ("siglip_again", "siglip_more"):  # copies that rows may change (--overwrite, --max_steps)
         shutil.copytree(w["siglip"], str(t / name))
         w[name] = str(t / name)
+    # copies that the rows aiming outputs at inputs and models point at: code without the output check would
+    # replace them, and the shared folders must stay whole for the other rows
+    for name, src in (("siglip_teacher", "siglip"), ("tok_copy", "tok"), ("mllm_copy", "mllm")):
+        shutil.copytree(w[src], str(t / name))
+        w[name] = str(t / name)
+    os.makedirs(t / "abl_done")  # an ablation whose run (a) has finished
+    shutil.copytree(w["tok"], str(t / "abl_done" / "a"))
+    w["abl_done"] = str(t / "abl_done")
+    # a siglip run whose train_state.pt has 16 bytes flipped inside its largest tensor (still a valid zip)
+    w["siglip_flip"] = str(t / "siglip_flip")
+    shutil.copytree(w["siglip"], w["siglip_flip"])
+    st = os.path.join(w["siglip_flip"], "train_state.pt")
+    big = max(torch.load(st, weights_only=True)["model"].values(), key=lambda v: v.numel())
+    b = bytearray(open(st, "rb").read())
+    at = b.find(big.contiguous().numpy().tobytes()) + big.numel() * big.element_size() // 2
+    assert at > 0
+    b[at:at + 16] = bytes(x ^ 0xFF for x in b[at:at + 16])
+    open(st, "wb").write(bytes(b))
     (t / "empty_caps.txt").write_text("\n  \n")
     w["empty_caps"] = str(t / "empty_caps.txt")
     return w
@@ -264,6 +283,43 @@ ROWS = [
      False),
     ("checker_n_not_int", "checker", ["abc"], 2, r"N must be an integer, got 'abc'", None, False),
     ("bench_unknown", "bench", ["nothing"], 2, r"usage: python bench.py", None, False),
+    # outputs never land on an input or on a model's files, with --overwrite=True or without
+    ("tokenizer_out_is_teacher", T, ["{preset}", "--out_dir={siglip_teacher}", "--init_from={siglip_teacher}",
+                                     "--overwrite=True"], 2,
+     r"--out_dir='.*siglip_teacher' is --init_from, which this command reads", "siglip_teacher", False),
+    ("tokenizer_out_inside_teacher", T, ["{preset}", "--out_dir={siglip_teacher}/tok", "--init_from={siglip_teacher}"],
+     2, r"--out_dir='.*siglip_teacher/tok' is inside --init_from='.*siglip_teacher'", "siglip_teacher", False),
+    ("mllm_out_is_tokenizer", M, ["{preset}", "--out_dir={tok_copy}", "--tokenizer={tok_copy}", "--overwrite=True"], 2,
+     r"--out_dir='.*tok_copy' is --tokenizer, which this command reads", "tok_copy", False),
+    ("mllm_cache_inside_tokenizer", M, ["{preset}", NEW, "--tokenizer={tok_copy}", "--cache_dir={tok_copy}/cache"], 2,
+     r"--cache_dir='.*tok_copy/cache' is inside --tokenizer='.*tok_copy'", "tok_copy", False),
+    ("eval_out_is_model_weights", "eval", ["mllm", "--mllm={mllm_copy}", "--out={mllm_copy}/model.safetensors",
+                                           "--qa_images=1", "--gen_captions=0", "--train_images=0", "--device=cpu"], 2,
+     r"--out='.*mllm_copy/model.safetensors' would replace a file of the model in .*mllm_copy", "mllm_copy", False),
+    ("eval_out_is_tokenizer_config", "eval", ["tokenizer", "--tokenizer={tok_copy}", "--out={tok_copy}/config.json",
+                                              "--num_images=2", "--zero_shot=False", "--device=cpu"], 2,
+     r"--out='.*tok_copy/config.json' would replace a file of the model in .*tok_copy", "tok_copy", False),
+    ("eval_out_is_a_folder", "eval", ["probes", "--tokenizer={tok}", "--out={tmp}", "--images=8", "--device=cpu"], 2,
+     r"--out='.*' is a folder: need a file path", "tok", False),
+    ("sample_out_is_tokenizer", "sample", ["reconstruct", "--tokenizer={tok_copy}", "--images={good_png}",
+                                           "--device=cpu", "--out_dir={tok_copy}"], 2,
+     r"--out_dir='.*tok_copy' is --tokenizer, which this command reads", "tok_copy", False),
+    ("convert_out_is_ckpt", "convert", ["{tok_copy}", "{tok_copy}"], 2, r"OUT_DIR='.*tok_copy' is CKPT", "tok_copy",
+     False),
+    ("out_dir_is_a_file", S, ["{preset}", "--out_dir={preset}"], 2, r"--out_dir='.*tiny.py' is a file: need a folder",
+     None, False),
+    ("ablation_dir_inside_teacher", "ablation", ["{preset}", "--init_from={siglip_teacher}",
+                                                 "--ablation_dir={siglip_teacher}/abl", "--runs=a", "--steps=1"], 2,
+     r"--ablation_dir='.*siglip_teacher/abl' is inside --init_from", "siglip_teacher", False),
+    ("ablation_keeps_finished_run", "ablation", ["{preset}", "--init_from={siglip}", "--ablation_dir={abl_done}",
+                                                 "--runs=a", "--steps=1"], 2,
+     r"abl_done/a already holds a finished run \(train_state.pt, model.safetensors\): --reuse=True", "abl_done", True),
+    ("ablation_runs_empty", "ablation", ["{preset}", "--init_from={siglip}", "--ablation_dir={tmp}/out_{id}",
+                                         "--runs="], 2, r"--runs='': nothing to train", None, False),
+    # checkpoints are verified
+    ("siglip_resume_damaged", S, ["{preset}", "--out_dir={siglip_flip}", "--resume=True"], 2,
+     r"siglip_flip/train_state.pt is damaged: its contents do not match the sha256 recorded when it was saved "
+     r"\(step 2\); no earlier checkpoint is kept", "siglip_flip", False),
 ]
 
 
