@@ -189,6 +189,7 @@ def main(cfg):
     reads = path_fields(cfg, skip=("ablation_dir", "out_dir"))
     for r in cfg.runs:  # every run folder checked before the first run trains
         rc = run_config(cfg, r, layer_sem)
+        tu.check_train_config(rc)
         check_outputs(reads, dirs=[(f"run {r}'s folder", rc.out_dir)])
         found = [f for f in tu.MODEL_FILES if os.path.isfile(os.path.join(rc.out_dir, f))]
         if found and not cfg.overwrite and (not cfg.reuse or reusable(rc, digest) is None):
@@ -361,6 +362,7 @@ def main_mllm(argv):
     presets = [a for a in argv if not a.startswith("--")]
     cfg = parse_config(AblationMLLMConfig(), argv)
     variants = variant_list(cfg)
+    tu.check_values(cfg)
     if not presets:
         raise UserError("python ablation.py mllm needs the pipeline preset, e.g. config/shapes.py")
     D, t0 = cfg.ablation_dir, time.time()

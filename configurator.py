@@ -100,7 +100,7 @@ def _close_progress_bars():
 
 def _parse_value(name, text, ftype):
     """Turn the string `text` into a value of the dataclass field type `ftype`."""
-    origin = typing.get_origin(ftype)
+    origin = typing.get_origin(ftype) or (ftype if ftype in (tuple, list) else None)  # a bare `tuple` field too
     args = typing.get_args(ftype)
     if origin is typing.Union or (origin is not None and type(None) in args):  # Optional[T]
         if text in ("None", "none", "null"):
@@ -154,8 +154,18 @@ def preset_values(path, section=None):
     if not os.path.isfile(path):
         raise UserError(f"preset file {path!r} does not exist")
     scope = {}
-    with open(path) as f:
-        exec(compile(f.read(), path, "exec"), scope)
+    try:  # a preset is the user's Python: its mistake is one line naming the file and line
+        with open(path, encoding="utf-8") as f:
+            code = compile(f.read(), path, "exec")
+        exec(code, scope)
+    except SyntaxError as e:
+        raise UserError(f"preset {path}:{e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"preset {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except Exception as e:
+        import traceback
+        line = next((fr.lineno for fr in reversed(traceback.extract_tb(e.__traceback__)) if fr.filename == path), "?")
+        raise UserError(f"preset {path}:{line}: {type(e).__name__}: {e}") from None
     values, sections = {}, {}
     for k, v in scope.items():
         if k.startswith("_") or callable(v) or isinstance(v, type(sys)):
@@ -173,12 +183,37 @@ def preset_values(path, section=None):
 
 
 def apply_preset(cfg, path):
-    """Run the preset file and copy the names it assigns onto `cfg` (a dataclass instance)."""
+    """Run the preset file and copy the names it assigns onto `cfg` (a dataclass instance), each checked against
+    its field's type as `--key=value` is (preset_value)."""
     values = preset_values(path, getattr(cfg, "SECTION", None))
     _check_keys(cfg, values, path)
+    hints = typing.get_type_hints(type(cfg))
     for k, v in values.items():
-        setattr(cfg, k, v)
+        setattr(cfg, k, preset_value(k, v, hints[k], path))
     return cfg
+
+
+def preset_value(name, value, ftype, where):
+    """A preset's value for the field `name` of type `ftype`, checked as _parse_value checks the command line's
+    text: Optional[T] takes None, an int may stand for a float, a tuple or list field takes either (as the
+    field's kind). A value of another type is a UserError naming the preset, the key and the value."""
+    origin = typing.get_origin(ftype) or (ftype if ftype in (tuple, list) else None)
+    args = typing.get_args(ftype)
+    if origin is typing.Union or (origin is not None and type(None) in args):  # Optional[T]
+        return None if value is None else preset_value(name, value, [a for a in args if a is not type(None)][0], where)
+    if origin in (tuple, list):
+        ok, value = isinstance(value, (tuple, list)), origin(value) if isinstance(value, (tuple, list)) else value
+    elif ftype is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif ftype in (bool, int, str):
+        ok = isinstance(value, ftype) and (ftype is bool or not isinstance(value, bool))
+    else:
+        ok = True
+    if not ok:
+        kind = origin.__name__ if origin in (tuple, list) else getattr(ftype, "__name__", str(ftype))
+        raise UserError(f"{where}: {name} = {value!r}: expected {kind}, got {type(value).__name__}")
+    return value
 
 
 def parse_config(cfg, argv=None):

@@ -787,6 +787,7 @@ def main(argv):
     cfg = parse_config(klass(), argv[1:])
     # the default --out is a result file beside the model; one the user names must not replace an input or a model
     check_outputs(path_fields(cfg, skip=("out",)), files=[("--out", cfg.out)])
+    tu.check_values(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     return fn(cfg)

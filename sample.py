@@ -255,6 +255,7 @@ def main(argv):
     klass, fn = JOBS[argv[0]]
     cfg = parse_config(klass(), argv[1:])
     check_outputs(path_fields(cfg, skip=("out_dir",)), dirs=[("--out_dir", cfg.out_dir)])
+    tu.check_values(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

@@ -360,9 +360,24 @@ def save_samples(raw, text_tok, image_tok, cache, cfg, path, n=8):
 # training
 
 
+# how this config's fields must relate (tu.check_values; each field's own range is in tu.VALUE_RULES); the LLM's
+# shape is read from --init_from when one is given
+RULES = (
+    ("n_embd", lambda c: c.init_from or c.n_embd % c.n_head == 0,
+     lambda c: f"need a multiple of --n_head={c.n_head} (each head takes n_embd / n_head channels)"),
+    ("n_kv_head", lambda c: c.init_from or (c.n_kv_head <= c.n_head and c.n_head % c.n_kv_head == 0),
+     lambda c: f"need a divisor of --n_head={c.n_head} (grouped-query attention shares each K/V head among "
+               f"n_head / n_kv_head query heads)"),
+    ("head_n_head", lambda c: (c.head_n_embd is None and c.init_from)
+     or (c.head_n_embd or c.n_embd) % (c.head_n_head or c.n_head) == 0,
+     lambda c: f"the depth heads' width (--head_n_embd, else --n_embd: {c.head_n_embd or c.n_embd}) must be a multiple "
+               f"of their head count ({c.head_n_head or c.n_head})"),
+)
+
+
 def validate(cfg):
     """Every check that needs no model or data, before any work: a mistake costs a second, not a run."""
-    tu.check_train_config(cfg)
+    tu.check_train_config(cfg, RULES)
     tu.require_path(cfg.tokenizer, "tokenizer", "dir", "a DualToken folder (config.json + weights); for shapes run "
                     "`python train_tokenizer.py config/shapes.py` first")
     for key, v in (("data", cfg.data), ("eval_data", cfg.eval_data)):

@@ -77,9 +77,18 @@ class TrainSigLIPConfig:
     threads: int = 0                 # CPU intra-op threads; 0: torch's default
 
 
+# how this config's fields must relate (tu.check_values; each field's own range is in tu.VALUE_RULES)
+RULES = (
+    ("vision_width", lambda c: c.vision_width % c.vision_heads == 0,
+     lambda c: f"need a multiple of --vision_heads={c.vision_heads} (each head takes width / heads channels)"),
+    ("text_width", lambda c: c.text_width % c.text_heads == 0,
+     lambda c: f"need a multiple of --text_heads={c.text_heads} (each head takes width / heads channels)"),
+)
+
+
 def validate(cfg):
     """Every check that needs no model or data, before any work: a mistake costs a second, not a run."""
-    tu.check_train_config(cfg)
+    tu.check_train_config(cfg, RULES)
     if cfg.image_size % cfg.patch_size:
         raise UserError(f"--image_size={cfg.image_size} is not a multiple of --patch_size={cfg.patch_size} "
                         f"(the last {cfg.image_size % cfg.patch_size} pixel rows/columns would be dropped)")

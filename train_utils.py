@@ -532,10 +532,10 @@ def every(step, interval):
     return interval > 0 and step % interval == 0
 
 
-def check_train_config(cfg):
+def check_train_config(cfg, rules=()):
     """The checks every trainer's config gets before any work starts (fields a config lacks are skipped):
     step counts and batch sizes positive, intervals >= 0 (0 = only at the last step), stop_step within
-    the schedule."""
+    the schedule, then check_values(cfg, rules)."""
     def need(key, ok, what):
         if hasattr(cfg, key) and not ok(getattr(cfg, key)):
             raise UserError(f"--{key}={getattr(cfg, key)!r}: {what}")
@@ -547,6 +547,67 @@ def check_train_config(cfg):
         need(k, lambda v: v >= 0, "need >= 1, or 0 for off (the last step still logs, saves and evaluates)")
     need("warmup", lambda v: v >= 0, "need >= 0")
     need("threads", lambda v: v >= 0, "need >= 0 (0: torch's default)")
+    check_values(cfg, rules)
+
+
+def device_problem(device):
+    """Why `device` (cpu, cuda, cuda:N, mps; '' = the default) cannot be used on this machine, or None."""
+    kind, _, index = device.partition(":")
+    if not device or kind == "cpu" and not index:
+        return None
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            return "this machine has no CUDA GPU that torch can use (--device=cpu, or '' for the default)"
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            return f"this machine has {torch.cuda.device_count()} CUDA GPU(s): cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+        return None
+    if kind == "mps" and not index:
+        ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        return None if ok else "MPS (Apple's GPU) is not available on this machine (--device=cpu)"
+    return "expected cpu, cuda, cuda:N or mps"
+
+
+finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
+# The values every config is checked against before any work, for the fields it has (None, where a field allows
+# it, passes: it means "off" or "as recorded"). (keys, ok(value), what a good value is). Relations between fields
+# of one model (heads dividing widths) are in the table beside that config (RULES in the trainers).
+VALUE_RULES = (
+    (("lr", "vis_lr", "disc_lr"), lambda v: finite(v) and v > 0, "need a finite number > 0"),
+    (("min_lr", "disc_min_lr", "weight_decay", "grad_clip", "vis_gain", "text_loss_weight", "pix_loss_weight",
+      "sem_loss_weight", "gen_caption_loss", "gen_ground_loss", "weight_shortcut") + tuple(
+        f"w_{k}" for k in ("sem_tok", "sem_pool", "commit", "rec", "edge", "lpips", "gan")),
+     lambda v: finite(v) and v >= 0, "need a finite number >= 0"),
+    (("min_lr_frac", "caption_drop", "caption_dropout", "gen_input_drop", "vq_decay"),
+     lambda v: finite(v) and 0 <= v <= 1, "need a number in [0, 1]"),
+    (("beta1", "beta2"), lambda v: finite(v) and 0 <= v < 1, "need a number in [0, 1)"),
+    (("temperature",), lambda v: finite(v) and v >= 0, "need a finite number >= 0 (0: greedy)"),
+    (("cfg_scale", "fine_temperature", "top_p", "adaptive_lo", "adaptive_hi"), finite,
+     "need a finite number (see the key's comment for what <= 0 means)"),
+    (("batch_size", "micro_batch", "eval_batch", "prepare_batch", "max_new_tokens", "image_size", "patch_size",
+      "vision_width", "vision_layers", "vision_heads", "text_width", "text_layers", "text_heads", "mlp_ratio",
+      "max_len", "codebook_size", "code_dim", "depth", "dec_ch", "dec_latent_channels", "n_layer", "n_embd",
+      "n_head", "n_kv_head", "intermediate_size", "head_n_layer", "head_n_embd", "head_n_head", "qa_per_image",
+      "disc_width"), lambda v: isinstance(v, int) and v >= 1, "need an integer >= 1"),
+    (("threads", "num_workers", "grid_scale", "pix_depth", "dec_num_res_blocks", "dec_patch_skip", "max_images"),
+     lambda v: isinstance(v, int) and v >= 0, "need an integer >= 0"),
+    (("dtype",), lambda v: v in ("bfloat16", "float16", "float32"), "expected bfloat16, float16 or float32"),
+)
+
+
+def check_values(cfg, rules=()):
+    """Every VALUE_RULES entry for the fields `cfg` has, the device, then `rules`: ((key, ok(cfg), what), ...),
+    the relations of one config's fields. The first failure is a UserError naming the key and its value."""
+    for keys, ok, what in VALUE_RULES:
+        for k in keys:
+            v = getattr(cfg, k, None)
+            if v is not None and not ok(v):
+                raise UserError(f"--{k}={v!r}: {what}")
+    problem = device_problem(getattr(cfg, "device", "") or "")
+    if problem:
+        raise UserError(f"--device={cfg.device!r}: {problem}")
+    for key, ok, what in rules:
+        if not ok(cfg):
+            raise UserError(f"--{key}={getattr(cfg, key)!r}: {what(cfg) if callable(what) else what}")
 
 
 def require_path(value, key, kind="dir", hint=""):
