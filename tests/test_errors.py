@@ -155,6 +155,10 @@ def world(tmp_path_factory):
     b[at:at + 16] = bytes(x ^ 0xFF for x in b[at:at + 16])
     open(st, "wb").write(bytes(b))
     (t / "empty_caps.txt").write_text("\n  \n")
+    # presets with a mistake each: Python that does not parse, a name that does not exist, a value of the wrong type
+    (t / "bad_syntax.py").write_text("lr = 1e-3\nmax_steps = (\n")
+    (t / "bad_name.py").write_text("lr = 1e-3\nmax_steps = steps_per_epoch * 2\n")
+    (t / "bad_type.py").write_text("siglip_config = dict(max_steps='abc')\n")
     w["empty_caps"] = str(t / "empty_caps.txt")
     return w
 
@@ -316,6 +320,38 @@ ROWS = [
      r"abl_done/a already holds a finished run \(train_state.pt, model.safetensors\): --reuse=True", "abl_done", True),
     ("ablation_runs_empty", "ablation", ["{preset}", "--init_from={siglip}", "--ablation_dir={tmp}/out_{id}",
                                          "--runs="], 2, r"--runs='': nothing to train", None, False),
+    # every value checked before any work: ranges, relations, devices, dtypes, presets
+    ("lr_nan", S, ["{preset}", NEW, "--lr=nan"], 2, r"--lr=nan: need a finite number > 0", None, False),
+    ("lr_negative", T, ["{preset}", NEW, "--init_from={siglip}", "--lr=-1"], 2, r"--lr=-1.0: need a finite number > 0",
+     None, False),
+    ("heads_not_dividing_width", S, ["{preset}", NEW, "--vision_heads=3"], 2,
+     r"--vision_width=32: need a multiple of --vision_heads=3", None, False),
+    ("kv_heads_over_heads", M, ["{preset}", NEW, "--tokenizer={tok}", "--n_kv_head=4"], 2,
+     r"--n_kv_head=4: need a divisor of --n_head=2", None, False),
+    ("mllm_cfg_scale_nan", M, ["{preset}", NEW, "--tokenizer={tok}", "--cfg_scale=nan"], 2, r"--cfg_scale=nan: need a finite",
+     None, False),
+    ("sample_negative_temperature", "sample", ["generate", "--mllm={mllm}", "--captions=a red circle", "--temperature=-1",
+                                               "--num_per_caption=1", "--device=cpu", "--out_dir={tmp}/out_{id}"], 2,
+     r"--temperature=-1.0: need a finite number >= 0 \(0: greedy\)", "mllm", False),
+    ("sample_batch_size_0", "sample", ["generate", "--mllm={mllm}", "--captions=a red circle", "--batch_size=0",
+                                       "--num_per_caption=1", "--device=cpu", "--out_dir={tmp}/out_{id}"], 2,
+     r"--batch_size=0: need an integer >= 1", None, False),
+    ("eval_max_new_tokens_0", "eval", ["mllm", "--mllm={mllm}", "--max_new_tokens=0", "--qa_images=1",
+                                       "--gen_captions=0", "--train_images=0", "--device=cpu"], 2,
+     r"--max_new_tokens=0: need an integer >= 1", "mllm", False),
+    ("device_absent", S, ["{preset}", NEW, "--device=cuda:99"], 2, r"--device='cuda:99': this machine has", None, False),
+    ("device_unknown", "sample", ["reconstruct", "--tokenizer={tok}", "--images={good_png}", "--device=tpu",
+                                  "--out_dir={tmp}/out_{id}"], 2, r"--device='tpu': expected cpu, cuda, cuda:N or mps",
+     None, False),
+    ("dtype_unknown", T, ["{preset}", NEW, "--init_from={siglip}", "--dtype=float8"], 2,
+     r"--dtype='float8': expected bfloat16, float16 or float32", None, False),
+    ("tuple_field_given_text", S, ["{preset}", NEW, "--templates='a {{}}'"], 2, r"--templates: expected a tuple", None,
+     False),
+    ("preset_syntax_error", S, ["{tmp}/bad_syntax.py", NEW], 2, r"preset .*bad_syntax.py:2: ", None, False),
+    ("preset_undefined_name", S, ["{tmp}/bad_name.py", NEW], 2,
+     r"preset .*bad_name.py:2: NameError: name 'steps_per_epoch' is not defined", None, False),
+    ("preset_wrong_type", S, ["{tmp}/bad_type.py", NEW], 2, r"bad_type.py: max_steps = 'abc': expected int, got str",
+     None, False),
     # checkpoints are verified
     ("siglip_resume_damaged", S, ["{preset}", "--out_dir={siglip_flip}", "--resume=True"], 2,
      r"siglip_flip/train_state.pt is damaged: its contents do not match the sha256 recorded when it was saved "
