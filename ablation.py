@@ -167,13 +167,11 @@ def main(cfg):
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
-    from siglip import SigLIPConfig
-    path = os.path.join(cfg.init_from, "config.json")
-    if not os.path.isfile(path):
+    from siglip import read_config
+    if not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
         raise UserError(f"init_from={cfg.init_from!r}: need the SigLIP teacher folder with config.json "
                         f"(python train_siglip.py config/shapes.py)")
-    with open(path) as f:
-        L = SigLIPConfig.from_hf(json.load(f), where=path).vision.num_hidden_layers
+    L = read_config(cfg.init_from).vision.num_hidden_layers
     layer_sem = cfg.layer_sem or L - 1
     if cfg.data != "shapes" and not cfg.eval_data:  # found now, not after the first run has trained
         raise UserError(f"--data={cfg.data!r} needs --eval_data (an ImageFolder root): every run is evaluated")
@@ -347,15 +345,13 @@ def mllm_table(runs, variants):
 def tokenizer_layer_sem(presets, teacher):
     """The deep layer the presets' tokenizer takes semantic codes from (0: the teacher's second-to-last block):
     where the one-vocabulary tokenizer puts its single quantizer (run (a))."""
-    from siglip import SigLIPConfig
+    from siglip import read_config
     layer = 0
     for p in presets:
         layer = configurator.preset_values(p, "tokenizer").get("layer_sem", layer)
     if layer:
         return layer
-    path = os.path.join(teacher, "config.json")
-    with open(path) as f:
-        return SigLIPConfig.from_hf(json.load(f), where=path).vision.num_hidden_layers - 1
+    return read_config(teacher).vision.num_hidden_layers - 1
 
 
 def main_mllm(argv):

@@ -308,6 +308,23 @@ def is_model_folder(path):
                                     or any(f.endswith(".safetensors") for f in os.listdir(path)))
 
 
+def model_kind(conf):
+    """What a model folder's config.json (a dict) describes, in words: a loader given a folder of another kind
+    says what it got, not that a key is missing."""
+    if not isinstance(conf, dict):
+        return "a config.json that is not a JSON object"
+    if conf.get("format") == "nano-dualtoken":
+        return "a DualToken tokenizer folder (train_tokenizer.py's out_dir)"
+    if "rqvaesiglip" in conf:
+        return "the authors' DualToken release"
+    if "mllm" in conf:
+        return "an MLLM folder (train_mllm.py's out_dir)"
+    mt = conf.get("model_type")
+    if mt in ("siglip", "siglip_vision_model"):
+        return "a SigLIP folder (train_siglip.py's out_dir, or Hugging Face's)"
+    return f"a Hugging Face {mt!r} model folder" if mt else "a folder whose config.json names no model kind"
+
+
 def _inside(path, folder):
     """True when the resolved `path` is `folder` or lies under it."""
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)

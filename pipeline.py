@@ -14,7 +14,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from configurator import UserError
+from configurator import UserError, model_kind
 from llm import rope_inv_freq
 from mllm import MLLM, MLLMConfig, build_sequence, collate_sequences, make_targets
 
@@ -98,8 +98,8 @@ def load_mllm(folder, device="cpu"):
         raise UserError(f"load_mllm: no config.json in {folder}")
     with open(path) as f:
         conf = json.load(f)
-    if "mllm" not in conf:
-        raise UserError(f"{path}: no 'mllm' section (not written by train_mllm.py)")
+    if not isinstance(conf, dict) or "mllm" not in conf:
+        raise UserError(f"{folder!r} is {model_kind(conf)}: an MLLM folder (train_mllm.py's out_dir) is needed here")
     mc = MLLMConfig(**conf.pop("mllm"))
     with torch.device("meta"):  # the expected names and shapes, without memory
         own = MLLM(mc).state_dict()

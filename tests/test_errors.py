@@ -352,6 +352,20 @@ ROWS = [
      r"preset .*bad_name.py:2: NameError: name 'steps_per_epoch' is not defined", None, False),
     ("preset_wrong_type", S, ["{tmp}/bad_type.py", NEW], 2, r"bad_type.py: max_steps = 'abc': expected int, got str",
      None, False),
+    # a folder holding another kind of model is named as what it is
+    ("tokenizer_is_siglip", "sample", ["reconstruct", "--tokenizer={siglip}", "--images={good_png}", "--device=cpu",
+                                       "--out_dir={tmp}/out_{id}"], 2,
+     r"'.*siglip' is a SigLIP folder .*: a DualToken tokenizer folder is needed here", "siglip", False),
+    ("init_from_is_tokenizer", T, ["{preset}", NEW, "--init_from={tok}"], 2,
+     r"'.*tok' is a DualToken tokenizer folder .*: a SigLIP folder is needed here", "tok", False),
+    ("teacher_is_mllm", "eval", ["tokenizer", "--tokenizer={tok}", "--teacher={mllm}", "--num_images=2", "--device=cpu",
+                                 "--out={tmp}/out_{id}.json"], 2,
+     r"'.*mllm' is an MLLM folder .*: a SigLIP folder is needed here", "mllm", False),
+    ("mllm_is_tokenizer", "sample", ["generate", "--mllm={tok}", "--captions=a red circle", "--device=cpu",
+                                     "--out_dir={tmp}/out_{id}"], 2,
+     r"'.*tok' is a DualToken tokenizer folder .*: an MLLM folder .* is needed here", "tok", False),
+    ("ablation_teacher_is_tokenizer", "ablation", ["{preset}", "--init_from={tok}", "--ablation_dir={tmp}/out_{id}"], 2,
+     r"'.*tok' is a DualToken tokenizer folder .*: a SigLIP folder is needed here", "tok", False),
     # checkpoints are verified
     ("siglip_resume_damaged", S, ["{preset}", "--out_dir={siglip_flip}", "--resume=True"], 2,
      r"siglip_flip/train_state.pt is damaged: its contents do not match the sha256 recorded when it was saved "
