@@ -235,13 +235,27 @@ def parse_config(cfg, argv=None):
     return cfg
 
 
+def text_lines(path):
+    """[(line number, line)] of a text file the user gives, decoded as UTF-8 line by line: a line that is not
+    UTF-8 is a UserError naming file:line, not a decoder traceback."""
+    with open(path, "rb") as f:
+        raw = f.read().splitlines(keepends=True)
+    out = []
+    for n, b in enumerate(raw, 1):
+        try:
+            out.append((n, b.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}:{n} is not UTF-8 text (byte {b[e.start]:#04x} at column {e.start + 1}): save "
+                            f"the file as UTF-8") from None
+    return out
+
+
 def read_lines(path, what):
     """A list argument given as a file (class names, templates, captions) -> its non-empty lines, stripped;
     a missing or empty file is a UserError naming `what`."""
     if not os.path.isfile(path):
         raise UserError(f"{what} file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        lines = [ln.strip() for ln in f if ln.strip()]
+    lines = [ln.strip() for _, ln in text_lines(path) if ln.strip()]
     if not lines:
         raise UserError(f"{what} file {path!r}: the file has no non-empty line")
     return lines
@@ -254,17 +268,16 @@ def read_jsonl_records(path, need=""):
     if not os.path.isfile(path):
         raise UserError(f"{path!r} does not exist")
     hint, out = f" (one JSON object per line: {need})" if need else "", []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n} is not JSON ({e})") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"{path}:{n}: expected a JSON object{hint}, got {line.strip()[:80]!r}")
-            out.append((f"{path}:{n}", rec))
+    for n, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n} is not JSON ({e})") from None
+        if not isinstance(rec, dict):
+            raise UserError(f"{path}:{n}: expected a JSON object{hint}, got {line.strip()[:80]!r}")
+        out.append((f"{path}:{n}", rec))
     if not out:
         raise UserError(f"{path} holds no records{hint}")
     return out

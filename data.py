@@ -634,7 +634,10 @@ class ImageCaptionDataset(_ImageFiles):
         if os.path.isdir(source):
             for p in _list_images(source):
                 txt = os.path.splitext(p)[0] + ".txt"
-                cap = open(txt, encoding="utf-8").read().strip() if os.path.isfile(txt) else ""
+                try:  # a caption that is not UTF-8 is skipped and counted, like an image that does not decode
+                    cap = open(txt, encoding="utf-8").read().strip() if os.path.isfile(txt) else ""
+                except UnicodeDecodeError:
+                    cap = ""
                 if cap:
                     items.append((p, cap, None, []))
                 else:

@@ -132,6 +132,28 @@ def load_export(path, device):
     return model, text_tok, info
 
 
+def check_texts(mllm, items):
+    """Captions and questions for the MLLM exported in the folder `mllm`, checked against the text tokenizer its
+    config.json names, before any model loads. Only the closed shapes vocabulary ("words") can refuse a text: a
+    word outside it is one line naming the word(s), where the text came from (items: [(where, text)]) and the
+    words there are. A folder that is no MLLM export is left to load_export to name."""
+    path = os.path.join(mllm or "", "config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        conf = json.load(f)
+    if not isinstance(conf, dict) or conf.get("text_tokenizer") != "words":
+        return
+    from text import PromptTokenizer
+    tok = PromptTokenizer("words").tok
+    for where, text in items:
+        bad = sorted({t for t in tok.SPLIT.findall(text.lower()) if t not in tok.ids})
+        if bad:
+            raise UserError(f"{where}: {', '.join(map(repr, bad))} not in the vocabulary of {mllm} (text_tokenizer "
+                            f"'words', the shapes world's {len(tok.words)} words) in {text!r}; the words are: "
+                            f"{' '.join(tok.words)}")
+
+
 def load_image_tokenizer(path, siglip_config="", device="cpu"):
     """The frozen image tokenizer (a DualToken in eval mode, no gradients) on device: our folder or the
     authors' release (convert.load_dualtoken; siglip_config: a SigLIP folder or config.json for the

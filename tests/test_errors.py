@@ -92,7 +92,9 @@ def world(tmp_path_factory):
     w["siglip"], w["tok"], w["mllm"] = str(t / "siglip"), str(t / "tok"), str(t / "mllm")
     for script, argv in (("train_siglip", [f"--out_dir={w['siglip']}"]),
                          ("train_tokenizer", [f"--out_dir={w['tok']}", f"--init_from={w['siglip']}"]),
-                         ("train_mllm", [f"--out_dir={w['mllm']}", f"--tokenizer={w['tok']}"])):
+                         ("train_mllm", [f"--out_dir={w['mllm']}", f"--tokenizer={w['tok']}"]),
+                         ("train_mllm", [f"--out_dir={t / 'mllm_words'}", f"--tokenizer={w['tok']}",
+                                         "--text_tokenizer=words"])):
         rc, out, err = run(script, [w["preset"], *argv])
         assert rc == 0, (script, err[-2000:])
     # images: good, empty, text saved as .png
@@ -155,6 +157,19 @@ def world(tmp_path_factory):
     b[at:at + 16] = bytes(x ^ 0xFF for x in b[at:at + 16])
     open(st, "wb").write(bytes(b))
     (t / "empty_caps.txt").write_text("\n  \n")
+    # text for an MLLM with the closed shapes vocabulary (text_tokenizer=words): line 2 of each has a word outside it;
+    # and files that are not UTF-8
+    w["mllm_words"] = str(t / "mllm_words")
+    (t / "caps_words.txt").write_text("a small green triangle in the center\na zebra in the center\n")
+    w["caps_words"] = str(t / "caps_words.txt")
+    w["qa_words"] = j("qa_words.jsonl", '{"image": "imgs/good0.png", "question": "what color is the triangle?", '
+                      '"answer": "green"}', '{"image": "imgs/good0.png", "question": "what color is the zebra!", '
+                      '"answer": "green"}')
+    (t / "latin1.txt").write_bytes("a red circle\na caf\u00e9 in the center\n".encode("latin-1"))
+    w["latin1_txt"] = str(t / "latin1.txt")
+    (t / "latin1.jsonl").write_bytes('{"image": "imgs/good0.png", "question": "caf\u00e9?", "answer": "x"}\n'
+                                     .encode("latin-1"))
+    w["latin1_jsonl"] = str(t / "latin1.jsonl")
     # presets with a mistake each: Python that does not parse, a name that does not exist, a value of the wrong type
     (t / "bad_syntax.py").write_text("lr = 1e-3\nmax_steps = (\n")
     (t / "bad_name.py").write_text("lr = 1e-3\nmax_steps = steps_per_epoch * 2\n")
@@ -352,6 +367,29 @@ ROWS = [
      r"preset .*bad_name.py:2: NameError: name 'steps_per_epoch' is not defined", None, False),
     ("preset_wrong_type", S, ["{tmp}/bad_type.py", NEW], 2, r"bad_type.py: max_steps = 'abc': expected int, got str",
      None, False),
+    # text checked against the MLLM's text tokenizer before any work, naming the word and where it came from
+    ("generate_word_outside_vocabulary", "sample", ["generate", "--mllm={mllm_words}", "--captions=a red dodecahedron!",
+                                                    "--device=cpu", "--out_dir={tmp}/out_{id}"], 2,
+     r"--captions: '!', 'dodecahedron' not in the vocabulary of .*mllm_words \(text_tokenizer 'words'.*the words "
+     r"are: .*circle", "mllm_words", False),
+    ("generate_file_word_outside_vocabulary", "sample", ["generate", "--mllm={mllm_words}", "--captions={caps_words}",
+                                                         "--device=cpu", "--out_dir={tmp}/out_{id}"], 2,
+     r"caps_words.txt:2: 'zebra' not in the vocabulary", None, False),
+    ("answer_word_outside_vocabulary", "sample", ["answer", "--mllm={mllm_words}", "--image={good_png}",
+                                                  "--question=what colour is the circle?", "--device=cpu",
+                                                  "--out_dir={tmp}/out_{id}"], 2,
+     r"--question: 'colour' not in the vocabulary", None, False),
+    ("eval_qa_word_outside_vocabulary", "eval", ["mllm", "--mllm={mllm_words}", "--data={qa_words}", "--device=cpu",
+                                                 "--out={tmp}/out_{id}.json"], 2,
+     r"qa_words.jsonl:2: '!', 'zebra' not in the vocabulary", "mllm_words", False),
+    ("eval_t2i_word_outside_vocabulary", "eval", ["t2i", "--mllm={mllm_words}", "--captions={caps_words}",
+                                                  "--siglip={siglip}", "--device=cpu", "--out={tmp}/out_{id}.json"], 2,
+     r"caps_words.txt:2: 'zebra' not in the vocabulary", None, False),
+    ("captions_not_utf8", "sample", ["generate", "--mllm={mllm}", "--captions={latin1_txt}", "--device=cpu",
+                                     "--out_dir={tmp}/out_{id}"], 2,
+     r"latin1.txt:2 is not UTF-8 text \(byte 0xe9 at column 6\)", None, False),
+    ("qa_file_not_utf8", "eval", ["mllm", "--mllm={mllm}", "--data={latin1_jsonl}", "--device=cpu",
+                                  "--out={tmp}/out_{id}.json"], 2, r"latin1.jsonl:1 is not UTF-8 text", None, False),
     # a folder holding another kind of model is named as what it is
     ("tokenizer_is_siglip", "sample", ["reconstruct", "--tokenizer={siglip}", "--images={good_png}", "--device=cpu",
                                        "--out_dir={tmp}/out_{id}"], 2,
