@@ -387,6 +387,19 @@ def check_outputs(reads=(), dirs=(), files=()):
                             f"(a result beside the model is fine, e.g. {beside})")
 
 
+def probe_writable(folder, hint):
+    """Refuse now, not after the work, a folder an output goes to that cannot be written (a file in the way, no
+    permission, a read-only mount). The folder is made if missing; a probe file is written and removed."""
+    import tempfile
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".probe")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write into {folder!r} ({e.strerror or type(e).__name__}): {hint}") from None
+
+
 LOCK_FILE = ".writer.lock"
 _HELD = {}  # resolved folder -> [open lock file, depth]: a process re-entering a folder it holds (ablation.py)
 

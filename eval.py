@@ -49,7 +49,8 @@ from evaluation import blind_baseline, derangement, question_type, scores as _sc
 from pipeline import (check_texts, compile_tokenizer, gen_prompt, image_codes, load_image_tokenizer, load_pair,
                       make_batch, sampling_settings)
 import train_utils as tu
-from configurator import UserError, check_outputs, config_dict, parse_config, path_fields, read_lines, run_main
+from configurator import (UserError, check_outputs, config_dict, parse_config, path_fields, probe_writable,
+                          read_lines, run_main)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES_TEMPLATES = ("a {}", "a photo of a {}", "a small {}", "a large {}")  # train_siglip / train_tokenizer's
@@ -790,6 +791,10 @@ def main(argv):
     # the default --out is a result file beside the model; one the user names must not replace an input or a model
     check_outputs(path_fields(cfg, skip=("out",)), files=[("--out", cfg.out)])
     tu.check_values(cfg)
+    home = getattr(cfg, "mllm", "") or cfg.tokenizer  # the default --out goes beside the model
+    if cfg.out or os.path.isdir(home):
+        probe_writable(os.path.dirname(os.path.abspath(cfg.out)) if cfg.out else home, "give --out=FILE somewhere "
+                       "this user may write" if cfg.out else "give --out=FILE elsewhere")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     return fn(cfg)
