@@ -558,8 +558,9 @@ def device_problem(device):
     if kind == "cuda":
         if not torch.cuda.is_available():
             return "this machine has no CUDA GPU that torch can use (--device=cpu, or '' for the default)"
-        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
-            return f"this machine has {torch.cuda.device_count()} CUDA GPU(s): cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+        n = torch.cuda.device_count()
+        if index and (not index.isdigit() or int(index) >= n):
+            return f"this machine has {n} CUDA GPU(s): cuda:0 .. cuda:{n - 1}"
         return None
     if kind == "mps" and not index:
         ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
@@ -567,21 +568,24 @@ def device_problem(device):
     return "expected cpu, cuda, cuda:N or mps"
 
 
-finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
+def _finite(v):
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
 # The values every config is checked against before any work, for the fields it has (None, where a field allows
 # it, passes: it means "off" or "as recorded"). (keys, ok(value), what a good value is). Relations between fields
 # of one model (heads dividing widths) are in the table beside that config (RULES in the trainers).
 VALUE_RULES = (
-    (("lr", "vis_lr", "disc_lr"), lambda v: finite(v) and v > 0, "need a finite number > 0"),
+    (("lr", "vis_lr", "disc_lr"), lambda v: _finite(v) and v > 0, "need a finite number > 0"),
     (("min_lr", "disc_min_lr", "weight_decay", "grad_clip", "vis_gain", "text_loss_weight", "pix_loss_weight",
       "sem_loss_weight", "gen_caption_loss", "gen_ground_loss", "weight_shortcut") + tuple(
         f"w_{k}" for k in ("sem_tok", "sem_pool", "commit", "rec", "edge", "lpips", "gan")),
-     lambda v: finite(v) and v >= 0, "need a finite number >= 0"),
+     lambda v: _finite(v) and v >= 0, "need a finite number >= 0"),
     (("min_lr_frac", "caption_drop", "caption_dropout", "gen_input_drop", "vq_decay"),
-     lambda v: finite(v) and 0 <= v <= 1, "need a number in [0, 1]"),
-    (("beta1", "beta2"), lambda v: finite(v) and 0 <= v < 1, "need a number in [0, 1)"),
-    (("temperature",), lambda v: finite(v) and v >= 0, "need a finite number >= 0 (0: greedy)"),
-    (("cfg_scale", "fine_temperature", "top_p", "adaptive_lo", "adaptive_hi"), finite,
+     lambda v: _finite(v) and 0 <= v <= 1, "need a number in [0, 1]"),
+    (("beta1", "beta2"), lambda v: _finite(v) and 0 <= v < 1, "need a number in [0, 1)"),
+    (("temperature",), lambda v: _finite(v) and v >= 0, "need a finite number >= 0 (0: greedy)"),
+    (("cfg_scale", "fine_temperature", "top_p", "adaptive_lo", "adaptive_hi"), _finite,
      "need a finite number (see the key's comment for what <= 0 means)"),
     (("batch_size", "micro_batch", "eval_batch", "prepare_batch", "max_new_tokens", "image_size", "patch_size",
       "vision_width", "vision_layers", "vision_heads", "text_width", "text_layers", "text_heads", "mlp_ratio",

@@ -60,7 +60,8 @@ def test_a_held_folder_refuses_every_second_writer(preset, tmp_path):
                              ("ablation", ["mllm", preset, f"--ablation_dir={abl}"])):
             line = error_line(*run(script, argv, sub=True)[::2])
             folder = abl if script == "ablation" else out
-            assert re.search(rf"{re.escape(folder)} is being written by another process \(pid {os.getpid()}: ", line), line
+            held_by = rf"{re.escape(folder)} is being written by another process \(pid {os.getpid()}: "
+            assert re.search(held_by, line), line
         assert md5s(out) == held and os.listdir(abl) == [configurator.LOCK_FILE]
     assert md5s(out) == before and not os.path.exists(abl)  # the lock file removed, the folder it made too
 
@@ -182,7 +183,8 @@ def test_digest_names_damage_and_old_checkpoints_still_load(tmp_path):
 
 def test_resumed_log_keeps_the_steps_up_to_its_checkpoint(tmp_path):
     path = str(tmp_path / "log.jsonl")
-    rows = [dict(event="start", step=0), *[dict(event="train", step=s) for s in range(1, 6)], dict(event="eval", step=4)]
+    rows = [dict(event="start", step=0), *[dict(event="train", step=s) for s in range(1, 6)],
+            dict(event="eval", step=4)]
     with open(path, "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows) + '{"event": "train", "st')  # a line a crash cut short
     tu.JsonlLogger(path, resume_step=4).log(event="start", step=4)
@@ -193,11 +195,12 @@ def test_resumed_log_keeps_the_steps_up_to_its_checkpoint(tmp_path):
 def test_stale_temporaries_of_dead_processes_only(tmp_path):
     """hold_folder removes the temporaries of a process that is gone and keeps a live one's (an evaluation writing
     its result beside a model while a trainer starts)."""
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
     d = tmp_path / "run"
     (d / "samples").mkdir(parents=True)
     (d / "train_state.pt.shards.00000004.tmp").mkdir()
-    gone = [d / f".train_state.pt.tmp{dead.stdout.strip()}", d / "samples" / f".step_000004.png.tmp{dead.stdout.strip()}"]
+    gone = [d / f".train_state.pt.tmp{dead}", d / "samples" / f".step_000004.png.tmp{dead}"]
     live = d / f".eval_mllm.json.tmp{os.getpid()}"
     for f in (*gone, live):
         f.write_bytes(b"partial")
