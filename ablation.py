@@ -20,7 +20,7 @@ through the quantized semantic path on eval_size single-object images next to th
 without a semantic branch: no number is made up from another path), and codebook usage.
 Outputs: <ablation_dir>/<run>/ (a train_tokenizer out_dir each) and <ablation_dir>/ablation.json.
 
-`python ablation.py mllm config/shapes.py`: why two vocabularies (docs/design.md), the MLLM side. One teacher,
+`python ablation.py mllm config/shapes.py`: why two vocabularies (design §9), the MLLM side. One teacher,
 one tokenizer of each kind (the released two-vocabulary layout and a one-vocabulary tied one, the run (a) above)
 and, for every variant x seed, an MLLM trained at one fixed budget and evaluated by eval.py mllm:
     dual          reads both stacks, draws both (gen_sem=True): the paper's model
@@ -47,8 +47,8 @@ import torch
 import train_tokenizer as tt
 import train_utils as tu
 import configurator
-from configurator import (PROGRESS, UserError, check_outputs, config_dict, hold_folder, parse_config, path_fields,
-                          run_main)
+from configurator import PROGRESS, UserError, config_dict, parse_config, run_main
+from folders import check_outputs, hold_folder, path_fields
 
 # the paper's numbers (spec section 4, SigLIP-So/14-384 on ImageNet val; "-" = not reported)
 PAPER = {"a": {"zero_shot": 72.3, "psnr": 12.64}, "b": {"zero_shot": None, "psnr": 27.88},
@@ -164,6 +164,8 @@ def table(rows):
 
 @tu.holds("ablation_dir", unused=("out_dir",))  # out_dir: the preset's, each run gets its own
 def main(cfg):
+    """The tokenizer ablation: runs (a) to (d) trained from one teacher with one recipe and evaluated on the same
+    held-out images, in a table beside the paper's numbers."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
@@ -281,6 +283,20 @@ def variant_list(cfg):
     return names
 
 
+def train_wall(log_path):
+    """-> (seconds the trainer ran, summed over its processes, steps redone after a resume included; the
+    number of processes): from log.jsonl, where each process starts with a "start" event and logs its own
+    elapsed_s."""
+    total, last, procs = 0.0, 0.0, 0
+    with open(log_path) as f:
+        for line in f:
+            ev = json.loads(line)
+            if ev.get("event") == "start":
+                total, last, procs = total + last, 0.0, procs + 1
+            last = max(last, ev.get("elapsed_s", 0.0))
+    return total + last, procs
+
+
 def mllm_entry(variant, seed, folder, cfg):
     """One run's row of ablation_mllm.json from its trainer's eval.json and eval.py's eval_ablation.json."""
     with open(os.path.join(folder, "eval.json")) as f:
@@ -288,7 +304,8 @@ def mllm_entry(variant, seed, folder, cfg):
     with open(os.path.join(folder, "eval_ablation.json")) as f:
         ev = json.load(f)["val"]
     gen = ev.get("gen_cfg")
-    e = dict(variant=variant, seed=seed, steps=tr["step"], wall_s=tr["wall_s"], eval_wall_s=None,
+    wall, procs = train_wall(os.path.join(folder, "log.jsonl"))
+    e = dict(variant=variant, seed=seed, steps=tr["step"], wall_s=wall, processes=procs, eval_wall_s=None,
              qa_accuracy=ev["qa"]["accuracy"], n_qa=ev["qa"]["n"],
              qa_by_type={t: v["accuracy"] for t, v in ev["qa"]["by_type"].items()},
              qa_shuffled=ev["qa_shuffled"]["accuracy"], qa_blind=ev["qa_blind"]["accuracy"],
@@ -355,8 +372,10 @@ def tokenizer_layer_sem(presets, teacher):
 
 
 def main_mllm(argv):
-    presets = [a for a in argv if not a.startswith("--")]
-    cfg = parse_config(AblationMLLMConfig(), argv)
+    """The MLLM ablation: each variant (what an image position reads, what is drawn, one vocabulary or two) trained
+    once per seed at one budget and evaluated by eval.py mllm, in a table beside the paper's numbers."""
+    presets = [a for a in argv if not a.startswith("-")]
+    cfg = parse_config(AblationMLLMConfig(), argv, "mllm", COMMANDS)
     variants = variant_list(cfg)
     tu.check_values(cfg)
     if not presets:
@@ -398,7 +417,43 @@ def _ablation_mllm(cfg, presets, variants, results, t0):
                    ], run, "eval_ablation.json", resumable=False)
             runs.append(mllm_entry(v, seed, run, cfg))
             write_results(cfg, runs, variants, results, t0)
+    pic = os.path.splitext(results)[0] + ".png"
+    if comparison_picture(D, cfg.seeds[0], pic) is not None:
+        print(f"wrote {pic}")
     return write_results(cfg, runs, variants, results, t0, final=True)
+
+
+PICTURE_VARIANTS = ("dual", "pix_gen", "single_vocab")
+
+
+@torch.no_grad()
+def comparison_picture(D, seed, path, n=8):
+    """The same n held-out captions (the val split eval.py draws from) drawn by the seed's dual, pix_gen and
+    single_vocab models, each with its recorded sampler and one generator seeded alike: one row per caption,
+    the true image first. Skipped (None) until those three runs exist."""
+    from types import SimpleNamespace
+    import data
+    import pipeline
+    folders = [os.path.join(D, f"{v}_s{seed}") for v in PICTURE_VARIANTS]
+    if not all(os.path.isfile(os.path.join(f, "eval.json")) for f in folders):
+        return None
+    cols, samples = [], None
+    for f in folders:
+        model, text_tok, image_tok, info = pipeline.load_pair(
+            SimpleNamespace(mllm=f, tokenizer="", siglip_config="", check_hash=True), "cpu")
+        if samples is None:
+            R = image_tok.config.siglip.vision.image_size
+            world = data.ShapesWorld(data.ShapesConfig(image_size=R, max_objects=2, seed=0))
+            samples = [world.sample("val", i) for i in range(n)]
+            cols.append([s["image"] for s in samples])
+        g = torch.Generator().manual_seed(0)
+        ims, _ = pipeline.generate_images(model, image_tok, text_tok, [s["caption"] for s in samples], g, n,
+                                          **pipeline.sampling_settings(SimpleNamespace(**dict.fromkeys(
+                                              pipeline.SAMPLING_KEYS)), info))
+        cols.append(list(data.to_image(ims)))
+    rows = [list(r) for r in zip(*cols)]
+    labels = [f"{s['caption']}  (true | " + " | ".join(PICTURE_VARIANTS) + ")" for s in samples]
+    return data.grid_png(rows, path, labels=labels)
 
 
 def git_commit():
@@ -429,12 +484,14 @@ def write_results(cfg, runs, variants, path, t0, final=False):
     return out
 
 
+COMMANDS = {"tokenizer": main, "mllm": main_mllm}
+
+
 def main_cli(argv):
-    if argv and argv[0] == "mllm":
-        return main_mllm(argv[1:])
-    if argv and argv[0] == "tokenizer":
-        argv = argv[1:]
-    return main(parse_config(AblationConfig(), argv))
+    name, argv = configurator.command(argv, COMMANDS, optional=True)  # no command: the tokenizer ablation
+    if name == "mllm":
+        return main_mllm(argv)
+    return main(parse_config(AblationConfig(), argv, name, COMMANDS))
 
 
 if __name__ == "__main__":

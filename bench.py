@@ -130,8 +130,8 @@ def bench_memory(argv):
         llm: str = "qwen2.5-3b"  # mllm_hf.PRESETS (the paper: Qwen2.5-3B)
         tokenizer: str = "config/dualtoken_384.py"  # a train_tokenizer preset: the code vocabularies
 
-    presets = [a for a in argv if not a.startswith("--")] or sorted(glob.glob("config/mllm_stage*.py"))
-    cfg = configurator.parse_config(MemoryBench(), [a for a in argv if a.startswith("--")])
+    presets = [a for a in argv if not a.startswith("-")] or sorted(glob.glob("config/mllm_stage*.py"))
+    cfg = configurator.parse_config(MemoryBench(), [a for a in argv if a.startswith("-")], "memory", COMMANDS)
     gb = lambda b: f"{b / 1e9:.1f}"
     print(f"per GPU, before activations (GB = 1e9 bytes); fits: the cards of {'/'.join(map(str, GPU_GB))} GB "
           f"whose memory exceeds the total. LLM {cfg.llm}, code vocabularies of {cfg.tokenizer}")
@@ -220,7 +220,7 @@ def bench_rvq(argv):
         iters: int = 3
         device: str = ""
 
-    cfg = configurator.parse_config(RVQBench(), argv)
+    cfg = configurator.parse_config(RVQBench(), argv, "rvq", COMMANDS)
     dev = cfg.device or default_device()
     torch.manual_seed(0)
     N, K, D, L = cfg.batch * cfg.positions, cfg.codebook_size, cfg.dim, cfg.depth
@@ -285,7 +285,7 @@ def bench_siglip(argv):
         iters: int = 3
         device: str = ""
 
-    cfg = configurator.parse_config(SigLIPBench(), argv)
+    cfg = configurator.parse_config(SigLIPBench(), argv, "siglip", COMMANDS)
     dev = cfg.device or default_device()
     try:
         import transformers
@@ -331,7 +331,9 @@ def bench_siglip(argv):
 def bench_llm(argv):
     """mllm.MLLM decoding: KV-cache decode vs a no-cache loop (whole sequence every step) vs
     transformers' Qwen2ForCausalLM.generate, same weights (loaded through from_pretrained), greedy;
-    then image generation (both depth heads, CFG doubled batch) with and without the LLM KV cache."""
+    then image generation (both depth heads, CFG doubled batch): KV caches in the trunk and along the depths,
+    the trunk's alone (the depth heads re-run over every earlier depth), none (the reference). The release's
+    shapes: --positions=256 --depth=4 (256 px), --positions=729 --depth=8 (384 px)."""
     import tempfile
 
     import mllm
@@ -355,9 +357,10 @@ def bench_llm(argv):
         warmup: int = 1
         iters: int = 3
         threads: int = 1  # CPU: decoding is many small ops; on a shared CPU extra threads mostly wait
-        device: str = ""  # (measured here: 2 threads were ~6x slower than 1 under load); 0 = torch default
+        #                   (measured here: 2 threads were ~6x slower than 1 under load); 0 = torch default
+        device: str = ""
 
-    cfg = configurator.parse_config(LLMBench(), argv)
+    cfg = configurator.parse_config(LLMBench(), argv, "llm", COMMANDS)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dev = cfg.device or default_device()
@@ -411,14 +414,17 @@ def bench_llm(argv):
           f"codebook {cfg.codebook}, CFG {cfg.cfg_scale} (batch x2), top-k 900, top-p 0.96")
     caps = [list(range(1, 17))] * cfg.batch
 
-    def img(use_cache):
+    def img(use_cache, depth_cache=None):
         return ours.generate_image(caps, cfg.positions, cfg_scale=cfg.cfg_scale, top_k=900, top_p=0.96,
-                                   generator=torch.Generator(device=dev).manual_seed(0), use_cache=use_cache)
+                                   generator=torch.Generator(device=dev).manual_seed(0), use_cache=use_cache,
+                                   depth_cache=depth_cache)
 
-    a, b = img(True), img(False)
-    print(f"cache and no-cache codes identical: {torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])}")
-    rows = [[name, timeit(lambda: img(c), dev, cfg.warmup, cfg.iters)] for name, c in
-            (("KV cache", True), ("no cache", False))]
+    variants = (("KV cache, trunk + depth", True, True), ("KV cache, trunk only", True, False),
+                ("no cache", False, False))
+    outs = [img(c, d) for _, c, d in variants]
+    same = all(torch.equal(o[0], outs[0][0]) and torch.equal(o[1], outs[0][1]) for o in outs)
+    print(f"codes identical on every path: {same}")
+    rows = [[name, timeit(lambda: img(c, d), dev, cfg.warmup, cfg.iters)] for name, c, d in variants]
     t0 = rows[0][1]
     print_table([[n, f"{t * 1e3:.0f}", f"{cfg.batch * cfg.positions / t:.1f}", f"{t / t0:.2f}x"] for n, t in rows],
           ["image generation", "ms", "positions/s", "time vs cache"])
@@ -622,7 +628,7 @@ def bench_gpu(argv):
     images/s or tokens/s, TFLOP/s from flops.py's count, MFU against the device's peak, peak memory, compile
     time and graph breaks. Random weights and synthetic batches: throughput does not depend on the values."""
     import train_utils as tu
-    cfg = configurator.parse_config(GPUBench(), argv)
+    cfg = configurator.parse_config(GPUBench(), argv, "gpu", COMMANDS)
     if cfg.device not in ("", "cpu"):
         raise UserError(f"--device={cfg.device!r}: '' (cuda) or 'cpu' (a test of this code, not a measurement)")
     if not cfg.device and not torch.cuda.is_available():
@@ -661,12 +667,12 @@ def bench_gpu(argv):
     return results
 
 
+COMMANDS = {"rvq": bench_rvq, "siglip": bench_siglip, "llm": bench_llm, "gpu": bench_gpu, "memory": bench_memory}
+
+
 def main(argv):
-    from configurator import UserError
-    names = sorted(k[len("bench_"):] for k in globals() if k.startswith("bench_"))
-    if not argv or argv[0] not in names:
-        raise UserError(f"usage: python bench.py {{{'|'.join(names)}}} [--key=value ...]")
-    return globals()["bench_" + argv[0]](argv[1:])
+    name, argv = configurator.command(argv, COMMANDS)
+    return COMMANDS[name](argv)
 
 
 if __name__ == "__main__":

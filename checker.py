@@ -12,7 +12,7 @@ import itertools
 
 import numpy as np
 
-from configurator import UserError, run_main
+from configurator import UserError, positional_help, run_main
 from data import CELLS, COLORS, FILL, RADIUS, SHAPES, ShapesConfig, ShapesWorld, _int_arg, _shape_mask
 
 ATTRS = ("color", "shape", "size", "cell")  # what objects_match compares
@@ -161,9 +161,10 @@ def objects_match(pred, truth):
 
 
 def main(argv):
-    # python checker.py [n]: the numbers behind the README row: describe's accuracy on n val renders,
-    # clean and mildly degraded (here, not in data.py, which must not import this file).
+    # here, not in data.py, which must not import this file
     import time
+    positional_help(argv, __name__, {"[N]": "describe's accuracy on N val renders (default 1000), clean and mildly "
+                                            "degraded: the numbers behind the README's row"})
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]} (python checker.py [N])")
     n = _int_arg(argv, 0, "N", 1000)

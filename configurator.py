@@ -11,24 +11,35 @@ share a file. A dict named `<x>_config` for an x that is no section (`tokenzier_
 other `..._config` value (eval.py's `siglip_config = "DIR"`) is an ordinary key. Then each
 `--key=value` is parsed with the type of the dataclass field (so `--lr=3e-4` is a float and
 `--compile=False` is a bool). An unknown key, in a preset or on the command line, is an error that
-names the key and lists the valid ones: a typo must never train with the default silently.
+names the key and the closest valid ones: a typo must never train with the default silently.
+
+`--help` / `-h` anywhere on a command line prints what the script does (its docstring's summary and usage
+lines), its commands if it has several (`command`), and every key: type, default, the value the given
+presets and overrides set, and its meaning, which is the comment beside the field in the config class (a
+comment block of its own lines heads a group of fields), so the help cannot drift from the source. It
+never runs the script's job.
 
 A user's mistake (a bad value, a missing file, a damaged checkpoint) is a `UserError`; every command runs
 under `run_main`, which prints it as one `error: <what> (<where>)` line on stderr and exits with code 2,
 no traceback (`--debug=True` or NANO_DEBUG=1 shows it). Ctrl-C is one line too (the step reached and the
 last checkpoint, from PROGRESS), exit 130. Anything else is a bug and raises as usual.
 
-What a command writes goes through here as well: check_outputs (an output never lands on an input or on a
-model's files), hold_folder (one writer per folder, an OS lock the kernel drops when the process dies) and
-atomic_write (a file is replaced whole or not at all).
+Every file a user keeps is written by atomic_write (replaced whole or not at all); where a command may write
+is folders.py's (an output never lands on an input or a model's files, one writer per folder).
 """
 import ast
-import contextlib
+import copy
 import dataclasses
+import difflib
+import inspect
+import io
 import json
 import os
-import re
+import shutil
 import sys
+import textwrap
+import tokenize
+import types
 import typing
 
 
@@ -137,11 +148,19 @@ def _parse_value(name, text, ftype):
     return origin(value) if origin in (tuple, list) else value
 
 
-def _check_keys(cfg, keys, where):
-    valid = {f.name for f in dataclasses.fields(cfg)}
+def _check_keys(cfg, keys, where, command=None):
+    """A UserError for the keys `cfg` has no field for: one line naming each with the closest valid keys (a
+    typo is usually a letter or an underscore away) and pointing to --help for the whole list."""
+    valid = [f.name for f in dataclasses.fields(cfg)]
     unknown = [k for k in keys if k not in valid]
-    if unknown:
-        raise UserError(f"unknown config key(s) {unknown} in {where}; valid keys: {sorted(valid)}")
+    if not unknown:
+        return
+    named = []
+    for k in unknown:
+        close = difflib.get_close_matches(k, valid, n=3, cutoff=0.6)
+        named.append(f"{k!r} (did you mean {' or '.join(close)}?)" if close else f"{k!r} (no key is close)")
+    raise UserError(f"unknown config key{'s' * (len(unknown) > 1)} {', '.join(named)} {where}; "
+                    f"`{_prog(type(cfg), command)} --help` lists every key")
 
 
 SECTIONS = ("siglip", "tokenizer", "mllm")  # the `<section>_config` dicts of a pipeline preset (config/shapes.py)
@@ -182,14 +201,50 @@ def preset_values(path, section=None):
     return values
 
 
-def apply_preset(cfg, path):
-    """Run the preset file and copy the names it assigns onto `cfg` (a dataclass instance), each checked against
-    its field's type as `--key=value` is (preset_value)."""
-    values = preset_values(path, getattr(cfg, "SECTION", None))
-    _check_keys(cfg, values, path)
+def apply_preset(cfg, path, command=None):
+    """Run the preset file and copy the names it assigns onto `cfg` (a dataclass instance)."""
+    _assign(cfg, [path], command)
+    return cfg
+
+
+def _assign(cfg, argv, command=None):
+    """Apply presets (`*.py`) and `--key=value` overrides to `cfg` in order -> the keys they set."""
     hints = typing.get_type_hints(type(cfg))
-    for k, v in values.items():
-        setattr(cfg, k, preset_value(k, v, hints[k], path))
+    keys = []
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not arg.endswith(".py"):
+                key = arg.split("=", 1)[0].lstrip("-").replace("-", "_")
+                hint = f"; did you mean --{arg.lstrip('-')}?" if "=" in arg and key in hints else ""
+                raise UserError(f"expected a preset file (*.py) or --key=value, got {arg!r}{hint} "
+                                f"(`{_prog(type(cfg), command)} --help` lists the keys)")
+            values = preset_values(arg, getattr(cfg, "SECTION", None))
+            _check_keys(cfg, values, f"in {arg}", command)
+            for k, v in values.items():
+                setattr(cfg, k, preset_value(k, v, hints[k], arg))  # typed as --key=value is
+            keys += values
+            continue
+        if "=" not in arg:
+            raise UserError(f"expected --key=value, got {arg!r} (`{_prog(type(cfg), command)} --help` lists the keys)")
+        key, text = arg[2:].split("=", 1)
+        key = key.replace("-", "_")
+        _check_keys(cfg, [key], "on the command line", command)
+        setattr(cfg, key, _parse_value(key, text, hints[key]))
+        keys.append(key)
+    return keys
+
+
+def parse_config(cfg, argv=None, command=None, commands=None):
+    """Apply presets (`*.py` positional arguments) then `--key=value` overrides to `cfg`, in order. With
+    `--help` or `-h` among them, print the help of `cfg` (the presets and overrides shown beside the
+    defaults) and exit instead. A script of several commands names the one `cfg` belongs to (`command`, as
+    typed after the script) and may pass its command table (`commands`, see `command`) for the help to list."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in HELP_FLAGS for a in argv):
+        defaults = copy.deepcopy(cfg)
+        keys = _assign(cfg, [a for a in argv if a not in HELP_FLAGS], command)
+        _print_and_exit(config_help(defaults, cfg, keys, argv, command, commands))
+    _assign(cfg, argv, command)
     return cfg
 
 
@@ -216,25 +271,6 @@ def preset_value(name, value, ftype, where):
     return value
 
 
-def parse_config(cfg, argv=None):
-    """Apply presets (`*.py` positional arguments) then `--key=value` overrides to `cfg`, in order."""
-    argv = sys.argv[1:] if argv is None else argv
-    hints = typing.get_type_hints(type(cfg))
-    for arg in argv:
-        if not arg.startswith("--"):
-            if not arg.endswith(".py"):
-                raise UserError(f"expected a preset file (*.py) or --key=value, got {arg!r}")
-            apply_preset(cfg, arg)
-            continue
-        if "=" not in arg:
-            raise UserError(f"expected --key=value, got {arg!r}")
-        key, text = arg[2:].split("=", 1)
-        key = key.replace("-", "_")
-        _check_keys(cfg, [key], "the command line")
-        setattr(cfg, key, _parse_value(key, text, hints[key]))
-    return cfg
-
-
 def text_lines(path):
     """[(line number, line)] of a text file the user gives, decoded as UTF-8 line by line: a line that is not
     UTF-8 is a UserError naming file:line, not a decoder traceback."""
@@ -248,6 +284,238 @@ def text_lines(path):
             raise UserError(f"{path}:{n} is not UTF-8 text (byte {b[e.start]:#04x} at column {e.start + 1}): save "
                             f"the file as UTF-8") from None
     return out
+
+
+# -----------------------------------------------------------------------------
+# --help: what a script does and every key it takes, read from the script's docstring and config classes
+
+HELP_FLAGS = ("-h", "--help")
+
+
+def _module(obj):
+    """The module a class or function was defined in (the script's `__main__` when run as one)."""
+    return sys.modules.get(obj.__module__)
+
+
+def _prog(obj, command=None):
+    """`python eval.py mllm`: how a user runs the script that defines `obj` (a config class or a function)."""
+    mod = _module(obj)
+    name = os.path.basename(getattr(mod, "__file__", None) or f"{obj.__module__}.py")
+    return f"python {name}" + (f" {command}" if command else "")
+
+
+def _print_and_exit(text):
+    """Print a help text and exit 0; a reader that stops early (`--help | head`) is no error."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush must not fail
+    sys.exit(0)
+
+
+def _width():
+    return max(80, min(shutil.get_terminal_size((120, 24)).columns, 120))
+
+
+def _wrap(text, width, indent="", first=None):
+    """Lines of at most `width` characters, never broken inside a word, a path or a key-name-with-hyphens."""
+    return textwrap.wrap(text, width, initial_indent=indent if first is None else first, subsequent_indent=indent,
+                         break_long_words=False, break_on_hyphens=False)
+
+
+def _script_head(obj, command=None, commands=None, every=False):
+    """The top of a script's help: the first paragraph of its docstring, a usage line, the docstring's command
+    lines (`    python eval.py mllm ...`, with their `\\` continuations) that run `command` (None: the ones that
+    name no command; `every`: all), then what `command` does (the first paragraph of its function's docstring)
+    or, without one, every command with the first sentence of its docstring."""
+    doc = textwrap.dedent(getattr(_module(obj), "__doc__", None) or "").strip("\n")
+    script = _prog(obj).split()[-1]
+    lines, keep = [], False  # keep: the line taken last ends in a backslash
+    for ln in doc.splitlines():
+        s, take = ln.strip(), keep
+        if not keep and ln.startswith("    ") and s.startswith(("python ", "torchrun ")) and script in s:
+            first = (s.split(script, 1)[1].split() or [""])[0]
+            take = every or (first if first == command or first in (commands or ()) else None) == command
+        if take:
+            lines.append(ln)
+        keep = take and s.endswith("\\")
+    synopsis = "[config/preset.py ...] [--key=value ...]"
+    if commands and command is None:
+        names = "|".join(commands)
+        synopsis = (f"{{{names}}} " if every else f"[{names}] ") + synopsis
+    out = [doc.split("\n\n")[0], "", f"usage: {_prog(obj, command)} {synopsis}"] + lines
+    about = {name: (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ")
+             for name, fn in (commands or {}).items()}
+    if command in about:  # one command's help: what it does
+        out += [""] + _wrap(f"{command}: {about[command]}", _width())
+    elif commands:  # the script's: every command, the first sentence of what it does
+        out += ["", "commands:"]
+        width = max(len(c) for c in commands) + 2
+        for name, text in about.items():
+            out += _wrap(text.split(". ")[0].rstrip("."), _width(), " " * (width + 2), f"  {name:<{width}}") or [
+                f"  {name}"]
+    return out
+
+
+def command(argv, commands, optional=False):
+    """The command of a script that runs several (`python eval.py mllm ...`): argv -> (name, the arguments
+    after it). `commands` is {name: the function that runs it}; the first sentence of its docstring is its
+    line in the help. `--help` / `-h` in the command's place lists the commands and exits. An `optional`
+    command may be left out: when the first argument is no command (a preset, a key, a help flag) the name
+    is None, the script runs its default job, and that job's help lists the commands beside its keys."""
+    argv = list(argv)
+    if argv and argv[0] in commands:
+        return argv[0], argv[1:]
+    if optional and (not argv or argv[0].startswith("-") or argv[0].endswith(".py")):
+        return None, argv
+    fn = next(iter(commands.values()))
+    prog = _prog(fn)
+    if argv and argv[0] in HELP_FLAGS:
+        _print_and_exit("\n".join(_script_head(fn, None, commands, every=True) +
+                                   ["", f"`{prog} COMMAND --help` lists the keys of one command."]))
+    usage = f"usage: {prog} {{{'|'.join(commands)}}} [config/preset.py ...] [--key=value ...]"
+    if not argv:
+        raise UserError(f"{usage} (`{prog} --help` says what each command does)")
+    close = difflib.get_close_matches(argv[0], list(commands), n=2, cutoff=0.5)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    raise UserError(f"unknown command {argv[0]!r}; {hint}{usage} (`{prog} --help` says more)")
+
+
+def _type_name(t):
+    """A field's type as a user reads it: int, Optional[float], tuple[int, ...]."""
+    if t is type(None):
+        return "None"
+    if t is Ellipsis:
+        return "..."
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        names = " | ".join(_type_name(a) for a in inner)
+        return f"Optional[{names}]" if len(inner) < len(args) else names
+    if origin is not None and args:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(t, "__name__", None) or str(t).replace("typing.", "")
+
+
+def _class_layout(cls):
+    """The body of a config class as --help shows it -> (its docstring, items in source order):
+    ("field", name, [comment lines]) per annotated field, ("heading", [lines]) per comment block on lines of
+    its own (it heads the fields below it), ("gap",) per blank line. A field's comment is its trailing
+    `# ...` and the comment lines that continue it (indented further than a heading's `# `)."""
+    try:
+        src = textwrap.dedent("".join(inspect.getsourcelines(cls)[0]))
+        node = next(n for n in ast.parse(src).body if isinstance(n, ast.ClassDef))
+        comments = {t.start[0]: (t.start[1], t.string[1:]) for t in tokenize.generate_tokens(io.StringIO(src).readline)
+                    if t.type == tokenize.COMMENT}
+    except (OSError, TypeError, SyntaxError, StopIteration, tokenize.TokenError):
+        return None, []
+    text, starts = src.splitlines(), {st.lineno: st for st in node.body}
+    items, cont, row = [], None, node.lineno + 1  # cont: (the field whose comment may go on, its indent)
+    while row <= node.end_lineno:
+        st, s = starts.get(row), text[row - 1].strip()
+        if st is not None:
+            cont = None
+            if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name):
+                said = [comments[r][1].strip() for r in range(st.lineno, st.end_lineno + 1) if r in comments]
+                items.append(("field", st.target.id, said))
+                cont = (items[-1], len(text[row - 1]) - len(text[row - 1].lstrip())) if said else None
+            row = st.end_lineno + 1
+            continue
+        if not s:
+            items.append(("gap",))
+            cont = None
+        elif row in comments:
+            col, body = comments[row]
+            if cont and (col > cont[1] or body.startswith("  ")):
+                cont[0][2].append(body.strip())
+            else:
+                cont = None
+                if items and items[-1][0] == "heading":
+                    items[-1][1].append(body.strip())
+                else:
+                    items.append(("heading", [body.strip()]))
+        row += 1
+    return ast.get_docstring(node), items
+
+
+def config_help(defaults, cfg, keys, argv, command=None, commands=None):
+    """The help text of a config: the script's head (`_script_head`), then every field grouped as its class
+    groups them (the class that defines a field; comment headings and blank lines inside a class), each with
+    its type, default, the value `argv`'s presets and overrides gave it (`keys`: the ones they set) and the
+    comment beside it. The classes of an inheritance chain come most derived first: a job's own keys before
+    the ones it shares."""
+    cls = type(cfg)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cfg)]
+    classes = [c for c in cls.__mro__ if dataclasses.is_dataclass(c)]
+    layouts = {c: _class_layout(c) for c in classes}
+    meaning = {}
+    for c in reversed(classes):  # a subclass that redefines a field without a comment keeps the base's
+        for it in layouts[c][1]:
+            if it[0] == "field" and it[2]:
+                meaning[it[1]] = " ".join(it[2])
+    groups, shown = [], set()  # [(class, items)]
+    for c in classes:
+        own = [n for n in c.__dict__.get("__annotations__", {}) if n in names and n not in shown]
+        items = [it for it in layouts[c][1] if it[0] != "field" or it[1] in own]
+        items += [("field", n, []) for n in own if not any(it[0] == "field" and it[1] == n for it in items)]
+        shown.update(own)
+        if own:
+            groups.append((c, items))
+    set_keys = [k for k in names if k in keys]
+    given = " ".join(a for a in argv if a not in HELP_FLAGS)
+    cols = ["key: type = default"] + (["set"] if set_keys else [])
+    rows = {n: [f"{n}: {_type_name(hints.get(n, object))} = {getattr(defaults, n)!r}"] +
+            ([repr(getattr(cfg, n)) if n in set_keys else ""] if set_keys else []) for n in names}
+    caps = [42, 16]  # a longer cell puts the meaning on the next line
+    widths = [min(max([len(cols[i])] + [len(r[i]) for r in rows.values()]), caps[i]) for i in range(len(cols))]
+    mcol = 2 + sum(w + 2 for w in widths)
+    W = _width()
+
+    def row_lines(cells, about):
+        left = "  " + "".join(f"{c:<{w}}  " for c, w in zip(cells, widths)).rstrip()
+        if len(left) > mcol - 2 and about:
+            return [left] + _wrap(about, W, " " * mcol)
+        wrapped = _wrap(about, max(W - mcol, 30)) or [""]
+        return [f"{left:<{mcol}}{wrapped[0]}".rstrip()] + [" " * mcol + w for w in wrapped[1:]]
+
+    section = getattr(cls, "SECTION", None)
+    out = _script_head(cls, command, commands) + [""]
+    out += _wrap(f"keys: --key=value on the command line, or `key = value` in a preset file"
+                 + (f" (or in its `{section}_config = dict(...)` section)" if section else "")
+                 + "; a value is a Python literal of the type shown, and an unknown key is an error."
+                 + (f" set: what `{given}` gives." if set_keys else ""), W)
+    out += [""] + row_lines(cols, "meaning")
+    for c, items in groups:
+        doc = layouts[c][0]
+        if len(groups) > 1:
+            out += ["", f"{c.__name__} ({_prog(c).split()[-1]})" + (f": {doc.splitlines()[0]}" if doc else "")]
+        pending, first = [], True  # the headings and gaps above the next field
+        for it in items:
+            if it[0] != "field":
+                pending.append(it)
+                continue
+            heads = [ln for p in pending if p[0] == "heading" for ln in p[1] if ln]
+            if pending and not first and out[-1]:
+                out.append("")
+            out += ["  # " + ln for ln in heads]
+            out += row_lines(rows[it[1]], meaning.get(it[1], ""))
+            pending, first = [], False
+    return "\n".join(out)
+
+
+def positional_help(argv, module, usage):
+    """--help / -h for a script that takes positional arguments instead of keys (data.py, convert.py): print
+    the first paragraph of its docstring and `usage` ({one form of its command line: what it does}), then exit.
+    Without a help flag in argv it returns at once."""
+    if not any(a in HELP_FLAGS for a in argv):
+        return
+    mod = sys.modules[module]
+    prog, W = f"python {os.path.basename(mod.__file__)}", _width()
+    out = [textwrap.dedent(mod.__doc__ or "").strip("\n").split("\n\n")[0], "", "usage:"]
+    for form, about in usage.items():
+        out += [f"  {prog} {form}"] + _wrap(about, W, " " * 6)
+    _print_and_exit("\n".join(out))
 
 
 def read_lines(path, what):
@@ -305,193 +573,3 @@ def atomic_write(path, write):
 def config_dict(cfg):
     """Plain dict of a config, for JSON logs and checkpoints."""
     return dataclasses.asdict(cfg)
-
-
-# -----------------------------------------------------------------------------
-# outputs: never on an input or on a model's files; one writer per folder
-
-# A folder holding one of these is a model folder (ours, the authors' release, a Hugging Face one); a file of it
-# with one of these names or endings is a model file, which no command's output may replace.
-MODEL_MARKERS = ("config.json", "model.safetensors", "train_state.pt", "model.pt")
-MODEL_FILE_ENDINGS = (".safetensors", ".pt", ".pth", ".bin", ".model", "config.json", "tokenizer.json")
-
-
-def is_model_folder(path):
-    return os.path.isdir(path) and (any(os.path.isfile(os.path.join(path, f)) for f in MODEL_MARKERS)
-                                    or any(f.endswith(".safetensors") for f in os.listdir(path)))
-
-
-def model_kind(conf):
-    """What a model folder's config.json (a dict) describes, in words: a loader given a folder of another kind
-    says what it got, not that a key is missing."""
-    if not isinstance(conf, dict):
-        return "a config.json that is not a JSON object"
-    if conf.get("format") == "nano-dualtoken":
-        return "a DualToken tokenizer folder (train_tokenizer.py's out_dir)"
-    if "rqvaesiglip" in conf:
-        return "the authors' DualToken release"
-    if "mllm" in conf:
-        return "an MLLM folder (train_mllm.py's out_dir)"
-    mt = conf.get("model_type")
-    if mt in ("siglip", "siglip_vision_model"):
-        return "a SigLIP folder (train_siglip.py's out_dir, or Hugging Face's)"
-    return f"a Hugging Face {mt!r} model folder" if mt else "a folder whose config.json names no model kind"
-
-
-def _inside(path, folder):
-    """True when the resolved `path` is `folder` or lies under it."""
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def path_fields(cfg, skip=()):
-    """(--key, value) of every string field of a config naming an existing file or folder: what the command
-    reads (check_outputs' `reads`), found from the values themselves, so a new path key is covered too."""
-    return [(f"--{k}", v) for k, v in config_dict(cfg).items()
-            if k not in skip and isinstance(v, str) and v and os.path.exists(v)]
-
-
-def check_outputs(reads=(), dirs=(), files=()):
-    """Refuse, before any work, an output that would land on what the command reads or on a model.
-    reads, dirs, files: (name as the user wrote it, path) pairs; empty paths are skipped. Paths are compared
-    resolved (symlinks, '..'). A folder output (an out_dir) must not be a file, nor be or lie inside a folder
-    the command reads (a trainer writing into its teacher replaces it). A file output (an evaluation's --out)
-    must not be a folder, an input itself, or a model file (MODEL_FILE_ENDINGS) of a model folder; a result
-    file beside a model is fine, it is what the evaluations write by default (<mllm>/eval_mllm.json). This
-    holds with --overwrite=True too: overwrite replaces an earlier result of the same command, never an input."""
-    reads = [(n, p, os.path.realpath(p)) for n, p in reads if p]
-    for name, p in dirs:
-        if not p:
-            continue
-        if os.path.exists(p) and not os.path.isdir(p):
-            raise UserError(f"{name}={p!r} is a file: need a folder to write into")
-        rp = os.path.realpath(p)
-        for rname, r, rr in reads:
-            if rp == rr:
-                raise UserError(f"{name}={p!r} is {rname}, which this command reads: write into another folder")
-            if os.path.isdir(rr) and _inside(rp, rr):
-                raise UserError(f"{name}={p!r} is inside {rname}={r!r}, which this command reads: write into a "
-                                f"folder outside it")
-    for name, p in files:
-        if not p:
-            continue
-        if os.path.isdir(p):
-            raise UserError(f"{name}={p!r} is a folder: need a file path (e.g. {os.path.join(p, 'result.json')})")
-        rp = os.path.realpath(p)
-        for rname, r, rr in reads:
-            if rp == rr:
-                raise UserError(f"{name}={p!r} is {rname}, which this command reads: write to another file")
-        folder = os.path.dirname(rp)
-        if os.path.basename(rp).endswith(MODEL_FILE_ENDINGS) and is_model_folder(folder):
-            beside = os.path.join(os.path.dirname(p), "result.json")
-            raise UserError(f"{name}={p!r} would replace a file of the model in {folder}: write to another file "
-                            f"(a result beside the model is fine, e.g. {beside})")
-
-
-def probe_writable(folder, hint):
-    """Refuse now, not after the work, a folder an output goes to that cannot be written (a file in the way, no
-    permission, a read-only mount). The folder is made if missing; a probe file is written and removed."""
-    import tempfile
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".probe")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write into {folder!r} ({e.strerror or type(e).__name__}): {hint}") from None
-
-
-LOCK_FILE = ".writer.lock"
-_HELD = {}  # resolved folder -> [open lock file, depth]: a process re-entering a folder it holds (ablation.py)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def remove_stale_temporaries(folder):
-    """Temporary files a killed save left (atomic_write's `.<name>.tmp<pid>` of a process that is gone, a
-    sharded save's `<state>.shards.<step>.tmp` folder): call it holding the folder, so no live writer of ours
-    owns them. A temporary of a live process (an evaluation writing its result beside a model) is kept."""
-    import shutil
-    for d, subdirs, names in os.walk(folder):
-        for n in names:
-            m = re.fullmatch(r"\..+\.tmp(\d+)", n)
-            if m and not _alive(int(m.group(1))):
-                os.remove(os.path.join(d, n))
-        for n in list(subdirs):
-            if re.fullmatch(r".+\.shards\.\d+\.tmp", n):
-                shutil.rmtree(os.path.join(d, n))
-                subdirs.remove(n)
-
-
-@contextlib.contextmanager
-def hold_folder(folder):
-    """One writer per folder: an exclusive flock on `folder`/.writer.lock for the life of the block, created with
-    the folder if needed. The kernel drops the lock when the process dies, so a crash or a kill never leaves a
-    stale one; a second process is refused with one line naming the folder and the holder's pid and command.
-    The folder is probed for writing on the way (a read-only folder is refused before any work), and the
-    temporaries of an earlier killed save are removed. Re-entrant within a process (ablation.py trains in
-    process); under torchrun only global rank 0, the one that writes, takes it. On release the lock file is
-    removed, and the folder too if the block created it and left it empty (a refused command leaves nothing)."""
-    import fcntl
-    if int(os.environ.get("RANK", "0")) != 0:
-        yield
-        return
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UserError(f"{folder!r} is a file: need a folder to write into")
-    key = os.path.realpath(folder)
-    if key in _HELD:
-        _HELD[key][1] += 1
-        try:
-            yield
-        finally:
-            _HELD[key][1] -= 1
-        return
-    created = not os.path.exists(folder)
-    path = os.path.join(folder, LOCK_FILE)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        while True:
-            f = open(path, "a+")
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                holder = f.read().strip() or "a process that has not written its pid yet"
-                f.close()
-                raise UserError(f"{folder} is being written by another process ({holder[:160]}): one writer per "
-                                f"folder; wait for it to finish, stop it, or choose another folder") from None
-            # the holder before us may have removed the file after we opened it: then ours is an orphan
-            try:
-                same = os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            f.close()
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}: {' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])}\n")
-        f.flush()
-    except OSError as e:
-        if created and os.path.isdir(folder) and not os.listdir(folder):
-            os.rmdir(folder)
-        raise UserError(f"cannot write into {folder!r} ({e.strerror or type(e).__name__}): need a folder this user "
-                        f"may write") from None
-    _HELD[key] = [f, 1]
-    try:
-        remove_stale_temporaries(folder)
-        yield
-    finally:
-        del _HELD[key]
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)  # before the unlock: a process that opened it meanwhile then sees it is an orphan
-        f.close()
-        if created and os.path.isdir(folder) and not os.listdir(folder):
-            os.rmdir(folder)

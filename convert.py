@@ -13,7 +13,8 @@ import os
 
 import torch
 
-from configurator import MODEL_MARKERS, UserError, check_outputs, hold_folder, run_main
+from configurator import UserError, positional_help, run_main
+from folders import MODEL_MARKERS, check_outputs, hold_folder
 from siglip import SigLIPConfig
 from tokenizer import (DecoderConfig, DualToken, DualTokenConfig, QuantizerConfig, checkpoint_files,
                        default_config, read_weights)
@@ -199,6 +200,9 @@ def load_dualtoken(path, siglip_config=None, dtype=torch.float32):
 
 
 def main(argv):
+    positional_help(argv, __name__, {"CKPT OUT_DIR": "the authors' checkpoint CKPT (their folder, .pt or .safetensors) "
+                                     "-> our folder OUT_DIR (config.json + model.safetensors); an OUT_DIR that "
+                                     "holds a model already is refused"})
     if len(argv) != 2:
         raise UserError("usage: python convert.py CKPT OUT_DIR   (CKPT: the authors' folder, .pt or .safetensors)")
     check_outputs([("CKPT", argv[0])], dirs=[("OUT_DIR", argv[1])])

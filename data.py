@@ -23,12 +23,14 @@ Why it is built the way it is:
 import hashlib
 import json
 import os
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from configurator import UserError, atomic_write, hold_folder, read_jsonl_records, read_lines, run_main
+from configurator import UserError, atomic_write, positional_help, read_jsonl_records, read_lines, run_main
+from folders import hold_folder
 
 # -----------------------------------------------------------------------------
 # the shapes world
@@ -70,9 +72,8 @@ class ShapesConfig:
     holdout_pairs: tuple = ()  # ((colour, shape), ...) never in train/val; only in the "holdout" split
     shapes: tuple = SHAPES     # ALL_SHAPES adds "diamond"
     val_fraction: float = 0.1  # share of the key space (by hash) that belongs to val
-    # True: a sample with a solid background also asks "what color is the background?" (BACKGROUND_NAMES).
-    # No caption names the background, so the teacher was never taught to keep it: linear probes read it
-    # from the pixel codes and barely from the semantic codes (docs/design.md, "Why two vocabularies")
+    # True: a solid background is also asked about, "what color is the background?": no caption names it,
+    # and probes read it from the pixel codes, barely from the semantic ones (design §9)
     detail_qa: bool = False
 
 
@@ -277,8 +278,7 @@ def vocabulary(shapes=ALL_SHAPES):
     words = ["a", "an", "and", "the", "is", "are", "there", "what", "where", "how", "many", "color", "shape",
              "size", "object", "objects", "yes", "no", "in", "at", "on", "describe", "image", "?", ".", ","]
     words += list(COLORS) + list(shapes) + [s + "s" for s in shapes] + list(SIZES) + list(NUMBERS)
-    words += [w for p in CELLS + CELL_PHRASES for w in p.split()]
-    words += ["background", *BACKGROUND_NAMES]  # the detail question (ShapesConfig.detail_qa)
+    words += [w for p in CELLS + CELL_PHRASES for w in p.split()] + ["background", *BACKGROUND_NAMES]
     return tuple(dict.fromkeys(words))  # first occurrence order, no duplicates
 
 
@@ -343,7 +343,7 @@ def grid_png(rows, path, labels=None, pad=2, scale=0):
     width = ncol * (W + pad) + pad
     line_h, chars = 12, max(8, width // 6)
     wrapped = [[]] * len(rows) if labels is None else \
-        [[lab[i:i + chars] for i in range(0, len(lab), chars)] or [""] for lab in labels]
+        [textwrap.wrap(lab, chars, break_long_words=True) or [""] for lab in labels]  # at word boundaries
     heights = [H + pad + len(w) * line_h for w in wrapped]
     canvas = Image.new("RGB", (width, sum(heights) + pad), (255, 255, 255))
     draw, y = ImageDraw.Draw(canvas), pad
@@ -634,11 +634,8 @@ class ImageCaptionDataset(_ImageFiles):
         if os.path.isdir(source):
             for p in _list_images(source):
                 txt = os.path.splitext(p)[0] + ".txt"
-                try:  # a caption that is not UTF-8 is skipped and counted, like an image that does not decode
-                    cap = open(txt, encoding="utf-8").read().strip() if os.path.isfile(txt) else ""
-                except UnicodeDecodeError:
-                    cap = ""
-                if cap:
+                cap = open(txt, encoding="utf-8", errors="replace").read().strip() if os.path.isfile(txt) else ""
+                if cap and "\ufffd" not in cap:  # a caption that is not UTF-8 is skipped and counted, like a bad image
                     items.append((p, cap, None, []))
                 else:
                     dropped += 1
@@ -665,18 +662,16 @@ def _int_arg(argv, i, name, default):
 
 
 def main(argv):
-    # python data.py [n]: the shapes world and its sampling speed on n val renders (checker.py [n]: accuracy)
     import time
-
+    positional_help(argv, __name__, {
+        "[N]": "three train samples of the shapes world and its sampling speed on N val renders (default 1000)",
+        "export DIR [N] [SIZE]": f"N (default 16) held-out val PNGs of SIZE px (default {ShapesConfig.image_size}; the "
+        "tokenizer's image_size: nothing is resampled), same-name .txt captions, captions.txt, questions.jsonl"})
     if argv and argv[0] == "export":
-        # python data.py export DIR [n] [size]: n held-out val PNGs + same-name .txt captions (an ImageCaption-
-        # Dataset folder), captions.txt, questions.jsonl; at the tokenizer's image_size nothing is resampled
         if len(argv) < 2:
             raise UserError("usage: python data.py export DIR [N] [SIZE]")
-        out, n = argv[1], _int_arg(argv, 2, "N", 16)
-        size = _int_arg(argv, 3, "SIZE", ShapesConfig.image_size)
-        world = ShapesWorld(ShapesConfig(image_size=size))
-        caps, qs = [], []
+        out, n, size = argv[1], _int_arg(argv, 2, "N", 16), _int_arg(argv, 3, "SIZE", ShapesConfig.image_size)
+        world, caps, qs = ShapesWorld(ShapesConfig(image_size=size)), [], []
         with hold_folder(out):
             for i in range(n):
                 s = world.sample("val", i)

@@ -49,8 +49,8 @@ from evaluation import blind_baseline, derangement, question_type, scores as _sc
 from pipeline import (check_texts, compile_tokenizer, gen_prompt, image_codes, load_image_tokenizer, load_pair,
                       make_batch, sampling_settings)
 import train_utils as tu
-from configurator import (UserError, check_outputs, config_dict, parse_config, path_fields, probe_writable,
-                          read_lines, run_main)
+from configurator import UserError, command, config_dict, parse_config, read_lines, run_main
+from folders import check_result_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES_TEMPLATES = ("a {}", "a photo of a {}", "a small {}", "a large {}")  # train_siglip / train_tokenizer's
@@ -141,6 +141,7 @@ def _labels(batch, classes):
 
 @torch.no_grad()
 def eval_tokenizer(cfg):
+    """A tokenizer's reconstruction (PSNR, SSIM, LPIPS, rFID), zero-shot through its semantic codes, code statistics."""
     from tqdm import tqdm
     from losses import lpips_or_none
     from siglip import SigLIP
@@ -199,7 +200,7 @@ def eval_tokenizer(cfg):
     codes_pix, codes_sem = torch.cat(pix), torch.cat(sem) if sem else None
     if cfg.data == "shapes":  # the first (at most 200) reconstruction samples, with their objects and background
         cs = [recon_ds.world.sample("val", i) for i in range(min(len(recon_ds), 200))]
-        res["code_structure"] = code_structure(model, cs, cfg, device, autocast)
+        res["code_structure"] = evaluation.code_structure(model, cs, cfg.batch_size, device, autocast)
 
     # zero-shot: one classifier from the tokenizer's (frozen) text tower, else the teacher's
     zs = {"classes": len(classes), "templates": len(templates)}
@@ -460,49 +461,6 @@ def tokenizer_ceiling(image_tok, samples, cfg, device, autocast):
                               autocast)
 
 
-@torch.no_grad()
-def code_structure(image_tok, samples, cfg, device, autocast):
-    """How easy the pixel codes are to generate, on the shapes world (issue: generation-friendly codes).
-    - depth_curve[d-1]: the checker on the decodings of only the first d pixel depths of the true codes
-      (coarse to fine: what a generator gets right if only its first d depths are right);
-    - background: on solid-background images, the patches with no object pixel: how many distinct full
-      code stacks they get, against the number of background colours among them (1 stack per colour is
-      ideal; a stack per patch means the codes carry noise the generator must reproduce)."""
-    P = image_tok.config.siglip.vision.patch_size
-    D = image_tok.config.vq_pix.depth
-    codes = []
-    for k in range(0, len(samples), cfg.batch_size):
-        x = torch.stack([data.to_tensor(s["image"]) for s in samples[k:k + cfg.batch_size]]).to(device)
-        codes.append(image_tok.encode(x)[0].cpu())  # fp32 (DualToken.encode), like the training cache
-    codes = torch.cat(codes)  # (n, h, w, D)
-    truth = [s["objects"] for s in samples]
-    curve = []
-    for d in range(1, D + 1):
-        ims = []
-        for k in range(0, len(samples), cfg.batch_size):
-            c = codes[k:k + cfg.batch_size, ..., :d].to(device)
-            with autocast:
-                z = image_tok.quantizer_pix.embed_per_depth(c).sum(-2)  # (B, h, w, c): the first d depths only
-                ims.append(data.to_image(image_tok.decode_latent(z).float()))
-        sc = checker.score_images(np.concatenate(ims), truth)
-        curve.append({k: sc[k] for k in ("all_correct", "count") + checker.ATTRS})
-    stacks, colours, n_patches = set(), set(), 0
-    for s, c in zip(samples, codes):
-        bg = s.get("background")
-        if bg is None or bg[0] != "solid":
-            continue
-        im = np.asarray(s["image"])
-        col = np.array(data.BACKGROUNDS[bg[1]], np.uint8)
-        h, w = c.shape[:2]
-        flat = (im.reshape(h, P, w, P, 3) == col).all(-1).all(3).all(1)  # (h, w): patch is pure background
-        for i, j in zip(*np.nonzero(flat)):
-            stacks.add(tuple(c[i, j].tolist()))
-            n_patches += 1
-        colours.add(bg[1])
-    return dict(depth_curve=curve, background=dict(patches=n_patches, distinct_stacks=len(stacks),
-                                                   colours=len(colours)), n=len(samples))
-
-
 def eval_qa_file(cfg):
     """eval.py mllm --data=QA.jsonl: evaluation.qa_file on the user's questions; each distinct image is read
     (data.read_image: shortest side to R, centre crop, as train_mllm reads a JSONL) and encoded once."""
@@ -533,6 +491,7 @@ def eval_qa_file(cfg):
 
 
 def eval_mllm(cfg):
+    """An MLLM's QA and drawings on the shapes world beside their controls, or its QA on your questions."""
     if cfg.data != "shapes":
         if not cfg.data.endswith(".jsonl"):
             raise UserError(f"--data={cfg.data!r}: expected 'shapes' or a .jsonl of question lines")
@@ -628,8 +587,8 @@ class EvalT2IConfig(EvalMLLMCommon):
 
 
 def eval_t2i(cfg):
-    """evaluation.t2i on the user's captions; real images are read at the tokenizer's resolution R like the
-    MLLM's training data (data.read_image), so real and generated lose the same detail before the judge."""
+    """Text to image on your captions, scored by a SigLIP judge (evaluation.t2i); real images are read at the
+    tokenizer's resolution R like the MLLM's training data (data.read_image): both lose the same detail."""
     from siglip import SigLIP
     if not cfg.captions or not cfg.siglip:
         raise UserError("eval.py t2i needs --captions=FILE and --siglip=FOLDER (a SigLIP with its text tower)")
@@ -682,67 +641,6 @@ class EvalProbesConfig:
     out: str = ""                # '' -> <tokenizer>/probes.json
 
 
-PROBES = {  # name: (what is probed, the features it reads)
-    "color": ("the object's colour (6)", "its cell's positions, concatenated"),
-    "shape": ("the object's shape (3)", "its cell's positions, concatenated"),
-    "size": ("the object's size (2)", "its cell's positions, concatenated"),
-    "offset_x": ("a small object's horizontal offset in its cell (pixels)", "its cell's positions, concatenated"),
-    "offset_y": ("a small object's vertical offset in its cell (pixels)", "its cell's positions, concatenated"),
-    "cell": ("which of the 9 cells a position of an object's cell lies in", "one position"),
-    "background_color": ("the background colour (5) of a solid background", "one object-free position"),
-    "background_shading": ("plain or shaded (gradient) background", "every position of the image, concatenated"),
-}
-
-
-def probe_sets(samples, emb, g):
-    """emb (n, g, g, d) per-position code embeddings -> {probe: (features (m, f), labels (m,), image of each row)}."""
-    c = g // 3  # positions per cell side
-    rows = {k: ([], [], []) for k in PROBES}
-
-    def add(k, f, y, i):
-        rows[k][0].append(f)
-        rows[k][1].append(y)
-        rows[k][2].append(i)
-    for i, s in enumerate(samples):
-        e = emb[i]  # (g, g, d)
-        taken = set()
-        for o, (dx, dy) in zip(s["objects"], s["jitter"]):
-            r, col = divmod(data.CELLS.index(o["cell"]), 3)
-            taken.add((r, col))
-            f = e[r * c:(r + 1) * c, col * c:(col + 1) * c].reshape(-1)  # (c*c*d,)
-            add("color", f, list(data.COLORS).index(o["color"]), i)
-            add("shape", f, data.ALL_SHAPES.index(o["shape"]), i)
-            add("size", f, data.SIZES.index(o["size"]), i)
-            if o["size"] == "small":
-                add("offset_x", f, dx, i)
-                add("offset_y", f, dy, i)
-            for pr in range(r * c, (r + 1) * c):
-                for pc in range(col * c, (col + 1) * c):
-                    add("cell", e[pr, pc], 3 * r + col, i)
-        if s["background"][0] == "solid":
-            for pr in range(g):
-                for pc in range(g):
-                    if (pr // c, pc // c) not in taken:
-                        add("background_color", e[pr, pc], s["background"][1], i)
-        add("background_shading", e.reshape(-1), int(s["background"][0] == "gradient"), i)
-    return {k: (torch.stack(f), torch.tensor(y), torch.tensor(im)) for k, (f, y, im) in rows.items() if f}
-
-
-@torch.no_grad()
-def code_embeddings(image_tok, samples, cfg, device):
-    """-> {stack: (n, g, g, d)}: each position's code embedding (the sum of its codebook vectors over the
-    depths, what the MLLM's projector reads) for every stack the tokenizer has."""
-    from pipeline import two_vocabularies
-    out = {"pix": [], "sem": []} if two_vocabularies(image_tok) else {"pix": []}
-    for k in range(0, len(samples), cfg.batch_size):
-        x = torch.stack([data.to_tensor(s["image"]) for s in samples[k:k + cfg.batch_size]]).to(device)
-        pix, sem = image_tok.encode(x)  # (B, g, g, D) each
-        out["pix"].append(image_tok.quantizer_pix.embed_per_depth(pix).sum(-2).float().cpu())
-        if "sem" in out:
-            out["sem"].append(image_tok.quantizer_sem.embed_per_depth(sem).sum(-2).float().cpu())
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
 def eval_probes(cfg):
     """Linear probes (evaluation.linear_probe) on the per-position code embeddings of each stack: which
     attributes of a shapes image a stack makes linearly readable. Images are split (not positions), so no
@@ -759,10 +657,10 @@ def eval_probes(cfg):
     n_fit = cfg.images * 3 // 4
     res = dict(tokenizer=cfg.tokenizer, layers=dict(pix=image_tok.config.layer_recon, sem=image_tok.config.layer_sem),
                tied=image_tok.config.tie_branches, images=cfg.images, n_fit_images=n_fit,
-               probes={k: dict(target=t, features=f) for k, (t, f) in PROBES.items()}, results={})
-    for stack, emb in code_embeddings(image_tok, samples, cfg, device).items():
+               probes={k: dict(target=t, features=f) for k, (t, f) in evaluation.PROBES.items()}, results={})
+    for stack, emb in evaluation.code_embeddings(image_tok, samples, cfg.batch_size, device).items():
         res["results"][stack] = {}
-        for k, (x, y, im) in probe_sets(samples, emb, g).items():
+        for k, (x, y, im) in evaluation.probe_sets(samples, emb, g).items():
             fit, test = im < n_fit, im >= n_fit
             if len(torch.unique(y[fit])) < 2 or not test.any():
                 continue
@@ -771,7 +669,7 @@ def eval_probes(cfg):
     print(f"linear probes on {cfg.tokenizer} ({cfg.images} shapes train images, {n_fit} fit / {cfg.images - n_fit} "
           f"scored; accuracy on the scored images, majority-class baseline in brackets)")
     print(f"   {'probe':20s} " + "  ".join(f"{s:>16s}" for s in stacks))
-    for k in PROBES:
+    for k in evaluation.PROBES:
         cells = [res["results"][s].get(k) for s in stacks]
         print(f"   {k:20s} " + "  ".join("             n/a" if r is None else
                                          f"{r['accuracy']:.3f} ({r['majority']:.3f})" for r in cells))
@@ -784,17 +682,12 @@ JOBS = {"tokenizer": (EvalTokenizerConfig, eval_tokenizer), "mllm": (EvalMLLMCon
 
 
 def main(argv):
-    if not argv or argv[0] not in JOBS:
-        raise UserError(f"usage: python eval.py {{{'|'.join(JOBS)}}} [config/preset.py] [--key=value ...]")
-    klass, fn = JOBS[argv[0]]
-    cfg = parse_config(klass(), argv[1:])
-    # the default --out is a result file beside the model; one the user names must not replace an input or a model
-    check_outputs(path_fields(cfg, skip=("out",)), files=[("--out", cfg.out)])
+    commands = {name: fn for name, (_, fn) in JOBS.items()}
+    name, argv = command(argv, commands)
+    klass, fn = JOBS[name]
+    cfg = parse_config(klass(), argv, name, commands)
     tu.check_values(cfg)
-    home = getattr(cfg, "mllm", "") or cfg.tokenizer  # the default --out goes beside the model
-    if cfg.out or os.path.isdir(home):
-        probe_writable(os.path.dirname(os.path.abspath(cfg.out)) if cfg.out else home, "give --out=FILE somewhere "
-                       "this user may write" if cfg.out else "give --out=FILE elsewhere")
+    check_result_file(cfg, "out", getattr(cfg, "mllm", "") or cfg.tokenizer)  # the default --out: beside the model
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     return fn(cfg)

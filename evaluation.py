@@ -8,7 +8,9 @@ controls), so that a model has one QA number and one generation number whoever m
 - generation: the first N held-out captions drawn with the run's recorded sampler (pipeline.sampling_settings
   falls back on it in eval.py; the trainer is what records it) from one generator seeded by `seed`,
   judged by checker.score_images plus object_errors (judge);
-- the tokenizer's ceiling: the same judge on the decodings of the images' true pixel codes;
+- the tokenizer's ceiling: the same judge on the decodings of the images' true pixel codes, and the code
+  structure (the judge on decodings of the first d depths; the code stacks of pure-background patches);
+- linear probes on the per-position code embeddings of each stack (eval.py probes, design §9);
 - the user's own files (eval.py mllm --data=QA.jsonl, eval.py t2i --captions=): their readers, checked line
   by line; QA on them with the same prompt and greedy answers plus a likelihood choice score (qa_file);
   captions drawn as generation() draws them, judged by a SigLIP (t2i).
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 import checker
 import data
 from configurator import UserError, read_jsonl_records, text_lines
-from pipeline import generate_images, make_batch, qa_prompt
+from pipeline import generate_images, make_batch, qa_prompt, two_vocabularies
 
 MAX_ANSWER_TOKENS = 16  # the shapes world's answers are one or two words
 
@@ -163,6 +165,49 @@ def ceiling(image_tok, pix, objects, batch_size, device, autocast=None):
         with autocast or nullcontext():
             ims.append(data.to_image(image_tok.decode(pix[k:k + batch_size].to(device)).float()))
     return judge(np.concatenate(ims), list(objects))
+
+
+@torch.no_grad()
+def code_structure(image_tok, samples, batch_size, device, autocast):
+    """How easy the pixel codes are to generate, on the shapes world (eval.py tokenizer).
+    - depth_curve[d-1]: the checker on the decodings of only the first d pixel depths of the true codes
+      (coarse to fine: what a generator gets right if only its first d depths are right);
+    - background: on solid-background images, the patches with no object pixel: how many distinct full
+      code stacks they get, against the number of background colours among them (1 stack per colour is
+      ideal; a stack per patch means the codes carry noise the generator must reproduce)."""
+    P = image_tok.config.siglip.vision.patch_size
+    D = image_tok.config.vq_pix.depth
+    codes = []
+    for k in range(0, len(samples), batch_size):
+        x = torch.stack([data.to_tensor(s["image"]) for s in samples[k:k + batch_size]]).to(device)
+        codes.append(image_tok.encode(x)[0].cpu())  # fp32 (DualToken.encode), like the training cache
+    codes = torch.cat(codes)  # (n, h, w, D)
+    truth = [s["objects"] for s in samples]
+    curve = []
+    for d in range(1, D + 1):
+        ims = []
+        for k in range(0, len(samples), batch_size):
+            c = codes[k:k + batch_size, ..., :d].to(device)
+            with autocast:
+                z = image_tok.quantizer_pix.embed_per_depth(c).sum(-2)  # (B, h, w, c): the first d depths only
+                ims.append(data.to_image(image_tok.decode_latent(z).float()))
+        sc = checker.score_images(np.concatenate(ims), truth)
+        curve.append({k: sc[k] for k in ("all_correct", "count") + checker.ATTRS})
+    stacks, colours, n_patches = set(), set(), 0
+    for s, c in zip(samples, codes):
+        bg = s.get("background")
+        if bg is None or bg[0] != "solid":
+            continue
+        im = np.asarray(s["image"])
+        col = np.array(data.BACKGROUNDS[bg[1]], np.uint8)
+        h, w = c.shape[:2]
+        flat = (im.reshape(h, P, w, P, 3) == col).all(-1).all(3).all(1)  # (h, w): patch is pure background
+        for i, j in zip(*np.nonzero(flat)):
+            stacks.add(tuple(c[i, j].tolist()))
+            n_patches += 1
+        colours.add(bg[1])
+    return dict(depth_curve=curve, background=dict(patches=n_patches, distinct_stacks=len(stacks),
+                                                   colours=len(colours)), n=len(samples))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -348,3 +393,63 @@ def linear_probe(x_fit, y_fit, x_test, y_test, l2=1e-3, iters=200):
     top = torch.mode(y_fit).values
     return dict(accuracy=float((pred == y_test).double().mean()), majority=float((y_test == top).double().mean()),
                 classes=len(classes), n_fit=len(y_fit), n_test=len(y_test))
+
+
+PROBES = {  # name: (what is probed, the features it reads)
+    "color": ("the object's colour (6)", "its cell's positions, concatenated"),
+    "shape": ("the object's shape (3)", "its cell's positions, concatenated"),
+    "size": ("the object's size (2)", "its cell's positions, concatenated"),
+    "offset_x": ("a small object's horizontal offset in its cell (pixels)", "its cell's positions, concatenated"),
+    "offset_y": ("a small object's vertical offset in its cell (pixels)", "its cell's positions, concatenated"),
+    "cell": ("which of the 9 cells a position of an object's cell lies in", "one position"),
+    "background_color": ("the background colour (5) of a solid background", "one object-free position"),
+    "background_shading": ("plain or shaded (gradient) background", "every position of the image, concatenated"),
+}
+
+
+def probe_sets(samples, emb, g):
+    """emb (n, g, g, d) per-position code embeddings -> {probe: (features (m, f), labels (m,), image of each row)}."""
+    c = g // 3  # positions per cell side
+    rows = {k: ([], [], []) for k in PROBES}
+
+    def add(k, f, y, i):
+        rows[k][0].append(f)
+        rows[k][1].append(y)
+        rows[k][2].append(i)
+    for i, s in enumerate(samples):
+        e = emb[i]  # (g, g, d)
+        taken = set()
+        for o, (dx, dy) in zip(s["objects"], s["jitter"]):
+            r, col = divmod(data.CELLS.index(o["cell"]), 3)
+            taken.add((r, col))
+            f = e[r * c:(r + 1) * c, col * c:(col + 1) * c].reshape(-1)  # (c*c*d,)
+            add("color", f, list(data.COLORS).index(o["color"]), i)
+            add("shape", f, data.ALL_SHAPES.index(o["shape"]), i)
+            add("size", f, data.SIZES.index(o["size"]), i)
+            if o["size"] == "small":
+                add("offset_x", f, dx, i)
+                add("offset_y", f, dy, i)
+            for pr in range(r * c, (r + 1) * c):
+                for pc in range(col * c, (col + 1) * c):
+                    add("cell", e[pr, pc], 3 * r + col, i)
+        if s["background"][0] == "solid":
+            for pr in range(g):
+                for pc in range(g):
+                    if (pr // c, pc // c) not in taken:
+                        add("background_color", e[pr, pc], s["background"][1], i)
+        add("background_shading", e.reshape(-1), int(s["background"][0] == "gradient"), i)
+    return {k: (torch.stack(f), torch.tensor(y), torch.tensor(im)) for k, (f, y, im) in rows.items() if f}
+
+
+@torch.no_grad()
+def code_embeddings(image_tok, samples, batch_size, device):
+    """-> {stack: (n, g, g, d)}: each position's code embedding (the sum of its codebook vectors over the
+    depths, what the MLLM's projector reads) for every stack the tokenizer has."""
+    out = {"pix": [], "sem": []} if two_vocabularies(image_tok) else {"pix": []}
+    for k in range(0, len(samples), batch_size):
+        x = torch.stack([data.to_tensor(s["image"]) for s in samples[k:k + batch_size]]).to(device)
+        pix, sem = image_tok.encode(x)  # (B, g, g, D) each
+        out["pix"].append(image_tok.quantizer_pix.embed_per_depth(pix).sum(-2).float().cpu())
+        if "sem" in out:
+            out["sem"].append(image_tok.quantizer_sem.embed_per_depth(sem).sum(-2).float().cpu())
+    return {k: torch.cat(v) for k, v in out.items()}

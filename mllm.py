@@ -18,6 +18,7 @@ Delimiters: <im_start> ... <im_end> around an image the model reads, <image_gen_
 
 Visual input: e_pix = sum over depths of the pixel codebook vectors of a position, e_sem likewise;
 [e_pix ; e_sem] -> Linear, GELU, Linear -> LLM width, written over the token embedding at that position.
+config.input_codes "pix" / "sem" reads one stack: the MLP's input is that stack's embedding alone (design §9).
 
 Visual output, next-token style: the hidden state at position t predicts the codes of image position
 t + 1 (so <image_gen_start> predicts the first image position, and the last image position predicts
@@ -30,7 +31,8 @@ Loss = w_text * text CE + w_pix * sum_d pixel CE_d + w_sem * sum_d semantic CE_d
 The frozen tokenizer codebooks enter as tensors through `set_codebooks` (this file never imports the
 tokenizer); they are stored as buffers of shape (depth, K, d), a shared book repeated per depth.
 
-The decoder blocks (RMSNorm, RoPE, KV cache, attention, MLP) live in llm.py; loading Hugging Face
+The decoder blocks (RMSNorm, RoPE, KV cache, attention, MLP) live in llm.py, the depth heads in
+depth_head.py; loading Hugging Face
 checkpoints in mllm_hf.py; our export and its use with the image and text tokenizers in pipeline.py.
 """
 import contextlib
@@ -41,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from depth_head import DepthHead, code_vectors, mlp2
 from llm import Block, KVCache, RMSNorm, rope_inv_freq, sample_logits
 
 @dataclass
@@ -94,7 +97,7 @@ class MLLMConfig:
     # that stack's input columns, so the other stack is absent from the model (not zeros fed through
     # trained weights). "sem" needs gen_sem (an image being drawn must carry the stack the model reads
     # back). input_codes="pix" with gen_sem False uses no semantic stack at all: the model of a
-    # one-vocabulary tokenizer (docs/design.md, "Why two vocabularies")
+    # one-vocabulary tokenizer (design §9)
     input_codes: str = "both"
     # gen_sem False (not in the paper): an image being generated carries its pixel codes only: no semantic
     # depth head, no semantic loss on it, and the semantic half of its input is zero. The decoder reads only
@@ -140,66 +143,6 @@ def tiny_config(**kw):
     return MLLMConfig(**dict(dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128, max_seq_len=256,
                                   pix_vocab=32, pix_dim=8, pix_depth=3, sem_vocab=24, sem_dim=6, sem_depth=2,
                                   head_n_layer=2, head_n_embd=32, head_n_head=2), **kw))
-
-
-# ----------------------------------------------------------------------------------------------------
-# depth heads
-
-def mlp2(n_in, n_hidden, n_out):
-    """The paper's 2-layer projector (Linear, GELU, Linear)."""
-    return nn.Sequential(nn.Linear(n_in, n_hidden), nn.GELU(), nn.Linear(n_hidden, n_out))
-
-
-def code_vectors(book, codes):
-    """book (D, K, d), codes (N, D) -> the codebook vector of every depth (N, D, d)."""
-    return book[torch.arange(codes.shape[1], device=codes.device)[None], codes]
-
-
-class DepthHead(nn.Module):
-    """Causal transformer over the depth axis of one position (RQ-Transformer / VILA-U style)."""
-
-    def __init__(self, cfg, K, d, D):
-        super().__init__()
-        self.code_logits = cfg.head_code_logits
-        Ch = cfg.head_n_embd or cfg.n_embd
-        nh = cfg.head_n_head or cfg.n_head
-        if Ch % nh:
-            raise ValueError(f"head_n_embd {Ch} is not divisible by head_n_head {nh}")
-        self.proj = mlp2(cfg.n_embd, Ch, Ch)  # LLM hidden state -> depth 1
-        self.code_in = nn.Linear(d, Ch)  # partial sum of code vectors -> depth d > 1
-        self.pos = nn.Parameter(torch.randn(D, Ch) * 0.02)
-        self.blocks = nn.ModuleList(Block(Ch, nh, nh, Ch // nh, 4 * Ch, cfg.rms_norm_eps)
-                                    for _ in range(cfg.head_n_layer))
-        self.norm = RMSNorm(Ch, cfg.rms_norm_eps)
-        self.cls = nn.ModuleList(nn.Linear(Ch, K, bias=False) for _ in range(D))
-        self.to_code = nn.ModuleList(nn.Linear(Ch, d, bias=False) for _ in range(D)) if self.code_logits else None
-        self.log_scale = nn.Parameter(torch.zeros(D)) if self.code_logits else None
-
-    def classify(self, x, i, book):
-        """x (M, Ch) at depth i -> logits (M, K): a free linear classifier, plus with code_logits the
-        negative squared distance of a predicted code-space vector z to book[i]'s codes, scaled. The free
-        part keeps a multimodal choice possible (a distance to one z alone is unimodal: under doubt z drifts
-        to the mean of the candidates and the nearest code to that mean can be anything: measured with the
-        distance term alone, 5.7 false objects per generated image, docs/experiments.md run p4)."""
-        logits = self.cls[i](x)
-        if not self.code_logits:
-            return logits
-        z = self.to_code[i](x).float()  # (M, d)
-        c = book[i].float()  # (K, d)
-        return logits.float() + self.log_scale[i].exp() * (2 * z @ c.t() - c.pow(2).sum(-1))  # -|z-c|^2 + |z|^2
-
-    def forward(self, h, cum, last_only=False, book=None):
-        """h (M, C) hidden states, cum (M, n, d) partial sums for depths 1..n -> logits of depths
-        1..n+1 (M, n+1, K), or only depth n+1 (M, K) when sampling. book (D, K, d): the codebooks (needed
-        with code_logits)."""
-        n = cum.shape[1]
-        x = torch.cat([self.proj(h)[:, None], self.code_in(cum)], 1) + self.pos[:n + 1]  # (M, n+1, Ch)
-        for blk in self.blocks:
-            x = blk(x, None, "causal" if n else None)
-        x = self.norm(x)
-        if last_only:
-            return self.classify(x[:, n], n, book)  # (M, K)
-        return torch.stack([self.classify(x[:, i], i, book) for i in range(n + 1)], 1)  # (M, n+1, K)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -663,15 +606,25 @@ class MLLM(nn.Module):
         return out
 
     def _sample_depths(self, head, book, h, B, cfg_scale, temperature, top_k, top_p, generator,
-                       fine_temperature=None):
+                       fine_temperature=None, use_cache=True):
         """Sample all depths of one position. h (B or 2B, C); with CFG rows [cond; uncond] and the
         guided logits u + s * (c - u) at every depth; the sampled code is written to both halves.
-        fine_temperature (None = temperature) applies to depths 2.. (0 = greedy there)."""
+        fine_temperature (None = temperature) applies to depths 2.. (0 = greedy there). use_cache: one head
+        pass per depth over a KV cache (DepthHead.step); False re-runs the head over every earlier depth
+        at each depth (D(D+1)/2 passes: the reference the cache is tested and benchmarked against)."""
         D = book.shape[0]
         codes = torch.zeros(h.shape[0], D, dtype=torch.long, device=h.device)
+        cache = head.new_cache(h.shape[0], h.device, h.dtype) if use_cache else None
+        x, run = (head.proj(h), 0.0) if use_cache else (None, None)
         for d in range(D):
-            cum = code_vectors(book, codes[:, :d]).cumsum(1).to(h.dtype)  # (B', d, dim)
-            logits = head(h, cum, last_only=True, book=book).float()  # (B', K)
+            if use_cache:
+                if d:
+                    run = run + book[d - 1][codes[:, d - 1]]  # (B', dim) partial sum of depths < d, in the book's dtype
+                    x = head.code_in(run.to(h.dtype))
+                logits = head.step(x, d, cache, book).float()  # (B', K)
+            else:
+                cum = code_vectors(book, codes[:, :d]).cumsum(1).to(h.dtype)  # (B', d, dim)
+                logits = head(h, cum, last_only=True, book=book).float()  # (B', K)
             if cfg_scale is not None:
                 c, u = logits[:B], logits[B:]
                 logits = u + cfg_scale * (c - u)
@@ -682,16 +635,19 @@ class MLLM(nn.Module):
 
     @torch.no_grad()
     def generate_image(self, prompt_ids, num_positions, cfg_scale=3.0, temperature=1.0, top_k=None,
-                       top_p=None, generator=None, use_cache=True, fine_temperature=None):
+                       top_p=None, generator=None, use_cache=True, fine_temperature=None, depth_cache=None):
         """Caption -> (pix_codes (B, N, Dp), sem_codes (B, N, Ds)). prompt_ids: list of B caption token
         lists; sequence per row: [bos] caption <image_gen_start>, then N positions. CFG doubles the batch
         with the empty caption ([bos] <image_gen_start>); cfg_scale=None turns guidance (and the extra
-        half) off. Only the pixel codes go to the decoder; that is the caller's job. sem_codes is None when
+        half) off. use_cache=False: no KV cache in the trunk nor along the depths (the reference path);
+        depth_cache (None = use_cache) sets the depth heads' cache alone. Only the pixel codes go to the
+        decoder; that is the caller's job. sem_codes is None when
         config.gen_sem is False. fine_temperature (None = temperature): the temperature of depths 2.., e.g.
         0 to sample only the first (coarse) code of each position and take the most likely refinement."""
         cfg, B = self.config, len(prompt_ids)
         if cfg.image_gen_start_id is None:
             raise ValueError("generate_image: config has no image_gen_start_id token")
+        dc = use_cache if depth_cache is None else depth_cache
         caps = [list(p) for p in prompt_ids] + ([[]] * B if cfg_scale is not None else [])
         batch = collate_sequences(cfg, [build_sequence(cfg, [c + [cfg.image_gen_start_id]]) for c in caps])
         dev = self.embed.weight.device
@@ -702,10 +658,10 @@ class MLLM(nn.Module):
         pix, sem = [], []
         for n in range(num_positions):
             p = self._sample_depths(self.pix_head, self.pix_book, h, B, cfg_scale, temperature, top_k, top_p,
-                                    generator, fine_temperature)
+                                    generator, fine_temperature, dc)
             s = None if self.sem_head is None else \
                 self._sample_depths(self.sem_head, self.sem_book, h, B, cfg_scale, temperature, top_k, top_p, generator,
-                                    fine_temperature)
+                                    fine_temperature, dc)
             pix.append(p[:B])
             sem.append(None if s is None else s[:B])
             if n + 1 == num_positions:

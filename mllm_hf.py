@@ -13,7 +13,8 @@ from dataclasses import fields
 
 import torch
 
-from configurator import UserError, model_kind
+from configurator import UserError
+from folders import model_kind
 from mllm import MLLM, MLLMConfig
 
 # Presets naming the released shapes (hub config.json of Qwen/Qwen2.5-*). Qwen2.5 has no bos token and

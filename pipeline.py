@@ -14,7 +14,8 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from configurator import UserError, model_kind
+from configurator import UserError
+from folders import model_kind
 from llm import rope_inv_freq
 from mllm import MLLM, MLLMConfig, build_sequence, collate_sequences, make_targets
 

@@ -7,12 +7,6 @@ Use the trained (or released) models: three jobs, one script, typed `--key=value
     python sample.py answer --mllm=out-shapes/mllm --tokenizer=out-shapes/tokenizer \\
         --image=img.png --question="what color is the circle?"
 
-reconstruct: image(s) -> tokenizer -> pixel codes -> decoder; a PNG grid (original | reconstruction per
-row) plus one PNG per reconstruction and per-image PSNR. generate: captions -> MLLM image codes (CFG,
-temperature, top-k, top-p, seed) -> tokenizer decode of the PIXEL codes only (spec section 3); a PNG grid
-with the captions written under the rows and the sampling settings in a JSON file beside it. answer: an
-image and a question -> the MLLM's text answer (greedy by default).
-
 Tokenizer: our folder or the authors' release (`convert.load_dualtoken`; `--siglip_config` when the
 release's absolute SigLIP path is not on this machine). MLLM: a folder/file written by train_mllm.py.
 """
@@ -27,15 +21,16 @@ from metrics import psnr
 from pipeline import (check_texts, compile_tokenizer, generate_images, image_codes, load_image_tokenizer, load_pair,
                       qa_prompt, sampling_settings)
 import train_utils as tu
-from configurator import (UserError, check_outputs, config_dict, hold_folder, parse_config, path_fields, read_lines,
-                          run_main, text_lines)
+from configurator import UserError, command, config_dict, parse_config, read_lines, run_main, text_lines
+from folders import check_outputs, hold_folder, path_fields
 
 
 @dataclass
 class Common:
+    """The keys every job takes."""
     tokenizer: str = ""        # tokenizer folder (ours) or the authors' release; MLLM jobs: '' -> the one it was trained with
     siglip_config: str = ""    # authors' release only: SigLIP folder / config.json if pretrained_model is absent
-    out_dir: str = "out-samples"
+    out_dir: str = "out-samples"  # where the job writes its PNGs and JSON
     device: str = ""           # '' -> cuda > mps > cpu
     dtype: str = "bfloat16"    # autocast on cuda only
     seed: int = 0
@@ -110,6 +105,8 @@ class ReconstructConfig(Common):
 
 @torch.no_grad()
 def reconstruct(cfg):
+    """Image(s) -> tokenizer -> pixel codes -> decoder: a PNG grid (original | reconstruction per row) plus one
+    PNG per reconstruction and per-image PSNR."""
     device = _device(cfg)
     model = load_image_tokenizer(cfg.tokenizer, cfg.siglip_config, device)
     if cfg.compile:
@@ -169,7 +166,7 @@ class GenerateConfig(Common):
     mllm: str = ""             # out_dir of train_mllm.py
     check_hash: bool = True    # refuse a tokenizer whose hash differs from the one the MLLM recorded
     captions: str = ""         # one caption, or a file with one caption per line (sample.text_or_file)
-    num_per_caption: int = 4
+    num_per_caption: int = 4   # images drawn per caption (one grid row each)
     # sampler; None: as the MLLM's trainer evaluated it (its config.json "sampling"), see sampling_settings
     cfg_scale: Optional[float] = None         # <= 0: no classifier-free guidance (and no unconditional half)
     temperature: Optional[float] = None       # 0: greedy
@@ -181,6 +178,9 @@ class GenerateConfig(Common):
 
 @torch.no_grad()
 def generate(cfg):
+    """Captions -> MLLM image codes (CFG, temperature, top-k, top-p, seed) -> tokenizer decode of the PIXEL codes
+    only (spec section 3): a PNG grid with the captions written under the rows and the sampling settings in a
+    JSON file beside it."""
     device = _device(cfg)
     if cfg.num_per_caption < 1:
         raise UserError(f"--num_per_caption={cfg.num_per_caption}: need at least 1 image per caption")
@@ -214,11 +214,11 @@ def generate(cfg):
 
 @dataclass
 class AnswerConfig(Common):
-    mllm: str = ""
-    check_hash: bool = True
-    image: str = ""
-    question: str = ""
-    max_new_tokens: int = 32
+    mllm: str = ""             # out_dir of train_mllm.py
+    check_hash: bool = True    # refuse a tokenizer whose hash differs from the one the MLLM recorded
+    image: str = ""            # the image file asked about
+    question: str = ""         # one question, as text
+    max_new_tokens: int = 32   # the answer's length limit in text tokens
     temperature: float = 0.0   # 0: greedy
     top_k: int = 0             # <= 0: off
     top_p: float = 0.0         # <= 0 or >= 1: off
@@ -226,6 +226,7 @@ class AnswerConfig(Common):
 
 @torch.no_grad()
 def answer(cfg):
+    """An image and a question -> the MLLM's text answer (greedy by default), printed and kept in answer.json."""
     device = _device(cfg)
     if not cfg.image or not os.path.isfile(cfg.image):
         raise UserError(f"--image={cfg.image!r}: need an existing image file")
@@ -256,10 +257,10 @@ JOBS = {"reconstruct": (ReconstructConfig, reconstruct), "generate": (GenerateCo
 
 
 def main(argv):
-    if not argv or argv[0] not in JOBS:
-        raise UserError(f"usage: python sample.py {{{'|'.join(JOBS)}}} [config/preset.py] [--key=value ...]")
-    klass, fn = JOBS[argv[0]]
-    cfg = parse_config(klass(), argv[1:])
+    commands = {name: fn for name, (_, fn) in JOBS.items()}
+    name, argv = command(argv, commands)
+    klass, fn = JOBS[name]
+    cfg = parse_config(klass(), argv, name, commands)
     check_outputs(path_fields(cfg, skip=("out_dir",)), dirs=[("--out_dir", cfg.out_dir)])
     tu.check_values(cfg)
     if cfg.threads:

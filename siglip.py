@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import UserError, model_kind
+from configurator import UserError
+from folders import model_kind
 
 # -----------------------------------------------------------------------------
 # configuration (field names are Hugging Face's, so config.json maps 1:1)

@@ -23,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train_utils as tu
-from configurator import UserError, model_kind
+from configurator import UserError
+from folders import model_kind
 from rvq import ResidualVQ
 from siglip import SigLIP, SigLIPConfig
 

@@ -53,7 +53,8 @@ import checker
 import evaluation
 import mllm_hf
 import train_utils as tu
-from configurator import PROGRESS, UserError, config_dict, hold_folder, parse_config, run_main
+from configurator import PROGRESS, UserError, config_dict, parse_config, run_main
+from folders import hold_folder
 import pipeline
 from llm import rope_inv_freq
 from mllm import INPUT_CODES, MLLM, MLLMConfig

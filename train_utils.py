@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from configurator import UserError, atomic_write, check_outputs, hold_folder, path_fields
+from configurator import UserError, atomic_write
+from folders import check_outputs, hold_folder, path_fields
 
 
 def default_device():
@@ -625,8 +626,8 @@ def require_path(value, key, kind="dir", hint=""):
 
 def holds(key, also=(), unused=()):
     """Decorator for a command `fn(cfg)` that writes the folder cfg.<key> (and the folders cfg.<also>): before
-    any work its outputs are checked against every path the config reads (configurator.check_outputs; the
-    keys `unused` are neither), then it runs holding cfg.<key> (configurator.hold_folder: one writer per
+    any work its outputs are checked against every path the config reads (folders.check_outputs; the
+    keys `unused` are neither), then it runs holding cfg.<key> (folders.hold_folder: one writer per
     folder, released on return, on an error and when the process dies)."""
     def wrap(fn):
         @functools.wraps(fn)

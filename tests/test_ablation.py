@@ -259,6 +259,8 @@ def test_ablation_mllm_tiny_end_to_end(tmp_path, capsys):
     saved = json.load(open(D / "ablation_mllm.json"))
     assert len(saved["runs"]) == 5 and saved["commit"] and saved["machine"] and "| `dual` |" in saved["table"]
     assert (D / "ablation_mllm.md").read_text().startswith("| variant |")
+    from PIL import Image
+    assert Image.open(D / "ablation_mllm.png").size[0] > 4 * 32  # the true image + three variants per caption
 
     def keys(run):
         with safe_open(str(D / run / "model.safetensors"), "pt") as f:

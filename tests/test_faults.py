@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import configurator
+import folders
 import train_utils as tu
 from conftest import ROOT
 from test_errors import PRESET, md5s, run
@@ -52,7 +53,7 @@ def test_a_held_folder_refuses_every_second_writer(preset, tmp_path):
     assert run("train_siglip", [preset, f"--out_dir={out}"])[0] == 0
     before = md5s(out)
     abl = str(tmp_path / "abl")
-    with configurator.hold_folder(out), configurator.hold_folder(abl):
+    with folders.hold_folder(out), folders.hold_folder(abl):
         held = md5s(out)
         for script, argv in (("train_siglip", [preset, f"--out_dir={out}", "--resume=True", "--max_steps=3"]),
                              ("train_siglip", [preset, f"--out_dir={out}", "--overwrite=True"]),
@@ -62,7 +63,7 @@ def test_a_held_folder_refuses_every_second_writer(preset, tmp_path):
             folder = abl if script == "ablation" else out
             held_by = rf"{re.escape(folder)} is being written by another process \(pid {os.getpid()}: "
             assert re.search(held_by, line), line
-        assert md5s(out) == held and os.listdir(abl) == [configurator.LOCK_FILE]
+        assert md5s(out) == held and os.listdir(abl) == [folders.LOCK_FILE]
     assert md5s(out) == before and not os.path.exists(abl)  # the lock file removed, the folder it made too
 
 
@@ -70,21 +71,21 @@ def test_a_process_holds_a_folder_once(tmp_path):
     """Within one process the lock is re-entrant (ablation.py trains its runs in process); a folder that is a file
     or cannot be written is one line before any work."""
     d = str(tmp_path / "d")
-    with configurator.hold_folder(d):
-        with configurator.hold_folder(d):
-            assert os.path.isfile(os.path.join(d, configurator.LOCK_FILE))
-        assert os.path.isfile(os.path.join(d, configurator.LOCK_FILE))
+    with folders.hold_folder(d):
+        with folders.hold_folder(d):
+            assert os.path.isfile(os.path.join(d, folders.LOCK_FILE))
+        assert os.path.isfile(os.path.join(d, folders.LOCK_FILE))
     assert not os.path.exists(d)
     (tmp_path / "f").write_text("x")
     with pytest.raises(configurator.UserError, match="is a file: need a folder"):
-        with configurator.hold_folder(str(tmp_path / "f")):
+        with folders.hold_folder(str(tmp_path / "f")):
             pass
     if os.geteuid() != 0:  # root writes anywhere
         ro = tmp_path / "ro"
         ro.mkdir()
         ro.chmod(0o500)
         with pytest.raises(configurator.UserError, match="cannot write into"):
-            with configurator.hold_folder(str(ro / "out")):
+            with folders.hold_folder(str(ro / "out")):
                 pass
 
 
@@ -117,7 +118,7 @@ def test_resume_while_running_then_ctrl_c_then_resume(preset, tmp_path):
     reached, ckpt = int(m.group(1)), int(m.group(2))
     assert ckpt % 4 == 0 and 4 <= ckpt <= reached
     assert torch.load(state, weights_only=True)["step"] == ckpt
-    assert not temporaries(out) and not os.path.exists(os.path.join(out, configurator.LOCK_FILE))
+    assert not temporaries(out) and not os.path.exists(os.path.join(out, folders.LOCK_FILE))
     assert train_steps(out) == list(range(1, reached + 1))
     rc, text, err = run("train_siglip", [*args, f"--max_steps={reached + 2}", "--resume=True"])
     assert rc == 0, err[-3000:]
@@ -204,7 +205,7 @@ def test_stale_temporaries_of_dead_processes_only(tmp_path):
     live = d / f".eval_mllm.json.tmp{os.getpid()}"
     for f in (*gone, live):
         f.write_bytes(b"partial")
-    with configurator.hold_folder(str(d)):
+    with folders.hold_folder(str(d)):
         pass
     assert not any(f.exists() for f in gone) and live.exists()
     assert not (d / "train_state.pt.shards.00000004.tmp").exists()

@@ -108,12 +108,12 @@ def test_one_home_per_name():
 
 
 # What writes a file or a folder a user keeps (the project's writers and the os calls behind them), and what guards a
-# command that does: configurator.check_outputs (an output never lands on an input or a model's files) and
-# configurator.hold_folder (one writer per folder); train_utils.holds does both around a trainer.
+# command that does: folders.check_outputs (an output never lands on an input or a model's files) and
+# folders.hold_folder (one writer per folder); train_utils.holds does both around a trainer.
 WRITERS = {"write_json", "atomic_write", "atomic_save", "save_train_state", "save_safetensors",
            "atomic_save_safetensors", "save_png", "grid_png", "save_pretrained", "export", "JsonlLogger", "makedirs",
            "prepare_cache", "save_sharded", "save_file", "replace", "rmtree"}
-CHECKS, LOCKS = {"check_outputs", "holds"}, {"hold_folder", "holds"}
+CHECKS, LOCKS = {"check_outputs", "check_result_file", "holds"}, {"hold_folder", "holds"}
 NO_LOCK = {"eval": "writes one result file (--out), by an atomic replace, often beside a model that another run trains"}
 NO_CHECK = {"data": "`data.py export DIR` reads nothing an output could land on (hold_folder refuses a file as DIR)"}
 NO_WRITE = {"bench": "writes only into tempfile folders it makes and removes"}
@@ -142,7 +142,7 @@ def test_every_command_that_writes_checks_its_outputs_and_holds_its_folder():
         if not calls & WRITERS:
             continue
         if not names & CHECKS and m not in NO_CHECK:
-            bad.append(f"{m}.py writes ({sorted(calls & WRITERS)}) without configurator.check_outputs")
+            bad.append(f"{m}.py writes ({sorted(calls & WRITERS)}) without folders.check_outputs")
         if not names & LOCKS and m not in NO_LOCK:
-            bad.append(f"{m}.py writes ({sorted(calls & WRITERS)}) without configurator.hold_folder")
+            bad.append(f"{m}.py writes ({sorted(calls & WRITERS)}) without folders.hold_folder")
     assert not bad, "\n".join(bad)

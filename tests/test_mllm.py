@@ -747,3 +747,25 @@ def test_one_vocabulary_model_has_one_stack_and_one_head(tmp_path):
         MLLM(tiny_config(input_codes="sem", gen_sem=False))
     with pytest.raises(ValueError, match="input_codes"):
         MLLM(tiny_config(input_codes="pixel"))
+
+
+@pytest.mark.parametrize("code_logits", [False, True])
+def test_depth_cache_samples_the_reference_codes(code_logits):
+    """One head pass per depth over a KV cache gives the logits of re-running the head over every earlier depth
+    (to float rounding) and so, from the same generator, the same codes: guided and unguided, both heads."""
+    m = tiny_model(head_code_logits=code_logits)
+    h = torch.randn(6, m.config.n_embd)
+    for head, book in ((m.pix_head, m.pix_book), (m.sem_head, m.sem_book)):
+        codes = torch.randint(0, book.shape[1], (6, book.shape[0]))
+        ref = head(h, mllm.code_vectors(book, codes).cumsum(1)[:, :-1], book=book)  # (6, D, K)
+        cache, x, run = head.new_cache(6, h.device, h.dtype), head.proj(h), 0.0
+        for d in range(book.shape[0]):
+            if d:
+                run = run + book[d - 1][codes[:, d - 1]]
+                x = head.code_in(run)
+            torch.testing.assert_close(head.step(x, d, cache, book), ref[:, d], atol=1e-5, rtol=1e-5)
+    for scale in (None, 2.0):
+        draw = lambda c: m.generate_image([[65, 66], [67]], 5, cfg_scale=scale, use_cache=c,
+                                          generator=torch.Generator().manual_seed(11))
+        (pa, sa), (pb, sb) = draw(True), draw(False)
+        assert torch.equal(pa, pb) and torch.equal(sa, sb)

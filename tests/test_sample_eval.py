@@ -281,16 +281,21 @@ def test_derangement():
 
 
 def test_qa_eval_shuffled_reads_other_images():
-    """A fake model that answers with the index of the image whose codes it reads: right on every
-    question, wrong on every one once the codes are shuffled (no image keeps its own codes)."""
+    """A fake model that answers with the index of the image whose PIXEL codes it reads: right on every
+    question, wrong on every one once the codes are shuffled (no image keeps its own codes); the per-stack
+    controls say which stack it reads (pixel codes swapped: wrong; semantic codes swapped: right)."""
     from contextlib import nullcontext
 
     class Tok:
+        quantizer_sem = object()  # a semantic stack of its own (pipeline.two_vocabularies)
+
         def encode(self, x):  # image i is the constant colour i -> pixel code i (B, 1, 1, 1)
             i = ((x[:, 0, 0, 0] + 1) * 127.5).round().long().view(-1, 1, 1, 1)
             return i, i
 
     class Model:
+        reads_pix = reads_sem = True
+
         def generate_text(self, prompts, images, **kw):
             return [str(int(p[0, 0])) for p in images[0]]
 
@@ -307,6 +312,7 @@ def test_qa_eval_shuffled_reads_other_images():
     assert blind == {"count_all": dict(accuracy=0.2, n=5), "exists": dict(accuracy=0.2, n=5)}
     assert res["qa"]["by_type"]["count_all"]["chance"] == 1.0 and res["qa"]["by_type"]["exists"]["chance"] == 0.5
     assert res["qa"]["chance"] == 0.75 and res["qa_shuffled"]["by_type"]["exists"] == dict(accuracy=0.0, n=5)
+    assert res["qa_pix_swapped"]["accuracy"] == 0.0 and res["qa_sem_swapped"]["accuracy"] == 1.0
 
 
 def test_eval_reads_the_training_codes_under_autocast():
@@ -323,6 +329,8 @@ def test_eval_reads_the_training_codes_under_autocast():
     seen = []
 
     class Model:
+        reads_pix = reads_sem = True
+
         def generate_text(self, prompts, images, **kw):
             seen.append(images)
             return [[] for _ in prompts]
@@ -517,6 +525,8 @@ def test_caption_swap_sees_only_words_the_model_can_tell_apart():
     cfg = m.config
 
     class Stub:
+        quantizer_sem = object()  # two vocabularies (pipeline.two_vocabularies)
+
         def encode(self, x):
             g = torch.Generator().manual_seed(int(x.abs().sum() * 1000) % 1000)
             B = x.shape[0]

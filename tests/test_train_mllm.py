@@ -478,3 +478,24 @@ def test_gen_ground_loss_trains_on_a_grid_of_whole_cells(tok_dir, tmp_path):
                       max_steps=6, lr=1e-2, gen_ground_loss=1.0, eval_qa=0, eval_gen=1))
     g = [r["ground"] for r in read_log(out)]
     assert len(g) == 6 and all(math.isfinite(v) for v in g) and g[-1] < g[0]
+
+
+@pytest.mark.parametrize("switch", [dict(semantic_branch=False), dict(tie_branches=True)])
+def test_one_vocabulary_tokenizer_trains_a_one_stack_mllm(tmp_path, switch):
+    """A reconstruction-only or tied tokenizer: the cache holds pixel codes only, the trainer builds a model with
+    one stack and one head (input_codes=pix, gen_sem=False) and evaluates it; anything else is refused up front."""
+    import dataclasses
+    c = tkz.tiny_config()
+    if "tie_branches" in switch:
+        c = dataclasses.replace(c, layer_recon=c.layer_sem, tie_branches=True)
+    else:
+        c = dataclasses.replace(c, **switch)
+    folder = str(tmp_path / "tok")
+    torch.manual_seed(0)
+    tkz.DualToken(c).save_pretrained(folder)
+    with pytest.raises(UserError, match="one vocabulary"):
+        tm.train(make_cfg(folder, tmp_path / "both", str(tmp_path / "cache")))
+    model, res = tm.train(make_cfg(folder, tmp_path / "run", str(tmp_path / "cache"), input_codes="pix", gen_sem=False))
+    assert model.sem_book is None and model.sem_head is None and res["n_qa"] > 0 and "gen_accuracy" in res
+    assert not os.path.exists(tmp_path / "cache" / "train_sem.npy")
+    assert json.load(open(tmp_path / "cache" / "meta.json"))["sem_depth"] is None
