@@ -1,5 +1,5 @@
 """
-The paper's core ablation (spec section 4, "objective and layer"): where do pixel codes and semantic
+The paper's core ablation ("objective and layer", design §9): where do pixel codes and semantic
 codes come from, and what happens when one codebook must serve both?
 
     (a) one codebook at the DEEP layer, both losses (VILA-U-like): a single RVQ at layer_sem whose codes
@@ -15,12 +15,12 @@ Every run starts from the same teacher with the same recipe (the preset's `token
 batch, lr schedule, decoder, trainable blocks, seed, hence the same training images in the same order);
 only `steps` replaces the preset's max_steps, because the preset budgets one run and this trains four.
 All four are evaluated by train_tokenizer.evaluate on the same held-out shapes images: PSNR and SSIM
-(spec section 5; SSIM is eval.py's) on eval_size images with 1..max_objects objects, zero-shot top-1
+(design §7; SSIM is eval.py's) on eval_size images with 1..max_objects objects, zero-shot top-1
 through the quantized semantic path on eval_size single-object images next to the teacher's (n/a
 without a semantic branch: no number is made up from another path), and codebook usage.
 Outputs: <ablation_dir>/<run>/ (a train_tokenizer out_dir each) and <ablation_dir>/ablation.json.
 
-`python ablation.py mllm config/shapes.py`: why two vocabularies (design §9), the MLLM side. One teacher,
+`python ablation.py mllm config/shapes.py`: why two vocabularies (design §10), the MLLM side. One teacher,
 one tokenizer of each kind (the released two-vocabulary layout and a one-vocabulary tied one, the run (a) above)
 and, for every variant x seed, an MLLM trained at one fixed budget and evaluated by eval.py mllm:
     dual          reads both stacks, draws both (gen_sem=True): the paper's model
@@ -50,7 +50,7 @@ import configurator
 from configurator import PROGRESS, UserError, config_dict, parse_config, run_main
 from folders import check_outputs, hold_folder, path_fields
 
-# the paper's numbers (spec section 4, SigLIP-So/14-384 on ImageNet val; "-" = not reported)
+# the paper's numbers (design §9, SigLIP-So/14-384 on ImageNet val; "-" = not reported)
 PAPER = {"a": {"zero_shot": 72.3, "psnr": 12.64}, "b": {"zero_shot": None, "psnr": 27.88},
          "c": {"zero_shot": None, "psnr": 28.12}, "d": {"zero_shot": 82.0, "psnr": 28.69}}
 RUNS = {
@@ -239,9 +239,10 @@ class AblationMLLMConfig:
     gen_captions: int = 100            # ... and val captions drawn, the same for every run
     threads: int = 0                   # every stage's OMP_NUM_THREADS; 0: torch's default
     results: str = ""                  # '' -> <ablation_dir>/ablation_mllm.json (the .md beside it)
+    collect: bool = False              # only rebuild the results from the runs already finished; train nothing
 
 
-def stage(cmd, folder, done_file, resumable=True):
+def run_stage(cmd, folder, done_file, resumable=True):
     """Run one project script unless `folder`/`done_file` exists. The arguments are recorded in
     `folder`/ablation_<script>.json; a folder made with other arguments is refused, not mixed. An interrupted
     trainer (train_state.pt, no result) resumes. Output goes to `folder`/ablation.log."""
@@ -393,6 +394,7 @@ def _ablation_mllm(cfg, presets, variants, results, t0):
     if cfg.threads:  # as the environment: every stage's torch reads it, not every script has a threads key
         os.environ["OMP_NUM_THREADS"] = str(cfg.threads)
     teacher, toks = os.path.join(D, "siglip"), {"dual": os.path.join(D, "tok_dual"), "single": os.path.join(D, "tok_single")}
+    stage = (lambda *a, **k: None) if cfg.collect else run_stage
     stage(["train_siglip.py", *presets, f"--out_dir={teacher}"], teacher, "eval.json")
     kinds = sorted({VARIANTS[v][0] for v in variants})
     for kind in kinds:
@@ -415,8 +417,9 @@ def _ablation_mllm(cfg, presets, variants, results, t0):
             stage(["eval.py", "mllm", f"--mllm={run}", f"--out={os.path.join(run, 'eval_ablation.json')}",
                    f"--qa_images={cfg.qa_images}", f"--gen_captions={cfg.gen_captions}", "--train_images=0",
                    ], run, "eval_ablation.json", resumable=False)
-            runs.append(mllm_entry(v, seed, run, cfg))
-            write_results(cfg, runs, variants, results, t0)
+            if os.path.isfile(os.path.join(run, "eval_ablation.json")):  # (collect: only the finished ones)
+                runs.append(mllm_entry(v, seed, run, cfg))
+                write_results(cfg, runs, variants, results, t0)
     pic = os.path.splitext(results)[0] + ".png"
     if comparison_picture(D, cfg.seeds[0], pic) is not None:
         print(f"wrote {pic}")
@@ -473,7 +476,8 @@ def write_results(cfg, runs, variants, path, t0, final=False):
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    out = dict(command="python ablation.py mllm " + " ".join(sys.argv[2:]), date=time.strftime("%Y-%m-%d"),
+    argv = [a for a in sys.argv[2:] if not a.startswith("--collect")]  # the command that trains these runs
+    out = dict(command="python ablation.py mllm " + " ".join(argv), date=time.strftime("%Y-%m-%d"),
                commit=git_commit(), machine=f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}",
                budget=dict(steps=cfg.steps, train_size=cfg.train_size, tokenizer_steps=cfg.tokenizer_steps),
                paper=PAPER_MLLM, config=config_dict(cfg), runs=runs, table=text)

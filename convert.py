@@ -3,7 +3,7 @@ The authors' released DualToken checkpoint: their config.json and state_dict nam
 
     python convert.py CKPT OUT_DIR     # CKPT: their folder, .pt or .safetensors -> our safetensors folder
 
-Their release (spec: /work/shared/spec/DUALTOKEN.md section 1) keeps SigLIP under `siglip_model.` in Hugging
+Their release (design §1) keeps SigLIP under `siglip_model.` in Hugging
 Face names (q/k/v separate, fused here by name), one codebook per depth with a padding row, and a config.json
 whose SigLIP path is absolute on their machine. Everything else already has our names (tokenizer.py mirrors
 their modules). `load_dualtoken` takes either checkpoint, which is what the scripts' --tokenizer accepts.

@@ -73,7 +73,7 @@ class ShapesConfig:
     shapes: tuple = SHAPES     # ALL_SHAPES adds "diamond"
     val_fraction: float = 0.1  # share of the key space (by hash) that belongs to val
     # True: a solid background is also asked about, "what color is the background?": no caption names it,
-    # and probes read it from the pixel codes, barely from the semantic ones (design §9)
+    # and probes read it from the pixel codes, barely from the semantic ones (design §10)
     detail_qa: bool = False
 
 

@@ -1,5 +1,5 @@
 """
-Measure the tokenizer and the MLLM the way the paper does (spec section 5), on the shapes world or on
+Measure the tokenizer and the MLLM the way the paper does (design §7), on the shapes world or on
 real data. Every number is printed next to the settings that produced it and written to one JSON file.
 
     python eval.py tokenizer --tokenizer=out-shapes/tokenizer --teacher=out-shapes/siglip --data=shapes
@@ -64,7 +64,7 @@ SHAPES_TEMPLATES = ("a {}", "a photo of a {}", "a small {}", "a large {}")  # tr
 
 
 def zero_shot(image_emb, labels, text_model, text_tok, classes, templates, batch_size=256):
-    """Prompt-ensembled zero-shot (CLIP / spec section 5): per class the mean normalised text embedding of
+    """Prompt-ensembled zero-shot (CLIP / design §7): per class the mean normalised text embedding of
     every template, top-k of the cosine with the image embedding. -> {"top1": .., "top5": ..}."""
     from siglip import zero_shot_accuracy, zero_shot_classifier
     clf = zero_shot_classifier(text_model, text_tok, list(classes), list(templates), batch_size=batch_size)

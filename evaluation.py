@@ -10,7 +10,7 @@ controls), so that a model has one QA number and one generation number whoever m
   judged by checker.score_images plus object_errors (judge);
 - the tokenizer's ceiling: the same judge on the decodings of the images' true pixel codes, and the code
   structure (the judge on decodings of the first d depths; the code stacks of pure-background patches);
-- linear probes on the per-position code embeddings of each stack (eval.py probes, design §9);
+- linear probes on the per-position code embeddings of each stack (eval.py probes, design §10);
 - the user's own files (eval.py mllm --data=QA.jsonl, eval.py t2i --captions=): their readers, checked line
   by line; QA on them with the same prompt and greedy answers plus a likelihood choice score (qa_file);
   captions drawn as generation() draws them, judged by a SigLIP (t2i).

@@ -1,5 +1,5 @@
 """
-The DualToken tokenizer objective (spec section 2), one piece per block:
+The DualToken tokenizer objective (design §3), one piece per block:
 
   L = w_sem_tok * mse_cos(zq_sem, T26) + w_sem_pool * mse_cos(pooled, T_pool)      semantic distillation
     + w_commit * (commit_pix + commit_sem)                                        RVQ commitment

@@ -1,5 +1,5 @@
 """
-Image metrics on the project's [-1, 1] images (spec section 5), one home for every script: PSNR and SSIM
+Image metrics on the project's [-1, 1] images (design §7), one home for every script: PSNR and SSIM
 on [0, 1] RGB after clamping, and rFID through the optional clean-fid package (fid_or_reason). Used by
 eval.py (the reported numbers), train_tokenizer.py (its periodic eval, so the two agree by construction)
 and sample.py reconstruct.
@@ -15,7 +15,7 @@ def _unit(x):
 
 
 def psnr(x, y):
-    """Per-image PSNR in dB on [0, 1] RGB after clamping (spec section 5) -> (B,). Identical images give
+    """Per-image PSNR in dB on [0, 1] RGB after clamping (design §7) -> (B,). Identical images give
     100 dB (MSE floored at 1e-10) instead of inf, so averages stay finite."""
     if x.shape != y.shape or x.ndim != 4:
         raise ValueError(f"psnr: expected two (B, C, H, W) tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")

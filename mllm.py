@@ -1,5 +1,5 @@
 """
-The unified DualToken MLLM (paper section 3.3; spec section 3): a decoder-only LLM (Qwen2 / Qwen2.5 /
+The unified DualToken MLLM (paper section 3.3; design §4-§5): a decoder-only LLM (Qwen2 / Qwen2.5 /
 LLaMA compatible) that reads images as dual code stacks and writes them back through two depth heads.
 
 Input format (one interleaved sequence; `build_sequence` + `collate_sequences` produce it)
@@ -18,7 +18,7 @@ Delimiters: <im_start> ... <im_end> around an image the model reads, <image_gen_
 
 Visual input: e_pix = sum over depths of the pixel codebook vectors of a position, e_sem likewise;
 [e_pix ; e_sem] -> Linear, GELU, Linear -> LLM width, written over the token embedding at that position.
-config.input_codes "pix" / "sem" reads one stack: the MLP's input is that stack's embedding alone (design §9).
+config.input_codes "pix" / "sem" reads one stack: the MLP's input is that stack's embedding alone (design §10).
 
 Visual output, next-token style: the hidden state at position t predicts the codes of image position
 t + 1 (so <image_gen_start> predicts the first image position, and the last image position predicts
@@ -97,7 +97,7 @@ class MLLMConfig:
     # that stack's input columns, so the other stack is absent from the model (not zeros fed through
     # trained weights). "sem" needs gen_sem (an image being drawn must carry the stack the model reads
     # back). input_codes="pix" with gen_sem False uses no semantic stack at all: the model of a
-    # one-vocabulary tokenizer (design §9)
+    # one-vocabulary tokenizer (design §10)
     input_codes: str = "both"
     # gen_sem False (not in the paper): an image being generated carries its pixel codes only: no semantic
     # depth head, no semantic loss on it, and the semantic half of its input is zero. The decoder reads only

@@ -1,5 +1,5 @@
 """
-Residual vector quantizer with EMA codebooks and dead-code restart (DualToken spec section 1).
+Residual vector quantizer with EMA codebooks and dead-code restart (design §2).
 
 Both DualToken branches quantize a (B, 729, 32) latent with depth 8 and one 16384 x 32 codebook shared by
 all depths. Per depth: nearest code to the current residual (squared L2, fp32), subtract it, keep the

@@ -179,7 +179,7 @@ class GenerateConfig(Common):
 @torch.no_grad()
 def generate(cfg):
     """Captions -> MLLM image codes (CFG, temperature, top-k, top-p, seed) -> tokenizer decode of the PIXEL codes
-    only (spec section 3): a PNG grid with the captions written under the rows and the sampling settings in a
+    only (design §5): a PNG grid with the captions written under the rows and the sampling settings in a
     JSON file beside it."""
     device = _device(cfg)
     if cfg.num_per_caption < 1:

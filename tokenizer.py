@@ -7,7 +7,7 @@ The DualToken image tokenizer: one SigLIP vision tower, two residual-VQ vocabula
         h[layer_sem] -> PreQuantSem -> semantic RVQ -> semantic codes
             -> PostQuantSem -> (replaces the hidden state) blocks layer_sem+1.. -> post LN + MAP head -> pooled
 
-Faithful to the authors' released checkpoint (spec: /work/shared/spec/DUALTOKEN.md section 1); the module
+Faithful to the authors' released checkpoint (design §1); the module
 names below mirror their state_dict so the weight-loading table stays short and obvious.
 The authors' release loads through convert.py (`python convert.py CKPT OUT_DIR` writes our layout).
 """
@@ -72,7 +72,7 @@ class DualTokenConfig:
     vq_sem: QuantizerConfig = field(default_factory=lambda: QuantizerConfig(ema_update="deferred"))
     decoder_latent_shape: Optional[tuple] = (24, 24)  # pixel grid is resized to this before the decoder
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    # the paper's ablation (spec section 4, ablation.py); the defaults are the released model
+    # the paper's ablation (design §9, ablation.py); the defaults are the released model
     semantic_branch: bool = True  # False: pixel branch only, no semantic modules (recon-only runs (b), (c))
     tie_branches: bool = False    # True: ONE pixel quantizer at layer_recon == layer_sem whose output is both
                                   # decoded and re-enters the tower (VILA-U-like run (a)): no prequant_sem /
@@ -579,7 +579,7 @@ class DualToken(nn.Module):
     @classmethod
     def from_siglip(cls, path, **overrides):
         """New tokenizer on any HF-format SigLIP folder, as the paper starts. Returns (tokenizer, teacher):
-        the teacher is a separate frozen SigLIP in eval mode (the distillation target of spec section 2),
+        the teacher is a separate frozen SigLIP in eval mode (the distillation target of design §3 section 2),
         kept out of the tokenizer so its state_dict, parameters and optimizer never see it.
         overrides: DualTokenConfig fields (e.g. vq_pix=QuantizerConfig(depth=4), layer_sem=26)."""
         teacher = SigLIP.from_pretrained(path).eval().requires_grad_(False)
@@ -590,7 +590,7 @@ class DualToken(nn.Module):
 
 @torch.no_grad()
 def teacher_features(teacher, images, layer_sem):
-    """Distillation targets of spec section 2 from the frozen original SigLIP: (T_sem (B, N, D) = output
+    """Distillation targets of design §3 from the frozen original SigLIP: (T_sem (B, N, D) = output
     of block layer_sem, T_pool (B, D) = its pooled embedding after all blocks)."""
     vis = teacher.vision
     h = vis.run_blocks(vis.embed(images), 0, layer_sem)

@@ -1,5 +1,5 @@
 """
-Teach the unified LLM to read and draw with dual tokens (paper section 3.4; spec section 3).
+Teach the unified LLM to read and draw with dual tokens (paper section 3.4; design §6).
 
     python train_tokenizer.py config/shapes.py && python train_mllm.py config/shapes.py     # CPU
     python train_mllm.py config/shapes.py --prepare=True      # only (re)build the code cache
@@ -109,7 +109,7 @@ class TrainMLLMConfig:
     mix: tuple = (0.4, 0.1, 0.5)     # und, cap, gen shares of each micro-batch (rounded to counts)
     qa_per_image: int = 1            # und samples: questions asked in turn about one image
     # loss = text_w * text CE + pix_w * pix CE + sem_w * sem CE, where each code CE is summed over its
-    # depths (spec: 1, 1, 1). With 2 stacks x 6 depths of 512 codes (the shapes preset) the code terms
+    # depths (the paper: 1, 1, 1). With 2 stacks x 6 depths of 512 codes (the shapes preset) the code terms
     # start ~13x the text term (12 ln 512 vs ln 258) and dominate the shared trunk's loss; a larger
     # text weight gives understanding a bigger share
     text_loss_weight: float = 1.0

@@ -1,5 +1,5 @@
 """
-Train the DualToken tokenizer (spec section 2): a SigLIP vision tower with a pixel RVQ on a shallow block
+Train the DualToken tokenizer (design §3): a SigLIP vision tower with a pixel RVQ on a shallow block
 (decoded by a conv decoder) and a semantic RVQ on a deep block whose codes re-enter the remaining blocks
 and stay distilled to a frozen copy of the original SigLIP (the teacher).
 
@@ -66,7 +66,7 @@ class TrainTokenizerConfig:
     dec_latent_channels: int = 1024
     dec_patch_skip: int = 0          # not in the release (0): hidden width of the per-cell MLP that paints
                                      # each latent cell's pixel patch, added to the output (tokenizer.Decoder)
-    # ablation switches (ablation.py, spec section 4): False -> pixel branch only, recon loss only;
+    # ablation switches (ablation.py, design §9): False -> pixel branch only, recon loss only;
     # tie_branches -> one quantizer at layer_recon == layer_sem, decoded AND distilled (VILA-U-like)
     semantic_branch: bool = True
     tie_branches: bool = False
@@ -78,7 +78,7 @@ class TrainTokenizerConfig:
     # branch then learns on fixed features, the semantic tail adapts to the quantized input).
     # The text tower and logit scale / bias are always frozen (zero-shot needs the teacher's text space).
     trainable: str = "vision"
-    # objective (losses.LossConfig; spec section 2 values)
+    # objective (losses.LossConfig; design §3 values)
     w_sem_tok: float = 5.0
     w_sem_pool: float = 1.0
     w_commit: float = 5.0

@@ -1,4 +1,4 @@
-# The released 384-px DualToken tokenizer recipe (spec sections 1-2) for train_tokenizer.py on GPUs:
+# The released 384-px DualToken tokenizer recipe (design §1-§3) for train_tokenizer.py on GPUs:
 #   torchrun --standalone --nproc_per_node=8 train_tokenizer.py config/dualtoken_384.py \
 #       --init_from=/path/to/siglip2-so400m-patch14-384 --data=/path/to/cc12m.jsonl \
 #       --lpips_vgg_path=/path/to/vgg16-397923af.pth --lpips_lin_path=/path/to/lpips_v0.1_vgg.pth

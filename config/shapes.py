@@ -39,7 +39,7 @@ siglip_config = dict(
 # - pixel codes from the patch embedding before positions (layer_recon=0) through per-token projections
 #   (pix_attn=False): a code stack is a function of its own 8x8 patch, so a flat background gets one stack
 #   per colour (5 stacks for 2872 background patches of 5 colours; after block 1 with attention,
-#   issue 15 reports 4678 for 4889) and an object's codes do not depend on the rest of the image;
+#   a user's report: 4678 for 4889) and an object's codes do not depend on the rest of the image;
 # - a codebook per depth (shared_codebook=False): coarse to fine, the first code alone gets the checker's
 #   colour right on 80 % of decodings and all attributes on 36 % (2 codes: 66 %), against 21 % / 1.5 % with
 #   one shared book, whose first depth used 15 of 512 codes;

@@ -8,7 +8,7 @@
 # - MLLM, 63000 steps on 40000 cached images in three lr cycles (2026-12-01, trained at e5b124a, 7992 s incl.
 #   its evals): eval.py mllm QA 0.991 (one object 1.00, two 0.987; every type >= 0.98), shuffled 0.343 vs
 #   blind 0.403; generation all-correct 0.870 of 300 captions with CFG 1.2 / T 0.6 (0.863 unguided);
-#   ceiling 0.91. Every target of issue 15 met (one run). Its first cycle alone (the former preset, 45000
+#   ceiling 0.91. Every demo target met (one run). Its first cycle alone (the former preset, 45000
 #   steps, 76 min at d63e1ca): QA 0.925, generation 0.877 of 300. More understanding samples per step
 #   (batch 20 with 10 of them) and fewer training images (4000: train QA 0.968 vs val 0.921) did no better.
 tokenizer_config = dict(

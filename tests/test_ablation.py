@@ -275,6 +275,8 @@ def test_ablation_mllm_tiny_end_to_end(tmp_path, capsys):
     ablation.main_cli(argv)
     assert "running:" not in capsys.readouterr().out  # every stage found finished
     assert os.path.getmtime(D / "dual_s0" / "model.safetensors") == stamp
+    col = ablation.main_cli(argv + ["--collect=True", f"--results={tmp_path / 'col.json'}"])
+    assert [r["variant"] for r in col["runs"]] == [r["variant"] for r in out["runs"]] and "--collect" not in col["command"]
     with pytest.raises(ablation.UserError, match="another command"):
         ablation.main_cli([a if not a.startswith("--steps") else "--steps=3" for a in argv])
     with pytest.raises(ablation.UserError, match="unknown"):

@@ -124,7 +124,7 @@ def test_mllm_step_flops_match_the_counter(switches):
 def test_compiled_training_steps_break_at_most_where_the_data_decides():
     """What the trainers compile, traced by dynamo: the tokenizer's forward (train_tokenizer.py computes the
     loss eagerly after it) is one graph; the MLLM's forward with its loss breaks once, where the number of
-    generated positions (the depth heads' batch) is read from the data. Before issue 16's fixes these were
+    generated positions (the depth heads' batch) is read from the data. Before the compile work these were
     10 and 11 breaks (host reads in the quantizer and input checks, bincount, boolean indexing)."""
     torch.manual_seed(0)
     n, why = tu.graph_breaks(tkz.DualToken(tkz.tiny_config()).train(), torch.rand(2, 3, 32, 32) * 2 - 1)

@@ -255,8 +255,8 @@ def test_released_presets_on_meta(name, grid, depth, res, lat):
     assert all(t.is_meta for t in m.state_dict().values())  # nothing allocated
     n = sum(p.numel() for p in m.parameters())
     new = sum(p.numel() for n, p in m.named_parameters() if not n.startswith("siglip."))  # beyond SigLIP
-    assert 1.30e9 < n < 1.40e9, n  # spec: ~1.35 B with both towers
-    assert 200e6 < new < 220e6, new  # spec: ~211 M new modules
+    assert 1.30e9 < n < 1.40e9, n  # the release: ~1.35 B with both towers
+    assert 200e6 < new < 220e6, new  # the release: ~211 M new modules
     assert m.quantizer_pix.codebook.shape == m.quantizer_sem.codebook.shape == (1, 16384, 32)
     x = torch.empty(2, 3, res, res, device="meta")
     latent_pix, latent_sem, h_sem = m.encode_latents(x)
