@@ -384,7 +384,9 @@ def main_mllm(argv):
     D, t0 = cfg.ablation_dir, time.time()
     results = cfg.results or os.path.join(D, "ablation_mllm.json")
     check_outputs([("preset", p) for p in presets], dirs=[("--ablation_dir", D)], files=[("--results", results)])
-    with hold_folder(D):
+    # --collect=True trains nothing and only writes the results: it holds their folder, so a --results outside
+    # ablation_dir can be rebuilt while the ablation itself still runs
+    with hold_folder(os.path.dirname(os.path.abspath(results)) if cfg.collect else D):
         return _ablation_mllm(cfg, presets, variants, results, t0)
 
 
