@@ -47,7 +47,8 @@ import torch
 import train_tokenizer as tt
 import train_utils as tu
 import configurator
-from configurator import UserError, config_dict, parse_config, run_main
+from configurator import PROGRESS, UserError, config_dict, parse_config, run_main
+from folders import check_outputs, hold_folder, path_fields
 
 # the paper's numbers (design §9, SigLIP-So/14-384 on ImageNet val; "-" = not reported)
 PAPER = {"a": {"zero_shot": 72.3, "psnr": 12.64}, "b": {"zero_shot": None, "psnr": 27.88},
@@ -77,10 +78,11 @@ def run_config(base, run, layer_sem):
     fields = {f.name for f in dataclasses.fields(tt.TrainTokenizerConfig)}
     kw = {k: v for k, v in config_dict(base).items() if k in fields}
     steps = base.steps or base.max_steps
-    # overwrite: <ablation_dir>/<run> belongs to the ablation, which decides itself (--reuse) whether a run
-    # trains again; a run it trains again replaces the old one
-    kw.update(out_dir=os.path.join(base.ablation_dir, run), max_steps=steps, stop_step=0, resume=False, overwrite=True,
-              eval_interval=steps, ckpt_interval=steps, image_interval=steps, layer_sem=layer_sem)
+    # the trainers' rule: a run folder that holds a model is replaced only with --overwrite=True (main refuses
+    # before the first run trains; --reuse=True keeps a result written with the same config and teacher)
+    kw.update(out_dir=os.path.join(base.ablation_dir, run), max_steps=steps, stop_step=0, resume=False,
+              overwrite=base.overwrite, eval_interval=steps, ckpt_interval=steps, image_interval=steps,
+              layer_sem=layer_sem)
     kw.update({"a": dict(layer_recon=layer_sem, tie_branches=True),
                "b": dict(layer_recon=layer_sem, semantic_branch=False),
                "c": dict(semantic_branch=False),
@@ -100,16 +102,27 @@ def teacher_digest(folder):
     return h.hexdigest()
 
 
+def reusable(cfg, digest):
+    """The run's result.json when it was written with this config and teacher, else None."""
+    path = os.path.join(cfg.out_dir, "result.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        old = json.load(f)
+    same = old.get("config") == json.loads(json.dumps(config_dict(cfg))) and old.get("teacher_sha256") == digest
+    return old if same else None
+
+
 def run_one(base, run, layer_sem, digest):
     cfg = run_config(base, run, layer_sem)
     path = os.path.join(cfg.out_dir, "result.json")
+    old = reusable(cfg, digest) if base.reuse else None
+    if old is not None:
+        print(f"run {run}: reusing {path}")
+        return old
     if base.reuse and os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old.get("config") == json.loads(json.dumps(config_dict(cfg))) and old.get("teacher_sha256") == digest:
-            print(f"run {run}: reusing {path}")
-            return old
         print(f"run {run}: {path} was written with another config or teacher; training again")
+    PROGRESS["doing"] = f"training run {run} ({cfg.out_dir})"
     print(f"\n=== run {run}: {RUNS[run]} (layer_recon {cfg.layer_recon}, layer_sem {cfg.layer_sem}, "
           f"semantic_branch {cfg.semantic_branch}, tie_branches {cfg.tie_branches}), {cfg.max_steps} steps")
     t0 = time.time()
@@ -149,27 +162,40 @@ def table(rows):
     return "\n".join(lines)
 
 
+@tu.holds("ablation_dir", unused=("out_dir",))  # out_dir: the preset's, each run gets its own
 def main(cfg):
     """The tokenizer ablation: runs (a) to (d) trained from one teacher with one recipe and evaluated on the same
     held-out images, in a table beside the paper's numbers."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
-    from siglip import SigLIPConfig
-    path = os.path.join(cfg.init_from, "config.json")
-    if not os.path.isfile(path):
+    from siglip import read_config
+    if not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
         raise UserError(f"init_from={cfg.init_from!r}: need the SigLIP teacher folder with config.json "
                         f"(python train_siglip.py config/shapes.py)")
-    with open(path) as f:
-        L = SigLIPConfig.from_hf(json.load(f), where=path).vision.num_hidden_layers
+    L = read_config(cfg.init_from).vision.num_hidden_layers
     layer_sem = cfg.layer_sem or L - 1
     if cfg.data != "shapes" and not cfg.eval_data:  # found now, not after the first run has trained
         raise UserError(f"--data={cfg.data!r} needs --eval_data (an ImageFolder root): every run is evaluated")
     if not cfg.layer_recon < layer_sem:
         raise UserError(f"the ablation needs a shallow layer_recon ({cfg.layer_recon}) below "
                         f"layer_sem ({layer_sem})")
-    os.makedirs(cfg.ablation_dir, exist_ok=True)
+    if not cfg.runs:
+        raise UserError(f"--runs='': nothing to train; give run letters from {sorted(RUNS)}, e.g. --runs=ad")
+    if cfg.resume:
+        raise UserError("--resume=True: ablation.py trains every run from its start; --reuse=True keeps the runs "
+                        "already finished with this config")
     digest = teacher_digest(cfg.init_from)
+    reads = path_fields(cfg, skip=("ablation_dir", "out_dir"))
+    for r in cfg.runs:  # every run folder checked before the first run trains
+        rc = run_config(cfg, r, layer_sem)
+        tu.check_train_config(rc)
+        check_outputs(reads, dirs=[(f"run {r}'s folder", rc.out_dir)])
+        found = [f for f in tu.MODEL_FILES if os.path.isfile(os.path.join(rc.out_dir, f))]
+        if found and not cfg.overwrite and (not cfg.reuse or reusable(rc, digest) is None):
+            raise UserError(f"{rc.out_dir} already holds a finished run ({', '.join(found)}): --reuse=True keeps it "
+                            f"when its result.json has this config and teacher, --overwrite=True trains it again; or "
+                            f"choose another --ablation_dir")
     rows = [run_one(cfg, r, layer_sem, digest) for r in cfg.runs]
     text = table(rows)
     print("\n" + text)
@@ -230,11 +256,14 @@ def run_stage(cmd, folder, done_file, resumable=True):
     if os.path.isfile(os.path.join(folder, done_file)):
         return False
     resume = resumable and os.path.isfile(os.path.join(folder, "train_state.pt"))
-    os.makedirs(folder, exist_ok=True)
-    tu.write_json(cmd, args_path)
+    with hold_folder(folder):  # refused here, naming the holder, while another process writes the run
+        tu.write_json(cmd, args_path)
+    # the stage's script holds the folder itself while it runs (this process holds only ablation_dir)
     full = [sys.executable] + cmd + (["--resume=True"] if resume else [])
     print(("resuming: " if resume else "running: ") + " ".join(cmd), flush=True)
-    with open(os.path.join(folder, "ablation.log"), "a") as log:
+    log_path = os.path.join(folder, "ablation.log")
+    PROGRESS["doing"] = f"running {' '.join(cmd)} (its output: {log_path})"
+    with open(log_path, "a") as log:
         rc = subprocess.run(full, cwd=HERE, stdout=log, stderr=subprocess.STDOUT).returncode
     if rc != 0 or not os.path.isfile(os.path.join(folder, done_file)):
         raise UserError(f"{' '.join(cmd)} failed (exit {rc}); see {os.path.join(folder, 'ablation.log')}")
@@ -334,15 +363,13 @@ def mllm_table(runs, variants):
 def tokenizer_layer_sem(presets, teacher):
     """The deep layer the presets' tokenizer takes semantic codes from (0: the teacher's second-to-last block):
     where the one-vocabulary tokenizer puts its single quantizer (run (a))."""
-    from siglip import SigLIPConfig
+    from siglip import read_config
     layer = 0
     for p in presets:
         layer = configurator.preset_values(p, "tokenizer").get("layer_sem", layer)
     if layer:
         return layer
-    path = os.path.join(teacher, "config.json")
-    with open(path) as f:
-        return SigLIPConfig.from_hf(json.load(f), where=path).vision.num_hidden_layers - 1
+    return read_config(teacher).vision.num_hidden_layers - 1
 
 
 def main_mllm(argv):
@@ -351,9 +378,21 @@ def main_mllm(argv):
     presets = [a for a in argv if not a.startswith("-")]
     cfg = parse_config(AblationMLLMConfig(), argv, "mllm", COMMANDS)
     variants = variant_list(cfg)
+    tu.check_values(cfg)
     if not presets:
         raise UserError("python ablation.py mllm needs the pipeline preset, e.g. config/shapes.py")
     D, t0 = cfg.ablation_dir, time.time()
+    results = cfg.results or os.path.join(D, "ablation_mllm.json")
+    check_outputs([("preset", p) for p in presets], dirs=[("--ablation_dir", D)], files=[("--results", results)])
+    # --collect=True trains nothing and only writes the results: it holds their folder, so a --results outside
+    # ablation_dir can be rebuilt while the ablation itself still runs
+    with hold_folder(os.path.dirname(os.path.abspath(results)) if cfg.collect else D):
+        return _ablation_mllm(cfg, presets, variants, results, t0)
+
+
+def _ablation_mllm(cfg, presets, variants, results, t0):
+    """main_mllm's stages, run while this process holds ablation_dir."""
+    D = cfg.ablation_dir
     if cfg.threads:  # as the environment: every stage's torch reads it, not every script has a threads key
         os.environ["OMP_NUM_THREADS"] = str(cfg.threads)
     teacher, toks = os.path.join(D, "siglip"), {"dual": os.path.join(D, "tok_dual"), "single": os.path.join(D, "tok_single")}
@@ -366,7 +405,6 @@ def main_mllm(argv):
                f"--max_steps={cfg.tokenizer_steps}", f"--eval_interval={cfg.tokenizer_steps}",
                f"--image_interval={cfg.tokenizer_steps}", f"--ckpt_interval={min(1000, cfg.tokenizer_steps)}",
                *extra], toks[kind], "eval.json")
-    results = cfg.results or os.path.join(D, "ablation_mllm.json")
     runs = []
     for seed in cfg.seeds:  # seed-major: a stopped command has every variant of the first seeds
         for v in variants:

@@ -21,7 +21,11 @@ never runs the script's job.
 
 A user's mistake (a bad value, a missing file, a damaged checkpoint) is a `UserError`; every command runs
 under `run_main`, which prints it as one `error: <what> (<where>)` line on stderr and exits with code 2,
-no traceback (`--debug=True` or NANO_DEBUG=1 shows it). Anything else is a bug and raises as usual.
+no traceback (`--debug=True` or NANO_DEBUG=1 shows it). Ctrl-C is one line too (the step reached and the
+last checkpoint, from PROGRESS), exit 130. Anything else is a bug and raises as usual.
+
+Every file a user keeps is written by atomic_write (replaced whole or not at all); where a command may write
+is folders.py's (an output never lands on an input or a model's files, one writer per folder).
 """
 import ast
 import copy
@@ -44,10 +48,31 @@ class UserError(ValueError):
     ValueError, so callers that catch ValueError keep working."""
 
 
+# What a long command has reached, for the line Ctrl-C prints: a trainer keeps "step", "out_dir" and
+# "checkpoint" (the step of its last train_state.pt, None before the first) up to date; an orchestrator
+# (ablation.py) keeps "doing", what it is running now.
+PROGRESS = {}
+
+
+def interrupted_message():
+    p = PROGRESS
+    msg = "interrupted (Ctrl-C)"
+    if p.get("doing"):
+        msg += f" while {p['doing']}"
+    if "step" in p:
+        msg += f" at step {p['step']}"
+        ck = p.get("checkpoint")
+        state = os.path.join(p.get("out_dir", ""), "train_state.pt")
+        msg += (f"; the last checkpoint is step {ck} ({state}): continue with --resume=True" if ck is not None
+                else "; no checkpoint was written yet")
+    return msg
+
+
 def run_main(main, argv=None):
     """Run `main(argv)` the way every command does: a UserError becomes `error: ...` on stderr and exit
-    code 2. `--debug=True` (taken out of argv here, so no config needs the key) or NANO_DEBUG=1 re-raises
-    it with its traceback instead."""
+    code 2; Ctrl-C becomes `error: interrupted ...` (interrupted_message) and exit code 130, the shell's
+    code for SIGINT. `--debug=True` (taken out of argv here, so no config needs the key) or NANO_DEBUG=1
+    re-raises either with its traceback instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("NANO_DEBUG", "") not in ("", "0")
     rest = []
@@ -57,18 +82,36 @@ def run_main(main, argv=None):
             debug = val.lower() in ("", "1", "true", "yes", "on")
         else:
             rest.append(a)
+    PROGRESS.clear()
     try:
         return main(rest)
     except UserError as e:
         if debug:
             raise
+        _close_progress_bars()
         print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        # without a bar to close, a newline: the terminal's line holds the echoed ^C
+        print(("" if _close_progress_bars() else "\n") + "error: " + interrupted_message(), file=sys.stderr)
+        sys.exit(130)
+
+
+def _close_progress_bars():
+    """Close the tqdm bars a loop left open when it was left by an exception (they would redraw themselves at
+    exit, after the error line, which must be the last). -> how many were open."""
+    tqdm = sys.modules.get("tqdm")
+    bars = list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()))
+    for bar in bars:
+        bar.close()
+    return len(bars)
 
 
 def _parse_value(name, text, ftype):
     """Turn the string `text` into a value of the dataclass field type `ftype`."""
-    origin = typing.get_origin(ftype)
+    origin = typing.get_origin(ftype) or (ftype if ftype in (tuple, list) else None)  # a bare `tuple` field too
     args = typing.get_args(ftype)
     if origin is typing.Union or (origin is not None and type(None) in args):  # Optional[T]
         if text in ("None", "none", "null"):
@@ -130,8 +173,18 @@ def preset_values(path, section=None):
     if not os.path.isfile(path):
         raise UserError(f"preset file {path!r} does not exist")
     scope = {}
-    with open(path) as f:
-        exec(compile(f.read(), path, "exec"), scope)
+    try:  # a preset is the user's Python: its mistake is one line naming the file and line
+        with open(path, encoding="utf-8") as f:
+            code = compile(f.read(), path, "exec")
+        exec(code, scope)
+    except SyntaxError as e:
+        raise UserError(f"preset {path}:{e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"preset {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except Exception as e:
+        import traceback
+        line = next((fr.lineno for fr in reversed(traceback.extract_tb(e.__traceback__)) if fr.filename == path), "?")
+        raise UserError(f"preset {path}:{line}: {type(e).__name__}: {e}") from None
     values, sections = {}, {}
     for k, v in scope.items():
         if k.startswith("_") or callable(v) or isinstance(v, type(sys)):
@@ -168,7 +221,7 @@ def _assign(cfg, argv, command=None):
             values = preset_values(arg, getattr(cfg, "SECTION", None))
             _check_keys(cfg, values, f"in {arg}", command)
             for k, v in values.items():
-                setattr(cfg, k, v)
+                setattr(cfg, k, preset_value(k, v, hints[k], arg))  # typed as --key=value is
             keys += values
             continue
         if "=" not in arg:
@@ -193,6 +246,44 @@ def parse_config(cfg, argv=None, command=None, commands=None):
         _print_and_exit(config_help(defaults, cfg, keys, argv, command, commands))
     _assign(cfg, argv, command)
     return cfg
+
+
+def preset_value(name, value, ftype, where):
+    """A preset's value for the field `name` of type `ftype`, checked as _parse_value checks the command line's
+    text: Optional[T] takes None, an int may stand for a float, a tuple or list field takes either (as the
+    field's kind). A value of another type is a UserError naming the preset, the key and the value."""
+    origin = typing.get_origin(ftype) or (ftype if ftype in (tuple, list) else None)
+    args = typing.get_args(ftype)
+    if origin is typing.Union or (origin is not None and type(None) in args):  # Optional[T]
+        return None if value is None else preset_value(name, value, [a for a in args if a is not type(None)][0], where)
+    if origin in (tuple, list):
+        ok, value = isinstance(value, (tuple, list)), origin(value) if isinstance(value, (tuple, list)) else value
+    elif ftype is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif ftype in (bool, int, str):
+        ok = isinstance(value, ftype) and (ftype is bool or not isinstance(value, bool))
+    else:
+        ok = True
+    if not ok:
+        kind = origin.__name__ if origin in (tuple, list) else getattr(ftype, "__name__", str(ftype))
+        raise UserError(f"{where}: {name} = {value!r}: expected {kind}, got {type(value).__name__}")
+    return value
+
+
+def text_lines(path):
+    """[(line number, line)] of a text file the user gives, decoded as UTF-8 line by line: a line that is not
+    UTF-8 is a UserError naming file:line, not a decoder traceback."""
+    with open(path, "rb") as f:
+        raw = f.read().splitlines(keepends=True)
+    out = []
+    for n, b in enumerate(raw, 1):
+        try:
+            out.append((n, b.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}:{n} is not UTF-8 text (byte {b[e.start]:#04x} at column {e.start + 1}): save "
+                            f"the file as UTF-8") from None
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -432,8 +523,7 @@ def read_lines(path, what):
     a missing or empty file is a UserError naming `what`."""
     if not os.path.isfile(path):
         raise UserError(f"{what} file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        lines = [ln.strip() for ln in f if ln.strip()]
+    lines = [ln.strip() for _, ln in text_lines(path) if ln.strip()]
     if not lines:
         raise UserError(f"{what} file {path!r}: the file has no non-empty line")
     return lines
@@ -446,17 +536,16 @@ def read_jsonl_records(path, need=""):
     if not os.path.isfile(path):
         raise UserError(f"{path!r} does not exist")
     hint, out = f" (one JSON object per line: {need})" if need else "", []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n} is not JSON ({e})") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"{path}:{n}: expected a JSON object{hint}, got {line.strip()[:80]!r}")
-            out.append((f"{path}:{n}", rec))
+    for n, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n} is not JSON ({e})") from None
+        if not isinstance(rec, dict):
+            raise UserError(f"{path}:{n}: expected a JSON object{hint}, got {line.strip()[:80]!r}")
+        out.append((f"{path}:{n}", rec))
     if not out:
         raise UserError(f"{path} holds no records{hint}")
     return out

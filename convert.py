@@ -14,6 +14,7 @@ import os
 import torch
 
 from configurator import UserError, positional_help, run_main
+from folders import MODEL_MARKERS, check_outputs, hold_folder
 from siglip import SigLIPConfig
 from tokenizer import (DecoderConfig, DualToken, DualTokenConfig, QuantizerConfig, checkpoint_files,
                        default_config, read_weights)
@@ -204,11 +205,14 @@ def main(argv):
                                      "holds a model already is refused"})
     if len(argv) != 2:
         raise UserError("usage: python convert.py CKPT OUT_DIR   (CKPT: the authors' folder, .pt or .safetensors)")
-    if os.path.exists(os.path.join(argv[1], "model.safetensors")):
-        raise UserError(f"OUT_DIR {argv[1]!r} already holds a model.safetensors: choose another folder (or "
-                        f"delete it yourself)")
-    model = from_authors(argv[0])
-    model.save_pretrained(argv[1])
+    check_outputs([("CKPT", argv[0])], dirs=[("OUT_DIR", argv[1])])
+    with hold_folder(argv[1]):
+        found = [f for f in MODEL_MARKERS if os.path.exists(os.path.join(argv[1], f))]
+        if found:
+            raise UserError(f"OUT_DIR {argv[1]!r} already holds a model ({', '.join(found)}): choose another folder "
+                            f"(or delete it yourself)")
+        model = from_authors(argv[0])
+        model.save_pretrained(argv[1])
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {argv[1]}/config.json and model.safetensors ({n / 1e6:.1f}M parameters)")
 

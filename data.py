@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from configurator import UserError, atomic_write, positional_help, read_jsonl_records, read_lines, run_main
+from folders import hold_folder
 
 # -----------------------------------------------------------------------------
 # the shapes world
@@ -633,8 +634,8 @@ class ImageCaptionDataset(_ImageFiles):
         if os.path.isdir(source):
             for p in _list_images(source):
                 txt = os.path.splitext(p)[0] + ".txt"
-                cap = open(txt, encoding="utf-8").read().strip() if os.path.isfile(txt) else ""
-                if cap:
+                cap = open(txt, encoding="utf-8", errors="replace").read().strip() if os.path.isfile(txt) else ""
+                if cap and "\ufffd" not in cap:  # a caption that is not UTF-8 is skipped and counted, like a bad image
                     items.append((p, cap, None, []))
                 else:
                     dropped += 1
@@ -669,18 +670,17 @@ def main(argv):
     if argv and argv[0] == "export":
         if len(argv) < 2:
             raise UserError("usage: python data.py export DIR [N] [SIZE]")
-        out, n = argv[1], _int_arg(argv, 2, "N", 16)
-        size = _int_arg(argv, 3, "SIZE", ShapesConfig.image_size)
-        world = ShapesWorld(ShapesConfig(image_size=size))
-        caps, qs = [], []
-        for i in range(n):
-            s = world.sample("val", i)
-            caps.append(s["caption"] + "\n")
-            save_png(s["image"], os.path.join(out, f"val_{i:04d}.png"))
-            atomic_write(os.path.join(out, f"val_{i:04d}.txt"), lambda f: f.write(caps[-1].encode()))
-            qs += [json.dumps({"image": f"val_{i:04d}.png", "question": q, "answer": a}) + "\n" for q, a in s["qa"]]
-        atomic_write(os.path.join(out, "captions.txt"), lambda f: f.write("".join(caps).encode()))
-        atomic_write(os.path.join(out, "questions.jsonl"), lambda f: f.write("".join(qs).encode()))
+        out, n, size = argv[1], _int_arg(argv, 2, "N", 16), _int_arg(argv, 3, "SIZE", ShapesConfig.image_size)
+        world, caps, qs = ShapesWorld(ShapesConfig(image_size=size)), [], []
+        with hold_folder(out):
+            for i in range(n):
+                s = world.sample("val", i)
+                caps.append(s["caption"] + "\n")
+                save_png(s["image"], os.path.join(out, f"val_{i:04d}.png"))
+                atomic_write(os.path.join(out, f"val_{i:04d}.txt"), lambda f: f.write(caps[-1].encode()))
+                qs += [json.dumps({"image": f"val_{i:04d}.png", "question": q, "answer": a}) + "\n" for q, a in s["qa"]]
+            atomic_write(os.path.join(out, "captions.txt"), lambda f: f.write("".join(caps).encode()))
+            atomic_write(os.path.join(out, "questions.jsonl"), lambda f: f.write("".join(qs).encode()))
         print(f"wrote {n} held-out val images, captions and questions to {out}")
         return
     if len(argv) > 1:

@@ -46,10 +46,11 @@ from rvq import code_stats
 from text import siglip_tokenizer
 import evaluation
 from evaluation import blind_baseline, derangement, question_type, scores as _scores
-from pipeline import (compile_tokenizer, gen_prompt, image_codes, load_image_tokenizer, load_pair, make_batch,
-                      sampling_settings)
+from pipeline import (check_texts, compile_tokenizer, gen_prompt, image_codes, load_image_tokenizer, load_pair,
+                      make_batch, sampling_settings)
 import train_utils as tu
 from configurator import UserError, command, config_dict, parse_config, read_lines, run_main
+from folders import check_result_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES_TEMPLATES = ("a {}", "a photo of a {}", "a small {}", "a large {}")  # train_siglip / train_tokenizer's
@@ -464,6 +465,7 @@ def eval_qa_file(cfg):
     """eval.py mllm --data=QA.jsonl: evaluation.qa_file on the user's questions; each distinct image is read
     (data.read_image: shortest side to R, centre crop, as train_mllm reads a JSONL) and encoded once."""
     recs = evaluation.read_qa_jsonl(cfg.data)  # every line checked before the model loads
+    check_texts(cfg.mllm, [(r["where"], t) for r in recs for t in (r["question"], *(r["choices"] or ()))])
     t0, device = time.time(), cfg.device or tu.default_device()
     model, text_tok, image_tok, info = load_pair(cfg, device)
     R, autocast = image_tok.config.siglip.vision.image_size, tu.autocast_ctx(device, cfg.dtype)
@@ -593,6 +595,7 @@ def eval_t2i(cfg):
     if cfg.num_captions < 0:
         raise UserError(f"--num_captions={cfg.num_captions}: need >= 0 (0 = every caption)")
     recs = evaluation.read_captions(cfg.captions)[:cfg.num_captions or None]  # checked before any model loads
+    check_texts(cfg.mllm, [(r["where"], r["caption"]) for r in recs])
     t0, device = time.time(), cfg.device or tu.default_device()
     judge = SigLIP.from_pretrained(cfg.siglip).to(device).eval()
     if judge.text is None:
@@ -683,6 +686,8 @@ def main(argv):
     name, argv = command(argv, commands)
     klass, fn = JOBS[name]
     cfg = parse_config(klass(), argv, name, commands)
+    tu.check_values(cfg)
+    check_result_file(cfg, "out", getattr(cfg, "mllm", "") or cfg.tokenizer)  # the default --out: beside the model
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     return fn(cfg)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import checker
 import data
-from configurator import UserError, read_jsonl_records
+from configurator import UserError, read_jsonl_records, text_lines
 from pipeline import generate_images, make_batch, qa_prompt, two_vocabularies
 
 MAX_ANSWER_TOKENS = 16  # the shapes world's answers are one or two words
@@ -270,9 +270,7 @@ def read_captions(path):
     if not path.endswith(".jsonl"):
         if not os.path.isfile(path):
             raise UserError(f"{path!r} does not exist")
-        with open(path, encoding="utf-8") as f:
-            recs = [dict(caption=ln.strip(), image=None, where=f"{path}:{n}")
-                    for n, ln in enumerate(f, 1) if ln.strip()]
+        recs = [dict(caption=ln.strip(), image=None, where=f"{path}:{n}") for n, ln in text_lines(path) if ln.strip()]
         if not recs:
             raise UserError(f"{path} holds no captions")
         return recs

@@ -13,6 +13,8 @@ from dataclasses import fields
 
 import torch
 
+from configurator import UserError
+from folders import model_kind
 from mllm import MLLM, MLLMConfig
 
 # Presets naming the released shapes (hub config.json of Qwen/Qwen2.5-*). Qwen2.5 has no bos token and
@@ -168,6 +170,9 @@ def from_pretrained(folder, new_tokens=(), dtype=torch.float32, **overrides):
         raise ValueError(f"from_pretrained: no config.json in {folder}")
     with open(path) as f:
         hf = json.load(f)
+    if not isinstance(hf, dict) or hf.get("model_type") not in ("qwen2", "llama"):
+        raise UserError(f"{folder!r} is {model_kind(hf)}: a Hugging Face Qwen2 / LLaMA folder (or a train_mllm.py "
+                        f"out_dir) is needed here")
     tc, tc_path = None, os.path.join(folder, "tokenizer_config.json")
     if os.path.exists(tc_path):
         with open(tc_path) as f:

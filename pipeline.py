@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from configurator import UserError
+from folders import model_kind
 from llm import rope_inv_freq
 from mllm import MLLM, MLLMConfig, build_sequence, collate_sequences, make_targets
 
@@ -98,8 +99,8 @@ def load_mllm(folder, device="cpu"):
         raise UserError(f"load_mllm: no config.json in {folder}")
     with open(path) as f:
         conf = json.load(f)
-    if "mllm" not in conf:
-        raise UserError(f"{path}: no 'mllm' section (not written by train_mllm.py)")
+    if not isinstance(conf, dict) or "mllm" not in conf:
+        raise UserError(f"{folder!r} is {model_kind(conf)}: an MLLM folder (train_mllm.py's out_dir) is needed here")
     mc = MLLMConfig(**conf.pop("mllm"))
     with torch.device("meta"):  # the expected names and shapes, without memory
         own = MLLM(mc).state_dict()
@@ -130,6 +131,28 @@ def load_export(path, device):
         raise UserError(f"{path}: {tt or 'bytes'} text tokenizer (eos {text_tok.eos_id}, vocab {text_tok.vocab_size}) "
                         f"does not match the model (eos {model.config.eos_id}, vocab {model.config.vocab_size})")
     return model, text_tok, info
+
+
+def check_texts(mllm, items):
+    """Captions and questions for the MLLM exported in the folder `mllm`, checked against the text tokenizer its
+    config.json names, before any model loads. Only the closed shapes vocabulary ("words") can refuse a text: a
+    word outside it is one line naming the word(s), where the text came from (items: [(where, text)]) and the
+    words there are. A folder that is no MLLM export is left to load_export to name."""
+    path = os.path.join(mllm or "", "config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        conf = json.load(f)
+    if not isinstance(conf, dict) or conf.get("text_tokenizer") != "words":
+        return
+    from text import PromptTokenizer
+    tok = PromptTokenizer("words").tok
+    for where, text in items:
+        bad = sorted({t for t in tok.SPLIT.findall(text.lower()) if t not in tok.ids})
+        if bad:
+            raise UserError(f"{where}: {', '.join(map(repr, bad))} not in the vocabulary of {mllm} (text_tokenizer "
+                            f"'words', the shapes world's {len(tok.words)} words) in {text!r}; the words are: "
+                            f"{' '.join(tok.words)}")
 
 
 def load_image_tokenizer(path, siglip_config="", device="cpu"):

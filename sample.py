@@ -18,9 +18,11 @@ import torch
 
 import data
 from metrics import psnr
-from pipeline import compile_tokenizer, generate_images, image_codes, load_image_tokenizer, load_pair, qa_prompt, sampling_settings
+from pipeline import (check_texts, compile_tokenizer, generate_images, image_codes, load_image_tokenizer, load_pair,
+                      qa_prompt, sampling_settings)
 import train_utils as tu
-from configurator import UserError, command, config_dict, parse_config, read_lines, run_main
+from configurator import UserError, command, config_dict, parse_config, read_lines, run_main, text_lines
+from folders import check_outputs, hold_folder, path_fields
 
 
 @dataclass
@@ -64,18 +66,20 @@ def looks_like_path(text):
 def text_or_file(value, key):
     """A paths-or-text argument (--captions): an existing file gives its non-empty lines, anything else is
     the text itself, except a path-like string (looks_like_path) with no file behind it, which is refused:
-    a mistyped file name must not be drawn as a caption. Says which it took."""
+    a mistyped file name must not be drawn as a caption. Says which it took. -> [(where, text)]: where is
+    file:line, or --key for the text itself."""
     if not value:
         raise UserError(f"--{key} is required: the text itself or a file with one per line")
     if os.path.isfile(value):
-        lines = read_lines(value, f"--{key}")
-        print(f"--{key}: {len(lines)} line(s) read from the file {value}")
-        return lines
+        read_lines(value, f"--{key}")  # refuses a file with no line
+        items = [(f"{value}:{n}", ln.strip()) for n, ln in text_lines(value) if ln.strip()]
+        print(f"--{key}: {len(items)} line(s) read from the file {value}")
+        return items
     if looks_like_path(value):
         raise UserError(f"--{key}={value!r} looks like a file path but there is no such file (give the text "
                         f"itself without '/' or a .txt/.jsonl ending, or an existing file)")
     print(f"--{key}: taken as text ({value!r})")
-    return [value]
+    return [(f"--{key}", value)]
 
 
 
@@ -180,7 +184,9 @@ def generate(cfg):
     device = _device(cfg)
     if cfg.num_per_caption < 1:
         raise UserError(f"--num_per_caption={cfg.num_per_caption}: need at least 1 image per caption")
-    caps = text_or_file(cfg.captions, "captions")  # before loading models: a mistake costs no time
+    items = text_or_file(cfg.captions, "captions")  # before loading models: a mistake costs no time
+    check_texts(cfg.mllm, items)
+    caps = [t for _, t in items]
     model, text_tok, image_tok, info = load_pair(cfg, device)
     flat = [c for c in caps for _ in range(cfg.num_per_caption)]
     sampling = sampling_settings(cfg, info)
@@ -229,6 +235,7 @@ def answer(cfg):
     if looks_like_path(cfg.question) and not cfg.question.endswith("?"):
         # one question, as text; a file name here is a mistake (a question may hold a '/', and ends in '?')
         raise UserError(f"--question={cfg.question!r} looks like a file path: --question takes one question as text")
+    check_texts(cfg.mllm, [("--question", cfg.question)])
     model, text_tok, image_tok, _ = load_pair(cfg, device)
     R = image_tok.config.siglip.vision.image_size
     x = data.read_image(cfg.image, R)[None].to(device)  # (1, 3, R, R)
@@ -254,10 +261,13 @@ def main(argv):
     name, argv = command(argv, commands)
     klass, fn = JOBS[name]
     cfg = parse_config(klass(), argv, name, commands)
+    check_outputs(path_fields(cfg, skip=("out_dir",)), dirs=[("--out_dir", cfg.out_dir)])
+    tu.check_values(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    return fn(cfg)
+    with hold_folder(cfg.out_dir):
+        return fn(cfg)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configurator import UserError
+from folders import model_kind
 
 # -----------------------------------------------------------------------------
 # configuration (field names are Hugging Face's, so config.json maps 1:1)
@@ -113,6 +114,20 @@ class SigLIPConfig:
         text = dict(dataclasses.asdict(self.text), model_type="siglip_text_model")
         return {"architectures": ["SiglipModel"], "model_type": "siglip", "initializer_factor": 1.0,
                 "text_config": text, "vision_config": vision}
+
+
+def read_config(folder):
+    """The SigLIPConfig of a Hugging Face-format SigLIP folder; a folder of another kind (a DualToken tokenizer, an
+    MLLM) is a UserError that says what it is."""
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise UserError(f"from_pretrained: no config.json in {folder!r}")
+    with open(cfg_path) as f:
+        raw = json.load(f)
+    if not isinstance(raw, dict) or raw.get("model_type", "siglip") not in ("siglip", "siglip_vision_model") \
+            or "format" in raw or "mllm" in raw or "rqvaesiglip" in raw:
+        raise UserError(f"{folder!r} is {model_kind(raw)}: a SigLIP folder is needed here")
+    return SigLIPConfig.from_hf(raw, where=cfg_path)
 
 
 def _sub_config(klass, d, where):
@@ -456,11 +471,7 @@ class SigLIP(nn.Module):
     def from_pretrained(cls, folder):
         """Load a Hugging Face-format SigLIP folder: config.json + model.safetensors (or the sharded
         model.safetensors.index.json). A checkpoint without text weights gives a vision-only model."""
-        cfg_path = os.path.join(folder, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise UserError(f"from_pretrained: no config.json in {folder!r}")
-        with open(cfg_path) as f:
-            config = SigLIPConfig.from_hf(json.load(f), where=cfg_path)
+        config = read_config(folder)
         single, index = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.safetensors.index.json")
         if os.path.isfile(single):
             sd = read_safetensors(single)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import train_utils as tu
 from configurator import UserError
+from folders import model_kind
 from rvq import ResidualVQ
 from siglip import SigLIP, SigLIPConfig
 
@@ -544,6 +545,8 @@ class DualToken(nn.Module):
         if "rqvaesiglip" in raw:
             raise UserError(f"{path!r} is the authors' release: load it with convert.load_dualtoken, or convert it "
                             f"once with `python convert.py {path} OUT_DIR`")
+        if raw.get("format") != "nano-dualtoken":
+            raise UserError(f"{path!r} is {model_kind(raw)}: a DualToken tokenizer folder is needed here")
         with torch.device("meta"):
             model = cls(config_from_dict(raw))
         model.load_weights(read_weights(weights), dtype)

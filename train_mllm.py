@@ -53,7 +53,8 @@ import checker
 import evaluation
 import mllm_hf
 import train_utils as tu
-from configurator import UserError, config_dict, parse_config, run_main
+from configurator import PROGRESS, UserError, config_dict, parse_config, run_main
+from folders import hold_folder
 import pipeline
 from llm import rope_inv_freq
 from mllm import INPUT_CODES, MLLM, MLLMConfig
@@ -360,9 +361,24 @@ def save_samples(raw, text_tok, image_tok, cache, cfg, path, n=8):
 # training
 
 
+# how this config's fields must relate (tu.check_values; each field's own range is in tu.VALUE_RULES); the LLM's
+# shape is read from --init_from when one is given
+RULES = (
+    ("n_embd", lambda c: c.init_from or c.n_embd % c.n_head == 0,
+     lambda c: f"need a multiple of --n_head={c.n_head} (each head takes n_embd / n_head channels)"),
+    ("n_kv_head", lambda c: c.init_from or (c.n_kv_head <= c.n_head and c.n_head % c.n_kv_head == 0),
+     lambda c: f"need a divisor of --n_head={c.n_head} (grouped-query attention shares each K/V head among "
+               f"n_head / n_kv_head query heads)"),
+    ("head_n_head", lambda c: (c.head_n_embd is None and c.init_from)
+     or (c.head_n_embd or c.n_embd) % (c.head_n_head or c.n_head) == 0,
+     lambda c: f"the depth heads' width (--head_n_embd, else --n_embd: {c.head_n_embd or c.n_embd}) must be a multiple "
+               f"of their head count ({c.head_n_head or c.n_head})"),
+)
+
+
 def validate(cfg):
     """Every check that needs no model or data, before any work: a mistake costs a second, not a run."""
-    tu.check_train_config(cfg)
+    tu.check_train_config(cfg, RULES)
     tu.require_path(cfg.tokenizer, "tokenizer", "dir", "a DualToken folder (config.json + weights); for shapes run "
                     "`python train_tokenizer.py config/shapes.py` first")
     for key, v in (("data", cfg.data), ("eval_data", cfg.eval_data)):
@@ -399,6 +415,7 @@ def validate(cfg):
         tu.guard_out_dir(cfg)
 
 
+@tu.holds("out_dir", also=("cache_dir",))
 def train(cfg):
     """-> (the trained model, the final evaluation or None). Under --parallel=fsdp the model is the sharded one,
     whose process group is gone on return: read the export (load_mllm) instead."""
@@ -423,7 +440,8 @@ def train(cfg):
     folder = cfg.cache_dir or os.path.join(cfg.out_dir, "cache")
     expect = cache_meta(cfg, image_tok, thash)
     if cfg.prepare or not os.path.isfile(os.path.join(folder, "meta.json")):
-        prepare_cache(cfg, image_tok, thash, folder, device, ctx, verbose=master)  # every rank encodes a shard
+        with hold_folder(folder):  # a cache_dir shared by runs: two builders would remove each other's files
+            prepare_cache(cfg, image_tok, thash, folder, device, ctx, verbose=master)  # every rank encodes a shard
         if cfg.prepare:
             tu.cleanup_ddp()
             return None, None
@@ -495,7 +513,9 @@ def train(cfg):
                                                           find_unused_parameters=heads_idle)
     autocast = tu.autocast_ctx(device, cfg.dtype)
     train_autocast = contextlib.nullcontext() if policy is not None else autocast  # the policy sets bf16 compute
-    logger = tu.JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=master, fresh=st is None)
+    logger = tu.JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=master, fresh=st is None,
+                            resume_step=None if st is None else step)
+    PROGRESS.update(out_dir=cfg.out_dir, step=step, checkpoint=step if st is not None else None)  # Ctrl-C's line
     extra = dict(tokenizer=os.path.relpath(cfg.tokenizer, cfg.out_dir), tokenizer_hash=thash,  # moves with both
                  text_tokenizer=text_tok_name, caption_prompt=pipeline.CAPTION_PROMPT,
                  prompt_format="und: [bos] <im_start> image <im_end> user_prompt(question); "
@@ -518,7 +538,8 @@ def train(cfg):
         if fsdp:  # every rank writes its shards
             tu.save_sharded(raw, opt, state_path, meta)
         elif master:
-            tu.atomic_save({"model": raw.state_dict(), "optimizer": opt.state_dict(), **meta}, state_path)
+            tu.save_train_state({"model": raw.state_dict(), "optimizer": opt.state_dict(), **meta}, state_path)
+        PROGRESS["checkpoint"] = step  # what a resume starts from, from here on
         if master:
             export(plain, cfg.out_dir, extra)
 
@@ -557,6 +578,7 @@ def train(cfg):
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        PROGRESS["step"] = step
         seen += cfg.batch_size
         bar.update(1)
         if master and (tu.every(step, cfg.log_interval) or step == last_step):

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import data
 import train_utils as tu
-from configurator import UserError, config_dict, parse_config, run_main
+from configurator import PROGRESS, UserError, config_dict, parse_config, run_main
 from siglip import SigLIP, SigLIPConfig, SigLIPTextConfig, SigLIPVisionConfig
 from siglip import zero_shot_accuracy, zero_shot_classifier
 from text import ByteTokenizer
@@ -77,9 +77,18 @@ class TrainSigLIPConfig:
     threads: int = 0                 # CPU intra-op threads; 0: torch's default
 
 
+# how this config's fields must relate (tu.check_values; each field's own range is in tu.VALUE_RULES)
+RULES = (
+    ("vision_width", lambda c: c.vision_width % c.vision_heads == 0,
+     lambda c: f"need a multiple of --vision_heads={c.vision_heads} (each head takes width / heads channels)"),
+    ("text_width", lambda c: c.text_width % c.text_heads == 0,
+     lambda c: f"need a multiple of --text_heads={c.text_heads} (each head takes width / heads channels)"),
+)
+
+
 def validate(cfg):
     """Every check that needs no model or data, before any work: a mistake costs a second, not a run."""
-    tu.check_train_config(cfg)
+    tu.check_train_config(cfg, RULES)
     if cfg.image_size % cfg.patch_size:
         raise UserError(f"--image_size={cfg.image_size} is not a multiple of --patch_size={cfg.patch_size} "
                         f"(the last {cfg.image_size % cfg.patch_size} pixel rows/columns would be dropped)")
@@ -134,6 +143,7 @@ def evaluate(model, text_tok, cfg, ev, device):
     return {"zero_shot_top1": acc[1], "zero_shot_top5": acc[5], "n_images": len(ev["labels"])}
 
 
+@tu.holds("out_dir")
 def train(cfg):
     t_start = time.time()
     validate(cfg)
@@ -170,7 +180,9 @@ def train(cfg):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if
                                                           device.startswith("cuda") else None)
     autocast = tu.autocast_ctx(device, cfg.dtype)
-    logger = tu.JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=master, fresh=st is None)
+    logger = tu.JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=master, fresh=st is None,
+                            resume_step=None if st is None else step)
+    PROGRESS.update(out_dir=cfg.out_dir, step=step, checkpoint=step if st is not None else None)  # Ctrl-C's line
     if master:
         print(f"SigLIP {n_params / 1e6:.2f}M params, device {device} x{ctx.world}, accum {accum}, "
               f"from step {step}")
@@ -181,9 +193,10 @@ def train(cfg):
         if master:
             # the HF folder is the product; train_state.pt (written atomically, with the weights) is
             # what resume reads, so a crash mid-export never breaks a resume
-            tu.atomic_save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                            "sampler": sampler.state_dict(), "rng": rngs, "config": config_dict(cfg)},
-                           state_path)
+            tu.save_train_state({"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                 "sampler": sampler.state_dict(), "rng": rngs, "config": config_dict(cfg)},
+                                state_path)
+            PROGRESS["checkpoint"] = step  # what a resume starts from, from here on
             raw.save_pretrained(cfg.out_dir)
 
     def run_eval():
@@ -226,6 +239,7 @@ def train(cfg):
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        PROGRESS["step"] = step
         seen += cfg.batch_size
         bar.update(1)
         if master and (tu.every(step, cfg.log_interval) or step == last_step):

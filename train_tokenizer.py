@@ -24,7 +24,7 @@ import torch
 
 import data
 import train_utils as tu
-from configurator import UserError, config_dict, parse_config, run_main
+from configurator import PROGRESS, UserError, config_dict, parse_config, run_main
 from losses import Discriminator, LossConfig, TokenizerLoss, lpips_or_none
 from metrics import psnr, ssim
 from rvq import code_stats
@@ -299,6 +299,7 @@ def evaluate(raw, teacher, text_tok, cfg, ev, device, teacher_acc=None):
 # training
 
 
+@tu.holds("out_dir")
 def train(cfg):
     t_start = time.time()
     validate(cfg)
@@ -370,7 +371,9 @@ def train(cfg):
         if disc is not None:
             d_model = torch.nn.parallel.DistributedDataParallel(disc, device_ids=ids)
     autocast = tu.autocast_ctx(device, cfg.dtype)
-    logger = tu.JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=master, fresh=st is None)
+    logger = tu.JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=master, fresh=st is None,
+                            resume_step=None if st is None else step)
+    PROGRESS.update(out_dir=cfg.out_dir, step=step, checkpoint=step if st is not None else None)  # Ctrl-C's line
     if master:
         print(f"DualToken {n_params / 1e6:.2f}M params ({n_train / 1e6:.2f}M trainable, {cfg.trainable}), "
               f"device {device} x{ctx.world}, accum {accum}, from step {step}")
@@ -387,10 +390,11 @@ def train(cfg):
         if master:
             # train_state.pt (weights included) is what resume reads, written atomically in one file; the
             # exported folder is the product, each of its files atomic too
-            tu.atomic_save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                            "consumed": consumed, "disc": disc.state_dict() if disc is not None else None,
-                            "disc_optimizer": d_opt.state_dict() if disc is not None else None,
-                            "rng": rngs, "config": config_dict(cfg)}, state_path)
+            tu.save_train_state({"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                 "consumed": consumed, "disc": disc.state_dict() if disc is not None else None,
+                                 "disc_optimizer": d_opt.state_dict() if disc is not None else None,
+                                 "rng": rngs, "config": config_dict(cfg)}, state_path)
+            PROGRESS["checkpoint"] = step  # what a resume starts from, from here on
             raw.save_pretrained(cfg.out_dir)  # atomic: config.json + model.safetensors
         last_good = step
 
@@ -476,6 +480,7 @@ def train(cfg):
             d_opt.step()
             d_opt.zero_grad(set_to_none=True)
         step += 1
+        PROGRESS["step"] = step
         seen += cfg.batch_size
         bar.update(1)
         if master and (tu.every(step, cfg.log_interval) or step == last_step):

@@ -8,6 +8,8 @@ before any work, an out_dir that already holds one, a resume with another config
 convention it follows so the three trainers agree.
 """
 import contextlib
+import functools
+import hashlib
 import json
 import math
 import os
@@ -19,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from configurator import UserError, atomic_write
+from folders import check_outputs, hold_folder, path_fields
 
 
 def default_device():
@@ -185,6 +188,40 @@ def atomic_save(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def state_digest(obj):
+    """sha256 of a checkpoint's contents, in order: every tensor's dtype, shape and bytes, every other value's
+    repr (a list and a tuple alike: a tuple may come back as either). Computed from the objects, not the file,
+    so it says whether what torch.load returned is what was saved, whatever the zip container holds."""
+    h = hashlib.sha256()
+
+    def walk(o):
+        if torch.is_tensor(o):
+            t = o.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(o, dict):
+            h.update(b"{")
+            for k, v in o.items():
+                walk(k)
+                walk(v)
+            h.update(b"}")
+        elif isinstance(o, (list, tuple)):
+            h.update(b"[")
+            for v in o:
+                walk(v)
+            h.update(b"]")
+        else:
+            h.update(repr(o).encode() + b";")
+    walk(obj)
+    return h.hexdigest()
+
+
+def save_train_state(state, path):
+    """A trainer's train_state.pt: `state` (a dict) with its state_digest under "sha256", written atomically.
+    load_train_state checks the digest, so a damaged checkpoint is refused instead of resumed."""
+    atomic_save({**state, "sha256": state_digest(state)}, path)
+
+
 def write_json(obj, path):
     """A JSON file a user keeps (results, exports' config.json), written atomically, indented."""
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
@@ -200,14 +237,30 @@ class JsonlLogger:
     """One JSON object per line, appended and closed at every write so a crash loses at most the line
     being written. Only the master process writes (enabled=ctx.is_master). fresh=True (a run that does
     not resume): an earlier run's log in the same out_dir is emptied, so the log describes the model
-    beside it (the out_dir guard already required --overwrite=True to replace that model)."""
+    beside it (the out_dir guard already required --overwrite=True to replace that model). resume_step
+    (a run resumed from the checkpoint of that step): the rows of later steps, which the resumed run
+    logs again, are dropped first (and a line a crash cut short), so no step appears twice."""
 
-    def __init__(self, path, enabled=True, fresh=False):
+    def __init__(self, path, enabled=True, fresh=False, resume_step=None):
         self.path, self.enabled = path, enabled
         if enabled:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             if fresh and os.path.exists(path):
                 open(path, "w").close()
+            elif resume_step is not None and os.path.exists(path):
+                self._keep_until(resume_step)
+
+    def _keep_until(self, step):
+        keep = []
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)) or row["step"] <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+        atomic_write(self.path, lambda f: f.write("".join(keep).encode()))
 
     def log(self, **row):
         if not self.enabled:
@@ -354,7 +407,7 @@ def save_sharded(model, opt, path, extra):
     dist.barrier()
     if master:
         os.replace(tmp, final)
-        atomic_save({**extra, "sharded": name}, path)
+        save_train_state({**extra, "sharded": name}, path)
         for d in os.listdir(root):
             if d.startswith(f"{base}.shards.") and d != name:
                 shutil.rmtree(os.path.join(root, d))
@@ -480,10 +533,10 @@ def every(step, interval):
     return interval > 0 and step % interval == 0
 
 
-def check_train_config(cfg):
+def check_train_config(cfg, rules=()):
     """The checks every trainer's config gets before any work starts (fields a config lacks are skipped):
     step counts and batch sizes positive, intervals >= 0 (0 = only at the last step), stop_step within
-    the schedule."""
+    the schedule, then check_values(cfg, rules)."""
     def need(key, ok, what):
         if hasattr(cfg, key) and not ok(getattr(cfg, key)):
             raise UserError(f"--{key}={getattr(cfg, key)!r}: {what}")
@@ -495,6 +548,71 @@ def check_train_config(cfg):
         need(k, lambda v: v >= 0, "need >= 1, or 0 for off (the last step still logs, saves and evaluates)")
     need("warmup", lambda v: v >= 0, "need >= 0")
     need("threads", lambda v: v >= 0, "need >= 0 (0: torch's default)")
+    check_values(cfg, rules)
+
+
+def device_problem(device):
+    """Why `device` (cpu, cuda, cuda:N, mps; '' = the default) cannot be used on this machine, or None."""
+    kind, _, index = device.partition(":")
+    if not device or kind == "cpu" and not index:
+        return None
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            return "this machine has no CUDA GPU that torch can use (--device=cpu, or '' for the default)"
+        n = torch.cuda.device_count()
+        if index and (not index.isdigit() or int(index) >= n):
+            return f"this machine has {n} CUDA GPU(s): cuda:0 .. cuda:{n - 1}"
+        return None
+    if kind == "mps" and not index:
+        ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        return None if ok else "MPS (Apple's GPU) is not available on this machine (--device=cpu)"
+    return "expected cpu, cuda, cuda:N or mps"
+
+
+def _finite(v):
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+# The values every config is checked against before any work, for the fields it has (None, where a field allows
+# it, passes: it means "off" or "as recorded"). (keys, ok(value), what a good value is). Relations between fields
+# of one model (heads dividing widths) are in the table beside that config (RULES in the trainers).
+VALUE_RULES = (
+    (("lr", "vis_lr", "disc_lr"), lambda v: _finite(v) and v > 0, "need a finite number > 0"),
+    (("min_lr", "disc_min_lr", "weight_decay", "grad_clip", "vis_gain", "text_loss_weight", "pix_loss_weight",
+      "sem_loss_weight", "gen_caption_loss", "gen_ground_loss", "weight_shortcut") + tuple(
+        f"w_{k}" for k in ("sem_tok", "sem_pool", "commit", "rec", "edge", "lpips", "gan")),
+     lambda v: _finite(v) and v >= 0, "need a finite number >= 0"),
+    (("min_lr_frac", "caption_drop", "caption_dropout", "gen_input_drop", "vq_decay"),
+     lambda v: _finite(v) and 0 <= v <= 1, "need a number in [0, 1]"),
+    (("beta1", "beta2"), lambda v: _finite(v) and 0 <= v < 1, "need a number in [0, 1)"),
+    (("temperature",), lambda v: _finite(v) and v >= 0, "need a finite number >= 0 (0: greedy)"),
+    (("cfg_scale", "fine_temperature", "top_p", "adaptive_lo", "adaptive_hi"), _finite,
+     "need a finite number (see the key's comment for what <= 0 means)"),
+    (("batch_size", "micro_batch", "eval_batch", "prepare_batch", "max_new_tokens", "image_size", "patch_size",
+      "vision_width", "vision_layers", "vision_heads", "text_width", "text_layers", "text_heads", "mlp_ratio",
+      "max_len", "codebook_size", "code_dim", "depth", "dec_ch", "dec_latent_channels", "n_layer", "n_embd",
+      "n_head", "n_kv_head", "intermediate_size", "head_n_layer", "head_n_embd", "head_n_head", "qa_per_image",
+      "disc_width"), lambda v: isinstance(v, int) and v >= 1, "need an integer >= 1"),
+    (("threads", "num_workers", "grid_scale", "pix_depth", "dec_num_res_blocks", "dec_patch_skip", "max_images"),
+     lambda v: isinstance(v, int) and v >= 0, "need an integer >= 0"),
+    (("dtype",), lambda v: v in ("bfloat16", "float16", "float32"), "expected bfloat16, float16 or float32"),
+)
+
+
+def check_values(cfg, rules=()):
+    """Every VALUE_RULES entry for the fields `cfg` has, the device, then `rules`: ((key, ok(cfg), what), ...),
+    the relations of one config's fields. The first failure is a UserError naming the key and its value."""
+    for keys, ok, what in VALUE_RULES:
+        for k in keys:
+            v = getattr(cfg, k, None)
+            if v is not None and not ok(v):
+                raise UserError(f"--{k}={v!r}: {what}")
+    problem = device_problem(getattr(cfg, "device", "") or "")
+    if problem:
+        raise UserError(f"--device={cfg.device!r}: {problem}")
+    for key, ok, what in rules:
+        if not ok(cfg):
+            raise UserError(f"--{key}={getattr(cfg, key)!r}: {what(cfg) if callable(what) else what}")
 
 
 def require_path(value, key, kind="dir", hint=""):
@@ -504,6 +622,23 @@ def require_path(value, key, kind="dir", hint=""):
         what = {"dir": "a folder", "file": "a file", "any": "a file or folder"}[kind]
         got = "is empty" if not value else ("does not exist" if not os.path.exists(value) else f"is not {what}")
         raise UserError(f"--{key}={value!r} {got}: need {what}" + (f"; {hint}" if hint else ""))
+
+
+def holds(key, also=(), unused=()):
+    """Decorator for a command `fn(cfg)` that writes the folder cfg.<key> (and the folders cfg.<also>): before
+    any work its outputs are checked against every path the config reads (folders.check_outputs; the
+    keys `unused` are neither), then it runs holding cfg.<key> (folders.hold_folder: one writer per
+    folder, released on return, on an error and when the process dies)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(cfg, *args, **kwargs):
+            outs = (key, *also)
+            reads = path_fields(cfg, skip=(*outs, *unused))
+            check_outputs(reads, dirs=[(f"--{k}", getattr(cfg, k)) for k in outs])
+            with hold_folder(getattr(cfg, key)):
+                return fn(cfg, *args, **kwargs)
+        return run
+    return wrap
 
 
 def guard_out_dir(cfg):
@@ -542,6 +677,11 @@ def load_train_state(path, cfg, map_location="cpu"):
         raise UserError(f"cannot read {path} ({type(e).__name__}: {first}); it is damaged or not a train_state.pt") from None
     if not isinstance(st, dict) or ("model" not in st and "sharded" not in st):
         raise UserError(f"{path} is not a train_state.pt written by these trainers")
+    saved = st.pop("sha256", None)  # None: written before checkpoints carried a digest
+    if saved is not None and state_digest(st) != saved:
+        raise UserError(f"{path} is damaged: its contents do not match the sha256 recorded when it was saved (step "
+                        f"{st.get('step', '?')}); no earlier checkpoint is kept (each save replaces the previous "
+                        f"one): train again with --overwrite=True or into another --out_dir")
     diff = config_changes(st.get("config") or {}, config_dict(cfg))
     if diff:
         shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in sorted(diff.items())))

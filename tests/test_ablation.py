@@ -209,7 +209,8 @@ def test_ablation_end_to_end(teacher_dir, tmp_path, capsys, monkeypatch):
 
 
 def test_reuse_retrains_for_another_teacher(teacher_dir, tmp_path, monkeypatch):
-    """Same init_from path and config, retrained weights: the stored result must not be reused."""
+    """Same init_from path and config, retrained weights: the stored result must not be reused; the finished run
+    is trained again only with --overwrite=True (the trainers' rule), and refused before any training without."""
     import shutil
     t2 = str(tmp_path / "teacher")
     shutil.copytree(teacher_dir, t2)
@@ -219,7 +220,10 @@ def test_reuse_retrains_for_another_teacher(teacher_dir, tmp_path, monkeypatch):
     calls = []
     real = tt.train
     monkeypatch.setattr(tt, "train", lambda cfg: calls.append(1) or real(cfg))
-    ablation.main(tiny_ablation(t2, tmp_path / "abl", runs="c", steps=1, reuse=True))
+    with pytest.raises(ablation.UserError, match=r"abl/c already holds a finished run .*--overwrite=True"):
+        ablation.main(tiny_ablation(t2, tmp_path / "abl", runs="c", steps=1, reuse=True))
+    assert calls == []
+    ablation.main(tiny_ablation(t2, tmp_path / "abl", runs="c", steps=1, reuse=True, overwrite=True))
     assert calls == [1]
 
 

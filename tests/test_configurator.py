@@ -72,3 +72,21 @@ def test_config_named_fields_and_misspelt_sections(tmp_path):
         parse_config(SectionCfg(), [str(preset)])
     with pytest.raises(ValueError, match="tokenzier_config"):
         parse_config(EvalLikeCfg(), [str(preset)])
+
+
+def test_preset_values_are_typed_like_the_command_line(tmp_path):
+    """A preset's value goes through its field's type as `--key=value` does: an int may stand for a float, a list
+    for a tuple, None for an Optional; anything else names the preset, the key and the value."""
+    preset = tmp_path / "p.py"
+    preset.write_text("lr = 1\nshape = [2, 3]\nmaybe = None\n")
+    cfg = parse_config(Cfg(), [str(preset)])
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.shape == (2, 3) and cfg.maybe is None
+    for text, msg in (("steps = '10'", r"steps = '10': expected int, got str"),
+                      ("steps = True", r"steps = True: expected int, got bool"),
+                      ("compile = 1", r"compile = 1: expected bool"), ("shape = 4", r"shape = 4: expected tuple"),
+                      ("maybe = 1.5", r"maybe = 1.5: expected int, got float")):
+        preset.write_text(text + "\n")
+        with pytest.raises(ValueError, match=msg):
+            parse_config(Cfg(), [str(preset)])
+    with pytest.raises(ValueError, match=r"--shape: expected a tuple"):  # a bare `tuple` field on the command line
+        parse_config(Cfg(), ["--shape='ab'"])

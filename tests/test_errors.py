@@ -20,6 +20,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from configurator import run_main
 from conftest import ROOT
@@ -53,7 +54,7 @@ def run(script, argv, sub=False, env=None):
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            run_main(mod.main, argv)
+            run_main(getattr(mod, "main_cli", mod.main), argv)  # ablation.py's command line is main_cli
             rc = 0
         except SystemExit as e:
             rc = e.code
@@ -91,7 +92,9 @@ def world(tmp_path_factory):
     w["siglip"], w["tok"], w["mllm"] = str(t / "siglip"), str(t / "tok"), str(t / "mllm")
     for script, argv in (("train_siglip", [f"--out_dir={w['siglip']}"]),
                          ("train_tokenizer", [f"--out_dir={w['tok']}", f"--init_from={w['siglip']}"]),
-                         ("train_mllm", [f"--out_dir={w['mllm']}", f"--tokenizer={w['tok']}"])):
+                         ("train_mllm", [f"--out_dir={w['mllm']}", f"--tokenizer={w['tok']}"]),
+                         ("train_mllm", [f"--out_dir={t / 'mllm_words'}", f"--tokenizer={w['tok']}",
+                                         "--text_tokenizer=words"])):
         rc, out, err = run(script, [w["preset"], *argv])
         assert rc == 0, (script, err[-2000:])
     # images: good, empty, text saved as .png
@@ -135,7 +138,42 @@ def world(tmp_path_factory):
     for name in ("siglip_again", "siglip_more"):  # copies that rows may change (--overwrite, --max_steps)
         shutil.copytree(w["siglip"], str(t / name))
         w[name] = str(t / name)
+    # copies that the rows aiming outputs at inputs and models point at: code without the output check would
+    # replace them, and the shared folders must stay whole for the other rows
+    for name, src in (("siglip_teacher", "siglip"), ("tok_copy", "tok"), ("mllm_copy", "mllm")):
+        shutil.copytree(w[src], str(t / name))
+        w[name] = str(t / name)
+    os.makedirs(t / "abl_done")  # an ablation whose run (a) has finished
+    shutil.copytree(w["tok"], str(t / "abl_done" / "a"))
+    w["abl_done"] = str(t / "abl_done")
+    # a siglip run whose train_state.pt has 16 bytes flipped inside its largest tensor (still a valid zip)
+    w["siglip_flip"] = str(t / "siglip_flip")
+    shutil.copytree(w["siglip"], w["siglip_flip"])
+    st = os.path.join(w["siglip_flip"], "train_state.pt")
+    big = max(torch.load(st, weights_only=True)["model"].values(), key=lambda v: v.numel())
+    b = bytearray(open(st, "rb").read())
+    at = b.find(big.contiguous().numpy().tobytes()) + big.numel() * big.element_size() // 2
+    assert at > 0
+    b[at:at + 16] = bytes(x ^ 0xFF for x in b[at:at + 16])
+    open(st, "wb").write(bytes(b))
     (t / "empty_caps.txt").write_text("\n  \n")
+    # text for an MLLM with the closed shapes vocabulary (text_tokenizer=words): line 2 of each has a word outside it;
+    # and files that are not UTF-8
+    w["mllm_words"] = str(t / "mllm_words")
+    (t / "caps_words.txt").write_text("a small green triangle in the center\na zebra in the center\n")
+    w["caps_words"] = str(t / "caps_words.txt")
+    w["qa_words"] = j("qa_words.jsonl", '{"image": "imgs/good0.png", "question": "what color is the triangle?", '
+                      '"answer": "green"}', '{"image": "imgs/good0.png", "question": "what color is the zebra!", '
+                      '"answer": "green"}')
+    (t / "latin1.txt").write_bytes("a red circle\na caf\u00e9 in the center\n".encode("latin-1"))
+    w["latin1_txt"] = str(t / "latin1.txt")
+    (t / "latin1.jsonl").write_bytes('{"image": "imgs/good0.png", "question": "caf\u00e9?", "answer": "x"}\n'
+                                     .encode("latin-1"))
+    w["latin1_jsonl"] = str(t / "latin1.jsonl")
+    # presets with a mistake each: Python that does not parse, a name that does not exist, a value of the wrong type
+    (t / "bad_syntax.py").write_text("lr = 1e-3\nmax_steps = (\n")
+    (t / "bad_name.py").write_text("lr = 1e-3\nmax_steps = steps_per_epoch * 2\n")
+    (t / "bad_type.py").write_text("siglip_config = dict(max_steps='abc')\n")
     w["empty_caps"] = str(t / "empty_caps.txt")
     return w
 
@@ -234,7 +272,7 @@ ROWS = [
      "mllm", False),
     ("convert_config_json", "convert", ["{tok}/config.json", "{tmp}/out_{id}"], 2,
      r"expected its folder or the weights file .*not config.json", "tok", True),
-    ("convert_onto_model", "convert", ["{tok}", "{mllm}"], 2, r"already holds a model.safetensors", "mllm",
+    ("convert_onto_model", "convert", ["{tok}", "{mllm}"], 2, r"already holds a model \(.*model.safetensors", "mllm",
      False),
     # paths-or-text arguments and empty selections
     ("captions_mistyped_path", "sample", ["generate", "--mllm={mllm}", "--captions=caps.txt", "--device=cpu",
@@ -265,6 +303,117 @@ ROWS = [
      False),
     ("checker_n_not_int", "checker", ["abc"], 2, r"N must be an integer, got 'abc'", None, False),
     ("bench_unknown", "bench", ["nothing"], 2, r"usage: python bench.py", None, False),
+    # outputs never land on an input or on a model's files, with --overwrite=True or without
+    ("tokenizer_out_is_teacher", T, ["{preset}", "--out_dir={siglip_teacher}", "--init_from={siglip_teacher}",
+                                     "--overwrite=True"], 2,
+     r"--out_dir='.*siglip_teacher' is --init_from, which this command reads", "siglip_teacher", False),
+    ("tokenizer_out_inside_teacher", T, ["{preset}", "--out_dir={siglip_teacher}/tok", "--init_from={siglip_teacher}"],
+     2, r"--out_dir='.*siglip_teacher/tok' is inside --init_from='.*siglip_teacher'", "siglip_teacher", False),
+    ("mllm_out_is_tokenizer", M, ["{preset}", "--out_dir={tok_copy}", "--tokenizer={tok_copy}", "--overwrite=True"], 2,
+     r"--out_dir='.*tok_copy' is --tokenizer, which this command reads", "tok_copy", False),
+    ("mllm_cache_inside_tokenizer", M, ["{preset}", NEW, "--tokenizer={tok_copy}", "--cache_dir={tok_copy}/cache"], 2,
+     r"--cache_dir='.*tok_copy/cache' is inside --tokenizer='.*tok_copy'", "tok_copy", False),
+    ("eval_out_is_model_weights", "eval", ["mllm", "--mllm={mllm_copy}", "--out={mllm_copy}/model.safetensors",
+                                           "--qa_images=1", "--gen_captions=0", "--train_images=0", "--device=cpu"], 2,
+     r"--out='.*mllm_copy/model.safetensors' would replace a file of the model in .*mllm_copy", "mllm_copy", False),
+    ("eval_out_is_tokenizer_config", "eval", ["tokenizer", "--tokenizer={tok_copy}", "--out={tok_copy}/config.json",
+                                              "--num_images=2", "--zero_shot=False", "--device=cpu"], 2,
+     r"--out='.*tok_copy/config.json' would replace a file of the model in .*tok_copy", "tok_copy", False),
+    ("eval_out_folder_is_a_file", "eval", ["mllm", "--mllm={mllm}", "--out={preset}/eval.json", "--qa_images=1",
+                                           "--gen_captions=0", "--train_images=0", "--device=cpu"], 2,
+     r"cannot write into '.*tiny.py' \(.*\): give --out=FILE somewhere this user may write", "mllm", False),
+    ("eval_out_is_a_folder", "eval", ["probes", "--tokenizer={tok}", "--out={tmp}", "--images=8", "--device=cpu"], 2,
+     r"--out='.*' is a folder: need a file path", "tok", False),
+    ("sample_out_is_tokenizer", "sample", ["reconstruct", "--tokenizer={tok_copy}", "--images={good_png}",
+                                           "--device=cpu", "--out_dir={tok_copy}"], 2,
+     r"--out_dir='.*tok_copy' is --tokenizer, which this command reads", "tok_copy", False),
+    ("convert_out_is_ckpt", "convert", ["{tok_copy}", "{tok_copy}"], 2, r"OUT_DIR='.*tok_copy' is CKPT", "tok_copy",
+     False),
+    ("out_dir_is_a_file", S, ["{preset}", "--out_dir={preset}"], 2, r"--out_dir='.*tiny.py' is a file: need a folder",
+     None, False),
+    ("ablation_dir_inside_teacher", "ablation", ["{preset}", "--init_from={siglip_teacher}",
+                                                 "--ablation_dir={siglip_teacher}/abl", "--runs=a", "--steps=1"], 2,
+     r"--ablation_dir='.*siglip_teacher/abl' is inside --init_from", "siglip_teacher", False),
+    ("ablation_keeps_finished_run", "ablation", ["{preset}", "--init_from={siglip}", "--ablation_dir={abl_done}",
+                                                 "--runs=a", "--steps=1"], 2,
+     r"abl_done/a already holds a finished run \(train_state.pt, model.safetensors\): --reuse=True", "abl_done", True),
+    ("ablation_runs_empty", "ablation", ["{preset}", "--init_from={siglip}", "--ablation_dir={tmp}/out_{id}",
+                                         "--runs="], 2, r"--runs='': nothing to train", None, False),
+    # every value checked before any work: ranges, relations, devices, dtypes, presets
+    ("lr_nan", S, ["{preset}", NEW, "--lr=nan"], 2, r"--lr=nan: need a finite number > 0", None, False),
+    ("lr_negative", T, ["{preset}", NEW, "--init_from={siglip}", "--lr=-1"], 2, r"--lr=-1.0: need a finite number > 0",
+     None, False),
+    ("heads_not_dividing_width", S, ["{preset}", NEW, "--vision_heads=3"], 2,
+     r"--vision_width=32: need a multiple of --vision_heads=3", None, False),
+    ("kv_heads_over_heads", M, ["{preset}", NEW, "--tokenizer={tok}", "--n_kv_head=4"], 2,
+     r"--n_kv_head=4: need a divisor of --n_head=2", None, False),
+    ("mllm_cfg_scale_nan", M, ["{preset}", NEW, "--tokenizer={tok}", "--cfg_scale=nan"], 2,
+     r"--cfg_scale=nan: need a finite", None, False),
+    ("sample_negative_temperature", "sample", ["generate", "--mllm={mllm}", "--captions=a red circle",
+                                               "--temperature=-1", "--num_per_caption=1", "--device=cpu",
+                                               "--out_dir={tmp}/out_{id}"], 2,
+     r"--temperature=-1.0: need a finite number >= 0 \(0: greedy\)", "mllm", False),
+    ("sample_batch_size_0", "sample", ["generate", "--mllm={mllm}", "--captions=a red circle", "--batch_size=0",
+                                       "--num_per_caption=1", "--device=cpu", "--out_dir={tmp}/out_{id}"], 2,
+     r"--batch_size=0: need an integer >= 1", None, False),
+    ("eval_max_new_tokens_0", "eval", ["mllm", "--mllm={mllm}", "--max_new_tokens=0", "--qa_images=1",
+                                       "--gen_captions=0", "--train_images=0", "--device=cpu"], 2,
+     r"--max_new_tokens=0: need an integer >= 1", "mllm", False),
+    ("device_absent", S, ["{preset}", NEW, "--device=cuda:99"], 2, r"--device='cuda:99': this machine has", None,
+     False),
+    ("device_unknown", "sample", ["reconstruct", "--tokenizer={tok}", "--images={good_png}", "--device=tpu",
+                                  "--out_dir={tmp}/out_{id}"], 2, r"--device='tpu': expected cpu, cuda, cuda:N or mps",
+     None, False),
+    ("dtype_unknown", T, ["{preset}", NEW, "--init_from={siglip}", "--dtype=float8"], 2,
+     r"--dtype='float8': expected bfloat16, float16 or float32", None, False),
+    ("tuple_field_given_text", S, ["{preset}", NEW, "--templates='a {{}}'"], 2, r"--templates: expected a tuple", None,
+     False),
+    ("preset_syntax_error", S, ["{tmp}/bad_syntax.py", NEW], 2, r"preset .*bad_syntax.py:2: ", None, False),
+    ("preset_undefined_name", S, ["{tmp}/bad_name.py", NEW], 2,
+     r"preset .*bad_name.py:2: NameError: name 'steps_per_epoch' is not defined", None, False),
+    ("preset_wrong_type", S, ["{tmp}/bad_type.py", NEW], 2, r"bad_type.py: max_steps = 'abc': expected int, got str",
+     None, False),
+    # text checked against the MLLM's text tokenizer before any work, naming the word and where it came from
+    ("generate_word_outside_vocabulary", "sample", ["generate", "--mllm={mllm_words}", "--captions=a red dodecahedron!",
+                                                    "--device=cpu", "--out_dir={tmp}/out_{id}"], 2,
+     r"--captions: '!', 'dodecahedron' not in the vocabulary of .*mllm_words \(text_tokenizer 'words'.*the words "
+     r"are: .*circle", "mllm_words", False),
+    ("generate_file_word_outside_vocabulary", "sample", ["generate", "--mllm={mllm_words}", "--captions={caps_words}",
+                                                         "--device=cpu", "--out_dir={tmp}/out_{id}"], 2,
+     r"caps_words.txt:2: 'zebra' not in the vocabulary", None, False),
+    ("answer_word_outside_vocabulary", "sample", ["answer", "--mllm={mllm_words}", "--image={good_png}",
+                                                  "--question=what colour is the circle?", "--device=cpu",
+                                                  "--out_dir={tmp}/out_{id}"], 2,
+     r"--question: 'colour' not in the vocabulary", None, False),
+    ("eval_qa_word_outside_vocabulary", "eval", ["mllm", "--mllm={mllm_words}", "--data={qa_words}", "--device=cpu",
+                                                 "--out={tmp}/out_{id}.json"], 2,
+     r"qa_words.jsonl:2: '!', 'zebra' not in the vocabulary", "mllm_words", False),
+    ("eval_t2i_word_outside_vocabulary", "eval", ["t2i", "--mllm={mllm_words}", "--captions={caps_words}",
+                                                  "--siglip={siglip}", "--device=cpu", "--out={tmp}/out_{id}.json"], 2,
+     r"caps_words.txt:2: 'zebra' not in the vocabulary", None, False),
+    ("captions_not_utf8", "sample", ["generate", "--mllm={mllm}", "--captions={latin1_txt}", "--device=cpu",
+                                     "--out_dir={tmp}/out_{id}"], 2,
+     r"latin1.txt:2 is not UTF-8 text \(byte 0xe9 at column 6\)", None, False),
+    ("qa_file_not_utf8", "eval", ["mllm", "--mllm={mllm}", "--data={latin1_jsonl}", "--device=cpu",
+                                  "--out={tmp}/out_{id}.json"], 2, r"latin1.jsonl:1 is not UTF-8 text", None, False),
+    # a folder holding another kind of model is named as what it is
+    ("tokenizer_is_siglip", "sample", ["reconstruct", "--tokenizer={siglip}", "--images={good_png}", "--device=cpu",
+                                       "--out_dir={tmp}/out_{id}"], 2,
+     r"'.*siglip' is a SigLIP folder .*: a DualToken tokenizer folder is needed here", "siglip", False),
+    ("init_from_is_tokenizer", T, ["{preset}", NEW, "--init_from={tok}"], 2,
+     r"'.*tok' is a DualToken tokenizer folder .*: a SigLIP folder is needed here", "tok", False),
+    ("teacher_is_mllm", "eval", ["tokenizer", "--tokenizer={tok}", "--teacher={mllm}", "--num_images=2", "--device=cpu",
+                                 "--out={tmp}/out_{id}.json"], 2,
+     r"'.*mllm' is an MLLM folder .*: a SigLIP folder is needed here", "mllm", False),
+    ("mllm_is_tokenizer", "sample", ["generate", "--mllm={tok}", "--captions=a red circle", "--device=cpu",
+                                     "--out_dir={tmp}/out_{id}"], 2,
+     r"'.*tok' is a DualToken tokenizer folder .*: an MLLM folder .* is needed here", "tok", False),
+    ("ablation_teacher_is_tokenizer", "ablation", ["{preset}", "--init_from={tok}", "--ablation_dir={tmp}/out_{id}"], 2,
+     r"'.*tok' is a DualToken tokenizer folder .*: a SigLIP folder is needed here", "tok", False),
+    # checkpoints are verified
+    ("siglip_resume_damaged", S, ["{preset}", "--out_dir={siglip_flip}", "--resume=True"], 2,
+     r"siglip_flip/train_state.pt is damaged: its contents do not match the sha256 recorded when it was saved "
+     r"\(step 2\); no earlier checkpoint is kept", "siglip_flip", False),
 ]
 
 

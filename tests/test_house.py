@@ -107,6 +107,47 @@ def test_one_home_per_name():
     assert not twice, "one home per name (import the helper, or rename one of two ideas):\n" + "\n".join(twice)
 
 
+# What writes a file or a folder a user keeps (the project's writers and the os calls behind them), and what guards a
+# command that does: folders.check_outputs (an output never lands on an input or a model's files) and
+# folders.hold_folder (one writer per folder); train_utils.holds does both around a trainer.
+WRITERS = {"write_json", "atomic_write", "atomic_save", "save_train_state", "save_safetensors",
+           "atomic_save_safetensors", "save_png", "grid_png", "save_pretrained", "export", "JsonlLogger", "makedirs",
+           "prepare_cache", "save_sharded", "save_file", "replace", "rmtree"}
+CHECKS, LOCKS = {"check_outputs", "check_result_file", "holds"}, {"hold_folder", "holds"}
+NO_LOCK = {"eval": "writes one result file (--out), by an atomic replace, often beside a model that another run trains"}
+NO_CHECK = {"data": "`data.py export DIR` reads nothing an output could land on (hold_folder refuses a file as DIR)"}
+NO_WRITE = {"bench": "writes only into tempfile folders it makes and removes"}
+
+
+def _names(tree):
+    """Every called or referenced name and attribute in a module."""
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | \
+        {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+
+
+def test_every_command_that_writes_checks_its_outputs_and_holds_its_folder():
+    """Each command (a file that runs under configurator.run_main) that calls a writer goes through the output check
+    and the folder lock, or is named above with the reason it does not need one."""
+    bad = []
+    for m in _modules():
+        if m == "configurator":
+            continue
+        with open(os.path.join(ROOT, m + ".py")) as f:
+            tree = ast.parse(f.read(), m + ".py")
+        names = _names(tree)
+        if "run_main" not in names or m in NO_WRITE:
+            continue
+        calls = {n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", None)
+                 for n in ast.walk(tree) if isinstance(n, ast.Call)}
+        if not calls & WRITERS:
+            continue
+        if not names & CHECKS and m not in NO_CHECK:
+            bad.append(f"{m}.py writes ({sorted(calls & WRITERS)}) without folders.check_outputs")
+        if not names & LOCKS and m not in NO_LOCK:
+            bad.append(f"{m}.py writes ({sorted(calls & WRITERS)}) without folders.hold_folder")
+    assert not bad, "\n".join(bad)
+
+
 def _project_text_files():
     import subprocess
     out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
