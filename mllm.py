@@ -2,7 +2,7 @@
 The unified DualToken MLLM (paper section 3.3; design §4-§5): a decoder-only LLM (Qwen2 / Qwen2.5 /
 LLaMA compatible) that reads images as dual code stacks and writes them back through two depth heads.
 
-Input format (one interleaved sequence; `build_sequence` + `collate_sequences` produce it)
+Input format (one interleaved sequence; sequences.py's `build_sequence` + `collate_sequences` produce it)
     idx            (B, T) long  token ids; at image positions any id (build_sequence writes pad_id)
     image_mask     (B, T) bool  True at image positions (one position per tokenizer grid cell)
     pix_codes      (N, Dp) long pixel codes of the N = image_mask.sum() image positions, in the order
@@ -12,7 +12,7 @@ Input format (one interleaved sequence; `build_sequence` + `collate_sequences` p
                                 cumsum(attention_mask) - 1, so a left-padded row equals the unpadded one
     gen_mask       (B, T) bool  image positions whose codes are trained (images being generated); default
                                 all image positions
-    targets        (B, T) long  text target of position t (normally idx[t+1]) or -1; `make_targets`
+    targets        (B, T) long  text target of position t (normally idx[t+1]) or -1; sequences.`make_targets`
                                 masks image, padding and (optionally) prompt targets
 Delimiters: <im_start> ... <im_end> around an image the model reads, <image_gen_*> around one it writes.
 
@@ -32,19 +32,24 @@ The frozen tokenizer codebooks enter as tensors through `set_codebooks` (this fi
 tokenizer); they are stored as buffers of shape (depth, K, d), a shared book repeated per depth.
 
 The decoder blocks (RMSNorm, RoPE, KV cache, attention, MLP) live in llm.py, the depth heads in
-depth_head.py; loading Hugging Face
-checkpoints in mllm_hf.py; our export and its use with the image and text tokenizers in pipeline.py.
+depth_head.py, the sequence layout in sequences.py; loading a Hugging Face LLM in mllm_hf.py; our export is
+MLLM.from_pretrained / save_pretrained, loaded with its image and text tokenizers by loaders.py.
 """
 import contextlib
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from configurator import UserError
 from depth_head import DepthHead, code_vectors, mlp2
+from folders import model_kind
 from llm import Block, KVCache, RMSNorm, rope_inv_freq, sample_logits
+from sequences import build_sequence, collate_sequences, image_positions
 
 @dataclass
 class MLLMConfig:
@@ -143,69 +148,6 @@ def tiny_config(**kw):
     return MLLMConfig(**dict(dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128, max_seq_len=256,
                                   pix_vocab=32, pix_dim=8, pix_depth=3, sem_vocab=24, sem_dim=6, sem_depth=2,
                                   head_n_layer=2, head_n_embd=32, head_n_head=2), **kw))
-
-
-# ----------------------------------------------------------------------------------------------------
-# sequence helpers shared by training, sampling and evaluation
-
-def build_sequence(cfg, parts):
-    """parts: token-id lists and images ("und" | "gen", n_positions), in order -> (ids (T,), image_mask
-    (T,), gen_mask (T,)). Starts with bos when the vocabulary has one; images get their delimiters."""
-    ids = [cfg.bos_id] if cfg.bos_id is not None else []
-    img, gen = [False] * len(ids), [False] * len(ids)
-    for p in parts:
-        if isinstance(p, tuple):
-            kind, n = p
-            if kind not in ("und", "gen"):
-                raise ValueError(f"build_sequence: image kind must be 'und' or 'gen', got {kind!r}")
-            start, end = (cfg.im_start_id, cfg.im_end_id) if kind == "und" else \
-                (cfg.image_gen_start_id, cfg.image_gen_end_id)
-            if start is None or end is None:
-                raise ValueError(f"build_sequence: config has no {kind} image delimiter tokens")
-            pad = cfg.pad_id if cfg.pad_id is not None else 0
-            ids += [start] + [pad] * n + [end]
-            img += [False] + [True] * n + [False]
-            gen += [False] + [kind == "gen"] * n + [False]
-        else:
-            ids += list(p)
-            img += [False] * len(p)
-            gen += [False] * len(p)
-    return torch.tensor(ids, dtype=torch.long), torch.tensor(img), torch.tensor(gen)
-
-
-def collate_sequences(cfg, seqs):
-    """List of build_sequence outputs -> dict(idx, image_mask, gen_mask, attention_mask), each (B, T),
-    LEFT-padded (what generation needs; training does not care, positions come from attention_mask)."""
-    B, T = len(seqs), max(s[0].numel() for s in seqs)
-    idx = torch.full((B, T), cfg.pad_id if cfg.pad_id is not None else 0, dtype=torch.long)
-    img, gen, am = (torch.zeros(B, T, dtype=torch.bool) for _ in range(3))
-    for b, (i, m, g) in enumerate(seqs):
-        n = i.numel()
-        idx[b, T - n:], img[b, T - n:], gen[b, T - n:], am[b, T - n:] = i, m, g, True
-    return dict(idx=idx, image_mask=img, gen_mask=gen, attention_mask=am.long())
-
-
-def image_positions(image_mask):
-    """(B, T) bool -> (B, T) long: at an image position, its index inside its image (0 = the first);
-    elsewhere meaningless. Images are contiguous runs of True (build_sequence writes them so)."""
-    c = image_mask.long().cumsum(1)
-    start = torch.where(image_mask, 0, c).cummax(1).values  # the count at the last non-image token
-    return c - start - 1
-
-
-def make_targets(idx, image_mask=None, attention_mask=None, loss_mask=None):
-    """Next-token text targets (B, T): targets[:, t] = idx[:, t+1], or -1 where position t+1 is an image
-    position, padding, or outside loss_mask (e.g. the question in SFT), or where t itself is padding."""
-    keep = torch.ones_like(idx, dtype=torch.bool)
-    if image_mask is not None:
-        keep &= ~image_mask.bool()
-    if loss_mask is not None:
-        keep &= loss_mask.bool()
-    src = torch.ones_like(keep) if attention_mask is None else attention_mask.bool()
-    keep &= src
-    t = torch.full_like(idx, -1)
-    t[:, :-1] = torch.where(keep[:, 1:] & src[:, :-1], idx[:, 1:], -1)
-    return t
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -337,6 +279,18 @@ class MLLM(nn.Module):
     def visual_input_modules(self):
         """The modules that turn codes into LLM inputs (stage 1 trains these alone)."""
         return [m for m in (self.vis_in, self.vis_in_norm, self.vis_out_norm) if m is not None]
+
+    def set_trainable(self, mode):
+        """requires_grad per training stage (paper 3.4; design §6): "all" (stages 2 and 4), "input" (stage 1: the
+        visual input projector and the image position table only), "output" (stage 3: the depth heads, their
+        output projectors included)."""
+        if mode not in ("all", "input", "output"):
+            raise ValueError(f"trainable={mode!r}: expected 'all', 'input' or 'output'")
+        self.requires_grad_(mode == "all")
+        parts = dict(all=[], input=[*self.visual_input_modules(), self.image_pos], output=[self.pix_head, self.sem_head])
+        for m in parts[mode]:
+            if m is not None:
+                m.requires_grad_(True)
 
     def embed_images(self, pix_codes, sem_codes, pos=None, sem_off=None, drop=None):
         """(N, Dp), (N, Ds) codes -> (N, C) LLM inputs, from the stacks config.input_codes reads (the other
@@ -677,18 +631,53 @@ class MLLM(nn.Module):
 
     # --- weights ---------------------------------------------------------------------------------
 
-    def grow_vocab(self, n):
-        """Append n rows (new special tokens) initialised to the mean of the old rows (VILA-U); the
-        output head grows the same way and a tie stays a tie."""
-        cfg, old = self.config, self.embed.weight.data
-        # new modules on meta, their weights assigned: no random init of a (vocab, C) matrix to throw away
-        emb = nn.Embedding(cfg.vocab_size + n, cfg.n_embd, device="meta", dtype=old.dtype)
-        emb.weight = nn.Parameter(torch.cat([old, old.mean(0, keepdim=True).expand(n, -1)]))
-        head = nn.Linear(cfg.n_embd, cfg.vocab_size + n, bias=False, device="meta", dtype=old.dtype)
-        if cfg.tie_word_embeddings:
-            head.weight = emb.weight
-        else:
-            w = self.lm_head.weight.data
-            head.weight = nn.Parameter(torch.cat([w, w.mean(0, keepdim=True).expand(n, -1)]))
-        self.embed, self.lm_head = emb, head
-        cfg.vocab_size += n
+    @classmethod
+    def from_pretrained(cls, folder, device="cpu"):
+        """Our export (save_pretrained's folder: train_mllm.py's out_dir) -> the MLLM in eval mode on device, read
+        strictly (from_state_dict). The rest of its config.json (the image tokenizer's path and hash, the text
+        tokenizer, the sampler, ...) is model.export_info. A Hugging Face LLM folder loads with mllm_hf."""
+        from siglip import read_safetensors  # names the file when it is damaged
+        path = os.path.join(folder, "config.json")
+        if not os.path.isfile(path):
+            raise UserError(f"MLLM.from_pretrained: no config.json in {folder}")
+        with open(path) as f:
+            conf = json.load(f)
+        if not isinstance(conf, dict) or "mllm" not in conf:
+            raise UserError(f"{folder!r} is {model_kind(conf)}: an MLLM folder (train_mllm.py's out_dir) is needed here")
+        cfg = MLLMConfig(**conf.pop("mllm"))
+        where = os.path.join(folder, "model.safetensors")
+        model = cls.from_state_dict(cfg, read_safetensors(where), where)
+        model.export_info = conf
+        return model.to(device).eval()
+
+    @classmethod
+    def from_state_dict(cls, cfg, sd, where="the state dict"):
+        """An MLLM whose tensors ARE sd's, strictly (every key used, every shape checked): built on the meta
+        device, no random init, so the weights live once (a 3B export costs one copy, not a random model plus
+        the file). A tied head may be absent (the export stores it as embed.weight only)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        if cfg.tie_word_embeddings and "embed.weight" in sd:
+            sd = {**sd, "lm_head.weight": sd["embed.weight"]}
+        own = model.state_dict()
+        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+        bad = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+        if missing or unexpected or bad:
+            raise UserError(f"{where} does not match its config: missing {missing}, unexpected {unexpected}, "
+                            f"wrong shape {bad}")
+        model.inv_freq = rope_inv_freq(cfg)  # a plain fp32 tensor, not in the state dict
+        model.load_state_dict(sd, strict=True, assign=True)
+        if cfg.tie_word_embeddings:  # assign gave the head its own Parameter: one tensor, one Parameter
+            model.lm_head.weight = model.embed.weight
+        return model
+
+    def save_pretrained(self, folder, extra=None):
+        """config.json ({"mllm": the config, **extra}: how to talk to the model, e.g. the image tokenizer's path
+        and hash, the text tokenizer's name) and model.safetensors, each written atomically. A tied output head
+        is stored once (as embed.weight); from_pretrained re-ties it."""
+        import train_utils as tu
+        tu.write_json(dict(mllm=asdict(self.config), **(extra or {})), os.path.join(folder, "config.json"))
+        sd = self.state_dict()
+        if self.config.tie_word_embeddings:
+            sd.pop("lm_head.weight")
+        tu.atomic_save_safetensors(sd, os.path.join(folder, "model.safetensors"), {"format": "pt"})

@@ -512,7 +512,7 @@ class ShardedSampler:
 # The config keys a resume may change: when and how often things happen, where, on what hardware, what the
 # held-out evaluation covers and how it samples. Every other key changes the model, the objective or the
 # training data stream, so a resume that changes it is refused by name. (cfg_scale ... top_p are
-# pipeline.SAMPLING_KEYS, the evaluation's image sampler; `tokenizer` is a path whose content train_mllm checks
+# codec.SAMPLING_KEYS, the evaluation's image sampler; `tokenizer` is a path whose content train_mllm checks
 # by hash; train_mllm's code cache refuses an eval_size / eval_data it was not built with.)
 RESUME_MAY_CHANGE = frozenset({
     "max_steps", "stop_step", "resume", "overwrite", "out_dir", "cache_dir", "prepare", "prepare_batch",
