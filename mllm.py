@@ -114,13 +114,6 @@ class MLLMConfig:
     # nearest-code rule. Codes that look alike get alike logits from the first step, so the head need not
     # learn every code's identity from examples alone
     head_code_logits: bool = False
-    # gen_input_drop p > 0 (not in the paper): in training, each input position of an image being generated
-    # has its code embedding replaced, with probability p, by one learned vector (its position entry is kept).
-    # Teacher forcing lets every patch after an object's first copy the object's colour from its neighbours,
-    # so the caption's colour word trains only the first patch and went unused (docs/experiments.md,
-    # 2026-11-30: the held-out code loss did not change when the colour word was swapped); hiding some
-    # inputs makes the caption the model's source at every patch, and its own imperfect samples less binding
-    gen_input_drop: float = 0.0
     # gen_caption_loss w > 0 (not in the paper): every position of an image being generated also predicts
     # which words its caption holds (a multi-label BCE through a small linear head, weight w). Measured on the
     # shapes preset (docs/experiments.md, 2026-11-30): the caption's colour was fully readable from the
@@ -138,6 +131,18 @@ class MLLMConfig:
     text_loss_weight: float = 1.0
     pix_loss_weight: float = 1.0
     sem_loss_weight: float = 1.0
+
+    @classmethod
+    def from_dict(cls, d):
+        """The "mllm" dict of an export's config.json. An export may carry `gen_input_drop`, a training switch
+        this model does not have (it hid some inputs of a generated image); at 0.0 it changed nothing, so the key
+        is dropped; any other value names a model this code cannot rebuild."""
+        d = dict(d)
+        drop = d.pop("gen_input_drop", 0.0)
+        if drop != 0.0:
+            raise UserError(f"this MLLM was trained with gen_input_drop={drop}, a switch this code does not have: "
+                            f"only an export with gen_input_drop 0.0 (or none) loads")
+        return cls(**d)
 
 
 INPUT_CODES = ("both", "pix", "sem")
@@ -190,9 +195,6 @@ class MLLM(nn.Module):
         self.vis_in_norm = nn.LayerNorm(d_in) if cfg.vis_norm else None
         self.vis_out_norm = RMSNorm(C, cfg.rms_norm_eps) if cfg.vis_norm else None
         self.image_pos = nn.Parameter(torch.randn(cfg.image_pos, C) * 0.02) if cfg.image_pos else None
-        if not 0.0 <= cfg.gen_input_drop < 1.0:
-            raise ValueError(f"gen_input_drop: expected a probability in [0, 1), got {cfg.gen_input_drop}")
-        self.gen_drop = nn.Parameter(torch.zeros(C)) if cfg.gen_input_drop > 0 else None
         self.pix_head = DepthHead(cfg, cfg.pix_vocab, cfg.pix_dim, cfg.pix_depth)
         self.sem_head = DepthHead(cfg, cfg.sem_vocab, cfg.sem_dim, cfg.sem_depth) if cfg.gen_sem else None
         self.cap_head = nn.Linear(C, cfg.vocab_size) if cfg.gen_caption_loss > 0 else None
@@ -292,12 +294,11 @@ class MLLM(nn.Module):
             if m is not None:
                 m.requires_grad_(True)
 
-    def embed_images(self, pix_codes, sem_codes, pos=None, sem_off=None, drop=None):
+    def embed_images(self, pix_codes, sem_codes, pos=None, sem_off=None):
         """(N, Dp), (N, Ds) codes -> (N, C) LLM inputs, from the stacks config.input_codes reads (the other
         may be None). pos (N,): each position's index inside its image (used when config.image_pos > 0;
         required then). Reading both, sem_codes None or sem_off (N,) bool True: that row's semantic half is
-        zero (a generated image without semantic codes, config.gen_sem False). drop (N,) bool True: that
-        row's codes are hidden behind the learned gen_drop vector."""
+        zero (a generated image without semantic codes, config.gen_sem False)."""
         e = []
         if self.reads_pix:
             e.append(code_vectors(self.pix_book, pix_codes).sum(1))  # (N, dp)
@@ -317,8 +318,6 @@ class MLLM(nn.Module):
         y = self.vis_in(e)
         if self.vis_out_norm is not None:
             y = self.vis_out_norm(y)
-        if drop is not None:
-            y = torch.where(drop[:, None], self.gen_drop.to(y.dtype), y)
         if self.image_pos is not None:
             if pos is None or pos.shape != y.shape[:1]:
                 raise ValueError(f"embed_images: image_pos={self.config.image_pos} needs pos ({y.shape[0]},), got "
@@ -377,9 +376,7 @@ class MLLM(nn.Module):
         pos = image_positions(m).flatten()[at] if self.image_pos is not None else None
         g = gen_mask.bool().flatten()[at] if gen_mask is not None else None  # (N,)
         off = g if g is not None and not cfg.gen_sem else None
-        drop = g & (torch.rand(N, device=x.device) < cfg.gen_input_drop) \
-            if self.training and self.gen_drop is not None and g is not None else None  # (N,)
-        y = self.embed_images(pix_codes, sem_codes, pos, off, drop).to(x.dtype)  # autocast: the MLP may give bf16
+        y = self.embed_images(pix_codes, sem_codes, pos, off).to(x.dtype)  # autocast: the MLP may give bf16
         return x.reshape(B * T, C).index_copy(0, at, y).view(B, T, C)
 
     # --- training forward ------------------------------------------------------------------------
@@ -644,7 +641,7 @@ class MLLM(nn.Module):
             conf = json.load(f)
         if not isinstance(conf, dict) or "mllm" not in conf:
             raise UserError(f"{folder!r} is {model_kind(conf)}: an MLLM folder (train_mllm.py's out_dir) is needed here")
-        cfg = MLLMConfig(**conf.pop("mllm"))
+        cfg = MLLMConfig.from_dict(conf.pop("mllm"))
         where = os.path.join(folder, "model.safetensors")
         model = cls.from_state_dict(cfg, read_safetensors(where), where)
         model.export_info = conf

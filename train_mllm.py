@@ -103,7 +103,6 @@ class TrainMLLMConfig:
     input_codes: str = "both"        # the code stacks an image position reads: "both" (paper), "pix", "sem" (mllm)
     gen_sem: bool = True             # False: generated images carry pixel codes only (mllm.MLLMConfig)
     head_code_logits: bool = False   # True: depth heads score codes by distance to the frozen books (mllm)
-    gen_input_drop: float = 0.0      # > 0: hide that share of a generated image's input codes in training (mllm)
     gen_caption_loss: float = 0.0    # > 0: generated image positions also predict their caption's words (mllm)
     gen_ground_loss: float = 0.0     # > 0: ... and the words of the object in their cell (mllm; shapes data only)
     # what trains: "all", "input" (vis_in only), "output" (pix/sem depth heads only)
@@ -235,8 +234,7 @@ def _build_model(cfg, text_tok, image_tok, thash=None):
                sem_vocab=q.vq_sem.codebook_size, sem_dim=q.vq_sem.code_dim, sem_depth=q.vq_sem.depth,
                head_n_layer=cfg.head_n_layer, head_n_embd=cfg.head_n_embd, head_n_head=cfg.head_n_head,
                vis_norm=cfg.vis_norm, vis_gain=cfg.vis_gain, image_pos=cfg.image_pos, gen_sem=cfg.gen_sem,
-               input_codes=cfg.input_codes,
-               head_code_logits=cfg.head_code_logits, gen_input_drop=cfg.gen_input_drop,
+               input_codes=cfg.input_codes, head_code_logits=cfg.head_code_logits,
                gen_caption_loss=cfg.gen_caption_loss, gen_ground_loss=cfg.gen_ground_loss)
     if cfg.init_from:
         model = mllm_hf.from_pretrained(cfg.init_from, new_tokens=IMAGE_TOKENS, **vis)

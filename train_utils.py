@@ -582,7 +582,7 @@ VALUE_RULES = (
       "sem_loss_weight", "gen_caption_loss", "gen_ground_loss", "weight_shortcut") + tuple(
         f"w_{k}" for k in ("sem_tok", "sem_pool", "commit", "rec", "edge", "lpips", "gan")),
      lambda v: _finite(v) and v >= 0, "need a finite number >= 0"),
-    (("min_lr_frac", "caption_drop", "caption_dropout", "gen_input_drop", "vq_decay"),
+    (("min_lr_frac", "caption_drop", "caption_dropout", "vq_decay"),
      lambda v: _finite(v) and 0 <= v <= 1, "need a number in [0, 1]"),
     (("beta1", "beta2"), lambda v: _finite(v) and 0 <= v < 1, "need a number in [0, 1)"),
     (("temperature",), lambda v: _finite(v) and v >= 0, "need a finite number >= 0 (0: greedy)"),

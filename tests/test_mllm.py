@@ -594,32 +594,22 @@ def test_head_code_logits_score_codes_by_distance():
                                rtol=1e-4, atol=1e-3)
 
 
-def test_gen_input_drop_hides_generated_inputs_in_training_only():
-    """gen_input_drop: in train mode some generated-image rows become the learned gen_drop vector (plus their
-    position entry) while understood-image rows are never touched; eval mode embeds every code; the default
-    keeps the paper's layout (no gen_drop parameter)."""
-    assert tiny_model().gen_drop is None and "gen_drop" not in tiny_model().state_dict()
-    with pytest.raises(ValueError, match="gen_input_drop"):
-        tiny_model(gen_input_drop=1.0)
-    m = tiny_model(gen_input_drop=0.5, image_pos=16)
-    cfg = m.config
-    with torch.no_grad():
-        m.gen_drop.normal_()
-    seq = [build_sequence(cfg, [("und", 16), [65]]), build_sequence(cfg, [[67], ("gen", 16), [cfg.eos_id]])]
-    b = collate_sequences(cfg, seq)
-    p, s = random_codes(cfg, 32)
-    args = (b["idx"], b["image_mask"], p, s, b["gen_mask"])
-    with torch.no_grad():
-        ref = m.eval().embed_inputs(*args)
-        torch.manual_seed(0)
-        x = m.train().embed_inputs(*args)
-    img, gen = b["image_mask"], b["gen_mask"].bool()
-    changed = (x != ref).any(-1)  # (B, T)
-    assert not changed[~gen].any()  # text and the understood image: as in eval
-    hidden = changed & gen
-    assert 2 <= int(hidden.sum()) <= 14  # about half of 16 (seeded)
-    pos = sequences.image_positions(img)
-    torch.testing.assert_close(x[hidden], m.gen_drop + m.image_pos[pos[hidden]])
+def test_export_with_the_removed_gen_input_drop_key_loads_only_at_zero(tmp_path):
+    """An export's config.json may hold gen_input_drop, a training switch the model no longer has: at 0.0 (it
+    changed nothing) the key is dropped and the model loads as saved; any other value is one clear error."""
+    from configurator import UserError
+    m = tiny_model()
+    m.save_pretrained(str(tmp_path))
+    path = tmp_path / "config.json"
+    conf = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(conf, mllm=dict(conf["mllm"], gen_input_drop=0.0))))
+    back = MLLM.from_pretrained(str(tmp_path))
+    assert back.config == m.config and not hasattr(back.config, "gen_input_drop")
+    for k, v in m.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    path.write_text(json.dumps(dict(conf, mllm=dict(conf["mllm"], gen_input_drop=0.3))))
+    with pytest.raises(UserError, match=r"gen_input_drop=0\.3, a switch this code does not have"):
+        MLLM.from_pretrained(str(tmp_path))
 
 
 def test_gen_caption_loss_targets_the_caption_words_of_generated_rows():

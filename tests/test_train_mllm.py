@@ -420,7 +420,7 @@ def test_trains_and_evaluates_under_bf16_autocast(tok_dir, cache_dir, tmp_path, 
     monkeypatch.setattr(tu, "autocast_ctx", lambda device, dtype="bfloat16": torch.autocast("cpu", torch.bfloat16))
     out = tmp_path / "bf16"
     raw, res = tm.train(make_cfg(tok_dir, out, cache_dir, max_steps=3, eval_interval=2, gen_caption_loss=1.0,
-                                 gen_input_drop=0.2, eval_qa=2, eval_gen=1))
+                                 eval_qa=2, eval_gen=1))
     rows = read_log(out)
     assert len(rows) == 3 and all(math.isfinite(r[k]) for r in rows for k in ("loss", "text", "pix", "sem", "cap"))
     assert read_log(out, "eval") and res["n_gen"] == 1
