@@ -437,14 +437,15 @@ def comparison_picture(D, seed, path, n=8):
     single_vocab models, each with its recorded sampler and one generator seeded alike: one row per caption,
     the true image first. Skipped (None) until those three runs exist."""
     from types import SimpleNamespace
+    import codec
     import data
-    import pipeline
+    from loaders import load_pair
     folders = [os.path.join(D, f"{v}_s{seed}") for v in PICTURE_VARIANTS]
     if not all(os.path.isfile(os.path.join(f, "eval.json")) for f in folders):
         return None
     cols, samples = [], None
     for f in folders:
-        model, text_tok, image_tok, info = pipeline.load_pair(
+        model, text_tok, image_tok, info = load_pair(
             SimpleNamespace(mllm=f, tokenizer="", siglip_config="", check_hash=True), "cpu")
         if samples is None:
             R = image_tok.config.siglip.vision.image_size
@@ -452,9 +453,9 @@ def comparison_picture(D, seed, path, n=8):
             samples = [world.sample("val", i) for i in range(n)]
             cols.append([s["image"] for s in samples])
         g = torch.Generator().manual_seed(0)
-        ims, _ = pipeline.generate_images(model, image_tok, text_tok, [s["caption"] for s in samples], g, n,
-                                          **pipeline.sampling_settings(SimpleNamespace(**dict.fromkeys(
-                                              pipeline.SAMPLING_KEYS)), info))
+        ims, _ = codec.generate_images(model, image_tok, text_tok, [s["caption"] for s in samples], g, n,
+                                       **codec.sampling_settings(SimpleNamespace(**dict.fromkeys(
+                                           codec.SAMPLING_KEYS)), info))
         cols.append(list(data.to_image(ims)))
     rows = [list(r) for r in zip(*cols)]
     labels = [f"{s['caption']}  (true | " + " | ".join(PICTURE_VARIANTS) + ")" for s in samples]

@@ -85,7 +85,6 @@ def stage_model(preset, llm="qwen2.5-3b", tokenizer="config/dualtoken_384.py"):
     preset's visual-side keys, and its trainable set. -> (model, trainable)."""
     import mllm
     import mllm_hf
-    import pipeline
     from text import IMAGE_TOKENS
     st, tk = configurator.preset_values(preset, "mllm"), configurator.preset_values(tokenizer, "tokenizer")
     miss = [k for k in ("codebook_size", "code_dim", "depth") if k not in tk]
@@ -102,7 +101,7 @@ def stage_model(preset, llm="qwen2.5-3b", tokenizer="config/dualtoken_384.py"):
     with torch.device("meta"):
         model = mllm.MLLM(cfg)
     trainable = st.get("trainable", "all")  # train_mllm's default
-    pipeline.set_trainable(model, trainable)
+    model.set_trainable(trainable)
     return model, trainable
 
 
@@ -525,6 +524,7 @@ def _gpu_mllm(cfg, dev):
     seq_len long: [bos] <im_start> image <im_end> text <image_gen_start> image <image_gen_end> text, so
     nothing is padded (the attention_mask is dropped, as train_mllm.py does, and SDPA stays fused)."""
     import mllm
+    import sequences
     V, P, T = cfg.vocab_size, cfg.image_positions, cfg.seq_len
     sp = dict(zip(("pad_id", "bos_id", "eos_id", "im_start_id", "im_end_id", "image_gen_start_id",
                    "image_gen_end_id"), range(V - 7, V)))
@@ -541,10 +541,10 @@ def _gpu_mllm(cfg, dev):
     if n_text < 2:
         raise UserError(f"--seq_len={T} leaves no room for text beside two images of {P} positions")
     text = lambda k: torch.randint(0, V - 7, (k,), generator=g).tolist()
-    rows = [mllm.build_sequence(mc, [("und", P), text(n_text // 2), ("gen", P), text(n_text - n_text // 2)])
+    rows = [sequences.build_sequence(mc, [("und", P), text(n_text // 2), ("gen", P), text(n_text - n_text // 2)])
             for _ in range(cfg.mllm_batch)]
-    b = mllm.collate_sequences(mc, rows)
-    b["targets"] = mllm.make_targets(b["idx"], b["image_mask"])
+    b = sequences.collate_sequences(mc, rows)
+    b["targets"] = sequences.make_targets(b["idx"], b["image_mask"])
     n_img, n_gen = int(b["image_mask"].sum()), int(b["gen_mask"].sum())
     b["pix_codes"] = torch.randint(0, mc.pix_vocab, (n_img, mc.pix_depth), generator=g)
     b["sem_codes"] = torch.randint(0, mc.sem_vocab, (n_img, mc.sem_depth), generator=g)

@@ -1,7 +1,8 @@
 """
 The shapes world's checker: read an image back with plain array code (no model), so that every
 generated image gets an objective score. `describe` finds the objects of an image, `objects_match`
-compares them with the objects a caption asked for, `score_images` does both for a batch.
+compares them with the objects a caption asked for, `score_images` does both for a batch. The same cell
+geometry, forward: `patch_objects` / `ground_words` say which object each patch of a render shows.
 
 Why plain array code: a learned judge would share the failure modes of the models it judges. The world
 has no anti-aliasing and no noise, so colour (by hue), shape (by template fit in the bounding box),
@@ -158,6 +159,35 @@ def objects_match(pred, truth):
     res["n_correct"] = sum(all(t[k] == p[k] for k in ATTRS) for t, p in pairs)
     res["all_correct"] = res["count"] and all(res[k] for k in ATTRS)
     return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# where each object lies, per patch: the targets of the MLLM's gen_ground_loss (train_mllm.py)
+
+def patch_objects(objects, grid):
+    """(grid * grid,) list: for each patch in raster order, the index of the shapes-world object whose cell
+    holds it, or -1 (background). A cell is exactly (grid / 3)^2 patches, so grid must be a multiple of 3
+    (the shapes preset: 48 px, patch 8, grid 6); every object stays inside its cell (data.py)."""
+    if grid % 3:
+        raise ValueError(f"patch_objects: the patch grid {grid} does not split into 3x3 cells")
+    where = {CELLS.index(o["cell"]): i for i, o in enumerate(objects)}
+    g = grid // 3
+    return [where.get(3 * (r // g) + c // g, -1) for r in range(grid) for c in range(grid)]
+
+
+def ground_words(rec, text_tok, grid):
+    """(P, W) int64, -1 padded: each patch's object words ("small red circle"; none for background), the
+    targets of gen_ground_loss. Needs the record's objects (the shapes world writes them)."""
+    if "objects" not in rec:
+        raise UserError("gen_ground_loss needs each record's objects (cell, size, color, shape): the shapes "
+                        "world writes them, a JSONL does not")
+    words = [text_tok.encode(f"{o['size']} {o['color']} {o['shape']}") for o in rec["objects"]]
+    W = max([len(w) for w in words], default=1)
+    out = np.full((grid * grid, W), -1, dtype=np.int64)
+    for p, i in enumerate(patch_objects(rec["objects"], grid)):
+        if i >= 0:
+            out[p, :len(words[i])] = words[i]
+    return out
 
 
 def main(argv):

@@ -46,8 +46,9 @@ from rvq import code_stats
 from text import siglip_tokenizer
 import evaluation
 from evaluation import blind_baseline, derangement, question_type, scores as _scores
-from pipeline import (check_texts, compile_tokenizer, gen_prompt, image_codes, load_image_tokenizer, load_pair,
-                      make_batch, sampling_settings)
+from codec import compile_tokenizer, image_codes, sampling_settings
+from loaders import check_texts, load_image_tokenizer, load_pair
+from sequences import gen_prompt, make_batch
 import train_utils as tu
 from configurator import UserError, command, config_dict, parse_config, read_lines, run_main
 from folders import check_result_file
@@ -99,7 +100,7 @@ class EvalTokenizerConfig:
     device: str = ""
     dtype: str = "bfloat16"      # autocast dtype on cuda
     threads: int = 0             # CPU intra-op threads; 0 = torch's default
-    compile: bool = False        # torch.compile the image tokenizer's blocks and decoder (pipeline.compile_tokenizer)
+    compile: bool = False        # torch.compile the image tokenizer's blocks and decoder (codec.compile_tokenizer)
     out: str = ""                # JSON path; '' -> <tokenizer>/eval_tokenizer.json
     seed: int = 1234             # the fixed permutation that picks a folder subset
 
@@ -306,7 +307,7 @@ class EvalMLLMCommon:
     tokenizer: str = ""          # '' -> the tokenizer recorded in the MLLM's config.json (hash-checked)
     check_hash: bool = True      # False: accept a tokenizer hash mismatch (same weights, changed hash recipe)
     siglip_config: str = ""
-    # sampler; None: as the MLLM's trainer evaluated it (config.json "sampling"; pipeline.sampling_settings)
+    # sampler; None: as the MLLM's trainer evaluated it (config.json "sampling"; codec.sampling_settings)
     cfg_scale: Optional[float] = None         # <= 0: off (eval.py mllm always adds an unguided run)
     temperature: Optional[float] = None
     fine_temperature: Optional[float] = None  # depths 2..; < 0: = temperature
@@ -317,7 +318,7 @@ class EvalMLLMCommon:
     device: str = ""
     dtype: str = "bfloat16"
     threads: int = 0             # CPU intra-op threads; 0 = torch's default (1 is faster for tiny models)
-    compile: bool = False        # torch.compile the image tokenizer's blocks and decoder (pipeline.compile_tokenizer)
+    compile: bool = False        # torch.compile the image tokenizer's blocks and decoder (codec.compile_tokenizer)
     out: str = ""                # '' -> <mllm>/eval_mllm.json (eval_qa.json with a .jsonl --data; eval_t2i.json)
 
 
@@ -338,7 +339,7 @@ class EvalMLLMConfig(EvalMLLMCommon):
 
 
 def cat_codes(batches):
-    """[(pix, sem), ...] per batch (pipeline.image_codes) -> (pix, sem) on the CPU; sem None for a
+    """[(pix, sem), ...] per batch (codec.image_codes) -> (pix, sem) on the CPU; sem None for a
     one-vocabulary tokenizer."""
     pix = torch.cat([p.cpu() for p, _ in batches])
     return pix, None if batches[0][1] is None else torch.cat([s.cpu() for _, s in batches])

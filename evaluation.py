@@ -5,7 +5,7 @@ controls), so that a model has one QA number and one generation number whoever m
 - questions: every question of the first N held-out images (qa_rows), in record order; the trainer asks
   those of fewer images (its eval_qa) than eval.py (its qa_images);
 - answers: greedy, at most MAX_ANSWER_TOKENS new tokens, decoded and stripped, exact match (answers);
-- generation: the first N held-out captions drawn with the run's recorded sampler (pipeline.sampling_settings
+- generation: the first N held-out captions drawn with the run's recorded sampler (codec.sampling_settings
   falls back on it in eval.py; the trainer is what records it) from one generator seeded by `seed`,
   judged by checker.score_images plus object_errors (judge);
 - the tokenizer's ceiling: the same judge on the decodings of the images' true pixel codes, and the code
@@ -15,7 +15,7 @@ controls), so that a model has one QA number and one generation number whoever m
   by line; QA on them with the same prompt and greedy answers plus a likelihood choice score (qa_file);
   captions drawn as generation() draws them, judged by a SigLIP (t2i).
 Everything takes codes (pix / sem, image-major) and records, never images (but t2i's real images: its judge
-sees pixels): the trainer reads its cache and does not re-encode. The image tokenizer (a tokenizer.DualToken) is passed in, as in pipeline.py.
+sees pixels): the trainer reads its cache and does not re-encode. The image tokenizer (a tokenizer.DualToken) is passed in, as in codec.py.
 """
 import json
 import os
@@ -30,7 +30,8 @@ import torch.nn.functional as F
 import checker
 import data
 from configurator import UserError, read_jsonl_records, text_lines
-from pipeline import generate_images, make_batch, qa_prompt, two_vocabularies
+from codec import generate_images, two_vocabularies
+from sequences import make_batch, qa_prompt
 
 MAX_ANSWER_TOKENS = 16  # the shapes world's answers are one or two words
 
@@ -289,7 +290,7 @@ def read_captions(path):
 @torch.no_grad()
 def choice_logprobs(model, text_tok, rows, pix, sem, batch_size, autocast=None):
     """log p(choice, eos | image, question) for rows (image index, question, choice): the sum of the
-    log-probabilities of the choice's tokens and eos in the trainer's answer format (pipeline.sample_parts:
+    log-probabilities of the choice's tokens and eos in the trainer's answer format (sequences.sample_parts:
     image, qa_prompt(question), answer, eos), i.e. the probability that the model answers exactly that
     text and stops. Not length-normalised: with eos included it is a probability over whole answers, so a
     short choice is not favoured for being short but for being likely to end there. Only the target

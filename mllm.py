@@ -2,7 +2,7 @@
 The unified DualToken MLLM (paper section 3.3; design §4-§5): a decoder-only LLM (Qwen2 / Qwen2.5 /
 LLaMA compatible) that reads images as dual code stacks and writes them back through two depth heads.
 
-Input format (one interleaved sequence; `build_sequence` + `collate_sequences` produce it)
+Input format (one interleaved sequence; sequences.py's `build_sequence` + `collate_sequences` produce it)
     idx            (B, T) long  token ids; at image positions any id (build_sequence writes pad_id)
     image_mask     (B, T) bool  True at image positions (one position per tokenizer grid cell)
     pix_codes      (N, Dp) long pixel codes of the N = image_mask.sum() image positions, in the order
@@ -12,7 +12,7 @@ Input format (one interleaved sequence; `build_sequence` + `collate_sequences` p
                                 cumsum(attention_mask) - 1, so a left-padded row equals the unpadded one
     gen_mask       (B, T) bool  image positions whose codes are trained (images being generated); default
                                 all image positions
-    targets        (B, T) long  text target of position t (normally idx[t+1]) or -1; `make_targets`
+    targets        (B, T) long  text target of position t (normally idx[t+1]) or -1; sequences.`make_targets`
                                 masks image, padding and (optionally) prompt targets
 Delimiters: <im_start> ... <im_end> around an image the model reads, <image_gen_*> around one it writes.
 
@@ -32,19 +32,24 @@ The frozen tokenizer codebooks enter as tensors through `set_codebooks` (this fi
 tokenizer); they are stored as buffers of shape (depth, K, d), a shared book repeated per depth.
 
 The decoder blocks (RMSNorm, RoPE, KV cache, attention, MLP) live in llm.py, the depth heads in
-depth_head.py; loading Hugging Face
-checkpoints in mllm_hf.py; our export and its use with the image and text tokenizers in pipeline.py.
+depth_head.py, the sequence layout in sequences.py; loading a Hugging Face LLM in mllm_hf.py; our export is
+MLLM.from_pretrained / save_pretrained, loaded with its image and text tokenizers by loaders.py.
 """
 import contextlib
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from configurator import UserError
 from depth_head import DepthHead, code_vectors, mlp2
+from folders import model_kind
 from llm import Block, KVCache, RMSNorm, rope_inv_freq, sample_logits
+from sequences import build_sequence, collate_sequences, image_positions
 
 @dataclass
 class MLLMConfig:
@@ -109,13 +114,6 @@ class MLLMConfig:
     # nearest-code rule. Codes that look alike get alike logits from the first step, so the head need not
     # learn every code's identity from examples alone
     head_code_logits: bool = False
-    # gen_input_drop p > 0 (not in the paper): in training, each input position of an image being generated
-    # has its code embedding replaced, with probability p, by one learned vector (its position entry is kept).
-    # Teacher forcing lets every patch after an object's first copy the object's colour from its neighbours,
-    # so the caption's colour word trains only the first patch and went unused (docs/experiments.md,
-    # 2026-11-30: the held-out code loss did not change when the colour word was swapped); hiding some
-    # inputs makes the caption the model's source at every patch, and its own imperfect samples less binding
-    gen_input_drop: float = 0.0
     # gen_caption_loss w > 0 (not in the paper): every position of an image being generated also predicts
     # which words its caption holds (a multi-label BCE through a small linear head, weight w). Measured on the
     # shapes preset (docs/experiments.md, 2026-11-30): the caption's colour was fully readable from the
@@ -134,6 +132,18 @@ class MLLMConfig:
     pix_loss_weight: float = 1.0
     sem_loss_weight: float = 1.0
 
+    @classmethod
+    def from_dict(cls, d):
+        """The "mllm" dict of an export's config.json. An export may carry `gen_input_drop`, a training switch
+        this model does not have (it hid some inputs of a generated image); at 0.0 it changed nothing, so the key
+        is dropped; any other value names a model this code cannot rebuild."""
+        d = dict(d)
+        drop = d.pop("gen_input_drop", 0.0)
+        if drop != 0.0:
+            raise UserError(f"this MLLM was trained with gen_input_drop={drop}, a switch this code does not have: "
+                            f"only an export with gen_input_drop 0.0 (or none) loads")
+        return cls(**d)
+
 
 INPUT_CODES = ("both", "pix", "sem")
 
@@ -143,69 +153,6 @@ def tiny_config(**kw):
     return MLLMConfig(**dict(dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128, max_seq_len=256,
                                   pix_vocab=32, pix_dim=8, pix_depth=3, sem_vocab=24, sem_dim=6, sem_depth=2,
                                   head_n_layer=2, head_n_embd=32, head_n_head=2), **kw))
-
-
-# ----------------------------------------------------------------------------------------------------
-# sequence helpers shared by training, sampling and evaluation
-
-def build_sequence(cfg, parts):
-    """parts: token-id lists and images ("und" | "gen", n_positions), in order -> (ids (T,), image_mask
-    (T,), gen_mask (T,)). Starts with bos when the vocabulary has one; images get their delimiters."""
-    ids = [cfg.bos_id] if cfg.bos_id is not None else []
-    img, gen = [False] * len(ids), [False] * len(ids)
-    for p in parts:
-        if isinstance(p, tuple):
-            kind, n = p
-            if kind not in ("und", "gen"):
-                raise ValueError(f"build_sequence: image kind must be 'und' or 'gen', got {kind!r}")
-            start, end = (cfg.im_start_id, cfg.im_end_id) if kind == "und" else \
-                (cfg.image_gen_start_id, cfg.image_gen_end_id)
-            if start is None or end is None:
-                raise ValueError(f"build_sequence: config has no {kind} image delimiter tokens")
-            pad = cfg.pad_id if cfg.pad_id is not None else 0
-            ids += [start] + [pad] * n + [end]
-            img += [False] + [True] * n + [False]
-            gen += [False] + [kind == "gen"] * n + [False]
-        else:
-            ids += list(p)
-            img += [False] * len(p)
-            gen += [False] * len(p)
-    return torch.tensor(ids, dtype=torch.long), torch.tensor(img), torch.tensor(gen)
-
-
-def collate_sequences(cfg, seqs):
-    """List of build_sequence outputs -> dict(idx, image_mask, gen_mask, attention_mask), each (B, T),
-    LEFT-padded (what generation needs; training does not care, positions come from attention_mask)."""
-    B, T = len(seqs), max(s[0].numel() for s in seqs)
-    idx = torch.full((B, T), cfg.pad_id if cfg.pad_id is not None else 0, dtype=torch.long)
-    img, gen, am = (torch.zeros(B, T, dtype=torch.bool) for _ in range(3))
-    for b, (i, m, g) in enumerate(seqs):
-        n = i.numel()
-        idx[b, T - n:], img[b, T - n:], gen[b, T - n:], am[b, T - n:] = i, m, g, True
-    return dict(idx=idx, image_mask=img, gen_mask=gen, attention_mask=am.long())
-
-
-def image_positions(image_mask):
-    """(B, T) bool -> (B, T) long: at an image position, its index inside its image (0 = the first);
-    elsewhere meaningless. Images are contiguous runs of True (build_sequence writes them so)."""
-    c = image_mask.long().cumsum(1)
-    start = torch.where(image_mask, 0, c).cummax(1).values  # the count at the last non-image token
-    return c - start - 1
-
-
-def make_targets(idx, image_mask=None, attention_mask=None, loss_mask=None):
-    """Next-token text targets (B, T): targets[:, t] = idx[:, t+1], or -1 where position t+1 is an image
-    position, padding, or outside loss_mask (e.g. the question in SFT), or where t itself is padding."""
-    keep = torch.ones_like(idx, dtype=torch.bool)
-    if image_mask is not None:
-        keep &= ~image_mask.bool()
-    if loss_mask is not None:
-        keep &= loss_mask.bool()
-    src = torch.ones_like(keep) if attention_mask is None else attention_mask.bool()
-    keep &= src
-    t = torch.full_like(idx, -1)
-    t[:, :-1] = torch.where(keep[:, 1:] & src[:, :-1], idx[:, 1:], -1)
-    return t
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -248,9 +195,6 @@ class MLLM(nn.Module):
         self.vis_in_norm = nn.LayerNorm(d_in) if cfg.vis_norm else None
         self.vis_out_norm = RMSNorm(C, cfg.rms_norm_eps) if cfg.vis_norm else None
         self.image_pos = nn.Parameter(torch.randn(cfg.image_pos, C) * 0.02) if cfg.image_pos else None
-        if not 0.0 <= cfg.gen_input_drop < 1.0:
-            raise ValueError(f"gen_input_drop: expected a probability in [0, 1), got {cfg.gen_input_drop}")
-        self.gen_drop = nn.Parameter(torch.zeros(C)) if cfg.gen_input_drop > 0 else None
         self.pix_head = DepthHead(cfg, cfg.pix_vocab, cfg.pix_dim, cfg.pix_depth)
         self.sem_head = DepthHead(cfg, cfg.sem_vocab, cfg.sem_dim, cfg.sem_depth) if cfg.gen_sem else None
         self.cap_head = nn.Linear(C, cfg.vocab_size) if cfg.gen_caption_loss > 0 else None
@@ -338,12 +282,23 @@ class MLLM(nn.Module):
         """The modules that turn codes into LLM inputs (stage 1 trains these alone)."""
         return [m for m in (self.vis_in, self.vis_in_norm, self.vis_out_norm) if m is not None]
 
-    def embed_images(self, pix_codes, sem_codes, pos=None, sem_off=None, drop=None):
+    def set_trainable(self, mode):
+        """requires_grad per training stage (paper 3.4; design §6): "all" (stages 2 and 4), "input" (stage 1: the
+        visual input projector and the image position table only), "output" (stage 3: the depth heads, their
+        output projectors included)."""
+        if mode not in ("all", "input", "output"):
+            raise ValueError(f"trainable={mode!r}: expected 'all', 'input' or 'output'")
+        self.requires_grad_(mode == "all")
+        parts = dict(all=[], input=[*self.visual_input_modules(), self.image_pos], output=[self.pix_head, self.sem_head])
+        for m in parts[mode]:
+            if m is not None:
+                m.requires_grad_(True)
+
+    def embed_images(self, pix_codes, sem_codes, pos=None, sem_off=None):
         """(N, Dp), (N, Ds) codes -> (N, C) LLM inputs, from the stacks config.input_codes reads (the other
         may be None). pos (N,): each position's index inside its image (used when config.image_pos > 0;
         required then). Reading both, sem_codes None or sem_off (N,) bool True: that row's semantic half is
-        zero (a generated image without semantic codes, config.gen_sem False). drop (N,) bool True: that
-        row's codes are hidden behind the learned gen_drop vector."""
+        zero (a generated image without semantic codes, config.gen_sem False)."""
         e = []
         if self.reads_pix:
             e.append(code_vectors(self.pix_book, pix_codes).sum(1))  # (N, dp)
@@ -363,8 +318,6 @@ class MLLM(nn.Module):
         y = self.vis_in(e)
         if self.vis_out_norm is not None:
             y = self.vis_out_norm(y)
-        if drop is not None:
-            y = torch.where(drop[:, None], self.gen_drop.to(y.dtype), y)
         if self.image_pos is not None:
             if pos is None or pos.shape != y.shape[:1]:
                 raise ValueError(f"embed_images: image_pos={self.config.image_pos} needs pos ({y.shape[0]},), got "
@@ -423,9 +376,7 @@ class MLLM(nn.Module):
         pos = image_positions(m).flatten()[at] if self.image_pos is not None else None
         g = gen_mask.bool().flatten()[at] if gen_mask is not None else None  # (N,)
         off = g if g is not None and not cfg.gen_sem else None
-        drop = g & (torch.rand(N, device=x.device) < cfg.gen_input_drop) \
-            if self.training and self.gen_drop is not None and g is not None else None  # (N,)
-        y = self.embed_images(pix_codes, sem_codes, pos, off, drop).to(x.dtype)  # autocast: the MLP may give bf16
+        y = self.embed_images(pix_codes, sem_codes, pos, off).to(x.dtype)  # autocast: the MLP may give bf16
         return x.reshape(B * T, C).index_copy(0, at, y).view(B, T, C)
 
     # --- training forward ------------------------------------------------------------------------
@@ -677,18 +628,53 @@ class MLLM(nn.Module):
 
     # --- weights ---------------------------------------------------------------------------------
 
-    def grow_vocab(self, n):
-        """Append n rows (new special tokens) initialised to the mean of the old rows (VILA-U); the
-        output head grows the same way and a tie stays a tie."""
-        cfg, old = self.config, self.embed.weight.data
-        # new modules on meta, their weights assigned: no random init of a (vocab, C) matrix to throw away
-        emb = nn.Embedding(cfg.vocab_size + n, cfg.n_embd, device="meta", dtype=old.dtype)
-        emb.weight = nn.Parameter(torch.cat([old, old.mean(0, keepdim=True).expand(n, -1)]))
-        head = nn.Linear(cfg.n_embd, cfg.vocab_size + n, bias=False, device="meta", dtype=old.dtype)
-        if cfg.tie_word_embeddings:
-            head.weight = emb.weight
-        else:
-            w = self.lm_head.weight.data
-            head.weight = nn.Parameter(torch.cat([w, w.mean(0, keepdim=True).expand(n, -1)]))
-        self.embed, self.lm_head = emb, head
-        cfg.vocab_size += n
+    @classmethod
+    def from_pretrained(cls, folder, device="cpu"):
+        """Our export (save_pretrained's folder: train_mllm.py's out_dir) -> the MLLM in eval mode on device, read
+        strictly (from_state_dict). The rest of its config.json (the image tokenizer's path and hash, the text
+        tokenizer, the sampler, ...) is model.export_info. A Hugging Face LLM folder loads with mllm_hf."""
+        from siglip import read_safetensors  # names the file when it is damaged
+        path = os.path.join(folder, "config.json")
+        if not os.path.isfile(path):
+            raise UserError(f"MLLM.from_pretrained: no config.json in {folder}")
+        with open(path) as f:
+            conf = json.load(f)
+        if not isinstance(conf, dict) or "mllm" not in conf:
+            raise UserError(f"{folder!r} is {model_kind(conf)}: an MLLM folder (train_mllm.py's out_dir) is needed here")
+        cfg = MLLMConfig.from_dict(conf.pop("mllm"))
+        where = os.path.join(folder, "model.safetensors")
+        model = cls.from_state_dict(cfg, read_safetensors(where), where)
+        model.export_info = conf
+        return model.to(device).eval()
+
+    @classmethod
+    def from_state_dict(cls, cfg, sd, where="the state dict"):
+        """An MLLM whose tensors ARE sd's, strictly (every key used, every shape checked): built on the meta
+        device, no random init, so the weights live once (a 3B export costs one copy, not a random model plus
+        the file). A tied head may be absent (the export stores it as embed.weight only)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        if cfg.tie_word_embeddings and "embed.weight" in sd:
+            sd = {**sd, "lm_head.weight": sd["embed.weight"]}
+        own = model.state_dict()
+        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+        bad = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+        if missing or unexpected or bad:
+            raise UserError(f"{where} does not match its config: missing {missing}, unexpected {unexpected}, "
+                            f"wrong shape {bad}")
+        model.inv_freq = rope_inv_freq(cfg)  # a plain fp32 tensor, not in the state dict
+        model.load_state_dict(sd, strict=True, assign=True)
+        if cfg.tie_word_embeddings:  # assign gave the head its own Parameter: one tensor, one Parameter
+            model.lm_head.weight = model.embed.weight
+        return model
+
+    def save_pretrained(self, folder, extra=None):
+        """config.json ({"mllm": the config, **extra}: how to talk to the model, e.g. the image tokenizer's path
+        and hash, the text tokenizer's name) and model.safetensors, each written atomically. A tied output head
+        is stored once (as embed.weight); from_pretrained re-ties it."""
+        import train_utils as tu
+        tu.write_json(dict(mllm=asdict(self.config), **(extra or {})), os.path.join(folder, "config.json"))
+        sd = self.state_dict()
+        if self.config.tie_word_embeddings:
+            sd.pop("lm_head.weight")
+        tu.atomic_save_safetensors(sd, os.path.join(folder, "model.safetensors"), {"format": "pt"})

@@ -12,6 +12,7 @@ import os
 from dataclasses import fields
 
 import torch
+import torch.nn as nn
 
 from configurator import UserError
 from folders import model_kind
@@ -204,5 +205,22 @@ def from_pretrained(folder, new_tokens=(), dtype=torch.float32, **overrides):
         if field in {f.name for f in fields(cfg)}:
             setattr(cfg, field, cfg.vocab_size + i)
     if new_tokens:
-        model.grow_vocab(len(new_tokens))
+        grow_vocab(model, len(new_tokens))
     return model
+
+
+def grow_vocab(model, n):
+    """Append n rows (new special tokens) initialised to the mean of the old rows (VILA-U); the
+    output head grows the same way and a tie stays a tie."""
+    cfg, old = model.config, model.embed.weight.data
+    # new modules on meta, their weights assigned: no random init of a (vocab, C) matrix to throw away
+    emb = nn.Embedding(cfg.vocab_size + n, cfg.n_embd, device="meta", dtype=old.dtype)
+    emb.weight = nn.Parameter(torch.cat([old, old.mean(0, keepdim=True).expand(n, -1)]))
+    head = nn.Linear(cfg.n_embd, cfg.vocab_size + n, bias=False, device="meta", dtype=old.dtype)
+    if cfg.tie_word_embeddings:
+        head.weight = emb.weight
+    else:
+        w = model.lm_head.weight.data
+        head.weight = nn.Parameter(torch.cat([w, w.mean(0, keepdim=True).expand(n, -1)]))
+    model.embed, model.lm_head = emb, head
+    cfg.vocab_size += n

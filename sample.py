@@ -18,8 +18,9 @@ import torch
 
 import data
 from metrics import psnr
-from pipeline import (check_texts, compile_tokenizer, generate_images, image_codes, load_image_tokenizer, load_pair,
-                      qa_prompt, sampling_settings)
+from codec import compile_tokenizer, generate_images, image_codes, sampling_settings
+from loaders import check_texts, load_image_tokenizer, load_pair
+from sequences import qa_prompt
 import train_utils as tu
 from configurator import UserError, command, config_dict, parse_config, read_lines, run_main, text_lines
 from folders import check_outputs, hold_folder, path_fields
@@ -36,7 +37,7 @@ class Common:
     seed: int = 0
     batch_size: int = 16
     threads: int = 0           # CPU intra-op threads; 0 = torch's default (1 is faster for tiny models)
-    compile: bool = False      # torch.compile the image tokenizer's blocks and decoder (pipeline.compile_tokenizer)
+    compile: bool = False      # torch.compile the image tokenizer's blocks and decoder (codec.compile_tokenizer)
 
 # -----------------------------------------------------------------------------
 # helpers

@@ -222,7 +222,7 @@ def siglip_tokenizer(spec="", folders=(), shapes=False, towers=()):
 
 # -----------------------------------------------------------------------------
 # the MLLM's text side: a text tokenizer plus <bos> and the image delimiters, and its prompt format
-# (train_mllm.py records the name in the export's config.json; pipeline.load_export reads it back)
+# (train_mllm.py records the name in the export's config.json; loaders.load_export reads it back)
 
 IMAGE_TOKENS = ("<im_start>", "<im_end>", "<image_gen_start>", "<image_gen_end>")
 

@@ -498,7 +498,7 @@ class DualToken(nn.Module):
         Only blocks 1..layer_sem run. sem_codes is None without a semantic branch, pix_codes when tied.
         Precision: ONE for every caller: autocast off and the images cast to the weights' dtype (fp32, as
         every script loads the tokenizer). This is the only function that makes codes for the MLLM (the
-        code cache, eval.py, sample.py; pipeline.image_codes flattens them): under bf16 autocast the deep
+        code cache, eval.py, sample.py; codec.image_codes flattens them): under bf16 autocast the deep
         residual codes come out different, and the model would be evaluated on codes it never trained on."""
         with torch.autocast(images.device.type, enabled=False):
             return self._encode(images.to(next(self.parameters()).dtype))

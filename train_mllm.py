@@ -10,8 +10,8 @@ Teach the unified LLM to read and draw with dual tokens (paper section 3.4; desi
 
 The frozen DualToken tokenizer runs ONCE over the data (the code cache: memory-mapped int16/int32 .npy
 stacks of both vocabularies + a JSON index of the texts, stamped with a hash of the tokenizer's config
-and weights; pipeline.prepare_cache / CodeCache); training reads codes only. Codes come from
-pipeline.image_codes (DualToken.encode: always fp32, autocast off), which eval.py and sample.py read images
+and weights; codecache.prepare_cache / CodeCache); training reads codes only. Codes come from
+codec.image_codes (DualToken.encode: always fp32, autocast off), which eval.py and sample.py read images
 through too. Under torchrun every rank encodes its shard; the cache appears in cache_dir only when complete.
 Every micro-batch mixes three kinds of sample in fixed counts (so every trained module gets a gradient on
 every rank, which plain DDP needs):
@@ -28,8 +28,8 @@ Stages (paper 3.4) are presets: `trainable` = "input" (stage 1: LLM frozen, inpu
 output projectors, on generation). `lr` is the LLM's learning rate, `vis_lr` the visual modules'.
 
 out_dir holds config.json (MLLMConfig + the tokenizer path and hash + the text tokenizer and prompt
-format) and model.safetensors (codebooks included), written by pipeline.export and read strictly by
-pipeline.load_mllm; train_state.pt (exact resume), log.jsonl, samples/step_*.png (per caption: its codes decoded | drawn),
+format) and model.safetensors (codebooks included), written by MLLM.save_pretrained and read strictly by
+MLLM.from_pretrained; train_state.pt (exact resume), log.jsonl, samples/step_*.png (per caption: its codes decoded | drawn),
 eval.json (held-out QA accuracy and checker-judged generation accuracy with the recorded sampler: eval.py mllm's
 protocol, evaluation.py, on the first eval_qa / eval_gen cached val images).
 
@@ -55,11 +55,13 @@ import mllm_hf
 import train_utils as tu
 from configurator import PROGRESS, UserError, config_dict, parse_config, run_main
 from folders import hold_folder
-import pipeline
+from checker import ground_words
+from codec import SAMPLING_KEYS, generate_images, two_vocabularies
+from codecache import CodeCache, cache_meta, prepare_cache
 from llm import rope_inv_freq
+from loaders import load_image_tokenizer, tokenizer_hash
 from mllm import INPUT_CODES, MLLM, MLLMConfig
-from pipeline import (SAMPLING_KEYS, CodeCache, cache_meta, export, load_image_tokenizer, load_mllm,
-                      mllm_from_state_dict, prepare_cache, set_trainable, tokenizer_hash, visual_modules)
+from sequences import CAPTION_PROMPT, make_batch, sample_parts
 from text import IMAGE_TOKENS, prompt_tokenizer
 
 KINDS = ("und", "cap", "gen")
@@ -101,7 +103,6 @@ class TrainMLLMConfig:
     input_codes: str = "both"        # the code stacks an image position reads: "both" (paper), "pix", "sem" (mllm)
     gen_sem: bool = True             # False: generated images carry pixel codes only (mllm.MLLMConfig)
     head_code_logits: bool = False   # True: depth heads score codes by distance to the frozen books (mllm)
-    gen_input_drop: float = 0.0      # > 0: hide that share of a generated image's input codes in training (mllm)
     gen_caption_loss: float = 0.0    # > 0: generated image positions also predict their caption's words (mllm)
     gen_ground_loss: float = 0.0     # > 0: ... and the words of the object in their cell (mllm; shapes data only)
     # what trains: "all", "input" (vis_in only), "output" (pix/sem depth heads only)
@@ -222,7 +223,8 @@ def build_model(cfg, text_tok, image_tok, thash=None):
 
 def _build_model(cfg, text_tok, image_tok, thash=None):
     if previous_stage(cfg.init_from):
-        model, info = load_mllm(cfg.init_from)
+        model = MLLM.from_pretrained(cfg.init_from)
+        info = model.export_info
         if thash is not None and info["tokenizer_hash"] != thash:
             raise UserError(f"init_from={cfg.init_from!r} was trained on tokenizer {info['tokenizer_hash']}, "
                             f"this run uses {thash}")
@@ -232,8 +234,7 @@ def _build_model(cfg, text_tok, image_tok, thash=None):
                sem_vocab=q.vq_sem.codebook_size, sem_dim=q.vq_sem.code_dim, sem_depth=q.vq_sem.depth,
                head_n_layer=cfg.head_n_layer, head_n_embd=cfg.head_n_embd, head_n_head=cfg.head_n_head,
                vis_norm=cfg.vis_norm, vis_gain=cfg.vis_gain, image_pos=cfg.image_pos, gen_sem=cfg.gen_sem,
-               input_codes=cfg.input_codes,
-               head_code_logits=cfg.head_code_logits, gen_input_drop=cfg.gen_input_drop,
+               input_codes=cfg.input_codes, head_code_logits=cfg.head_code_logits,
                gen_caption_loss=cfg.gen_caption_loss, gen_ground_loss=cfg.gen_ground_loss)
     if cfg.init_from:
         model = mllm_hf.from_pretrained(cfg.init_from, new_tokens=IMAGE_TOKENS, **vis)
@@ -250,7 +251,7 @@ def _build_model(cfg, text_tok, image_tok, thash=None):
                         eos_id=text_tok.eos_id, **ids, **vis)
         model = MLLM(mc)
     model.set_codebooks(image_tok.quantizer_pix.codebook,
-                        image_tok.quantizer_sem.codebook if pipeline.two_vocabularies(image_tok) else None)
+                        image_tok.quantizer_sem.codebook if two_vocabularies(image_tok) else None)
     return model
 
 
@@ -268,7 +269,7 @@ def build_sharded(cfg, text_tok, image_tok, thash, ctx, policy):
     with torch.device("meta"):
         model = MLLM(MLLMConfig(**conf[0]))
     model.inv_freq = rope_inv_freq(model.config)  # a plain tensor (not a buffer): made here, not sharded
-    set_trainable(model, cfg.trainable)
+    model.set_trainable(cfg.trainable)
     if cfg.activation_checkpointing:
         tu.checkpoint_blocks(model.layers)  # before sharding: the recomputation runs inside each unit
     tu.fsdp_shard(model, [*model.layers, *(h for h in (model.pix_head, model.sem_head) if h is not None)], policy)
@@ -282,12 +283,13 @@ def gathered(model):
     rank 0's GPU, which must then hold the whole fp32 model once more (16 GB for the 3B model): on smaller
     cards set eval_qa = eval_gen = sample_interval = 0 and run eval.py on the export."""
     sd = tu.fsdp_full_state_dict(model)
-    return mllm_from_state_dict(MLLMConfig(**asdict(model.config)), sd) if sd else None
+    return MLLM.from_state_dict(MLLMConfig(**asdict(model.config)), sd) if sd else None
 
 
 def optimizer_groups(model, cfg):
     """AdamW groups (train_utils.param_groups): the LLM at lr, the visual modules at vis_lr."""
-    vis = {id(p) for m in visual_modules(model) for p in m.parameters()}
+    heads = [m for m in (model.pix_head, model.sem_head) if m is not None]  # the depth heads are visual too
+    vis = {id(p) for m in model.visual_input_modules() + heads for p in m.parameters()}
     if model.image_pos is not None:
         vis.add(id(model.image_pos))
     groups = tu.param_groups(model, cfg.weight_decay, {"llm": (cfg.lr, lambda p: id(p) not in vis),
@@ -350,7 +352,7 @@ def save_samples(raw, text_tok, image_tok, cache, cfg, path, n=8):
     truth = image_tok.decode(_pix(image_tok, cache, n).to(next(image_tok.parameters()).device)).cpu()
     g = torch.Generator(device=raw.embed.weight.device).manual_seed(cfg.seed + 1)
     caps = [r["caption"] for r in cache.records[:n]]
-    ims, _ = pipeline.generate_images(raw, image_tok, text_tok, caps, g, n, **sampling(cfg))
+    ims, _ = generate_images(raw, image_tok, text_tok, caps, g, n, **sampling(cfg))
     data.grid_png([list(pair) for pair in zip(data.to_image(truth), data.to_image(ims))], path, labels=caps)
     rows = [(i, *rec["qa"][0]) for i, rec in enumerate(cache.records[:4]) if rec.get("qa")]
     pred = evaluation.answers(raw, text_tok, rows, cache.pix, cache.sem, 4)
@@ -418,7 +420,7 @@ def validate(cfg):
 @tu.holds("out_dir", also=("cache_dir",))
 def train(cfg):
     """-> (the trained model, the final evaluation or None). Under --parallel=fsdp the model is the sharded one,
-    whose process group is gone on return: read the export (load_mllm) instead."""
+    whose process group is gone on return: read the export (MLLM.from_pretrained) instead."""
     t_start = time.time()
     validate(cfg)
     state_path = os.path.join(cfg.out_dir, "train_state.pt")
@@ -432,7 +434,7 @@ def train(cfg):
     counts = kind_counts(cfg.mix, cfg.micro_batch)
 
     image_tok = load_image_tokenizer(cfg.tokenizer, device=device)
-    if not pipeline.two_vocabularies(image_tok) and (cfg.input_codes != "pix" or cfg.gen_sem):
+    if not two_vocabularies(image_tok) and (cfg.input_codes != "pix" or cfg.gen_sem):
         raise UserError(f"--tokenizer={cfg.tokenizer!r} has one vocabulary (tied branches or no semantic branch): "
                         f"the MLLM can read and draw only its codes, --input_codes=pix --gen_sem=False (got "
                         f"input_codes={cfg.input_codes!r}, gen_sem={cfg.gen_sem})")
@@ -457,7 +459,7 @@ def train(cfg):
         raw = build_sharded(cfg, text_tok, image_tok, thash, ctx, policy)
     else:
         raw = build_model(cfg, text_tok, image_tok, thash)
-        set_trainable(raw, cfg.trainable)
+        raw.set_trainable(cfg.trainable)
         if cfg.activation_checkpointing:
             tu.checkpoint_blocks(raw.layers)
         raw = raw.to(device)
@@ -493,12 +495,12 @@ def train(cfg):
         rng = np.random.default_rng([cfg.seed, ctx.rank, consumed])
         items = []
         for kind, i in zip(kinds, idx):
-            parts, flags = pipeline.sample_parts(kind, train_c.records[i], text_tok, rng, cfg.caption_dropout, P,
+            parts, flags = sample_parts(kind, train_c.records[i], text_tok, rng, cfg.caption_dropout, P,
                                                  cfg.qa_per_image)
             items.append((parts, flags, train_c.pix[i], None if train_c.sem is None else train_c.sem[i]))
             if cfg.gen_ground_loss > 0:
-                items[-1] += (pipeline.ground_words(train_c.records[i], text_tok, image_tok.config.grid),)
-        b = pipeline.make_batch(mc, items)
+                items[-1] += (ground_words(train_c.records[i], text_tok, image_tok.config.grid),)
+        b = make_batch(mc, items)
         raw.check_inputs(**b)  # here, on the CPU batch: the compiled forward skips these host reads
         if bool(b["attention_mask"].all()):  # nothing padded: no mask keeps SDPA on its fused causal kernels
             del b["attention_mask"]
@@ -517,7 +519,7 @@ def train(cfg):
                             resume_step=None if st is None else step)
     PROGRESS.update(out_dir=cfg.out_dir, step=step, checkpoint=step if st is not None else None)  # Ctrl-C's line
     extra = dict(tokenizer=os.path.relpath(cfg.tokenizer, cfg.out_dir), tokenizer_hash=thash,  # moves with both
-                 text_tokenizer=text_tok_name, caption_prompt=pipeline.CAPTION_PROMPT,
+                 text_tokenizer=text_tok_name, caption_prompt=CAPTION_PROMPT,
                  prompt_format="und: [bos] <im_start> image <im_end> user_prompt(question); "
                                "gen: [bos] encode(caption) <image_gen_start>",
                  grid=image_tok.config.grid, image_size=image_tok.config.siglip.vision.image_size,
@@ -541,7 +543,7 @@ def train(cfg):
             tu.save_train_state({"model": raw.state_dict(), "optimizer": opt.state_dict(), **meta}, state_path)
         PROGRESS["checkpoint"] = step  # what a resume starts from, from here on
         if master:
-            export(plain, cfg.out_dir, extra)
+            plain.save_pretrained(cfg.out_dir, extra)
 
     last_step = cfg.stop_step or cfg.max_steps
     from tqdm import tqdm

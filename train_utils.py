@@ -512,7 +512,7 @@ class ShardedSampler:
 # The config keys a resume may change: when and how often things happen, where, on what hardware, what the
 # held-out evaluation covers and how it samples. Every other key changes the model, the objective or the
 # training data stream, so a resume that changes it is refused by name. (cfg_scale ... top_p are
-# pipeline.SAMPLING_KEYS, the evaluation's image sampler; `tokenizer` is a path whose content train_mllm checks
+# codec.SAMPLING_KEYS, the evaluation's image sampler; `tokenizer` is a path whose content train_mllm checks
 # by hash; train_mllm's code cache refuses an eval_size / eval_data it was not built with.)
 RESUME_MAY_CHANGE = frozenset({
     "max_steps", "stop_step", "resume", "overwrite", "out_dir", "cache_dir", "prepare", "prepare_batch",
@@ -582,7 +582,7 @@ VALUE_RULES = (
       "sem_loss_weight", "gen_caption_loss", "gen_ground_loss", "weight_shortcut") + tuple(
         f"w_{k}" for k in ("sem_tok", "sem_pool", "commit", "rec", "edge", "lpips", "gan")),
      lambda v: _finite(v) and v >= 0, "need a finite number >= 0"),
-    (("min_lr_frac", "caption_drop", "caption_dropout", "gen_input_drop", "vq_decay"),
+    (("min_lr_frac", "caption_drop", "caption_dropout", "vq_decay"),
      lambda v: _finite(v) and 0 <= v <= 1, "need a number in [0, 1]"),
     (("beta1", "beta2"), lambda v: _finite(v) and 0 <= v < 1, "need a number in [0, 1)"),
     (("temperature",), lambda v: _finite(v) and v >= 0, "need a finite number >= 0 (0: greedy)"),

@@ -92,10 +92,10 @@ def tiny_tok(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_mllm(tiny_tok):
-    """A tiny MLLM written the way train_mllm.py writes its out_dir (build_model + pipeline.export), on
+    """A tiny MLLM written the way train_mllm.py writes its out_dir (build_model + MLLM.save_pretrained), on
     tiny_tok's tokenizer with the byte prompt tokenizer."""
     import torch
-    import pipeline
+    import loaders
     import text
     import train_mllm
     from tokenizer import DualToken
@@ -105,6 +105,6 @@ def tiny_mllm(tiny_tok):
                                      head_n_layer=1)
     raw = train_mllm.build_model(cfg, text.PromptTokenizer("bytes"), dual)
     out = tiny_tok / "mllm"
-    pipeline.export(raw, str(out), dict(tokenizer=str(tiny_tok / "tok"), text_tokenizer="bytes",
-                                        tokenizer_hash=pipeline.tokenizer_hash(dual)))
+    raw.save_pretrained(str(out), dict(tokenizer=str(tiny_tok / "tok"), text_tokenizer="bytes",
+                                       tokenizer_hash=loaders.tokenizer_hash(dual)))
     return out

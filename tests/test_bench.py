@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import flops
 import mllm
+import sequences
 import tokenizer as tkz
 import train_utils as tu
 from losses import LPIPS, LossConfig, TokenizerLoss
@@ -86,14 +87,14 @@ def test_tokenizer_step_flops_match_the_counter(variant, monkeypatch):
 
 
 def _mllm_batch(cfg, model):
-    """Three rows (a generated image, a read image, text only), left-padded, as pipeline.make_batch lays them out."""
+    """Three rows (a generated image, a read image, text only), left-padded, as sequences.make_batch lays them out."""
     g = torch.Generator().manual_seed(0)
     model.set_codebooks(torch.randn(cfg.pix_vocab, cfg.pix_dim, generator=g),
                         torch.randn(cfg.sem_vocab, cfg.sem_dim, generator=g))
-    seqs = [mllm.build_sequence(cfg, p) for p in ([[5, 6, 7], ("gen", 16)], [("und", 16), [8, 9, 10, 11, 12]],
+    seqs = [sequences.build_sequence(cfg, p) for p in ([[5, 6, 7], ("gen", 16)], [("und", 16), [8, 9, 10, 11, 12]],
                                                   [[13, 14]])]
-    b = mllm.collate_sequences(cfg, seqs)
-    b["targets"] = mllm.make_targets(b["idx"], b["image_mask"], b["attention_mask"])
+    b = sequences.collate_sequences(cfg, seqs)
+    b["targets"] = sequences.make_targets(b["idx"], b["image_mask"], b["attention_mask"])
     n_img = int(b["image_mask"].sum())
     b["pix_codes"] = torch.randint(0, cfg.pix_vocab, (n_img, cfg.pix_depth), generator=g)
     b["sem_codes"] = torch.randint(0, cfg.sem_vocab, (n_img, cfg.sem_depth), generator=g)

@@ -344,16 +344,16 @@ def test_caption_dropout_drops_size_and_place_phrases():
 
 
 def test_patch_objects_marks_the_patches_each_object_is_drawn_in():
-    """pipeline.patch_objects (gen_ground_loss's targets): on 48 px / patch 8 renders (a 6x6 grid, 2x2 patches a
+    """checker.patch_objects (gen_ground_loss's targets): on 48 px / patch 8 renders (a 6x6 grid, 2x2 patches a
     cell), every pixel an object paints lies in a patch labelled with that object, every labelled patch lies
-    in its object's cell, and pipeline.ground_words writes that object's words there and -1 elsewhere."""
-    import pipeline
+    in its object's cell, and checker.ground_words writes that object's words there and -1 elsewhere."""
+    import checker
     from text import WordTokenizer
     w = ShapesWorld(ShapesConfig(image_size=48, min_objects=1, max_objects=3))
     tok = WordTokenizer(data.vocabulary())
     for i in range(20):
         s = w.sample("train", i)
-        lab = np.array(pipeline.patch_objects(s["objects"], 6)).reshape(6, 6)
+        lab = np.array(checker.patch_objects(s["objects"], 6)).reshape(6, 6)
         for j, o in enumerate(s["objects"]):
             alone = w.render([o], jitter=[s["jitter"][j]], background=s["background"])
             bare = w.render([], background=s["background"])
@@ -361,12 +361,12 @@ def test_patch_objects_marks_the_patches_each_object_is_drawn_in():
             assert len(ys) and (lab[ys // 8, xs // 8] == j).all()
             r, c = divmod(CELLS.index(o["cell"]), 3)
             assert (lab[2 * r:2 * r + 2, 2 * c:2 * c + 2] == j).all() and (lab == j).sum() == 4
-        g = pipeline.ground_words(s, tok, 6)
+        g = checker.ground_words(s, tok, 6)
         for p, j in enumerate(lab.flatten()):
             want = tok.encode(f"{s['objects'][j]['size']} {s['objects'][j]['color']} {s['objects'][j]['shape']}") if j >= 0 else []
             assert g[p][g[p] >= 0].tolist() == want
     with pytest.raises(ValueError, match="3x3"):
-        pipeline.patch_objects([], 4)
+        checker.patch_objects([], 4)
 
 
 def test_pictures_and_the_export_are_written_atomically(tmp_path, monkeypatch):

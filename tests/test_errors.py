@@ -445,8 +445,8 @@ def test_debug_shows_the_traceback(world):
 
 
 def test_resume_may_change_list_is_the_sampler_and_schedule():
-    """RESUME_MAY_CHANGE holds every sampler key (pipeline.SAMPLING_KEYS) and no key that shapes a model."""
-    import pipeline
+    """RESUME_MAY_CHANGE holds every sampler key (codec.SAMPLING_KEYS) and no key that shapes a model."""
+    import codec
     import train_utils as tu
-    assert set(pipeline.SAMPLING_KEYS) <= tu.RESUME_MAY_CHANGE
+    assert set(codec.SAMPLING_KEYS) <= tu.RESUME_MAY_CHANGE
     assert not {"depth", "data", "seed", "batch_size", "lr", "n_layer", "image_size"} & tu.RESUME_MAY_CHANGE

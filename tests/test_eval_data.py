@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 import torch
 
+import codec
 import data
 import eval as ev
 import evaluation
-import pipeline
+import loaders
 import siglip
 import text
-from mllm import MLLM, build_sequence, tiny_config
+from mllm import MLLM, tiny_config
+from sequences import build_sequence, qa_prompt
 
 
 def _png(path, index, size=40):
@@ -137,7 +139,7 @@ def _direct_logprob(model, tok, pix, sem, question, choice):
     """log p(choice + eos | image, question) from one unpadded sequence's full forward, summed by hand:
     no batching, no padding, no make_batch / make_targets."""
     ans = tok.encode(choice) + [tok.eos_id]
-    ids, img, _ = build_sequence(model.config, [("und", pix.shape[0]), pipeline.qa_prompt(tok, question), ans])
+    ids, img, _ = build_sequence(model.config, [("und", pix.shape[0]), qa_prompt(tok, question), ans])
     with torch.no_grad():
         logits, _ = model(ids[None], image_mask=img[None], pix_codes=pix, sem_codes=sem)
     lp, T, L = torch.log_softmax(logits[0].double(), -1), ids.numel(), len(ans)
@@ -180,12 +182,12 @@ def test_cli_eval_qa_jsonl(tiny_mllm, tmp_path, capsys):
     preds = [p["pred"] for p in first["qa"]["predictions"]]
     # the free answers are the model's greedy answers to the same images, read as data.read_image reads them
     cfg = ev.EvalMLLMConfig(mllm=str(tiny_mllm))
-    model, tok, image_tok, _ = pipeline.load_pair(cfg, "cpu")
+    model, tok, image_tok, _ = loaders.load_pair(cfg, "cpu")
     x = torch.stack([data.read_image(str(tmp_path / n), 32) for n in ("a.png", "b.png")])
-    pix, sem = pipeline.image_codes(image_tok, x)  # (2, 16, D)
+    pix, sem = codec.image_codes(image_tok, x)  # (2, 16, D)
     img = [0, 1, 0, 0]
     for r, i, p in zip(rows, img, preds):
-        out = model.generate_text([pipeline.qa_prompt(tok, r["question"])], images=(pix[i:i + 1], sem[i:i + 1]),
+        out = model.generate_text([qa_prompt(tok, r["question"])], images=(pix[i:i + 1], sem[i:i + 1]),
                                   max_new_tokens=3, temperature=0.0)
         assert tok.decode(out[0]).strip() == p
     # the model's choice, by the direct forward; then answers the model must get right / wrong:
@@ -281,10 +283,10 @@ def test_cli_t2i(tiny_mllm, teacher_dir, tmp_path, capsys):
     want = siglip.caption_scores(judge, tok, real, caps)
     assert saved["real"]["clip_score"] == pytest.approx(want["clip_score"], abs=1e-4)
     assert saved["real"]["sigmoid"] == pytest.approx(want["sigmoid"], abs=1e-6)
-    model, text_tok, image_tok, info = pipeline.load_pair(ev.EvalT2IConfig(mllm=str(tiny_mllm)), "cpu")
+    model, text_tok, image_tok, info = loaders.load_pair(ev.EvalT2IConfig(mllm=str(tiny_mllm)), "cpu")
     g = torch.Generator().manual_seed(5)
-    sampling = dict(pipeline.sampling_settings(ev.EvalT2IConfig(cfg_scale=2.0), info))
-    gen = data.to_image(pipeline.generate_images(model, image_tok, text_tok, caps, g, 2, **sampling)[0])  # batches of 2
+    sampling = dict(codec.sampling_settings(ev.EvalT2IConfig(cfg_scale=2.0), info))
+    gen = data.to_image(codec.generate_images(model, image_tok, text_tok, caps, g, 2, **sampling)[0])  # batches of 2
     want = siglip.caption_scores(judge, tok, gen, caps)
     assert saved["generated"]["clip_score"] == pytest.approx(want["clip_score"], abs=1e-4)
     shuffled = siglip.caption_scores(judge, tok, gen, caps, evaluation.derangement(3, 5))

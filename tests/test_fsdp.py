@@ -1,5 +1,5 @@
 """train_mllm.py --parallel=fsdp (FSDP2) on CPU with 2 gloo processes: the same weights as one process on the
-same global batch, exact resume from the sharded checkpoint, an export that load_mllm reads, a sharded load of
+same global batch, exact resume from the sharded checkpoint, an export that MLLM.from_pretrained reads, a sharded load of
 an HF folder equal to the plain loader, FSDP2's bf16 policy; and the memory arithmetic of bench.py memory.
 
 One spawn serves all the 2-process assertions (module fixture `runs`): two fresh interpreters importing torch
@@ -10,11 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import pipeline
 import train_mllm as tm
 import train_utils as tu
-from mllm import MLLM, build_sequence, collate_sequences, make_targets, tiny_config
-from pipeline import set_trainable
+from mllm import MLLM, tiny_config
+from sequences import build_sequence, collate_sequences, make_targets
 from text import prompt_tokenizer
 from test_train_mllm import cache_dir, make_cfg, read_log, tok_dir  # noqa: F401 (module fixtures)
 
@@ -129,7 +128,7 @@ def test_fsdp_equals_one_process_on_the_global_batch(runs, tok_dir, cache_dir, t
     ~1e-2 (lr 3e-3, 4 steps). 1e-5 is 50x the first and 1000x below the second, while a gradient that misses a
     rank's half or a micro-batch moves weights by ~lr."""
     one, _ = tm.train(make_cfg(tok_dir, tmp_path / "one", cache_dir, **RUN))
-    fsdp, _ = pipeline.load_mllm(os.path.join(runs.root, "a"))
+    fsdp = MLLM.from_pretrained(os.path.join(runs.root, "a"))
     torch.manual_seed(0)
     init = tm.build_model(make_cfg(tok_dir, tmp_path / "x"), tm.mllm_text_tokenizer(make_cfg(tok_dir, tmp_path))[0],
                           tm.load_image_tokenizer(tok_dir))
@@ -164,17 +163,18 @@ def test_fsdp_resume_is_exact(runs):
         for n, v in st.items():
             assert torch.equal(v, fb["optimizer"]["state"][k][n]), (k, n)
     assert [r["loss"] for r in read_log(a)] == [r["loss"] for r in read_log(b)]
-    ma, mb = pipeline.load_mllm(a)[0], pipeline.load_mllm(b)[0]
+    ma, mb = MLLM.from_pretrained(a), MLLM.from_pretrained(b)
     for k, v in ma.state_dict().items():
         assert torch.equal(v, mb.state_dict()[k]), k
 
 
 @pytest.mark.slow
 def test_fsdp_export_loads_with_the_same_logits(runs):
-    """The export (gathered to rank 0, written as a DDP run writes it) loads with load_mllm and computes the
+    """The export (gathered to rank 0, written as a DDP run writes it) loads with MLLM.from_pretrained and computes the
     sharded model's logits; the sharded parameters hold every weight once (each rank its rows) and rank 0's
     share is tu.state_bytes' FSDP count."""
-    model, info = pipeline.load_mllm(os.path.join(runs.root, "a"))
+    model = MLLM.from_pretrained(os.path.join(runs.root, "a"))
+    info = model.export_info
     assert model.lm_head.weight is model.embed.weight and info["tokenizer_hash"]
     with torch.no_grad():
         logits, _ = model(**probe_batch(model.config))
@@ -245,7 +245,7 @@ def test_state_bytes_counts_the_real_parameters():
     assert n == sum(v.numel() for k, v in m.state_dict().items() if k not in ("lm_head.weight", "pix_book", "sem_book"))
     s = tu.state_bytes(m)
     assert s == dict(params=4 * n, grads=4 * n, adam=8 * n, buffers=4 * (m.pix_book.numel() + m.sem_book.numel()))
-    set_trainable(m, "input")
+    m.set_trainable("input")
     k = sum(p.numel() for p in m.vis_in.parameters())
     s1, s2 = tu.state_bytes(m), tu.state_bytes(m, world=2, fsdp=True)
     assert (s1["params"], s1["grads"], s1["adam"]) == (4 * n, 4 * k, 8 * k)

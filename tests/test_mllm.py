@@ -10,7 +10,9 @@ import torch.nn.functional as F
 import llm
 import mllm
 import mllm_hf
-from mllm import MLLM, build_sequence, collate_sequences, make_targets, tiny_config
+import sequences
+from mllm import MLLM, tiny_config
+from sequences import build_sequence, collate_sequences, make_targets
 
 VIS = dict(pix_vocab=32, pix_dim=8, pix_depth=3, sem_vocab=24, sem_dim=6, sem_depth=2, head_n_layer=2,
            head_n_embd=32, head_n_head=2)
@@ -173,7 +175,7 @@ def test_bos_follows_the_tokenizer_config(tmp_path):
             write_tokenizer_config(tmp_path / name, tc)
         m = mllm_hf.from_pretrained(str(tmp_path / name), **VIS)
         assert m.config.bos_id == want, name
-        ids = mllm.build_sequence(m.config, [[5, 6]])[0]
+        ids = sequences.build_sequence(m.config, [[5, 6]])[0]
         assert ids[0].item() == (5 if want is None else want), name  # what a training sequence starts with
     with pytest.raises(ValueError, match="bos"):
         mllm_hf.config_from_hf(dict(cfg_json, bos_token_id=None), dict(bos_token="<s>"))
@@ -210,7 +212,7 @@ def test_from_pretrained_builds_the_trunk_on_meta(tied, tmp_path, monkeypatch):
     assert not any(t.is_meta for t in [*new.parameters(), *new.buffers(), new.inv_freq])
     assert new.inv_freq.dtype == torch.float32 and torch.equal(new.inv_freq, old.inv_freq)
     assert (new.lm_head.weight is new.embed.weight) == tied and new.config.vocab_size == 54
-    old.grow_vocab(4)
+    mllm_hf.grow_vocab(old, 4)
     idx = torch.randint(0, 54, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(new(idx)[0], old(idx)[0], atol=0, rtol=0)
@@ -458,11 +460,11 @@ def sample_ids(logits, **kw):
 
 
 def test_export_load_roundtrip(tmp_path):
-    """The one MLLM checkpoint format: pipeline.export's folder, read strictly by load_mllm."""
-    import pipeline
+    """The one MLLM checkpoint format: MLLM.save_pretrained's folder, read strictly by MLLM.from_pretrained."""
     m = tiny_model()
-    pipeline.export(m, str(tmp_path), dict(text_tokenizer="bytes"))
-    m2, info = pipeline.load_mllm(str(tmp_path))
+    m.save_pretrained(str(tmp_path), dict(text_tokenizer="bytes"))
+    m2 = MLLM.from_pretrained(str(tmp_path))
+    info = m2.export_info
     assert m2.config == m.config and m2.lm_head.weight is m2.embed.weight and info["text_tokenizer"] == "bytes"
     assert torch.equal(m2.pix_book, m.pix_book)
     idx = torch.randint(0, 256, (1, 8))
@@ -496,7 +498,7 @@ def test_image_positions_index_each_image_from_zero():
             build_sequence(cfg, [("und", 4)])]
     b = collate_sequences(cfg, seqs)  # left-padded
     m = b["image_mask"]
-    pos = mllm.image_positions(m)
+    pos = sequences.image_positions(m)
     assert pos[0][m[0]].tolist() == [0, 1, 2, 0, 1] and pos[1][m[1]].tolist() == [0, 1, 2, 3]
 
 
@@ -592,32 +594,22 @@ def test_head_code_logits_score_codes_by_distance():
                                rtol=1e-4, atol=1e-3)
 
 
-def test_gen_input_drop_hides_generated_inputs_in_training_only():
-    """gen_input_drop: in train mode some generated-image rows become the learned gen_drop vector (plus their
-    position entry) while understood-image rows are never touched; eval mode embeds every code; the default
-    keeps the paper's layout (no gen_drop parameter)."""
-    assert tiny_model().gen_drop is None and "gen_drop" not in tiny_model().state_dict()
-    with pytest.raises(ValueError, match="gen_input_drop"):
-        tiny_model(gen_input_drop=1.0)
-    m = tiny_model(gen_input_drop=0.5, image_pos=16)
-    cfg = m.config
-    with torch.no_grad():
-        m.gen_drop.normal_()
-    seq = [build_sequence(cfg, [("und", 16), [65]]), build_sequence(cfg, [[67], ("gen", 16), [cfg.eos_id]])]
-    b = collate_sequences(cfg, seq)
-    p, s = random_codes(cfg, 32)
-    args = (b["idx"], b["image_mask"], p, s, b["gen_mask"])
-    with torch.no_grad():
-        ref = m.eval().embed_inputs(*args)
-        torch.manual_seed(0)
-        x = m.train().embed_inputs(*args)
-    img, gen = b["image_mask"], b["gen_mask"].bool()
-    changed = (x != ref).any(-1)  # (B, T)
-    assert not changed[~gen].any()  # text and the understood image: as in eval
-    hidden = changed & gen
-    assert 2 <= int(hidden.sum()) <= 14  # about half of 16 (seeded)
-    pos = mllm.image_positions(img)
-    torch.testing.assert_close(x[hidden], m.gen_drop + m.image_pos[pos[hidden]])
+def test_export_with_the_removed_gen_input_drop_key_loads_only_at_zero(tmp_path):
+    """An export's config.json may hold gen_input_drop, a training switch the model no longer has: at 0.0 (it
+    changed nothing) the key is dropped and the model loads as saved; any other value is one clear error."""
+    from configurator import UserError
+    m = tiny_model()
+    m.save_pretrained(str(tmp_path))
+    path = tmp_path / "config.json"
+    conf = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(conf, mllm=dict(conf["mllm"], gen_input_drop=0.0))))
+    back = MLLM.from_pretrained(str(tmp_path))
+    assert back.config == m.config and not hasattr(back.config, "gen_input_drop")
+    for k, v in m.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    path.write_text(json.dumps(dict(conf, mllm=dict(conf["mllm"], gen_input_drop=0.3))))
+    with pytest.raises(UserError, match=r"gen_input_drop=0\.3, a switch this code does not have"):
+        MLLM.from_pretrained(str(tmp_path))
 
 
 def test_gen_caption_loss_targets_the_caption_words_of_generated_rows():
@@ -725,7 +717,6 @@ def test_one_vocabulary_model_has_one_stack_and_one_head(tmp_path):
     """input_codes='pix' with gen_sem=False (the single_vocab / pix_input layout) holds no semantic book and no
     semantic head, trains and draws without semantic codes and survives export / load; 'sem' without gen_sem
     is refused (a drawn image could not be read back)."""
-    import pipeline
     m = tiny_model(input_codes="pix", gen_sem=False).train()
     cfg = m.config
     assert m.sem_book is None and m.sem_head is None
@@ -740,8 +731,8 @@ def test_one_vocabulary_model_has_one_stack_and_one_head(tmp_path):
     m.eval()
     pix, sem = m.generate_image([[65]], 4, generator=torch.Generator().manual_seed(0))
     assert sem is None and pix.shape == (1, 4, cfg.pix_depth)
-    pipeline.export(m, str(tmp_path), {})
-    back, _ = pipeline.load_mllm(str(tmp_path))
+    m.save_pretrained(str(tmp_path))
+    back = MLLM.from_pretrained(str(tmp_path))
     assert back.sem_book is None and back.config.input_codes == "pix"
     with pytest.raises(ValueError, match="gen_sem"):
         MLLM(tiny_config(input_codes="sem", gen_sem=False))

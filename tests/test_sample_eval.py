@@ -12,12 +12,12 @@ import torch
 import torch.nn as nn
 
 import checker
+import codec
 import configurator
 import data
 import eval as ev
 import evaluation
 import metrics
-import pipeline
 import sample
 import text
 from conftest import ROOT
@@ -287,7 +287,7 @@ def test_qa_eval_shuffled_reads_other_images():
     from contextlib import nullcontext
 
     class Tok:
-        quantizer_sem = object()  # a semantic stack of its own (pipeline.two_vocabularies)
+        quantizer_sem = object()  # a semantic stack of its own (codec.two_vocabularies)
 
         def encode(self, x):  # image i is the constant colour i -> pixel code i (B, 1, 1, 1)
             i = ((x[:, 0, 0, 0] + 1) * 127.5).round().long().view(-1, 1, 1, 1)
@@ -325,7 +325,7 @@ def test_eval_reads_the_training_codes_under_autocast():
     world = data.ShapesWorld(data.ShapesConfig(image_size=32, max_objects=2))
     samples = [world.sample("val", i) for i in range(12)]
     x = torch.stack([data.to_tensor(s["image"]) for s in samples])
-    want = pipeline.image_codes(tok, x)  # fp32, what train_mllm.py caches
+    want = codec.image_codes(tok, x)  # fp32, what train_mllm.py caches
     seen = []
 
     class Model:
@@ -335,9 +335,9 @@ def test_eval_reads_the_training_codes_under_autocast():
             seen.append(images)
             return [[] for _ in prompts]
 
-    codec = SimpleNamespace(user_prompt=lambda q: [], decode=lambda o: "")
+    text_tok = SimpleNamespace(user_prompt=lambda q: [], decode=lambda o: "")
     cfg = ev.EvalMLLMConfig(batch_size=5)
-    ev.qa_eval(Model(), codec, tok, [dict(s, qa=s["qa"][:1]) for s in samples], cfg, "cpu",
+    ev.qa_eval(Model(), text_tok, tok, [dict(s, qa=s["qa"][:1]) for s in samples], cfg, "cpu",
                torch.autocast("cpu", dtype=torch.bfloat16))
     got = [torch.cat([im[j] for im in seen[:3]]) for j in (0, 1)]  # first pass: images in order, 5 + 5 + 2
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
@@ -505,10 +505,10 @@ def test_sampling_defaults_come_from_the_trained_model():
     paper's sampler."""
     cfg = sample.GenerateConfig()
     rec = {"sampling": dict(cfg_scale=1.5, temperature=0.7, fine_temperature=0.0, top_k=None, top_p=None)}
-    assert pipeline.sampling_settings(cfg, rec) == rec["sampling"]
-    assert pipeline.sampling_settings(cfg, {}) == pipeline.PAPER_SAMPLING
+    assert codec.sampling_settings(cfg, rec) == rec["sampling"]
+    assert codec.sampling_settings(cfg, {}) == codec.PAPER_SAMPLING
     cfg.temperature, cfg.cfg_scale, cfg.top_k, cfg.top_p, cfg.fine_temperature = 0.0, 0.0, 5, 1.0, -1.0
-    assert pipeline.sampling_settings(cfg, rec) == dict(cfg_scale=None, temperature=0.0, fine_temperature=None,
+    assert codec.sampling_settings(cfg, rec) == dict(cfg_scale=None, temperature=0.0, fine_temperature=None,
                                                       top_k=5, top_p=None)
 
 
@@ -525,7 +525,7 @@ def test_caption_swap_sees_only_words_the_model_can_tell_apart():
     cfg = m.config
 
     class Stub:
-        quantizer_sem = object()  # two vocabularies (pipeline.two_vocabularies)
+        quantizer_sem = object()  # two vocabularies (codec.two_vocabularies)
 
         def encode(self, x):
             g = torch.Generator().manual_seed(int(x.abs().sum() * 1000) % 1000)
@@ -573,7 +573,7 @@ def test_sample_and_eval_run_under_bf16_autocast(tiny_mllm, tiny_tok, tmp_path, 
 
 @pytest.mark.slow  # inductor compiles the tiny tokenizer's blocks, projections and decoder on CPU
 def test_sample_and_eval_with_the_tokenizer_compiled(tiny_mllm, tiny_tok, tmp_path):
-    """--compile=True (pipeline.compile_tokenizer: the tokenizer's blocks, projections and decoder compiled in
+    """--compile=True (codec.compile_tokenizer: the tokenizer's blocks, projections and decoder compiled in
     place) gives what the eager runs give: sample.py reconstruct and eval.py tokenizer the same PSNR and codes,
     sample.py generate (the MLLM eager, the decoder compiled) the same pictures. Batches of 2 throughout, so
     every graph compiles once."""
@@ -581,7 +581,7 @@ def test_sample_and_eval_with_the_tokenizer_compiled(tiny_mllm, tiny_tok, tmp_pa
     import tokenizer
     t = tokenizer.DualToken(tokenizer.tiny_config())
     keys = list(t.state_dict())
-    pipeline.compile_tokenizer(t)  # in place: the same parameter names (no `_orig_mod.`), the heavy parts compiled
+    codec.compile_tokenizer(t)  # in place: the same parameter names (no `_orig_mod.`), the heavy parts compiled
     assert list(t.state_dict()) == keys and t.decoder._compiled_call_impl is not None
     assert all(b._compiled_call_impl is not None for b in t.siglip.vision.blocks)
     world = data.ShapesWorld(data.ShapesConfig(image_size=32))

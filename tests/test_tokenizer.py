@@ -206,14 +206,14 @@ def test_encode_is_fp32_under_autocast():
     """The MLLM's codes come from DualToken.encode in one precision, fp32, whatever autocast the caller runs
     under: the code cache (built in fp32) and eval.py / sample.py (bf16 autocast on cuda) must give the model
     the same deep residual codes. CPU bf16 autocast stands in for cuda's."""
-    import pipeline
+    import codec
     torch.manual_seed(0)
     m = T.DualToken(T.tiny_config()).eval()
     x = torch.rand(16, 3, 32, 32) * 2 - 1
     pix, sem = m.encode(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         pix_a, sem_a = m.encode(x)
-        flat = pipeline.image_codes(m, x)  # what eval.py and sample.py read
+        flat = codec.image_codes(m, x)  # what eval.py and sample.py read
     assert torch.equal(pix_a, pix) and torch.equal(sem_a, sem)
     assert torch.equal(flat[0], pix.flatten(1, 2)) and torch.equal(flat[1], sem.flatten(1, 2))
 

@@ -10,13 +10,16 @@ import pytest
 import torch
 
 from configurator import UserError
+import codec
+import codecache
 import data
-import pipeline
+import loaders
+import sequences
 import text
 import tokenizer as tkz
 import train_mllm as tm
 import train_utils as tu
-from mllm import MLLMConfig
+from mllm import MLLM, MLLMConfig
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +72,13 @@ def test_loss_drops_for_each_kind(tok_dir, cache_dir, tmp_path, kind, term):
 
 def _batch(tok_dir, cache_dir, kind, **kw):
     cfg = make_cfg(tok_dir, "unused", cache_dir)
-    dual = pipeline.load_image_tokenizer(tok_dir)
-    cache = pipeline.CodeCache(cache_dir, "train", pipeline.cache_meta(cfg, dual, pipeline.tokenizer_hash(dual, tok_dir)))
+    dual = loaders.load_image_tokenizer(tok_dir)
+    cache = codecache.CodeCache(cache_dir, "train", codecache.cache_meta(cfg, dual, loaders.tokenizer_hash(dual, tok_dir)))
     tok = tm.mllm_text_tokenizer(cfg)[0]
     model = tm.build_model(cfg, tok, dual)
     rec = cache.records[0]
-    parts, flags = pipeline.sample_parts(kind, rec, tok, np.random.default_rng(0), kw.get("drop", 0.0), 16, kw.get("n_qa", 1))
-    b = pipeline.make_batch(model.config, [(parts, flags, cache.pix[0], cache.sem[0])])
+    parts, flags = sequences.sample_parts(kind, rec, tok, np.random.default_rng(0), kw.get("drop", 0.0), 16, kw.get("n_qa", 1))
+    b = sequences.make_batch(model.config, [(parts, flags, cache.pix[0], cache.sem[0])])
     return b, parts, tok, model, cache
 
 
@@ -120,7 +123,7 @@ def test_generation_mask_and_caption_dropout(tok_dir, cache_dir):
 def test_loss_weights_reach_the_model(tok_dir, cache_dir):
     b, _, tok, model, _ = _batch(tok_dir, cache_dir, "gen")
     cfg = make_cfg(tok_dir, "unused", cache_dir, text_loss_weight=8.0, pix_loss_weight=0.5, sem_loss_weight=2.0)
-    weighted = tm.build_model(cfg, tok, pipeline.load_image_tokenizer(tok_dir))
+    weighted = tm.build_model(cfg, tok, loaders.load_image_tokenizer(tok_dir))
     weighted.load_state_dict(model.state_dict())
     _, loss = weighted(**b)
     p = weighted.loss_parts
@@ -153,9 +156,9 @@ def test_kind_counts():
 
 def test_cache_round_trip_and_refuses_other_tokenizer(tok_dir, cache_dir, tmp_path):
     cfg = make_cfg(tok_dir, tmp_path, cache_dir)
-    dual = pipeline.load_image_tokenizer(tok_dir)
-    thash = pipeline.tokenizer_hash(dual, tok_dir)
-    cache = pipeline.CodeCache(cache_dir, "train", pipeline.cache_meta(cfg, dual, thash))
+    dual = loaders.load_image_tokenizer(tok_dir)
+    thash = loaders.tokenizer_hash(dual, tok_dir)
+    cache = codecache.CodeCache(cache_dir, "train", codecache.cache_meta(cfg, dual, thash))
     assert cache.pix.dtype == np.int16 and cache.pix.shape == (48, 16, 3) and len(cache) == 48
     world = data.ShapesWorld(data.ShapesConfig(image_size=32, max_objects=2, seed=0))
     for i in (0, 7, 47):
@@ -173,20 +176,20 @@ def test_cache_round_trip_and_refuses_other_tokenizer(tok_dir, cache_dir, tmp_pa
     with pytest.raises(ValueError, match="made by tokenizer"):
         tm.train(make_cfg(other, tmp_path / "run", cache_dir))
     with pytest.raises(ValueError, match="train_size"):  # same tokenizer, different data
-        pipeline.CodeCache(cache_dir, "train", pipeline.cache_meta(make_cfg(tok_dir, tmp_path, train_size=49),
-                                                                   pipeline.load_image_tokenizer(tok_dir), thash))
+        codecache.CodeCache(cache_dir, "train", codecache.cache_meta(make_cfg(tok_dir, tmp_path, train_size=49),
+                                                                   loaders.load_image_tokenizer(tok_dir), thash))
 
 
 def test_cache_codes_are_what_eval_reads_under_autocast(tok_dir, cache_dir):
     """Train/eval agreement: the cached codes (what the MLLM trains on) are exactly the codes eval.py /
     sample.py get for the same image while they run under bf16 autocast (CPU autocast stands in for cuda's)."""
-    dual = pipeline.load_image_tokenizer(tok_dir)
-    cache = pipeline.CodeCache(cache_dir, "train", pipeline.cache_meta(make_cfg(tok_dir, cache_dir), dual,
-                                                           pipeline.tokenizer_hash(dual, tok_dir)))
+    dual = loaders.load_image_tokenizer(tok_dir)
+    cache = codecache.CodeCache(cache_dir, "train", codecache.cache_meta(make_cfg(tok_dir, cache_dir), dual,
+                                                           loaders.tokenizer_hash(dual, tok_dir)))
     world = data.ShapesWorld(data.ShapesConfig(image_size=32, max_objects=2, seed=0))
     x = torch.stack([data.to_tensor(world.sample("train", i)["image"]) for i in range(48)])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        pix, sem = pipeline.image_codes(dual, x)  # (48, 16, 3) each
+        pix, sem = codec.image_codes(dual, x)  # (48, 16, 3) each
     assert torch.equal(torch.from_numpy(np.array(cache.pix[:])).long(), pix)
     assert torch.equal(torch.from_numpy(np.array(cache.sem[:])).long(), sem)
 
@@ -198,9 +201,9 @@ def test_interrupted_prepare_leaves_the_old_cache_whole(tok_dir, tmp_path, monke
     folder = str(tmp_path / "cache")
     cfg = make_cfg(tok_dir, tmp_path / "run", folder, prepare=True)
     tm.train(cfg)
-    dual = pipeline.load_image_tokenizer(tok_dir)
-    expect = pipeline.cache_meta(cfg, dual, pipeline.tokenizer_hash(dual, tok_dir))
-    old = pipeline.CodeCache(folder, "train", expect)
+    dual = loaders.load_image_tokenizer(tok_dir)
+    expect = codecache.cache_meta(cfg, dual, loaders.tokenizer_hash(dual, tok_dir))
+    old = codecache.CodeCache(folder, "train", expect)
     pix, sem, recs = np.array(old.pix), np.array(old.sem), old.records
     assert pix.any()
     sample = data.ShapesWorld.sample
@@ -213,10 +216,10 @@ def test_interrupted_prepare_leaves_the_old_cache_whole(tok_dir, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         tm.train(cfg)
     monkeypatch.undo()
-    c = pipeline.CodeCache(folder, "train", expect)
+    c = codecache.CodeCache(folder, "train", expect)
     assert np.array_equal(c.pix, pix) and np.array_equal(c.sem, sem) and c.records == recs
     tm.train(cfg)  # a leftover partial build is cleared and the rebuild completes
-    c = pipeline.CodeCache(folder, "train", expect)
+    c = codecache.CodeCache(folder, "train", expect)
     assert np.array_equal(c.pix, pix) and np.array_equal(c.sem, sem) and sorted(os.listdir(folder)) == sorted(
         ["meta.json"] + [f"{s}_{k}" for s in ("train", "val") for k in ("pix.npy", "sem.npy", "index.json")])
 
@@ -226,18 +229,18 @@ def test_holdout_pairs_never_reach_the_cache(tok_dir, tmp_path):
     cfg = make_cfg(tok_dir, tmp_path / "run", str(tmp_path / "cache"), holdout_pairs=(("red", "circle"),),
                    prepare=True, train_size=64)
     tm.train(cfg)
-    dual = pipeline.load_image_tokenizer(tok_dir)
-    cache = pipeline.CodeCache(str(tmp_path / "cache"), "train", pipeline.cache_meta(cfg, dual, pipeline.tokenizer_hash(dual, tok_dir)))
+    dual = loaders.load_image_tokenizer(tok_dir)
+    cache = codecache.CodeCache(str(tmp_path / "cache"), "train", codecache.cache_meta(cfg, dual, loaders.tokenizer_hash(dual, tok_dir)))
     pairs = {(o["color"], o["shape"]) for r in cache.records for o in r["objects"]}
     assert ("red", "circle") not in pairs and len(pairs) > 5
     assert all("red circle" not in r["caption"] for r in cache.records)
     cfg.prepare, cfg.max_steps, cfg.eval_qa, cfg.eval_gen = False, 1, 0, 0
     tm.train(cfg)  # the export records the pairs, so eval.py scores them as the "holdout" split
-    assert pipeline.load_mllm(str(tmp_path / "run"))[1]["holdout_pairs"] == [["red", "circle"]]
+    assert MLLM.from_pretrained(str(tmp_path / "run")).export_info["holdout_pairs"] == [["red", "circle"]]
     with pytest.raises(ValueError, match="holdout_pairs"):  # a cache made without the holdout is refused
-        pipeline.CodeCache(str(tmp_path / "cache"), "train",
-                           pipeline.cache_meta(make_cfg(tok_dir, tmp_path, train_size=64), dual,
-                                               pipeline.tokenizer_hash(dual, tok_dir)))
+        codecache.CodeCache(str(tmp_path / "cache"), "train",
+                           codecache.cache_meta(make_cfg(tok_dir, tmp_path, train_size=64), dual,
+                                               loaders.tokenizer_hash(dual, tok_dir)))
 
 
 def test_train_exports_loadable_model_and_eval(tok_dir, cache_dir, tmp_path, monkeypatch):
@@ -251,7 +254,7 @@ def test_train_exports_loadable_model_and_eval(tok_dir, cache_dir, tmp_path, mon
     assert json.load(open(out / "eval.json"))["qa_accuracy"] == res["qa_accuracy"]
     assert read_log(out, "samples")
     from PIL import Image
-    R = pipeline.load_image_tokenizer(tok_dir).config.siglip.vision.image_size
+    R = loaders.load_image_tokenizer(tok_dir).config.siglip.vision.image_size
     s = -(-144 // R)  # enlarged (nearest neighbour) to >= 144 px, as sample.py's grids
     grid = Image.open(out / "samples" / "step_000004.png")  # per val image: codes decoded | drawn, caption under
     assert grid.size[0] == 2 * (R * s + 2) + 2 and grid.size[1] > 8 * (R * s + 2) + 2
@@ -261,7 +264,8 @@ def test_train_exports_loadable_model_and_eval(tok_dir, cache_dir, tmp_path, mon
         real.append(not tensor.is_meta)
         return normal(tensor, *a, **k)
     monkeypatch.setattr(torch.nn.init, "normal_", spy)
-    model, info = pipeline.load_mllm(str(out))
+    model = MLLM.from_pretrained(str(out))
+    info = model.export_info
     monkeypatch.undo()
     assert real and not any(real)
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers(), model.inv_freq])
@@ -280,7 +284,7 @@ def test_train_exports_loadable_model_and_eval(tok_dir, cache_dir, tmp_path, mon
     shutil.copytree(out, run2)
     shutil.copytree(tok_dir, os.path.normpath(os.path.join(run2, rel)))
     cfg = SimpleNamespace(mllm=str(run2), tokenizer="", siglip_config="", check_hash=True)
-    pipeline.load_pair(cfg, "cpu")  # the hash check passes: the same tokenizer, found at its new place
+    loaders.load_pair(cfg, "cpu")  # the hash check passes: the same tokenizer, found at its new place
     assert os.path.samefile(cfg.tokenizer, os.path.normpath(os.path.join(run2, rel)))
     assert str(tmp_path / "moved") in os.path.abspath(cfg.tokenizer)
     from safetensors.torch import load_file, save_file
@@ -288,19 +292,19 @@ def test_train_exports_loadable_model_and_eval(tok_dir, cache_dir, tmp_path, mon
     sd.pop("vis_in.0.bias")
     save_file(sd, str(out / "model.safetensors"))
     with pytest.raises(ValueError, match="missing.*vis_in.0.bias"):
-        pipeline.load_mllm(str(out))
+        MLLM.from_pretrained(str(out))
 
 
 def test_stage_trainable_sets():
     cfg = tm.TrainMLLMConfig(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, intermediate_size=64, head_n_layer=1,
                              head_n_embd=16, head_n_head=2)
-    from mllm import MLLM, tiny_config
+    from mllm import tiny_config
     m = MLLM(tiny_config())
-    tm.set_trainable(m, "input")
+    m.set_trainable("input")
     assert {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad} == {"vis_in"}
-    tm.set_trainable(m, "output")
+    m.set_trainable("output")
     assert {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad} == {"pix_head", "sem_head"}
-    tm.set_trainable(m, "all")
+    m.set_trainable("all")
     cfg.vis_lr = 1e-3
     groups = tm.optimizer_groups(m, cfg)
     lrs = {g["name"]: g["base_lr"] for g in groups}
@@ -352,7 +356,7 @@ def test_ddp_two_processes_stay_identical(tok_dir, cache_dir, tmp_path, free_por
     a, b = (torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(2))
     for k, v in a.items():
         assert torch.equal(v, b[k]), k
-    init = pipeline.load_mllm(out)[0]  # the exported model is rank 0's
+    init = MLLM.from_pretrained(out)  # the exported model is rank 0's
     assert torch.equal(init.state_dict()["vis_in.0.weight"], a["vis_in.0.weight"])
     assert load_state(out)["step"] == 2
 
@@ -416,11 +420,11 @@ def test_trains_and_evaluates_under_bf16_autocast(tok_dir, cache_dir, tmp_path, 
     monkeypatch.setattr(tu, "autocast_ctx", lambda device, dtype="bfloat16": torch.autocast("cpu", torch.bfloat16))
     out = tmp_path / "bf16"
     raw, res = tm.train(make_cfg(tok_dir, out, cache_dir, max_steps=3, eval_interval=2, gen_caption_loss=1.0,
-                                 gen_input_drop=0.2, eval_qa=2, eval_gen=1))
+                                 eval_qa=2, eval_gen=1))
     rows = read_log(out)
     assert len(rows) == 3 and all(math.isfinite(r[k]) for r in rows for k in ("loss", "text", "pix", "sem", "cap"))
     assert read_log(out, "eval") and res["n_gen"] == 1
-    model, _ = pipeline.load_mllm(str(out))
+    model = MLLM.from_pretrained(str(out))
     assert all(p.dtype == torch.float32 for p in model.parameters())
     for k, v in raw.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
@@ -433,7 +437,7 @@ def test_trains_compiled(tok_dir, cache_dir, tmp_path):
     out = tmp_path / "compiled"
     raw, res = tm.train(make_cfg(tok_dir, out, cache_dir, max_steps=2, compile=True, eval_qa=1, eval_gen=1))
     assert all(math.isfinite(r["loss"]) for r in read_log(out))
-    model, _ = pipeline.load_mllm(str(out))
+    model = MLLM.from_pretrained(str(out))
     for k, v in raw.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
 
