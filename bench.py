@@ -622,6 +622,12 @@ def _report(rows):
     print_table(rows_out, ["rank", "step ms", f"{r0['unit']}/s", "TFLOP/s", "MFU", "peak GiB"])
 
 
+# bench.py gpu --device=cpu: tiny shapes for the sizes left at their defaults (a test of the code path, no measurement)
+CPU_SHAPES = dict(image_size=32, patch_size=8, width=64, layers=8, heads=4, mlp=128, depth=2, codebook_size=64,
+                  lpips=False, tok_batch=2, dec_ch=32, dec_latent=64, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
+                  intermediate_size=128, vocab_size=300, seq_len=64, mllm_batch=2, image_positions=16)
+
+
 def bench_gpu(argv):
     """Train the tokenizer and the MLLM at realistic widths for a few dozen steps on cuda with bf16 autocast
     and torch.compile, as the trainers do; under torchrun, with DDP. Prints per model and rank: step time,
@@ -631,6 +637,11 @@ def bench_gpu(argv):
     cfg = configurator.parse_config(GPUBench(), argv, "gpu", COMMANDS)
     if cfg.device not in ("", "cpu"):
         raise UserError(f"--device={cfg.device!r}: '' (cuda) or 'cpu' (a test of this code, not a measurement)")
+    if cfg.device == "cpu":  # every size the user left at its GPU default shrinks: the full models need a GPU's memory
+        base = GPUBench()
+        for k, v in CPU_SHAPES.items():
+            if getattr(cfg, k) == getattr(base, k):
+                setattr(cfg, k, v)
     if not cfg.device and not torch.cuda.is_available():
         print("bench.py gpu needs a CUDA GPU (torch.cuda.is_available() is False here): nothing measured")
         return None
