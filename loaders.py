@@ -64,16 +64,22 @@ def check_texts(mllm, items):
         return
     with open(path) as f:
         conf = json.load(f)
-    if not isinstance(conf, dict) or conf.get("text_tokenizer") != "words":
+    if isinstance(conf, dict):
+        check_words(conf.get("text_tokenizer"), items, f"the vocabulary of {mllm}")
+
+
+def check_words(text_tokenizer, items, whose="the vocabulary"):
+    """items [(where, text)] against a text tokenizer by name: only the closed shapes vocabulary ("words") can
+    refuse a text, with one line naming the word(s), where the text came from and the words there are."""
+    if text_tokenizer != "words":
         return
     from text import PromptTokenizer
     tok = PromptTokenizer("words").tok
     for where, text in items:
         bad = sorted({t for t in tok.SPLIT.findall(text.lower()) if t not in tok.ids})
         if bad:
-            raise UserError(f"{where}: {', '.join(map(repr, bad))} not in the vocabulary of {mllm} (text_tokenizer "
-                            f"'words', the shapes world's {len(tok.words)} words) in {text!r}; the words are: "
-                            f"{' '.join(tok.words)}")
+            raise UserError(f"{where}: {', '.join(map(repr, bad))} not in {whose} (text_tokenizer 'words', the "
+                            f"shapes world's {len(tok.words)} words) in {text!r}; the words are: {' '.join(tok.words)}")
 
 
 def load_image_tokenizer(path, siglip_config="", device="cpu"):

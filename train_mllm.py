@@ -59,7 +59,7 @@ from checker import ground_words
 from codec import SAMPLING_KEYS, generate_images, two_vocabularies
 from codecache import CodeCache, cache_meta, prepare_cache
 from llm import rope_inv_freq
-from loaders import load_image_tokenizer, tokenizer_hash
+from loaders import check_words, load_image_tokenizer, tokenizer_hash
 from mllm import INPUT_CODES, MLLM, MLLMConfig
 from sequences import CAPTION_PROMPT, make_batch, sample_parts
 from text import IMAGE_TOKENS, prompt_tokenizer
@@ -390,7 +390,9 @@ def validate(cfg):
             raise UserError(f"--{key}={v!r}: expected 'shapes' or a .jsonl of {{image, caption, qa}}")
         tu.require_path(v, key, "file")
         import data
-        data.read_jsonl(v, with_qa=True)  # every record checked now (file:line), not when the cache is built
+        recs = data.read_jsonl(v, with_qa=True)  # every record checked now (file:line), not when the cache is built
+        check_words(cfg.text_tokenizer or (previous_stage(cfg.init_from) or {}).get("text_tokenizer"),
+                            [(r["where"], t) for r in recs for t in [r["caption"], *(x for p in r["qa"] for x in p)]])
     if cfg.eval_data and cfg.data == "shapes":
         raise UserError(f"--eval_data={cfg.eval_data!r} is for --data=FILE.jsonl; shapes evaluates on its val split")
     if cfg.init_from:
