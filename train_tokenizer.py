@@ -127,9 +127,27 @@ class TrainTokenizerConfig:
 # model, teacher, data
 
 
+# how this config's fields must relate (tu.check_values; each field's own range is in tu.VALUE_RULES); layer_sem 0
+# means the teacher's second-to-last block, known only once it loads (DualTokenConfig checks the rest then)
+RULES = (
+    ("layer_recon", lambda c: not c.layer_sem or 0 <= c.layer_recon <= c.layer_sem,
+     lambda c: f"need 0 .. --layer_sem={c.layer_sem} (the pixel codes come from a block at or below the semantic one)"),
+    ("tie_branches", lambda c: not c.tie_branches or (c.semantic_branch and (not c.layer_sem or
+                                                                              c.layer_recon == c.layer_sem)),
+     lambda c: f"one quantizer for both needs --semantic_branch=True and --layer_recon == --layer_sem (got "
+               f"{c.semantic_branch}, {c.layer_recon}, {c.layer_sem})"),
+    ("layer_shortcut", lambda c: c.layer_shortcut is None or (c.layer_shortcut >= 1 and
+                                                             (not c.layer_sem or c.layer_shortcut <= c.layer_sem)),
+     lambda c: f"need None or 1 .. --layer_sem={c.layer_sem or 'the second-to-last block'}"),
+    ("dec_ch", lambda c: all(c.dec_ch * m % 32 == 0 for m in c.dec_ch_mult) and c.dec_latent_channels % 32 == 0,
+     lambda c: f"every decoder width (dec_ch x dec_ch_mult {tuple(c.dec_ch_mult)}, dec_latent_channels "
+               f"{c.dec_latent_channels}) must be a multiple of 32 (GroupNorm's groups)"),
+)
+
+
 def validate(cfg):
     """Every check that needs no model or data, before any work: a mistake costs a second, not a run."""
-    tu.check_train_config(cfg)
+    tu.check_train_config(cfg, RULES)
     tu.require_path(cfg.init_from, "init_from", "dir", "a SigLIP folder (config.json + model.safetensors); for "
                     "shapes run `python train_siglip.py config/shapes.py` first")
     if cfg.data != "shapes":

@@ -234,6 +234,10 @@ ROWS = [
     # one JSONL reader: every record checked up front, naming file and line
     ("jsonl_caption_null", S, ["{preset}", NEW, "--data={j_null_cap}"], 2, r"null_cap.jsonl:2: 'caption' must be a string, got None",
      None, False),
+    ("tok_layers_out_of_order", T, ["{preset}", NEW, "--init_from={siglip}", "--layer_sem=2", "--layer_recon=3"], 2,
+     r"--layer_recon=3: need 0 \.\. --layer_sem=2", None, False),
+    ("tok_decoder_not_groupable", T, ["{preset}", NEW, "--init_from={siglip}", "--dec_ch=20"], 2,
+     r"--dec_ch=20: every decoder width .* multiple of 32", None, False),
     ("jsonl_caption_int", T, ["{preset}", NEW, "--init_from={siglip}", "--data={j_int_cap}"], 2,
      r"int_cap.jsonl:1: 'caption' must be a string, got 123", None, False),
     ("jsonl_image_int", S, ["{preset}", NEW, "--data={j_int_image}"], 2, r"int_image.jsonl:1: 'image' must be a file path",
