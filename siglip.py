@@ -3,7 +3,7 @@ SigLIP (Zhai et al. 2023) from scratch: the ViT image tower, the text tower, the
 Hugging Face weight loading/saving with exact parity and zero-shot classification (image preprocessing: data.py's
 transforms).
 
-DualToken (see shared/spec/DUALTOKEN.md) builds its tokenizer on this vision tower and needs to stop,
+DualToken (design §1) builds its tokenizer on this vision tower and needs to stop,
 tap and resume it between blocks, so SigLIPVision exposes `embed`, `run_blocks(h, start, stop)` and
 `pool` besides the usual forward. The text tower is only used frozen, for zero-shot scoring.
 

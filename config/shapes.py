@@ -96,14 +96,13 @@ tokenizer_config = dict(
 #   swapping the colour word left the code loss unchanged) and drawn colours were chance (0.12-0.25); with
 #   it, at 6000 steps: probe 1.00, the swap costs 2.1 nats on that patch, drawn colour 0.44;
 # - gen_ground_loss=1.0: the state that draws a patch also predicts the words of the object in its cell
-#   (none: background). At 3000 steps: generation 0.18 and 0.05 in two runs (the second at 98eb585: the
-#   same preset, its losses equal to 6 digits at step 50, then float-level differences grow) against
-#   0.02-0.06 in three runs without it; at 15000 steps 0.50 against 0.41; QA unchanged;
+#   (none: background). At 3000 steps: generation 0.18 and 0.05 in two runs against 0.02-0.06 in three
+#   runs without it; at 15000 steps 0.50 against 0.41; QA unchanged (docs/experiments.md, 2026-11-30);
 # - lr 1e-3 with weight decay 0.1 (3e-3 was worse), code losses 1/6 per stack (a mean over the 6 depths).
 # CPU choices: width 128 x 4 layers, ONE-layer depth heads of width 96 (the paper has 3), 4 questions per
 # understanding image, torch's default threads; 4500 steps, where the quick start's 15 minutes end with a
-# margin (3000 steps: the quick start took 590 s at 98eb585, QA 0.687, generation 0.05; the trainer's curve
-# of the 15000-step run: QA 0.69 -> 0.75, generation 0.05 -> 0.13 from step 3000 to 4500, +190 s).
+# margin (the 15000-step run's curve: QA 0.69 -> 0.75, generation 0.05 -> 0.13 from step 3000 to 4500, +190 s;
+# docs/experiments.md, "Quick start").
 # Longer: config/shapes_long.py.
 mllm_config = dict(
     out_dir="out-shapes/mllm",

@@ -1,16 +1,13 @@
 # The shapes pipeline trained longer: apply after the quick-start preset, for the tokenizer and MLLM stages.
 #   python train_tokenizer.py config/shapes.py config/shapes_long.py
 #   python train_mllm.py config/shapes.py config/shapes_long.py
-# Measured on a 2-core Intel Xeon VM, one run each (the history of this preset: docs/experiments.md):
-# - tokenizer, 2000 steps (312 s at 2899a1a; 360 s on 2026-12-01 at 579778c): 33.3-33.4 dB / SSIM 0.97,
-#   zero-shot 99.3-99.6 % (teacher 99.4-99.6 %), ceiling (the checker on decodings of true codes) 0.91-0.94
-#   (the quick start's 1000 steps: 0.60-0.72);
-# - MLLM, 63000 steps on 40000 cached images in three lr cycles (2026-12-01, trained at e5b124a, 7992 s incl.
-#   its evals): eval.py mllm QA 0.991 (one object 1.00, two 0.987; every type >= 0.98), shuffled 0.343 vs
-#   blind 0.403; generation all-correct 0.870 of 300 captions with CFG 1.2 / T 0.6 (0.863 unguided);
-#   ceiling 0.91. Every demo target met (one run). Its first cycle alone (the former preset, 45000
-#   steps, 76 min at d63e1ca): QA 0.925, generation 0.877 of 300. More understanding samples per step
-#   (batch 20 with 10 of them) and fewer training images (4000: train QA 0.968 vs val 0.921) did no better.
+# Measured on a 2-core Intel Xeon VM, one run each, 2026-12-01 (commands, commits and the history of this preset:
+# docs/experiments.md, "The three stages as one run"):
+# - tokenizer, 2000 steps (~6 min): 33.4 dB / SSIM 0.97, zero-shot 99.3 % (teacher 99.4 %), ceiling (the checker
+#   on decodings of true codes) 0.91 (the quick start's 1000 steps: 0.60-0.72);
+# - MLLM, 63000 steps on 40000 cached images in three lr cycles (133 min incl. its evals): eval.py mllm QA 0.991
+#   (every type >= 0.98), shuffled 0.343 vs blind 0.403; generation all-correct 0.870 of 300 captions with
+#   CFG 1.2 / T 0.6 (0.863 unguided); ceiling 0.91. Every demo target met (one run).
 tokenizer_config = dict(
     out_dir="out-shapes/tokenizer-long",
     max_steps=2000,
