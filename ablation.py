@@ -397,6 +397,7 @@ def _ablation_mllm(cfg, presets, variants, results, t0):
         os.environ["OMP_NUM_THREADS"] = str(cfg.threads)
     teacher, toks = os.path.join(D, "siglip"), {"dual": os.path.join(D, "tok_dual"), "single": os.path.join(D, "tok_single")}
     stage = (lambda *a, **k: None) if cfg.collect else run_stage
+    kept = recorded_runs(results, cfg, variants)
     stage(["train_siglip.py", *presets, f"--out_dir={teacher}"], teacher, "eval.json")
     kinds = sorted({VARIANTS[v][0] for v in variants})
     for kind in kinds:
@@ -422,6 +423,9 @@ def _ablation_mllm(cfg, presets, variants, results, t0):
             if os.path.isfile(os.path.join(run, "eval_ablation.json")):  # (collect: only the finished ones)
                 runs.append(mllm_entry(v, seed, run, cfg))
                 write_results(cfg, runs, variants, results, t0)
+            elif (v, seed) in kept:
+                runs.append(kept[v, seed])
+                print(f"kept {v} seed {seed} from {results} (its folder {run} is not here)")
     pic = os.path.splitext(results)[0] + ".png"
     if comparison_picture(D, cfg.seeds[0], pic) is not None:
         print(f"wrote {pic}")
@@ -460,6 +464,25 @@ def comparison_picture(D, seed, path, n=8):
     rows = [list(r) for r in zip(*cols)]
     labels = [f"{s['caption']}  (true | " + " | ".join(PICTURE_VARIANTS) + ")" for s in samples]
     return data.grid_png(rows, path, labels=labels)
+
+
+def recorded_runs(path, cfg, variants):
+    """{(variant, seed): entry} of the runs an existing results file holds, for the variants and seeds of this
+    command: a run whose folder is gone (another machine, a cleaned out/) stays in the results, and a run whose
+    folder is here replaces its entry. A file made at another budget or sampler is refused, not mixed."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        old = json.load(f)
+    keys = ("steps", "train_size", "tokenizer_steps", "detail_qa", "cfg_scale", "temperature", "qa_images",
+            "gen_captions")
+    mine, theirs = config_dict(cfg), old.get("config", {})
+    diff = [f"{k} {theirs.get(k)!r} here {mine[k]!r}" for k in keys if theirs.get(k) != mine[k]]
+    if diff:
+        raise UserError(f"--results={path} holds runs made with other settings ({'; '.join(diff)}); choose another "
+                        f"--results")
+    return {(e["variant"], e["seed"]): e for e in old.get("runs", [])
+            if e["variant"] in variants and e["seed"] in cfg.seeds}
 
 
 def git_commit():

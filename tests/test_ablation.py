@@ -277,7 +277,17 @@ def test_ablation_mllm_tiny_end_to_end(tmp_path, capsys):
     assert os.path.getmtime(D / "dual_s0" / "model.safetensors") == stamp
     col = ablation.main_cli(argv + ["--collect=True", f"--results={tmp_path / 'col.json'}"])
     assert [r["variant"] for r in col["runs"]] == [r["variant"] for r in out["runs"]] and "--collect" not in col["command"]
+    # a run whose folder is gone keeps its recorded entry; results made with other settings are not mixed in
+    os.rename(D / "pix_gen_s0", tmp_path / "pix_gen_s0")
+    again = ablation.main_cli(argv + ["--collect=True", f"--results={tmp_path / 'col.json'}"])
+    assert again["runs"] == col["runs"] and "kept pix_gen seed 0" in capsys.readouterr().out
+    with pytest.raises(ablation.UserError, match="temperature"):
+        ablation.main_cli(argv + ["--collect=True", f"--results={tmp_path / 'col.json'}", "--temperature=0.7"])
+    os.rename(tmp_path / "pix_gen_s0", D / "pix_gen_s0")
     with pytest.raises(ablation.UserError, match="another command"):
+        ablation.main_cli([a if not a.startswith("--steps") else "--steps=3" for a in argv]
+                          + [f"--results={tmp_path / 'other.json'}"])
+    with pytest.raises(ablation.UserError, match="other settings"):  # its results file, before any stage
         ablation.main_cli([a if not a.startswith("--steps") else "--steps=3" for a in argv])
     with pytest.raises(ablation.UserError, match="unknown"):
         ablation.main_cli(argv + ["--variants=dual,duel"])
