@@ -578,8 +578,8 @@ def config_help(defaults, cfg, given, argv, command=None, commands=None):
     out += _wrap(f"keys: --key=value on the command line, or `key = value` in a preset file"
                  + (f" (or in its `{section}_config = dict(...)` section)" if section else "")
                  + "; a value is a Python literal of the type shown, and an unknown key is an error."
-                 + (f"; a key of a group (decoder.ch) is set with its dotted name or in a dict (decoder=dict(ch=64))"
-                    if any("." in n for n in names) else "")
+                 + (" A key of a group (decoder.ch) is set by its dotted name, or in a dict for the group "
+                    "(decoder=dict(ch=64))." if any("." in n for n in names) else "")
                  + (f" set: what `{given_text}` gives." if set_keys else ""), W)
     out += [""] + row_lines(cols, "meaning")
     for c, items, prefix, title in groups:
