@@ -33,7 +33,6 @@ command is in <stage>/ablation_<script>.json); a stage with its result is skippe
 (--resume=True), so the command can be stopped and run again. Outputs: <ablation_dir>/ablation_mllm.json (one
 entry per run) and ablation_mllm.md (mean and standard deviation over seeds, the paper's numbers beside).
 """
-import dataclasses
 import json
 import os
 import platform
@@ -75,8 +74,8 @@ def run_config(base, run, layer_sem):
     """The TrainTokenizerConfig of one run: the shared recipe plus the run's layer / objective switches."""
     if run not in RUNS:
         raise UserError(f"--runs: unknown run {run!r}; expected letters from {sorted(RUNS)}")
-    fields = {f.name for f in dataclasses.fields(tt.TrainTokenizerConfig)}
-    kw = {k: v for k, v in config_dict(base).items() if k in fields}
+    keys = configurator.keys(tt.TrainTokenizerConfig())
+    kw = {k: v for k, v in config_dict(base).items() if k in keys}
     steps = base.steps or base.max_steps
     # the trainers' rule: a run folder that holds a model is replaced only with --overwrite=True (main refuses
     # before the first run trains; --reuse=True keeps a result written with the same config and teacher)
@@ -87,7 +86,7 @@ def run_config(base, run, layer_sem):
                "b": dict(layer_recon=layer_sem, semantic_branch=False),
                "c": dict(semantic_branch=False),
                "d": dict()}[run])
-    return tt.TrainTokenizerConfig(**kw)
+    return configurator.make(tt.TrainTokenizerConfig, **kw)
 
 
 def teacher_digest(folder):
@@ -123,14 +122,15 @@ def run_one(base, run, layer_sem, digest):
     if base.reuse and os.path.isfile(path):
         print(f"run {run}: {path} was written with another config or teacher; training again")
     PROGRESS["doing"] = f"training run {run} ({cfg.out_dir})"
-    print(f"\n=== run {run}: {RUNS[run]} (layer_recon {cfg.layer_recon}, layer_sem {cfg.layer_sem}, "
-          f"semantic_branch {cfg.semantic_branch}, tie_branches {cfg.tie_branches}), {cfg.max_steps} steps")
+    m = cfg.model
+    print(f"\n=== run {run}: {RUNS[run]} (layer_recon {m.layer_recon}, layer_sem {m.layer_sem}, "
+          f"semantic_branch {m.semantic_branch}, tie_branches {m.tie_branches}), {cfg.max_steps} steps")
     t0 = time.time()
     raw, res = tt.train(cfg)
     if res is None:
         raise UserError(f"run {run}: train_tokenizer returned no evaluation (data={cfg.data!r} needs eval_data)")
-    out = {"run": run, "name": RUNS[run], "layer_recon": cfg.layer_recon, "layer_sem": cfg.layer_sem,
-           "semantic_branch": cfg.semantic_branch, "tie_branches": cfg.tie_branches, "steps": cfg.max_steps,
+    out = {"run": run, "name": RUNS[run], "layer_recon": m.layer_recon, "layer_sem": m.layer_sem,
+           "semantic_branch": m.semantic_branch, "tie_branches": m.tie_branches, "steps": cfg.max_steps,
            "psnr": res["psnr"], "ssim": res["ssim"], "psnr_single_object": res.get("psnr_single_object"),
            "zero_shot_top1": res["zero_shot_top1"], "teacher_zero_shot_top1": res["teacher_zero_shot_top1"],
            "codes_pix": res["codes_pix"], "codes_sem": res["codes_sem"],
@@ -169,16 +169,14 @@ def main(cfg):
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
-    from siglip import read_config
     if not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
         raise UserError(f"init_from={cfg.init_from!r}: need the SigLIP teacher folder with config.json "
                         f"(python train_siglip.py config/shapes.py)")
-    L = read_config(cfg.init_from).vision.num_hidden_layers
-    layer_sem = cfg.layer_sem or L - 1
+    layer_sem = cfg.model.layer_sem
     if cfg.data != "shapes" and not cfg.eval_data:  # found now, not after the first run has trained
         raise UserError(f"--data={cfg.data!r} needs --eval_data (an ImageFolder root): every run is evaluated")
-    if not cfg.layer_recon < layer_sem:
-        raise UserError(f"the ablation needs a shallow layer_recon ({cfg.layer_recon}) below "
+    if not cfg.model.layer_recon < layer_sem:
+        raise UserError(f"the ablation needs a shallow layer_recon ({cfg.model.layer_recon}) below "
                         f"layer_sem ({layer_sem})")
     if not cfg.runs:
         raise UserError(f"--runs='': nothing to train; give run letters from {sorted(RUNS)}, e.g. --runs=ad")
@@ -360,16 +358,13 @@ def mllm_table(runs, variants):
     return "\n".join(lines)
 
 
-def tokenizer_layer_sem(presets, teacher):
-    """The deep layer the presets' tokenizer takes semantic codes from (0: the teacher's second-to-last block):
-    where the one-vocabulary tokenizer puts its single quantizer (run (a))."""
-    from siglip import read_config
-    layer = 0
+def tokenizer_layer_sem(presets):
+    """The deep layer the presets' tokenizer takes semantic codes from: where the one-vocabulary tokenizer puts
+    its single quantizer (run (a))."""
+    cfg = tt.TrainTokenizerConfig()
     for p in presets:
-        layer = configurator.preset_values(p, "tokenizer").get("layer_sem", layer)
-    if layer:
-        return layer
-    return read_config(teacher).vision.num_hidden_layers - 1
+        configurator.apply_preset(cfg, p)
+    return cfg.model.layer_sem
 
 
 def main_mllm(argv):
@@ -401,7 +396,7 @@ def _ablation_mllm(cfg, presets, variants, results, t0):
     stage(["train_siglip.py", *presets, f"--out_dir={teacher}"], teacher, "eval.json")
     kinds = sorted({VARIANTS[v][0] for v in variants})
     for kind in kinds:
-        extra = [f"--layer_recon={tokenizer_layer_sem(presets, teacher)}", "--tie_branches=True"] if kind == "single" else []
+        extra = [f"--layer_recon={tokenizer_layer_sem(presets)}", "--tie_branches=True"] if kind == "single" else []
         stage(["train_tokenizer.py", *presets, f"--init_from={teacher}", f"--out_dir={toks[kind]}",
                f"--max_steps={cfg.tokenizer_steps}", f"--eval_interval={cfg.tokenizer_steps}",
                f"--image_interval={cfg.tokenizer_steps}", f"--ckpt_interval={min(1000, cfg.tokenizer_steps)}",

@@ -86,13 +86,13 @@ def stage_model(preset, llm="qwen2.5-3b", tokenizer="config/dualtoken_384.py"):
     import mllm
     import mllm_hf
     from text import IMAGE_TOKENS
+    from tokenizer import QuantizerConfig
     st, tk = configurator.preset_values(preset, "mllm"), configurator.preset_values(tokenizer, "tokenizer")
-    miss = [k for k in ("codebook_size", "code_dim", "depth") if k not in tk]
-    if miss or llm not in mllm_hf.PRESETS:
-        raise configurator.UserError(f"memory: {tokenizer} lacks {miss}" if miss else
-                                     f"--llm={llm!r}: expected one of {sorted(mllm_hf.PRESETS)}")
-    vis = dict(pix_vocab=tk["codebook_size"], sem_vocab=tk["codebook_size"], pix_dim=tk["code_dim"],
-               sem_dim=tk["code_dim"], pix_depth=tk.get("pix_depth") or tk["depth"], sem_depth=tk["depth"])
+    if llm not in mllm_hf.PRESETS:
+        raise configurator.UserError(f"--llm={llm!r}: expected one of {sorted(mllm_hf.PRESETS)}")
+    q = {b: QuantizerConfig(**tk.get(f"vq_{b}", {})) for b in ("pix", "sem")}  # the preset's books
+    vis = {f"{b}_{k}": getattr(q[b], f) for b in q for k, f in (("vocab", "codebook_size"), ("dim", "code_dim"),
+                                                                  ("depth", "depth"))}
     # the preset's MLLMConfig keys that are not the LLM's (head sizes, gen_sem, ...): what build_model passes on
     own = {f.name for f in dataclasses.fields(mllm.MLLMConfig)} - set(mllm_hf.PRESETS[llm])
     vis.update({k: v for k, v in st.items() if k in own and k not in vis})
@@ -107,11 +107,11 @@ def stage_model(preset, llm="qwen2.5-3b", tokenizer="config/dualtoken_384.py"):
 
 def memory_rows(model, worlds=(1, 2, 4, 8)):
     """[(setup, {params, grads, adam, buffers, total} in bytes per GPU)]: DDP (the same on any number of GPUs),
-    then FSDP over each N in `worlds` (train_utils.state_bytes)."""
-    import train_utils as tu
+    then FSDP over each N in `worlds` (sharding.state_bytes)."""
+    import sharding
     out = []
     for name, world, fsdp in [("ddp, any N", 1, False)] + [(f"fsdp, N={n}", n, True) for n in worlds]:
-        b = tu.state_bytes(model, world, fsdp)
+        b = sharding.state_bytes(model, world, fsdp)
         out.append((name, {**b, "total": sum(b.values())}))
     return out
 

@@ -13,6 +13,16 @@ other `..._config` value (eval.py's `siglip_config = "DIR"`) is an ordinary key.
 `--compile=False` is a bool). An unknown key, in a preset or on the command line, is an error that
 names the key and the closest valid ones: a typo must never train with the default silently.
 
+A trainer's config holds its model's config in a field named `model` (TrainMLLMConfig.model: mllm.MLLMConfig),
+so each model field is declared once, with the model's default. The keys are what `keys()` lists: the
+trainer's own fields and the model config's fields, both by their own names (`--n_layer=4`: one flat
+namespace, a name in both is a TypeError of the config class); a dataclass inside the model config is a group
+whose keys carry its name (`--decoder.ch=64`, `--vq_pix.depth=4`), and the group's name takes a dict of some of
+them (`decoder = dict(ch=64)` in a preset). A model field that the trainer fills from its data (the class's
+DERIVED table: vocab_size from the text tokenizer) is no key, and naming it says where it comes from.
+config_dict writes the keys the same way (the model's beside the trainer's, a group as a dict): what
+train_state.pt, log.jsonl and eval.json record.
+
 `--help` / `-h` anywhere on a command line prints what the script does (its docstring's summary and usage
 lines), its commands if it has several (`command`), and every key: type, default, the value the given
 presets and overrides set, and its meaning, which is the comment beside the field in the config class (a
@@ -148,19 +158,79 @@ def _parse_value(name, text, ftype):
     return origin(value) if origin in (tuple, list) else value
 
 
-def _check_keys(cfg, keys, where, command=None):
+MODEL = "model"  # the field of a trainer's config that holds its model's config (see the module docstring)
+
+
+def keys(cfg):
+    """Every key of a config -> {key: (the dataclass instance that holds it, its field name, its type)}, in
+    source order. A field holding a dataclass is a group: the fields of the `model` group are keys of their own
+    names (n_layer); the fields of any other group are named with its name and a dot (decoder.ch), and the group's
+    name is a key too, taking a dict of some of them. The names in the class's DERIVED table are no keys."""
+    derived, out = getattr(type(cfg), "DERIVED", {}), {}
+
+    def walk(obj, prefix):
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            key, v = prefix + f.name, getattr(obj, f.name)
+            if key in derived:
+                continue
+            if not (obj is cfg and f.name == MODEL):
+                if key in out:  # a config class's mistake, not the user's
+                    raise TypeError(f"{type(cfg).__name__}: two keys named {key!r}")
+                out[key] = (obj, f.name, hints[f.name])
+            if dataclasses.is_dataclass(v):
+                walk(v, "" if obj is cfg and f.name == MODEL else key + ".")
+    walk(cfg, "")
+    return out
+
+
+def value(cfg, key, default=None):
+    """The value of `key` (as keys() names it) in `cfg`, or `default` when the config has no such key."""
+    slot = keys(cfg).get(key)
+    return default if slot is None else getattr(slot[0], slot[1])
+
+
+def _set(cfg, key, v, where, typed):
+    """Set `key` to `v`, typed by `typed(key, v, type)`; a dict for a group sets the group's keys it names."""
+    obj, name, ftype = keys(cfg)[key]
+    if dataclasses.is_dataclass(getattr(obj, name)):
+        if isinstance(v, str):  # the command line's --decoder="{'ch': 64}"
+            try:
+                v = ast.literal_eval(v)
+            except (ValueError, SyntaxError):
+                pass
+        if not isinstance(v, dict):
+            raise UserError(f"{where}: {key} = {v!r}: expected a dict of {key}'s keys, e.g. {key}=dict(...)")
+        sub = [f"{key}.{k}" for k in v]
+        _check_keys(cfg, sub, where)
+        for k, x in zip(sub, v.values()):
+            _set(cfg, k, x, where, typed)
+        return
+    setattr(obj, name, typed(key, v, ftype))
+
+
+def _check_keys(cfg, names, where, command=None):
     """A UserError for the keys `cfg` has no field for: one line naming each with the closest valid keys (a
-    typo is usually a letter or an underscore away) and pointing to --help for the whole list."""
-    valid = [f.name for f in dataclasses.fields(cfg)]
-    unknown = [k for k in keys if k not in valid]
+    typo is usually a letter or an underscore away) and pointing to --help for the whole list. A DERIVED name
+    says where its value comes from."""
+    valid, derived = list(keys(cfg)), getattr(type(cfg), "DERIVED", {})
+    unknown = [k for k in names if k not in valid]
     if not unknown:
         return
     named = []
     for k in unknown:
-        close = difflib.get_close_matches(k, valid, n=3, cutoff=0.6)
-        named.append(f"{k!r} (did you mean {' or '.join(close)}?)" if close else f"{k!r} (no key is close)")
+        close = _closest(k, valid)
+        named.append(f"{k!r} (it comes from {derived[k]})" if k in derived else
+                     f"{k!r} (did you mean {' or '.join(close)}?)" if close else f"{k!r} (no key is close)")
     raise UserError(f"unknown config key{'s' * (len(unknown) > 1)} {', '.join(named)} {where}; "
                     f"`{_prog(type(cfg), command)} --help` lists every key")
+
+
+def _closest(k, valid):
+    """Up to 3 keys close to `k`, the closest first; one far closer than the rest stands alone."""
+    score = {v: difflib.SequenceMatcher(None, k, v).ratio() for v in valid}
+    close = sorted(difflib.get_close_matches(k, valid, n=3, cutoff=0.6), key=lambda v: (-score[v], valid.index(v)))
+    return [v for v in close if score[v] >= score[close[0]] - 0.15]
 
 
 SECTIONS = ("siglip", "tokenizer", "mllm")  # the `<section>_config` dicts of a pipeline preset (config/shapes.py)
@@ -209,29 +279,41 @@ def apply_preset(cfg, path, command=None):
 
 def _assign(cfg, argv, command=None):
     """Apply presets (`*.py`) and `--key=value` overrides to `cfg` in order -> the keys they set."""
-    hints = typing.get_type_hints(type(cfg))
-    keys = []
+    done = []
     for arg in argv:
         if not arg.startswith("--"):
             if not arg.endswith(".py"):
                 key = arg.split("=", 1)[0].lstrip("-").replace("-", "_")
-                hint = f"; did you mean --{arg.lstrip('-')}?" if "=" in arg and key in hints else ""
+                hint = f"; did you mean --{arg.lstrip('-')}?" if "=" in arg and key in keys(cfg) else ""
                 raise UserError(f"expected a preset file (*.py) or --key=value, got {arg!r}{hint} "
                                 f"(`{_prog(type(cfg), command)} --help` lists the keys)")
-            values = preset_values(arg, getattr(cfg, "SECTION", None))
-            _check_keys(cfg, values, f"in {arg}", command)
-            for k, v in values.items():
-                setattr(cfg, k, preset_value(k, v, hints[k], arg))  # typed as --key=value is
-            keys += values
+            done += assign(cfg, preset_values(arg, getattr(cfg, "SECTION", None)), arg, command)
             continue
         if "=" not in arg:
             raise UserError(f"expected --key=value, got {arg!r} (`{_prog(type(cfg), command)} --help` lists the keys)")
         key, text = arg[2:].split("=", 1)
         key = key.replace("-", "_")
         _check_keys(cfg, [key], "on the command line", command)
-        setattr(cfg, key, _parse_value(key, text, hints[key]))
-        keys.append(key)
-    return keys
+        _set(cfg, key, text, "on the command line", lambda k, t, ftype: _parse_value(k, t, ftype) if isinstance(
+            t, str) else preset_value(k, t, ftype, "--" + k))
+        done.append(key)
+    return done
+
+
+def make(cls, **values):
+    """A config built in code as a preset builds it: `make(TrainMLLMConfig, n_layer=1, max_steps=5)`."""
+    cfg = cls()
+    assign(cfg, values, f"{cls.__name__}(...)")
+    return cfg
+
+
+def assign(cfg, values, where, command=None):
+    """Set the keys of the dict `values` on `cfg` as a preset's are set (each checked against its field's type,
+    a group's from a dict; `where` names the source in an error) -> the keys set."""
+    _check_keys(cfg, values, f"in {where}", command)
+    for k, v in values.items():
+        _set(cfg, k, v, where, lambda key, x, ftype: preset_value(key, x, ftype, where))
+    return list(values)
 
 
 def parse_config(cfg, argv=None, command=None, commands=None):
@@ -242,8 +324,8 @@ def parse_config(cfg, argv=None, command=None, commands=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in HELP_FLAGS for a in argv):
         defaults = copy.deepcopy(cfg)
-        keys = _assign(cfg, [a for a in argv if a not in HELP_FLAGS], command)
-        _print_and_exit(config_help(defaults, cfg, keys, argv, command, commands))
+        given = _assign(cfg, [a for a in argv if a not in HELP_FLAGS], command)
+        _print_and_exit(config_help(defaults, cfg, given, argv, command, commands))
     _assign(cfg, argv, command)
     return cfg
 
@@ -438,15 +520,15 @@ def _class_layout(cls):
     return ast.get_docstring(node), items
 
 
-def config_help(defaults, cfg, keys, argv, command=None, commands=None):
-    """The help text of a config: the script's head (`_script_head`), then every field grouped as its class
+def config_help(defaults, cfg, given, argv, command=None, commands=None):
+    """The help text of a config: the script's head (`_script_head`), then every key grouped as its class
     groups them (the class that defines a field; comment headings and blank lines inside a class), each with
-    its type, default, the value `argv`'s presets and overrides gave it (`keys`: the ones they set) and the
+    its type, default, the value `argv`'s presets and overrides gave it (`given`: the keys they set) and the
     comment beside it. The classes of an inheritance chain come most derived first: a job's own keys before
-    the ones it shares."""
+    the ones it shares; then the model's config and its groups (`keys`)."""
     cls = type(cfg)
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cfg)]
+    slots = keys(cfg)
+    names = [k for k, (obj, n, _) in slots.items() if not dataclasses.is_dataclass(getattr(obj, n))]
     classes = [c for c in cls.__mro__ if dataclasses.is_dataclass(c)]
     layouts = {c: _class_layout(c) for c in classes}
     meaning = {}
@@ -454,19 +536,31 @@ def config_help(defaults, cfg, keys, argv, command=None, commands=None):
         for it in layouts[c][1]:
             if it[0] == "field" and it[2]:
                 meaning[it[1]] = " ".join(it[2])
-    groups, shown = [], set()  # [(class, items)]
+    groups, shown = [], set()  # [(class, items, the prefix of its keys, its title)]
     for c in classes:
         own = [n for n in c.__dict__.get("__annotations__", {}) if n in names and n not in shown]
-        items = [it for it in layouts[c][1] if it[0] != "field" or it[1] in own]
+        items = [it if it[0] != "field" or it[1] in own else ("field", None) for it in layouts[c][1]]
         items += [("field", n, []) for n in own if not any(it[0] == "field" and it[1] == n for it in items)]
         shown.update(own)
         if own:
-            groups.append((c, items))
-    set_keys = [k for k in names if k in keys]
-    given = " ".join(a for a in argv if a not in HELP_FLAGS)
+            groups.append((c, items, "", c.__name__))
+    nested = {}  # the model's config and its groups: (holder, prefix) in the order keys() meets them
+    for k, (obj, n, _) in slots.items():
+        if obj is not cfg and k in names:
+            nested.setdefault(id(obj), (obj, k[:len(k) - len(n)]))
+    for obj, prefix in nested.values():
+        c = type(obj)
+        layouts[c] = layouts.get(c) or _class_layout(c)
+        items = [it if it[0] != "field" or prefix + it[1] in names else ("field", None) for it in layouts[c][1]]
+        meaning.update({prefix + it[1]: " ".join(it[2]) for it in items if it[0] == "field" and it[1] and it[2]})
+        groups.append((c, [("field", prefix + it[1], *it[2:]) if it[0] == "field" and it[1] else it for it in items],
+                       prefix,
+                       f"{prefix.rstrip('.')}: {c.__name__}" if prefix else c.__name__))
+    set_keys = [k for k in names if k in given or k.split(".")[0] in given]  # a group's dict sets its keys
+    given_text = " ".join(a for a in argv if a not in HELP_FLAGS)
     cols = ["key: type = default"] + (["set"] if set_keys else [])
-    rows = {n: [f"{n}: {_type_name(hints.get(n, object))} = {getattr(defaults, n)!r}"] +
-            ([repr(getattr(cfg, n)) if n in set_keys else ""] if set_keys else []) for n in names}
+    rows = {n: [f"{n}: {_type_name(slots[n][2])} = {value(defaults, n)!r}"] +
+            ([repr(value(cfg, n)) if n in set_keys else ""] if set_keys else []) for n in names}
     caps = [42, 16]  # a longer cell puts the meaning on the next line
     widths = [min(max([len(cols[i])] + [len(r[i]) for r in rows.values()]), caps[i]) for i in range(len(cols))]
     mcol = 2 + sum(w + 2 for w in widths)
@@ -484,16 +578,21 @@ def config_help(defaults, cfg, keys, argv, command=None, commands=None):
     out += _wrap(f"keys: --key=value on the command line, or `key = value` in a preset file"
                  + (f" (or in its `{section}_config = dict(...)` section)" if section else "")
                  + "; a value is a Python literal of the type shown, and an unknown key is an error."
-                 + (f" set: what `{given}` gives." if set_keys else ""), W)
+                 + (" A key of a group (decoder.ch) is set by its dotted name, or in a dict for the group "
+                    "(decoder=dict(ch=64))." if any("." in n for n in names) else "")
+                 + (f" set: what `{given_text}` gives." if set_keys else ""), W)
     out += [""] + row_lines(cols, "meaning")
-    for c, items in groups:
+    for c, items, prefix, title in groups:
         doc = layouts[c][0]
         if len(groups) > 1:
-            out += ["", f"{c.__name__} ({_prog(c).split()[-1]})" + (f": {doc.splitlines()[0]}" if doc else "")]
+            out += ["", f"{title} ({_prog(c).split()[-1]})" + (f": {doc.splitlines()[0]}" if doc else "")]
         pending, first = [], True  # the headings and gaps above the next field
         for it in items:
             if it[0] != "field":
                 pending.append(it)
+                continue
+            if it[1] not in rows:  # no key (the model's group, a DERIVED field): nor its heading, but a class's first
+                pending = pending if first else []
                 continue
             heads = [ln for p in pending if p[0] == "heading" for ln in p[1] if ln]
             if pending and not first and out[-1]:
@@ -571,5 +670,12 @@ def atomic_write(path, write):
 
 
 def config_dict(cfg):
-    """Plain dict of a config, for JSON logs and checkpoints."""
-    return dataclasses.asdict(cfg)
+    """Plain dict of a config, for JSON logs and checkpoints: its keys as the command line names them (the model
+    config's beside the trainer's, as a preset writes them), a group (decoder) as a dict of its keys."""
+    derived, out = getattr(type(cfg), "DERIVED", {}), {}
+    for k, (obj, name, _) in keys(cfg).items():
+        v = getattr(obj, name)
+        if "." not in k:
+            out[k] = ({f: x for f, x in dataclasses.asdict(v).items() if f"{k}.{f}" not in derived}
+                      if dataclasses.is_dataclass(v) else copy.deepcopy(v))
+    return out

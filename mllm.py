@@ -38,7 +38,7 @@ MLLM.from_pretrained / save_pretrained, loaded with its image and text tokenizer
 import contextlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import torch
@@ -127,7 +127,10 @@ class MLLMConfig:
     # patch for the whole caption; this asks it WHERE each described object goes, the grounding the long run
     # lacked: it drew extra objects and missed the count on 0.26 of captions (docs/experiments.md)
     gen_ground_loss: float = 0.0
-    # loss weights (paper: unweighted sum)
+    # loss = text_w * text CE + pix_w * pix CE + sem_w * sem CE, each code CE summed over its depths (the paper: an
+    # unweighted sum). With 2 stacks x 6 depths of 512 codes (the shapes preset) the code terms start ~13x the text
+    # term (12 ln 512 vs ln 258) and dominate the shared trunk's loss; a larger text weight gives understanding a
+    # bigger share
     text_loss_weight: float = 1.0
     pix_loss_weight: float = 1.0
     sem_loss_weight: float = 1.0
@@ -143,6 +146,12 @@ class MLLMConfig:
             raise UserError(f"this MLLM was trained with gen_input_drop={drop}, a switch this code does not have: "
                             f"only an export with gen_input_drop 0.0 (or none) loads")
         return cls(**d)
+
+
+# the fields an LLM checkpoint defines (the trunk and its special ids, mllm_hf.config_from_hf): those above
+# MLLMConfig's "visual vocabularies"; the others are the visual side a trainer sets
+_names = [f.name for f in fields(MLLMConfig)]
+LLM_FIELDS = tuple(_names[:_names.index("pix_vocab")])
 
 
 INPUT_CODES = ("both", "pix", "sem")

@@ -37,8 +37,8 @@ class QuantizerConfig:
     codebook_size: int = 16384
     code_dim: int = 32
     depth: int = 8
-    shared_codebook: bool = True
-    decay: float = 0.99
+    shared_codebook: bool = True  # released: one book for every depth; False: a book per depth (not released)
+    decay: float = 0.99  # the codebooks' EMA
     restart_unused: bool = True
     # released code: pixel book updated after every depth ("rq"), semantic once after all depths ("rq_ema")
     ema_update: str = "per_depth"
@@ -48,9 +48,9 @@ class QuantizerConfig:
 class DecoderConfig:
     """taming / RQ-VAE conv decoder; ch_mult is listed from high to low resolution, as in taming."""
     ch: int = 128
-    ch_mult: tuple = (1, 1, 4, 4, 8)
-    num_res_blocks: int = 2
-    attn_resolutions: tuple = (24,)
+    ch_mult: tuple = (1, 1, 4, 4, 8)  # the latent grid is resolution / 2^(len - 1)
+    num_res_blocks: int = 2  # each level has num_res_blocks + 1 ResBlocks
+    attn_resolutions: tuple = (24,)  # the levels (in px) with self-attention: the latent grid of a 384 px tower
     latent_channels: int = 1024  # authors' "decoder_in_channels": output width of the post-quant ResBlock
     out_ch: int = 3
     resolution: int = 384
@@ -84,8 +84,8 @@ class DualTokenConfig:
     pix_attn: bool = True
 
     def __post_init__(self):
-        if self.siglip is None:
-            raise ValueError("DualTokenConfig.siglip is required (a SigLIPConfig)")
+        if self.siglip is None:  # a trainer's config, completed from its teacher's tower (train_tokenizer.build)
+            return
         v = self.siglip.vision
         L, D = v.num_hidden_layers, v.hidden_size
         if not 0 <= self.layer_recon <= self.layer_sem <= L:

@@ -36,14 +36,14 @@ protocol, evaluation.py, on the first eval_qa / eval_gen cached val images).
 --parallel=fsdp (under torchrun): FSDP2 instead of DDP, for models whose weights, gradients and AdamW state do
 not fit one GPU (`python bench.py memory` prints the table for the stage presets). build_sharded makes the
 model; the training loop is the same; train_state.pt then names a folder of per-rank shards (exact resume,
-train_utils.save_sharded), and the export, evaluation and samples run on the weights gathered to rank 0
-(`gathered`), so model.safetensors is the same file a DDP run writes.
+sharding.save_sharded), and the export, evaluation and samples run on the weights gathered to rank 0
+(`gathered`, held by `Plain`), so model.safetensors is the same file a DDP run writes.
 """
 import contextlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import numpy as np
@@ -52,6 +52,7 @@ import torch
 import checker
 import evaluation
 import mllm_hf
+import sharding
 import train_utils as tu
 from configurator import PROGRESS, UserError, config_dict, parse_config, run_main
 from folders import hold_folder
@@ -60,7 +61,7 @@ from codec import SAMPLING_KEYS, generate_images, two_vocabularies
 from codecache import CodeCache, cache_meta, prepare_cache
 from llm import rope_inv_freq
 from loaders import check_words, load_image_tokenizer, tokenizer_hash
-from mllm import INPUT_CODES, MLLM, MLLMConfig
+from mllm import INPUT_CODES, LLM_FIELDS, MLLM, MLLMConfig
 from sequences import CAPTION_PROMPT, make_batch, sample_parts
 from text import IMAGE_TOKENS, prompt_tokenizer
 
@@ -70,6 +71,11 @@ KINDS = ("und", "cap", "gen")
 @dataclass
 class TrainMLLMConfig:
     SECTION = "mllm"  # reads the `mllm_config = dict(...)` section of a pipeline preset
+    # the model's fields this trainer sets from its tokenizers: no keys
+    DERIVED = {**dict.fromkeys(("vocab_size", "pad_id", "eos_id", "bos_id", "im_start_id", "im_end_id",
+                                "image_gen_start_id", "image_gen_end_id"), "the text tokenizer (text_tokenizer)"),
+               **dict.fromkeys(("pix_vocab", "pix_dim", "pix_depth", "sem_vocab", "sem_dim", "sem_depth"),
+                               "the image tokenizer (tokenizer)")}
     out_dir: str = "out-mllm"
     tokenizer: str = ""              # DualToken folder (convert.load_dualtoken); frozen
     # data: "shapes" or a .jsonl of {"image": path, "caption": text, "qa": [[question, answer], ...]}
@@ -84,38 +90,16 @@ class TrainMLLMConfig:
     detail_qa: bool = False          # shapes: also ask the background's colour (data.ShapesConfig.detail_qa)
     train_size: int = 20_000         # shapes: images in the train cache
     eval_size: int = 200             # held-out images (shapes: val split)
-    # LLM: from scratch (the fields below) or a local HF Qwen2 / LLaMA folder
+    # LLM: from scratch (MLLMConfig's keys below) or a local HF Qwen2 / LLaMA folder, whose shape replaces the
+    # trunk's keys (n_layer ...)
     init_from: str = ""
     text_tokenizer: str = ""         # "" / "bytes": byte-level; "words": the shapes world's closed word list;
                                      # else an HF tokenizer.json (needs `tokenizers`)
-    n_layer: int = 4
-    n_embd: int = 256
-    n_head: int = 4
-    n_kv_head: int = 2
-    intermediate_size: int = 688
-    head_n_layer: int = 3            # paper: 3-layer depth transformers
-    head_n_embd: Optional[int] = None
-    head_n_head: Optional[int] = None
-    # visual input path, not in the paper (mllm.MLLMConfig): normalised projector, image position table
-    vis_norm: bool = False
-    vis_gain: float = 0.1
-    image_pos: int = 0
-    input_codes: str = "both"        # the code stacks an image position reads: "both" (paper), "pix", "sem" (mllm)
-    gen_sem: bool = True             # False: generated images carry pixel codes only (mllm.MLLMConfig)
-    head_code_logits: bool = False   # True: depth heads score codes by distance to the frozen books (mllm)
-    gen_caption_loss: float = 0.0    # > 0: generated image positions also predict their caption's words (mllm)
-    gen_ground_loss: float = 0.0     # > 0: ... and the words of the object in their cell (mllm; shapes data only)
+    model: MLLMConfig = field(default_factory=MLLMConfig)  # the MLLM; its keys are named alone: --n_layer=8
     # what trains: "all", "input" (vis_in only), "output" (pix/sem depth heads only)
     trainable: str = "all"
     mix: tuple = (0.4, 0.1, 0.5)     # und, cap, gen shares of each micro-batch (rounded to counts)
     qa_per_image: int = 1            # und samples: questions asked in turn about one image
-    # loss = text_w * text CE + pix_w * pix CE + sem_w * sem CE, where each code CE is summed over its
-    # depths (the paper: 1, 1, 1). With 2 stacks x 6 depths of 512 codes (the shapes preset) the code terms
-    # start ~13x the text term (12 ln 512 vs ln 258) and dominate the shared trunk's loss; a larger
-    # text weight gives understanding a bigger share
-    text_loss_weight: float = 1.0
-    pix_loss_weight: float = 1.0
-    sem_loss_weight: float = 1.0
     caption_dropout: float = 0.1     # gen samples with the empty caption (the CFG unconditional model)
     # optimisation
     batch_size: int = 64             # global batch per optimizer step
@@ -216,9 +200,12 @@ def build_model(cfg, text_tok, image_tok, thash=None):
     """A new MLLM (from scratch or on an HF LLM folder), or the previous stage's train_mllm out_dir,
     with this run's loss weights."""
     model = _build_model(cfg, text_tok, image_tok, thash)
-    for k in ("text_loss_weight", "pix_loss_weight", "sem_loss_weight"):
-        setattr(model.config, k, getattr(cfg, k))
+    for k in LOSS_WEIGHTS:
+        setattr(model.config, k, getattr(cfg.model, k))
     return model
+
+
+LOSS_WEIGHTS = ("text_loss_weight", "pix_loss_weight", "sem_loss_weight")  # a next stage sets its own
 
 
 def _build_model(cfg, text_tok, image_tok, thash=None):
@@ -230,14 +217,11 @@ def _build_model(cfg, text_tok, image_tok, thash=None):
                             f"this run uses {thash}")
         return model.train()
     q = image_tok.config
-    vis = dict(pix_vocab=q.vq_pix.codebook_size, pix_dim=q.vq_pix.code_dim, pix_depth=q.vq_pix.depth,
-               sem_vocab=q.vq_sem.codebook_size, sem_dim=q.vq_sem.code_dim, sem_depth=q.vq_sem.depth,
-               head_n_layer=cfg.head_n_layer, head_n_embd=cfg.head_n_embd, head_n_head=cfg.head_n_head,
-               vis_norm=cfg.vis_norm, vis_gain=cfg.vis_gain, image_pos=cfg.image_pos, gen_sem=cfg.gen_sem,
-               input_codes=cfg.input_codes, head_code_logits=cfg.head_code_logits,
-               gen_caption_loss=cfg.gen_caption_loss, gen_ground_loss=cfg.gen_ground_loss)
-    if cfg.init_from:
-        model = mllm_hf.from_pretrained(cfg.init_from, new_tokens=IMAGE_TOKENS, **vis)
+    codes = dict(pix_vocab=q.vq_pix.codebook_size, pix_dim=q.vq_pix.code_dim, pix_depth=q.vq_pix.depth,
+                 sem_vocab=q.vq_sem.codebook_size, sem_dim=q.vq_sem.code_dim, sem_depth=q.vq_sem.depth)
+    if cfg.init_from:  # the LLM's fields are the folder's; the visual side is this config's
+        vis = {k: v for k, v in asdict(cfg.model).items() if k not in LLM_FIELDS}
+        model = mllm_hf.from_pretrained(cfg.init_from, new_tokens=IMAGE_TOKENS, **{**vis, **codes})
         mc = model.config
         if text_tok.vocab_size > mc.vocab_size - len(IMAGE_TOKENS):
             raise UserError(f"text_tokenizer has {text_tok.vocab_size} ids, the LLM {mc.vocab_size - 4} before the "
@@ -246,10 +230,8 @@ def _build_model(cfg, text_tok, image_tok, thash=None):
     else:
         # the one place where the special ids come from the tokenizer (MLLMConfig's defaults differ)
         ids = {f.strip("<>") + "_id": text_tok.token_id(f) for f in ("<bos>",) + IMAGE_TOKENS}
-        mc = MLLMConfig(vocab_size=text_tok.vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
-                        n_kv_head=cfg.n_kv_head, intermediate_size=cfg.intermediate_size, pad_id=text_tok.pad_id,
-                        eos_id=text_tok.eos_id, **ids, **vis)
-        model = MLLM(mc)
+        model = MLLM(replace(cfg.model, vocab_size=text_tok.vocab_size, pad_id=text_tok.pad_id,
+                             eos_id=text_tok.eos_id, **ids, **codes))
     model.set_codebooks(image_tok.quantizer_pix.codebook,
                         image_tok.quantizer_sem.codebook if two_vocabularies(image_tok) else None)
     return model
@@ -260,7 +242,7 @@ def build_sharded(cfg, text_tok, image_tok, thash, ctx, policy):
     as build_model does (the seeded init from scratch, the same numbers as a single-process run; or the previous
     stage's export / an HF folder, read strictly), every rank builds the same architecture on the meta device
     (no memory), shards it (each decoder block and each depth head one FSDP unit, then the root) and takes its
-    own rows of rank 0's tensors as they are broadcast one by one (tu.fsdp_load_full): the full model is never
+    own rows of rank 0's tensors as they are broadcast one by one (sharding.fsdp_load_full): the full model is never
     on a GPU, and in CPU memory on rank 0 only. A resume then overwrites the shards from its checkpoint."""
     import torch.distributed as dist
     plain = build_model(cfg, text_tok, image_tok, thash) if ctx.is_master else None
@@ -271,9 +253,9 @@ def build_sharded(cfg, text_tok, image_tok, thash, ctx, policy):
     model.inv_freq = rope_inv_freq(model.config)  # a plain tensor (not a buffer): made here, not sharded
     model.set_trainable(cfg.trainable)
     if cfg.activation_checkpointing:
-        tu.checkpoint_blocks(model.layers)  # before sharding: the recomputation runs inside each unit
-    tu.fsdp_shard(model, [*model.layers, *(h for h in (model.pix_head, model.sem_head) if h is not None)], policy)
-    tu.fsdp_load_full(model, plain.state_dict() if plain is not None else None, ctx.device)
+        sharding.checkpoint_blocks(model.layers)  # before sharding: the recomputation runs inside each unit
+    sharding.fsdp_shard(model, [*model.layers, *(h for h in (model.pix_head, model.sem_head) if h is not None)], policy)
+    sharding.fsdp_load_full(model, plain.state_dict() if plain is not None else None, ctx.device)
     return model
 
 
@@ -282,7 +264,7 @@ def gathered(model):
     0's CPU memory, which the export writes; None on the other ranks. The evaluation and the samples move it to
     rank 0's GPU, which must then hold the whole fp32 model once more (16 GB for the 3B model): on smaller
     cards set eval_qa = eval_gen = sample_interval = 0 and run eval.py on the export."""
-    sd = tu.fsdp_full_state_dict(model)
+    sd = sharding.fsdp_full_state_dict(model)
     return MLLM.from_state_dict(MLLMConfig(**asdict(model.config)), sd) if sd else None
 
 
@@ -366,15 +348,16 @@ def save_samples(raw, text_tok, image_tok, cache, cfg, path, n=8):
 # how this config's fields must relate (tu.check_values; each field's own range is in tu.VALUE_RULES); the LLM's
 # shape is read from --init_from when one is given
 RULES = (
-    ("n_embd", lambda c: c.init_from or c.n_embd % c.n_head == 0,
-     lambda c: f"need a multiple of --n_head={c.n_head} (each head takes n_embd / n_head channels)"),
-    ("n_kv_head", lambda c: c.init_from or (c.n_kv_head <= c.n_head and c.n_head % c.n_kv_head == 0),
-     lambda c: f"need a divisor of --n_head={c.n_head} (grouped-query attention shares each K/V head among "
+    ("n_embd", lambda c: c.init_from or c.model.n_embd % c.model.n_head == 0,
+     lambda c: f"need a multiple of --n_head={c.model.n_head} (each head takes n_embd / n_head channels)"),
+    ("n_kv_head", lambda c: c.init_from or (c.model.n_kv_head <= c.model.n_head
+                                            and c.model.n_head % c.model.n_kv_head == 0),
+     lambda c: f"need a divisor of --n_head={c.model.n_head} (grouped-query attention shares each K/V head among "
                f"n_head / n_kv_head query heads)"),
-    ("head_n_head", lambda c: (c.head_n_embd is None and c.init_from)
-     or (c.head_n_embd or c.n_embd) % (c.head_n_head or c.n_head) == 0,
-     lambda c: f"the depth heads' width (--head_n_embd, else --n_embd: {c.head_n_embd or c.n_embd}) must be a multiple "
-               f"of their head count ({c.head_n_head or c.n_head})"),
+    ("head_n_head", lambda c: (c.model.head_n_embd is None and c.init_from)
+     or (c.model.head_n_embd or c.model.n_embd) % (c.model.head_n_head or c.model.n_head) == 0,
+     lambda c: f"the depth heads' width (--head_n_embd, else --n_embd: {c.model.head_n_embd or c.model.n_embd}) must "
+               f"be a multiple of their head count ({c.model.head_n_head or c.model.n_head})"),
 )
 
 
@@ -401,9 +384,9 @@ def validate(cfg):
         tu.require_path(cfg.text_tokenizer, "text_tokenizer", "file", "'bytes', 'words' or a tokenizer.json")
     if cfg.trainable not in ("all", "input", "output"):
         raise UserError(f"--trainable={cfg.trainable!r}: expected 'all', 'input' or 'output'")
-    if cfg.input_codes not in INPUT_CODES:
-        raise UserError(f"--input_codes={cfg.input_codes!r}: expected one of {INPUT_CODES}")
-    if cfg.input_codes == "sem" and not cfg.gen_sem:
+    if cfg.model.input_codes not in INPUT_CODES:
+        raise UserError(f"--input_codes={cfg.model.input_codes!r}: expected one of {INPUT_CODES}")
+    if cfg.model.input_codes == "sem" and not cfg.model.gen_sem:
         raise UserError("--input_codes=sem needs --gen_sem=True: a drawn image is read back through its semantic codes")
     if cfg.parallel not in ("ddp", "fsdp"):
         raise UserError(f"--parallel={cfg.parallel!r}: expected 'ddp' or 'fsdp'")
@@ -412,11 +395,182 @@ def validate(cfg):
                         "(--nproc_per_node=1 on one GPU)")
     kind_counts(cfg.mix, cfg.micro_batch)
     tu.check_cycles(cfg.lr_cycles, cfg.max_steps)
-    if cfg.gen_ground_loss > 0 and cfg.data != "shapes":
-        raise UserError(f"--gen_ground_loss={cfg.gen_ground_loss}: needs each image's objects, which only "
+    if cfg.model.gen_ground_loss > 0 and cfg.data != "shapes":
+        raise UserError(f"--gen_ground_loss={cfg.model.gen_ground_loss}: needs each image's objects, which only "
                         f"--data=shapes gives (got --data={cfg.data!r})")
     if not cfg.prepare:  # --prepare=True only (re)builds the code cache
         tu.guard_out_dir(cfg)
+
+
+def check_image_tokenizer(cfg, image_tok):
+    """What this model asks of the image tokenizer: its vocabularies, and 3x3 cells for the grounding loss."""
+    m, g = cfg.model, image_tok.config.grid
+    if not two_vocabularies(image_tok) and (m.input_codes != "pix" or m.gen_sem):
+        raise UserError(f"--tokenizer={cfg.tokenizer!r} has one vocabulary (tied branches or no semantic branch): "
+                        f"the MLLM can read and draw only its codes, --input_codes=pix --gen_sem=False (got "
+                        f"input_codes={m.input_codes!r}, gen_sem={m.gen_sem})")
+    if m.gen_ground_loss > 0 and g % 3:
+        raise UserError(f"--gen_ground_loss: the tokenizer's {g}x{g} patch grid does not split into the world's "
+                        f"3x3 cells (the shapes preset's is 6x6)")
+
+
+def code_caches(cfg, image_tok, thash, ctx):
+    """-> (train cache, held-out cache or None); a missing cache (or --prepare=True) is built first, every rank
+    encoding its shard (codecache.prepare_cache)."""
+    folder = cfg.cache_dir or os.path.join(cfg.out_dir, "cache")
+    expect = cache_meta(cfg, image_tok, thash)
+    if cfg.prepare or not os.path.isfile(os.path.join(folder, "meta.json")):
+        with hold_folder(folder):  # a cache_dir shared by runs: two builders would remove each other's files
+            prepare_cache(cfg, image_tok, thash, folder, ctx.device, ctx, verbose=ctx.is_master)
+    train_c = CodeCache(folder, "train", expect)
+    val_c = CodeCache(folder, "val", expect) if (cfg.data == "shapes" or cfg.eval_data) else None
+    return train_c, val_c
+
+
+def model_to_train(cfg, text_tok, image_tok, thash, ctx):
+    """-> (the model this rank trains, FSDP's mixed-precision policy or None): the plain model on the device, or
+    under --parallel=fsdp this rank's shards of it (build_sharded)."""
+    policy = sharding.fsdp_policy(ctx.device, cfg.dtype) if cfg.parallel == "fsdp" and cfg.fsdp_bf16 else None
+    if cfg.parallel == "fsdp":
+        return build_sharded(cfg, text_tok, image_tok, thash, ctx, policy), policy
+    raw = build_model(cfg, text_tok, image_tok, thash)
+    raw.set_trainable(cfg.trainable)
+    if cfg.activation_checkpointing:
+        sharding.checkpoint_blocks(raw.layers)
+    return raw.to(ctx.device), policy
+
+
+def load_state(raw, opt, st, state_path, thash, fsdp):
+    """Load train_state.pt (`st`, None: a new run) into the model and its optimizer -> (step, consumed
+    micro-batches). Under FSDP every trainable shard gets its AdamW state first, so the sharded checkpoint is
+    complete and loads strictly."""
+    if fsdp:
+        sharding.init_optimizer_state(opt)
+    if st is None:
+        return 0, 0
+    if st["tokenizer_hash"] != thash:
+        raise UserError(f"{state_path} was trained with tokenizer {st['tokenizer_hash']}, this run has {thash}")
+    if fsdp:
+        sharding.load_sharded(raw, opt, state_path, st)
+    else:
+        raw.load_state_dict(st["model"], strict=True)
+        opt.load_state_dict(st["optimizer"])
+    return st["step"], st["consumed"]
+
+
+class Batches:
+    """This rank's micro-batches: the one after `consumed` is a pure function of (seed, rank, consumed), so a resume
+    continues the data stream exactly."""
+
+    def __init__(self, cfg, ctx, cache, text_tok, image_tok, model, counts, consumed):
+        self.cfg, self.rank, self.cache, self.text_tok, self.model = cfg, ctx.rank, cache, text_tok, model
+        self.grid, self.device, self.consumed = image_tok.config.grid, ctx.device, consumed
+        self.kinds = [k for k in KINDS for _ in range(counts[k])]
+        self.sampler = tu.sampler_after(len(cache), cfg, ctx, consumed)
+
+    def __next__(self):
+        cfg, c = self.cfg, self.cache
+        idx = next(self.sampler)
+        rng = np.random.default_rng([cfg.seed, self.rank, self.consumed])
+        items = []
+        for kind, i in zip(self.kinds, idx):
+            parts, flags = sample_parts(kind, c.records[i], self.text_tok, rng, cfg.caption_dropout, self.grid ** 2,
+                                        cfg.qa_per_image)
+            items.append((parts, flags, c.pix[i], None if c.sem is None else c.sem[i]))
+            if cfg.model.gen_ground_loss > 0:
+                items[-1] += (ground_words(c.records[i], self.text_tok, self.grid),)
+        b = make_batch(self.model.config, items)
+        self.model.check_inputs(**b)  # here, on the CPU batch: the compiled forward skips these host reads
+        if bool(b["attention_mask"].all()):  # nothing padded: no mask keeps SDPA on its fused causal kernels
+            del b["attention_mask"]
+        self.consumed += 1
+        return {k: v.to(self.device) for k, v in b.items()}
+
+
+def compile_ddp(raw, cfg, ctx, counts):
+    """compile (on cuda by default) -> DDP (not under FSDP, whose shards are already the parallel model). A run
+    without generation samples leaves the depth heads without a gradient, which plain DDP must be told."""
+    use_compile = ctx.device.startswith("cuda") if cfg.compile is None else cfg.compile
+    model = torch.compile(raw, dynamic=True) if use_compile else raw
+    if cfg.parallel == "fsdp":
+        return model
+    heads_idle = counts["gen"] == 0 and any(p.requires_grad for p in raw.pix_head.parameters())
+    return tu.wrap_ddp(model, ctx, broadcast_buffers=False, find_unused_parameters=heads_idle)
+
+
+def export_info(cfg, image_tok, thash, text_tok_name):
+    """What config.json records beside the model: how eval.py and sample.py talk to it."""
+    return dict(tokenizer=os.path.relpath(cfg.tokenizer, cfg.out_dir), tokenizer_hash=thash,  # moves with both
+                text_tokenizer=text_tok_name, caption_prompt=CAPTION_PROMPT,
+                prompt_format="und: [bos] <im_start> image <im_end> user_prompt(question); "
+                              "gen: [bos] encode(caption) <image_gen_start>",
+                grid=image_tok.config.grid, image_size=image_tok.config.siglip.vision.image_size,
+                holdout_pairs=[list(p) for p in cfg.holdout_pairs],  # eval.py scores these separately
+                detail_qa=cfg.detail_qa,  # eval.py asks the same questions
+                sampling=sampling(cfg))  # eval.py / sample.py draw with these by default
+
+
+class Plain:
+    """The model the export, the evaluation and the samples read: the trained model itself, or under FSDP its
+    weights gathered into a plain MLLM on rank 0 (`gathered`; the other ranks get None), made at most once a step
+    and let go when a step needs none (rank 0 never holds two full copies)."""
+
+    def __init__(self, raw, fsdp):
+        self.raw, self.fsdp = raw, fsdp
+        self.model, self.step = (None, None) if fsdp else (raw, None)
+
+    def at(self, step, needed=True):
+        """The plain model after `step` (under FSDP a collective: every rank calls it), or None if not `needed`."""
+        if self.fsdp and (self.step != step or not needed):
+            self.model, self.step = None, None
+            if needed:
+                self.model, self.step = gathered(self.raw), step
+        return self.model if needed else None
+
+
+def save_state(cfg, raw, opt, plain, meta, extra, master):
+    """train_state.pt (exact resume: under FSDP every rank writes its shards) and the export (rank 0)."""
+    if cfg.parallel == "fsdp":
+        sharding.save_sharded(raw, opt, os.path.join(cfg.out_dir, "train_state.pt"), meta)
+    elif master:
+        tu.save_train_state({"model": raw.state_dict(), "optimizer": opt.state_dict(), **meta},
+                            os.path.join(cfg.out_dir, "train_state.pt"))
+    PROGRESS["checkpoint"] = meta["step"]  # what a resume starts from, from here on
+    if master:
+        plain.save_pretrained(cfg.out_dir, extra)
+
+
+def held_out_report(model, step, ev_now, samples_now, toks, val_c, cfg, autocast, logger, bar, t_start):
+    """During training (rank 0): the held-out evaluation (log.jsonl) and the sample picture with a few answers."""
+    text_tok, image_tok = toks
+    if ev_now:
+        t_ev = time.time()
+        ev = evaluate(model, text_tok, image_tok, val_c, cfg, cfg.eval_qa, cfg.eval_gen, autocast)
+        ev = {k: v for k, v in ev.items() if k != "qa_examples"}
+        logger.log(event="eval", step=step, elapsed_s=time.time() - t_start, eval_s=time.time() - t_ev, **ev)
+        bar.write(f"step {step}: held-out QA {ev.get('qa_accuracy', float('nan')):.3f}, generation "
+                  f"{ev.get('gen_accuracy', float('nan')):.3f} ({time.time() - t_start:.0f} s)")
+    if samples_now:
+        qa = save_samples(model, text_tok, image_tok, val_c, cfg,
+                          os.path.join(cfg.out_dir, "samples", f"step_{step:06d}.png"))
+        logger.log(event="samples", step=step, qa=qa)
+        bar.write(f"step {step}: " + "; ".join(f"{r['q']} -> {r['pred']!r} ({r['truth']})" for r in qa))
+
+
+def final_evaluation(model, step, toks, val_c, cfg, autocast, logger, thash, t_start):
+    """The held-out evaluation after the last step (rank 0) -> its dict, written to eval.json."""
+    text_tok, image_tok = toks
+    t_ev = time.time()
+    result = dict(step=step, **evaluate(model, text_tok, image_tok, val_c, cfg, cfg.eval_qa, cfg.eval_gen, autocast))
+    result.update(eval_s=time.time() - t_ev, wall_s=time.time() - t_start, tokenizer_hash=thash,
+                  config=config_dict(cfg))
+    tu.write_json(result, os.path.join(cfg.out_dir, "eval.json"))
+    logger.log(event="eval", **{k: v for k, v in result.items() if k != "config"})
+    print(f"held-out QA accuracy {result.get('qa_accuracy', float('nan')):.3f} ({result.get('n_qa', 0)} "
+          f"questions), generation accuracy {result.get('gen_accuracy', float('nan')):.3f} "
+          f"({result.get('n_gen', 0)} captions, CFG {cfg.cfg_scale}); done in {result['wall_s']:.0f} s; "
+          f"wrote {cfg.out_dir}/eval.json")
+    return result
 
 
 @tu.holds("out_dir", also=("cache_dir",))
@@ -435,101 +589,31 @@ def train(cfg):
     accum = tu.grad_accum_steps(cfg.batch_size, cfg.micro_batch, ctx.world)
     counts = kind_counts(cfg.mix, cfg.micro_batch)
 
+    # the frozen image tokenizer's codes of every image, computed once (the code cache)
     image_tok = load_image_tokenizer(cfg.tokenizer, device=device)
-    if not two_vocabularies(image_tok) and (cfg.input_codes != "pix" or cfg.gen_sem):
-        raise UserError(f"--tokenizer={cfg.tokenizer!r} has one vocabulary (tied branches or no semantic branch): "
-                        f"the MLLM can read and draw only its codes, --input_codes=pix --gen_sem=False (got "
-                        f"input_codes={cfg.input_codes!r}, gen_sem={cfg.gen_sem})")
+    check_image_tokenizer(cfg, image_tok)
     thash = tokenizer_hash(image_tok, cfg.tokenizer)
-    folder = cfg.cache_dir or os.path.join(cfg.out_dir, "cache")
-    expect = cache_meta(cfg, image_tok, thash)
-    if cfg.prepare or not os.path.isfile(os.path.join(folder, "meta.json")):
-        with hold_folder(folder):  # a cache_dir shared by runs: two builders would remove each other's files
-            prepare_cache(cfg, image_tok, thash, folder, device, ctx, verbose=master)  # every rank encodes a shard
-        if cfg.prepare:
-            tu.cleanup_ddp()
-            return None, None
-    train_c = CodeCache(folder, "train", expect)
-    val_c = CodeCache(folder, "val", expect) if (cfg.data == "shapes" or cfg.eval_data) else None
+    train_c, val_c = code_caches(cfg, image_tok, thash, ctx)
+    if cfg.prepare:
+        tu.cleanup_ddp()
+        return None, None
     if counts["und"] and not any(r.get("qa") for r in train_c.records):
         print("note: no record has questions; und samples train captioning")
-
     text_tok, text_tok_name = mllm_text_tokenizer(cfg)
-    fsdp = cfg.parallel == "fsdp"
-    policy = tu.fsdp_policy(device, cfg.dtype) if fsdp and cfg.fsdp_bf16 else None
-    if fsdp:
-        raw = build_sharded(cfg, text_tok, image_tok, thash, ctx, policy)
-    else:
-        raw = build_model(cfg, text_tok, image_tok, thash)
-        raw.set_trainable(cfg.trainable)
-        if cfg.activation_checkpointing:
-            tu.checkpoint_blocks(raw.layers)
-        raw = raw.to(device)
-    mc = raw.config
+    toks = (text_tok, image_tok)
+
+    # build (sharded under FSDP) -> optimizer -> resume -> compile -> DDP; the export reads the plain model
+    raw, policy = model_to_train(cfg, text_tok, image_tok, thash, ctx)
     opt = torch.optim.AdamW(optimizer_groups(raw, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    if fsdp:
-        tu.init_optimizer_state(opt)  # every trainable shard has AdamW state: the sharded checkpoint is complete
-    step, consumed = 0, 0
-    if st is not None:
-        if st["tokenizer_hash"] != thash:
-            raise UserError(f"{state_path} was trained with tokenizer {st['tokenizer_hash']}, this run has {thash}")
-        if fsdp:
-            tu.load_sharded(raw, opt, state_path, st)
-        else:
-            raw.load_state_dict(st["model"], strict=True)
-            opt.load_state_dict(st["optimizer"])
-        step, consumed = st["step"], st["consumed"]
-    sampler = tu.ShardedSampler(len(train_c), cfg.seed, ctx.rank, ctx.world, cfg.micro_batch)
-    total = consumed * ctx.world * cfg.micro_batch
-    sampler.load_state_dict({"epoch": total // len(train_c), "pos": total % len(train_c), "n": len(train_c),
-                             "seed": cfg.seed})
-
-    P = image_tok.config.grid ** 2
-    if cfg.gen_ground_loss > 0 and image_tok.config.grid % 3:
-        g = image_tok.config.grid
-        raise UserError(f"--gen_ground_loss: the tokenizer's {g}x{g} patch grid does not split into the world's "
-                        f"3x3 cells (the shapes preset's is 6x6)")
-    kinds = [k for k in KINDS for _ in range(counts[k])]
-
-    def next_batch():
-        """The micro-batch after `consumed` ones: a pure function of (seed, rank, consumed) -> exact resume."""
-        idx = next(sampler)
-        rng = np.random.default_rng([cfg.seed, ctx.rank, consumed])
-        items = []
-        for kind, i in zip(kinds, idx):
-            parts, flags = sample_parts(kind, train_c.records[i], text_tok, rng, cfg.caption_dropout, P,
-                                                 cfg.qa_per_image)
-            items.append((parts, flags, train_c.pix[i], None if train_c.sem is None else train_c.sem[i]))
-            if cfg.gen_ground_loss > 0:
-                items[-1] += (ground_words(train_c.records[i], text_tok, image_tok.config.grid),)
-        b = make_batch(mc, items)
-        raw.check_inputs(**b)  # here, on the CPU batch: the compiled forward skips these host reads
-        if bool(b["attention_mask"].all()):  # nothing padded: no mask keeps SDPA on its fused causal kernels
-            del b["attention_mask"]
-        return {k: v.to(device) for k, v in b.items()}
-
-    use_compile = device.startswith("cuda") if cfg.compile is None else cfg.compile
-    model = torch.compile(raw, dynamic=True) if use_compile else raw
-    if ctx.ddp and not fsdp:
-        ids = [ctx.local_rank] if device.startswith("cuda") else None
-        heads_idle = counts["gen"] == 0 and any(p.requires_grad for p in raw.pix_head.parameters())
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False,
-                                                          find_unused_parameters=heads_idle)
+    step, consumed = load_state(raw, opt, st, state_path, thash, cfg.parallel == "fsdp")
+    batches = Batches(cfg, ctx, train_c, text_tok, image_tok, raw, counts, consumed)
+    model = compile_ddp(raw, cfg, ctx, counts)
+    plain = Plain(raw, cfg.parallel == "fsdp")
     autocast = tu.autocast_ctx(device, cfg.dtype)
     train_autocast = contextlib.nullcontext() if policy is not None else autocast  # the policy sets bf16 compute
-    logger = tu.JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=master, fresh=st is None,
-                            resume_step=None if st is None else step)
-    PROGRESS.update(out_dir=cfg.out_dir, step=step, checkpoint=step if st is not None else None)  # Ctrl-C's line
-    extra = dict(tokenizer=os.path.relpath(cfg.tokenizer, cfg.out_dir), tokenizer_hash=thash,  # moves with both
-                 text_tokenizer=text_tok_name, caption_prompt=CAPTION_PROMPT,
-                 prompt_format="und: [bos] <im_start> image <im_end> user_prompt(question); "
-                               "gen: [bos] encode(caption) <image_gen_start>",
-                 grid=image_tok.config.grid, image_size=image_tok.config.siglip.vision.image_size,
-                 holdout_pairs=[list(p) for p in cfg.holdout_pairs],  # eval.py scores these separately
-                 detail_qa=cfg.detail_qa,  # eval.py asks the same questions
-                 sampling=sampling(cfg))  # eval.py / sample.py draw with these by default
-    n_params = sum(p.numel() for p in raw.parameters())
-    n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+    logger = tu.start_log(cfg, ctx, st, step)
+    extra = export_info(cfg, image_tok, thash, text_tok_name)
+    n_params, n_train = tu.param_counts(raw)
     if master:
         print(f"MLLM {n_params / 1e6:.2f}M params ({n_train / 1e6:.2f}M trainable, {cfg.trainable}), device "
               f"{device} x{ctx.world} ({cfg.parallel if ctx.ddp else 'one process'}), accum {accum}, micro-batch "
@@ -537,21 +621,9 @@ def train(cfg):
         logger.log(event="start", step=step, params=n_params, trainable=n_train, world=ctx.world, counts=counts,
                    config=config_dict(cfg))
 
-    def checkpoint(plain):
-        meta = {"step": step, "consumed": consumed, "tokenizer_hash": thash, "config": config_dict(cfg)}
-        if fsdp:  # every rank writes its shards
-            tu.save_sharded(raw, opt, state_path, meta)
-        elif master:
-            tu.save_train_state({"model": raw.state_dict(), "optimizer": opt.state_dict(), **meta}, state_path)
-        PROGRESS["checkpoint"] = step  # what a resume starts from, from here on
-        if master:
-            plain.save_pretrained(cfg.out_dir, extra)
-
-    last_step = cfg.stop_step or cfg.max_steps
-    from tqdm import tqdm
-    bar = tqdm(total=last_step, initial=step, disable=not master, desc="mllm", dynamic_ncols=True)
-    t0, seen, last_good = time.time(), 0, step if st is not None else None
-    plain, plain_step = (None, None) if fsdp else (raw, step)  # what the export, evaluation and samples read
+    last_step, last_good = cfg.stop_step or cfg.max_steps, step if st is not None else None
+    bar = tu.progress_bar(last_step, step, master, "mllm")
+    t0, seen = time.time(), 0
     cycles = cfg.lr_cycles or ((cfg.max_steps, 1.0),)
     while step < last_step:
         f = tu.cycle_lr(step, cfg.warmup, cycles, cfg.min_lr_frac)
@@ -559,76 +631,43 @@ def train(cfg):
             g["lr"] = g["base_lr"] * f
         sums = dict(loss=0.0, text=0.0, pix=0.0, sem=0.0)
         for micro in range(accum):
-            b = next_batch()
-            consumed += 1
-            if ctx.ddp and not fsdp:  # FSDP reduce-scatters every micro-step (see train_utils' FSDP2 section)
-                model.require_backward_grad_sync = micro == accum - 1
+            b = next(batches)
+            tu.sync_on_last(model, micro, accum)
             with train_autocast:
                 _, loss = model(**b)
             terms = dict(loss=loss.detach(), **raw.loss_parts)
-            try:
-                tu.check_finite(terms, step)
-            except FloatingPointError as e:
-                where = f"step {last_good} in {cfg.out_dir}" if last_good is not None else "none written yet"
-                msg = f"{e}; stopped without saving, the last good checkpoint is {where}"
-                logger.log(event="nonfinite", step=step, message=msg)
-                tu.cleanup_ddp()
-                raise FloatingPointError(msg) from None
+            tu.stop_if_nonfinite(terms, step, last_good, cfg.out_dir, logger)
             (loss / accum).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / accum
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in raw.parameters() if p.requires_grad], cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        tu.optimizer_step(opt, raw, cfg.grad_clip)
         step += 1
         PROGRESS["step"] = step
         seen += cfg.batch_size
         bar.update(1)
         if master and (tu.every(step, cfg.log_interval) or step == last_step):
-            dt = time.time() - t0
-            logger.log(event="train", step=step, lr=cfg.lr * f, samples_per_s=seen / dt,
+            logger.log(event="train", step=step, lr=cfg.lr * f, samples_per_s=seen / (time.time() - t0),
                        elapsed_s=time.time() - t_start, **sums)
             bar.set_postfix(loss=f"{sums['loss']:.3f}", text=f"{sums['text']:.3f}", pix=f"{sums['pix']:.2f}",
                             sem=f"{sums['sem']:.2f}")
+        # the export, the evaluation and the samples (rank 0) read the plain model
         save = tu.every(step, cfg.ckpt_interval) or step == last_step
         ev_now = val_c is not None and tu.every(step, cfg.eval_interval) and step < cfg.max_steps
         samples_now = val_c is not None and tu.every(step, cfg.sample_interval)
-        if fsdp:  # every rank takes part in the gather, rank 0 gets the copy (None elsewhere)
-            plain, plain_step = (gathered(raw), step) if save or ev_now or samples_now else (None, None)
+        m = plain.at(step, needed=save or ev_now or samples_now)
         if save:
-            checkpoint(plain)
+            meta = {"step": step, "consumed": batches.consumed, "tokenizer_hash": thash, "config": config_dict(cfg)}
+            save_state(cfg, raw, opt, m, meta, extra, master)
             last_good = step
         if master and (ev_now or samples_now):
-            plain = plain.to(device)  # the gathered copy (a no-op for the DDP model)
-        if master and ev_now:
-            t_ev = time.time()
-            ev = evaluate(plain, text_tok, image_tok, val_c, cfg, cfg.eval_qa, cfg.eval_gen, autocast)
-            ev = {k: v for k, v in ev.items() if k != "qa_examples"}
-            logger.log(event="eval", step=step, elapsed_s=time.time() - t_start, eval_s=time.time() - t_ev, **ev)
-            bar.write(f"step {step}: held-out QA {ev.get('qa_accuracy', float('nan')):.3f}, generation "
-                      f"{ev.get('gen_accuracy', float('nan')):.3f} ({time.time() - t_start:.0f} s)")
-        if master and samples_now:
-            qa = save_samples(plain, text_tok, image_tok, val_c, cfg,
-                              os.path.join(cfg.out_dir, "samples", f"step_{step:06d}.png"))
-            logger.log(event="samples", step=step, qa=qa)
-            bar.write(f"step {step}: " + "; ".join(f"{r['q']} -> {r['pred']!r} ({r['truth']})" for r in qa))
+            m = m.to(device)  # the gathered copy to the GPU (a no-op for the trained model)
+            held_out_report(m, step, ev_now, samples_now, toks, val_c, cfg, autocast, logger, bar, t_start)
     bar.close()
     result = None
-    if fsdp and plain_step != step and val_c is not None and step >= cfg.max_steps:
-        plain = gathered(raw)  # a resume that had nothing left to train
-    if master and val_c is not None and step >= cfg.max_steps:
-        t_ev = time.time()
-        plain = plain.to(device)
-        result = dict(step=step, **evaluate(plain, text_tok, image_tok, val_c, cfg, cfg.eval_qa, cfg.eval_gen, autocast))
-        result.update(eval_s=time.time() - t_ev, wall_s=time.time() - t_start, tokenizer_hash=thash,
-                      config=config_dict(cfg))
-        tu.write_json(result, os.path.join(cfg.out_dir, "eval.json"))
-        logger.log(event="eval", **{k: v for k, v in result.items() if k != "config"})
-        print(f"held-out QA accuracy {result.get('qa_accuracy', float('nan')):.3f} ({result.get('n_qa', 0)} "
-              f"questions), generation accuracy {result.get('gen_accuracy', float('nan')):.3f} "
-              f"({result.get('n_gen', 0)} captions, CFG {cfg.cfg_scale}); done in {result['wall_s']:.0f} s; "
-              f"wrote {cfg.out_dir}/eval.json")
+    if val_c is not None and step >= cfg.max_steps:
+        m = plain.at(step)  # under FSDP: gathered now if the last step did not (a resume with nothing left to train)
+        if master:
+            result = final_evaluation(m.to(device), step, toks, val_c, cfg, autocast, logger, thash, t_start)
     tu.cleanup_ddp()
     return raw, result
 

@@ -14,10 +14,9 @@ torch.load(weights_only=True)), `log.jsonl` (every loss term, adaptive weight, p
 and perplexity, learning rates), `samples/step_*.png` (originals over reconstructions) and `eval.json`
 (held-out PSNR and SSIM, zero-shot through the quantized semantic path vs the teacher, codebook usage).
 """
-import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -30,12 +29,15 @@ from metrics import psnr, ssim
 from rvq import code_stats
 from siglip import zero_shot_accuracy, zero_shot_classifier
 from text import siglip_tokenizer
-from tokenizer import DecoderConfig, DualToken, QuantizerConfig, default_config, teacher_features
+from tokenizer import DualToken, DualTokenConfig, teacher_features
 
 
 @dataclass
 class TrainTokenizerConfig:
     SECTION = "tokenizer"  # reads the `tokenizer_config = dict(...)` section of a pipeline preset
+    # the model's fields this trainer sets from its teacher: no keys
+    DERIVED = {"siglip": "the teacher (init_from)", "decoder.resolution": "the teacher's image size",
+               "decoder_latent_shape": "the teacher's image size and decoder.ch_mult"}
     out_dir: str = "out-tokenizer"
     init_from: str = ""              # HF-format SigLIP folder: the tokenizer's init AND the frozen teacher
     # data: "shapes" (the built-in world), an ImageFolder root (class subfolders) or an image-caption
@@ -48,31 +50,9 @@ class TrainTokenizerConfig:
     eval_size: int = 540             # held-out images for PSNR and zero-shot (single-object for shapes)
     templates: tuple = ("a {}", "a photo of a {}", "a small {}", "a large {}")  # train_siglip's prompts
     num_workers: int = 0             # real data: DataLoader workers (0 keeps random crops bit-exact on resume)
-    # tokenizer (tokenizer.DualTokenConfig); layer_sem 0 -> the tower's second-to-last block
-    layer_recon: int = 6
-    layer_shortcut: Optional[int] = 4   # None: no shortcut (the paper does not have it)
-    weight_shortcut: float = 0.6
-    layer_sem: int = 0
-    codebook_size: int = 16384
-    code_dim: int = 32
-    depth: int = 8
-    pix_depth: int = 0               # 0 -> depth; else the pixel RVQ's own depth (the semantic one keeps depth)
-    vq_decay: float = 0.99
-    shared_codebook: bool = True     # released: one book for every depth; False: a book per depth (not released)
-    dec_ch: int = 128
-    dec_ch_mult: tuple = (1, 1, 4, 4, 8)   # high -> low resolution; the latent grid is R / 2^(len-1)
-    dec_num_res_blocks: int = 2
-    dec_attn_resolutions: Optional[tuple] = None  # None -> attention at the latent grid only
-    dec_latent_channels: int = 1024
-    dec_patch_skip: int = 0          # not in the release (0): hidden width of the per-cell MLP that paints
-                                     # each latent cell's pixel patch, added to the output (tokenizer.Decoder)
-    # ablation switches (ablation.py, design §9): False -> pixel branch only, recon loss only;
-    # tie_branches -> one quantizer at layer_recon == layer_sem, decoded AND distilled (VILA-U-like)
-    semantic_branch: bool = True
-    tie_branches: bool = False
-    # not in the release (True): False with layer_recon=0 makes every pixel code stack a function of its own
-    # patch only (tokenizer.DualTokenConfig.pix_attn)
-    pix_attn: bool = True
+    # the tokenizer (tokenizer.DualTokenConfig: layer_recon, layer_sem, the ablation switches ...; its quantizers
+    # and decoder as groups: --vq_pix.depth=4, decoder=dict(ch=64) in a preset)
+    model: DualTokenConfig = field(default_factory=DualTokenConfig)
     # which parameters train. "vision": the released stage 1, the whole vision tower + new modules.
     # "after_sem": the cheap stage, patch/position embeddings and blocks 1..layer_sem frozen (the pixel
     # branch then learns on fixed features, the semantic tail adapts to the quantized input).
@@ -127,21 +107,23 @@ class TrainTokenizerConfig:
 # model, teacher, data
 
 
-# how this config's fields must relate (tu.check_values; each field's own range is in tu.VALUE_RULES); layer_sem 0
-# means the teacher's second-to-last block, known only once it loads (DualTokenConfig checks the rest then)
+# how this config's fields must relate (tu.check_values; each field's own range is in tu.VALUE_RULES), checked before
+# the teacher loads; DualTokenConfig checks the rest against the teacher's tower then
 RULES = (
-    ("layer_recon", lambda c: not c.layer_sem or 0 <= c.layer_recon <= c.layer_sem,
-     lambda c: f"need 0 .. --layer_sem={c.layer_sem} (the pixel codes come from a block at or below the semantic one)"),
-    ("tie_branches", lambda c: not c.tie_branches or (c.semantic_branch and (not c.layer_sem or
-                                                                              c.layer_recon == c.layer_sem)),
+    ("layer_recon", lambda c: 0 <= c.model.layer_recon <= c.model.layer_sem,
+     lambda c: f"need 0 .. --layer_sem={c.model.layer_sem} (the pixel codes come from a block at or below the semantic "
+               f"one)"),
+    ("tie_branches", lambda c: not c.model.tie_branches or (c.model.semantic_branch and
+                                                            c.model.layer_recon == c.model.layer_sem),
      lambda c: f"one quantizer for both needs --semantic_branch=True and --layer_recon == --layer_sem (got "
-               f"{c.semantic_branch}, {c.layer_recon}, {c.layer_sem})"),
-    ("layer_shortcut", lambda c: c.layer_shortcut is None or (c.layer_shortcut >= 1 and
-                                                             (not c.layer_sem or c.layer_shortcut <= c.layer_sem)),
-     lambda c: f"need None or 1 .. --layer_sem={c.layer_sem or 'the second-to-last block'}"),
-    ("dec_ch", lambda c: all(c.dec_ch * m % 32 == 0 for m in c.dec_ch_mult) and c.dec_latent_channels % 32 == 0,
-     lambda c: f"every decoder width (dec_ch x dec_ch_mult {tuple(c.dec_ch_mult)}, dec_latent_channels "
-               f"{c.dec_latent_channels}) must be a multiple of 32 (GroupNorm's groups)"),
+               f"{c.model.semantic_branch}, {c.model.layer_recon}, {c.model.layer_sem})"),
+    ("layer_shortcut", lambda c: c.model.layer_shortcut is None or 1 <= c.model.layer_shortcut <= c.model.layer_sem,
+     lambda c: f"need None or 1 .. --layer_sem={c.model.layer_sem}"),
+    ("decoder.ch", lambda c: all(c.model.decoder.ch * m % 32 == 0 for m in c.model.decoder.ch_mult)
+     and c.model.decoder.latent_channels % 32 == 0,
+     lambda c: f"every decoder width (decoder.ch x decoder.ch_mult {tuple(c.model.decoder.ch_mult)}, "
+               f"decoder.latent_channels {c.model.decoder.latent_channels}) must be a multiple of 32 (GroupNorm's "
+               f"groups)"),
 )
 
 
@@ -176,21 +158,13 @@ def build(cfg):
                         f"for shapes run `python train_siglip.py config/shapes.py` first")
     from siglip import SigLIP
     teacher = SigLIP.from_pretrained(cfg.init_from)
-    v = teacher.config.vision
-    n_up = len(cfg.dec_ch_mult) - 1
-    lat = v.image_size // 2 ** n_up
-    attn = (lat,) if cfg.dec_attn_resolutions is None else tuple(cfg.dec_attn_resolutions)
-    q = dict(codebook_size=cfg.codebook_size, code_dim=cfg.code_dim, depth=cfg.depth, decay=cfg.vq_decay,
-             shared_codebook=cfg.shared_codebook)
-    dcfg = default_config(
-        teacher.config, layer_recon=cfg.layer_recon, layer_shortcut=cfg.layer_shortcut,
-        weight_shortcut=cfg.weight_shortcut, layer_sem=cfg.layer_sem or v.num_hidden_layers - 1,
-        vq_pix=QuantizerConfig(**{**q, "depth": cfg.pix_depth or cfg.depth}, ema_update="per_depth"), vq_sem=QuantizerConfig(**q, ema_update="deferred"),
-        decoder_latent_shape=(lat, lat), semantic_branch=cfg.semantic_branch, tie_branches=cfg.tie_branches,
-        pix_attn=cfg.pix_attn,
-        decoder=DecoderConfig(ch=cfg.dec_ch, ch_mult=tuple(cfg.dec_ch_mult), num_res_blocks=cfg.dec_num_res_blocks,
-                              attn_resolutions=attn, latent_channels=cfg.dec_latent_channels,
-                              resolution=v.image_size, patch_skip=cfg.dec_patch_skip))
+    R, d = teacher.config.vision.image_size, cfg.model.decoder
+    lat = R // 2 ** (len(d.ch_mult) - 1)  # the decoder's input grid
+    levels = [lat * 2 ** i for i in range(len(d.ch_mult))]
+    if not set(d.attn_resolutions) <= set(levels):
+        raise UserError(f"--decoder.attn_resolutions={tuple(d.attn_resolutions)}: the decoder of a {R} px teacher "
+                        f"works at {tuple(levels)} px (the latent grid {lat} and its doublings)")
+    dcfg = replace(cfg.model, siglip=teacher.config, decoder_latent_shape=(lat, lat), decoder=replace(d, resolution=R))
     model = DualToken(dcfg)
     model.siglip.load_state_dict(teacher.state_dict())  # strict: same config, same keys
     teacher.eval().requires_grad_(False)
@@ -317,6 +291,143 @@ def evaluate(raw, teacher, text_tok, cfg, ev, device, teacher_acc=None):
 # training
 
 
+def objective(cfg, device):
+    """-> (TokenizerLoss with the config's weights, a line saying whether LPIPS is in it)."""
+    lpips, lpips_msg = lpips_or_none(cfg.lpips_vgg_path, cfg.lpips_lin_path)
+    loss_fn = TokenizerLoss(LossConfig(w_sem_tok=cfg.w_sem_tok, w_sem_pool=cfg.w_sem_pool, w_commit=cfg.w_commit,
+                                       w_rec=cfg.w_rec, w_edge=cfg.w_edge, w_lpips=cfg.w_lpips, w_gan=cfg.w_gan,
+                                       adaptive_lo=cfg.adaptive_lo, adaptive_hi=cfg.adaptive_hi), lpips).to(device)
+    return loss_fn, lpips_msg
+
+
+def optimizers(cfg, raw, device):
+    """-> (the tokenizer's AdamW, the discriminator, its Adam); no discriminator (None, None) while gan_start < 0."""
+    opt = torch.optim.AdamW(tu.param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    if cfg.gan_start < 0:
+        return opt, None, None
+    disc = Discriminator(cfg.disc_width).to(device)
+    return opt, disc, torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))  # released betas
+
+
+def resume(st, state_path, cfg, ctx, raw, opt, disc, d_opt):
+    """Load train_state.pt (`st`, None: a new run) into everything that trains, and this rank's RNG states ->
+    (step, consumed micro-batches: the data position, from which the sampler's state follows, so a DataLoader may
+    read ahead in workers without making the saved position wrong)."""
+    if st is None:
+        return 0, 0
+    # strict copy INTO the existing tensors (load_weights would assign new ones, orphaning the optimizer's)
+    raw.load_state_dict(st["model"], strict=True)  # codebooks and EMA buffers included
+    opt.load_state_dict(st["optimizer"])
+    if (disc is None) != (st.get("disc") is None):
+        raise UserError(f"{state_path} was written with gan_start={st['config']['gan_start']}, this run has "
+                        f"gan_start={cfg.gan_start}: the discriminator state does not match")
+    if disc is not None:
+        disc.load_state_dict(st["disc"])
+        d_opt.load_state_dict(st["disc_optimizer"])
+    if len(st["rng"]) != ctx.world:
+        raise UserError(f"{state_path} has RNG states for {len(st['rng'])} processes, this run has "
+                        f"{ctx.world}: exact resume needs the same world size")
+    tu.set_rng_state(st["rng"][ctx.rank])
+    return st["step"], st["consumed"]
+
+
+def compiled(raw, disc, cfg, ctx):
+    """-> (the tokenizer, the discriminator) as the step runs them: compile (on cuda by default) -> DDP."""
+    use_compile = ctx.device.startswith("cuda") if cfg.compile is None else cfg.compile
+    if use_compile and disc is not None:
+        # the GAN's adaptive weight differentiates the losses through the compiled decoder with
+        # retain_graph=True, which AOTAutograd's donated buffers (a memory saving) refuse at the first GAN step
+        from torch._functorch import config as functorch_config
+        functorch_config.donated_buffer = False
+    model = torch.compile(raw) if use_compile else raw
+    # codebooks are EMA buffers that rvq all-reduces itself; rebroadcasting them from rank 0 each forward (DDP's
+    # default) would only cost time. False also skips DDP's initial buffer sync: broadcast_buffers_once did it
+    model = tu.wrap_ddp(model, ctx, broadcast_buffers=False)
+    return model, (tu.wrap_ddp(disc, ctx) if disc is not None else None)
+
+
+def generator_loss(model, raw, teacher, loss_fn, x, disc):
+    """One micro-batch through the tokenizer -> (loss, its terms, the tokenizer's output). `disc`: the GAN term's
+    discriminator (None: GAN off), frozen here, so G's term leaves no gradient in D. Recon-only runs have no
+    teacher pass and no semantic terms; runs without a semantic quantizer of their own (recon-only, tied) have no
+    commit_sem term."""
+    c = raw.config
+    if c.semantic_branch:
+        t_sem, t_pool = teacher_features(teacher, x, c.layer_sem)
+    out = model(x)
+    sem = ((out.zq_sem.float(), t_sem.float(), out.pooled.float(), t_pool.float()) if c.semantic_branch
+           else (None, None, None, None))
+    commit_sem = out.commit_sem if raw.quantizer_sem is not None else None
+    if disc is not None:
+        disc.requires_grad_(False)
+    loss, terms = loss_fn(x, out.recon.float(), *sem, out.commit_pix, commit_sem, disc=disc,
+                          last_layer=raw.decoder.conv_out.weight)  # where the adaptive weight compares gradients
+    return loss, terms, out
+
+
+def discriminator_step(cfg, step, disc, d_model, d_opt, loss_fn, pairs, autocast, sums):
+    """D's own step on this step's (x, x_hat) pairs, with its own optimizer and schedule -> its lr. Its loss terms
+    are added to `sums`, averaged over the micro-steps."""
+    disc.requires_grad_(True)
+    d_lr = tu.cosine_lr(step - cfg.gan_start, cfg.disc_warmup, cfg.max_steps - cfg.gan_start, cfg.disc_lr,
+                        cfg.disc_min_lr)
+    for g in d_opt.param_groups:
+        g["lr"] = d_lr
+    for micro, (x, x_hat) in enumerate(pairs):
+        tu.sync_on_last(d_model, micro, len(pairs))
+        with autocast:
+            d_loss, d_terms = loss_fn.d_loss(d_model, x, x_hat)
+        tu.check_finite(d_terms, step)
+        (d_loss / len(pairs)).backward()
+        for k, v in d_terms.items():
+            sums[k] = sums.get(k, 0.0) + v / len(pairs)
+    d_opt.step()
+    d_opt.zero_grad(set_to_none=True)
+    return d_lr
+
+
+def checkpoint(cfg, ctx, raw, opt, disc, d_opt, step, consumed):
+    """train_state.pt (weights included: what resume reads, written atomically in one file, with every rank's RNG
+    states so resume restores each exactly) and the exported folder, the product (each of its files atomic too)."""
+    rngs = tu.all_rng_states(ctx)  # a collective: every rank
+    if ctx.is_master:
+        tu.save_train_state({"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                             "consumed": consumed, "disc": disc.state_dict() if disc is not None else None,
+                             "disc_optimizer": d_opt.state_dict() if disc is not None else None,
+                             "rng": rngs, "config": config_dict(cfg)}, os.path.join(cfg.out_dir, "train_state.pt"))
+        PROGRESS["checkpoint"] = step  # what a resume starts from, from here on
+        raw.save_pretrained(cfg.out_dir)  # atomic: config.json + model.safetensors
+
+
+def log_step(logger, bar, step, lr, d_lr, seen, dt, t_start, sums, stats):
+    row = dict(step=step, lr=lr, disc_lr=d_lr, img_per_s=seen / dt, elapsed_s=time.time() - t_start,
+               **sums, **stats)  # loss terms: rank 0's share, averaged over micro-steps
+    bar.set_postfix(loss=f"{sums['total']:.3f}", rec=f"{sums['rec_mse']:.4f}", img_s=f"{seen / dt:.0f}")
+    logger.log(event="train", **row)
+
+
+def save_images(x, recon, step, out_dir):
+    """The last micro-batch's first 8 images over their reconstructions (samples/step_*.png)."""
+    shown = psnr(x[:8], recon[:8].detach()).mean().item()
+    data.grid_png([list(data.to_image(x[:8])), list(data.to_image(recon[:8]))],
+                  os.path.join(out_dir, "samples", f"step_{step:06d}.png"),
+                  labels=[f"step {step}: training images", f"their reconstructions (PSNR {shown:.2f} dB)"])
+
+
+def report(raw, teacher, text_tok, cfg, ev, device, teacher_acc, step, logger):
+    """The held-out evaluation (rank 0), printed and logged -> (its dict, the teacher's zero-shot, kept)."""
+    res, teacher_acc = evaluate(raw, teacher, text_tok, cfg, ev, device, teacher_acc)
+    res = dict(step=step, **res)
+    zs, cs = res["zero_shot_top1"], res["codes_sem"]
+    zs = "n/a" if zs is None else f"{zs:.4f}"
+    cs = "n/a" if cs is None else f"{cs['usage_any_depth']:.3f}"
+    print(f"step {step}: PSNR {res['psnr']:.2f} dB, SSIM {res['ssim']:.3f}, zero-shot top-1 {zs} (teacher "
+          f"{res['teacher_zero_shot_top1']:.4f}), codebook usage pix {res['codes_pix']['usage_any_depth']:.3f} "
+          f"sem {cs}")
+    logger.log(event="eval", **res)
+    return res, teacher_acc
+
+
 @tu.holds("out_dir")
 def train(cfg):
     t_start = time.time()
@@ -334,64 +445,18 @@ def train(cfg):
     raw, teacher = raw.to(device), teacher.to(device)
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(raw.siglip.vision)
-    R, layer_sem = raw.config.siglip.vision.image_size, raw.config.layer_sem
-    sem_on = raw.config.semantic_branch
-    train_ds, ev = make_data(cfg, R)
+    train_ds, ev = make_data(cfg, raw.config.siglip.vision.image_size)
     text_tok = None if ev is None else siglip_tokenizer(folders=[cfg.init_from], shapes=cfg.data == "shapes")[0]
-    lpips, lpips_msg = lpips_or_none(cfg.lpips_vgg_path, cfg.lpips_lin_path)
-    loss_fn = TokenizerLoss(LossConfig(w_sem_tok=cfg.w_sem_tok, w_sem_pool=cfg.w_sem_pool, w_commit=cfg.w_commit,
-                                       w_rec=cfg.w_rec, w_edge=cfg.w_edge, w_lpips=cfg.w_lpips, w_gan=cfg.w_gan,
-                                       adaptive_lo=cfg.adaptive_lo, adaptive_hi=cfg.adaptive_hi), lpips).to(device)
-    opt = torch.optim.AdamW(tu.param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    disc = d_opt = None
-    if cfg.gan_start >= 0:
-        disc = Discriminator(cfg.disc_width).to(device)
-        d_opt = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))  # released betas
-    # the data position is the number of micro-batches consumed: the sampler state follows from it, so a
-    # DataLoader may read ahead in workers without making the saved position wrong
-    consumed = 0
-    step = 0
-    if st is not None:
-        # strict copy INTO the existing tensors (load_weights would assign new ones, orphaning the optimizer's)
-        raw.load_state_dict(st["model"], strict=True)  # codebooks and EMA buffers included
-        opt.load_state_dict(st["optimizer"])
-        if (disc is None) != (st.get("disc") is None):
-            raise UserError(f"{state_path} was written with gan_start={st['config']['gan_start']}, this run has "
-                            f"gan_start={cfg.gan_start}: the discriminator state does not match")
-        if disc is not None:
-            disc.load_state_dict(st["disc"])
-            d_opt.load_state_dict(st["disc_optimizer"])
-        if len(st["rng"]) != ctx.world:
-            raise UserError(f"{state_path} has RNG states for {len(st['rng'])} processes, this run has "
-                            f"{ctx.world}: exact resume needs the same world size")
-        tu.set_rng_state(st["rng"][ctx.rank])
-        step, consumed = st["step"], st["consumed"]
+    loss_fn, lpips_msg = objective(cfg, device)
+    opt, disc, d_opt = optimizers(cfg, raw, device)
+    step, consumed = resume(st, state_path, cfg, ctx, raw, opt, disc, d_opt)
     batches = batch_stream(train_ds, cfg, ctx, consumed)
     if ctx.ddp:  # codebooks / EMA statistics were drawn after a per-rank seed: rank 0's for all
         tu.broadcast_buffers_once(raw)
-
-    n_params = sum(p.numel() for p in raw.parameters())
-    n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
-    use_compile = device.startswith("cuda") if cfg.compile is None else cfg.compile
-    if use_compile and disc is not None:
-        # the GAN's adaptive weight differentiates the losses through the compiled decoder with
-        # retain_graph=True, which AOTAutograd's donated buffers (a memory saving) refuse at the first GAN step
-        from torch._functorch import config as functorch_config
-        functorch_config.donated_buffer = False
-    model = torch.compile(raw) if use_compile else raw
-    d_model = disc
-    if ctx.ddp:
-        # codebooks are EMA buffers that rvq all-reduces itself; rebroadcasting them from rank 0 each
-        # forward (DDP's default) would only cost time. False also skips DDP's initial buffer sync:
-        # broadcast_buffers_once above did it
-        ids = [ctx.local_rank] if device.startswith("cuda") else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-        if disc is not None:
-            d_model = torch.nn.parallel.DistributedDataParallel(disc, device_ids=ids)
+    n_params, n_train = tu.param_counts(raw)
+    model, d_model = compiled(raw, disc, cfg, ctx)
     autocast = tu.autocast_ctx(device, cfg.dtype)
-    logger = tu.JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=master, fresh=st is None,
-                            resume_step=None if st is None else step)
-    PROGRESS.update(out_dir=cfg.out_dir, step=step, checkpoint=step if st is not None else None)  # Ctrl-C's line
+    logger = tu.start_log(cfg, ctx, st, step)
     if master:
         print(f"DualToken {n_params / 1e6:.2f}M params ({n_train / 1e6:.2f}M trainable, {cfg.trainable}), "
               f"device {device} x{ctx.world}, accum {accum}, from step {step}")
@@ -399,43 +464,10 @@ def train(cfg):
         print("GAN off" if disc is None else f"GAN on from step {cfg.gan_start}")
         logger.log(event="start", step=step, params=n_params, trainable=n_train, world=ctx.world,
                    lpips=lpips_msg, config=config_dict(cfg))
-    last_layer = raw.decoder.conv_out.weight  # where the adaptive weight compares gradients
-    last_good = step if st is not None else None
 
-    def checkpoint():
-        nonlocal last_good
-        rngs = tu.all_rng_states(ctx)  # every rank's, so resume restores each exactly
-        if master:
-            # train_state.pt (weights included) is what resume reads, written atomically in one file; the
-            # exported folder is the product, each of its files atomic too
-            tu.save_train_state({"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                 "consumed": consumed, "disc": disc.state_dict() if disc is not None else None,
-                                 "disc_optimizer": d_opt.state_dict() if disc is not None else None,
-                                 "rng": rngs, "config": config_dict(cfg)}, state_path)
-            PROGRESS["checkpoint"] = step  # what a resume starts from, from here on
-            raw.save_pretrained(cfg.out_dir)  # atomic: config.json + model.safetensors
-        last_good = step
-
+    last_step, last_good = cfg.stop_step or cfg.max_steps, step if st is not None else None
     teacher_acc, result = None, None
-
-    def run_eval():
-        nonlocal teacher_acc
-        if ev is None or not master:
-            return None
-        res, teacher_acc = evaluate(raw, teacher, text_tok, cfg, ev, device, teacher_acc)
-        res = dict(step=step, **res)
-        zs, cs = res["zero_shot_top1"], res["codes_sem"]
-        zs = "n/a" if zs is None else f"{zs:.4f}"
-        cs = "n/a" if cs is None else f"{cs['usage_any_depth']:.3f}"
-        print(f"step {step}: PSNR {res['psnr']:.2f} dB, SSIM {res['ssim']:.3f}, zero-shot top-1 {zs} (teacher "
-              f"{res['teacher_zero_shot_top1']:.4f}), codebook usage pix {res['codes_pix']['usage_any_depth']:.3f} "
-              f"sem {cs}")
-        logger.log(event="eval", **res)
-        return res
-
-    last_step = cfg.stop_step or cfg.max_steps
-    from tqdm import tqdm
-    bar = tqdm(total=last_step, initial=step, disable=not master, desc="tokenizer", dynamic_ncols=True)
+    bar = tu.progress_bar(last_step, step, master, "tokenizer")
     t0, seen = time.time(), 0
     while step < last_step:
         lr = tu.cosine_lr(step, cfg.warmup, cfg.max_steps, cfg.lr, cfg.min_lr)
@@ -446,78 +478,32 @@ def train(cfg):
         for micro in range(accum):
             x = next(batches).to(device, non_blocking=True)
             consumed += 1
-            if ctx.ddp:  # all-reduce gradients only on the last micro-step
-                model.require_backward_grad_sync = micro == accum - 1
+            tu.sync_on_last(model, micro, accum)
             with autocast:
-                if sem_on:
-                    t_sem, t_pool = teacher_features(teacher, x, layer_sem)
-                out = model(x)
-                # recon-only runs have no teacher pass and no semantic terms; runs without a semantic
-                # quantizer of their own (recon-only, tied) have no commit_sem term
-                sem = ((out.zq_sem.float(), t_sem.float(), out.pooled.float(), t_pool.float()) if sem_on
-                       else (None, None, None, None))
-                commit_sem = out.commit_sem if raw.quantizer_sem is not None else None
-                if gan_on:
-                    disc.requires_grad_(False)  # G's term must not leave gradients in D
-                loss, terms = loss_fn(x, out.recon.float(), *sem, out.commit_pix, commit_sem,
-                                      disc=disc if gan_on else None, last_layer=last_layer)
-            try:
-                tu.check_finite(terms, step)
-            except FloatingPointError as e:
-                where = f"step {last_good} in {cfg.out_dir}" if last_good is not None else "none written yet"
-                msg = f"{e}; stopped without saving, the last good checkpoint is {where}"
-                logger.log(event="nonfinite", step=step, message=msg, **terms)
-                tu.cleanup_ddp()
-                raise FloatingPointError(msg) from None
+                loss, terms, out = generator_loss(model, raw, teacher, loss_fn, x, disc if gan_on else None)
+            tu.stop_if_nonfinite(terms, step, last_good, cfg.out_dir, logger, **terms)
             (loss / accum).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v / accum
             if gan_on:
                 pairs.append((x, out.recon.detach()))
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in raw.parameters() if p.requires_grad], cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        d_lr = None
-        if gan_on:
-            # D's own step on this step's (x, x_hat) pairs, its own optimizer and schedule
-            disc.requires_grad_(True)
-            d_lr = tu.cosine_lr(step - cfg.gan_start, cfg.disc_warmup, cfg.max_steps - cfg.gan_start,
-                                cfg.disc_lr, cfg.disc_min_lr)
-            for g in d_opt.param_groups:
-                g["lr"] = d_lr
-            for micro, (x, x_hat) in enumerate(pairs):
-                if ctx.ddp:
-                    d_model.require_backward_grad_sync = micro == accum - 1
-                with autocast:
-                    d_loss, d_terms = loss_fn.d_loss(d_model, x, x_hat)
-                tu.check_finite(d_terms, step)
-                (d_loss / accum).backward()
-                for k, v in d_terms.items():
-                    sums[k] = sums.get(k, 0.0) + v / accum
-            d_opt.step()
-            d_opt.zero_grad(set_to_none=True)
+        tu.optimizer_step(opt, raw, cfg.grad_clip)
+        d_lr = discriminator_step(cfg, step, disc, d_model, d_opt, loss_fn, pairs, autocast, sums) if gan_on else None
         step += 1
         PROGRESS["step"] = step
         seen += cfg.batch_size
         bar.update(1)
         if master and (tu.every(step, cfg.log_interval) or step == last_step):
-            dt = time.time() - t0
             stats = {f"{q}_{s}": [round(v, 4) for v in out.stats[q][s].tolist()]
                      for q in out.stats for s in ("usage", "perplexity")}
-            row = dict(step=step, lr=lr, disc_lr=d_lr, img_per_s=seen / dt, elapsed_s=time.time() - t_start,
-                       **sums, **stats)  # loss terms: rank 0's share, averaged over micro-steps
-            bar.set_postfix(loss=f"{sums['total']:.3f}", rec=f"{sums['rec_mse']:.4f}", img_s=f"{seen / dt:.0f}")
-            logger.log(event="train", **row)
+            log_step(logger, bar, step, lr, d_lr, seen, time.time() - t0, t_start, sums, stats)
         if master and cfg.image_interval and (tu.every(step, cfg.image_interval) or step == last_step):
-            shown = psnr(x[:8], out.recon[:8].detach()).mean().item()
-            data.grid_png([list(data.to_image(x[:8])), list(data.to_image(out.recon[:8]))],  # originals over recons
-                          os.path.join(cfg.out_dir, "samples", f"step_{step:06d}.png"),
-                          labels=[f"step {step}: training images", f"their reconstructions (PSNR {shown:.2f} dB)"])
+            save_images(x, out.recon, step, cfg.out_dir)
         if tu.every(step, cfg.ckpt_interval) or step == last_step:
-            checkpoint()
-        if tu.every(step, cfg.eval_interval) or step == last_step:
-            result = run_eval()
+            checkpoint(cfg, ctx, raw, opt, disc, d_opt, step, consumed)
+            last_good = step
+        if (tu.every(step, cfg.eval_interval) or step == last_step) and ev is not None and master:
+            result, teacher_acc = report(raw, teacher, text_tok, cfg, ev, device, teacher_acc, step, logger)
     bar.close()
     if master and result is not None:
         result.update(wall_s=time.time() - t_start, templates=list(cfg.templates), classes=ev["classes"],
@@ -531,9 +517,7 @@ def train(cfg):
 def batch_stream(ds, cfg, ctx, consumed):
     """Infinite iterator of (B, 3, R, R) image batches for this rank, starting after `consumed`
     micro-batches (ShardedSampler positions are a function of that count)."""
-    sampler = tu.ShardedSampler(len(ds), cfg.seed, ctx.rank, ctx.world, cfg.micro_batch)
-    total = consumed * ctx.world * cfg.micro_batch
-    sampler.load_state_dict({"epoch": total // len(ds), "pos": total % len(ds), "n": len(ds), "seed": cfg.seed})
+    sampler = tu.sampler_after(len(ds), cfg, ctx, consumed)
     collate = lambda items: data.collate(items)["image"]
     if cfg.num_workers == 0:  # main process: transforms draw from the checkpointed RNG, resume is exact
         return (collate([ds[i] for i in idx]) for idx in sampler)

@@ -14,13 +14,14 @@ import json
 import math
 import os
 import random
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from configurator import UserError, atomic_write
+from configurator import PROGRESS, UserError, atomic_write
 from folders import check_outputs, hold_folder, path_fields
 
 
@@ -277,6 +278,65 @@ def check_finite(terms, step):
             raise FloatingPointError(f"non-finite loss term {name!r} = {float(v)} at step {step}")
 
 
+# -----------------------------------------------------------------------------
+# the parts of a trainer's step loop
+
+
+def start_log(cfg, ctx, st, step):
+    """-> the run's log.jsonl (JsonlLogger: a fresh one, or a resumed run's cut at its checkpoint `step`), with
+    PROGRESS (Ctrl-C's line) set to this run."""
+    PROGRESS.update(out_dir=cfg.out_dir, step=step, checkpoint=step if st is not None else None)
+    return JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=ctx.is_master, fresh=st is None,
+                       resume_step=None if st is None else step)
+
+
+def progress_bar(total, step, master, desc):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=step, disable=not master, desc=desc, dynamic_ncols=True)
+
+
+def wrap_ddp(model, ctx, **kw):
+    """DistributedDataParallel over the ranks (build -> compile -> DDP), or the model itself in one process."""
+    if not ctx.ddp:
+        return model
+    ids = [ctx.local_rank] if ctx.device.startswith("cuda") else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, **kw)
+
+
+def sync_on_last(model, micro, accum):
+    """DDP all-reduces gradients in the backward of the last micro-step only; DDP reads the flag at the forward, so
+    it is set before it. (FSDP reduce-scatters every micro-step, see sharding.py; one process has nothing to do.)"""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model.require_backward_grad_sync = micro == accum - 1
+
+
+def stop_if_nonfinite(terms, step, last_good, out_dir, logger, **logged):
+    """check_finite; a non-finite term is logged (with `logged`) and raised as a FloatingPointError naming the last
+    good checkpoint. Nothing is saved: the weights may already hold the NaN."""
+    try:
+        check_finite(terms, step)
+    except FloatingPointError as e:
+        where = f"step {last_good} in {out_dir}" if last_good is not None else "none written yet"
+        msg = f"{e}; stopped without saving, the last good checkpoint is {where}"
+        logger.log(event="nonfinite", step=step, message=msg, **logged)
+        cleanup_ddp()
+        raise FloatingPointError(msg) from None
+
+
+def optimizer_step(opt, model, grad_clip):
+    """Clip the trainable parameters' gradient norm (grad_clip > 0), step, and clear the gradients."""
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def param_counts(model):
+    """-> (parameters, trainable parameters), in numbers of elements."""
+    ps = list(model.parameters())
+    return sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)
+
+
 def broadcast_buffers_once(model, src=0):
     """Copy every buffer of `model` from rank `src` to all ranks (no-op without DDP). Call once, after
     building / resuming and before training. DDP with broadcast_buffers=False (right for EMA codebooks
@@ -303,158 +363,12 @@ def graph_breaks(fn, *args, **kwargs):
     return e.graph_break_count, reasons
 
 
-# -----------------------------------------------------------------------------
-# FSDP2 (torch.distributed.fsdp.fully_shard): parameters, gradients and AdamW state sharded over the ranks
-#
-# What a sharded run does between micro-steps of one optimizer step (gradient accumulation): parameters stay
-# sharded (fsdp_shard: every unit all-gathers its parameters just before its forward, frees them after it, and
-# gathers them again for its backward, so a micro-step all-gathers each unit twice); gradients are reduce-scattered
-# at the end of every micro-step's backward and summed into each rank's fp32 gradient shard. The alternative,
-# set_requires_gradient_sync(False) until the last micro-step, communicates less but keeps every unsharded gradient
-# on every GPU until then: the gradient memory of DDP, which is what FSDP is used here to remove.
-
-
-def fsdp_policy(device, dtype):
-    """FSDP2's mixed precision, the counterpart of autocast_ctx under FSDP: on cuda with bfloat16, each unit's
-    parameters are all-gathered and computed in bf16 while the sharded master weights, the gradients'
-    reduce-scatter and AdamW's state stay fp32 (no autocast needed: the compute dtype is the parameters').
-    None elsewhere (CPU and MPS run fp32, as autocast_ctx; fp16 would need a GradScaler)."""
-    if dtype not in ("bfloat16", "float16", "float32"):
-        raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
-    if not str(device).startswith("cuda") or dtype != "bfloat16":
-        return None
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-
-
-def fsdp_shard(model, units, policy=None):
-    """Shard `model` (built on the meta device: this only replaces each parameter by its DTensor shard) the way
-    torchtitan applies FSDP2: every module in `units` (decoder blocks, depth heads) is one unit, all-gathered
-    just before its forward and freed after it (reshard_after_forward: ZeRO-3, so at most a unit or two is
-    ever unsharded on a GPU), then the root takes the rest (embeddings, a tied head, final norm). A parameter
-    shared by two modules (a tied head) must sit in one unit: both live in the root here. Then to_empty and
-    fsdp_load_full give the shards their values."""
-    from torch.distributed.fsdp import fully_shard
-    kw = {} if policy is None else dict(mp_policy=policy)
-    for m in units:
-        fully_shard(m, **kw)
-    fully_shard(model, **kw)
-    return model
-
-
-def fsdp_load_full(model, full, device):
-    """Materialise a sharded model on `device` and fill every shard from `full`, a full state dict only rank 0
-    holds (other ranks pass None): set_model_state_dict broadcasts it one tensor at a time and each rank keeps
-    its own rows, so the whole model never exists on a GPU, and in CPU memory on rank 0 only. Strict: every
-    key, every shape (StateDictOptions.strict)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    model.to_empty(device=device)
-    set_model_state_dict(model, full if dist.get_rank() == 0 else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True))
-
-
-def fsdp_full_state_dict(model):
-    """The sharded model's full state dict gathered into rank 0's CPU memory ({} on the other ranks): what
-    the export writes and what evaluation runs on. A collective: every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def init_optimizer_state(opt):
-    """Create every parameter's optimizer state now, equal to what its first real step would create (zero
-    moments, step 0): one zero-gradient step at lr 0 (torch.distributed.checkpoint's own recipe, which leaves
-    the weights bit-for-bit unchanged: decay x (1 - 0) and an update x 0), then the step counters back to 0.
-    Without it a trainable parameter that never gets a gradient (stage 2's depth heads: no generation samples)
-    has no state, and a sharded checkpoint could not be loaded back strictly."""
-    for g in opt.param_groups:
-        for p in g["params"]:
-            p.grad = torch.zeros_like(p)
-    lrs = [g["lr"] for g in opt.param_groups]
-    for g in opt.param_groups:
-        g["lr"] = 0.0
-    opt.step()
-    for g, lr in zip(opt.param_groups, lrs):
-        g["lr"] = lr
-    opt.zero_grad(set_to_none=True)
-    for st in opt.state.values():
-        if torch.is_tensor(st.get("step")):
-            st["step"].zero_()
-        elif "step" in st:
-            st["step"] = 0
-
-
-def save_sharded(model, opt, path, extra):
-    """Exact-resume state of a sharded run. Every rank writes its own shards of the model and optimizer state
-    (torch.distributed.checkpoint) into a folder beside `path`, first as <folder>.tmp, renamed when every rank
-    is done; then rank 0 writes `path` (a train_state.pt: `extra`, e.g. step and config, plus the folder's name
-    under "sharded"), atomically and last. That replace is the commit: a crash at any moment leaves the
-    previous train_state.pt naming its own untouched folder. Older folders are removed after the commit."""
-    import shutil
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    root, base = os.path.split(os.path.abspath(path))
-    name = f"{base}.shards.{extra['step']:08d}"
-    final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
-    master = dist.get_rank() == 0
-    if master:
-        os.makedirs(root, exist_ok=True)
-        for d in (tmp, final):  # a crashed attempt at this step (never committed: train_state.pt names older)
-            if os.path.isdir(d):
-                shutil.rmtree(d)
-    dist.barrier()
-    msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=tmp)
-    dist.barrier()
-    if master:
-        os.replace(tmp, final)
-        save_train_state({**extra, "sharded": name}, path)
-        for d in os.listdir(root):
-            if d.startswith(f"{base}.shards.") and d != name:
-                shutil.rmtree(os.path.join(root, d))
-    dist.barrier()
-
-
-def load_sharded(model, opt, path, st):
-    """Load what save_sharded wrote (`st`: the train_state.pt at `path`, read by load_train_state) into the
-    sharded model and its optimizer (after init_optimizer_state), strictly; any world size can read it."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    if "sharded" not in st:
-        raise UserError(f"{path} holds a whole model (--parallel=ddp): resume it with --parallel=ddp")
-    folder = os.path.join(os.path.dirname(os.path.abspath(path)), st["sharded"])
-    if not os.path.isdir(folder):
-        raise UserError(f"{path} names the sharded state {folder}, which does not exist")
-    msd, osd = get_state_dict(model, opt)
-    dcp.load({"model": msd, "optimizer": osd}, checkpoint_id=folder)
-    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
-
-
-def checkpoint_blocks(blocks):
-    """Activation checkpointing per block: in the forward each block keeps only its inputs and recomputes its
-    activations in its backward (torch.utils.checkpoint, non-reentrant), about one more forward of compute for
-    the activation memory of all blocks but one. The block's own forward is wrapped, not the module: parameter
-    names (checkpoints, exports) are unchanged, and under FSDP the recomputation runs inside the block's
-    backward, where its parameters are already gathered (apply it before fsdp_shard)."""
-    from functools import partial
-    from torch.utils.checkpoint import checkpoint
-    for b in blocks:
-        b.forward = partial(checkpoint, b.forward, use_reentrant=False)
-
-
-def state_bytes(model, world=1, fsdp=False):
-    """Per-GPU bytes of what training keeps between steps, before activations: fp32 parameters (the master
-    weights; a tied tensor counted once), an fp32 gradient and AdamW's two fp32 moments per trainable parameter
-    (requires_grad), and the buffers. DDP: all of it on every GPU. FSDP over `world` GPUs: each parameter's
-    shard as fully_shard cuts it (dim 0 in `world` chunks of ceil(n0 / world) rows: rank 0's, the largest);
-    buffers stay whole on every rank. Works on a model built on the meta device. Returns a dict of bytes."""
-    def n(p):  # elements of p on the fullest GPU
-        if not fsdp or p.dim() == 0 or p.shape[0] == 0:
-            return p.numel()
-        return -(-p.shape[0] // world) * (p.numel() // p.shape[0])
-    ps = list(model.parameters())  # a tied tensor once
-    tr = [n(p) for p in ps if p.requires_grad]
-    return dict(params=4 * sum(n(p) for p in ps), grads=4 * sum(tr), adam=8 * sum(tr),
-                buffers=sum(b.numel() * b.element_size() for b in model.buffers()))
+def sampler_after(n, cfg, ctx, consumed):
+    """The ShardedSampler of this rank over `n` items, placed after `consumed` micro-batches of every rank."""
+    sampler = ShardedSampler(n, cfg.seed, ctx.rank, ctx.world, cfg.micro_batch)
+    total = consumed * ctx.world * cfg.micro_batch
+    sampler.load_state_dict({"epoch": total // n, "pos": total % n, "n": n, "seed": cfg.seed})
+    return sampler
 
 
 class ShardedSampler:
@@ -582,7 +496,7 @@ VALUE_RULES = (
       "sem_loss_weight", "gen_caption_loss", "gen_ground_loss", "weight_shortcut") + tuple(
         f"w_{k}" for k in ("sem_tok", "sem_pool", "commit", "rec", "edge", "lpips", "gan")),
      lambda v: _finite(v) and v >= 0, "need a finite number >= 0"),
-    (("min_lr_frac", "caption_drop", "caption_dropout", "vq_decay"),
+    (("min_lr_frac", "caption_drop", "caption_dropout", "vq_pix.decay", "vq_sem.decay"),
      lambda v: _finite(v) and 0 <= v <= 1, "need a number in [0, 1]"),
     (("beta1", "beta2"), lambda v: _finite(v) and 0 <= v < 1, "need a number in [0, 1)"),
     (("temperature",), lambda v: _finite(v) and v >= 0, "need a finite number >= 0 (0: greedy)"),
@@ -590,10 +504,12 @@ VALUE_RULES = (
      "need a finite number (see the key's comment for what <= 0 means)"),
     (("batch_size", "micro_batch", "eval_batch", "prepare_batch", "max_new_tokens", "image_size", "patch_size",
       "vision_width", "vision_layers", "vision_heads", "text_width", "text_layers", "text_heads", "mlp_ratio",
-      "max_len", "codebook_size", "code_dim", "depth", "dec_ch", "dec_latent_channels", "n_layer", "n_embd",
-      "n_head", "n_kv_head", "intermediate_size", "head_n_layer", "head_n_embd", "head_n_head", "qa_per_image",
-      "disc_width"), lambda v: isinstance(v, int) and v >= 1, "need an integer >= 1"),
-    (("threads", "num_workers", "grid_scale", "pix_depth", "dec_num_res_blocks", "dec_patch_skip", "max_images"),
+      "max_len", "codebook_size", "code_dim", "depth", "dec_ch", "n_layer", "n_embd", "n_head", "n_kv_head",
+      "intermediate_size", "head_n_layer", "head_n_embd", "head_n_head", "qa_per_image", "disc_width") + tuple(
+        f"{g}.{k}" for g in ("vq_pix", "vq_sem") for k in ("codebook_size", "code_dim", "depth")) + tuple(
+        f"decoder.{k}" for k in ("ch", "latent_channels")), lambda v: isinstance(v, int) and v >= 1,
+     "need an integer >= 1"),
+    (("threads", "num_workers", "grid_scale", "decoder.num_res_blocks", "decoder.patch_skip", "max_images"),
      lambda v: isinstance(v, int) and v >= 0, "need an integer >= 0"),
     (("dtype",), lambda v: v in ("bfloat16", "float16", "float32"), "expected bfloat16, float16 or float32"),
 )
@@ -602,9 +518,10 @@ VALUE_RULES = (
 def check_values(cfg, rules=()):
     """Every VALUE_RULES entry for the fields `cfg` has, the device, then `rules`: ((key, ok(cfg), what), ...),
     the relations of one config's fields. The first failure is a UserError naming the key and its value."""
+    from configurator import value
     for keys, ok, what in VALUE_RULES:
         for k in keys:
-            v = getattr(cfg, k, None)
+            v = value(cfg, k)
             if v is not None and not ok(v):
                 raise UserError(f"--{k}={v!r}: {what}")
     problem = device_problem(getattr(cfg, "device", "") or "")
@@ -612,7 +529,7 @@ def check_values(cfg, rules=()):
         raise UserError(f"--device={cfg.device!r}: {problem}")
     for key, ok, what in rules:
         if not ok(cfg):
-            raise UserError(f"--{key}={getattr(cfg, key)!r}: {what(cfg) if callable(what) else what}")
+            raise UserError(f"--{key}={value(cfg, key)!r}: {what(cfg) if callable(what) else what}")
 
 
 def require_path(value, key, kind="dir", hint=""):
@@ -657,17 +574,25 @@ def _plain(v):
     return json.loads(json.dumps(v))
 
 
-def config_changes(saved, new):
+def config_changes(saved, new, groups=(), prefix=""):
     """Keys outside RESUME_MAY_CHANGE whose value differs between a checkpoint's config and this run's:
-    {key: (saved, new)}. A key only one side has (a field added to the code since) is not compared."""
-    return {k: (_plain(saved[k]), _plain(v)) for k, v in new.items()
-            if k in saved and k not in RESUME_MAY_CHANGE and _plain(saved[k]) != _plain(v)}
+    {key: (saved, new)}, the keys of the `groups` (decoder) by their dotted names (decoder.ch). A key only one side
+    has (a field added to the code since) is not compared."""
+    out = {}
+    for k, v in new.items():
+        if k not in saved or k in RESUME_MAY_CHANGE:
+            continue
+        if k in groups and isinstance(v, dict) and isinstance(saved[k], dict):
+            out.update(config_changes(saved[k], v, (), prefix + k + "."))
+        elif _plain(saved[k]) != _plain(v):
+            out[prefix + k] = (_plain(saved[k]), _plain(v))
+    return out
 
 
 def load_train_state(path, cfg, map_location="cpu"):
     """train_state.pt for --resume=True: present, readable (a damaged file is named, not a zip-reader
     traceback) and written with the same model / objective / data config as this run."""
-    from configurator import config_dict
+    from configurator import config_dict, keys
     if not os.path.isfile(path):
         raise UserError(f"--resume=True but there is no {path} (train without --resume first)")
     try:
@@ -682,7 +607,8 @@ def load_train_state(path, cfg, map_location="cpu"):
         raise UserError(f"{path} is damaged: its contents do not match the sha256 recorded when it was saved (step "
                         f"{st.get('step', '?')}); no earlier checkpoint is kept (each save replaces the previous "
                         f"one): train again with --overwrite=True or into another --out_dir")
-    diff = config_changes(st.get("config") or {}, config_dict(cfg))
+    groups = [k for k, (obj, name, _) in keys(cfg).items() if dataclasses.is_dataclass(getattr(obj, name))]
+    diff = config_changes(st.get("config") or {}, config_dict(cfg), groups)
     if diff:
         shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in sorted(diff.items())))
         raise UserError(f"--resume=True with a config that changes the model or the data stream ({shown}; "

@@ -10,14 +10,10 @@ tokenizer_config = dict(
     layer_shortcut=4,
     weight_shortcut=0.6,
     layer_sem=26,
-    codebook_size=16384,
-    code_dim=32,
-    depth=4,
-    dec_ch=128,             # 256 / 2^4 = 16: five levels 16:1024, 32:512, 64:512, 128:128, 256:128
-    dec_ch_mult=(1, 1, 4, 4, 8),
-    dec_num_res_blocks=2,
-    dec_attn_resolutions=(16,),
-    dec_latent_channels=1024,
+    vq_pix=dict(codebook_size=16384, code_dim=32, depth=4),
+    vq_sem=dict(codebook_size=16384, code_dim=32, depth=4),
+    decoder=dict(ch=128, ch_mult=(1, 1, 4, 4, 8), num_res_blocks=2, attn_resolutions=(16,),
+                 latent_channels=1024),  # 256 / 2^4 = 16: five levels 16:1024, 32:512, 64:512, 128:128, 256:128
     trainable="vision",
     batch_size=256,
     micro_batch=32,         # 8 GPUs x 32, no accumulation

@@ -11,14 +11,11 @@ tokenizer_config = dict(
     layer_shortcut=4,       # ... + 0.6 x block 4 (released code only)
     weight_shortcut=0.6,
     layer_sem=26,           # semantic branch: block 26 of 27; its codes re-enter block 27
-    codebook_size=16384,
-    code_dim=32,
-    depth=8,
-    dec_ch=128,             # decoder levels 24:1024, 48:512, 96:512, 192:128, 384:128 channels
-    dec_ch_mult=(1, 1, 4, 4, 8),
-    dec_num_res_blocks=2,   # 3 ResBlocks per level
-    dec_attn_resolutions=(24,),
-    dec_latent_channels=1024,
+    vq_pix=dict(codebook_size=16384, code_dim=32, depth=8),
+    vq_sem=dict(codebook_size=16384, code_dim=32, depth=8),
+    # decoder levels 24:1024, 48:512, 96:512, 192:128, 384:128 channels, 3 ResBlocks per level
+    decoder=dict(ch=128, ch_mult=(1, 1, 4, 4, 8), num_res_blocks=2, attn_resolutions=(24,),
+                 latent_channels=1024),
     trainable="vision",     # released stage 1: the whole vision tower
     batch_size=256,         # released code (the paper's table says 64)
     micro_batch=16,         # 8 GPUs x 16 x accumulation 2; the 384-px decoder activations dominate memory

@@ -45,7 +45,7 @@ siglip_config = dict(
 #   one shared book, whose first depth used 15 of 512 codes;
 # - 1000 steps (500 gave the checker 0.54 on decodings of true codes, 1000 gave 0.72-0.74).
 # The decoder is the released layout shrunk to the floor GroupNorm(32) allows (32/64 channels, one ResBlock
-# per level, 6 -> 12 -> 24 -> 48 px) plus dec_patch_skip=256, a per-cell MLP that paints each token's 8x8
+# per level, 6 -> 12 -> 24 -> 48 px) plus decoder patch_skip=256, a per-cell MLP that paints each token's 8x8
 # patch (tokenizer.Decoder). CPU choices (not the release): trainable="after_sem" (patch/pos embeddings
 # and blocks 1-3 frozen), lr 2e-3 for a few hundred steps, LPIPS and GAN off.
 tokenizer_config = dict(
@@ -57,16 +57,10 @@ tokenizer_config = dict(
     layer_shortcut=None,
     pix_attn=False,
     layer_sem=3,
-    codebook_size=512,
-    code_dim=32,
-    depth=6,
-    shared_codebook=False,
-    dec_ch=32,
-    dec_ch_mult=(1, 1, 2, 2),
-    dec_num_res_blocks=0,
-    dec_attn_resolutions=(),
-    dec_latent_channels=64,
-    dec_patch_skip=256,
+    vq_pix=dict(codebook_size=512, code_dim=32, depth=6, shared_codebook=False),
+    vq_sem=dict(codebook_size=512, code_dim=32, depth=6, shared_codebook=False),
+    decoder=dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=0, attn_resolutions=(), latent_channels=64,
+                 patch_skip=256),
     trainable="after_sem",
     batch_size=16,
     micro_batch=16,

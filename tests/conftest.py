@@ -95,14 +95,15 @@ def tiny_mllm(tiny_tok):
     """A tiny MLLM written the way train_mllm.py writes its out_dir (build_model + MLLM.save_pretrained), on
     tiny_tok's tokenizer with the byte prompt tokenizer."""
     import torch
+    import configurator
     import loaders
     import text
     import train_mllm
     from tokenizer import DualToken
     torch.manual_seed(0)
     dual = DualToken.from_pretrained(str(tiny_tok / "tok"))
-    cfg = train_mllm.TrainMLLMConfig(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, intermediate_size=64,
-                                     head_n_layer=1)
+    cfg = configurator.make(train_mllm.TrainMLLMConfig, n_layer=1, n_embd=32, n_head=2, n_kv_head=1,
+                            intermediate_size=64, head_n_layer=1)
     raw = train_mllm.build_model(cfg, text.PromptTokenizer("bytes"), dual)
     out = tiny_tok / "mllm"
     raw.save_pretrained(str(out), dict(tokenizer=str(tiny_tok / "tok"), text_tokenizer="bytes",

@@ -6,6 +6,8 @@ import os
 
 import pytest
 import torch
+
+import configurator
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
@@ -140,14 +142,14 @@ def test_default_is_the_released_model(tmp_path):
 
 
 def tiny_ablation(teacher_dir, out_dir, **kw):
-    c = ablation.AblationConfig(
-        ablation_dir=str(out_dir), init_from=teacher_dir, max_objects=1, train_size=64, eval_size=18,
-        layer_recon=1, layer_shortcut=None, layer_sem=3, codebook_size=32, code_dim=16, depth=2,
-        dec_ch=32, dec_ch_mult=(1, 1, 1), dec_num_res_blocks=0, dec_attn_resolutions=(), dec_latent_channels=32,
+    c = configurator.make(
+        ablation.AblationConfig,         ablation_dir=str(out_dir), init_from=teacher_dir, max_objects=1, train_size=64, eval_size=18,
+        layer_recon=1, layer_shortcut=None, layer_sem=3, vq_pix=dict(codebook_size=32, code_dim=16, depth=2),
+        vq_sem=dict(codebook_size=32, code_dim=16, depth=2),
+        decoder=dict(ch=32, ch_mult=(1, 1, 1), num_res_blocks=0, attn_resolutions=(), latent_channels=32),
         trainable="after_sem", batch_size=4, micro_batch=4, max_steps=400, steps=3, lr=2e-3, warmup=1,
         log_interval=1, eval_batch=32, device="cpu", threads=0)
-    for k, v in kw.items():
-        setattr(c, k, v)
+    configurator.assign(c, kw, "test config")
     return c
 
 

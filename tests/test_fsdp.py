@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import sharding
 import train_mllm as tm
 import train_utils as tu
 from mllm import MLLM, tiny_config
@@ -172,7 +173,7 @@ def test_fsdp_resume_is_exact(runs):
 def test_fsdp_export_loads_with_the_same_logits(runs):
     """The export (gathered to rank 0, written as a DDP run writes it) loads with MLLM.from_pretrained and computes the
     sharded model's logits; the sharded parameters hold every weight once (each rank its rows) and rank 0's
-    share is tu.state_bytes' FSDP count."""
+    share is sharding.state_bytes' FSDP count."""
     model = MLLM.from_pretrained(os.path.join(runs.root, "a"))
     info = model.export_info
     assert model.lm_head.weight is model.embed.weight and info["tokenizer_hash"]
@@ -182,7 +183,7 @@ def test_fsdp_export_loads_with_the_same_logits(runs):
         assert torch.allclose(r["logits"], logits, atol=1e-6, rtol=0), (r["logits"] - logits).abs().max()
     n = [r["local_numel"] for r in runs.res]
     assert sum(n) == sum(p.numel() for p in model.parameters())
-    assert 4 * n[0] == tu.state_bytes(model, world=2, fsdp=True)["params"] and n[1] <= n[0]
+    assert 4 * n[0] == sharding.state_bytes(model, world=2, fsdp=True)["params"] and n[1] <= n[0]
 
 
 @pytest.mark.slow
@@ -220,7 +221,7 @@ def test_activation_checkpointing_keeps_the_gradients():
     a.set_codebooks(torch.randn(cfg.pix_vocab, cfg.pix_dim), torch.randn(cfg.sem_vocab, cfg.sem_dim))
     b = MLLM(cfg)
     b.load_state_dict(a.state_dict())
-    tu.checkpoint_blocks(b.layers)
+    sharding.checkpoint_blocks(b.layers)
     assert list(a.state_dict()) == list(b.state_dict())
     batch = probe_batch(cfg)
     for m in (a, b):
@@ -239,15 +240,15 @@ def test_parallel_key_is_checked(tok_dir, tmp_path, monkeypatch):  # noqa: F811
 
 
 def test_state_bytes_counts_the_real_parameters():
-    """tu.state_bytes against a tiny model's own parameter count (a tied head once), per trainable set."""
+    """sharding.state_bytes against a tiny model's own parameter count (a tied head once), per trainable set."""
     m = MLLM(tiny_config())
     n = sum(p.numel() for p in m.parameters())
     assert n == sum(v.numel() for k, v in m.state_dict().items() if k not in ("lm_head.weight", "pix_book", "sem_book"))
-    s = tu.state_bytes(m)
+    s = sharding.state_bytes(m)
     assert s == dict(params=4 * n, grads=4 * n, adam=8 * n, buffers=4 * (m.pix_book.numel() + m.sem_book.numel()))
     m.set_trainable("input")
     k = sum(p.numel() for p in m.vis_in.parameters())
-    s1, s2 = tu.state_bytes(m), tu.state_bytes(m, world=2, fsdp=True)
+    s1, s2 = sharding.state_bytes(m), sharding.state_bytes(m, world=2, fsdp=True)
     assert (s1["params"], s1["grads"], s1["adam"]) == (4 * n, 4 * k, 8 * k)
     # FSDP: dim 0 in ceil(n0 / 2) rows: the embedding (vocab 263, odd) has rank 0's extra row
     half = sum(-(-p.shape[0] // 2) * p[0].numel() for p in m.parameters())
@@ -256,7 +257,7 @@ def test_state_bytes_counts_the_real_parameters():
 
 def test_memory_table_of_a_stage_preset(capsys):
     """bench.py memory on the meta device: the 3B trunk has Qwen2.5-3B's published parameter count, and the
-    table's rows are tu.state_bytes of the preset's trainable set."""
+    table's rows are sharding.state_bytes of the preset's trainable set."""
     import bench
     from conftest import ROOT
     preset, tok = (os.path.join(ROOT, "config", f) for f in ("mllm_stage3.py", "dualtoken_384.py"))

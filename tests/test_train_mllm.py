@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+import configurator
+
 from configurator import UserError
 import codec
 import codecache
@@ -39,13 +41,12 @@ def cache_dir(tok_dir, tmp_path_factory):
 
 
 def make_cfg(tok_dir, out_dir, cache_dir="", **kw):
-    c = tm.TrainMLLMConfig(
-        out_dir=str(out_dir), tokenizer=tok_dir, cache_dir=cache_dir, train_size=48, eval_size=8, n_layer=2,
+    c = configurator.make(
+        tm.TrainMLLMConfig, out_dir=str(out_dir), tokenizer=tok_dir, cache_dir=cache_dir, train_size=48, eval_size=8, n_layer=2,
         n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128, head_n_layer=1, head_n_embd=32, head_n_head=2,
         batch_size=8, micro_batch=8, max_steps=4, warmup=1, lr=3e-3, eval_qa=4, eval_gen=2, eval_batch=4,
         log_interval=1, sample_interval=0, ckpt_interval=1000, device="cpu")
-    for k, v in kw.items():
-        setattr(c, k, v)
+    configurator.assign(c, kw, "make_cfg")
     return c
 
 
@@ -296,8 +297,8 @@ def test_train_exports_loadable_model_and_eval(tok_dir, cache_dir, tmp_path, mon
 
 
 def test_stage_trainable_sets():
-    cfg = tm.TrainMLLMConfig(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, intermediate_size=64, head_n_layer=1,
-                             head_n_embd=16, head_n_head=2)
+    cfg = configurator.make(tm.TrainMLLMConfig, n_layer=1, n_embd=32, n_head=2, n_kv_head=1, intermediate_size=64,
+                            head_n_layer=1, head_n_embd=16, head_n_head=2)
     from mllm import tiny_config
     m = MLLM(tiny_config())
     m.set_trainable("input")

@@ -6,6 +6,8 @@ import os
 import pytest
 import torch
 
+import configurator
+
 import losses
 import train_tokenizer as tt
 from siglip import SigLIP
@@ -13,14 +15,14 @@ from tokenizer import DualToken
 
 
 def make_cfg(teacher_dir, out_dir, **kw):
-    c = tt.TrainTokenizerConfig(
-        out_dir=str(out_dir), init_from=teacher_dir, max_objects=1, train_size=64, eval_size=18,
-        layer_recon=1, layer_shortcut=None, layer_sem=3, codebook_size=32, code_dim=16, depth=2,
-        dec_ch=32, dec_ch_mult=(1, 1, 1), dec_num_res_blocks=0, dec_attn_resolutions=(), dec_latent_channels=32,
+    c = configurator.make(
+        tt.TrainTokenizerConfig,         out_dir=str(out_dir), init_from=teacher_dir, max_objects=1, train_size=64, eval_size=18,
+        layer_recon=1, layer_shortcut=None, layer_sem=3, vq_pix=dict(codebook_size=32, code_dim=16, depth=2),
+        vq_sem=dict(codebook_size=32, code_dim=16, depth=2),
+        decoder=dict(ch=32, ch_mult=(1, 1, 1), num_res_blocks=0, attn_resolutions=(), latent_channels=32),
         batch_size=4, micro_batch=4, max_steps=4, lr=2e-3, warmup=1, log_interval=1, image_interval=0,
         eval_interval=1000, eval_batch=32, ckpt_interval=1000, device="cpu", disc_width=8, disc_lr=1e-3)
-    for k, v in kw.items():
-        setattr(c, k, v)
+    configurator.assign(c, kw, "test config")
     return c
 
 
@@ -177,10 +179,10 @@ def _ddp_worker(rank, world, port, teacher_dir, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    # vq_decay=0.5: a code used twice in step 1 survives it keeping half of its initial value (at 0.99
+    # decay 0.5: a code used twice in step 1 survives it keeping half of its initial value (at 0.99
     # every code restarts from rank 0's batch at step 1 and a per-rank initial codebook goes unseen)
     raw, _ = tt.train(make_cfg(teacher_dir, out_dir, batch_size=4, micro_batch=2, max_steps=3, gan_start=1,
-                               vq_decay=0.5))
+                               vq_pix=dict(decay=0.5), vq_sem=dict(decay=0.5)))
     torch.save({k: v.clone() for k, v in raw.state_dict().items()}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
