@@ -320,6 +320,8 @@ def mllm_entry(variant, seed, folder, cfg):
             e[k + "_by_type"] = {t: v["accuracy"] for t, v in ev[k]["by_type"].items()}
     with open(os.path.join(folder, "eval_ablation.json")) as f:
         e["eval_wall_s"] = json.load(f)["wall_s"]
+    with open(os.path.join(folder, "config.json")) as f:  # which tokenizer: a retrained one differs
+        e["tokenizer_hash"] = json.load(f).get("tokenizer_hash")
     return e
 
 

@@ -258,6 +258,7 @@ def test_ablation_mllm_tiny_end_to_end(tmp_path, capsys):
         assert 0 <= r["qa_accuracy"] <= 1 and r["n_qa"] > 0 and "background" in r["qa_by_type"]
         assert r["gen_all_correct"] is not None and set(r["gen_by_attribute"]) == {"count", "color", "shape", "size", "cell"}
     assert "qa_pix_swapped" in runs["dual"] and "qa_pix_swapped" not in runs["pix_input"]
+    assert runs["dual"]["tokenizer_hash"] == runs["pix_gen"]["tokenizer_hash"] != runs["single_vocab"]["tokenizer_hash"]
     saved = json.load(open(D / "ablation_mllm.json"))
     assert len(saved["runs"]) == 5 and saved["commit"] and saved["machine"] and "| `dual` |" in saved["table"]
     assert (D / "ablation_mllm.md").read_text().startswith("| variant |")
