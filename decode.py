@@ -80,12 +80,18 @@ def draws(generator, temperatures, B, K, device):
             for t in temperatures]
 
 
+def _fresh(h):
+    """The prefill's last states (a view into (B, T, C), strides of its own) as the steps give them: dense (B, C).
+    dynamo guards on strides, even of a size-1 batch dimension: a view would cost a second graph."""
+    return h.clone(memory_format=torch.contiguous_format)
+
+
 def text_loop(model, h, cache, max_new_tokens, temperature, top_k, top_p, generator, backend, eos=None):
     """After the prefill: h (B, C) its last states -> the new ids (B, n), n <= max_new_tokens: the loop stops
     after the step at which every row has drawn eos (eos None: never; one host read per step)."""
     cache.make_static()
     step, B, V = compiled(text_step, backend), h.shape[0], model.config.vocab_size
-    h, out, done = h.contiguous(), [], torch.zeros(B, dtype=torch.bool, device=h.device)
+    h, out, done = _fresh(h), [], torch.zeros(B, dtype=torch.bool, device=h.device)
     for _ in range(max_new_tokens):
         nxt, h = step(model, h, cache, draws(generator, [temperature], B, V, h.device)[0], temperature, top_k, top_p)
         out.append(nxt)
@@ -106,7 +112,7 @@ def image_loop(model, h, cache, B, num_positions, generator, backend, cfg_scale,
     heads = [(model.pix_book, temps(model.pix_book.shape[0]))]
     if model.sem_head is not None:
         heads.append((model.sem_book, temps(model.sem_book.shape[0])))
-    h, n, pix, sem = h.contiguous(), torch.zeros(h.shape[0], dtype=torch.long, device=h.device), [], []
+    h, n, pix, sem = _fresh(h), torch.zeros(h.shape[0], dtype=torch.long, device=h.device), [], []
     for _ in range(num_positions):
         noise = [draws(generator, t, B, book.shape[1], h.device) for book, t in heads] + [None]
         p, s, h, n = step(model, h, cache, n, noise, B, sampling)

@@ -65,21 +65,22 @@ def test_static_steps_draw_the_tokens_of_mllm_loops():
             assert out == ref and torch.equal(st, state)
 
 
-@pytest.mark.parametrize("what", ["image", "text"])
-def test_traced_step_compiles_once(what):
+@pytest.mark.parametrize("what,rows", [("image", 1), ("image", 2), ("text", 1), ("text", 2)])
+def test_traced_step_compiles_once(what, rows):
     """One graph for a whole generation: the first step is traced, every later step (and a second generation of the
-    same shapes, other prompts and seed) runs it without a recompile."""
+    same shapes, other prompts and seed) runs it without a recompile. One row too: dynamo guards on the strides of a
+    size-1 batch dimension, so the prefill's states must enter the first step laid out as later steps give them."""
     torch._dynamo.reset()
     counters.clear()
     m = tiny_model()
-    if what == "image":
-        run = lambda caps, seed: m.generate_image(caps, 7, cfg_scale=2.0, top_k=20, compile_decode="eager",
-                                                  generator=torch.Generator().manual_seed(seed))
-        args = ([[65, 66], [67, 68]], 0), ([[70, 71], [72, 73]], 1)
+    if what == "image":  # one row: unguided (CFG doubles the batch)
+        run = lambda caps, seed: m.generate_image(caps, 7, cfg_scale=2.0 if rows > 1 else None, top_k=20,
+                                                  compile_decode="eager", generator=torch.Generator().manual_seed(seed))
+        args = ([[65, 66], [67, 68]][:rows], 0), ([[70, 71], [72, 73]][:rows], 1)
     else:
         run = lambda ids, seed: m.generate(ids, 9, temperature=0.9, compile_decode="eager",
                                            generator=torch.Generator().manual_seed(seed))
-        args = (torch.randint(0, 256, (2, 5)), 0), (torch.randint(0, 256, (2, 5)), 1)
+        args = (torch.randint(0, 256, (rows, 5)), 0), (torch.randint(0, 256, (rows, 5)), 1)
     run(*args[0])
     assert counters["stats"]["unique_graphs"] == 1
     with torch._dynamo.config.patch(error_on_recompile=True):
