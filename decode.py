@@ -13,8 +13,10 @@ each step's work traceable by torch.compile once and then replayed without recom
   The trunk also runs after the last position (one step in N spent for nothing) so that every step is the
   same graph.
 The prefill (its length changes with the prompt) runs eagerly through MLLM.trunk before the cache turns static,
-exactly as in mllm.py's loops. A step's numbers differ from mllm.py's by float rounding at most (SDPA over all
-slots, masked, instead of the filled ones): tests/test_decode.py checks that the samples are the same.
+exactly as in mllm.py's loops. Eager, a step's numbers differ from mllm.py's by float rounding at most (SDPA over
+all slots, masked, instead of the filled ones), and tests/test_decode.py checks that the samples are the same;
+inductor's fused kernels round differently again, so there a near tie could in principle draw another sample
+(its test and bench.py llm check that they draw the same).
 """
 import torch
 
@@ -76,8 +78,8 @@ def image_step(model, h, cache, n, noise, B, sampling):
 
 def draws(generator, temperatures, B, K, device):
     """What sample_logits would draw for each of these temperatures, in order: Exp(1) (B, K), None for 0 (greedy)."""
-    return [None if t == 0 else torch.empty(B, K, device=device).exponential_(generator=generator)
-            for t in temperatures]
+    q = lambda: torch.empty(B, K, dtype=torch.float32, device=device).exponential_(generator=generator)
+    return [None if t == 0 else q() for t in temperatures]
 
 
 def _fresh(h):
@@ -114,7 +116,7 @@ def image_loop(model, h, cache, B, num_positions, generator, backend, cfg_scale,
         heads.append((model.sem_book, temps(model.sem_book.shape[0])))
     h, n, pix, sem = _fresh(h), torch.zeros(h.shape[0], dtype=torch.long, device=h.device), [], []
     for _ in range(num_positions):
-        noise = [draws(generator, t, B, book.shape[1], h.device) for book, t in heads] + [None]
+        noise = [draws(generator, t, B, book.shape[1], h.device) for book, t in heads]
         p, s, h, n = step(model, h, cache, n, noise, B, sampling)
         pix.append(p[:B])
         sem.append(None if s is None else s[:B])

@@ -145,10 +145,16 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
         top = torch.topk(logits, min(top_k, logits.shape[-1])).values  # (B, k) sorted, descending
         logits = logits.masked_fill(logits < top[:, -1:], float("-inf"))
     if top_p is not None and top_p < 1.0:
-        # keep the smallest prefix of the sorted logits whose mass reaches top_p. After top-k only its k
-        # survivors can be kept, so only they are sorted (topk's order), not all V
-        srt = top if top_k is not None else torch.sort(logits, descending=True).values  # (B, k or V)
-        p = F.softmax(srt, -1)
+        # keep the smallest prefix of the sorted logits whose mass reaches top_p. After top-k only its survivors
+        # can be kept: topk's k, already sorted, not all V. Logits that tie with the k-th survive too (more than
+        # k: bf16); their mass then counts, as in a full sort. A cut among tied logits keeps all of them (a full
+        # sort kept whichever its order put first)
+        if top_k is None:
+            srt = torch.sort(logits, descending=True).values  # (B, V)
+            p = F.softmax(srt, -1)
+        else:
+            srt, more = top, (logits >= top[:, -1:]).sum(-1, keepdim=True) > top.shape[-1]  # (B, 1)
+            p = torch.where(more, (top - torch.logsumexp(logits, -1, keepdim=True)).exp(), F.softmax(top, -1))
         n = ((p.cumsum(-1) - p) <= top_p).sum(-1, keepdim=True)  # (B, 1) kept, >= 1
         logits = logits.masked_fill(logits < srt.gather(-1, n - 1), float("-inf"))
     p = F.softmax(logits, -1)

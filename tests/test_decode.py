@@ -88,6 +88,19 @@ def test_traced_step_compiles_once(what, rows):
     assert counters["stats"]["unique_graphs"] == 1
 
 
+@pytest.mark.slow  # inductor compiles the step (~1 min on a CPU)
+def test_inductor_step_draws_the_same_codes():
+    """compile_decode=True, the default backend: one graph, the codes of mllm.py's loop (a small model: its fused
+    kernels round differently from eager, which is why this is checked at all)."""
+    torch._dynamo.reset()
+    counters.clear()
+    m = tiny_model(gen_sem=False, head_n_layer=1, n_layer=1)
+    draw = lambda **kw: m.generate_image([[65, 66], [67]], 5, cfg_scale=2.0, top_k=20,
+                                         generator=torch.Generator().manual_seed(2), **kw)
+    assert _same(draw(compile_decode=True), draw())
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def _multinomial_sampler(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """The sampler sample_logits replaced: top-p through a full sort of every row, then torch.multinomial."""
     logits = logits.float() / temperature
@@ -120,3 +133,16 @@ def test_sample_logits_draws_what_multinomial_drew():
             n += 1
         assert torch.equal(ga.get_state(), gb.get_state())
     assert n == 480
+
+
+def test_top_p_after_top_k_counts_logits_tied_with_the_kth():
+    """Logits tied with the k-th survive top-k (11 here for k = 5, as in bf16 logits); their mass counts toward
+    top-p as the full sort counted it: top-p 0.35 keeps the first two codes (0.32 of the mass lies before the
+    second), where a mass over the k alone (0.43) would keep one. A cut among the tied ones keeps all of them."""
+    logits = torch.tensor([[4.0, 3.5, 3.0, 2.5] + [2.0] * 7 + [-1.0] * 20])
+    for top_p, kept in ((0.35, {0, 1}), (0.6, {0, 1, 2}), (0.7, set(range(11)))):
+        ga, gb = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+        b = [int(llm.sample_logits(logits, top_k=5, top_p=top_p, generator=gb)) for _ in range(300)]
+        assert set(b) == kept
+        if top_p < 0.7:
+            assert b == [int(_multinomial_sampler(logits, top_k=5, top_p=top_p, generator=ga)) for _ in range(300)]
