@@ -1,7 +1,7 @@
 """decode.py's fixed-shape steps against mllm.py's loops: the same tokens and codes from the same generator (and the
 generator left in the same state), for every generation path and model layout; traced by dynamo once, with no
-recompile after the first step; and llm.sample_logits against the sampler it replaced (torch.multinomial after a
-full sort)."""
+recompile after the first step; and llm.sample_logits against the plain sampler (a full sort for top-p, then
+torch.multinomial)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,7 +102,7 @@ def test_inductor_step_draws_the_same_codes():
 
 
 def _multinomial_sampler(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """The sampler sample_logits replaced: top-p through a full sort of every row, then torch.multinomial."""
+    """The plain sampler: top-p through a full sort of every row, then torch.multinomial."""
     logits = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
@@ -137,7 +137,7 @@ def test_sample_logits_draws_what_multinomial_drew():
 
 def test_top_p_after_top_k_counts_logits_tied_with_the_kth():
     """Logits tied with the k-th survive top-k (11 here for k = 5, as in bf16 logits); their mass counts toward
-    top-p as the full sort counted it: top-p 0.35 keeps the first two codes (0.32 of the mass lies before the
+    top-p as the plain sampler's full sort counts it: top-p 0.35 keeps the first two codes (0.32 of the mass lies before the
     second), where a mass over the k alone (0.43) would keep one. A cut among the tied ones keeps all of them."""
     logits = torch.tensor([[4.0, 3.5, 3.0, 2.5] + [2.0] * 7 + [-1.0] * 20])
     for top_p, kept in ((0.35, {0, 1}), (0.6, {0, 1, 2}), (0.7, set(range(11)))):
