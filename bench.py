@@ -25,18 +25,21 @@ def sync(device):
         torch.mps.synchronize()
 
 
-def timeit(fn, device, warmup=1, iters=3):
-    """Median wall time of fn() in seconds, after warmup calls."""
+def timeit(fns, device, warmup=1, iters=3):
+    """Median wall time in seconds of each of fns, after warmup calls of each. The calls alternate (fn 1, fn 2,
+    ..., fn 1, ...) so that a change of load on a shared machine lands on all of them, not on one."""
     for _ in range(warmup):
-        fn()
+        for fn in fns:
+            fn()
     sync(device)
-    times = []
+    times = [[] for _ in fns]
     for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            ts.append(time.perf_counter() - t0)
+    return [sorted(ts)[len(ts) // 2] for ts in times]
 
 
 def peak_memory(fn, device):
@@ -79,32 +82,6 @@ def print_table(rows, header):
 GPU_GB = (24, 40, 80, 141)
 
 
-def stage_model(preset, llm="qwen2.5-3b", tokenizer="config/dualtoken_384.py"):
-    """The MLLM a train_mllm stage preset trains, built on the meta device (no memory): the released LLM shape
-    `llm` (mllm_hf.PRESETS) plus the image tokens, the code vocabularies of a train_tokenizer preset, the
-    preset's visual-side keys, and its trainable set. -> (model, trainable)."""
-    import mllm
-    import mllm_hf
-    from text import IMAGE_TOKENS
-    from tokenizer import QuantizerConfig
-    st, tk = configurator.preset_values(preset, "mllm"), configurator.preset_values(tokenizer, "tokenizer")
-    if llm not in mllm_hf.PRESETS:
-        raise configurator.UserError(f"--llm={llm!r}: expected one of {sorted(mllm_hf.PRESETS)}")
-    q = {b: QuantizerConfig(**tk.get(f"vq_{b}", {})) for b in ("pix", "sem")}  # the preset's books
-    vis = {f"{b}_{k}": getattr(q[b], f) for b in q for k, f in (("vocab", "codebook_size"), ("dim", "code_dim"),
-                                                                  ("depth", "depth"))}
-    # the preset's MLLMConfig keys that are not the LLM's (head sizes, gen_sem, ...): what build_model passes on
-    own = {f.name for f in dataclasses.fields(mllm.MLLMConfig)} - set(mllm_hf.PRESETS[llm])
-    vis.update({k: v for k, v in st.items() if k in own and k not in vis})
-    cfg = mllm_hf.preset_config(llm, **vis)
-    cfg.vocab_size += len(IMAGE_TOKENS)  # from_pretrained(new_tokens=IMAGE_TOKENS) appends them
-    with torch.device("meta"):
-        model = mllm.MLLM(cfg)
-    trainable = st.get("trainable", "all")  # train_mllm's default
-    model.set_trainable(trainable)
-    return model, trainable
-
-
 def memory_rows(model, worlds=(1, 2, 4, 8)):
     """[(setup, {params, grads, adam, buffers, total} in bytes per GPU)]: DDP (the same on any number of GPUs),
     then FSDP over each N in `worlds` (sharding.state_bytes)."""
@@ -124,6 +101,8 @@ def bench_memory(argv):
     [--tokenizer=config/dualtoken_384.py]`. Arithmetic, no device: it runs anywhere."""
     import glob
 
+    import mllm_hf
+
     @dataclasses.dataclass
     class MemoryBench:
         llm: str = "qwen2.5-3b"  # mllm_hf.PRESETS (the paper: Qwen2.5-3B)
@@ -135,7 +114,7 @@ def bench_memory(argv):
     print(f"per GPU, before activations (GB = 1e9 bytes); fits: the cards of {'/'.join(map(str, GPU_GB))} GB "
           f"whose memory exceeds the total. LLM {cfg.llm}, code vocabularies of {cfg.tokenizer}")
     for preset in presets:
-        model, trainable = stage_model(preset, cfg.llm, cfg.tokenizer)
+        model, trainable = mllm_hf.stage_model(preset, cfg.llm, cfg.tokenizer)
         n = sum(p.numel() for p in model.parameters())
         k = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"\n{preset}: trainable={trainable}, {n / 1e9:.2f} B parameters, {k / 1e9:.3f} B trainable")
@@ -252,8 +231,7 @@ def bench_rvq(argv):
                     _onehot_rvq(*base, x, L, schedule, False)
 
         for train in (True, False):
-            t_o = timeit(lambda: ours(train), dev, cfg.warmup, cfg.iters)
-            t_b = timeit(lambda: onehot(train), dev, cfg.warmup, cfg.iters)
+            t_o, t_b = timeit([lambda: ours(train), lambda: onehot(train)], dev, cfg.warmup, cfg.iters)
             m_o = peak_memory(lambda: ours(train), dev)
             m_b = peak_memory(lambda: onehot(train), dev)
             mode = "train" if train else "infer"
@@ -315,11 +293,9 @@ def bench_siglip(argv):
     print(f"vision tower: width {cfg.width}, {cfg.heads} heads, MLP {cfg.mlp}, {cfg.blocks} blocks, "
           f"{cfg.image_size} px / {cfg.patch_size} -> {grid}x{grid} tokens, batch {cfg.batch}, fp32; "
           f"max |pooled diff| {diff:.2e}")
-    rows = []
-    for name, fn in (("nano siglip.py", run_ours), ("transformers", run_hf)):
-        t = timeit(fn, dev, cfg.warmup, cfg.iters)
-        m = peak_memory(fn, dev)
-        rows.append([name, t, m])
+    runs = (("nano siglip.py", run_ours), ("transformers", run_hf))
+    rows = [[name, t, peak_memory(fn, dev)] for (name, fn), t in zip(runs, timeit([f for _, f in runs], dev, cfg.warmup,
+                                                                                  cfg.iters))]
     t0, m0 = rows[0][1], rows[0][2]
     print_table([[n, f"{t * 1e3:.0f}", f"{t / t0:.2f}x", f"{m / 2**20:.0f}", f"{m / max(m0, 1):.2f}x"]
            for n, t, m in rows], ["implementation", "forward ms", "time vs ours", "peak MiB", "mem vs ours"])
@@ -328,11 +304,12 @@ def bench_siglip(argv):
 # ---------------------------------------------------------------------------------------------- llm
 
 def bench_llm(argv):
-    """mllm.MLLM decoding: KV-cache decode vs a no-cache loop (whole sequence every step) vs
-    transformers' Qwen2ForCausalLM.generate, same weights (loaded through from_pretrained), greedy;
-    then image generation (both depth heads, CFG doubled batch): KV caches in the trunk and along the depths,
-    the trunk's alone (the depth heads re-run over every earlier depth), none (the reference). The release's
-    shapes: --positions=256 --depth=4 (256 px), --positions=729 --depth=8 (384 px)."""
+    """mllm.MLLM decoding: KV-cache decode, decode.py's static-shape step (eager, then under torch.compile), a
+    no-cache loop (whole sequence every step) and transformers' Qwen2ForCausalLM.generate, same weights (loaded
+    through from_pretrained), greedy; then image generation (both depth heads, CFG doubled batch): KV caches in
+    the trunk and along the depths, the static step, the trunk's cache alone (the depth heads re-run over every
+    earlier depth), none (the reference). The release's shapes: --positions=256 --depth=4 (256 px),
+    --positions=729 --depth=8 (384 px)."""
     import tempfile
 
     import mllm
@@ -353,7 +330,8 @@ def bench_llm(argv):
         depth: int = 4  # pixel and semantic depth
         codebook: int = 512
         cfg_scale: float = 3.0
-        warmup: int = 1
+        compile: bool = True  # the rows of the static step under torch.compile (inductor: a first call of minutes on a CPU)
+        warmup: int = 0  # untimed calls of each row after its first (the first call is never timed)
         iters: int = 3
         threads: int = 1  # CPU: decoding is many small ops; on a shared CPU extra threads mostly wait
         #                   (measured here: 2 threads were ~6x slower than 1 under load); 0 = torch default
@@ -394,39 +372,39 @@ def bench_llm(argv):
     ours.set_codebooks(torch.randn(cfg.codebook, ours.config.pix_dim, generator=g),
                        torch.randn(cfg.codebook, ours.config.sem_dim, generator=g))
     idx = torch.randint(1, cfg.vocab_size - 1, (cfg.batch, cfg.prompt_len), generator=g).to(dev)
-    N = cfg.new_tokens
-    runs = [("nano mllm.py, KV cache", lambda: ours.generate(idx, N, temperature=0)),
-            ("nano mllm.py, no cache", lambda: ours.generate(idx, N, temperature=0, use_cache=False))]
+    N, cap = cfg.new_tokens, [list(range(1, 17))] * cfg.batch
+    static = [("static cache", dict(use_cache="static"))] + \
+        ([("static cache, compiled", dict(compile_decode=True))] if cfg.compile else [])
+    text = [("nano mllm.py, KV cache", {})] + static + [("nano mllm.py, no cache", dict(use_cache=False))]
+    runs = [(name, lambda kw=kw: ours.generate(idx, N, temperature=0, **kw)) for name, kw in text]
     if hf is not None:
         kw = dict(attention_mask=torch.ones_like(idx), max_new_tokens=N, min_new_tokens=N, do_sample=False,
                   eos_token_id=None, pad_token_id=0)
         runs.append(("transformers generate", lambda: hf.generate(idx, **kw)))
-    outs = [fn() for _, fn in runs]
-    same = all(torch.equal(o, outs[0]) for o in outs)
-    print(f"all continuations identical: {same}")
-    rows = [[name, timeit(fn, dev, cfg.warmup, cfg.iters)] for name, fn in runs]
-    t0 = rows[0][1]
-    print_table([[n, f"{t * 1e3:.0f}", f"{cfg.batch * N / t:.1f}", f"{t / t0:.2f}x"] for n, t in rows],
-          ["decode", "ms", "tokens/s", "time vs cache"])
+    _race(runs, "decode", "tokens", cfg.batch * N, dev, cfg)
 
     print(f"\nimage generation: {cfg.positions} positions, depth {cfg.depth} pixel + {cfg.depth} semantic, "
           f"codebook {cfg.codebook}, CFG {cfg.cfg_scale} (batch x2), top-k 900, top-p 0.96")
-    caps = [list(range(1, 17))] * cfg.batch
+    img = [("KV cache, trunk + depth", {})] + static + [("KV cache, trunk only", dict(depth_cache=False)),
+                                                         ("no cache", dict(use_cache=False))]
+    draw = lambda kw: ours.generate_image(cap, cfg.positions, cfg_scale=cfg.cfg_scale, top_k=900, top_p=0.96,
+                                          generator=torch.Generator(device=dev).manual_seed(0), **kw)
+    _race([(name, lambda kw=kw: draw(kw)) for name, kw in img], "image generation", "positions",
+          cfg.batch * cfg.positions, dev, cfg)
 
-    def img(use_cache, depth_cache=None):
-        return ours.generate_image(caps, cfg.positions, cfg_scale=cfg.cfg_scale, top_k=900, top_p=0.96,
-                                   generator=torch.Generator(device=dev).manual_seed(0), use_cache=use_cache,
-                                   depth_cache=depth_cache)
 
-    variants = (("KV cache, trunk + depth", True, True), ("KV cache, trunk only", True, False),
-                ("no cache", False, False))
-    outs = [img(c, d) for _, c, d in variants]
-    same = all(torch.equal(o[0], outs[0][0]) and torch.equal(o[1], outs[0][1]) for o in outs)
-    print(f"codes identical on every path: {same}")
-    rows = [[name, timeit(lambda: img(c, d), dev, cfg.warmup, cfg.iters)] for name, c, d in variants]
-    t0 = rows[0][1]
-    print_table([[n, f"{t * 1e3:.0f}", f"{cfg.batch * cfg.positions / t:.1f}", f"{t / t0:.2f}x"] for n, t in rows],
-          ["image generation", "ms", "positions/s", "time vs cache"])
+def _race(runs, what, unit, n, dev, cfg):
+    """Time [(name, fn)] side by side; print whether all draw the same and each one's rate and first call."""
+    first = []
+    for _, fn in runs:  # each one's first call (compiling, for the compiled step) and what it draws
+        t0 = time.perf_counter()
+        first.append((fn(), time.perf_counter() - t0))
+    same = all(all(torch.equal(a, b) for a, b in zip(out, first[0][0])) for out, _ in first)
+    print(f"every path draws the same {unit}: {same}")
+    times = timeit([fn for _, fn in runs], dev, cfg.warmup, cfg.iters)
+    print_table([[name, f"{t * 1e3:.0f}", f"{n / t:.1f}", f"{t / times[0]:.2f}x", f"{t1:.1f}"]
+                 for (name, _), t, (_, t1) in zip(runs, times, first)],
+                [what, "ms", f"{unit}/s", "time vs first row", "first call s"])
 
 
 # ---------------------------------------------------------------------------------------------- gpu

@@ -52,8 +52,8 @@ def compile_tokenizer(image_tok):
     """sample.py / eval.py --compile=True: torch.compile, in place, the image tokenizer's heavy fixed-shape
     parts: each SigLIP block (dynamo serves all blocks of one shape from one graph), the pre- / post-quant
     projections, the post-quant ResBlock and the conv decoder. Module.compile keeps parameter names. The
-    quantizers' search loop runs eagerly between them, and so does the MLLM: its decoding shapes change every
-    token, so torch.compile would recompile at each (CUDA graphs would be the tool there, not this)."""
+    quantizers' search loop runs eagerly between them. The MLLM's decoding is compiled apart, step by step
+    (MLLM.generate_image's compile_decode: decode.py)."""
     t = image_tok
     parts = [*t.siglip.vision.blocks, t.prequant_pix, t.prequant_shortcut, t.prequant_sem, t.postquant_pix,
              t.postquant_sem, t.post_quant_conv, t.decoder]

@@ -53,7 +53,11 @@ def apply_rope(x, cos, sin):
 
 class KVCache:
     """Preallocated keys/values for all layers; `valid` remembers which slots are padding so that a
-    left-padded batch can keep decoding, `next_pos` is each row's next RoPE position."""
+    left-padded batch can keep decoding, `next_pos` is each row's next RoPE position. Two ways to fill it:
+    `len` slots so far, each call appending T and attending over those (prefill, mllm.py's loops), or after
+    make_static one token per call at the slot `at`, a tensor, attending over every slot with the ones not yet
+    written hidden by `valid`: no shape or Python number changes from step to step, which is what lets
+    torch.compile trace the step once (decode.py)."""
 
     def __init__(self, n_layer, B, n_kv, max_len, hd, device, dtype):
         self.k = torch.zeros(n_layer, B, n_kv, max_len, hd, device=device, dtype=dtype)
@@ -61,8 +65,16 @@ class KVCache:
         self.valid = torch.zeros(B, max_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(B, dtype=torch.long, device=device)
         self.len = 0
+        self.at = None
+
+    def make_static(self):
+        self.at = torch.tensor([self.len], device=self.k.device)  # (1,) the next slot
 
     def update(self, layer, k, v):
+        if self.at is not None:  # one token (B, nkv, 1, hd) written in place; the caller masks by `valid`
+            self.k[layer].index_copy_(2, self.at, k)
+            self.v[layer].index_copy_(2, self.at, v)
+            return self.k[layer], self.v[layer]
         L0, T = self.len, k.shape[2]
         if L0 + T > self.k.shape[3]:
             raise ValueError(f"KV cache full: {L0} + {T} > {self.k.shape[3]} slots")
@@ -122,17 +134,29 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """(B, V) logits -> (B,) ids. temperature 0 = greedy; top_k / top_p as in VILA-U's sampler."""
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None, noise=None):
+    """(B, V) logits -> (B,) ids. temperature 0 = greedy; top_k / top_p as in VILA-U's sampler. The draw is
+    torch.multinomial's own for one sample, argmax(p / q) with q ~ Exp(1) of p's shape, written out (same ids,
+    same generator use, no host read of p's range): noise (B, V) passes q in, drawn beforehand (decode.py)."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        top = torch.topk(logits, min(top_k, logits.shape[-1])).values  # (B, k) sorted, descending
+        logits = logits.masked_fill(logits < top[:, -1:], float("-inf"))
     if top_p is not None and top_p < 1.0:
-        srt, order = torch.sort(logits, descending=True)
-        p = F.softmax(srt, -1)
-        drop = p.cumsum(-1) - p > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+        # keep the smallest prefix of the sorted logits whose mass reaches top_p. After top-k only its survivors
+        # can be kept: topk's k, already sorted, not all V. Logits that tie with the k-th survive too (more than
+        # k: bf16); their mass then counts, as in a full sort. A cut among tied logits keeps all of them (a full
+        # sort kept whichever its order put first)
+        if top_k is None:
+            srt = torch.sort(logits, descending=True).values  # (B, V)
+            p = F.softmax(srt, -1)
+        else:
+            srt, more = top, (logits >= top[:, -1:]).sum(-1, keepdim=True) > top.shape[-1]  # (B, 1)
+            p = torch.where(more, (top - torch.logsumexp(logits, -1, keepdim=True)).exp(), F.softmax(top, -1))
+        n = ((p.cumsum(-1) - p) <= top_p).sum(-1, keepdim=True)  # (B, 1) kept, >= 1
+        logits = logits.masked_fill(logits < srt.gather(-1, n - 1), float("-inf"))
+    p = F.softmax(logits, -1)
+    q = torch.empty_like(p).exponential_(generator=generator) if noise is None else noise
+    return (p / q).argmax(-1)

@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import decode
 from configurator import UserError
 from depth_head import DepthHead, code_vectors, mlp2
 from folders import model_kind
@@ -510,10 +511,12 @@ class MLLM(nn.Module):
     # --- generation ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None):
-        """nanoGPT's text-only loop: (B, T) -> (B, T + max_new_tokens). use_cache=False recomputes the
-        whole sequence every step (the reference the KV cache is benchmarked against)."""
-        if not use_cache:
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None,
+                 compile_decode=False):
+        """nanoGPT's text-only loop: (B, T) -> (B, T + max_new_tokens). use_cache=False recomputes the whole
+        sequence every step (the reference); "static": decode.py's fixed-shape steps, compiled with compile_decode
+        (True: inductor, or a backend's name; implies "static"), the same tokens from the same generator."""
+        if not (use_cache or compile_decode):
             for _ in range(max_new_tokens):
                 logits, _ = self(idx[:, -self.config.max_seq_len:])
                 nxt = sample_logits(logits[:, -1], temperature, top_k, generator=generator)
@@ -521,6 +524,9 @@ class MLLM(nn.Module):
             return idx
         cache = self.new_cache(idx.shape[0], idx.shape[1] + max_new_tokens)
         h = self.trunk(self.embed(idx), cache=cache)
+        if use_cache == "static" or compile_decode:
+            return torch.cat([idx, decode.text_loop(self, h[:, -1], cache, max_new_tokens, temperature, top_k, None,
+                                                    generator, decode.backend_of(compile_decode))], 1)
         for i in range(max_new_tokens):
             nxt = sample_logits(self.lm_head(h[:, -1]), temperature, top_k, generator=generator)
             idx = torch.cat([idx, nxt[:, None]], 1)
@@ -530,11 +536,11 @@ class MLLM(nn.Module):
 
     @torch.no_grad()
     def generate_text(self, prompt_ids, images=None, max_new_tokens=64, temperature=0.0, top_k=None,
-                      top_p=None, generator=None):
+                      top_p=None, generator=None, use_cache=True, compile_decode=False):
         """Image + question -> answer. prompt_ids: list of B token lists (the question in the caller's
         template); images: None or (pix (B, N, Dp), sem (B, N, Ds)) codes (sem may be None when the model
         does not read it: config.input_codes). Sequence per row: [bos] [<im_start> image <im_end>] prompt.
-        Returns B lists of new ids, each cut before eos."""
+        Returns B lists of new ids, each cut before eos. use_cache="static", compile_decode: as in generate."""
         cfg, B = self.config, len(prompt_ids)
         parts = [[list(p)] if images is None else [("und", images[0].shape[1]), list(p)] for p in prompt_ids]
         batch = collate_sequences(cfg, [build_sequence(cfg, ps) for ps in parts])
@@ -553,6 +559,10 @@ class MLLM(nn.Module):
         cache = self.new_cache(B, batch["idx"].shape[1] + max_new_tokens)
         x = self.embed_inputs(batch["idx"], batch["image_mask"], pix, sem)
         h = self.trunk(x, batch["attention_mask"], cache)
+        if use_cache == "static" or compile_decode:
+            ids = decode.text_loop(self, h[:, -1], cache, max_new_tokens, temperature, top_k, top_p, generator,
+                                   decode.backend_of(compile_decode), cfg.eos_id).tolist()
+            return [r[:r.index(cfg.eos_id)] if cfg.eos_id in r else r for r in ids]
         out, done = [[] for _ in range(B)], [False] * B
         for i in range(max_new_tokens):
             nxt = sample_logits(self.lm_head(h[:, -1]), temperature, top_k, top_p, generator)
@@ -566,12 +576,12 @@ class MLLM(nn.Module):
         return out
 
     def _sample_depths(self, head, book, h, B, cfg_scale, temperature, top_k, top_p, generator,
-                       fine_temperature=None, use_cache=True):
+                       fine_temperature=None, use_cache=True, noise=None):
         """Sample all depths of one position. h (B or 2B, C); with CFG rows [cond; uncond] and the
         guided logits u + s * (c - u) at every depth; the sampled code is written to both halves.
         fine_temperature (None = temperature) applies to depths 2.. (0 = greedy there). use_cache: one head
-        pass per depth over a KV cache (DepthHead.step); False re-runs the head over every earlier depth
-        at each depth (D(D+1)/2 passes: the reference the cache is tested and benchmarked against)."""
+        pass per depth over a KV cache (DepthHead.step); False re-runs the head over every earlier depth (D(D+1)/2
+        passes: the reference). noise: one draw per depth for sample_logits, drawn beforehand (decode.py)."""
         D = book.shape[0]
         codes = torch.zeros(h.shape[0], D, dtype=torch.long, device=h.device)
         cache = head.new_cache(h.shape[0], h.device, h.dtype) if use_cache else None
@@ -589,24 +599,25 @@ class MLLM(nn.Module):
                 c, u = logits[:B], logits[B:]
                 logits = u + cfg_scale * (c - u)
             t = temperature if d == 0 or fine_temperature is None else fine_temperature
-            s = sample_logits(logits, t, top_k, top_p, generator)
+            s = sample_logits(logits, t, top_k, top_p, generator, None if noise is None else noise[d])
             codes[:, d] = s.repeat(h.shape[0] // B)
         return codes
 
     @torch.no_grad()
     def generate_image(self, prompt_ids, num_positions, cfg_scale=3.0, temperature=1.0, top_k=None,
-                       top_p=None, generator=None, use_cache=True, fine_temperature=None, depth_cache=None):
+                       top_p=None, generator=None, use_cache=True, fine_temperature=None, depth_cache=None,
+                       compile_decode=False):
         """Caption -> (pix_codes (B, N, Dp), sem_codes (B, N, Ds)). prompt_ids: list of B caption token
         lists; sequence per row: [bos] caption <image_gen_start>, then N positions. CFG doubles the batch
         with the empty caption ([bos] <image_gen_start>); cfg_scale=None turns guidance (and the extra
         half) off. use_cache=False: no KV cache in the trunk nor along the depths (the reference path);
-        depth_cache (None = use_cache) sets the depth heads' cache alone. Only the pixel codes go to the
-        decoder; that is the caller's job. sem_codes is None when
-        config.gen_sem is False. fine_temperature (None = temperature): the temperature of depths 2.., e.g.
-        0 to sample only the first (coarse) code of each position and take the most likely refinement."""
+        depth_cache (None = use_cache) sets the depth heads' cache alone; "static" / compile_decode: as in
+        generate. sem_codes is None when config.gen_sem is False (the caller decodes the pixel codes).
+        fine_temperature (None = temperature): depths 2..'s, e.g. 0 to sample the coarse code only."""
         cfg, B = self.config, len(prompt_ids)
         if cfg.image_gen_start_id is None:
             raise ValueError("generate_image: config has no image_gen_start_id token")
+        use_cache = "static" if compile_decode else use_cache
         dc = use_cache if depth_cache is None else depth_cache
         caps = [list(p) for p in prompt_ids] + ([[]] * B if cfg_scale is not None else [])
         batch = collate_sequences(cfg, [build_sequence(cfg, [c + [cfg.image_gen_start_id]]) for c in caps])
@@ -615,13 +626,13 @@ class MLLM(nn.Module):
         x = self.embed(batch["idx"].to(dev))  # (B', T, C)
         cache = self.new_cache(x.shape[0], x.shape[1] + num_positions) if use_cache else None
         h = self.trunk(x, am, cache)[:, -1]
-        pix, sem = [], []
+        if use_cache == "static":
+            return decode.image_loop(self, h, cache, B, num_positions, generator, decode.backend_of(compile_decode),
+                                     cfg_scale, temperature, top_k, top_p, fine_temperature, dc)
+        pix, sem, args = [], [], (B, cfg_scale, temperature, top_k, top_p, generator, fine_temperature, dc)
         for n in range(num_positions):
-            p = self._sample_depths(self.pix_head, self.pix_book, h, B, cfg_scale, temperature, top_k, top_p,
-                                    generator, fine_temperature, dc)
-            s = None if self.sem_head is None else \
-                self._sample_depths(self.sem_head, self.sem_book, h, B, cfg_scale, temperature, top_k, top_p, generator,
-                                    fine_temperature, dc)
+            p = self._sample_depths(self.pix_head, self.pix_book, h, *args)
+            s = None if self.sem_head is None else self._sample_depths(self.sem_head, self.sem_book, h, *args)
             pix.append(p[:B])
             sem.append(None if s is None else s[:B])
             if n + 1 == num_positions:

@@ -14,9 +14,11 @@ from dataclasses import fields
 import torch
 import torch.nn as nn
 
-from configurator import UserError
+from configurator import UserError, preset_values
 from folders import model_kind
 from mllm import MLLM, MLLMConfig
+from text import IMAGE_TOKENS
+from tokenizer import QuantizerConfig
 
 # Presets naming the released shapes (hub config.json of Qwen/Qwen2.5-*). Qwen2.5 has no bos token and
 # no image tokens: from_pretrained(new_tokens=...) appends them.
@@ -224,3 +226,25 @@ def grow_vocab(model, n):
         head.weight = nn.Parameter(torch.cat([w, w.mean(0, keepdim=True).expand(n, -1)]))
     model.embed, model.lm_head = emb, head
     cfg.vocab_size += n
+
+
+def stage_model(preset, llm="qwen2.5-3b", tokenizer="config/dualtoken_384.py"):
+    """The MLLM a train_mllm stage preset trains, built on the meta device (no memory): the released LLM shape
+    `llm` (PRESETS) plus the image tokens, the code vocabularies of a train_tokenizer preset, the preset's
+    visual-side keys, and its trainable set. -> (model, trainable). What `bench.py memory` counts."""
+    st, tk = preset_values(preset, "mllm"), preset_values(tokenizer, "tokenizer")
+    if llm not in PRESETS:
+        raise UserError(f"--llm={llm!r}: expected one of {sorted(PRESETS)}")
+    q = {b: QuantizerConfig(**tk.get(f"vq_{b}", {})) for b in ("pix", "sem")}  # the preset's books
+    vis = {f"{b}_{k}": getattr(q[b], f) for b in q for k, f in (("vocab", "codebook_size"), ("dim", "code_dim"),
+                                                                  ("depth", "depth"))}
+    # the preset's MLLMConfig keys that are not the LLM's (head sizes, gen_sem, ...): what build_model passes on
+    own = {f.name for f in fields(MLLMConfig)} - set(PRESETS[llm])
+    vis.update({k: v for k, v in st.items() if k in own and k not in vis})
+    cfg = preset_config(llm, **vis)
+    cfg.vocab_size += len(IMAGE_TOKENS)  # from_pretrained(new_tokens=IMAGE_TOKENS) appends them
+    with torch.device("meta"):
+        model = MLLM(cfg)
+    trainable = st.get("trainable", "all")  # train_mllm's default
+    model.set_trainable(trainable)
+    return model, trainable

@@ -259,9 +259,10 @@ def test_memory_table_of_a_stage_preset(capsys):
     """bench.py memory on the meta device: the 3B trunk has Qwen2.5-3B's published parameter count, and the
     table's rows are sharding.state_bytes of the preset's trainable set."""
     import bench
+    import mllm_hf
     from conftest import ROOT
     preset, tok = (os.path.join(ROOT, "config", f) for f in ("mllm_stage3.py", "dualtoken_384.py"))
-    model, trainable = bench.stage_model(preset, "qwen2.5-3b", tok)
+    model, trainable = mllm_hf.stage_model(preset, "qwen2.5-3b", tok)
     trunk = sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] in ("embed", "layers", "norm"))
     assert trunk == 3_085_938_688 + 4 * 2048  # Qwen2.5-3B (tied head) + the 4 image tokens' embedding rows
     assert model.config.pix_depth == model.config.sem_depth == 8 and model.config.head_n_layer == 3
