@@ -25,7 +25,7 @@ from llm import sample_logits
 _COMPILED = {}
 
 
-def compiled(fn, backend):
+def compile_step(fn, backend):
     """fn itself (backend None) or its torch.compile with that backend ("inductor"; "eager" traces with dynamo
     and runs the traced ops as they are), built once per (fn, backend). Each sampler setting, batch size and
     model is a graph of its own; past dynamo's recompile limit (8) a step runs eagerly, still exact.
@@ -92,7 +92,7 @@ def text_loop(model, h, cache, max_new_tokens, temperature, top_k, top_p, genera
     """After the prefill: h (B, C) its last states -> the new ids (B, n), n <= max_new_tokens: the loop stops
     after the step at which every row has drawn eos (eos None: never; one host read per step)."""
     cache.make_static()
-    step, B, V = compiled(text_step, backend), h.shape[0], model.config.vocab_size
+    step, B, V = compile_step(text_step, backend), h.shape[0], model.config.vocab_size
     h, out, done = _fresh(h), [], torch.zeros(B, dtype=torch.bool, device=h.device)
     for _ in range(max_new_tokens):
         nxt, h = step(model, h, cache, draws(generator, [temperature], B, V, h.device)[0], temperature, top_k, top_p)
@@ -108,7 +108,7 @@ def image_loop(model, h, cache, B, num_positions, generator, backend, cfg_scale,
                fine_temperature, depth_cache):
     """After the prefill: h (B', C) -> (pix (B, N, Dp), sem (B, N, Ds) or None), MLLM.generate_image's codes."""
     cache.make_static()
-    step = compiled(image_step, backend)
+    step = compile_step(image_step, backend)
     sampling = (cfg_scale, temperature, top_k, top_p, fine_temperature, depth_cache)
     temps = lambda D: [temperature] + [temperature if fine_temperature is None else fine_temperature] * (D - 1)
     heads = [(model.pix_book, temps(model.pix_book.shape[0]))]
