@@ -530,12 +530,12 @@ class Plain:
 
 def save_state(cfg, raw, opt, plain, meta, extra, master):
     """train_state.pt (exact resume: under FSDP every rank writes its shards) and the export (rank 0)."""
-    if cfg.parallel == "fsdp":
-        sharding.save_sharded(raw, opt, os.path.join(cfg.out_dir, "train_state.pt"), meta)
-    elif master:
-        tu.save_train_state({"model": raw.state_dict(), "optimizer": opt.state_dict(), **meta},
-                            os.path.join(cfg.out_dir, "train_state.pt"))
-    PROGRESS["checkpoint"] = meta["step"]  # what a resume starts from, from here on
+    with tu.checkpoint_commit(meta["step"]):
+        if cfg.parallel == "fsdp":
+            sharding.save_sharded(raw, opt, os.path.join(cfg.out_dir, "train_state.pt"), meta)
+        elif master:
+            tu.save_train_state({"model": raw.state_dict(), "optimizer": opt.state_dict(), **meta},
+                                os.path.join(cfg.out_dir, "train_state.pt"))
     if master:
         plain.save_pretrained(cfg.out_dir, extra)
 
@@ -642,7 +642,6 @@ def train(cfg):
                 sums[k] = sums.get(k, 0.0) + float(v) / accum
         tu.optimizer_step(opt, raw, cfg.grad_clip)
         step += 1
-        PROGRESS["step"] = step
         seen += cfg.batch_size
         bar.update(1)
         if master and (tu.every(step, cfg.log_interval) or step == last_step):
@@ -650,6 +649,7 @@ def train(cfg):
                        elapsed_s=time.time() - t_start, **sums)
             bar.set_postfix(loss=f"{sums['loss']:.3f}", text=f"{sums['text']:.3f}", pix=f"{sums['pix']:.2f}",
                             sem=f"{sums['sem']:.2f}")
+        PROGRESS["step"] = step  # after its log line: the step Ctrl-C names is logged
         # the export, the evaluation and the samples (rank 0) read the plain model
         save = tu.every(step, cfg.ckpt_interval) or step == last_step
         ev_now = val_c is not None and tu.every(step, cfg.eval_interval) and step < cfg.max_steps

@@ -193,10 +193,10 @@ def train(cfg):
         if master:
             # the HF folder is the product; train_state.pt (written atomically, with the weights) is
             # what resume reads, so a crash mid-export never breaks a resume
-            tu.save_train_state({"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                 "sampler": sampler.state_dict(), "rng": rngs, "config": config_dict(cfg)},
-                                state_path)
-            PROGRESS["checkpoint"] = step  # what a resume starts from, from here on
+            with tu.checkpoint_commit(step):
+                tu.save_train_state({"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                     "sampler": sampler.state_dict(), "rng": rngs, "config": config_dict(cfg)},
+                                    state_path)
             raw.save_pretrained(cfg.out_dir)
 
     def run_eval():
@@ -239,7 +239,6 @@ def train(cfg):
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        PROGRESS["step"] = step
         seen += cfg.batch_size
         bar.update(1)
         if master and (tu.every(step, cfg.log_interval) or step == last_step):
@@ -249,6 +248,7 @@ def train(cfg):
                        img_per_s=seen / dt, elapsed_s=time.time() - t_start)
             bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['img_per_s']:.0f}")
             logger.log(event="train", **row)
+        PROGRESS["step"] = step  # after its log line: the step Ctrl-C names is logged
         if tu.every(step, cfg.ckpt_interval) or step == last_step:
             checkpoint()
         if tu.every(step, cfg.eval_interval) or step == last_step:

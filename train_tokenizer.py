@@ -391,11 +391,11 @@ def checkpoint(cfg, ctx, raw, opt, disc, d_opt, step, consumed):
     states so resume restores each exactly) and the exported folder, the product (each of its files atomic too)."""
     rngs = tu.all_rng_states(ctx)  # a collective: every rank
     if ctx.is_master:
-        tu.save_train_state({"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                             "consumed": consumed, "disc": disc.state_dict() if disc is not None else None,
-                             "disc_optimizer": d_opt.state_dict() if disc is not None else None,
-                             "rng": rngs, "config": config_dict(cfg)}, os.path.join(cfg.out_dir, "train_state.pt"))
-        PROGRESS["checkpoint"] = step  # what a resume starts from, from here on
+        with tu.checkpoint_commit(step):
+            tu.save_train_state({"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                 "consumed": consumed, "disc": disc.state_dict() if disc is not None else None,
+                                 "disc_optimizer": d_opt.state_dict() if disc is not None else None,
+                                 "rng": rngs, "config": config_dict(cfg)}, os.path.join(cfg.out_dir, "train_state.pt"))
         raw.save_pretrained(cfg.out_dir)  # atomic: config.json + model.safetensors
 
 
@@ -490,13 +490,13 @@ def train(cfg):
         tu.optimizer_step(opt, raw, cfg.grad_clip)
         d_lr = discriminator_step(cfg, step, disc, d_model, d_opt, loss_fn, pairs, autocast, sums) if gan_on else None
         step += 1
-        PROGRESS["step"] = step
         seen += cfg.batch_size
         bar.update(1)
         if master and (tu.every(step, cfg.log_interval) or step == last_step):
             stats = {f"{q}_{s}": [round(v, 4) for v in out.stats[q][s].tolist()]
                      for q in out.stats for s in ("usage", "perplexity")}
             log_step(logger, bar, step, lr, d_lr, seen, time.time() - t0, t_start, sums, stats)
+        PROGRESS["step"] = step  # after its log line: the step Ctrl-C names is logged
         if master and cfg.image_interval and (tu.every(step, cfg.image_interval) or step == last_step):
             save_images(x, out.recon, step, cfg.out_dir)
         if tu.every(step, cfg.ckpt_interval) or step == last_step:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import threading
 import dataclasses
 from dataclasses import dataclass
 
@@ -215,6 +216,21 @@ def state_digest(obj):
             h.update(repr(o).encode() + b";")
     walk(obj)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def checkpoint_commit(step):
+    """Around writing train_state.pt: Ctrl-C waits until the file is written and PROGRESS names its step, so the
+    line it prints names the checkpoint on disk (a signal arriving mid-save is delivered at the block's end)."""
+    import signal
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if main else None
+    try:
+        yield
+        PROGRESS["checkpoint"] = step  # what a resume starts from, from here on
+    finally:
+        if main:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def save_train_state(state, path):
