@@ -168,10 +168,7 @@ def train(cfg):
         raw.load_state_dict(st["model"])  # strict: the preset must describe the same model
         opt.load_state_dict(st["optimizer"])
         sampler.load_state_dict(st["sampler"])
-        if len(st["rng"]) != ctx.world:
-            raise UserError(f"train_state.pt has RNG states for {len(st['rng'])} processes, this run has "
-                            f"{ctx.world}: exact resume needs the same world size")
-        tu.set_rng_state(st["rng"][ctx.rank])
+        tu.restore_rng_states(st["rng"], ctx, "train_state.pt")
         step = st["step"]
     n_params = sum(p.numel() for p in raw.parameters())
     use_compile = device.startswith("cuda") if cfg.compile is None else cfg.compile

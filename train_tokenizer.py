@@ -324,10 +324,7 @@ def resume(st, state_path, cfg, ctx, raw, opt, disc, d_opt):
     if disc is not None:
         disc.load_state_dict(st["disc"])
         d_opt.load_state_dict(st["disc_optimizer"])
-    if len(st["rng"]) != ctx.world:
-        raise UserError(f"{state_path} has RNG states for {len(st['rng'])} processes, this run has "
-                        f"{ctx.world}: exact resume needs the same world size")
-    tu.set_rng_state(st["rng"][ctx.rank])
+    tu.restore_rng_states(st["rng"], ctx, state_path)
     return st["step"], st["consumed"]
 
 

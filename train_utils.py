@@ -175,7 +175,12 @@ def all_rng_states(ctx):
     return rngs
 
 
-def set_rng_state(state):
+def restore_rng_states(states, ctx, where):
+    """This rank's RNGs from a checkpoint's all_rng_states list; exact resume needs the same world size."""
+    if len(states) != ctx.world:
+        raise UserError(f"{where} has RNG states for {len(states)} processes, this run has {ctx.world}: exact "
+                        f"resume needs the same world size")
+    state = states[ctx.rank]
     version, mt, gauss = state["python"]
     random.setstate((version, tuple(mt), gauss))
     n = state["numpy"]

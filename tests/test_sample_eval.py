@@ -440,7 +440,7 @@ def test_cli_eval_mllm(tiny_mllm, tiny_tok, tmp_path, capsys):
     res = ev.main(["mllm", f"--mllm={tiny_mllm}", "--qa_images=1", "--gen_captions=1", "--max_new_tokens=2",
                    "--train_images=0", "--device=cpu", f"--out={out}"])
     assert "holdout" not in res and "train" not in res and res["holdout_note"].startswith("skipped")
-    # train images alone are something to evaluate (they were refused as "nothing to evaluate" before 7c93639)
+    # train images alone are something to evaluate
     res = ev.main(["mllm", f"--mllm={tiny_mllm}", "--qa_images=0", "--gen_captions=0", "--train_images=1",
                    "--max_new_tokens=2", "--device=cpu", f"--out={out}"])
     assert res["val"] == {} and res["train"]["qa"]["n"] > 0 and 0 <= res["train"]["qa"]["accuracy"] <= 1

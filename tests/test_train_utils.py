@@ -174,3 +174,16 @@ def test_setup_ddp_single_process_and_env(monkeypatch):
     finally:
         tu.cleanup_ddp()
     assert not torch.distributed.is_initialized()
+
+
+def test_restore_rng_states_resumes_this_ranks_draws_and_refuses_another_world():
+    from types import SimpleNamespace
+    ctx = SimpleNamespace(world=1, rank=0, ddp=False)
+    torch.manual_seed(3)
+    saved = tu.all_rng_states(ctx)
+    want = torch.rand(3)
+    torch.rand(5)  # the stream moves on
+    tu.restore_rng_states(saved, ctx, "ckpt.pt")
+    assert torch.equal(torch.rand(3), want)
+    with pytest.raises(UserError, match=r"ckpt.pt has RNG states for 1 processes, this run has 2"):
+        tu.restore_rng_states(saved, SimpleNamespace(world=2, rank=1, ddp=True), "ckpt.pt")
