@@ -3,6 +3,7 @@ import json
 import os
 import random
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -42,11 +43,14 @@ def test_atomic_save_safetensors_roundtrip(tmp_path):
 def test_rng_roundtrip_through_weights_only_load(tmp_path):
     random.random(); np.random.rand(); torch.rand(1)
     path = str(tmp_path / "rng.pt")
-    tu.atomic_save(tu.rng_state(), path)
+    tu.atomic_save([tu.rng_state()], path)  # all_rng_states' list, one rank
     first = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist())
-    tu.set_rng_state(torch.load(path, weights_only=True))
+    one, two = SimpleNamespace(world=1, rank=0), SimpleNamespace(world=2, rank=1)
+    tu.restore_rng_states(torch.load(path, weights_only=True), one, path)
     again = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist())
     assert first == again
+    with pytest.raises(UserError, match=r"rng.pt has RNG states for 1 processes, this run has 2"):
+        tu.restore_rng_states(torch.load(path, weights_only=True), two, path)
 
 
 def test_sampler_resume_gives_same_next_batches():
@@ -175,15 +179,3 @@ def test_setup_ddp_single_process_and_env(monkeypatch):
         tu.cleanup_ddp()
     assert not torch.distributed.is_initialized()
 
-
-def test_restore_rng_states_resumes_this_ranks_draws_and_refuses_another_world():
-    from types import SimpleNamespace
-    ctx = SimpleNamespace(world=1, rank=0, ddp=False)
-    torch.manual_seed(3)
-    saved = tu.all_rng_states(ctx)
-    want = torch.rand(3)
-    torch.rand(5)  # the stream moves on
-    tu.restore_rng_states(saved, ctx, "ckpt.pt")
-    assert torch.equal(torch.rand(3), want)
-    with pytest.raises(UserError, match=r"ckpt.pt has RNG states for 1 processes, this run has 2"):
-        tu.restore_rng_states(saved, SimpleNamespace(world=2, rank=1, ddp=True), "ckpt.pt")
