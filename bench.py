@@ -9,6 +9,7 @@ TFLOP/s and MFU from flops.py's count. These are measurements, not tests: nothin
 import dataclasses
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -394,7 +395,8 @@ def bench_llm(argv):
 
 
 def _race(runs, what, unit, n, dev, cfg):
-    """Time [(name, fn)] side by side; print whether all draw the same and each one's rate and first call."""
+    """Time [(name, fn)] side by side; print whether all draw the same and each one's rate and first call.
+    -> {"same": bool, name: (seconds per call, first call seconds)}"""
     first = []
     for _, fn in runs:  # each one's first call (compiling, for the compiled step) and what it draws
         t0 = time.perf_counter()
@@ -405,6 +407,7 @@ def _race(runs, what, unit, n, dev, cfg):
     print_table([[name, f"{t * 1e3:.0f}", f"{n / t:.1f}", f"{t / times[0]:.2f}x", f"{t1:.1f}"]
                  for (name, _), t, (_, t1) in zip(runs, times, first)],
                 [what, "ms", f"{unit}/s", "time vs first row", "first call s"])
+    return dict(same=same, **{name: (t, t1) for (name, _), t, (_, t1) in zip(runs, times, first)})
 
 
 # ---------------------------------------------------------------------------------------------- gpu
@@ -425,7 +428,7 @@ def peak_tflops(device_name, override=0.0):
 
 @dataclasses.dataclass
 class GPUBench:
-    models: str = "tokenizer,mllm"
+    models: str = "tokenizer,mllm,generate"
     steps: int = 30            # timed training steps per model ...
     warmup: int = 3            # ... after these untimed ones (the first compiles)
     max_seconds: float = 60.0  # timed steps per model are cut to fit this (the whole run stays under 8 minutes)
@@ -458,6 +461,10 @@ class GPUBench:
     seq_len: int = 1024
     mllm_batch: int = 8        # sequences per GPU per step
     image_positions: int = 256
+    # generate: the MLLM above in eval mode draws gen_batch images (CFG doubles the batch) of image_positions
+    # positions, both depth heads: the eager KV cache, decode.py's static step eager and compiled
+    gen_batch: int = 4
+    gen_iters: int = 2
 
 
 def _gpu_tokenizer(cfg, dev):
@@ -534,6 +541,25 @@ def _gpu_mllm(cfg, dev):
             f"{cfg.intermediate_size}, vocab {V}), depth heads 3 x {cfg.depth} depths x K {cfg.codebook_size}; "
             f"{n / 1e6:.0f}M params, {cfg.mllm_batch} x {T} tokens/GPU ({n_img} image positions, {n_gen} generated)")
     return model, None, b, flops.mllm_step(mc, cfg.mllm_batch, T, n_img, n_gen), what
+
+
+def _bench_generate(cfg, ctx):
+    """Image generation at the shapes of _gpu_mllm (release: 256 positions of depth 4 at 256 px, 729 of depth 8
+    at 384 px) under the bench's autocast: each path's positions/s and first call (compiling), side by side."""
+    import train_utils as tu
+    model = _gpu_mllm(cfg, ctx.device)[0].eval()
+    cap, dev = [list(range(1, 17))] * cfg.gen_batch, ctx.device
+    print(f"\nimage generation: batch {cfg.gen_batch} (x2 with CFG 3), {cfg.image_positions} positions, depth "
+          f"{cfg.depth} pixel + {cfg.depth} semantic, codebook {cfg.codebook_size}, top-k 900, top-p 0.96, {cfg.dtype}")
+    paths = [("KV cache (eager)", {}), ("static cache (eager)", dict(use_cache="static"))] + \
+        ([("static cache, compiled", dict(compile_decode=True))] if cfg.compile else [])
+
+    def draw(kw):
+        with tu.autocast_ctx(dev, cfg.dtype), torch.no_grad():
+            return model.generate_image(cap, cfg.image_positions, cfg_scale=3.0, top_k=900, top_p=0.96,
+                                        generator=torch.Generator(device=dev).manual_seed(0), **kw)
+    return _race([(n, lambda kw=kw: draw(kw)) for n, kw in paths], "image generation", "positions",
+          cfg.gen_batch * cfg.image_positions, dev, SimpleNamespace(warmup=0, iters=cfg.gen_iters))
 
 
 def _bench_one(name, cfg, ctx, peak):
@@ -624,8 +650,8 @@ def bench_gpu(argv):
         print("bench.py gpu needs a CUDA GPU (torch.cuda.is_available() is False here): nothing measured")
         return None
     names = [m for m in cfg.models.split(",") if m]
-    if set(names) - {"tokenizer", "mllm"}:
-        raise UserError(f"--models={cfg.models!r}: a comma-separated subset of tokenizer,mllm")
+    if set(names) - {"tokenizer", "mllm", "generate"}:
+        raise UserError(f"--models={cfg.models!r}: a comma-separated subset of tokenizer,mllm,generate")
     ctx = tu.setup_ddp(cfg.device or "cuda")
     dev_name = torch.cuda.get_device_name(ctx.device) if ctx.device.startswith("cuda") else "cpu"
     peak = peak_tflops(dev_name, cfg.peak_tflops)
@@ -634,6 +660,9 @@ def bench_gpu(argv):
               f"MFU against {f'{peak:g} TFLOP/s (dense bf16)' if peak else 'an unknown peak (pass --peak_tflops)'}")
     results = {}
     for name in names:
+        if name == "generate":  # one GPU draws (the master; other ranks wait at the next model or the end)
+            results[name] = _bench_generate(cfg, ctx) if ctx.is_master else None
+            continue
         try:
             r = _bench_one(name, cfg, ctx, peak)
         except torch.cuda.OutOfMemoryError as e:

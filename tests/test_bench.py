@@ -174,3 +174,14 @@ def test_gpu_bench_code_runs_on_cpu(capsys):
     assert tok["tflops"] > 0 and m["per_s"] > 0 and tok["n"] == m["n"] == 2
     out = capsys.readouterr().out
     assert out.count("MFU") == 3 and "unknown" in out and "graph breaks in the compiled forward: 0" in out
+
+
+def test_gpu_bench_generation_rows_draw_the_same_on_cpu(capsys):
+    """`bench.py gpu --models=generate` on the CPU's tiny shapes: the eager KV cache and decode.py's static step
+    draw the same codes under the bench's bf16 autocast, and each row reports a rate."""
+    import bench
+    res = bench.main(["gpu", "--device=cpu", "--models=generate", "--compile=False", "--gen_iters=1", "--gen_batch=2"])
+    r = res["generate"]
+    assert r["same"] is True and set(r) == {"same", "KV cache (eager)", "static cache (eager)"}
+    assert all(t > 0 and t1 > 0 for t, t1 in (r["KV cache (eager)"], r["static cache (eager)"]))
+    assert "2 (x2 with CFG 3), 16 positions, depth 2 pixel + 2 semantic" in capsys.readouterr().out
