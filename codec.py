@@ -67,7 +67,7 @@ def compile_tokenizer(image_tok):
 def generate_images(model, image_tok, text_tok, captions, generator=None, batch_size=16, **sampling):
     """Captions -> decoded images (B, 3, R, R) in about [-1, 1], one per caption, and the pixel codes
     (B, h, w, Dp). Only the pixel codes are decoded (design §5). sampling: MLLM.generate_image's
-    cfg_scale (None = no guidance), temperature, fine_temperature, top_k, top_p."""
+    cfg_scale (None = no guidance), temperature, fine_temperature, top_k, top_p, compile_decode."""
     g = image_tok.config.grid
     images, codes = [], []
     for i in range(0, len(captions), batch_size):

@@ -319,6 +319,7 @@ class EvalMLLMCommon:
     dtype: str = "bfloat16"
     threads: int = 0             # CPU intra-op threads; 0 = torch's default (1 is faster for tiny models)
     compile: bool = False        # torch.compile the image tokenizer's blocks and decoder (codec.compile_tokenizer)
+    #                              and the MLLM's decode step for drawing (decode.py: the same codes)
     out: str = ""                # '' -> <mllm>/eval_mllm.json (eval_qa.json with a .jsonl --data; eval_t2i.json)
 
 
@@ -401,8 +402,8 @@ def qa_eval(model, text_tok, image_tok, samples, cfg, device, autocast, train_qa
 @torch.no_grad()
 def gen_eval(model, text_tok, image_tok, samples, cfg, device, autocast, sampling):
     """Generate from the captions and judge: checker.score_images' keys plus false_objects, missed_cells."""
-    return evaluation.generation(model, text_tok, image_tok, [s["caption"] for s in samples],
-                                 [s["objects"] for s in samples], sampling, cfg.seed, cfg.batch_size, autocast)
+    return evaluation.generation(model, text_tok, image_tok, [s["caption"] for s in samples], [s["objects"] for s in
+                                 samples], dict(sampling, compile_decode=cfg.compile), cfg.seed, cfg.batch_size, autocast)
 
 
 SWAP_VALUES = {"color": tuple(data.COLORS), "shape": data.SHAPES, "size": data.SIZES}
@@ -607,8 +608,8 @@ def eval_t2i(cfg):
     real = None if recs[0]["image"] is None else \
         data.to_image(torch.stack([data.read_image(r["image"], R, r["where"]) for r in recs]))
     caps = [r["caption"] for r in recs]
-    res, gen = evaluation.t2i(model, text_tok, image_tok, judge, judge_tok, caps, sampling, cfg.seed, cfg.batch_size,
-                              tu.autocast_ctx(device, cfg.dtype), real)
+    res, gen = evaluation.t2i(model, text_tok, image_tok, judge, judge_tok, caps, dict(sampling, compile_decode=cfg.compile),
+                              cfg.seed, cfg.batch_size, tu.autocast_ctx(device, cfg.dtype), real)
     res.update(captions=cfg.captions, n=len(caps), sampling=dict(sampling, seed=cfg.seed), siglip=cfg.siglip,
                siglip_text_tokenizer=tname, resolution=R, **_run_info(cfg, info, device, t0))
     where = (f"[{cfg.captions}: {len(caps)} captions, {R} px; judge {cfg.siglip} at {judge.config.vision.image_size} "

@@ -38,6 +38,7 @@ class Common:
     batch_size: int = 16
     threads: int = 0           # CPU intra-op threads; 0 = torch's default (1 is faster for tiny models)
     compile: bool = False      # torch.compile the image tokenizer's blocks and decoder (codec.compile_tokenizer)
+    #                            and generate's decode step (decode.py: the same codes, a first call of minutes on a CPU)
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -194,7 +195,7 @@ def generate(cfg):
     settings = dict(sampling, seed=cfg.seed, num_per_caption=cfg.num_per_caption)
     with tu.autocast_ctx(device, cfg.dtype):
         imgs, _ = generate_images(model, image_tok, text_tok, flat, _generator(device, cfg.seed), cfg.batch_size,
-                                  **sampling)
+                                  compile_decode=cfg.compile, **sampling)
     arr = data.to_image(imgs)  # (B, H, W, 3) uint8
     files = []
     for i, a in enumerate(arr):

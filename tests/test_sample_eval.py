@@ -571,11 +571,11 @@ def test_sample_and_eval_run_under_bf16_autocast(tiny_mllm, tiny_tok, tmp_path, 
     assert math.isfinite(tok["psnr"])
 
 
-@pytest.mark.slow  # inductor compiles the tiny tokenizer's blocks, projections and decoder on CPU
-def test_sample_and_eval_with_the_tokenizer_compiled(tiny_mllm, tiny_tok, tmp_path):
+@pytest.mark.slow  # inductor compiles the tiny tokenizer and the MLLM decode step on CPU
+def test_sample_and_eval_compiled(tiny_mllm, tiny_tok, tmp_path):
     """--compile=True (codec.compile_tokenizer: the tokenizer's blocks, projections and decoder compiled in
     place) gives what the eager runs give: sample.py reconstruct and eval.py tokenizer the same PSNR and codes,
-    sample.py generate (the MLLM eager, the decoder compiled) the same pictures. Batches of 2 throughout, so
+    sample.py generate (the MLLM's decode step and the decoder compiled) the same pictures. Batches of 2 throughout, so
     every graph compiles once."""
     from PIL import Image
     import tokenizer
