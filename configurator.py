@@ -16,7 +16,8 @@ names the key and the closest valid ones: a typo must never train with the defau
 A trainer's config holds its model's config in a field named `model` (TrainMLLMConfig.model: mllm.MLLMConfig),
 so each model field is declared once, with the model's default. The keys are what `keys()` lists: the
 trainer's own fields and the model config's fields, both by their own names (`--n_layer=4`: one flat
-namespace, a name in both is a TypeError of the config class); a dataclass inside the model config is a group
+namespace, a name in both is a TypeError of the config class; train_tokenizer.py's `loss` field, the
+objective's weights, is held the same way); a dataclass inside the model config is a group
 whose keys carry its name (`--decoder.ch=64`, `--vq_pix.depth=4`), and the group's name takes a dict of some of
 them (`decoder = dict(ch=64)` in a preset). A model field that the trainer fills from its data (the class's
 DERIVED table: vocab_size from the text tokenizer) is no key, and naming it says where it comes from.
@@ -158,13 +159,15 @@ def _parse_value(name, text, ftype):
     return origin(value) if origin in (tuple, list) else value
 
 
-MODEL = "model"  # the field of a trainer's config that holds its model's config (see the module docstring)
+# the fields of a trainer's config holding a component's config whose fields are keys by their own names (see
+# the module docstring): its model's config, and train_tokenizer.py's loss weights (losses.LossConfig)
+FLAT = ("model", "loss")
 
 
 def keys(cfg):
     """Every key of a config -> {key: (the dataclass instance that holds it, its field name, its type)}, in
-    source order. A field holding a dataclass is a group: the fields of the `model` group are keys of their own
-    names (n_layer); the fields of any other group are named with its name and a dot (decoder.ch), and the group's
+    source order. A field holding a dataclass is a group: the fields of a FLAT group (`model`, `loss`) are keys
+    of their own names (n_layer); the fields of any other group are named with its name and a dot (decoder.ch), and the group's
     name is a key too, taking a dict of some of them. The names in the class's DERIVED table are no keys."""
     derived, out = getattr(type(cfg), "DERIVED", {}), {}
 
@@ -174,12 +177,12 @@ def keys(cfg):
             key, v = prefix + f.name, getattr(obj, f.name)
             if key in derived:
                 continue
-            if not (obj is cfg and f.name == MODEL):
+            if not (obj is cfg and f.name in FLAT):
                 if key in out:  # a config class's mistake, not the user's
                     raise TypeError(f"{type(cfg).__name__}: two keys named {key!r}")
                 out[key] = (obj, f.name, hints[f.name])
             if dataclasses.is_dataclass(v):
-                walk(v, "" if obj is cfg and f.name == MODEL else key + ".")
+                walk(v, "" if obj is cfg and f.name in FLAT else key + ".")
     walk(cfg, "")
     return out
 

@@ -244,8 +244,8 @@ class LossConfig:
     w_lpips: float = 1.0
     w_edge: float = 0.0        # not in the release (0): x L1 of the horizontal / vertical pixel differences
     w_gan: float = 0.75        # x adaptive weight x G
-    adaptive_lo: float = 0.3
-    adaptive_hi: float = 10.0
+    adaptive_lo: float = 0.3   # the adaptive GAN weight |grad rec| / (|grad G| + adaptive_eps), clamped to
+    adaptive_hi: float = 10.0  # [adaptive_lo, adaptive_hi] (adaptive_weight)
     adaptive_eps: float = 1e-4
     d_slope: float = 0.01      # leaky slope of the discriminator's hinge (0 = classic hinge)
 

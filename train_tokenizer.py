@@ -58,16 +58,8 @@ class TrainTokenizerConfig:
     # branch then learns on fixed features, the semantic tail adapts to the quantized input).
     # The text tower and logit scale / bias are always frozen (zero-shot needs the teacher's text space).
     trainable: str = "vision"
-    # objective (losses.LossConfig; design §3 values)
-    w_sem_tok: float = 5.0
-    w_sem_pool: float = 1.0
-    w_commit: float = 5.0
-    w_rec: float = 5.0
-    w_edge: float = 0.0              # not in the release (0): L1 of pixel differences (losses.edge_loss)
-    w_lpips: float = 1.0
-    w_gan: float = 0.75
-    adaptive_lo: float = 0.3
-    adaptive_hi: float = 10.0
+    # objective: the weights of losses.LossConfig (design §3 values), keys by their own names (--w_rec=5.0)
+    loss: LossConfig = field(default_factory=LossConfig)
     lpips_vgg_path: str = ""         # torchvision vgg16-397923af.pth
     lpips_lin_path: str = ""         # lpips weights/v0.1/vgg.pth; both empty -> LPIPS off
     gan_start: int = -1              # step at which the GAN term and D training start; -1 = GAN off
@@ -294,9 +286,7 @@ def evaluate(raw, teacher, text_tok, cfg, ev, device, teacher_acc=None):
 def objective(cfg, device):
     """-> (TokenizerLoss with the config's weights, a line saying whether LPIPS is in it)."""
     lpips, lpips_msg = lpips_or_none(cfg.lpips_vgg_path, cfg.lpips_lin_path)
-    loss_fn = TokenizerLoss(LossConfig(w_sem_tok=cfg.w_sem_tok, w_sem_pool=cfg.w_sem_pool, w_commit=cfg.w_commit,
-                                       w_rec=cfg.w_rec, w_edge=cfg.w_edge, w_lpips=cfg.w_lpips, w_gan=cfg.w_gan,
-                                       adaptive_lo=cfg.adaptive_lo, adaptive_hi=cfg.adaptive_hi), lpips).to(device)
+    loss_fn = TokenizerLoss(cfg.loss, lpips).to(device)
     return loss_fn, lpips_msg
 
 

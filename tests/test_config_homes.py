@@ -11,6 +11,7 @@ import configurator
 import train_mllm as tm
 import train_tokenizer as tt
 from configurator import UserError, config_dict, keys, make, parse_config
+from losses import LossConfig
 from mllm import MLLMConfig
 from tokenizer import DecoderConfig, DualTokenConfig, QuantizerConfig
 
@@ -30,13 +31,13 @@ def field_names(cls):
 
 
 MODEL_FIELDS = field_names(MLLMConfig) | field_names(DualTokenConfig) | field_names(QuantizerConfig) | field_names(
-    DecoderConfig)
+    DecoderConfig) | field_names(LossConfig)
 
 
 @pytest.mark.parametrize("trainer", TRAINERS, ids=lambda c: c.__name__)
 def test_no_trainer_declares_a_model_field_again(trainer):
     own = {n for c in trainer.__mro__ if dataclasses.is_dataclass(c) for n in c.__dict__.get("__annotations__", {})}
-    again = sorted((own - {"model"}) & MODEL_FIELDS)
+    again = sorted((own - set(configurator.FLAT)) & MODEL_FIELDS)
     assert not again, f"{trainer.__name__} declares model fields again: {again} (set them in its `model` config)"
     model = TRAINERS[trainer]
     if model is not None:  # it holds the model's config, whose defaults are the model's own
@@ -56,6 +57,9 @@ def test_flat_dotted_and_grouped_keys(tmp_path):
     assert d["layer_sem"] == 3 and d["vq_pix"]["depth"] == 5 and "model" not in d and "siglip" not in d
     assert "resolution" not in d["decoder"]  # DERIVED: the teacher's
     assert make(tt.TrainTokenizerConfig, **d) == cfg  # what ablation.run_config rebuilds a run from
+    t = parse_config(tt.TrainTokenizerConfig(), ["--w_edge=0.5", "--w_rec=2.0"])  # the loss weights: one home
+    assert (t.loss.w_edge, t.loss.w_rec, config_dict(t)["w_edge"], "loss" in config_dict(t)) == (0.5, 2.0, 0.5, False)
+    assert tt.TrainTokenizerConfig().loss == LossConfig()
     c = make(tm.TrainMLLMConfig, n_layer=2, max_steps=7)
     assert (c.model.n_layer, c.max_steps, config_dict(c)["n_layer"]) == (2, 7, 2)
 
