@@ -11,10 +11,10 @@
 #   CFG 1.2 / T 0.6 (0.863 unguided); ceiling 0.91.
 # Now both stacks are drawn, as in the paper (gen_sem=True, the default): at equal steps that layout drew twice
 # the captions right (docs/experiments.md, "why two vocabularies"); it costs 1.33x per step.
-# The teacher of seed 1: on the 2-core AMD EPYC VMs the seed-0 teacher (zero-shot 99.3 %) gave 2000-step
-# tokenizers that decode the true codes of 300 captions right only 0.73 and 0.81 of the time (tokenizer seeds 0
-# and 1; shapes of small objects confused), the seed-1 teacher (97.0 %) one of 0.91 at 33.5 dB
-# (docs/experiments.md, "the long pipeline in the paper's layout").
+# The teacher of seed 1: on a 2-core AMD EPYC VM (2026-12-06, commits 01449f7 and 8097977) the seed-0
+# teacher (zero-shot 99.26 %) gave 2000-step tokenizers that decode the true codes of 300 captions right only
+# 0.73 and 0.81 of the time (tokenizer seeds 0 and 1; shapes of small objects confused), the seed-1 teacher
+# (97.0 %) one of 0.91 at 33.5 dB (docs/experiments.md, "the long pipeline in the paper's layout").
 siglip_config = dict(
     out_dir="out-shapes-long/siglip",
     seed=1,
