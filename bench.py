@@ -559,7 +559,7 @@ def _bench_generate(cfg, ctx):
             return model.generate_image(cap, cfg.image_positions, cfg_scale=3.0, top_k=900, top_p=0.96,
                                         generator=torch.Generator(device=dev).manual_seed(0), **kw)
     return _race([(n, lambda kw=kw: draw(kw)) for n, kw in paths], "image generation", "positions",
-          cfg.gen_batch * cfg.image_positions, dev, SimpleNamespace(warmup=0, iters=cfg.gen_iters))
+                 cfg.gen_batch * cfg.image_positions, dev, SimpleNamespace(warmup=0, iters=cfg.gen_iters))
 
 
 def _bench_one(name, cfg, ctx, peak):

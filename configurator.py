@@ -167,8 +167,8 @@ FLAT = ("model", "loss")
 def keys(cfg):
     """Every key of a config -> {key: (the dataclass instance that holds it, its field name, its type)}, in
     source order. A field holding a dataclass is a group: the fields of a FLAT group (`model`, `loss`) are keys
-    of their own names (n_layer); the fields of any other group are named with its name and a dot (decoder.ch), and the group's
-    name is a key too, taking a dict of some of them. The names in the class's DERIVED table are no keys."""
+    of their own names (n_layer); the fields of any other group are named with its name and a dot (decoder.ch),
+    and the group's name is a key too, taking a dict of some of them. The DERIVED table's names are no keys."""
     derived, out = getattr(type(cfg), "DERIVED", {}), {}
 
     def walk(obj, prefix):

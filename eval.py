@@ -402,8 +402,9 @@ def qa_eval(model, text_tok, image_tok, samples, cfg, device, autocast, train_qa
 @torch.no_grad()
 def gen_eval(model, text_tok, image_tok, samples, cfg, device, autocast, sampling):
     """Generate from the captions and judge: checker.score_images' keys plus false_objects, missed_cells."""
-    return evaluation.generation(model, text_tok, image_tok, [s["caption"] for s in samples], [s["objects"] for s in
-                                 samples], dict(sampling, compile_decode=cfg.compile), cfg.seed, cfg.batch_size, autocast)
+    caps, objs = [s["caption"] for s in samples], [s["objects"] for s in samples]
+    return evaluation.generation(model, text_tok, image_tok, caps, objs, dict(sampling, compile_decode=cfg.compile),
+                                 cfg.seed, cfg.batch_size, autocast)
 
 
 SWAP_VALUES = {"color": tuple(data.COLORS), "shape": data.SHAPES, "size": data.SIZES}

@@ -38,7 +38,7 @@ class Common:
     batch_size: int = 16
     threads: int = 0           # CPU intra-op threads; 0 = torch's default (1 is faster for tiny models)
     compile: bool = False      # torch.compile the image tokenizer's blocks and decoder (codec.compile_tokenizer)
-    #                            and generate's decode step (decode.py: the same codes, a first call of minutes on a CPU)
+    #                            and generate's decode step (decode.py: the same codes; minutes to compile on a CPU)
 
 # -----------------------------------------------------------------------------
 # helpers
