@@ -12,6 +12,7 @@ import torch
 from codec import compile_tokenizer, two_vocabularies
 from configurator import UserError
 from mllm import MLLM
+from tokenizer import DualToken
 
 
 def tokenizer_hash(image_tok, path=None):
@@ -84,13 +85,12 @@ def check_words(text_tokenizer, items, whose="the vocabulary"):
 
 def load_image_tokenizer(path, siglip_config="", device="cpu"):
     """The frozen image tokenizer (a DualToken in eval mode, no gradients) on device: our folder or the
-    authors' release (convert.load_dualtoken; siglip_config: a SigLIP folder or config.json for the
+    authors' release (DualToken.from_pretrained detects which; siglip_config: a SigLIP folder or config.json for the
     release when the path it records is not here). The one loader of train_mllm.py, sample.py and eval.py."""
     if not path:
         raise UserError("--tokenizer is required: a DualToken folder from train_tokenizer.py / convert.py, or the "
                         "authors' release (for shapes run `python train_tokenizer.py config/shapes.py` first)")
-    from convert import load_dualtoken
-    return load_dualtoken(path, siglip_config=siglip_config or None).to(device).eval().requires_grad_(False)
+    return DualToken.from_pretrained(path, siglip_config=siglip_config or None).to(device).eval().requires_grad_(False)
 
 
 def load_pair(cfg, device):

@@ -7,7 +7,7 @@ Use the trained (or released) models: three jobs, one script, typed `--key=value
     python sample.py answer --mllm=out-shapes/mllm --tokenizer=out-shapes/tokenizer \\
         --image=img.png --question="what color is the circle?"
 
-Tokenizer: our folder or the authors' release (`convert.load_dualtoken`; `--siglip_config` when the
+Tokenizer: our folder or the authors' release (`DualToken.from_pretrained` detects which; `--siglip_config` when the
 release's absolute SigLIP path is not on this machine). MLLM: a folder/file written by train_mllm.py.
 """
 import os

@@ -9,7 +9,8 @@ The DualToken image tokenizer: one SigLIP vision tower, two residual-VQ vocabula
 
 Faithful to the authors' released checkpoint (design §1); the module
 names below mirror their state_dict so the weight-loading table stays short and obvious.
-The authors' release loads through convert.py (`python convert.py CKPT OUT_DIR` writes our layout).
+`DualToken.from_pretrained` loads our folders and the authors' release (authors.py; `python convert.py CKPT
+OUT_DIR` writes it in our layout once).
 """
 import contextlib
 import dataclasses
@@ -22,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import authors
 import train_utils as tu
 from configurator import UserError
 from folders import model_kind
@@ -137,7 +139,12 @@ def config_from_dict(d):
     """Inverse of config_to_dict (our config.json)."""
     if d.get("format") != "nano-dualtoken":
         raise ValueError(f"not a nano-dualtoken config (format={d.get('format')!r})")
-    t = dict(d["dualtoken"], siglip=SigLIPConfig.from_hf(d["siglip"], where="config.json siglip"))
+    return config_from_fields(d["dualtoken"], SigLIPConfig.from_hf(d["siglip"], where="config.json siglip"))
+
+
+def config_from_fields(fields, siglip):
+    """DualTokenConfig from its fields as plain dicts (our config.json's "dualtoken", or authors.config_fields)."""
+    t = dict(fields, siglip=siglip)
     t["vq_pix"] = _dataclass(QuantizerConfig, t["vq_pix"], "config.json vq_pix")
     t["vq_sem"] = _dataclass(QuantizerConfig, t["vq_sem"], "config.json vq_sem")
     t["decoder"] = _dataclass(DecoderConfig, t["decoder"], "config.json decoder", ("ch_mult", "attn_resolutions"))
@@ -534,17 +541,23 @@ class DualToken(nn.Module):
     # ---------------------------------------------------------------- weights
 
     @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32):
-        """Load a folder written by save_pretrained (or its model.safetensors with config.json beside it).
-        The authors' release loads through convert.py (`convert.from_authors`, `convert.load_dualtoken`).
-        Memory: the model is built on the meta device (no allocation, no random init), safetensors are read
-        lazily, and every tensor is ASSIGNED, not copied, so the weights live once."""
+    def from_pretrained(cls, path, dtype=torch.float32, siglip_config=None):
+        """Load a tokenizer folder (or its weights file with config.json beside it), the format detected by its
+        config.json: ours (written by save_pretrained) or the authors' release (design §1; translated by
+        authors.py in memory; siglip_config: a SigLIP folder or config.json when the tower path their
+        config.json records is not on this machine). Memory: the model is built on the meta device (no
+        allocation, no random init), safetensors are read lazily (their `.pt` with mmap), and every tensor is
+        ASSIGNED, not copied, so the weights live once (fused q/k/v and dtype casts are the new tensors)."""
         folder, weights = checkpoint_files(path)
         with open(os.path.join(folder, "config.json")) as f:
             raw = json.load(f)
-        if "rqvaesiglip" in raw:
-            raise UserError(f"{path!r} is the authors' release: load it with convert.load_dualtoken, or convert it "
-                            f"once with `python convert.py {path} OUT_DIR`")
+        if authors.is_theirs(raw):
+            sd = read_weights(weights)
+            sig = authors.siglip_config(raw, folder, siglip_config, with_text=authors.has_text(sd))
+            with torch.device("meta"):
+                model = cls(config_from_fields(authors.config_fields(raw, sig), sig))
+            model.load_weights(authors.state_dict_from_authors(model, sd), dtype)
+            return model.eval()
         if raw.get("format") != "nano-dualtoken":
             raise UserError(f"{path!r} is {model_kind(raw)}: a DualToken tokenizer folder is needed here")
         with torch.device("meta"):

@@ -77,7 +77,7 @@ class TrainMLLMConfig:
                **dict.fromkeys(("pix_vocab", "pix_dim", "pix_depth", "sem_vocab", "sem_dim", "sem_depth"),
                                "the image tokenizer (tokenizer)")}
     out_dir: str = "out-mllm"
-    tokenizer: str = ""              # DualToken folder (convert.load_dualtoken); frozen
+    tokenizer: str = ""              # DualToken folder, ours or the authors' release; frozen
     # data: "shapes" or a .jsonl of {"image": path, "caption": text, "qa": [[question, answer], ...]}
     # (caption and qa optional per line; image paths relative to the file)
     data: str = "shapes"

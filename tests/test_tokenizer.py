@@ -85,10 +85,15 @@ def test_save_load_round_trip_and_convert(ref_model, outputs, tmp_path):
     convert.main([os.path.join(REF, "model.pt"), str(tmp_path / "conv")])
     conv = load_file(tmp_path / "conv" / "model.safetensors")
     assert sorted(conv) == sorted(sd) and all(torch.equal(conv[k], sd[k]) for k in sd)
-    # the scripts' loader takes either checkpoint; our loader points the authors' release at convert.py
-    assert convert.load_dualtoken(str(tmp_path / "conv")).config == convert.load_dualtoken(REF).config
-    with pytest.raises(ValueError, match="convert"):
-        T.DualToken.from_pretrained(REF)
+    # one loader takes either checkpoint, the format detected: the release in memory equals its conversion
+    direct = T.DualToken.from_pretrained(REF)
+    assert direct.config == T.DualToken.from_pretrained(str(tmp_path / "conv")).config == ref_model.config
+    assert all(torch.equal(v, direct.state_dict()[k]) for k, v in ref_model.state_dict().items())
+    assert convert.load_dualtoken(REF).config == ref_model.config
+    with pytest.raises(ValueError, match="not the authors'"):  # from_authors takes their release only
+        convert.from_authors(str(tmp_path / "conv"))
+    with pytest.raises(ValueError, match="a DualToken tokenizer folder is needed"):  # neither format
+        T.DualToken.from_pretrained(os.path.join(REF, "siglip"))
 
 
 def test_save_pretrained_is_atomic(tmp_path, request):
