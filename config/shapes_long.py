@@ -1,22 +1,13 @@
-# The shapes pipeline trained longer: apply after the quick-start preset, for every stage.
+# The shapes pipeline trained longer, for every stage, applied after the quick-start preset: it trained the models
+# in pretrained/shapes/ (their README: commands, walls, evaluation), about 4 hours on 2 CPU cores.
 #   python train_siglip.py config/shapes.py config/shapes_long.py
 #   python train_tokenizer.py config/shapes.py config/shapes_long.py
 #   python train_mllm.py config/shapes.py config/shapes_long.py
-# Measured before in the pixel-only layout (gen_sem=False), a 2-core Intel Xeon VM, one run each, 2026-12-01
-# (docs/experiments.md, "The three stages as one run"):
-# - tokenizer, 2000 steps (~6 min): 33.4 dB / SSIM 0.97, zero-shot 99.3 % (teacher 99.4 %), ceiling (the checker
-#   on decodings of true codes) 0.91 (the quick start's 1000 steps: 0.60-0.72);
-# - MLLM, 63000 steps on 40000 cached images in three lr cycles (133 min incl. its evals): eval.py mllm QA 0.991
-#   (every type >= 0.98), shuffled 0.343 vs blind 0.403; generation all-correct 0.870 of 300 captions with
-#   CFG 1.2 / T 0.6 (0.863 unguided); ceiling 0.91.
-# Now both stacks are drawn, as in the paper (gen_sem=True, the default): at equal steps that layout drew twice
-# the captions right (docs/experiments.md, "why two vocabularies"); it costs 1.33x per step.
-# The teacher of seed 1: on a 2-core AMD EPYC VM (2026-12-06, commits 01449f7 and 8097977) the seed-0
-# teacher (zero-shot 99.26 %) gave 2000-step tokenizers that decode the true codes of 300 captions right only
-# 0.73 and 0.81 of the time (tokenizer seeds 0 and 1; shapes of small objects confused), the seed-1 teacher
-# (97.0 %) one of 0.91 at 33.5 dB (docs/experiments.md, "the long pipeline in the paper's layout").
+# That run (2026-12-07): QA 0.988, drawings 0.877 of 300 held-out captions, tokenizer ceiling 0.913.
 siglip_config = dict(
     out_dir="out-shapes-long/siglip",
+    # its tokenizer decodes the true codes of 300 captions right 0.91 of the time, the seed-0 teacher's 0.73-0.81
+    # (docs/experiments.md, "A tokenizer whose decodings the checker reads")
     seed=1,
 )
 tokenizer_config = dict(
@@ -37,11 +28,9 @@ mllm_config = dict(
     eval_interval=3000,
     sample_interval=6000,
     ckpt_interval=3000,
-    # the sampler this run records (eval.py / sample.py default to it): CFG 1.2 at temperature 0.6, depths
-    # 2.. greedy. Measured on the 30000-step model and on its continuation (eval.py mllm, 300 val captions,
-    # seed 0, docs/experiments.md 2026-12-01; chosen on those same captions among 5 settings): all
-    # attributes right 0.76 / 0.76, against 0.65 / 0.62 with the quick-start preset's CFG 1.5 at
-    # temperature 1 (extra objects per image 0.05-0.07 against 0.24-0.29) and 0.74 / 0.74 unguided at 0.6
+    # the sampler this run records (eval.py / sample.py default to it), the best of 5 on 300 val captions: all
+    # attributes right 0.76 against 0.65 at the quick start's CFG 1.5 / T 1 (docs/experiments.md, "The sampler on
+    # the long models"); depths 2.. greedy
     cfg_scale=1.2,
     temperature=0.6,
 )
