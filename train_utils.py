@@ -226,16 +226,25 @@ def state_digest(obj):
 @contextlib.contextmanager
 def checkpoint_commit(step):
     """Around writing train_state.pt: Ctrl-C waits until the file is written and PROGRESS names its step, so the
-    line it prints names the checkpoint on disk (a signal arriving mid-save is delivered at the block's end)."""
+    line it prints names the checkpoint on disk. A SIGINT arriving mid-save is held and raised at the block's end:
+    the Python handler is swapped, not the signal mask, because the OS may hand the signal to any thread (BLAS,
+    tqdm) and Python would then raise KeyboardInterrupt inside torch.save's writes."""
     import signal
-    main = threading.current_thread() is threading.main_thread()
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if main else None
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        PROGRESS["checkpoint"] = step
+        return
+    held = []
+    old = signal.signal(signal.SIGINT, lambda *a: held.append(a))
     try:
         yield
         PROGRESS["checkpoint"] = step  # what a resume starts from, from here on
     finally:
-        if main:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        signal.signal(signal.SIGINT, old)
+    if held and callable(old):
+        old(*held[0])  # Python's default handler raises KeyboardInterrupt
+    elif held and old != signal.SIG_IGN:
+        raise KeyboardInterrupt
 
 
 def save_train_state(state, path):

@@ -179,3 +179,30 @@ def test_setup_ddp_single_process_and_env(monkeypatch):
         tu.cleanup_ddp()
     assert not torch.distributed.is_initialized()
 
+
+
+def test_ctrl_c_during_a_checkpoint_is_raised_after_it(monkeypatch):
+    """A SIGINT that the OS hands to another thread (a BLAS or tqdm thread) in the middle of a checkpoint save is
+    held until the save's block ends: the Python work inside it runs to completion, PROGRESS names the step, and
+    KeyboardInterrupt comes after. Blocking the signal in the main thread alone let it through mid-save."""
+    import signal
+    import threading
+    monkeypatch.setattr(tu, "PROGRESS", dict(tu.PROGRESS))
+    go, sent = threading.Event(), threading.Event()
+
+    def other_thread():  # started before the block, so its signal mask is the process's usual one
+        go.wait(10)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        sent.set()
+    t = threading.Thread(target=other_thread)
+    t.start()
+    work = []
+    with pytest.raises(KeyboardInterrupt):
+        with tu.checkpoint_commit(7):
+            go.set()
+            sent.wait(10)
+            for i in range(20000):  # Python bytecode after the signal: where a KeyboardInterrupt would land
+                work.append(i)
+    t.join()
+    assert sent.is_set() and len(work) == 20000 and tu.PROGRESS["checkpoint"] == 7
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
