@@ -230,17 +230,15 @@ def checkpoint_commit(step):
     the Python handler is swapped, not the signal mask, because the OS may hand the signal to any thread (BLAS,
     tqdm) and Python would then raise KeyboardInterrupt inside torch.save's writes."""
     import signal
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
-        yield
-        PROGRESS["checkpoint"] = step
-        return
+    main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
     held = []
-    old = signal.signal(signal.SIGINT, lambda *a: held.append(a))
+    old = signal.signal(signal.SIGINT, lambda *a: held.append(a)) if main else None
     try:
         yield
         PROGRESS["checkpoint"] = step  # what a resume starts from, from here on
     finally:
-        signal.signal(signal.SIGINT, old)
+        if main:
+            signal.signal(signal.SIGINT, old)
     if held and callable(old):
         old(*held[0])  # Python's default handler raises KeyboardInterrupt
     elif held and old != signal.SIG_IGN:
