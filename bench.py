@@ -582,7 +582,7 @@ def _bench_one(name, cfg, ctx, peak):
     if ctx.ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if cuda else None,
                                                           broadcast_buffers=False)
-    opt = torch.optim.AdamW(tu.param_groups(raw, 0.1), lr=1e-5)
+    opt = tu.adamw(tu.param_groups(raw, 0.1), dev, lr=1e-5)  # as the trainers
 
     def step(i):
         t0 = time.perf_counter()

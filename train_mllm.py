@@ -604,7 +604,7 @@ def train(cfg):
 
     # build (sharded under FSDP) -> optimizer -> resume -> compile -> DDP; the export reads the plain model
     raw, policy = model_to_train(cfg, text_tok, image_tok, thash, ctx)
-    opt = torch.optim.AdamW(optimizer_groups(raw, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    opt = tu.adamw(optimizer_groups(raw, cfg), device, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     step, consumed = load_state(raw, opt, st, state_path, thash, cfg.parallel == "fsdp")
     batches = Batches(cfg, ctx, train_c, text_tok, image_tok, raw, counts, consumed)
     model = compile_ddp(raw, cfg, ctx, counts)

@@ -162,7 +162,7 @@ def train(cfg):
 
     # build -> load (resume) -> compile -> DDP; always save / evaluate the unwrapped `raw` model
     raw = build_model(cfg, text_tok.vocab_size).to(device)
-    opt = torch.optim.AdamW(tu.param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2))
+    opt = tu.adamw(tu.param_groups(raw, cfg.weight_decay), device, lr=cfg.lr, betas=(0.9, cfg.beta2))
     step = 0
     if st is not None:
         raw.load_state_dict(st["model"])  # strict: the preset must describe the same model

@@ -292,11 +292,11 @@ def objective(cfg, device):
 
 def optimizers(cfg, raw, device):
     """-> (the tokenizer's AdamW, the discriminator, its Adam); no discriminator (None, None) while gan_start < 0."""
-    opt = torch.optim.AdamW(tu.param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    opt = tu.adamw(tu.param_groups(raw, cfg.weight_decay), device, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     if cfg.gan_start < 0:
         return opt, None, None
     disc = Discriminator(cfg.disc_width).to(device)
-    return opt, disc, torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))  # released betas
+    return opt, disc, tu.adamw(disc.parameters(), device, adam=True, lr=cfg.disc_lr, betas=(0.5, 0.9))  # released betas
 
 
 def resume(st, state_path, cfg, ctx, raw, opt, disc, d_opt):
