@@ -7,12 +7,12 @@ chosen at depths < d; one classifier per depth. Sampling runs one pass per depth
 import torch
 import torch.nn as nn
 
-from llm import Block, KVCache, RMSNorm
+from llm import Block, KVCache, Linear, RMSNorm
 
 
 def mlp2(n_in, n_hidden, n_out):
     """The paper's 2-layer projector (Linear, GELU, Linear)."""
-    return nn.Sequential(nn.Linear(n_in, n_hidden), nn.GELU(), nn.Linear(n_hidden, n_out))
+    return nn.Sequential(Linear(n_in, n_hidden), nn.GELU(), Linear(n_hidden, n_out))
 
 
 def code_vectors(book, codes):
@@ -31,13 +31,13 @@ class DepthHead(nn.Module):
         if Ch % nh:
             raise ValueError(f"head_n_embd {Ch} is not divisible by head_n_head {nh}")
         self.proj = mlp2(cfg.n_embd, Ch, Ch)  # LLM hidden state -> depth 1
-        self.code_in = nn.Linear(d, Ch)  # partial sum of code vectors -> depth d > 1
+        self.code_in = Linear(d, Ch)  # partial sum of code vectors -> depth d > 1
         self.pos = nn.Parameter(torch.randn(D, Ch) * 0.02)
         self.blocks = nn.ModuleList(Block(Ch, nh, nh, Ch // nh, 4 * Ch, cfg.rms_norm_eps)
                                     for _ in range(cfg.head_n_layer))
         self.norm = RMSNorm(Ch, cfg.rms_norm_eps)
-        self.cls = nn.ModuleList(nn.Linear(Ch, K, bias=False) for _ in range(D))
-        self.to_code = nn.ModuleList(nn.Linear(Ch, d, bias=False) for _ in range(D)) if self.code_logits else None
+        self.cls = nn.ModuleList(Linear(Ch, K, bias=False) for _ in range(D))
+        self.to_code = nn.ModuleList(Linear(Ch, d, bias=False) for _ in range(D)) if self.code_logits else None
         self.log_scale = nn.Parameter(torch.zeros(D)) if self.code_logits else None
 
     def classify(self, x, i, book):

@@ -83,14 +83,32 @@ class KVCache:
         return self.k[layer, :, :, :L0 + T], self.v[layer, :, :, :L0 + T]
 
 
+SMALL_ROWS = 4  # at most this many rows: a compiled product on a CPU is written as a reduction (Linear)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and names) whose product over at most SMALL_ROWS rows, when torch.compile traces
+    it for a CPU without autocast, is written as a multiply and a sum over the input features. Inductor fuses that
+    into one loop over the weight: a decode step (2 rows with CFG) then streams each weight 2-5x faster than MKL's
+    GEMM does on so few rows, where a step is bound by reading weights (docs/experiments.md, "drawing and
+    training speed"). Eager, other shapes, devices and autocast: F.linear. The two round differently."""
+
+    def forward(self, x):
+        if (torch.compiler.is_compiling() and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+                and x.numel() <= SMALL_ROWS * x.shape[-1]):
+            y = (x.unsqueeze(-2) * self.weight).sum(-1)  # (..., 1, in) * (out, in) -> (..., out)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     def __init__(self, C, nh, nkv, hd, qkv_bias, o_bias):
         super().__init__()
         self.nh, self.nkv, self.hd = nh, nkv, hd
-        self.q_proj = nn.Linear(C, nh * hd, bias=qkv_bias)
-        self.k_proj = nn.Linear(C, nkv * hd, bias=qkv_bias)
-        self.v_proj = nn.Linear(C, nkv * hd, bias=qkv_bias)
-        self.o_proj = nn.Linear(nh * hd, C, bias=o_bias)
+        self.q_proj = Linear(C, nh * hd, bias=qkv_bias)
+        self.k_proj = Linear(C, nkv * hd, bias=qkv_bias)
+        self.v_proj = Linear(C, nkv * hd, bias=qkv_bias)
+        self.o_proj = Linear(nh * hd, C, bias=o_bias)
 
     def forward(self, x, rope, mask, cache=None, layer=0):
         """mask: "causal", None (attend to everything given) or a bool (B, 1, T, L) tensor."""
@@ -113,9 +131,9 @@ class MLP(nn.Module):
 
     def __init__(self, C, H, bias):
         super().__init__()
-        self.gate_proj = nn.Linear(C, H, bias=bias)
-        self.up_proj = nn.Linear(C, H, bias=bias)
-        self.down_proj = nn.Linear(H, C, bias=bias)
+        self.gate_proj = Linear(C, H, bias=bias)
+        self.up_proj = Linear(C, H, bias=bias)
+        self.down_proj = Linear(H, C, bias=bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -49,7 +49,7 @@ import decode
 from configurator import UserError
 from depth_head import DepthHead, code_vectors, mlp2
 from folders import model_kind
-from llm import Block, KVCache, RMSNorm, rope_inv_freq, sample_logits
+from llm import Block, KVCache, Linear, RMSNorm, rope_inv_freq, sample_logits
 from sequences import build_sequence, collate_sequences, image_positions
 
 @dataclass
@@ -183,7 +183,7 @@ class MLLM(nn.Module):
                                               cfg.rms_norm_eps, cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias)
                                         for _ in range(cfg.n_layer))
             self.norm = RMSNorm(C, cfg.rms_norm_eps)
-            self.lm_head = nn.Linear(C, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(C, cfg.vocab_size, bias=False)
         # a plain fp32 tensor, not a buffer: model.to(bfloat16) must not round the RoPE frequencies
         self.inv_freq = rope_inv_freq(cfg)
         # visual side: frozen codebooks (set_codebooks), input projector, two depth heads

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from configurator import UserError, preset_values
 from folders import model_kind
+from llm import Linear
 from mllm import MLLM, MLLMConfig
 from text import IMAGE_TOKENS
 from tokenizer import QuantizerConfig
@@ -218,7 +219,7 @@ def grow_vocab(model, n):
     # new modules on meta, their weights assigned: no random init of a (vocab, C) matrix to throw away
     emb = nn.Embedding(cfg.vocab_size + n, cfg.n_embd, device="meta", dtype=old.dtype)
     emb.weight = nn.Parameter(torch.cat([old, old.mean(0, keepdim=True).expand(n, -1)]))
-    head = nn.Linear(cfg.n_embd, cfg.vocab_size + n, bias=False, device="meta", dtype=old.dtype)
+    head = Linear(cfg.n_embd, cfg.vocab_size + n, bias=False, device="meta", dtype=old.dtype)
     if cfg.tie_word_embeddings:
         head.weight = emb.weight
     else:

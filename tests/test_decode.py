@@ -101,6 +101,31 @@ def test_inductor_step_draws_the_same_codes():
     assert counters["stats"]["unique_graphs"] == 1
 
 
+@pytest.mark.parametrize("rows", [1, 2, 4, 5])
+def test_linear_of_few_rows_is_a_reduction_when_compiled(rows):
+    """llm.Linear traced for a CPU: up to 4 rows (SMALL_ROWS: a decode step of 1 or 2 prompts with CFG) become a
+    multiply and a sum (no matrix product in the graph), more rows and autocast stay F.linear; every way equals
+    F.linear to float rounding."""
+    lin = llm.Linear(48, 40)
+    x = torch.randn(rows, 1, 48)  # (B, T, C) as a decode step gives it
+
+    def traced_ops(autocast):
+        ops = []
+
+        def backend(gm, inputs):
+            ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+            return gm.forward
+        torch._dynamo.reset()
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            y = torch.compile(lin, backend=backend)(x)
+        return ops, y
+    ops, y = traced_ops(False)
+    assert torch.allclose(y, F.linear(x, lin.weight, lin.bias), atol=1e-5)
+    assert any("linear" in o for o in ops) == (rows == 5), ops
+    ops, _ = traced_ops(True)
+    assert any("linear" in o for o in ops), ops
+
+
 def _multinomial_sampler(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """The plain sampler: top-p through a full sort of every row, then torch.multinomial."""
     logits = logits.float() / temperature
