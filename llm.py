@@ -88,10 +88,11 @@ SMALL_ROWS = 4  # at most this many rows: a compiled product on a CPU is written
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters and names) whose product over at most SMALL_ROWS rows, when torch.compile traces
-    it for a CPU without autocast, is written as a multiply and a sum over the input features. Inductor fuses that
-    into one loop over the weight: a decode step (2 rows with CFG) then streams each weight 2-5x faster than MKL's
-    GEMM does on so few rows, where a step is bound by reading weights (docs/experiments.md, "drawing and
-    training speed"). Eager, other shapes, devices and autocast: F.linear. The two round differently."""
+    it for a CPU without autocast, is written as a multiply and a sum over the input features. Inductor fuses
+    that into one loop over the weight: a decode step (2 rows with CFG) then streams each weight 1.7-4.7x faster
+    than MKL's GEMM does on so few rows, and such a step is bound by reading weights (docs/experiments.md,
+    "drawing and training speed"). Eager, other shapes, devices and autocast: F.linear. The two round
+    differently."""
 
     def forward(self, x):
         if (torch.compiler.is_compiling() and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
