@@ -92,7 +92,8 @@ class Linear(nn.Linear):
     that into one loop over the weight: a decode step (2 rows with CFG) then streams each weight 1.7-4.7x faster
     than MKL's GEMM does on so few rows, and such a step is bound by reading weights (docs/experiments.md,
     "drawing and training speed"). Eager, other shapes, devices and autocast: F.linear. The two round
-    differently."""
+    differently. Traced but run op by op (dynamo's "eager" backend, a debugging path) the product holds a
+    (rows, out, in) temporary."""
 
     def forward(self, x):
         if (torch.compiler.is_compiling() and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
